@@ -1,0 +1,42 @@
+"""Shared fixtures: real ttserver processes over real images, and per-test state dirs.
+
+State lives under /var/lib/ttstack/test-runs (not pytest's 0700 tmp dirs) because QEMU runs
+as libvirt-qemu and must reach the VM disks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess
+
+BASE_IMAGE = "qemu:debian-12:x86_64"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not (IMAGE_PATH / BASE_IMAGE / "disk.qcow2").is_file():
+        pytest.exit(f"test image {BASE_IMAGE} is missing under {IMAGE_PATH}; build it with "
+                    f"'ttserver image build debian-12 --image-path {IMAGE_PATH}' "
+                    "(bash .ci/run does this)", returncode=4)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    RUNS_PATH.mkdir(parents=True, exist_ok=True)
+    RUNS_PATH.chmod(0o755)
+    path = RUNS_PATH / uuid.uuid4().hex[:8]
+    path.mkdir(mode=0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server(run_dir: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(run_dir / "state").start()
+    yield srv
+    srv.stop()

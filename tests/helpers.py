@@ -1,0 +1,125 @@
+"""Start real ttserver processes for tests and check hosts for leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+IMAGE_PATH = Path(os.environ.get("TTSTACK_IMAGE_PATH", "/var/lib/ttstack/images"))
+RUNS_PATH = Path(os.environ.get("TTSTACK_TEST_RUNS", "/var/lib/ttstack/test-runs"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A ttserver subprocess on loopback with its own state dir and port range."""
+
+    def __init__(self, cfgdb: Path, image_path: Path = IMAGE_PATH, *,
+                 extra: tuple[str, ...] = (), port: int | None = None,
+                 port_range: str | None = None) -> None:
+        self.cfgdb = cfgdb
+        self.image_path = image_path
+        self.port = port or free_port()
+        self.port_range = port_range or "41000-41999"
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.log = cfgdb.parent / f"{cfgdb.name}-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        cmd = [sys.executable, "-m", "ttserver.cli", "--image-path", str(self.image_path),
+               "--cfgdb-path", str(self.cfgdb), "--serv-addr", "127.0.0.1",
+               "--serv-port", str(self.port), "--port-range", self.port_range,
+               "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
+               "--accel", "tcg", *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ttserver exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"ttserver did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def delete_all_envs(self) -> None:
+        """Test teardown: a failed test must not leave VMs running for the next one."""
+        try:
+            for env in requests.get(self.url + "/envs", timeout=10).json():
+                requests.delete(f"{self.url}/envs/{env['name']}", timeout=120)
+        except requests.RequestException:
+            pass
+
+    def stop(self, sig: int = signal.SIGTERM, clean: bool = True) -> None:
+        if self.proc and self.proc.poll() is None and sig == signal.SIGTERM and clean:
+            self.delete_all_envs()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def server_id(self) -> str:
+        return requests.get(self.url + "/health", timeout=5).json()["server_id"]
+
+
+def wait_env(url: str, name: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        env = requests.get(f"{url}/envs/{name}", timeout=10).json()
+        if env["state"] != "creating":
+            return env
+        time.sleep(1)
+    raise AssertionError(f"ENV {name} still creating after {timeout}s")
+
+
+def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
+    """Everything of this server that should be gone: domains, qemu processes, VM dirs,
+    listening forwarded ports."""
+    virsh = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, timeout=60)
+    domains = [d for d in virsh.stdout.split() if d.startswith(f"tt-{server_id}-")]
+    procs = subprocess.run(["pgrep", "-f", f"guest=tt-{server_id}-"], capture_output=True,
+                           text=True).stdout.split()
+    vms_dir = cfgdb / "vms"
+    dirs = sorted(p.name for p in vms_dir.iterdir()) if vms_dir.is_dir() else []
+    listening = []
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                listening.append(port)
+    return {"domains": domains, "processes": procs, "dirs": dirs, "ports": listening}
+
+
+def no_leftovers(found: dict[str, list]) -> bool:
+    return not any(found.values())

@@ -1,0 +1,43 @@
+"""The domain XML we hand libvirt: well-formed, no relabeling, restricted user networking."""
+
+import xml.etree.ElementTree as ET
+
+from ttserver.domainxml import DomainSpec, render
+
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def spec(**kw):
+    base = dict(name="tt-abc-1", arch="x86_64", accel="tcg", vcpus=2, mem_mib=512,
+                disk="/var/lib/x/disk.qcow2", kernel="/img/q:debian-12:x86_64/vmlinuz",
+                initrd="/img/q:debian-12:x86_64/initrd.img",
+                cmdline="root=/dev/vda rw console=ttyS0 quiet", console_log="/v/console.log",
+                netdev="user,id=ttnet0,restrict=on,hostfwd=tcp:127.0.0.1:40000-:22",
+                uid=64055, gid=107, title="ttstack e/0")
+    base.update(kw)
+    return DomainSpec(**base)
+
+
+def test_tcg_domain_is_plain_qemu_with_restricted_user_net():
+    root = ET.fromstring(render(spec()))
+    assert root.get("type") == "qemu"
+    assert root.find("vcpu").text == "2"
+    args = [a.get("value") for a in root.find(f"{QEMU_NS}commandline")]
+    assert "-netdev" in args
+    assert any("restrict=on" in a and "hostfwd=tcp:127.0.0.1:40000-:22" in a for a in args)
+    sec = root.find("seclabel")
+    assert sec.get("relabel") == "no" and sec.find("label").text == "+64055:+107"
+
+
+def test_kvm_and_aarch64_variants():
+    assert ET.fromstring(render(spec(accel="kvm"))).get("type") == "kvm"
+    arm = ET.fromstring(render(spec(arch="aarch64")))
+    assert arm.find("os/type").get("machine") == "virt"
+    assert "console=ttyAMA0" in arm.find("os/cmdline").text
+    args = [a.get("value") for a in arm.find(f"{QEMU_NS}commandline")]
+    assert "max,pauth-impdef=on" in args
+
+
+def test_paths_with_quotes_are_escaped():
+    root = ET.fromstring(render(spec(disk="/var/lib/it's/disk.qcow2")))
+    assert root.find("devices/disk/source").get("file") == "/var/lib/it's/disk.qcow2"

@@ -1,0 +1,197 @@
+"""End to end on real VMs under TCG: ttserver subprocess on loopback, real image, real API,
+real `tt` CLI, then proof that nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import IMAGE_PATH, ServerProcess, leftovers, wait_env
+
+pytestmark = pytest.mark.vm
+BASE = IMAGE_PATH / "qemu:debian-12:x86_64"
+
+
+def tt(server: ServerProcess, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TT_SERVER": server.address, "TT_CONFIG": "/nonexistent/tt.json"}
+    return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def run(server: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
+    resp = requests.post(f"{server.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["results"]
+
+
+def base_image_state() -> list[tuple]:
+    return [(p.name, p.stat().st_uid, p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(BASE.iterdir())]
+
+
+def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
+    before = base_image_state()
+    srv = ServerProcess(run_dir / "state").start()
+    try:
+        sid = srv.server_id()
+        resp = requests.post(srv.url + "/envs", json={
+            "name": "e2e", "os_prefix": ["debian-12"], "vm_number": 2, "ports": [8080],
+            "life_time": 3600}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["state"] == "creating"
+        dup = requests.post(srv.url + "/envs", json={"name": "e2e", "os_prefix": ["deb"]},
+                            timeout=30)
+        assert dup.status_code == 409 and "already exists" in dup.json()["detail"]
+
+        env = wait_env(srv.url, "e2e")
+        assert env["state"] == "running", env["error"]
+        vms = env["vms"]
+        assert len(vms) == 2 and {v["state"] for v in vms} == {"running"}
+        ports = [v["ssh_port"] for v in vms] + [int(v["ports"]["8080"]) for v in vms]
+        assert len(set(ports)) == 4
+
+        # through the API (guest agent)
+        res = run(srv, "e2e", "uname -m")
+        assert [r["stdout"] for r in res] == ["x86_64\n", "x86_64\n"]
+        assert all(r["exit_code"] == 0 for r in res)
+        res = run(srv, "e2e", "cat /etc/os-release")
+        assert all('VERSION_ID="12"' in r["stdout"] and "Debian" in r["stdout"] for r in res)
+        assert sorted(r["vm"] for r in run(srv, "e2e", "hostname")) == ["e2e-0", "e2e-1"]
+        assert {r["stdout"] for r in run(srv, "e2e", "hostname")} == {"e2e-0\n", "e2e-1\n"}
+        ids = {r["stdout"] for r in run(srv, "e2e", "cat /etc/machine-id")}
+        assert len(ids) == 2, "clones must not share a machine-id"
+
+        # through the CLI
+        cli = tt(srv, "env", "run", "e2e", "--cmd", "uname -m; grep ^ID= /etc/os-release")
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.count("\nx86_64\n") == 2 and cli.stdout.count("ID=debian") == 2
+        assert "== e2e-0" in cli.stdout and "== e2e-1" in cli.stdout
+        cli = tt(srv, "env", "run", "e2e", "--cmd", "exit 3")
+        assert cli.returncode == 1 and "command failed on e2e-0, e2e-1" in cli.stderr
+        cli = tt(srv, "env", "run", "e2e", "--json", "--cmd", "echo hi >&2")
+        assert [r["stderr"] for r in json.loads(cli.stdout)["results"]] == ["hi\n", "hi\n"]
+        cli = tt(srv, "env", "show", "e2e")
+        assert cli.returncode == 0 and "running" in cli.stdout and "8080->" in cli.stdout
+        assert "e2e" in tt(srv, "env", "list").stdout
+
+        # over SSH with the server's key
+        cli = tt(srv, "env", "run", "e2e", "--use-ssh", "--cmd", "id -un")
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert cli.stdout.count("root") == 2
+
+        # command timeout: clear result, the guest process is killed, the ENV unchanged
+        res = run(srv, "e2e", "sleep 30; touch /tmp/late", timeout=2)
+        assert all(r["timed_out"] and r["exit_code"] is None for r in res)
+        cli = tt(srv, "env", "run", "e2e", "--cmd", "sleep 30", "--timeout", "2")
+        assert cli.returncode == 124 and "timed out after 2s" in cli.stderr
+        time.sleep(3)
+        assert all(r["stdout"] == "no\n" for r in
+                   run(srv, "e2e", "test -e /tmp/late && echo yes || echo no"))
+        assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
+
+        # files in and out through the agent
+        payload = os.urandom(300_000)
+        resp = requests.put(srv.url + "/envs/e2e/files", params={"path": "/root/blob"},
+                            data=payload, timeout=120)
+        assert resp.status_code == 200 and all(r["bytes"] == len(payload)
+                                               for r in resp.json()["results"])
+        for vm in vms:
+            got = requests.get(f"{srv.url}/envs/e2e/vms/{vm['id']}/files",
+                               params={"path": "/root/blob"}, timeout=120)
+            assert got.content == payload
+        bad = requests.put(srv.url + "/envs/e2e/files", params={"path": "relative"}, data=b"x")
+        assert bad.status_code == 400
+
+        # crash and restart: the running ENV is adopted and still answers
+        srv.stop(signal.SIGKILL)
+        srv = ServerProcess(run_dir / "state", port=srv.port).start()
+        assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
+        assert [r["stdout"] for r in run(srv, "e2e", "uname -m")] == ["x86_64\n"] * 2
+
+        cli = tt(srv, "env", "del", "e2e")
+        assert cli.returncode == 0, cli.stderr
+        assert requests.get(srv.url + "/envs/e2e", timeout=10).status_code == 404
+        assert leftovers(sid, run_dir / "state", ports) == {
+            "domains": [], "processes": [], "dirs": [], "ports": []}
+        status = requests.get(srv.url + "/status", timeout=10).json()
+        assert (status["cpu_used"], status["mem_used_mib"], status["disk_used_mib"]) == (0, 0, 0)
+    finally:
+        srv.stop()
+    assert base_image_state() == before, "base image files must stay untouched"
+
+
+def _broken_image(root: Path) -> Path:
+    """An image whose kernel panics at once: its console tail must reach the user."""
+    images = root / "images"
+    img = images / "qemu:broken-1:x86_64"
+    img.mkdir(parents=True)
+    for part in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (img / part).symlink_to(BASE / part)
+    (img / "meta.json").write_text(json.dumps({
+        "cmdline": "console=ttyS0 rdinit=/bin/false panic=0", "virtual_size_mib": 2048}))
+    images.chmod(0o755)
+    return images
+
+
+def test_boot_failure_reports_console_tail_and_frees_everything(run_dir: Path):
+    images = _broken_image(run_dir)
+    srv = ServerProcess(run_dir / "state", images, extra=("--boot-timeout", "40")).start()
+    try:
+        sid = srv.server_id()
+        resp = requests.post(srv.url + "/envs", json={"name": "broken", "os_prefix": ["broken"]},
+                             timeout=30)
+        assert resp.status_code == 202, resp.text
+        env = wait_env(srv.url, "broken", timeout=120)
+        assert env["state"] == "failed"
+        assert "console tail" in env["error"] and "Kernel panic" in env["error"]
+        cli = tt(srv, "env", "show", "broken")
+        assert "Kernel panic" in cli.stdout
+        run_resp = requests.post(srv.url + "/envs/broken/run", json={"cmd": "true"}, timeout=10)
+        assert run_resp.status_code == 409 and "failed" in run_resp.json()["detail"]
+        status = requests.get(srv.url + "/status", timeout=10).json()
+        assert status["cpu_used"] == 0 and status["mem_used_mib"] == 0
+        assert leftovers(sid, run_dir / "state", [env["vms"][0]["ssh_port"]]) == {
+            "domains": [], "processes": [], "dirs": [], "ports": []}
+        assert tt(srv, "env", "del", "broken").returncode == 0
+    finally:
+        srv.stop()
+
+
+def test_env_expiring_while_it_boots_is_removed_without_leaks(run_dir: Path):
+    srv = ServerProcess(run_dir / "state").start()
+    try:
+        sid = srv.server_id()
+        resp = requests.post(srv.url + "/envs", json={"name": "brief", "os_prefix": ["deb"],
+                                                      "life_time": 4}, timeout=30)
+        assert resp.status_code == 202
+        port = resp.json()["vms"][0]["ssh_port"]
+        deadline = time.monotonic() + 60
+        while requests.get(srv.url + "/envs/brief", timeout=10).status_code != 404:
+            assert time.monotonic() < deadline, "expired ENV was not reaped"
+            time.sleep(0.5)
+        assert leftovers(sid, run_dir / "state", [port]) == {
+            "domains": [], "processes": [], "dirs": [], "ports": []}
+    finally:
+        srv.stop()
+
+
+def test_image_path_is_rescanned_without_restart(run_dir: Path):
+    images = run_dir / "images"
+    images.mkdir(mode=0o755)
+    srv = ServerProcess(run_dir / "state", images).start()
+    try:
+        assert requests.get(srv.url + "/images", timeout=10).json() == []
+        shutil.copytree(BASE, images / "qemu:debian-12:x86_64", symlinks=True)
+        names = [i["name"] for i in requests.get(srv.url + "/images", timeout=10).json()]
+        assert names == ["qemu:debian-12:x86_64"]
+    finally:
+        srv.stop()

@@ -1,0 +1,107 @@
+"""A small typed wrapper over the ttserver/ttproxy HTTP API, used by `tt`, the plugin and
+the proxy. Every call has a timeout; every failure becomes an ApiError with the server's
+own message, so callers can print one clear line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import requests
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class ApiError(RuntimeError):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _detail(resp: requests.Response) -> str:
+    try:
+        detail = resp.json().get("detail", resp.text)
+    except ValueError:
+        return resp.text.strip() or resp.reason
+    if isinstance(detail, list):  # pydantic validation errors
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
+                         for d in detail)
+    return str(detail)
+
+
+class Client:
+    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _call(self, method: str, path: str, *, timeout: float | None = None,
+              **kwargs: object) -> requests.Response:
+        url = self.base_url + path
+        try:
+            resp = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            raise ApiError(f"cannot reach ttserver at {self.base_url}: is it running? "
+                           "(set it with 'tt config --serv-addr ADDR --serv-port PORT')") from exc
+        except requests.Timeout as exc:
+            raise ApiError(f"{self.base_url} did not answer {method} {path} within "
+                           f"{timeout or self.timeout:.0f}s") from exc
+        if resp.status_code >= 400:
+            raise ApiError(_detail(resp), resp.status_code)
+        return resp
+
+    # --- server ---
+    def status(self) -> dict:
+        return self._call("GET", "/status").json()
+
+    def images(self) -> list[dict]:
+        return self._call("GET", "/images").json()
+
+    # --- ENVs ---
+    def create_env(self, name: str, os_prefix: list[str], **options: object) -> dict:
+        body = {"name": name, "os_prefix": os_prefix,
+                **{k: v for k, v in options.items() if v is not None}}
+        return self._call("POST", "/envs", json=body).json()
+
+    def list_envs(self) -> list[dict]:
+        return self._call("GET", "/envs").json()
+
+    def get_env(self, name: str) -> dict:
+        return self._call("GET", f"/envs/{name}").json()
+
+    def delete_env(self, name: str) -> dict:
+        return self._call("DELETE", f"/envs/{name}", timeout=120).json()
+
+    def wait_env(self, name: str, timeout: float = 900.0,
+                 on_change: Callable[[dict], None] | None = None,
+                 interval: float = 1.0) -> dict:
+        """Poll until the ENV leaves `creating`; on_change sees every new view."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            env = self.get_env(name)
+            key = [(v["state"], v.get("error", "")) for v in env["vms"]] + [env["state"]]
+            if key != last and on_change:
+                on_change(env)
+            last = key
+            if env["state"] != "creating":
+                return env
+            if time.monotonic() > deadline:
+                raise ApiError(f"ENV {name!r} was still creating after {timeout:.0f}s")
+            time.sleep(interval)
+
+    def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600) -> dict:
+        body = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout}
+        return self._call("POST", f"/envs/{name}/run", json=body, timeout=timeout + 30).json()
+
+    def push(self, name: str, remote: str, data: bytes, mode: int | None = None) -> dict:
+        params = {"path": remote}
+        if mode is not None:
+            params["mode"] = f"{mode:o}"
+        return self._call("PUT", f"/envs/{name}/files", params=params, data=data,
+                          timeout=600).json()
+
+    def pull(self, name: str, vm: str, remote: str) -> bytes:
+        return self._call("GET", f"/envs/{name}/vms/{vm}/files", params={"path": remote},
+                          timeout=600).content

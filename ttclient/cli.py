@@ -1,0 +1,344 @@
+"""`tt`: the client, with the original TTstack's verbs.
+
+    tt config --serv-addr 127.0.0.1 --serv-port 20000
+    tt status [--server]
+    tt env add TEST --os-prefix=deb --vm-number 2
+    tt env list | show TEST | run TEST --cmd 'uname -a' | del TEST
+
+Exit codes: 0 ok; 1 an error (one line on stderr says what to fix); 2 bad usage;
+with `env run`, 1 when any VM's command failed and 124 when any timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from . import config as cfgmod
+from .api import ApiError, Client
+from .imagenames import split_prefixes
+from .units import parse_mib
+
+
+class CliError(Exception):
+    pass
+
+
+def _mib(text: str) -> int:
+    try:
+        return parse_mib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _client(args: argparse.Namespace) -> Client:
+    cfg = cfgmod.load()
+    if getattr(args, "server", None):
+        cfg.serv_addr, cfg.serv_port = cfgmod.parse_server(args.server)
+    return Client(cfg.base_url)
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _mib_text(mib: int) -> str:
+    return f"{mib / 1024:.1f}G" if mib >= 1024 else f"{mib}M"
+
+
+# --- config / status -----------------------------------------------------------------
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = cfgmod.load()
+    changed = False
+    if args.serv_addr:
+        cfg.serv_addr, changed = args.serv_addr, True
+    if args.serv_port:
+        if not 0 < args.serv_port < 65536:
+            raise CliError("--serv-port must be 1-65535")
+        cfg.serv_port, changed = args.serv_port, True
+    if changed:
+        path = cfgmod.save(cfg)
+        print(f"saved {cfg.serv_addr}:{cfg.serv_port} to {path}")
+    else:
+        print(f"server: {cfg.serv_addr}:{cfg.serv_port} (config: {cfgmod.config_path()})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not args.server_info:
+        envs = client.list_envs()
+        info = {"client_version": __version__, "server": client.base_url,
+                "envs": [{"name": e["name"], "state": e["state"], "vms": len(e["vms"])}
+                         for e in envs]}
+        if args.json:
+            _print_json(info)
+            return 0
+        print(f"tt {__version__}  server {client.base_url}")
+        print(f"ENVs: {len(envs)}" + "".join(f"\n  {e['name']:<20} {e['state']:<9} "
+                                               f"{len(e['vms'])} VM(s)" for e in envs))
+        return 0
+    st = client.status()
+    if args.json:
+        _print_json(st)
+        return 0
+    rows = st.get("servers") or [st]
+    for row in rows:
+        label = row.get("address", client.base_url)
+        state = row.get("health", "up")
+        if state != "up":
+            print(f"{label}  {state}: {row.get('error', '')}")
+            continue
+        print(f"{label}  accel={row['accel']}  CPU {row['cpu_used']}/{row['cpu_total']}  "
+              f"mem {_mib_text(row['mem_used_mib'])}/{_mib_text(row['mem_total_mib'])}  "
+              f"disk {_mib_text(row['disk_used_mib'])}/{_mib_text(row['disk_total_mib'])}  "
+              f"ENVs {row['env_count']}")
+    print("images: " + (", ".join(i["name"] for i in st["images"]) or "none"))
+    return 0
+
+
+# --- env -----------------------------------------------------------------------------
+def _vm_line(vm: dict, created_at: float | None = None) -> str:
+    took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
+    if vm["state"] in ("pending", "booting") and created_at:
+        took = f" ({time.time() - created_at:.0f}s)"
+    ports = "".join(f" {g}->{h}" for g, h in vm.get("ports", {}).items())
+    return (f"  {vm['name']:<16} {vm['image']:<26} {vm['state']:<8}{took}  "
+            f"ssh {vm['ssh_host']}:{vm['ssh_port']}{ports}")
+
+
+def _show_env(env: dict) -> None:
+    left = env["expires_at"] - time.time()
+    print(f"ENV {env['name']}: {env['state']}, {len(env['vms'])} VM(s), "
+          f"expires in {max(0, left) / 60:.0f} min")
+    for vm in env["vms"]:
+        print(_vm_line(vm))
+        if vm.get("error"):
+            print("    " + vm["error"].replace("\n", "\n    "))
+    if env.get("error") and not any(vm.get("error") for vm in env["vms"]):
+        print("  error: " + env["error"])
+
+
+def cmd_env_add(args: argparse.Namespace) -> int:
+    prefixes = split_prefixes((args.os_prefix or []) + (args.image or []))
+    if not prefixes:
+        raise CliError("give --os-prefix (e.g. --os-prefix=debian-12) or --image")
+    keys = []
+    for key_file in args.ssh_key or []:
+        try:
+            keys.append(Path(key_file).read_text().strip())
+        except OSError as exc:
+            raise CliError(f"--ssh-key {key_file}: {exc.strerror}") from exc
+    client = _client(args)
+    env = client.create_env(args.name, prefixes, vm_number=args.vm_number,
+                            cpu_num=args.cpu_num, mem_size=args.mem_size,
+                            disk_size=args.disk_size, life_time=args.life_time,
+                            ports=args.port or [], ssh_keys=keys)
+    if args.no_wait:
+        if args.json:
+            _print_json(env)
+        else:
+            print(f"ENV {args.name} is being created; follow it with 'tt env show {args.name}'")
+        return 0
+    progress = sys.stderr
+    print(f"creating ENV {args.name} ({len(env['vms'])} VM(s)); VMs boot in parallel",
+          file=progress)
+    seen: dict[str, str] = {}
+
+    def on_change(view: dict) -> None:
+        for vm in view["vms"]:
+            if seen.get(vm["id"]) != vm["state"]:
+                seen[vm["id"]] = vm["state"]
+                print(_vm_line(vm, view["created_at"]), file=progress, flush=True)
+
+    try:
+        env = client.wait_env(args.name, timeout=args.wait_timeout, on_change=on_change)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the ENV keeps booting on the server: 'tt env show {args.name}'"
+              f" to follow it, 'tt env del {args.name}' to drop it", file=sys.stderr)
+        return 130
+    if args.json:
+        _print_json(env)
+    else:
+        _show_env(env)
+    if env["state"] != "running":
+        first = env.get("error", "").splitlines()[:1] or ["unknown error"]
+        raise CliError(f"ENV {args.name} failed: {first[0]} (details: tt env show {args.name})")
+    return 0
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    envs = _client(args).list_envs()
+    if args.json:
+        _print_json(envs)
+        return 0
+    if not envs:
+        print("no ENVs")
+    for env in envs:
+        images = sorted({vm["image"] for vm in env["vms"]})
+        print(f"{env['name']:<20} {env['state']:<9} {len(env['vms'])} VM(s)  "
+              f"{', '.join(images)}")
+    return 0
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    env = _client(args).get_env(args.name)
+    if args.json:
+        _print_json(env)
+    else:
+        _show_env(env)
+    return 0
+
+
+def cmd_env_run(args: argparse.Namespace) -> int:
+    reply = _client(args).run(args.name, args.cmd, use_ssh=args.use_ssh, timeout=args.timeout)
+    results = reply["results"]
+    if args.json:
+        _print_json(reply)
+    else:
+        for r in results:
+            status = ("TIMED OUT" if r["timed_out"] else
+                      f"exit {r['exit_code']}" if not r.get("error") else "ERROR")
+            print(f"== {r['vm']} ({r['image']}): {status}, {r['seconds']:.2f}s")
+            if r["stdout"]:
+                sys.stdout.write(r["stdout"] if r["stdout"].endswith("\n") else r["stdout"] + "\n")
+            if r["stderr"]:
+                sys.stdout.write("[stderr] " + r["stderr"].rstrip("\n") + "\n")
+            if r.get("error"):
+                sys.stdout.write("[error] " + r["error"] + "\n")
+    if not results:
+        raise CliError(f"ENV {args.name} has no running VMs")
+    timed_out = [r["vm"] for r in results if r["timed_out"]]
+    failed = [r["vm"] for r in results if r["exit_code"] != 0 and not r["timed_out"]]
+    if timed_out:
+        print(f"tt: command timed out after {args.timeout:.0f}s on {', '.join(timed_out)}"
+              " (raise --timeout)", file=sys.stderr)
+        return 124
+    if failed:
+        print(f"tt: command failed on {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_env_del(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for name in args.names:
+        client.delete_env(name)
+        print(f"deleted ENV {name}")
+    return 0
+
+
+def cmd_env_push(args: argparse.Namespace) -> int:
+    try:
+        data = Path(args.local).read_bytes()
+    except OSError as exc:
+        raise CliError(f"--local {args.local}: {exc.strerror}") from exc
+    reply = _client(args).push(args.name, args.remote, data)
+    bad = [r for r in reply["results"] if r["error"]]
+    for r in reply["results"]:
+        print(f"{r['vm']}: {'ERROR ' + r['error'] if r['error'] else str(r['bytes']) + ' bytes'}")
+    return 1 if bad else 0
+
+
+def cmd_env_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+    env = client.get_env(args.name)
+    out = Path(args.local)
+    for vm in env["vms"]:
+        if vm["state"] != "running":
+            continue
+        data = client.pull(args.name, vm["id"], args.remote)
+        dest = out / vm["name"] / Path(args.remote).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        print(f"{vm['name']}: {len(data)} bytes -> {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tt", description="ttstack client: ENVs of real VMs.")
+    p.add_argument("--version", action="version", version=f"tt {__version__}")
+    p.add_argument("--server", metavar="HOST:PORT", help="override the configured server")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("config", help="set or show the server address")
+    c.add_argument("--serv-addr")
+    c.add_argument("--serv-port", type=int)
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("status", help="client info, or server resources with --server")
+    s.add_argument("--server", dest="server_info", action="store_true",
+                   help="show server resources and images")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    env = sub.add_parser("env", help="manage ENVs").add_subparsers(dest="env_command",
+                                                                   required=True)
+    a = env.add_parser("add", help="create an ENV and wait until its VMs are up")
+    a.add_argument("name")
+    a.add_argument("--os-prefix", action="append", help="comma list, case-insensitive prefixes")
+    a.add_argument("--image", action="append", help="an image name or prefix (repeatable)")
+    a.add_argument("--vm-number", "--dup", type=int, default=1, help="VMs per matched image")
+    a.add_argument("--cpu-num", type=int, default=1)
+    a.add_argument("--mem-size", type=_mib, default=512, help="MiB or 1G (default 512M)")
+    a.add_argument("--disk-size", type=_mib, default=None, help="grow each clone to this size")
+    a.add_argument("--life-time", type=int, default=None, help="seconds (server default: 6 h)")
+    a.add_argument("--port", type=int, action="append", help="guest TCP port to forward")
+    a.add_argument("--ssh-key", action="append", help="public key file to authorize")
+    a.add_argument("--no-wait", action="store_true", help="return once the server accepted it")
+    a.add_argument("--wait-timeout", type=float, default=900.0)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_env_add)
+
+    ls = env.add_parser("list", help="list ENVs")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_env_list)
+
+    sh = env.add_parser("show", help="show an ENV and its VMs")
+    sh.add_argument("name")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_env_show)
+
+    r = env.add_parser("run", help="run a shell command on every VM of an ENV")
+    r.add_argument("name")
+    r.add_argument("--cmd", required=True, help="command line for the guest's /bin/sh")
+    r.add_argument("--use-ssh", action="store_true", help="go through SSH, not the agent")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds per VM")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_env_run)
+
+    d = env.add_parser("del", help="delete ENVs and everything they hold")
+    d.add_argument("names", nargs="+", metavar="NAME")
+    d.set_defaults(func=cmd_env_del)
+
+    pu = env.add_parser("push", help="copy a local file to every VM")
+    pu.add_argument("name")
+    pu.add_argument("--local", required=True)
+    pu.add_argument("--remote", required=True, help="absolute path in the VMs")
+    pu.set_defaults(func=cmd_env_push)
+
+    g = env.add_parser("get", help="copy a file from every VM into LOCAL/<vm>/")
+    g.add_argument("name")
+    g.add_argument("--remote", required=True)
+    g.add_argument("--local", default=".")
+    g.set_defaults(func=cmd_env_get)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ApiError, CliError, ValueError) as exc:
+        print(f"tt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Where the client finds its server: `tt config` writes it, everything else reads it.
+
+Order: explicit arguments, then $TT_SERVER (HOST:PORT), then the config file in the user's
+config dir ($TT_CONFIG overrides its path), then 127.0.0.1:20000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from platformdirs import user_config_dir
+
+DEFAULT_ADDR = "127.0.0.1"
+DEFAULT_PORT = 20000
+
+
+@dataclass
+class ClientConfig:
+    serv_addr: str = DEFAULT_ADDR
+    serv_port: int = DEFAULT_PORT
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.serv_addr}]" if ":" in self.serv_addr else self.serv_addr
+        return f"http://{host}:{self.serv_port}"
+
+
+def config_path() -> Path:
+    env = os.environ.get("TT_CONFIG")
+    return Path(env) if env else Path(user_config_dir("ttstack")) / "config.json"
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) -> (host, port); ValueError says what is wrong."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def load() -> ClientConfig:
+    cfg = ClientConfig()
+    path = config_path()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            cfg = ClientConfig(str(data.get("serv_addr", DEFAULT_ADDR)),
+                               int(data.get("serv_port", DEFAULT_PORT)))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"config file {path} is unreadable ({exc}); rewrite it with "
+                             "'tt config --serv-addr ADDR --serv-port PORT'") from exc
+    if os.environ.get("TT_SERVER"):
+        cfg.serv_addr, cfg.serv_port = parse_server(os.environ["TT_SERVER"])
+    return cfg
+
+
+def save(cfg: ClientConfig) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,134 @@
+"""Image names (`ENGINE:OS-VERSION:ARCH`) and OS-prefix matching.
+
+Lives in the client package because the server, the proxy and the pytest plugin must all
+agree on which images a prefix selects, and only the client package is installed everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ENGINES = ("qemu",)
+
+# Users write Debian's arch names or the kernel's; images are named with the kernel's.
+ARCH_ALIASES = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "aarch64": "aarch64",
+    "arm64": "aarch64",
+    "riscv64": "riscv64",
+}
+
+_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ImageNameError(ValueError):
+    """An image name or OS prefix that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, order=True)
+class ImageName:
+    engine: str
+    os: str  # OS-VERSION, e.g. "debian-12"
+    arch: str
+
+    @property
+    def full(self) -> str:
+        return f"{self.engine}:{self.os}:{self.arch}"
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.full
+
+
+def parse_image_name(name: str) -> ImageName:
+    """Parse `ENGINE:OS-VERSION:ARCH`, refusing anything that could escape a directory."""
+    parts = name.split(":")
+    if len(parts) != 3:
+        raise ImageNameError(f"image name {name!r} is not ENGINE:OS-VERSION:ARCH")
+    engine, os_version, arch = (p.lower() for p in parts)
+    if engine not in ENGINES:
+        raise ImageNameError(f"image {name!r}: unknown engine {engine!r} (known: {ENGINES})")
+    if not _PART.match(os_version) or ".." in os_version:
+        raise ImageNameError(f"image {name!r}: bad OS-VERSION {os_version!r}")
+    if arch not in ARCH_ALIASES:
+        raise ImageNameError(f"image {name!r}: unknown arch {arch!r}")
+    return ImageName(engine, os_version, ARCH_ALIASES[arch])
+
+
+def _squash(text: str) -> str:
+    """Lower-case and drop separators, so `ubuntu2004` matches `ubuntu-20.04`."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+@dataclass(frozen=True)
+class OsPrefix:
+    """One user-given prefix: an OS part matched by prefix, and an optional exact arch."""
+
+    text: str
+    os_part: str
+    arch: str | None
+
+    def matches(self, image: ImageName) -> bool:
+        if self.arch and image.arch != self.arch:
+            return False
+        return _squash(image.os).startswith(self.os_part)
+
+
+def parse_os_prefix(text: str) -> OsPrefix:
+    """Parse `deb`, `debian-12`, `debian12-arm64`, `debian-12:aarch64` or a full image name."""
+    raw = text.strip()
+    if not raw:
+        raise ImageNameError("empty OS prefix")
+    lowered = raw.lower()
+    if lowered.count(":") == 2:
+        name = parse_image_name(lowered)
+        return OsPrefix(raw, _squash(name.os), name.arch)
+    arch = None
+    os_part = lowered
+    if ":" in lowered:
+        os_part, arch_text = lowered.split(":", 1)
+        if arch_text not in ARCH_ALIASES:
+            raise ImageNameError(f"OS prefix {raw!r}: unknown arch {arch_text!r}")
+        arch = ARCH_ALIASES[arch_text]
+    else:
+        for alias, canonical in ARCH_ALIASES.items():
+            for sep in ("-", "_"):
+                if lowered.endswith(sep + alias):
+                    os_part, arch = lowered[: -len(alias) - 1], canonical
+                    break
+            if arch:
+                break
+    squashed = _squash(os_part)
+    if not squashed:
+        raise ImageNameError(f"OS prefix {raw!r} has no OS part")
+    return OsPrefix(raw, squashed, arch)
+
+
+def split_prefixes(text: str | list[str]) -> list[str]:
+    """Accept `a,b` or a list of such strings (repeatable options)."""
+    items = [text] if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        out.extend(p.strip() for p in item.split(",") if p.strip())
+    return out
+
+
+def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageName]:
+    """Images selected by the prefixes, in prefix order, each once.
+
+    Raises ImageNameError naming the prefix that matched nothing and what exists, because
+    "no such image" without the list sends users hunting.
+    """
+    if not prefixes:
+        raise ImageNameError("no OS prefix given (e.g. --os-prefix=debian-12)")
+    chosen: list[ImageName] = []
+    for text in prefixes:
+        prefix = parse_os_prefix(text)
+        hits = sorted(img for img in available if prefix.matches(img))
+        if not hits:
+            names = ", ".join(sorted(i.full for i in available)) or "none"
+            raise ImageNameError(f"OS prefix {text!r} matches no image; available: {names}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return chosen

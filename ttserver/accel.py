@@ -1,0 +1,92 @@
+"""Choose KVM or TCG.
+
+`/dev/kvm` existing is not proof that KVM boots guests: on PVM hosts (kvm_pvm) stock guest
+kernels hang or abort. So `auto` really boots an image's kernel under KVM for a few seconds
+and picks KVM only if it reaches its init; the verdict is cached per host kernel and guest
+kernel, because probing costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 20.0
+MARKERS = ("Run /bin/true as init process", "Attempted to kill init", "Kernel panic")
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+
+def _kvm_usable() -> str | None:
+    """Why KVM cannot be used at all, or None if it might be."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible"
+    return None
+
+
+def probe_kvm_boot(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Boot kernel+initrd under KVM until it starts init; True if it got there in time."""
+    cmd = ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults", "-nographic",
+           "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
+           "-append", "console=ttyS0 panic=-1 rdinit=/bin/true"]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, errors="replace")
+        output = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        output = out.decode(errors="replace") if isinstance(out, bytes) else out
+        if any(m in output for m in MARKERS):
+            return True, f"guest kernel reached init under KVM in {timeout:.0f}s"
+        return False, f"a guest kernel did not reach init under KVM within {timeout:.0f}s"
+    if any(m in output for m in MARKERS):
+        took = time.monotonic() - started
+        return True, f"guest kernel reached init under KVM in {took:.1f}s"
+    last = output.strip().splitlines()[-1:] or ["no output"]
+    return False, f"guest kernel failed under KVM: {last[0]}"
+
+
+def choose(requested: str, kernel: Path | None, initrd: Path | None,
+           cache_file: Path | None) -> AccelChoice:
+    """Resolve `--accel auto|kvm|tcg` for guests of the host's own arch."""
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested with --accel tcg")
+    why_not = _kvm_usable()
+    if requested == "kvm":
+        if why_not:
+            raise RuntimeError(f"--accel kvm: {why_not}")
+        return AccelChoice("kvm", "requested with --accel kvm")
+    if why_not:
+        return AccelChoice("tcg", why_not)
+    if kernel is None or initrd is None:
+        return AccelChoice("tcg", "no host-arch image to probe KVM with yet")
+    key = f"{platform.release()}|{kernel}|{kernel.stat().st_mtime_ns}"
+    if cache_file and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("key") == key:
+                return AccelChoice(cached["accel"], cached["reason"] + " (cached)")
+        except (OSError, ValueError, KeyError):
+            pass
+    ok, reason = probe_kvm_boot(kernel, initrd)
+    choice = AccelChoice("kvm" if ok else "tcg", reason)
+    log.info("accel auto -> %s: %s", choice.accel, choice.reason)
+    if cache_file:
+        cache_file.write_text(json.dumps({"key": key, "accel": choice.accel,
+                                          "reason": choice.reason}))
+    return choice

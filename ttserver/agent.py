@@ -1,0 +1,122 @@
+"""Talk to qemu-guest-agent through libvirt: ping, run a command, read and write files.
+
+The agent is the default way in because it needs no network inside the VM and answers as
+soon as the guest's userspace is up (seconds before sshd). Every call has a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+
+import libvirt
+import libvirt_qemu
+
+CHUNK = 1 << 20  # bytes per guest-file-read/write; libvirt caps a message near 10 MiB
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExecResult:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"exit_code": self.exit_code, "stdout": self.stdout, "stderr": self.stderr,
+                "timed_out": self.timed_out, "seconds": round(self.seconds, 3)}
+
+
+def command(dom: libvirt.virDomain, execute: str, arguments: dict | None = None,
+            timeout: int = 10) -> object:
+    payload = {"execute": execute}
+    if arguments is not None:
+        payload["arguments"] = arguments
+    try:
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(payload), timeout, 0)
+    except libvirt.libvirtError as exc:
+        raise AgentError(f"{execute}: {exc.get_error_message()}") from exc
+    return json.loads(reply).get("return")
+
+
+def ping(dom: libvirt.virDomain, timeout: int = 2) -> bool:
+    try:
+        command(dom, "guest-ping", timeout=timeout)
+        return True
+    except AgentError:
+        return False
+
+
+def _decode(data: str | None) -> str:
+    return base64.b64decode(data).decode(errors="replace") if data else ""
+
+
+def exec_argv(dom: libvirt.virDomain, argv: list[str], *, timeout: float,
+              stdin: bytes | None = None) -> ExecResult:
+    """Run argv in the guest, wait at most `timeout` s; the guest kills it too (see run())."""
+    args: dict = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+    if stdin is not None:
+        args["input-data"] = base64.b64encode(stdin).decode()
+    started = time.monotonic()
+    pid = command(dom, "guest-exec", args)["pid"]
+    delay = 0.01
+    while True:
+        status = command(dom, "guest-exec-status", {"pid": pid})
+        elapsed = time.monotonic() - started
+        if status.get("exited"):
+            return ExecResult(status.get("exitcode", status.get("signal")),
+                              _decode(status.get("out-data")), _decode(status.get("err-data")),
+                              False, elapsed)
+        if elapsed > timeout:
+            return ExecResult(None, "", "", True, elapsed)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def run_shell(dom: libvirt.virDomain, cmd: str, timeout: float) -> ExecResult:
+    """Run a shell command line in the guest, as `tt env run --cmd` promises.
+
+    The string goes to the *guest's* /bin/sh on purpose (pipes, globs and `cd` work as users
+    expect); it never touches a host shell. coreutils `timeout` in the guest kills it at the
+    deadline so nothing keeps running in the VM after we report a timeout.
+    """
+    argv = ["/usr/bin/timeout", "--kill-after=2", str(max(1, int(timeout))), "/bin/sh", "-c", cmd]
+    res = exec_argv(dom, argv, timeout=timeout + 5)
+    if res.exit_code == 124 and res.seconds >= timeout - 0.5:
+        res.timed_out = True
+    if res.timed_out:
+        res.exit_code = None  # the command never finished: it has no exit code
+    return res
+
+
+def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") -> None:
+    handle = command(dom, "guest-file-open", {"path": path, "mode": mode + "b"})
+    try:
+        for off in range(0, len(data), CHUNK) or [0]:
+            chunk = data[off:off + CHUNK]
+            command(dom, "guest-file-write",
+                    {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()}, timeout=60)
+    finally:
+        command(dom, "guest-file-close", {"handle": handle})
+
+
+def read_file(dom: libvirt.virDomain, path: str) -> bytes:
+    handle = command(dom, "guest-file-open", {"path": path, "mode": "rb"})
+    out = bytearray()
+    try:
+        while True:
+            res = command(dom, "guest-file-read", {"handle": handle, "count": CHUNK},
+                          timeout=60)
+            out += base64.b64decode(res.get("buf-b64", ""))
+            if res.get("eof") or not res.get("count"):
+                break
+    finally:
+        command(dom, "guest-file-close", {"handle": handle})
+    return bytes(out)

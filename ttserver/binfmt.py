@@ -1,0 +1,23 @@
+"""Register qemu-user with binfmt_misc so mmdebstrap can run foreign-arch maintainer scripts."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+CONF_DIR = Path("/usr/lib/binfmt.d")
+
+
+def ensure(arch: str) -> None:
+    """Make sure `qemu-ARCH` is registered; raise RuntimeError with the fix if we cannot."""
+    if not (BINFMT / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
+                       check=False, capture_output=True)
+    if (BINFMT / f"qemu-{arch}").exists():
+        return
+    conf = CONF_DIR / f"qemu-{arch}.conf"
+    if not conf.is_file():
+        raise RuntimeError(f"{conf} is missing: apt-get install qemu-user-static")
+    line = next(ln for ln in conf.read_text().splitlines() if ln.startswith(":"))
+    (BINFMT / "register").write_text(line)

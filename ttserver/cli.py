@@ -1,0 +1,152 @@
+"""`ttserver`: run the daemon (flags as in the original TTstack), or build/list images.
+
+    ttserver --image-path /var/lib/ttstack/images --cfgdb-path /var/lib/ttstack/state \\
+             --cpu-total 2 --mem-total 4G --disk-total 40G --serv-addr 127.0.0.1 --serv-port 20000
+    ttserver image build debian-12 --arch x86_64 --image-path /var/lib/ttstack/images
+    ttserver image list --image-path /var/lib/ttstack/images
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+from ttclient.units import parse_mib
+
+DEFAULT_IMAGES = "/var/lib/ttstack/images"
+DEFAULT_STATE = "/var/lib/ttstack/state"
+
+
+def _mib(text: str) -> int:
+    try:
+        return parse_mib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(x) for x in text.split("-"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("use FIRST-LAST, e.g. 40000-49999") from exc
+    if not 1024 <= first <= last <= 65535:
+        raise argparse.ArgumentTypeError("port range must lie within 1024-65535")
+    return first, last
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ttserver", description="ttstack host daemon: ENVs of real VMs over HTTP/JSON.",
+        epilog="Sub-commands: 'ttserver image build|list ...' (see 'ttserver image --help'). "
+               "Sizes are MiB or take a suffix: 512M, 4G, 1T.")
+    p.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES),
+                   help=f"directory of images ENGINE:OS-VERSION:ARCH (default {DEFAULT_IMAGES})")
+    p.add_argument("--cfgdb-path", type=Path, default=Path(DEFAULT_STATE),
+                   help=f"state directory: SQLite DB, VM disks, SSH key (default {DEFAULT_STATE})")
+    p.add_argument("--cpu-total", type=int, default=os.cpu_count() or 1,
+                   help="vCPUs this host may hand out (default: host CPUs)")
+    p.add_argument("--mem-total", type=_mib, default=4096, help="guest memory to hand out")
+    p.add_argument("--disk-total", type=_mib, default=40960,
+                   help="virtual disk size to hand out")
+    p.add_argument("--serv-addr", default="127.0.0.1",
+                   help="address for the API and the forwarded VM ports")
+    p.add_argument("--serv-port", type=int, default=20000, help="API port")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+                   help="auto: KVM only if a guest kernel really boots under it, else TCG")
+    p.add_argument("--port-range", type=_port_range, default=(40000, 49999),
+                   help="host ports for forwards, FIRST-LAST (default 40000-49999)")
+    p.add_argument("--boot-timeout", type=float, default=300.0,
+                   help="seconds a VM may take until its guest agent answers")
+    p.add_argument("--life-time", type=int, default=6 * 3600,
+                   help="default ENV lifetime in seconds (default 6 h)")
+    p.add_argument("--libvirt-uri", default="qemu:///system")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return p
+
+
+def image_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ttserver image", description="build or list images")
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="build a Debian image with mmdebstrap (cached)")
+    b.add_argument("os", help="OS-VERSION, e.g. debian-12")
+    b.add_argument("--arch", default=platform.machine(), help="x86_64 (default) or aarch64")
+    b.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
+    b.add_argument("--disk-size", type=_mib, default=2048, help="virtual disk size (2G)")
+    b.add_argument("--mirror", default=None, help="Debian mirror (default: the host's)")
+    b.add_argument("--timeout", type=float, default=1800, help="seconds before giving up")
+    b.add_argument("--force", action="store_true", help="rebuild even if present")
+    ls = sub.add_parser("list", help="list images under --image-path")
+    ls.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
+    return p
+
+
+def image_main(argv: list[str]) -> int:
+    args = image_parser().parse_args(argv)
+    if args.action == "list":
+        from .images import scan
+        for img in scan(args.image_path):
+            warn = f"  ({'; '.join(img.warnings)})" if img.warnings else ""
+            print(f"{img.name.full}\t{img.size_mib} MiB\t{img.path}{warn}")
+        return 0
+    from .imagebuild import BuildError, build
+    try:
+        build(args.os, args.arch, args.image_path, disk_mib=args.disk_size,
+              mirror=args.mirror, timeout=args.timeout, force=args.force)
+    except (BuildError, RuntimeError, ValueError) as exc:
+        print(f"ttserver image build: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from .api import create_app
+        from .config import ServerConfig
+        from .envs import EnvManager
+    except ImportError as exc:
+        print(f"ttserver: missing server dependency ({exc.name}); "
+              "install with: pip install 'ttstack[server]'", file=sys.stderr)
+        return 2
+    cfg = ServerConfig(image_path=args.image_path.resolve(), cfgdb_path=args.cfgdb_path.resolve(),
+                       cpu_total=args.cpu_total, mem_total_mib=args.mem_total,
+                       disk_total_mib=args.disk_total, serv_addr=args.serv_addr,
+                       serv_port=args.serv_port, accel=args.accel,
+                       port_first=args.port_range[0], port_last=args.port_range[1],
+                       boot_timeout=args.boot_timeout, default_life_time=args.life_time,
+                       libvirt_uri=args.libvirt_uri)
+    try:
+        manager = EnvManager(cfg)
+        manager.start_background()
+    except Exception as exc:  # libvirt not running, unwritable state dir, ...
+        print(f"ttserver: cannot start: {exc}", file=sys.stderr)
+        return 1
+    # uvicorn turns SIGTERM/SIGINT into a clean stop; VMs stay on record and are adopted
+    # (or reaped, if expired) on the next start.
+    try:
+        uvicorn.run(create_app(manager), host=cfg.serv_addr, port=cfg.serv_port,
+                    log_level="warning", access_log=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        manager.stop_background()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "image":
+        return image_main(argv[1:])
+    return serve_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

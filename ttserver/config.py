@@ -1,0 +1,47 @@
+"""Server settings, filled from the command line (see ttserver/cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    image_path: Path
+    cfgdb_path: Path
+    cpu_total: int
+    mem_total_mib: int
+    disk_total_mib: int
+    serv_addr: str = "127.0.0.1"
+    serv_port: int = 20000
+    accel: str = "auto"
+    port_first: int = 40000
+    port_last: int = 49999
+    boot_timeout: float = 300.0
+    default_life_time: int = 6 * 3600
+    max_life_time: int = 7 * 24 * 3600
+    libvirt_uri: str = "qemu:///system"
+    reap_interval: float = 2.0
+
+    @property
+    def db_file(self) -> Path:
+        return self.cfgdb_path / "ttserver.sqlite"
+
+    @property
+    def vms_path(self) -> Path:
+        return self.cfgdb_path / "vms"
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.cfgdb_path / "ssh" / "id_ed25519"
+
+    @property
+    def forward_addr(self) -> str:
+        """Where forwarded ports listen: the API's address (0.0.0.0 means every address)."""
+        return self.serv_addr
+
+    @property
+    def connect_addr(self) -> str:
+        """Where the server itself reaches forwarded ports."""
+        return "127.0.0.1" if self.serv_addr in ("0.0.0.0", "") else self.serv_addr

@@ -1,0 +1,196 @@
+"""SQLite state under --cfgdb-path: ENVs, their VMs and the host ports they hold.
+
+Everything the server needs to find (and clean) after a restart is written here *before*
+the thing is created, so a crash leaves a record to reconcile rather than an orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS envs (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    spec TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY,
+    env TEXT NOT NULL REFERENCES envs(name),
+    idx INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    cpu INTEGER NOT NULL,
+    mem_mib INTEGER NOT NULL,
+    disk_mib INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    ssh_port INTEGER NOT NULL,
+    forwards TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    boot_seconds REAL
+);
+CREATE INDEX IF NOT EXISTS vms_env ON vms(env);
+"""
+
+
+@dataclass
+class VMRow:
+    id: str
+    env: str
+    idx: int
+    image: str
+    cpu: int
+    mem_mib: int
+    disk_mib: int
+    state: str
+    domain: str
+    dir: str
+    ssh_port: int
+    forwards: dict[int, int]  # guest port -> host port
+    error: str = ""
+    boot_seconds: float | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> VMRow:
+        data = dict(row)
+        data["forwards"] = {int(k): int(v) for k, v in json.loads(data["forwards"]).items()}
+        return cls(**data)
+
+
+@dataclass
+class EnvRow:
+    name: str
+    owner: str
+    state: str
+    created_at: float
+    expires_at: float
+    spec: dict
+    error: str = ""
+    vms: list[VMRow] = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> EnvRow:
+        data = dict(row)
+        data["spec"] = json.loads(data["spec"])
+        return cls(**data)
+
+
+class StateDB:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def server_id(self) -> str:
+        """A short id unique to this state DB; prefixes every libvirt domain we create, so
+        several ttservers can share one libvirtd without touching each other's VMs."""
+        with self.transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='server_id'").fetchone()
+            if row:
+                return row["value"]
+            sid = secrets.token_hex(3)
+            c.execute("INSERT INTO meta(key, value) VALUES ('server_id', ?)", (sid,))
+            return sid
+
+    # ENVs -------------------------------------------------------------------------------
+    def insert_env(self, c: sqlite3.Connection, env: EnvRow) -> None:
+        c.execute("INSERT INTO envs(name, owner, state, created_at, expires_at, spec, error)"
+                  " VALUES (?,?,?,?,?,?,?)",
+                  (env.name, env.owner, env.state, env.created_at, env.expires_at,
+                   json.dumps(env.spec), env.error))
+
+    def insert_vm(self, c: sqlite3.Connection, vm: VMRow) -> None:
+        c.execute("INSERT INTO vms(id, env, idx, image, cpu, mem_mib, disk_mib, state, domain,"
+                  " dir, ssh_port, forwards, error, boot_seconds)"
+                  " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (vm.id, vm.env, vm.idx, vm.image, vm.cpu, vm.mem_mib, vm.disk_mib, vm.state,
+                   vm.domain, vm.dir, vm.ssh_port, json.dumps(vm.forwards), vm.error,
+                   vm.boot_seconds))
+
+    def get_env(self, name: str) -> EnvRow | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM envs WHERE name=?", (name,)).fetchone()
+            if not row:
+                return None
+            env = EnvRow.from_row(row)
+            env.vms = self.vms_of(name)
+            return env
+
+    def vms_of(self, env: str) -> list[VMRow]:
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM vms WHERE env=? ORDER BY idx", (env,))
+            return [VMRow.from_row(r) for r in rows.fetchall()]
+
+    def list_envs(self) -> list[EnvRow]:
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM envs ORDER BY created_at").fetchall()
+            envs = [EnvRow.from_row(r) for r in rows]
+        for env in envs:
+            env.vms = self.vms_of(env.name)
+        return envs
+
+    def all_vms(self) -> list[VMRow]:
+        with self._lock:
+            return [VMRow.from_row(r) for r in self._conn.execute("SELECT * FROM vms")]
+
+    def set_env(self, name: str, **fields: object) -> None:
+        self._update("envs", "name", name, fields)
+
+    def set_vm(self, vm_id: str, **fields: object) -> None:
+        if "forwards" in fields:
+            fields["forwards"] = json.dumps(fields["forwards"])
+        self._update("vms", "id", vm_id, fields)
+
+    def _update(self, table: str, key: str, value: str, fields: dict[str, object]) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._lock:
+            self._conn.execute(f"UPDATE {table} SET {cols} WHERE {key}=?",
+                               (*fields.values(), value))
+
+    def delete_env(self, name: str) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM vms WHERE env=?", (name,))
+            c.execute("DELETE FROM envs WHERE name=?", (name,))
+
+    def used(self) -> dict[str, int]:
+        """CPU, memory and disk held by every VM on record (booting ones included)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT COALESCE(SUM(cpu),0) cpu, COALESCE(SUM(mem_mib),0) mem,"
+                " COALESCE(SUM(disk_mib),0) disk FROM vms").fetchone()
+        return {"cpu": row["cpu"], "mem_mib": row["mem"], "disk_mib": row["disk"]}
+
+    def used_ports(self) -> set[int]:
+        ports: set[int] = set()
+        for vm in self.all_vms():
+            ports.add(vm.ssh_port)
+            ports.update(vm.forwards.values())
+        return ports

@@ -1,0 +1,133 @@
+"""The QEMU/libvirt engine: start, wait for, and destroy one VM.
+
+Domains are transient (`createXML`): destroying one removes it from libvirt entirely, and
+running ones survive a libvirtd or ttserver restart, which reconciliation relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+import pwd
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import libvirt
+
+from . import agent
+
+log = logging.getLogger(__name__)
+
+CONSOLE_TAIL_LINES = 25
+
+
+def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we raise them as exceptions."""
+
+
+libvirt.registerErrorHandler(_quiet_libvirt_errors, None)
+
+
+def qemu_user() -> tuple[int, int]:
+    """uid/gid QEMU runs as: Debian's libvirt-qemu when present, else root."""
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 0, 0
+
+
+def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "(no console log)"
+    text = text.replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:]) or "(console log is empty)"
+
+
+class BootTimeout(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, uri: str = "qemu:///system") -> None:
+        self.uri = uri
+        self._lock = threading.Lock()
+        self._conn: libvirt.virConnect | None = None
+
+    def conn(self) -> libvirt.virConnect:
+        """One shared connection, reopened if libvirtd went away."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+            self._conn = libvirt.open(self.uri)
+            return self._conn
+
+    def start(self, xml: str) -> libvirt.virDomain:
+        return self.conn().createXML(xml, 0)
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn().lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def is_running(self, name: str) -> bool:
+        dom = self.lookup(name)
+        try:
+            return bool(dom and dom.isActive())
+        except libvirt.libvirtError:
+            return False
+
+    def destroy(self, name: str) -> None:
+        """Kill the domain now (throwaway VMs need no clean shutdown); idempotent."""
+        dom = self.lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_DEFAULT)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN,
+                                            libvirt.VIR_ERR_OPERATION_INVALID):
+                raise
+        try:
+            if dom.isPersistent():
+                dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        Path(f"/var/log/libvirt/qemu/{name}.log").unlink(missing_ok=True)
+
+    def domains_with_prefix(self, prefix: str) -> list[str]:
+        return [d.name() for d in self.conn().listAllDomains(0) if d.name().startswith(prefix)]
+
+    def wait_agent(self, name: str, timeout: float, console: Path,
+                   cancelled: Callable[[], bool]) -> float:
+        """Block until the guest agent answers; return seconds waited.
+
+        Fails early (with the console tail) if the domain dies, and at `timeout` at most.
+        """
+        started = time.monotonic()
+        while True:
+            dom = self.lookup(name)
+            if dom is None or not dom.isActive():
+                raise BootTimeout(f"VM {name} stopped while booting; console tail:\n"
+                                  f"{console_tail(console)}")
+            if agent.ping(dom, timeout=2):
+                return time.monotonic() - started
+            if cancelled():
+                raise BootTimeout(f"VM {name}: boot cancelled (ENV deleted)")
+            if time.monotonic() - started > timeout:
+                raise BootTimeout(f"VM {name}: guest agent did not answer within {timeout:.0f}s;"
+                                  f" console tail:\n{console_tail(console)}")
+            time.sleep(0.5)

@@ -1,0 +1,116 @@
+"""The image directory: what images exist and where their parts are.
+
+Each image is a directory named `ENGINE:OS-VERSION:ARCH` holding `disk.qcow2` plus
+`vmlinuz`/`initrd.img` for direct kernel boot (no bootloader to emulate under TCG) and an
+optional `meta.json`. Scanning is a directory listing, so it runs on every request and new
+images appear without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ttclient.imagenames import ImageName, ImageNameError, match_images, parse_image_name
+
+from .errors import NotFound
+
+log = logging.getLogger(__name__)
+
+DISK = "disk.qcow2"
+KERNEL = "vmlinuz"
+INITRD = "initrd.img"
+META = "meta.json"
+# `quiet`: every console byte is an emulated UART write, which costs seconds under TCG;
+# failures still reach the console (and so the console tail in errors).
+DEFAULT_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
+
+
+@dataclass(frozen=True)
+class Image:
+    name: ImageName
+    path: Path
+    size_mib: int
+    cmdline: str = DEFAULT_CMDLINE
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def disk(self) -> Path:
+        return self.path / DISK
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / INITRD
+
+    def to_dict(self) -> dict:
+        return {"name": self.name.full, "os": self.name.os, "arch": self.name.arch,
+                "engine": self.name.engine, "size_mib": self.size_mib,
+                "warnings": list(self.warnings)}
+
+
+def _virtual_size_mib(meta: dict, disk: Path) -> int:
+    if "virtual_size_mib" in meta:
+        return int(meta["virtual_size_mib"])
+    return max(1, disk.stat().st_size // (1024 * 1024))
+
+
+def _ownership_warnings(image_dir: Path) -> tuple[str, ...]:
+    """Base images are shared by every clone; anything but root-owned read-only is a risk."""
+    out = []
+    for part in (DISK, KERNEL, INITRD):
+        st = (image_dir / part).stat()
+        if st.st_uid != 0:
+            out.append(f"{part} is owned by uid {st.st_uid}, not root")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IWUSR):
+            out.append(f"{part} is writable; base images should be read-only (0444)")
+        if not st.st_mode & stat.S_IROTH:
+            out.append(f"{part} is not world-readable; QEMU runs unprivileged and needs it")
+    return tuple(out)
+
+
+def scan(image_path: Path) -> list[Image]:
+    """All complete images under image_path; incomplete or misnamed entries are logged."""
+    images: list[Image] = []
+    if not image_path.is_dir():
+        return images
+    for entry in sorted(os.scandir(image_path), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        try:
+            name = parse_image_name(entry.name)
+        except ImageNameError as exc:
+            log.debug("skipping %s: %s", entry.path, exc)
+            continue
+        d = Path(entry.path)
+        if not all((d / p).is_file() for p in (DISK, KERNEL, INITRD)):
+            log.debug("skipping %s: missing %s, %s or %s", d, DISK, KERNEL, INITRD)
+            continue
+        meta = {}
+        if (d / META).is_file():
+            try:
+                meta = json.loads((d / META).read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("image %s: unreadable %s: %s", d, META, exc)
+        images.append(Image(name=name, path=d, size_mib=_virtual_size_mib(meta, d / DISK),
+                            cmdline=meta.get("cmdline", DEFAULT_CMDLINE),
+                            warnings=_ownership_warnings(d)))
+    return images
+
+
+def select(image_path: Path, prefixes: list[str]) -> list[Image]:
+    """Images for the given OS prefixes; NotFound lists what is available."""
+    images = scan(image_path)
+    by_name = {img.name: img for img in images}
+    try:
+        names = match_images(prefixes, list(by_name))
+    except ImageNameError as exc:
+        raise NotFound(str(exc)) from exc
+    return [by_name[n] for n in names]
