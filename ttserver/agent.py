@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import libvirt
 import libvirt_qemu
 
-CHUNK = 1 << 20  # bytes per guest-file-read/write; libvirt caps a message near 10 MiB
+# Bytes per guest-file-write: larger messages (~200 KiB+ of base64) to the guest make the
+# agent channel stall under libvirt 9 / qemu-ga 7 (measured), so writes go in small chunks.
+WRITE_CHUNK = 96 * 1024
+READ_CHUNK = 1 << 20  # replies from the guest have no such limit
 
 
 class AgentError(RuntimeError):
@@ -99,8 +102,8 @@ def run_shell(dom: libvirt.virDomain, cmd: str, timeout: float) -> ExecResult:
 def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") -> None:
     handle = command(dom, "guest-file-open", {"path": path, "mode": mode + "b"})
     try:
-        for off in range(0, len(data), CHUNK) or [0]:
-            chunk = data[off:off + CHUNK]
+        for off in range(0, len(data), WRITE_CHUNK) or [0]:
+            chunk = data[off:off + WRITE_CHUNK]
             command(dom, "guest-file-write",
                     {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()}, timeout=60)
     finally:
@@ -112,7 +115,7 @@ def read_file(dom: libvirt.virDomain, path: str) -> bytes:
     out = bytearray()
     try:
         while True:
-            res = command(dom, "guest-file-read", {"handle": handle, "count": CHUNK},
+            res = command(dom, "guest-file-read", {"handle": handle, "count": READ_CHUNK},
                           timeout=60)
             out += base64.b64decode(res.get("buf-b64", ""))
             if res.get("eof") or not res.get("count"):

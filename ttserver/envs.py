@@ -247,15 +247,15 @@ class EnvManager:
             errors = [r for r in results if r]
             if cancel.is_set():
                 return
-            if errors:
-                self.db.set_env(name, state=ENV_FAILED, error=errors[0])
+            if errors:  # free everything first, then tell watchers it failed
                 self._teardown_vms(self.db.vms_of(name), keep_rows=True)
+                self.db.set_env(name, state=ENV_FAILED, error=errors[0])
             else:
                 self.db.set_env(name, state=READY)
         except Exception as exc:  # never leave an ENV in `creating` behind a dead thread
             log.exception("boot of ENV %s failed", name)
-            self.db.set_env(name, state=ENV_FAILED, error=f"internal error: {exc}")
             self._teardown_vms(self.db.vms_of(name), keep_rows=True)
+            self.db.set_env(name, state=ENV_FAILED, error=f"internal error: {exc}")
         finally:
             with self._boots_lock:
                 self._boots.pop(name, None)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Prepare this machine to run ttserver and the test suite. Idempotent: a second run only
+# checks. Needs root (apt, libvirtd, /dev/kvm). Images are cached under $TTSTACK_IMAGE_PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IMAGE_PATH=${TTSTACK_IMAGE_PATH:-/var/lib/ttstack/images}
+IMAGES=${TTSTACK_IMAGES:-debian-12}
+PYTHON=${PYTHON:-python3}
+
+say() { echo "[setup] $*"; }
+
+# Only the emulator we use: libvirtd probes every installed qemu-system-* on first connect.
+APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
+  pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps"
+missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+  say "installing: $(echo $missing)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# libvirt checks /dev/kvm as the qemu user; if only root can open it, libvirt re-probes QEMU
+# on every call (about a minute per VM start). Debian's udev rule would set root:kvm 0660.
+if [ -e /dev/kvm ] && [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]; then
+  say "setting /dev/kvm to root:kvm 0660 (as Debian's udev rule does)"
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
+# No systemd here: start the daemons by hand when they are not running.
+pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
+if ! pgrep -x libvirtd >/dev/null; then
+  say "starting libvirtd"
+  libvirtd -d
+fi
+for _ in $(seq 1 120); do
+  timeout 90 virsh -c qemu:///system version >/dev/null 2>&1 && break
+  sleep 1
+done
+timeout 90 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer" >&2; exit 1; }
+
+if ! "$PYTHON" -c "import ttserver, libvirt, fastapi, pytest_timeout" 2>/dev/null; then
+  say "pip install -e .[server,test]"
+  "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[server,test]"
+fi
+
+for os in $IMAGES; do
+  ttserver image build "$os" --image-path "$IMAGE_PATH" --timeout 1200
+done
+say "ready: images in $IMAGE_PATH"
