@@ -50,7 +50,8 @@ class ServerProcess:
                "--serv-port", str(self.port), "--port-range", self.port_range,
                "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
                "--accel", "tcg", *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

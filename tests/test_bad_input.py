@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import requests
-
 from helpers import ServerProcess
 
 

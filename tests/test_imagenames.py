@@ -2,8 +2,13 @@
 
 import pytest
 
-from ttclient.imagenames import (ImageNameError, match_images, parse_image_name,
-                                 parse_os_prefix, split_prefixes)
+from ttclient.imagenames import (
+    ImageNameError,
+    match_images,
+    parse_image_name,
+    parse_os_prefix,
+    split_prefixes,
+)
 from ttclient.units import parse_mib
 
 IMAGES = [parse_image_name(n) for n in (

@@ -91,16 +91,24 @@ class Client:
                 raise ApiError(f"ENV {name!r} was still creating after {timeout:.0f}s")
             time.sleep(interval)
 
-    def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600) -> dict:
-        body = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout}
+    def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600,
+            vms: list[str] | None = None) -> dict:
+        body = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout, "vms": vms}
         return self._call("POST", f"/envs/{name}/run", json=body, timeout=timeout + 30).json()
 
-    def push(self, name: str, remote: str, data: bytes, mode: int | None = None) -> dict:
-        params = {"path": remote}
+    def push(self, name: str, remote: str, data: bytes, mode: int | None = None,
+             vms: list[str] | None = None) -> dict:
+        params: dict = {"path": remote}
         if mode is not None:
             params["mode"] = f"{mode:o}"
+        if vms:
+            params["vm"] = vms
         return self._call("PUT", f"/envs/{name}/files", params=params, data=data,
                           timeout=600).json()
+
+    def console(self, name: str, vm: str, lines: int = 50) -> str:
+        return self._call("GET", f"/envs/{name}/vms/{vm}/console",
+                          params={"lines": lines}).text
 
     def pull(self, name: str, vm: str, remote: str) -> bytes:
         return self._call("GET", f"/envs/{name}/vms/{vm}/files", params={"path": remote},

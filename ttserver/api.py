@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
 from ttclient import __version__
@@ -50,6 +50,7 @@ class RunRequest(BaseModel):
                      description="shell command line, run by the guest's /bin/sh")
     use_ssh: bool = False
     timeout: float = Field(600, ge=1, le=86400, description="seconds per VM")
+    vms: list[str] | None = Field(None, description="only these VMs (ids, names or indexes)")
 
 
 def create_app(manager: EnvManager) -> FastAPI:
@@ -99,21 +100,27 @@ def create_app(manager: EnvManager) -> FastAPI:
 
     @app.post("/envs/{name}/run")
     def run(name: str, body: RunRequest) -> dict:
-        results = manager.run(name, body.cmd, body.use_ssh, body.timeout)
+        results = manager.run(name, body.cmd, body.use_ssh, body.timeout, body.vms)
         return {"env": name, "results": results}
 
     @app.put("/envs/{name}/files")
     async def push(name: str, request: Request,
                    path: Annotated[str, Query(description="absolute path in each VM")],
-                   mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None) -> dict:
+                   mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
+                   vm: Annotated[list[str] | None, Query(description="only these VMs")] = None,
+                   ) -> dict:
         data = await request.body()
         results = await run_in_threadpool(manager.push, name, path, data,
-                                          int(mode, 8) if mode else None)
+                                          int(mode, 8) if mode else None, vm)
         return {"env": name, "results": results}
 
     @app.get("/envs/{name}/vms/{vm}/files")
     def pull(name: str, vm: str,
              path: Annotated[str, Query(description="absolute path in the VM")]) -> Response:
         return Response(manager.pull(name, vm, path), media_type="application/octet-stream")
+
+    @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
+    def console(name: str, vm: str, lines: Annotated[int, Query(ge=1, le=2000)] = 50) -> str:
+        return manager.console(name, vm, lines)
 
     return app

@@ -386,23 +386,42 @@ class EnvManager:
         return report
 
     # --- commands and files ----------------------------------------------------------
-    def _running_vms(self, name: str) -> list[VMRow]:
+    def _running_vms(self, name: str, only: list[str] | None = None) -> list[VMRow]:
+        """The ENV's running VMs, optionally narrowed to VM ids, names or indexes."""
         env = self._env(name)
         if env.state != READY:
             raise Conflict(f"ENV {name!r} is {env.state}, not running"
                            + (f": {env.error.splitlines()[0]}" if env.error else ""))
-        return [vm for vm in env.vms if vm.state == RUNNING]
+        vms = [vm for vm in env.vms if vm.state == RUNNING]
+        if only:
+            refs = {vm_ref for vm_ref in only}
+            picked = [vm for vm in vms
+                      if refs & {vm.id, _hostname(vm.env, vm.idx), str(vm.idx)}]
+            known = {r for vm in picked for r in (vm.id, _hostname(vm.env, vm.idx), str(vm.idx))}
+            unknown = sorted(refs - known)
+            if unknown:
+                raise NotFound(f"ENV {name!r} has no running VM {', '.join(unknown)}")
+            vms = picked
+        return vms
+
+    def console(self, name: str, vm_ref: str, lines: int) -> str:
+        env = self._env(name)
+        for vm in env.vms:
+            if vm_ref in (vm.id, _hostname(vm.env, vm.idx), str(vm.idx)):
+                return console_tail(Path(vm.dir) / "console.log", max(1, min(lines, 2000)))
+        raise NotFound(f"ENV {name!r} has no VM {vm_ref!r}")
 
     def _fan_out(self, vms: list[VMRow], fn: Callable[[VMRow], dict]) -> list[dict]:
         with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_RUNS, max(1, len(vms)))) as pool:
             return list(pool.map(fn, vms))
 
-    def run(self, name: str, cmd: str, use_ssh: bool, timeout: float) -> list[dict]:
+    def run(self, name: str, cmd: str, use_ssh: bool, timeout: float,
+            only: list[str] | None = None) -> list[dict]:
         if not cmd.strip():
             raise BadRequest("cmd is empty")
         if not 1 <= timeout <= 24 * 3600:
             raise BadRequest("timeout must be 1..86400 seconds")
-        vms = self._running_vms(name)
+        vms = self._running_vms(name, only)
 
         def one(vm: VMRow) -> dict:
             base = {"vm": _hostname(vm.env, vm.idx), "id": vm.id, "image": vm.image}
@@ -424,9 +443,10 @@ class EnvManager:
 
         return self._fan_out(vms, one)
 
-    def push(self, name: str, path: str, data: bytes, mode: int | None) -> list[dict]:
+    def push(self, name: str, path: str, data: bytes, mode: int | None,
+             only: list[str] | None = None) -> list[dict]:
         self._check_guest_path(path)
-        vms = self._running_vms(name)
+        vms = self._running_vms(name, only)
 
         def one(vm: VMRow) -> dict:
             base = {"vm": _hostname(vm.env, vm.idx), "id": vm.id}
@@ -443,14 +463,11 @@ class EnvManager:
 
     def pull(self, name: str, vm_ref: str, path: str) -> bytes:
         self._check_guest_path(path)
-        for vm in self._running_vms(name):
-            if vm_ref in (vm.id, _hostname(vm.env, vm.idx), str(vm.idx)):
-                try:
-                    return agent.read_file(self.engine.lookup(vm.domain), path)
-                except agent.AgentError as exc:
-                    raise TTError(f"cannot read {path} from {vm_ref}: {exc}",
-                                  status=404) from exc
-        raise NotFound(f"ENV {name!r} has no running VM {vm_ref!r}")
+        vm = self._running_vms(name, [vm_ref])[0]
+        try:
+            return agent.read_file(self.engine.lookup(vm.domain), path)
+        except agent.AgentError as exc:
+            raise TTError(f"cannot read {path} from {vm_ref}: {exc}", status=404) from exc
 
     @staticmethod
     def _check_guest_path(path: str) -> None:
