@@ -1,12 +1,163 @@
-"""pytest entry point (registered as `pytest_ttstack` in the pytest11 group)."""
+"""pytest entry point (`pytest11: pytest_ttstack`): options, hooks and fixtures only; the
+work happens in session.py (the ENV), matrix.py (parametrization) and vm.py (the handle).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+
 import pytest
+
+from . import matrix
+from .session import EnvOwner, SessionEnv, Settings, TTSetupError, default_server
+from .vm import VM
+
+ENV_KEY = pytest.StashKey[SessionEnv | None]()
+OWNER_KEY = pytest.StashKey[EnvOwner | None]()
+FAILED_KEY = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ttstack", "ttstack: run tests on real VMs")
-    group.addoption("--tt-os", default=None,
-                    help="comma list of OS prefixes (same matching as the server)")
-    group.addoption("--tt-server", default=None, help="HOST:PORT (default: from 'tt config')")
+
+    def both(name: str, help: str, **kw: object) -> None:
+        group.addoption("--" + name.replace("_", "-"), dest=name, default=None, help=help, **kw)
+        parser.addini(name, help=help, default=None)
+
+    both("tt_os", "comma list of OS prefixes, e.g. debian-12,debian-12-arm64 "
+                  "(same matching as the server)")
+    both("tt_server", "ttserver or ttproxy as HOST:PORT (default: from 'tt config')")
+    both("tt_life_time", "seconds the session ENV may live (default 3600)")
+    both("tt_mem", "MiB of memory per VM (default 512)")
+    both("tt_cpu", "vCPUs per VM (default 1)")
+    group.addoption("--tt-keep", action="store_true", default=False,
+                    help="keep the ENV when a test failed, and print how to reach it")
+
+
+def _opt(config: pytest.Config, name: str) -> str | None:
+    value = config.getoption(name)
+    return value if value is not None else config.getini(name)
+
+
+def _workers(config: pytest.Config) -> int:
+    n = getattr(config.option, "numprocesses", None)
+    if isinstance(n, int):
+        return max(1, n)
+    if n in ("auto", "logical"):
+        return os.cpu_count() or 1
+    return 1
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _worker_index(config: pytest.Config) -> int:
+    wid = getattr(config, "workerinput", {}).get("workerid", "gw0")
+    return int(wid[2:]) if wid.startswith("gw") and wid[2:].isdigit() else 0
+
+
+def _say(config: pytest.Config, text: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "tt_os(*prefixes): run this test only on the requested "
+                                       "OS images matching these prefixes")
+    config.stash[ENV_KEY] = None
+    config.stash[OWNER_KEY] = None
+    config.stash[FAILED_KEY] = False
+    if _is_worker(config) and config.workerinput.get("tt_env"):
+        config.stash[ENV_KEY] = SessionEnv.from_dict(config.workerinput["tt_env"])
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "ttstack-xdist")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Create the ENV before xdist starts its workers, so they can be handed its name."""
+    config = session.config
+    prefixes = _opt(config, "tt_os")
+    if _is_worker(config) or not prefixes or config.option.collectonly:
+        return
+    settings = Settings(os_prefixes=[prefixes], server=_opt(config, "tt_server") or
+                        default_server(), keep=config.getoption("tt_keep"),
+                        life_time=int(_opt(config, "tt_life_time") or 3600),
+                        cpu=int(_opt(config, "tt_cpu") or 1),
+                        mem=int(_opt(config, "tt_mem") or 512), workers=_workers(config))
+    owner = EnvOwner(settings, lambda text: _say(config, text))
+    config.stash[OWNER_KEY] = owner
+    try:
+        config.stash[ENV_KEY] = owner.create()
+    except TTSetupError as exc:
+        owner.delete()
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    owner = session.config.stash.get(OWNER_KEY, None)
+    if owner is not None:
+        keep = owner.settings.keep and (session.testsfailed > 0
+                                        or session.config.stash.get(FAILED_KEY, False))
+        owner.delete(keep=keep)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tt_vm" in metafunc.fixturenames:
+        env = metafunc.config.stash.get(ENV_KEY, None)
+        matrix.parametrize(metafunc, env.images if env else None)
+
+
+class _XdistHooks:
+    """Registered only when pytest-xdist is installed (its hooks are unknown otherwise)."""
+
+    def pytest_configure_node(self, node: object) -> None:
+        env = node.config.stash.get(ENV_KEY, None)  # type: ignore[attr-defined]
+        node.workerinput["tt_env"] = env.to_dict() if env else None  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def tt_env(request: pytest.FixtureRequest) -> SessionEnv:
+    """The session's ENV (name, server, images, VMs); skips when no --tt-os was given."""
+    env = request.config.stash.get(ENV_KEY, None)
+    if env is None:
+        pytest.skip("ttstack: no --tt-os given")
+    if env.error:
+        pytest.fail(f"ttstack: the session ENV {env.name} failed:\n{env.error}", pytrace=False)
+    return env
+
+
+@pytest.fixture
+def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv) -> Iterator[VM]:
+    """A VM of the current matrix OS, used by this worker only."""
+    image = getattr(request, "param", None)
+    if image is None:
+        pytest.skip("ttstack: no --tt-os given")
+    yield tt_env.vm_for(image, _worker_index(request.config))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    report = yield
+    if report.failed:
+        item.config.stash[FAILED_KEY] = True
+        vm = getattr(item, "funcargs", {}).get("tt_vm")
+        if isinstance(vm, VM):
+            try:
+                tail = vm.console_tail(30)
+            except Exception as exc:  # the report matters more than the tail
+                tail = f"(console tail unavailable: {exc})"
+            title = f"ttstack console tail of {vm.name} ({vm.image})"
+            report.sections.append((title, tail))
+            if hasattr(report.longrepr, "addsection"):
+                report.longrepr.addsection(title, tail)
+    return report
+
+
+__all__ = ["TTSetupError", "VM"]

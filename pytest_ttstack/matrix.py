@@ -1,0 +1,50 @@
+"""Parametrize tests that use `tt_vm` over the requested OS images.
+
+Ids name the image without its engine (`test_x[debian-12:x86_64]`) so reports and JUnit
+show where a test ran. `@pytest.mark.tt_os("deb")` narrows one test to the requested images
+matching those prefixes, and skips it with a reason when none match.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ttclient.imagenames import ImageNameError, parse_image_name, parse_os_prefix
+
+
+def image_id(image: str) -> str:
+    name = parse_image_name(image)
+    return f"{name.os}:{name.arch}"
+
+
+def _marker_prefixes(metafunc: pytest.Metafunc) -> list[str] | None:
+    marks = list(metafunc.definition.iter_markers("tt_os"))
+    if not marks:
+        return None
+    return [p for m in marks for arg in m.args for p in str(arg).split(",") if p.strip()]
+
+
+def select(images: list[str], prefixes: list[str] | None) -> list[str]:
+    if prefixes is None:
+        return list(images)
+    try:
+        parsed = [parse_os_prefix(p) for p in prefixes]
+    except ImageNameError as exc:
+        raise pytest.UsageError(f"@pytest.mark.tt_os: {exc}") from None
+    return [img for img in images if any(p.matches(parse_image_name(img)) for p in parsed)]
+
+
+def parametrize(metafunc: pytest.Metafunc, images: list[str] | None) -> None:
+    if images is None:
+        params = [pytest.param(None, id="no-tt-os",
+                               marks=pytest.mark.skip(reason="ttstack: no --tt-os given"))]
+    else:
+        wanted = _marker_prefixes(metafunc)
+        chosen = select(images, wanted)
+        if chosen:
+            params = [pytest.param(img, id=image_id(img)) for img in chosen]
+        else:
+            reason = (f"ttstack: tt_os({', '.join(wanted or [])}) matches none of the "
+                      f"requested OS images ({', '.join(map(image_id, images))})")
+            params = [pytest.param(None, id="not-requested", marks=pytest.mark.skip(reason=reason))]
+    metafunc.parametrize("tt_vm", params, indirect=True)

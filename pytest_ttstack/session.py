@@ -1,0 +1,164 @@
+"""The session's ENV: created once (by the xdist controller, or the only process), shared
+with workers, deleted at the end — also after Ctrl-C or an internal error.
+
+Design for xdist (documented in docs/plugin.md): the ENV holds one VM per image *per
+worker*, and worker `gwN` uses VM `N` of each image. No two workers ever share a VM, no
+locks are needed, and every test still runs on every requested OS.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import secrets
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ttclient import config as cfgmod
+from ttclient.api import ApiError, Client
+from ttclient.imagenames import ImageNameError, match_images, parse_image_name, split_prefixes
+
+from .vm import VM
+
+
+class TTSetupError(Exception):
+    """The ENV could not be made; the message says why and what to change."""
+
+
+@dataclass
+class Settings:
+    os_prefixes: list[str]
+    server: str
+    keep: bool = False
+    life_time: int = 3600
+    cpu: int = 1
+    mem: int = 512
+    boot_timeout: float = 900.0
+    workers: int = 1
+
+
+@dataclass
+class SessionEnv:
+    """What every process knows about the session's ENV (sent to xdist workers as a dict)."""
+
+    server: str
+    name: str
+    images: list[str]
+    workers: int
+    vms: list[dict] = field(default_factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return {"server": self.server, "name": self.name, "images": self.images,
+                "workers": self.workers, "vms": self.vms, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SessionEnv:
+        return cls(**data)
+
+    def client(self) -> Client:
+        return Client(f"http://{self.server}")
+
+    def vm_for(self, image: str, worker: int) -> VM:
+        mine = [v for v in self.vms if v["image"] == image]
+        if not mine:
+            raise TTSetupError(f"the session ENV has no VM of {image}")
+        return VM(self.client(), self.name, mine[worker % len(mine)])
+
+
+def default_server() -> str:
+    cfg = cfgmod.load()
+    return f"{cfg.serv_addr}:{cfg.serv_port}"
+
+
+def user_ssh_keys() -> list[str]:
+    """The user's own public keys, so a kept ENV (--tt-keep) can be reached with plain ssh."""
+    keys = []
+    for name in ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"):
+        path = Path.home() / ".ssh" / name
+        if path.is_file():
+            keys.append(path.read_text().strip())
+    return keys
+
+
+def env_name() -> str:
+    host = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower())[:12]
+    return f"pytest-{host}-{os.getpid()}-{secrets.token_hex(2)}"[:40]
+
+
+def resolve_images(client: Client, prefixes: list[str]) -> list[str]:
+    try:
+        available = [parse_image_name(i["name"]) for i in client.images()]
+        return [i.full for i in match_images(split_prefixes(prefixes), available)]
+    except ImageNameError as exc:
+        raise TTSetupError(f"--tt-os: {exc}") from exc
+    except ApiError as exc:
+        raise TTSetupError(f"--tt-server {client.base_url}: {exc}") from exc
+
+
+class EnvOwner:
+    """Creates and deletes the ENV; lives only in the controlling process."""
+
+    def __init__(self, settings: Settings, say: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.say = say
+        self.client = Client(f"http://{settings.server}")
+        self.name: str | None = None
+        self.deleted = False
+
+    def create(self) -> SessionEnv:
+        s = self.settings
+        images = resolve_images(self.client, s.os_prefixes)
+        name = env_name()
+        try:
+            self.client.create_env(name, images, vm_number=s.workers, cpu_num=s.cpu,
+                                   mem_size=s.mem, life_time=s.life_time,
+                                   ssh_keys=user_ssh_keys())
+        except ApiError as exc:
+            raise TTSetupError(f"cannot create the test ENV on {s.server}: {exc}") from exc
+        self.name = name
+        atexit.register(self.delete)  # last resort if the session dies without finishing
+        self.say(f"ttstack: ENV {name} on {s.server}: {len(images)} OS x {s.workers} "
+                 f"worker VM(s), booting in parallel")
+        seen: dict[str, str] = {}
+
+        def progress(view: dict) -> None:
+            for vm in view["vms"]:
+                if seen.get(vm["id"]) != vm["state"]:
+                    seen[vm["id"]] = vm["state"]
+                    took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
+                    self.say(f"ttstack:   {vm['name']:<28} {vm['image']:<24} "
+                             f"{vm['state']}{took}")
+
+        try:
+            view = self.client.wait_env(name, timeout=s.boot_timeout, on_change=progress)
+        except ApiError as exc:
+            raise TTSetupError(f"ENV {name}: {exc}") from exc
+        env = SessionEnv(server=s.server, name=name, images=images, workers=s.workers,
+                         vms=view["vms"])
+        if view["state"] != "running":
+            env.error = view.get("error") or f"ENV ended in state {view['state']}"
+        return env
+
+    def delete(self, keep: bool = False) -> None:
+        if not self.name or self.deleted:
+            return
+        if keep:
+            self.deleted = True
+            self.say(f"ttstack: kept ENV {self.name} for debugging (--tt-keep): "
+                     f"'tt --server {self.settings.server} env show {self.name}'; "
+                     f"delete it with 'tt --server {self.settings.server} env del {self.name}'")
+            return
+        try:
+            self.client.delete_env(self.name)
+            self.deleted = True
+            self.say(f"ttstack: deleted ENV {self.name}")
+        except ApiError as exc:
+            if exc.status == 404:
+                self.deleted = True
+                return
+            print(f"ttstack: could not delete ENV {self.name}: {exc}", file=sys.stderr)

@@ -1,0 +1,82 @@
+"""The `tt_vm` object tests receive: one VM of the session's ENV, of the current matrix OS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttclient.api import Client
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> RunResult:
+        """Raise CommandFailed unless the command exited 0 (like subprocess's check=True)."""
+        if not self.ok:
+            raise CommandFailed(self)
+        return self
+
+
+class CommandFailed(AssertionError):
+    def __init__(self, result: RunResult) -> None:
+        what = "timed out" if result.timed_out else f"exited {result.exit_code}"
+        super().__init__(f"command {what}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        self.result = result
+
+
+class VM:
+    """A handle on one VM; every call goes through the ttserver (or ttproxy) API."""
+
+    def __init__(self, client: Client, env_name: str, view: dict) -> None:
+        self._client = client
+        self.env_name = env_name
+        self.id: str = view["id"]
+        self.name: str = view["name"]
+        self.image: str = view["image"]
+        self.os: str = view["os"]
+        self.arch: str = view["arch"]
+        self.ssh_host: str = view["ssh_host"]
+        self.ssh_port: int = view["ssh_port"]
+        self.ports: dict[int, int] = {int(k): v for k, v in view.get("ports", {}).items()}
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} {self.image} ssh={self.ssh_host}:{self.ssh_port}>"
+
+    def run(self, cmd: str, timeout: float = 600, check: bool = False,
+            use_ssh: bool = False) -> RunResult:
+        """Run a shell command line in the VM (the guest's /bin/sh interprets it)."""
+        reply = self._client.run(self.env_name, cmd, use_ssh=use_ssh, timeout=timeout,
+                                 vms=[self.id])
+        r = reply["results"][0]
+        if r.get("error"):
+            raise RuntimeError(f"{self.name}: {r['error']}")
+        result = RunResult(r["exit_code"], r["stdout"], r["stderr"], r["timed_out"])
+        return result.check() if check else result
+
+    def put(self, local: str | Path, remote: str, mode: int | None = None) -> None:
+        """Copy a local file to `remote` (an absolute path) in this VM."""
+        data = Path(local).read_bytes()
+        reply = self._client.push(self.env_name, remote, data, mode=mode, vms=[self.id])
+        errors = [r["error"] for r in reply["results"] if r["error"]]
+        if errors:
+            raise RuntimeError(f"{self.name}: put {remote}: {errors[0]}")
+
+    def get(self, remote: str, local: str | Path) -> Path:
+        """Copy `remote` from this VM to `local` (a file path, or a directory to put it in)."""
+        dest = Path(local)
+        if dest.is_dir():
+            dest = dest / Path(remote).name
+        dest.write_bytes(self._client.pull(self.env_name, self.id, remote))
+        return dest
+
+    def console_tail(self, lines: int = 50) -> str:
+        return self._client.console(self.env_name, self.id, lines)
