@@ -5,7 +5,7 @@
 # the same OS matrix with the pytest_ttstack plugin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TTSTACK_IMAGES=${TTSTACK_IMAGES:-"debian-12 debian-13"}
+
 IMAGE_PATH=${TTSTACK_IMAGE_PATH:-/var/lib/ttstack/images}
 STATE=${TTSTACK_DEMO_STATE:-/var/lib/ttstack/demo-state}
 PORT=${TTSTACK_DEMO_PORT:-20000}

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE_PATH=${TTSTACK_IMAGE_PATH:-/var/lib/ttstack/images}
-IMAGES=${TTSTACK_IMAGES:-debian-12}
+IMAGES=${TTSTACK_IMAGES:-"debian-12 debian-13"}
 PYTHON=${PYTHON:-python3}
 
 say() { echo "[setup] $*"; }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pwd
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from . import agent
 log = logging.getLogger(__name__)
 
 CONSOLE_TAIL_LINES = 25
+# terminal control sequences getty and systemd write; useless (and noisy) in reports
+ANSI_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
 
 
 def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
@@ -46,7 +49,7 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return "(no console log)"
-    text = text.replace("\r", "")
+    text = ANSI_ESCAPES.sub("", text.replace("\r", ""))
     return "\n".join(text.splitlines()[-lines:]) or "(console log is empty)"
 
 

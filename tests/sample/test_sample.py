@@ -1,0 +1,40 @@
+"""A sample user suite; tests/test_plugin.py runs it in a subprocess against a real server.
+
+Expected per run with two images: 5 passed, 2 failed, 1 skipped.
+"""
+
+import json
+import os
+
+import pytest
+
+
+def test_runs_on_every_os(tt_vm):
+    assert tt_vm.run("uname -m").stdout == "x86_64\n"
+    out = os.environ.get("SAMPLE_OUT")
+    if out:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(os.path.join(out, f"{worker}-{tt_vm.image}.json"), "w") as f:
+            json.dump({"worker": worker, "vm": tt_vm.name, "image": tt_vm.image}, f)
+
+
+def test_fails_on_purpose(tt_vm):
+    assert tt_vm.run("echo $((6*7))").stdout == "41\n"
+
+
+@pytest.mark.tt_os("debian-13")
+def test_only_trixie(tt_vm):
+    assert tt_vm.os == "debian-13"
+
+
+@pytest.mark.tt_os("centos")
+def test_only_centos(tt_vm):
+    raise AssertionError("must be skipped: no CentOS requested")
+
+
+def test_without_vm():
+    assert 6 * 7 == 42
+
+
+def test_env_fixture(tt_env):
+    assert tt_env.name.startswith("pytest-")
