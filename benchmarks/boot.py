@@ -24,9 +24,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess  # noqa: E402
-
 from ttserver.images import DEFAULT_CMDLINE  # noqa: E402
+
+from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess  # noqa: E402
 
 
 def bare_boot(image_dir: Path, work: Path, timeout: float = 300) -> float:

@@ -38,7 +38,11 @@ for _ in $(seq 1 120); do
 done
 timeout 90 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer" >&2; exit 1; }
 
-if ! "$PYTHON" -c "import ttserver, libvirt, fastapi, pytest_timeout" 2>/dev/null; then
+# Install from *this* checkout unless it is already the one installed (CI clones elsewhere).
+here=$(pwd)
+installed=$("$PYTHON" -c "import ttserver, libvirt, fastapi, pytest_timeout, os;
+print(os.path.dirname(os.path.dirname(os.path.abspath(ttserver.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$here" ]; then
   say "pip install -e .[server,test]"
   "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[server,test]"
 fi

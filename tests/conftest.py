@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess
 
 BASE_IMAGE = "qemu:debian-12:x86_64"

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import requests
+
 from helpers import ServerProcess
 
 
@@ -33,7 +34,7 @@ def assert_untouched(server: ServerProcess) -> None:
 
 
 def create(server: ServerProcess, **body) -> requests.Response:
-    return requests.post(server.url + "/envs", json={"name": "bad", "os_prefix": ["deb"],
+    return requests.post(server.url + "/envs", json={"name": "bad", "os_prefix": ["debian-12"],
                                                      **body}, timeout=30)
 
 
@@ -55,7 +56,7 @@ def test_oversize_request_is_refused_with_numbers(server, cfg):
     assert "cpu: need 6, free 4 of 4" in resp.json()["detail"]
     resp = create(server, mem_size="64G")
     assert resp.status_code == 409 and "mem_mib" in resp.json()["detail"]
-    res = tt(server, "env", "add", "bad", "--os-prefix=deb", "--disk-size", "1T",
+    res = tt(server, "env", "add", "bad", "--os-prefix=debian-12", "--disk-size", "1T",
              tmp_config=cfg)
     assert res.returncode == 1 and "disk_mib: need" in res.stderr
     assert_untouched(server)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from helpers import IMAGE_PATH, ServerProcess, leftovers, wait_env
 
 pytestmark = pytest.mark.vm

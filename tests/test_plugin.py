@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess
 
 pytestmark = pytest.mark.vm
