@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess
+from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess, leftovers
 
 pytestmark = pytest.mark.vm
 SAMPLE = Path(__file__).parent / "sample"
@@ -102,3 +103,24 @@ def test_bad_os_prefix_is_a_usage_error(plugin_server, tmp_path):
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "'fedora' matches no image" in proc.stderr
     assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
+
+
+def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path):
+    env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(SAMPLE),
+         "-c", os.devnull, f"--tt-server={plugin_server.address}", "--tt-os=debian-12",
+         str(SAMPLE)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "booting" in line:
+            break
+    assert requests.get(plugin_server.url + "/envs", timeout=10).json() != []
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "deleted ENV pytest-" in "".join(lines) + out
+    assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
+    found = leftovers(plugin_server.server_id(), plugin_server.cfgdb, [])
+    assert found == {"domains": [], "processes": [], "dirs": [], "ports": []}
