@@ -34,7 +34,8 @@ def select(images: list[str], prefixes: list[str] | None) -> list[str]:
     return [img for img in images if any(p.matches(parse_image_name(img)) for p in parsed)]
 
 
-def parametrize(metafunc: pytest.Metafunc, images: list[str] | None) -> None:
+def parametrize(metafunc: pytest.Metafunc, images: list[str] | None,
+                fixture: str = "tt_vm") -> None:
     if images is None:
         params = [pytest.param(None, id="no-tt-os",
                                marks=pytest.mark.skip(reason="ttstack: no --tt-os given"))]
@@ -47,4 +48,4 @@ def parametrize(metafunc: pytest.Metafunc, images: list[str] | None) -> None:
             reason = (f"ttstack: tt_os({', '.join(wanted or [])}) matches none of the "
                       f"requested OS images ({', '.join(map(image_id, images))})")
             params = [pytest.param(None, id="not-requested", marks=pytest.mark.skip(reason=reason))]
-    metafunc.parametrize("tt_vm", params, indirect=True)
+    metafunc.parametrize(fixture, params, indirect=True)

@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import matrix
+from . import matrix, native
 from .session import EnvOwner, SessionEnv, Settings, TTSetupError, default_server
 from .vm import VM
 
 ENV_KEY = pytest.StashKey[SessionEnv | None]()
 OWNER_KEY = pytest.StashKey[EnvOwner | None]()
 FAILED_KEY = pytest.StashKey[bool]()
+NATIVE_FIXTURE = "tt_native_image"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,6 +35,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     both("tt_cpu", "vCPUs per VM (default 1)")
     group.addoption("--tt-keep", action="store_true", default=False,
                     help="keep the ENV when a test failed, and print how to reach it")
+    group.addoption("--tt-native", action="store_true", default=False,
+                    help="run every test function inside each requested OS's VM")
+    group.addoption("--tt-native-timeout", type=float, default=300.0,
+                    help="seconds one native test may take in its VM (default 300)")
 
 
 def _opt(config: pytest.Config, name: str) -> str | None:
@@ -94,8 +99,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     owner = EnvOwner(settings, lambda text: _say(config, text))
     config.stash[OWNER_KEY] = owner
     try:
-        config.stash[ENV_KEY] = owner.create()
+        env = owner.create()
+        config.stash[ENV_KEY] = env
+        if config.getoption("tt_native") and not env.error:
+            _say(config, "ttstack: native mode: copying the project and pytest into the VMs")
+            native.ship(env, config.rootpath)
     except TTSetupError as exc:
+        owner.delete()
+        raise pytest.UsageError(str(exc)) from None
+    except RuntimeError as exc:
         owner.delete()
         raise pytest.UsageError(str(exc)) from None
 
@@ -109,9 +121,28 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    env = metafunc.config.stash.get(ENV_KEY, None)
+    if metafunc.config.getoption("tt_native"):
+        if env is not None and NATIVE_FIXTURE in metafunc.fixturenames:
+            matrix.parametrize(metafunc, env.images, NATIVE_FIXTURE)
+        return
     if "tt_vm" in metafunc.fixturenames:
-        env = metafunc.config.stash.get(ENV_KEY, None)
         matrix.parametrize(metafunc, env.images if env else None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Native mode: the item runs in its VM; the reports come back from there."""
+    callspec = getattr(item, "callspec", None)
+    if not item.config.getoption("tt_native") or callspec is None:
+        return None
+    image = callspec.params.get(NATIVE_FIXTURE)
+    env = item.config.stash.get(ENV_KEY, None)
+    if image is None or env is None:
+        return None
+    vm = env.vm_for(image, _worker_index(item.config))
+    return native.run_item(item, vm, matrix.image_id(image), item.config.rootpath,
+                           item.config.getoption("tt_native_timeout"))
 
 
 class _XdistHooks:
@@ -131,6 +162,12 @@ def tt_env(request: pytest.FixtureRequest) -> SessionEnv:
     if env.error:
         pytest.fail(f"ttstack: the session ENV {env.name} failed:\n{env.error}", pytrace=False)
     return env
+
+
+@pytest.fixture(autouse=True)
+def tt_native_image(request: pytest.FixtureRequest) -> str | None:
+    """In native mode, the image a test item runs on (the item never runs on the host)."""
+    return getattr(request, "param", None)
 
 
 @pytest.fixture
