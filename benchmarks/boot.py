@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ttserver.images import DEFAULT_CMDLINE  # noqa: E402
 
-from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess  # noqa: E402
+from helpers import IMAGE_PATH, ServerProcess, new_run_dir  # noqa: E402
 
 
 def bare_boot(image_dir: Path, work: Path, timeout: float = 300) -> float:
@@ -94,21 +93,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     image_dir = IMAGE_PATH / args.image
-    RUNS_PATH.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=RUNS_PATH) as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)
-        srv = ServerProcess(work / "state", port_range="44000-44999").start()
-        rows = []
-        try:
-            for i in range(args.rounds):
-                bare = bare_boot(image_dir, work)
-                served = ttserver_boot(srv, args.image, f"bench{i}")
-                rows.append((bare, served))
-                print(f"round {i + 1}: bare QEMU {bare:6.1f}s   ttserver {served:6.1f}s   "
-                      f"ratio {served / bare:.2f}", flush=True)
-        finally:
-            srv.stop()
+    work = new_run_dir("bench-")
+    srv = ServerProcess(work / "state", port_range="44000-44999").start()
+    rows = []
+    try:
+        for i in range(args.rounds):
+            bare = bare_boot(image_dir, work)
+            served = ttserver_boot(srv, args.image, f"bench{i}")
+            rows.append((bare, served))
+            print(f"round {i + 1}: bare QEMU {bare:6.1f}s   ttserver {served:6.1f}s   "
+                  f"ratio {served / bare:.2f}", flush=True)
+    finally:
+        srv.stop()
+        shutil.rmtree(work, ignore_errors=True)
     ratios = [s / b for b, s in rows]
     summary = {"image": args.image, "rounds": args.rounds,
                "bare_median_s": round(statistics.median(b for b, _ in rows), 2),

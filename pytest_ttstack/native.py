@@ -12,12 +12,15 @@ import contextlib
 import importlib.util
 import io
 import json
+import shlex
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from .session import SessionEnv
+from ttclient.api import ApiError
+
+from .session import SessionEnv, TTSetupError
 from .vm import VM
 
 REMOTE = "/root/ttnative"
@@ -60,17 +63,24 @@ def bundle(rootdir: Path) -> bytes:
 
 
 def ship(env: SessionEnv, rootdir: Path) -> None:
-    client = env.client()
-    data = bundle(rootdir)
+    """Copy the bundle into every VM; TTSetupError says what failed (the run stops)."""
+    try:
+        _ship(env, bundle(rootdir))
+    except ApiError as exc:
+        raise TTSetupError(f"native mode: could not copy the project: {exc}") from exc
+
+
+def _ship(env: SessionEnv, data: bytes) -> None:
+    client = env.client
     reply = client.push(env.name, f"{REMOTE}.tar.gz", data)
     errors = [r["error"] for r in reply["results"] if r["error"]]
     if errors:
-        raise RuntimeError(f"native mode: could not copy the project: {errors[0]}")
+        raise TTSetupError(f"native mode: could not copy the project: {errors[0]}")
     res = client.run(env.name, f"rm -rf {REMOTE} && mkdir -p {REMOTE} && "
                                f"tar -xzf {REMOTE}.tar.gz -C {REMOTE}", timeout=300)
     bad = [r for r in res["results"] if r["exit_code"] != 0]
     if bad:
-        raise RuntimeError(f"native mode: unpacking failed on {bad[0]['vm']}: "
+        raise TTSetupError(f"native mode: unpacking failed on {bad[0]['vm']}: "
                            f"{bad[0]['stderr'] or bad[0]['error']}")
 
 
@@ -89,11 +99,7 @@ def inner_nodeid(item: pytest.Item, our_id: str) -> str:
     return nodeid
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
-
-
-def run_item(item: pytest.Item, vm: VM, our_id: str, rootdir: Path, timeout: float) -> bool:
+def run_item(item: pytest.Item, vm: VM, our_id: str, timeout: float) -> bool:
     """Run one item in its VM and log the reports; returns True (the protocol is done)."""
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
@@ -102,7 +108,7 @@ def run_item(item: pytest.Item, vm: VM, our_id: str, rootdir: Path, timeout: flo
     cmd = (f"cd {REMOTE}/project && rm -f {tag}.jsonl && TTNATIVE_RESULT={tag}.jsonl "
            f"PYTHONPATH={REMOTE}/site PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -q "
            f"-p no:cacheprovider -p ttnative_inner --color=no -c /dev/null --rootdir . "
-           f"{_quote(nodeid)} >{tag}.log 2>&1; cat {tag}.jsonl 2>/dev/null; "
+           f"{shlex.quote(nodeid)} >{tag}.log 2>&1; cat {tag}.jsonl 2>/dev/null; "
            f"echo {LOG_MARK}; tail -n 40 {tag}.log")
     reports: list[dict] = []
     problem = ""

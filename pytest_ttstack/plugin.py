@@ -107,9 +107,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     except TTSetupError as exc:
         owner.delete()
         raise pytest.UsageError(str(exc)) from None
-    except RuntimeError as exc:
-        owner.delete()
-        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -141,7 +138,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if image is None or env is None:
         return None
     vm = env.vm_for(image, _worker_index(item.config))
-    return native.run_item(item, vm, matrix.image_id(image), item.config.rootpath,
+    return native.run_item(item, vm, matrix.image_id(image),
                            item.config.getoption("tt_native_timeout"))
 
 

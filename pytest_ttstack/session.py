@@ -15,11 +15,12 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ttclient import config as cfgmod
-from ttclient.api import ApiError, Client
+from ttclient.api import ApiError, Client, changed_vms
 from ttclient.imagenames import ImageNameError, match_images, parse_image_name, split_prefixes
 
 from .vm import VM
@@ -53,21 +54,22 @@ class SessionEnv:
     error: str = ""
 
     def to_dict(self) -> dict:
-        return {"server": self.server, "name": self.name, "images": self.images,
-                "workers": self.workers, "vms": self.vms, "error": self.error}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> SessionEnv:
         return cls(**data)
 
+    @cached_property
     def client(self) -> Client:
+        """One HTTP session per process for every VM handle (not part of to_dict)."""
         return Client(f"http://{self.server}")
 
     def vm_for(self, image: str, worker: int) -> VM:
         mine = [v for v in self.vms if v["image"] == image]
         if not mine:
             raise TTSetupError(f"the session ENV has no VM of {image}")
-        return VM(self.client(), self.name, mine[worker % len(mine)])
+        return VM(self.client, self.name, mine[worker % len(mine)])
 
 
 def default_server() -> str:
@@ -127,12 +129,9 @@ class EnvOwner:
         seen: dict[str, str] = {}
 
         def progress(view: dict) -> None:
-            for vm in view["vms"]:
-                if seen.get(vm["id"]) != vm["state"]:
-                    seen[vm["id"]] = vm["state"]
-                    took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
-                    self.say(f"ttstack:   {vm['name']:<28} {vm['image']:<24} "
-                             f"{vm['state']}{took}")
+            for vm in changed_vms(view, seen):
+                took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
+                self.say(f"ttstack:   {vm['name']:<28} {vm['image']:<24} {vm['state']}{took}")
 
         try:
             view = self.client.wait_env(name, timeout=s.boot_timeout, on_change=progress)

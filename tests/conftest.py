@@ -7,13 +7,12 @@ as libvirt-qemu and must reach the VM disks.
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess
+from helpers import IMAGE_PATH, ServerProcess, new_run_dir
 
 BASE_IMAGE = "qemu:debian-12:x86_64"
 
@@ -27,10 +26,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
-    RUNS_PATH.mkdir(parents=True, exist_ok=True)
-    RUNS_PATH.chmod(0o755)
-    path = RUNS_PATH / uuid.uuid4().hex[:8]
-    path.mkdir(mode=0o755)
+    path = new_run_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

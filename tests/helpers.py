@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import requests
@@ -122,5 +123,21 @@ def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
     return {"domains": domains, "processes": procs, "dirs": dirs, "ports": listening}
 
 
-def no_leftovers(found: dict[str, list]) -> bool:
-    return not any(found.values())
+NOTHING_LEFT = {"domains": [], "processes": [], "dirs": [], "ports": []}
+
+
+def new_run_dir(prefix: str = "") -> Path:
+    """A state dir QEMU (running as libvirt-qemu) can reach; pytest's tmp dirs are 0700."""
+    RUNS_PATH.mkdir(parents=True, exist_ok=True)
+    RUNS_PATH.chmod(0o755)
+    path = RUNS_PATH / f"{prefix}{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o755)
+    return path
+
+
+def tt(address: str, *args: str, config: str = "/nonexistent/tt.json",
+       timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real `tt` CLI against `address` with its own config file."""
+    env = {**os.environ, "TT_CONFIG": config, "TT_SERVER": address}
+    return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)

@@ -12,13 +12,11 @@ import sys
 import pytest
 import requests
 
-from helpers import ServerProcess
+from helpers import ServerProcess, tt
 
 
-def tt(server: ServerProcess, *args: str, tmp_config: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TT_CONFIG": tmp_config, "TT_SERVER": server.address}
-    return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=60)
+def run_tt(server: ServerProcess, *args: str, tmp_config: str) -> subprocess.CompletedProcess:
+    return tt(server.address, *args, config=tmp_config, timeout=60)
 
 
 @pytest.fixture
@@ -43,7 +41,7 @@ def test_unknown_os_prefix_lists_available_images(server, cfg):
     assert resp.status_code == 404
     assert "'fedora' matches no image" in resp.json()["detail"]
     assert "qemu:debian-12:x86_64" in resp.json()["detail"]
-    res = tt(server, "env", "add", "bad", "--os-prefix=fedora", tmp_config=cfg)
+    res = run_tt(server, "env", "add", "bad", "--os-prefix=fedora", tmp_config=cfg)
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "matches no image" in res.stderr
     assert_untouched(server)
@@ -56,7 +54,7 @@ def test_oversize_request_is_refused_with_numbers(server, cfg):
     assert "cpu: need 6, free 4 of 4" in resp.json()["detail"]
     resp = create(server, mem_size="64G")
     assert resp.status_code == 409 and "mem_mib" in resp.json()["detail"]
-    res = tt(server, "env", "add", "bad", "--os-prefix=debian-12", "--disk-size", "1T",
+    res = run_tt(server, "env", "add", "bad", "--os-prefix=debian-12", "--disk-size", "1T",
              tmp_config=cfg)
     assert res.returncode == 1 and "disk_mib: need" in res.stderr
     assert_untouched(server)
@@ -71,7 +69,7 @@ def test_missing_env_is_404_everywhere(server, cfg):
         assert resp.json()["detail"] == "ENV 'nope' does not exist"
     for args in (["env", "show", "nope"], ["env", "del", "nope"],
                  ["env", "run", "nope", "--cmd", "true"]):
-        res = tt(server, *args, tmp_config=cfg)
+        res = run_tt(server, *args, tmp_config=cfg)
         assert res.returncode == 1
         assert res.stderr == "tt: error: ENV 'nope' does not exist\n"
     assert_untouched(server)
@@ -96,14 +94,14 @@ def test_invalid_create_fields(server, body, fragment):
 
 
 def test_cli_usage_errors_and_unreachable_server(server, cfg, tmp_path):
-    res = tt(server, "env", "add", "x", "--mem-size", "lots", tmp_config=cfg)
+    res = run_tt(server, "env", "add", "x", "--mem-size", "lots", tmp_config=cfg)
     assert res.returncode == 2 and "mem-size" in res.stderr
     env = {**os.environ, "TT_CONFIG": cfg, "TT_SERVER": "127.0.0.1:1"}
     res = subprocess.run([sys.executable, "-m", "ttclient.cli", "env", "list"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 1
     assert "cannot reach ttserver at http://127.0.0.1:1" in res.stderr
-    res = tt(server, "env", "add", "x", tmp_config=cfg)
+    res = run_tt(server, "env", "add", "x", tmp_config=cfg)
     assert res.returncode == 1 and "--os-prefix" in res.stderr
 
 

@@ -7,24 +7,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, ServerProcess, leftovers, wait_env
+from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, leftovers, tt, wait_env
 
 pytestmark = pytest.mark.vm
 BASE = IMAGE_PATH / "qemu:debian-12:x86_64"
-
-
-def tt(server: ServerProcess, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TT_SERVER": server.address, "TT_CONFIG": "/nonexistent/tt.json"}
-    return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
 
 
 def run(server: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
@@ -71,27 +63,27 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         assert len(ids) == 2, "clones must not share a machine-id"
 
         # through the CLI
-        cli = tt(srv, "env", "run", "e2e", "--cmd", "uname -m; grep ^ID= /etc/os-release")
+        cli = tt(srv.address, "env", "run", "e2e", "--cmd", "uname -m; grep ^ID= /etc/os-release")
         assert cli.returncode == 0, cli.stderr
         assert cli.stdout.count("\nx86_64\n") == 2 and cli.stdout.count("ID=debian") == 2
         assert "== e2e-0" in cli.stdout and "== e2e-1" in cli.stdout
-        cli = tt(srv, "env", "run", "e2e", "--cmd", "exit 3")
+        cli = tt(srv.address, "env", "run", "e2e", "--cmd", "exit 3")
         assert cli.returncode == 1 and "command failed on e2e-0, e2e-1" in cli.stderr
-        cli = tt(srv, "env", "run", "e2e", "--json", "--cmd", "echo hi >&2")
+        cli = tt(srv.address, "env", "run", "e2e", "--json", "--cmd", "echo hi >&2")
         assert [r["stderr"] for r in json.loads(cli.stdout)["results"]] == ["hi\n", "hi\n"]
-        cli = tt(srv, "env", "show", "e2e")
+        cli = tt(srv.address, "env", "show", "e2e")
         assert cli.returncode == 0 and "running" in cli.stdout and "8080->" in cli.stdout
-        assert "e2e" in tt(srv, "env", "list").stdout
+        assert "e2e" in tt(srv.address, "env", "list").stdout
 
         # over SSH with the server's key
-        cli = tt(srv, "env", "run", "e2e", "--use-ssh", "--cmd", "id -un")
+        cli = tt(srv.address, "env", "run", "e2e", "--use-ssh", "--cmd", "id -un")
         assert cli.returncode == 0, cli.stdout + cli.stderr
         assert cli.stdout.count("root") == 2
 
         # command timeout: clear result, the guest process is killed, the ENV unchanged
         res = run(srv, "e2e", "sleep 30; touch /tmp/late", timeout=2)
         assert all(r["timed_out"] and r["exit_code"] is None for r in res)
-        cli = tt(srv, "env", "run", "e2e", "--cmd", "sleep 30", "--timeout", "2")
+        cli = tt(srv.address, "env", "run", "e2e", "--cmd", "sleep 30", "--timeout", "2")
         assert cli.returncode == 124 and "timed out after 2s" in cli.stderr
         time.sleep(3)
         assert all(r["stdout"] == "no\n" for r in
@@ -117,11 +109,10 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
         assert [r["stdout"] for r in run(srv, "e2e", "uname -m")] == ["x86_64\n"] * 2
 
-        cli = tt(srv, "env", "del", "e2e")
+        cli = tt(srv.address, "env", "del", "e2e")
         assert cli.returncode == 0, cli.stderr
         assert requests.get(srv.url + "/envs/e2e", timeout=10).status_code == 404
-        assert leftovers(sid, run_dir / "state", ports) == {
-            "domains": [], "processes": [], "dirs": [], "ports": []}
+        assert leftovers(sid, run_dir / "state", ports) == NOTHING_LEFT
         status = requests.get(srv.url + "/status", timeout=10).json()
         assert (status["cpu_used"], status["mem_used_mib"], status["disk_used_mib"]) == (0, 0, 0)
     finally:
@@ -153,15 +144,14 @@ def test_boot_failure_reports_console_tail_and_frees_everything(run_dir: Path):
         env = wait_env(srv.url, "broken", timeout=120)
         assert env["state"] == "failed"
         assert "console tail" in env["error"] and "Kernel panic" in env["error"]
-        cli = tt(srv, "env", "show", "broken")
+        cli = tt(srv.address, "env", "show", "broken")
         assert "Kernel panic" in cli.stdout
         run_resp = requests.post(srv.url + "/envs/broken/run", json={"cmd": "true"}, timeout=10)
         assert run_resp.status_code == 409 and "failed" in run_resp.json()["detail"]
         status = requests.get(srv.url + "/status", timeout=10).json()
         assert status["cpu_used"] == 0 and status["mem_used_mib"] == 0
-        assert leftovers(sid, run_dir / "state", [env["vms"][0]["ssh_port"]]) == {
-            "domains": [], "processes": [], "dirs": [], "ports": []}
-        assert tt(srv, "env", "del", "broken").returncode == 0
+        assert leftovers(sid, run_dir / "state", [env["vms"][0]["ssh_port"]]) == NOTHING_LEFT
+        assert tt(srv.address, "env", "del", "broken").returncode == 0
     finally:
         srv.stop()
 
@@ -178,8 +168,7 @@ def test_env_expiring_while_it_boots_is_removed_without_leaks(run_dir: Path):
         while requests.get(srv.url + "/envs/brief", timeout=10).status_code != 404:
             assert time.monotonic() < deadline, "expired ENV was not reaped"
             time.sleep(0.5)
-        assert leftovers(sid, run_dir / "state", [port]) == {
-            "domains": [], "processes": [], "dirs": [], "ports": []}
+        assert leftovers(sid, run_dir / "state", [port]) == NOTHING_LEFT
     finally:
         srv.stop()
 

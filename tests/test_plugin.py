@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, RUNS_PATH, ServerProcess, leftovers
+from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, leftovers, new_run_dir
 
 pytestmark = pytest.mark.vm
 SAMPLE = Path(__file__).parent / "sample"
@@ -23,15 +22,12 @@ IMAGES = ["qemu:debian-12:x86_64", "qemu:debian-13:x86_64"]
 
 
 @pytest.fixture(scope="module")
-def plugin_server(tmp_path_factory) -> ServerProcess:
+def plugin_server() -> ServerProcess:
     missing = [i for i in IMAGES if not (IMAGE_PATH / i / "disk.qcow2").is_file()]
     if missing:
         pytest.fail(f"images missing: {missing}; TTSTACK_IMAGES='debian-12 debian-13' "
                     "bash scripts/setup-host.sh builds them")
-
-    RUNS_PATH.mkdir(parents=True, exist_ok=True)
-    state = RUNS_PATH / f"plugin-{uuid.uuid4().hex[:6]}"
-    state.mkdir(mode=0o755)
+    state = new_run_dir("plugin-")
     srv = ServerProcess(state / "state", port_range="43000-43999").start()
     yield srv
     srv.stop()
@@ -123,7 +119,7 @@ def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path):
     assert "deleted ENV pytest-" in "".join(lines) + out
     assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
     found = leftovers(plugin_server.server_id(), plugin_server.cfgdb, [])
-    assert found == {"domains": [], "processes": [], "dirs": [], "ports": []}
+    assert found == NOTHING_LEFT
 
 
 def test_native_mode_runs_tests_inside_each_vm(plugin_server, tmp_path):

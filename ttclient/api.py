@@ -30,6 +30,14 @@ def _detail(resp: requests.Response) -> str:
     return str(detail)
 
 
+def changed_vms(view: dict, seen: dict[str, str]) -> list[dict]:
+    """VMs of an ENV view whose state differs from `seen` (updated): progress lines show
+    each VM once per state, whoever polls (the CLI or the pytest plugin)."""
+    changed = [vm for vm in view["vms"] if seen.get(vm["id"]) != vm["state"]]
+    seen.update((vm["id"], vm["state"]) for vm in changed)
+    return changed
+
+
 class Client:
     def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as cfgmod
-from .api import ApiError, Client
+from .api import ApiError, Client, changed_vms
 from .imagenames import split_prefixes
 from .units import parse_mib
 
@@ -150,10 +150,8 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     seen: dict[str, str] = {}
 
     def on_change(view: dict) -> None:
-        for vm in view["vms"]:
-            if seen.get(vm["id"]) != vm["state"]:
-                seen[vm["id"]] = vm["state"]
-                print(_vm_line(vm, view["created_at"]), file=progress, flush=True)
+        for vm in changed_vms(view, seen):
+            print(_vm_line(vm, view["created_at"]), file=progress, flush=True)
 
     try:
         env = client.wait_env(args.name, timeout=args.wait_timeout, on_change=on_change)

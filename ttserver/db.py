@@ -157,6 +157,10 @@ class StateDB:
             env.vms = self.vms_of(env.name)
         return envs
 
+    def count_envs(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM envs").fetchone()[0]
+
     def all_vms(self) -> list[VMRow]:
         with self._lock:
             return [VMRow.from_row(r) for r in self._conn.execute("SELECT * FROM vms")]

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 ARCHES = {
-    "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10",
-               "cpu_tcg": "", "cpu_kvm": "<cpu mode='host-passthrough'/>"},
-    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": "",
-                "cpu_tcg": "", "cpu_kvm": "<cpu mode='host-passthrough'/>"},
+    "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10"},
+    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": ""},
 }
 
 
@@ -47,7 +45,8 @@ def _arg(value: str) -> str:
 def render(spec: DomainSpec) -> str:
     arch = ARCHES[spec.arch]
     dom_type = "kvm" if spec.accel == "kvm" else "qemu"
-    cpu = arch["cpu_kvm"] if spec.accel == "kvm" else arch["cpu_tcg"]
+    # TCG: QEMU's default CPU model per machine (aarch64 gets `-cpu max` below)
+    cpu = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else ""
     cmdline = spec.cmdline.replace("console=ttyS0", f"console={arch['console']}")
     qemu_args = [_arg("-netdev"), _arg(spec.netdev), _arg("-device"),
                  _arg(f"virtio-net-pci,netdev=ttnet0{arch['net_addr']}")]

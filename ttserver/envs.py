@@ -12,6 +12,7 @@ The rules that keep a host clean:
 from __future__ import annotations
 
 import logging
+import platform
 import re
 import secrets
 import threading
@@ -66,6 +67,11 @@ def _hostname(env: str, idx: int) -> str:
     return re.sub(r"[^a-z0-9-]", "-", f"{env.lower()}-{idx}")[:63]
 
 
+def _vm_refs(vm: VMRow) -> set[str]:
+    """Every way a client may name a VM: its id, its hostname or its index in the ENV."""
+    return {vm.id, _hostname(vm.env, vm.idx), str(vm.idx)}
+
+
 class EnvManager:
     def __init__(self, cfg: ServerConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
@@ -101,7 +107,6 @@ class EnvManager:
         """The accelerator for host-arch guests, probed once (see accel.py)."""
         with self._accel_lock:
             if self._accel is None:
-                import platform
                 native = [i for i in images.scan(self.cfg.image_path)
                           if i.name.arch == platform.machine()]
                 kernel = native[0].kernel if native else None
@@ -114,7 +119,6 @@ class EnvManager:
             return self._accel
 
     def _accel_for(self, arch: str) -> str:
-        import platform
         return self.accel().accel if arch == platform.machine() else "tcg"
 
     # --- status ----------------------------------------------------------------------
@@ -128,7 +132,7 @@ class EnvManager:
             "cpu_total": self.cfg.cpu_total, "cpu_used": used["cpu"],
             "mem_total_mib": self.cfg.mem_total_mib, "mem_used_mib": used["mem_mib"],
             "disk_total_mib": self.cfg.disk_total_mib, "disk_used_mib": used["disk_mib"],
-            "env_count": len(self.db.list_envs()),
+            "env_count": self.db.count_envs(),
             "images": [i.to_dict() for i in images.scan(self.cfg.image_path)],
         }
 
@@ -394,11 +398,9 @@ class EnvManager:
                            + (f": {env.error.splitlines()[0]}" if env.error else ""))
         vms = [vm for vm in env.vms if vm.state == RUNNING]
         if only:
-            refs = {vm_ref for vm_ref in only}
-            picked = [vm for vm in vms
-                      if refs & {vm.id, _hostname(vm.env, vm.idx), str(vm.idx)}]
-            known = {r for vm in picked for r in (vm.id, _hostname(vm.env, vm.idx), str(vm.idx))}
-            unknown = sorted(refs - known)
+            refs = set(only)
+            picked = [vm for vm in vms if refs & _vm_refs(vm)]
+            unknown = sorted(refs.difference(*map(_vm_refs, picked)))
             if unknown:
                 raise NotFound(f"ENV {name!r} has no running VM {', '.join(unknown)}")
             vms = picked
@@ -407,7 +409,7 @@ class EnvManager:
     def console(self, name: str, vm_ref: str, lines: int) -> str:
         env = self._env(name)
         for vm in env.vms:
-            if vm_ref in (vm.id, _hostname(vm.env, vm.idx), str(vm.idx)):
+            if vm_ref in _vm_refs(vm):
                 return console_tail(Path(vm.dir) / "console.log", max(1, min(lines, 2000)))
         raise NotFound(f"ENV {name!r} has no VM {vm_ref!r}")
 
