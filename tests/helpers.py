@@ -98,7 +98,7 @@ def wait_env(url: str, name: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         env = requests.get(f"{url}/envs/{name}", timeout=10).json()
-        if env["state"] != "creating":
+        if env["state"] not in ("creating", "starting"):
             return env
         time.sleep(1)
     raise AssertionError(f"ENV {name} still creating after {timeout}s")
@@ -136,8 +136,10 @@ def new_run_dir(prefix: str = "") -> Path:
 
 
 def tt(address: str, *args: str, config: str = "/nonexistent/tt.json",
-       timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the real `tt` CLI against `address` with its own config file."""
+       timeout: float = 120, owner: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `tt` CLI against `address` with its own config file (and owner)."""
     env = {**os.environ, "TT_CONFIG": config, "TT_SERVER": address}
+    if owner:
+        env["TT_OWNER"] = owner
     return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)

@@ -10,7 +10,11 @@ from collections.abc import Callable
 
 import requests
 
+from .config import owner
+
 DEFAULT_TIMEOUT = 30.0
+# ENV states that end by themselves; wait_env polls through them
+TRANSIENT_STATES = ("creating", "starting")
 
 
 class ApiError(RuntimeError):
@@ -68,12 +72,12 @@ class Client:
 
     # --- ENVs ---
     def create_env(self, name: str, os_prefix: list[str], **options: object) -> dict:
-        body = {"name": name, "os_prefix": os_prefix,
+        body = {"name": name, "os_prefix": os_prefix, "owner": owner(),
                 **{k: v for k, v in options.items() if v is not None}}
         return self._call("POST", "/envs", json=body).json()
 
-    def list_envs(self) -> list[dict]:
-        return self._call("GET", "/envs").json()
+    def list_envs(self, owner: str | None = None) -> list[dict]:
+        return self._call("GET", "/envs", params={"owner": owner} if owner else None).json()
 
     def get_env(self, name: str) -> dict:
         return self._call("GET", f"/envs/{name}").json()
@@ -81,10 +85,24 @@ class Client:
     def delete_env(self, name: str) -> dict:
         return self._call("DELETE", f"/envs/{name}", timeout=120).json()
 
+    def stop_env(self, name: str) -> dict:
+        # the server powers VMs off cleanly, forcing them after 30 s
+        return self._call("POST", f"/envs/{name}/stop", timeout=180).json()
+
+    def start_env(self, name: str) -> dict:
+        return self._call("POST", f"/envs/{name}/start").json()
+
+    def update_env(self, name: str, life_time: int | None = None,
+                   add_ports: list[int] | None = None,
+                   remove_ports: list[int] | None = None) -> dict:
+        body = {"life_time": life_time, "add_ports": add_ports or [],
+                "remove_ports": remove_ports or []}
+        return self._call("PATCH", f"/envs/{name}", json=body).json()
+
     def wait_env(self, name: str, timeout: float = 900.0,
                  on_change: Callable[[dict], None] | None = None,
                  interval: float = 1.0) -> dict:
-        """Poll until the ENV leaves `creating`; on_change sees every new view."""
+        """Poll until the ENV leaves `creating`/`starting`; on_change sees every new view."""
         deadline = time.monotonic() + timeout
         last = None
         while True:
@@ -93,10 +111,10 @@ class Client:
             if key != last and on_change:
                 on_change(env)
             last = key
-            if env["state"] != "creating":
+            if env["state"] not in TRANSIENT_STATES:
                 return env
             if time.monotonic() > deadline:
-                raise ApiError(f"ENV {name!r} was still creating after {timeout:.0f}s")
+                raise ApiError(f"ENV {name!r} was still {env['state']} after {timeout:.0f}s")
             time.sleep(interval)
 
     def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600,
@@ -105,19 +123,19 @@ class Client:
         return self._call("POST", f"/envs/{name}/run", json=body, timeout=timeout + 30).json()
 
     def push(self, name: str, remote: str, data: bytes, mode: int | None = None,
-             vms: list[str] | None = None) -> dict:
-        params: dict = {"path": remote}
+             vms: list[str] | None = None, use_ssh: bool = False) -> dict:
+        params: dict = {"path": remote, "use_ssh": use_ssh}
         if mode is not None:
             params["mode"] = f"{mode:o}"
         if vms:
             params["vm"] = vms
         return self._call("PUT", f"/envs/{name}/files", params=params, data=data,
-                          timeout=600).json()
+                          timeout=900).json()
 
     def console(self, name: str, vm: str, lines: int = 50) -> str:
         return self._call("GET", f"/envs/{name}/vms/{vm}/console",
                           params={"lines": lines}).text
 
-    def pull(self, name: str, vm: str, remote: str) -> bytes:
-        return self._call("GET", f"/envs/{name}/vms/{vm}/files", params={"path": remote},
-                          timeout=600).content
+    def pull(self, name: str, vm: str, remote: str, use_ssh: bool = False) -> bytes:
+        return self._call("GET", f"/envs/{name}/vms/{vm}/files",
+                          params={"path": remote, "use_ssh": use_ssh}, timeout=900).content

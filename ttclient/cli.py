@@ -3,7 +3,9 @@
     tt config --serv-addr 127.0.0.1 --serv-port 20000
     tt status [--server]
     tt env add TEST --os-prefix=deb --vm-number 2
-    tt env list | show TEST | run TEST --cmd 'uname -a' | del TEST
+    tt env list | listall | show TEST | run TEST --cmd 'uname -a' | del TEST
+    tt env stop TEST | start TEST | update TEST --life-time 3600 --port 8080
+    tt env push TEST --local F --remote /tmp/F | get TEST --remote /tmp/F --local DIR
 
 Exit codes: 0 ok; 1 an error (one line on stderr says what to fix); 2 bad usage;
 with `env run`, 1 when any VM's command failed and 124 when any timed out.
@@ -15,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
@@ -52,7 +55,7 @@ def _mib_text(mib: int) -> str:
 
 # --- config / status -----------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = cfgmod.load()
+    cfg = cfgmod.load(apply_env=bool(not args.serv_addr and not args.serv_port))
     changed = False
     if args.serv_addr:
         cfg.serv_addr, changed = args.serv_addr, True
@@ -102,10 +105,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # --- env -----------------------------------------------------------------------------
-def _vm_line(vm: dict, created_at: float | None = None) -> str:
+def _vm_line(vm: dict, since: float | None = None) -> str:
     took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
-    if vm["state"] in ("pending", "booting") and created_at:
-        took = f" ({time.time() - created_at:.0f}s)"
+    if vm["state"] in ("pending", "booting") and since:
+        took = f" ({time.time() - since:.0f}s)"
     ports = "".join(f" {g}->{h}" for g, h in vm.get("ports", {}).items())
     return (f"  {vm['name']:<16} {vm['image']:<26} {vm['state']:<8}{took}  "
             f"ssh {vm['ssh_host']}:{vm['ssh_port']}{ports}")
@@ -137,21 +140,27 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     env = client.create_env(args.name, prefixes, vm_number=args.vm_number,
                             cpu_num=args.cpu_num, mem_size=args.mem_size,
                             disk_size=args.disk_size, life_time=args.life_time,
-                            ports=args.port or [], ssh_keys=keys)
+                            ports=args.port or [], ssh_keys=keys,
+                            deny_outgoing=args.deny_outgoing or None)
     if args.no_wait:
         if args.json:
             _print_json(env)
         else:
             print(f"ENV {args.name} is being created; follow it with 'tt env show {args.name}'")
         return 0
-    progress = sys.stderr
     print(f"creating ENV {args.name} ({len(env['vms'])} VM(s)); VMs boot in parallel",
-          file=progress)
+          file=sys.stderr)
+    return _follow_boot(args, client, env["created_at"])
+
+
+def _follow_boot(args: argparse.Namespace, client: Client, since: float) -> int:
+    """Show per-VM progress until the ENV is up (or failed); Ctrl-C leaves it booting."""
+    progress = sys.stderr
     seen: dict[str, str] = {}
 
     def on_change(view: dict) -> None:
         for vm in changed_vms(view, seen):
-            print(_vm_line(vm, view["created_at"]), file=progress, flush=True)
+            print(_vm_line(vm, since), file=progress, flush=True)
 
     try:
         env = client.wait_env(args.name, timeout=args.wait_timeout, on_change=on_change)
@@ -170,7 +179,8 @@ def cmd_env_add(args: argparse.Namespace) -> int:
 
 
 def cmd_env_list(args: argparse.Namespace) -> int:
-    envs = _client(args).list_envs()
+    everyone = args.env_command == "listall"
+    envs = _client(args).list_envs(None if everyone else cfgmod.owner())
     if args.json:
         _print_json(envs)
         return 0
@@ -178,8 +188,9 @@ def cmd_env_list(args: argparse.Namespace) -> int:
         print("no ENVs")
     for env in envs:
         images = sorted({vm["image"] for vm in env["vms"]})
+        owner = f"  [{env.get('owner') or '?'}]" if everyone else ""
         print(f"{env['name']:<20} {env['state']:<9} {len(env['vms'])} VM(s)  "
-              f"{', '.join(images)}")
+              f"{', '.join(images)}{owner}")
     return 0
 
 
@@ -230,31 +241,77 @@ def cmd_env_del(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env_stop(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for name in args.names:
+        env = client.stop_env(name)
+        print(f"stopped ENV {name}: {len(env['vms'])} VM(s) powered off, disks kept "
+              f"('tt env start {name}' boots them again)")
+    return 0
+
+
+def cmd_env_start(args: argparse.Namespace) -> int:
+    client = _client(args)
+    env = client.start_env(args.name)
+    if args.no_wait:
+        print(f"ENV {args.name} is starting; follow it with 'tt env show {args.name}'")
+        return 0
+    print(f"starting ENV {args.name} ({len(env['vms'])} VM(s)) from its kept disks",
+          file=sys.stderr)
+    return _follow_boot(args, client, time.time())
+
+
+def cmd_env_update(args: argparse.Namespace) -> int:
+    if args.life_time is None and not args.port and not args.no_port:
+        raise CliError("give --life-time SECS, --port PORT or --no-port PORT")
+    env = _client(args).update_env(args.name, args.life_time, args.port, args.no_port)
+    if args.json:
+        _print_json(env)
+    else:
+        _show_env(env)
+    return 0
+
+
 def cmd_env_push(args: argparse.Namespace) -> int:
     try:
         data = Path(args.local).read_bytes()
     except OSError as exc:
         raise CliError(f"--local {args.local}: {exc.strerror}") from exc
-    reply = _client(args).push(args.name, args.remote, data)
+    mode = int(args.mode, 8) if args.mode else None
+    reply = _client(args).push(args.name, args.remote, data, mode=mode, use_ssh=args.use_ssh)
     bad = [r for r in reply["results"] if r["error"]]
     for r in reply["results"]:
-        print(f"{r['vm']}: {'ERROR ' + r['error'] if r['error'] else str(r['bytes']) + ' bytes'}")
+        took = f" in {r['seconds']:.1f}s" if "seconds" in r else ""
+        print(f"{r['vm']}: " + (f"ERROR {r['error']}" if r["error"]
+                                else f"{r['bytes']} bytes -> {args.remote}{took}"))
+    if not reply["results"]:
+        raise CliError(f"ENV {args.name} has no running VMs")
     return 1 if bad else 0
 
 
 def cmd_env_get(args: argparse.Namespace) -> int:
     client = _client(args)
     env = client.get_env(args.name)
+    vms = [vm for vm in env["vms"] if vm["state"] == "running"]
+    if not vms:
+        raise CliError(f"ENV {args.name} has no running VMs (it is {env['state']})")
     out = Path(args.local)
-    for vm in env["vms"]:
-        if vm["state"] != "running":
-            continue
-        data = client.pull(args.name, vm["id"], args.remote)
+
+    def fetch(vm: dict) -> str:
+        try:
+            data = client.pull(args.name, vm["id"], args.remote, use_ssh=args.use_ssh)
+        except ApiError as exc:
+            return f"{vm['name']}: ERROR {exc}"
         dest = out / vm["name"] / Path(args.remote).name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
-        print(f"{vm['name']}: {len(data)} bytes -> {dest}")
-    return 0
+        return f"{vm['name']}: {len(data)} bytes -> {dest}"
+
+    # a few at a time, like the server's own copy limit
+    with ThreadPoolExecutor(max_workers=min(4, len(vms))) as pool:
+        lines = list(pool.map(fetch, vms))
+    print("\n".join(lines))
+    return 1 if any(": ERROR " in line for line in lines) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,14 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--life-time", type=int, default=None, help="seconds (server default: 6 h)")
     a.add_argument("--port", type=int, action="append", help="guest TCP port to forward")
     a.add_argument("--ssh-key", action="append", help="public key file to authorize")
+    a.add_argument("--deny-outgoing", action="store_true",
+                   help="cut the VMs off the outside network (always so unless the server"
+                        " runs with --allow-outgoing)")
     a.add_argument("--no-wait", action="store_true", help="return once the server accepted it")
     a.add_argument("--wait-timeout", type=float, default=900.0)
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_env_add)
 
-    ls = env.add_parser("list", help="list ENVs")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_env_list)
+    for verb, text in (("list", "list your ENVs ($TT_OWNER, else user@host)"),
+                       ("listall", "list every ENV on the server (for operators)")):
+        ls = env.add_parser(verb, help=text)
+        ls.add_argument("--json", action="store_true")
+        ls.set_defaults(func=cmd_env_list)
 
     sh = env.add_parser("show", help="show an ENV and its VMs")
     sh.add_argument("name")
@@ -313,16 +375,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="+", metavar="NAME")
     d.set_defaults(func=cmd_env_del)
 
+    st = env.add_parser("stop", help="power VMs off, keep their disks, free CPU and memory")
+    st.add_argument("names", nargs="+", metavar="NAME")
+    st.set_defaults(func=cmd_env_stop)
+
+    sa = env.add_parser("start", help="boot a stopped ENV from its kept disks")
+    sa.add_argument("name")
+    sa.add_argument("--no-wait", action="store_true", help="return once the server accepted it")
+    sa.add_argument("--wait-timeout", type=float, default=900.0)
+    sa.add_argument("--json", action="store_true")
+    sa.set_defaults(func=cmd_env_start)
+
+    up = env.add_parser("update", help="change an ENV's life time or exposed ports")
+    up.add_argument("name")
+    up.add_argument("--life-time", type=int, help="seconds from now until deletion")
+    up.add_argument("--port", type=int, action="append", help="guest TCP port to expose")
+    up.add_argument("--no-port", type=int, action="append", help="guest port to stop exposing")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_env_update)
+
     pu = env.add_parser("push", help="copy a local file to every VM")
     pu.add_argument("name")
     pu.add_argument("--local", required=True)
     pu.add_argument("--remote", required=True, help="absolute path in the VMs")
+    pu.add_argument("--mode", help="octal file mode, e.g. 0755")
+    pu.add_argument("--use-ssh", action="store_true", help="copy over SSH, not the agent")
     pu.set_defaults(func=cmd_env_push)
 
     g = env.add_parser("get", help="copy a file from every VM into LOCAL/<vm>/")
     g.add_argument("name")
     g.add_argument("--remote", required=True)
     g.add_argument("--local", default=".")
+    g.add_argument("--use-ssh", action="store_true", help="copy over SSH, not the agent")
     g.set_defaults(func=cmd_env_get)
     return p
 

@@ -6,8 +6,10 @@ config dir ($TT_CONFIG overrides its path), then 127.0.0.1:20000.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +43,15 @@ def parse_server(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def load() -> ClientConfig:
+def owner() -> str:
+    """Who this client is, for `tt env list` (own ENVs) vs `listall`: $TT_OWNER, else
+    user@host. Not authentication: it only keeps teams' listings apart."""
+    return os.environ.get("TT_OWNER") or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def load(apply_env: bool = True) -> ClientConfig:
+    """The saved config, overridden by $TT_SERVER unless `apply_env` is False (what
+    `tt config` saves must be the file's values, not a one-off override)."""
     cfg = ClientConfig()
     path = config_path()
     if path.is_file():
@@ -52,7 +62,7 @@ def load() -> ClientConfig:
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"config file {path} is unreadable ({exc}); rewrite it with "
                              "'tt config --serv-addr ADDR --serv-port PORT'") from exc
-    if os.environ.get("TT_SERVER"):
+    if apply_env and os.environ.get("TT_SERVER"):
         cfg.serv_addr, cfg.serv_port = parse_server(os.environ["TT_SERVER"])
     return cfg
 

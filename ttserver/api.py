@@ -22,6 +22,9 @@ from .errors import TTError
 
 log = logging.getLogger(__name__)
 
+# Files pass through the server's memory (and the agent's base64), so uploads are bounded.
+MAX_UPLOAD = 1 << 30
+
 
 class EnvCreate(BaseModel):
     name: str = Field(description="ENV name: 1-40 of [A-Za-z0-9_-]")
@@ -33,6 +36,9 @@ class EnvCreate(BaseModel):
     life_time: int | None = Field(None, ge=1, description="seconds until automatic deletion")
     ports: list[int] = Field(default_factory=list, description="guest TCP ports to forward")
     ssh_keys: list[str] = Field(default_factory=list, description="extra authorized keys")
+    owner: str = Field("", max_length=200,
+                       description="who asked (user@host); `tt env list` shows one owner's")
+    deny_outgoing: bool = Field(False, description="cut the VMs off the outside network")
 
     @field_validator("os_prefix", mode="before")
     @classmethod
@@ -43,6 +49,13 @@ class EnvCreate(BaseModel):
     @classmethod
     def _size(cls, v: int | str | None) -> int | None:
         return None if v is None else parse_mib(v)
+
+
+class EnvUpdate(BaseModel):
+    life_time: int | None = Field(None, ge=1, description="seconds from now until deletion")
+    add_ports: list[int] = Field(default_factory=list, description="guest TCP ports to expose")
+    remove_ports: list[int] = Field(default_factory=list,
+                                    description="guest TCP ports to stop exposing")
 
 
 class RunRequest(BaseModel):
@@ -78,16 +91,31 @@ def create_app(manager: EnvManager) -> FastAPI:
         return manager.status()["images"]
 
     @app.get("/envs")
-    def list_envs() -> list[dict]:
-        return manager.list()
+    def list_envs(owner: Annotated[str | None, Query(
+            description="only this owner's ENVs; all of them without it")] = None,
+                  ) -> list[dict]:
+        return manager.list(owner)
 
     @app.post("/envs", status_code=202)
     def create_env(body: EnvCreate) -> dict:
         req = EnvRequest(name=body.name, os_prefix=body.os_prefix, vm_number=body.vm_number,
                          cpu_num=body.cpu_num, mem_size=int(body.mem_size),
                          disk_size=body.disk_size, life_time=body.life_time,
-                         ports=body.ports, ssh_keys=body.ssh_keys)
+                         ports=body.ports, ssh_keys=body.ssh_keys, owner=body.owner,
+                         deny_outgoing=body.deny_outgoing)
         return manager.create(req)
+
+    @app.patch("/envs/{name}")
+    def update_env(name: str, body: EnvUpdate) -> dict:
+        return manager.update(name, body.life_time, body.add_ports, body.remove_ports)
+
+    @app.post("/envs/{name}/stop")
+    def stop_env(name: str) -> dict:
+        return manager.stop(name)
+
+    @app.post("/envs/{name}/start", status_code=202)
+    def start_env(name: str) -> dict:
+        return manager.start(name)
 
     @app.get("/envs/{name}")
     def show_env(name: str) -> dict:
@@ -108,16 +136,22 @@ def create_app(manager: EnvManager) -> FastAPI:
                    path: Annotated[str, Query(description="absolute path in each VM")],
                    mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
                    vm: Annotated[list[str] | None, Query(description="only these VMs")] = None,
-                   ) -> dict:
+                   use_ssh: bool = False) -> dict:
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_UPLOAD:
+            raise TTError(f"file of {size} bytes is over the {MAX_UPLOAD >> 20} MiB limit;"
+                          " copy big data from inside the VM instead", status=413)
         data = await request.body()
         results = await run_in_threadpool(manager.push, name, path, data,
-                                          int(mode, 8) if mode else None, vm)
+                                          int(mode, 8) if mode else None, vm, use_ssh)
         return {"env": name, "results": results}
 
     @app.get("/envs/{name}/vms/{vm}/files")
     def pull(name: str, vm: str,
-             path: Annotated[str, Query(description="absolute path in the VM")]) -> Response:
-        return Response(manager.pull(name, vm, path), media_type="application/octet-stream")
+             path: Annotated[str, Query(description="absolute path in the VM")],
+             use_ssh: bool = False) -> Response:
+        return Response(manager.pull(name, vm, path, use_ssh),
+                        media_type="application/octet-stream")
 
     @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
     def console(name: str, vm: str, lines: Annotated[int, Query(ge=1, le=2000)] = 50) -> str:

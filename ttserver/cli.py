@@ -63,6 +63,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="seconds a VM may take until its guest agent answers")
     p.add_argument("--life-time", type=int, default=6 * 3600,
                    help="default ENV lifetime in seconds (default 6 h)")
+    p.add_argument("--allow-outgoing", action="store_true",
+                   help="let VMs open connections to the outside (default: cut off; an ENV"
+                        " can still deny it)")
     p.add_argument("--libvirt-uri", default="qemu:///system")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return p
@@ -122,7 +125,10 @@ def serve_main(argv: list[str]) -> int:
                        serv_port=args.serv_port, accel=args.accel,
                        port_first=args.port_range[0], port_last=args.port_range[1],
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
-                       libvirt_uri=args.libvirt_uri)
+                       libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing)
+    if not 1 <= cfg.default_life_time <= cfg.max_life_time:
+        print(f"ttserver: --life-time must be 1..{cfg.max_life_time} seconds", file=sys.stderr)
+        return 2
     try:
         manager = EnvManager(cfg)
         manager.start_background()

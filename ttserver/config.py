@@ -23,6 +23,9 @@ class ServerConfig:
     max_life_time: int = 7 * 24 * 3600
     libvirt_uri: str = "qemu:///system"
     reap_interval: float = 2.0
+    # QEMU user networking with restrict=on cuts every VM off the outside unless the
+    # operator opts in; an ENV may still deny it (`deny_outgoing`).
+    allow_outgoing: bool = False
 
     @property
     def db_file(self) -> Path:

@@ -166,6 +166,8 @@ class StateDB:
             return [VMRow.from_row(r) for r in self._conn.execute("SELECT * FROM vms")]
 
     def set_env(self, name: str, **fields: object) -> None:
+        if "spec" in fields:
+            fields["spec"] = json.dumps(fields["spec"])
         self._update("envs", "name", name, fields)
 
     def set_vm(self, vm_id: str, **fields: object) -> None:
@@ -185,10 +187,12 @@ class StateDB:
             c.execute("DELETE FROM envs WHERE name=?", (name,))
 
     def used(self) -> dict[str, int]:
-        """CPU, memory and disk held by every VM on record (booting ones included)."""
+        """CPU, memory and disk held by every VM on record (booting ones included); a
+        stopped VM holds only its disk."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT COALESCE(SUM(cpu),0) cpu, COALESCE(SUM(mem_mib),0) mem,"
+                "SELECT COALESCE(SUM(CASE WHEN state='stopped' THEN 0 ELSE cpu END),0) cpu,"
+                " COALESCE(SUM(CASE WHEN state='stopped' THEN 0 ELSE mem_mib END),0) mem,"
                 " COALESCE(SUM(disk_mib),0) disk FROM vms").fetchone()
         return {"cpu": row["cpu"], "mem_mib": row["mem"], "disk_mib": row["disk"]}
 

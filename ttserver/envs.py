@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
 from .engine import BootTimeout, Engine, console_tail, qemu_user
 from .errors import BadRequest, Conflict, InsufficientResources, NotFound, TTError
+from .guestio import GuestError, GuestIO
 from .ports import PortPool
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,16 @@ ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 GUEST_PATH = re.compile(r"^/[^\0]{0,4095}$")
 MAX_VMS_PER_ENV = 64
 MAX_PARALLEL_RUNS = 16
+# File copies move whole files through one agent channel or SSH session each; a few at a
+# time keep the host responsive (and the agent channels from starving each other).
+MAX_PARALLEL_COPIES = 4
+SHUTDOWN_TIMEOUT = 30.0
 
 # VM states
-PENDING, BOOTING, RUNNING, FAILED = "pending", "booting", "running", "failed"
+PENDING, BOOTING, RUNNING, FAILED, STOPPED = "pending", "booting", "running", "failed", "stopped"
 # ENV states
 CREATING, READY, ENV_FAILED, DELETING = "creating", "running", "failed", "deleting"
+STOPPING, ENV_STOPPED, STARTING = "stopping", "stopped", "starting"
 
 
 @dataclass
@@ -55,6 +61,7 @@ class EnvRequest:
     ports: list[int] = field(default_factory=list)
     ssh_keys: list[str] = field(default_factory=list)
     owner: str = ""
+    deny_outgoing: bool = False
 
 
 @dataclass
@@ -81,7 +88,10 @@ class EnvManager:
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
         self.uid, self.gid = qemu_user()
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
+        self.io = GuestIO(self.engine, cfg)
         self._admit_lock = threading.Lock()
+        self._env_locks: dict[str, threading.Lock] = {}
+        self._env_locks_lock = threading.Lock()
         self._boots: dict[str, _Boot] = {}
         self._boots_lock = threading.Lock()
         self._accel: accel_mod.AccelChoice | None = None
@@ -118,6 +128,11 @@ class EnvManager:
                 self._accel = choice
             return self._accel
 
+    def _env_lock(self, name: str) -> threading.Lock:
+        """Serialises the transitions of one ENV (stop, start, update, delete)."""
+        with self._env_locks_lock:
+            return self._env_locks.setdefault(name, threading.Lock())
+
     def _accel_for(self, arch: str) -> str:
         return self.accel().accel if arch == platform.machine() else "tcg"
 
@@ -152,13 +167,21 @@ class EnvManager:
         return {"name": env.name, "state": env.state, "owner": env.owner,
                 "created_at": env.created_at, "expires_at": env.expires_at,
                 "error": env.error, "server_id": self.server_id,
+                "ports": env.spec.get("ports", []),
+                "outgoing": "denied" if self._restricted(env) else "allowed",
                 "vms": [self._vm_view(v) for v in env.vms]}
 
     def get(self, name: str) -> dict:
         return self._env_view(self._env(name))
 
-    def list(self) -> list[dict]:
-        return [self._env_view(e) for e in self.db.list_envs()]
+    def list(self, owner: str | None = None) -> list[dict]:
+        """Every ENV (`tt env listall`), or one owner's (`tt env list`)."""
+        return [self._env_view(e) for e in self.db.list_envs()
+                if owner is None or e.owner == owner]
+
+    def _restricted(self, env: EnvRow) -> bool:
+        """Outgoing traffic is cut unless the operator allows it and the ENV does not deny it."""
+        return not self.cfg.allow_outgoing or bool(env.spec.get("deny_outgoing"))
 
     def _env(self, name: str) -> EnvRow:
         env = self.db.get_env(name)
@@ -178,10 +201,7 @@ class EnvManager:
         life = req.life_time if req.life_time is not None else self.cfg.default_life_time
         if not 1 <= life <= self.cfg.max_life_time:
             raise BadRequest(f"life_time must be 1..{self.cfg.max_life_time} seconds")
-        for port in req.ports:
-            if not 1 <= port <= 65535 or port == 22:
-                raise BadRequest(f"port {port}: give a guest TCP port 1-65535 (22 is always"
-                                 " forwarded)")
+        self._check_ports(req.ports)
         for key in req.ssh_keys:
             if "\n" in key.strip() or not key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
                 raise BadRequest("ssh_keys entries must be single OpenSSH public key lines")
@@ -190,6 +210,13 @@ class EnvManager:
         if unsupported:
             raise BadRequest(f"no engine support for {', '.join(unsupported)}")
         return chosen
+
+    @staticmethod
+    def _check_ports(ports: list[int]) -> None:
+        for port in ports:
+            if not 1 <= port <= 65535 or port == 22:
+                raise BadRequest(f"port {port}: give a guest TCP port 1-65535 (22 is always"
+                                 " forwarded)")
 
     def create(self, req: EnvRequest) -> dict:
         """Admit the ENV and start booting it in the background; returns the `creating` view."""
@@ -225,57 +252,79 @@ class EnvManager:
             spec = {"os_prefix": req.os_prefix, "vm_number": req.vm_number,
                     "cpu_num": req.cpu_num, "mem_size": req.mem_size,
                     "disk_size": req.disk_size, "life_time": life, "ports": req.ports,
-                    "ssh_keys": req.ssh_keys}
+                    "ssh_keys": req.ssh_keys, "deny_outgoing": req.deny_outgoing}
             env = EnvRow(name=req.name, owner=req.owner, state=CREATING, created_at=now,
                          expires_at=now + life, spec=spec)
             self.db.insert_env(c, env)
             for vm in vms:
                 self.db.insert_vm(c, vm)
-        cancel = threading.Event()
-        thread = threading.Thread(target=self._boot_env, args=(req.name, chosen, cancel),
-                                  name=f"boot-{req.name}", daemon=True)
-        with self._boots_lock:
-            self._boots[req.name] = _Boot(cancel, thread)
-        thread.start()
+        self._spawn_boot(req.name, chosen, fresh=True)
         return self.get(req.name)
 
-    def _boot_env(self, name: str, chosen: list[images.Image], cancel: threading.Event) -> None:
+    def _spawn_boot(self, name: str, chosen: list[images.Image], fresh: bool) -> None:
+        cancel = threading.Event()
+        thread = threading.Thread(target=self._boot_env, args=(name, chosen, cancel, fresh),
+                                  name=f"boot-{name}", daemon=True)
+        with self._boots_lock:
+            self._boots[name] = _Boot(cancel, thread)
+        thread.start()
+
+    def _boot_env(self, name: str, chosen: list[images.Image], cancel: threading.Event,
+                  fresh: bool) -> None:
+        """Boot every pending VM of the ENV in parallel. `fresh`: new clones (create);
+        otherwise the VMs boot from the disks they kept when stopped (start)."""
         by_name = {i.name.full: i for i in chosen}
         env = self.db.get_env(name)
         if env is None:
             return
+        todo = [vm for vm in env.vms if vm.state == PENDING]
         try:
-            with ThreadPoolExecutor(max_workers=len(env.vms)) as pool:
+            with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
                 results = list(pool.map(
-                    lambda vm: self._boot_vm(vm, by_name[vm.image], env, cancel), env.vms))
+                    lambda vm: self._boot_vm(vm, by_name[vm.image], env, cancel, fresh), todo))
             errors = [r for r in results if r]
             if cancel.is_set():
                 return
-            if errors:  # free everything first, then tell watchers it failed
-                self._teardown_vms(self.db.vms_of(name), keep_rows=True)
-                self.db.set_env(name, state=ENV_FAILED, error=errors[0])
+            if not errors:
+                self.db.set_env(name, state=READY, error="")
             else:
-                self.db.set_env(name, state=READY)
+                self._boot_failed(name, fresh, errors[0])
         except Exception as exc:  # never leave an ENV in `creating` behind a dead thread
             log.exception("boot of ENV %s failed", name)
-            self._teardown_vms(self.db.vms_of(name), keep_rows=True)
-            self.db.set_env(name, state=ENV_FAILED, error=f"internal error: {exc}")
+            self._boot_failed(name, fresh, f"internal error: {exc}")
         finally:
             with self._boots_lock:
                 self._boots.pop(name, None)
 
+    def _boot_failed(self, name: str, fresh: bool, error: str) -> None:
+        """Free everything first, then tell watchers. A failed start keeps the disks: the
+        ENV goes back to `stopped` with the error, and the user's data is not lost."""
+        if fresh:
+            self._teardown_vms(self.db.vms_of(name), keep_rows=True)
+            self.db.set_env(name, state=ENV_FAILED, error=error)
+            return
+        for vm in self.db.vms_of(name):
+            if vm.state != FAILED or Path(vm.dir).is_dir():
+                self.engine.destroy(vm.domain)
+                self.db.set_vm(vm.id, state=STOPPED)
+        self.db.set_env(name, state=ENV_STOPPED, error=f"start failed: {error}")
+
     def _boot_vm(self, vm: VMRow, image: images.Image, env: EnvRow,
-                 cancel: threading.Event) -> str:
+                 cancel: threading.Event, fresh: bool) -> str:
         """Boot one VM; return "" or the error (which includes the console tail)."""
         vm_dir = Path(vm.dir)
         console = vm_dir / "console.log"
         try:
             if cancel.is_set():
                 return "cancelled"
-            storage.make_vm_dir(vm_dir, self.uid, self.gid)
             overlay = vm_dir / "disk.qcow2"
-            grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
-            storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
+            if fresh:
+                storage.make_vm_dir(vm_dir, self.uid, self.gid)
+                grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
+                storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
+            elif not overlay.is_file():
+                raise RuntimeError(f"the VM's disk {overlay} is gone")
+            restrict = "on" if self._restricted(env) else "off"
             hostfwd = [f"hostfwd=tcp:{self.cfg.forward_addr}:{vm.ssh_port}-:22"]
             hostfwd += [f"hostfwd=tcp:{self.cfg.forward_addr}:{h}-:{g}"
                         for g, h in vm.forwards.items()]
@@ -283,7 +332,7 @@ class EnvManager:
                 name=vm.domain, arch=image.name.arch, accel=self._accel_for(image.name.arch),
                 vcpus=vm.cpu, mem_mib=vm.mem_mib, disk=str(overlay), kernel=str(image.kernel),
                 initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
-                netdev="user,id=ttnet0,restrict=on," + ",".join(hostfwd),
+                netdev=f"user,id=ttnet0,restrict={restrict}," + ",".join(hostfwd),
                 uid=self.uid, gid=self.gid, title=f"ttstack {env.name}/{vm.idx}")
             if cancel.is_set():
                 return "cancelled"
@@ -291,8 +340,9 @@ class EnvManager:
             self.engine.start(domainxml.render(spec))
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
                                             cancel.is_set)
-            self._personalize(vm, env)
-            self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2))
+            if fresh:
+                self._personalize(vm, env)
+            self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="")
             return ""
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
             msg = str(exc)
@@ -326,9 +376,123 @@ class EnvManager:
         if boot:
             boot.cancel.set()
             boot.thread.join(timeout=60)
-        self._teardown_vms(self.db.vms_of(env.name), keep_rows=False)
-        self.db.delete_env(name)
+        with self._env_lock(name):  # a stop or update in flight finishes first
+            self._teardown_vms(self.db.vms_of(env.name), keep_rows=False)
+            self.db.delete_env(name)
+        with self._env_locks_lock:
+            self._env_locks.pop(name, None)
         log.info("deleted ENV %s", name)
+
+    # --- stop, start, update -----------------------------------------------------------
+    def stop(self, name: str) -> dict:
+        """Shut every VM down cleanly (forced after SHUTDOWN_TIMEOUT), keep the disks and
+        ports, and give the CPU and memory back."""
+        with self._env_lock(name):
+            env = self._env(name)
+            if env.state != READY:
+                raise Conflict(f"ENV {name!r} is {env.state}; only a running ENV can be stopped")
+            self.db.set_env(name, state=STOPPING)
+            live = [vm for vm in env.vms if vm.state == RUNNING]
+
+            def one(vm: VMRow) -> None:
+                clean = self.io.shutdown(vm, SHUTDOWN_TIMEOUT)
+                if not clean:
+                    log.warning("VM %s did not power off in %.0fs; forced", vm.id,
+                                SHUTDOWN_TIMEOUT)
+                self.db.set_vm(vm.id, state=STOPPED)
+
+            with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+                list(pool.map(one, live))
+            self.db.set_env(name, state=ENV_STOPPED, error="")
+            log.info("stopped ENV %s", name)
+        return self.get(name)
+
+    def start(self, name: str) -> dict:
+        """Boot a stopped ENV from the disks it kept; answers at once (`starting`), like
+        create, and the client polls."""
+        with self._env_lock(name):
+            env = self._env(name)
+            if env.state != ENV_STOPPED:
+                raise Conflict(f"ENV {name!r} is {env.state}; only a stopped ENV can be started")
+            scanned = {i.name.full: i for i in images.scan(self.cfg.image_path)}
+            todo = [vm for vm in env.vms if vm.state == STOPPED]
+            gone = sorted({vm.image for vm in todo} - scanned.keys())
+            if gone:
+                raise Conflict(f"ENV {name!r} cannot start: image(s) {', '.join(gone)} are no"
+                               " longer on this server")
+            need = {"cpu": sum(v.cpu for v in todo), "mem_mib": sum(v.mem_mib for v in todo)}
+            with self._admit_lock, self.db.transaction():
+                used = self.db.used()
+                totals = {"cpu": self.cfg.cpu_total, "mem_mib": self.cfg.mem_total_mib}
+                short = [f"{k}: need {need[k]}, free {totals[k] - used[k]} of {totals[k]}"
+                         for k in need if used[k] + need[k] > totals[k]]
+                if short:
+                    raise InsufficientResources(f"not enough resources to start ENV {name!r}"
+                                                f" ({'; '.join(short)})")
+                for vm in todo:
+                    self.db.set_vm(vm.id, state=PENDING)
+                self.db.set_env(name, state=STARTING, error="")
+            self._spawn_boot(name, [scanned[i] for i in {vm.image for vm in todo}],
+                             fresh=False)
+        return self.get(name)
+
+    def update(self, name: str, life_time: int | None = None,
+               add_ports: list[int] | None = None,
+               remove_ports: list[int] | None = None) -> dict:
+        """New expiry (`life_time` seconds from now) and exposed ports; ports change live
+        on running VMs (QEMU hostfwd) and are kept for stopped ones."""
+        add_ports, remove_ports = add_ports or [], remove_ports or []
+        if life_time is None and not add_ports and not remove_ports:
+            raise BadRequest("nothing to update: give life_time, add_ports or remove_ports")
+        with self._env_lock(name):
+            env = self._env(name)
+            if env.state not in (READY, ENV_STOPPED):
+                raise Conflict(f"ENV {name!r} is {env.state}; update it when it is running"
+                               " or stopped")
+            if life_time is not None and not 1 <= life_time <= self.cfg.max_life_time:
+                raise BadRequest(f"life_time must be 1..{self.cfg.max_life_time} seconds")
+            current = set(env.spec.get("ports", []))
+            self._check_ports(add_ports)
+            dup = sorted(current & set(add_ports))
+            missing = sorted(set(remove_ports) - current)
+            if dup:
+                raise BadRequest(f"port(s) {dup} are already forwarded")
+            if missing:
+                raise BadRequest(f"port(s) {missing} are not forwarded by ENV {name!r}")
+            if add_ports or remove_ports:
+                self._change_ports(env, sorted(set(add_ports)), set(remove_ports))
+            if life_time is not None:
+                self.db.set_env(name, expires_at=time.time() + life_time)
+        return self.get(name)
+
+    def _change_ports(self, env: EnvRow, add: list[int], remove: set[int]) -> None:
+        vms = [vm for vm in env.vms if vm.state in (RUNNING, STOPPED)]
+        with self._admit_lock, self.db.transaction():
+            fresh = self.ports.take(len(vms) * len(add), self.db.used_ports())
+            plans = {vm.id: {g: fresh.pop() for g in add} for vm in vms}
+        done: list[tuple[VMRow, int]] = []
+        try:
+            for vm in vms:
+                if vm.state != RUNNING:
+                    continue
+                for guest, host in plans[vm.id].items():
+                    self.io.add_forward(vm, guest, host)
+                    done.append((vm, host))
+                for guest in remove:
+                    self.io.remove_forward(vm, vm.forwards[guest])
+        except GuestError as exc:  # undo what was added; nothing changes on record
+            for vm, host in done:
+                try:
+                    self.io.remove_forward(vm, host)
+                except GuestError:
+                    log.exception("undo forward %s on %s", host, vm.id)
+            raise Conflict(f"cannot change ports of ENV {env.name!r}: {exc}") from exc
+        for vm in vms:
+            forwards = {g: h for g, h in vm.forwards.items() if g not in remove}
+            self.db.set_vm(vm.id, forwards={**forwards, **plans[vm.id]})
+        spec = {**env.spec, "ports": sorted((set(env.spec.get("ports", [])) - remove)
+                                            | set(add))}
+        self.db.set_env(env.name, spec=spec)
 
     def _teardown_vms(self, vms: list[VMRow], keep_rows: bool) -> None:
         for vm in vms:
@@ -365,12 +529,21 @@ class EnvManager:
 
     def reconcile(self) -> dict:
         """Make libvirt and the disk agree with SQLite after a (possibly unclean) restart."""
-        report = {"destroyed_domains": [], "removed_dirs": [], "cleaned_envs": []}
+        report: dict[str, list[str]] = {"destroyed_domains": [], "removed_dirs": [],
+                                        "cleaned_envs": [], "settled_envs": []}
         for env in self.db.list_envs():
             if env.state in (CREATING, DELETING) or env.expires_at <= time.time():
                 self._teardown_vms(env.vms, keep_rows=False)
                 self.db.delete_env(env.name)
                 report["cleaned_envs"].append(env.name)
+            elif env.state in (STOPPING, STARTING):  # interrupted: settle on `stopped`
+                for vm in env.vms:
+                    self.engine.destroy(vm.domain)
+                    if vm.state != FAILED or Path(vm.dir).is_dir():
+                        self.db.set_vm(vm.id, state=STOPPED)
+                self.db.set_env(env.name, state=ENV_STOPPED,
+                                error=f"{env.state} was interrupted by a server restart")
+                report["settled_envs"].append(env.name)
         live = {vm.domain: vm for vm in self.db.all_vms() if vm.state == RUNNING}
         for name in self.engine.domains_with_prefix(self.domain_prefix):
             if name not in live:
@@ -413,9 +586,14 @@ class EnvManager:
                 return console_tail(Path(vm.dir) / "console.log", max(1, min(lines, 2000)))
         raise NotFound(f"ENV {name!r} has no VM {vm_ref!r}")
 
-    def _fan_out(self, vms: list[VMRow], fn: Callable[[VMRow], dict]) -> list[dict]:
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_RUNS, max(1, len(vms)))) as pool:
+    def _fan_out(self, vms: list[VMRow], fn: Callable[[VMRow], dict],
+                 limit: int = MAX_PARALLEL_RUNS) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=min(limit, max(1, len(vms)))) as pool:
             return list(pool.map(fn, vms))
+
+    @staticmethod
+    def _ref(vm: VMRow) -> dict:
+        return {"vm": _hostname(vm.env, vm.idx), "id": vm.id, "image": vm.image}
 
     def run(self, name: str, cmd: str, use_ssh: bool, timeout: float,
             only: list[str] | None = None) -> list[dict]:
@@ -426,53 +604,42 @@ class EnvManager:
         vms = self._running_vms(name, only)
 
         def one(vm: VMRow) -> dict:
-            base = {"vm": _hostname(vm.env, vm.idx), "id": vm.id, "image": vm.image}
             try:
-                if use_ssh:
-                    res = sshexec.run(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port,
-                                      cmd, timeout)
-                else:
-                    dom = self.engine.lookup(vm.domain)
-                    if dom is None:
-                        raise agent.AgentError("VM is not running")
-                    res = agent.run_shell(dom, cmd, timeout)
-                out = {**base, **res.to_dict(), "error": ""}
-            except (agent.AgentError, OSError) as exc:
-                out = {**base, "exit_code": None, "stdout": "", "stderr": "", "timed_out": False,
-                       "seconds": 0.0, "error": f"{exc}\nconsole tail:\n"
-                       f"{console_tail(Path(vm.dir) / 'console.log')}"}
-            return out
+                res = self.io.run(vm, cmd, timeout, use_ssh)
+                return {**self._ref(vm), **res.to_dict(), "error": ""}
+            except GuestError as exc:
+                return {**self._ref(vm), "exit_code": None, "stdout": "", "stderr": "",
+                        "timed_out": False, "seconds": 0.0, "error": f"{exc}\nconsole tail:\n"
+                        f"{console_tail(Path(vm.dir) / 'console.log')}"}
 
         return self._fan_out(vms, one)
 
     def push(self, name: str, path: str, data: bytes, mode: int | None,
-             only: list[str] | None = None) -> list[dict]:
+             only: list[str] | None = None, use_ssh: bool = False) -> list[dict]:
         self._check_guest_path(path)
         vms = self._running_vms(name, only)
 
         def one(vm: VMRow) -> dict:
-            base = {"vm": _hostname(vm.env, vm.idx), "id": vm.id}
+            started = time.monotonic()
             try:
-                dom = self.engine.lookup(vm.domain)
-                agent.write_file(dom, path, data)
-                if mode is not None:
-                    agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
-                return {**base, "bytes": len(data), "error": ""}
-            except agent.AgentError as exc:
-                return {**base, "bytes": 0, "error": str(exc)}
+                self.io.write(vm, path, data, mode, use_ssh)
+                return {**self._ref(vm), "bytes": len(data), "error": "",
+                        "seconds": round(time.monotonic() - started, 3)}
+            except GuestError as exc:
+                return {**self._ref(vm), "bytes": 0, "error": str(exc),
+                        "seconds": round(time.monotonic() - started, 3)}
 
-        return self._fan_out(vms, one)
+        return self._fan_out(vms, one, MAX_PARALLEL_COPIES)
 
-    def pull(self, name: str, vm_ref: str, path: str) -> bytes:
+    def pull(self, name: str, vm_ref: str, path: str, use_ssh: bool = False) -> bytes:
         self._check_guest_path(path)
         vm = self._running_vms(name, [vm_ref])[0]
         try:
-            return agent.read_file(self.engine.lookup(vm.domain), path)
-        except agent.AgentError as exc:
+            return self.io.read(vm, path, use_ssh)
+        except GuestError as exc:
             raise TTError(f"cannot read {path} from {vm_ref}: {exc}", status=404) from exc
 
     @staticmethod
     def _check_guest_path(path: str) -> None:
         if not GUEST_PATH.match(path):
             raise BadRequest(f"guest path {path!r} must be absolute")
-

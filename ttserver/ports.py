@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 
+from .errors import Conflict
+
 
 def is_free(addr: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -28,6 +30,8 @@ class PortPool:
 
     def take(self, count: int, used: set[int]) -> list[int]:
         """Pick `count` free ports, round-robin so a just-freed port is not reused at once."""
+        if count <= 0:
+            return []
         span = self.last - self.first + 1
         out: list[int] = []
         for _ in range(span):
@@ -38,4 +42,5 @@ class PortPool:
             out.append(port)
             if len(out) == count:
                 return out
-        raise RuntimeError(f"no free host ports left in {self.first}-{self.last}")
+        raise Conflict(f"no {count} free host port(s) left in {self.first}-{self.last}; delete"
+                       " ENVs or widen the server's --port-range")

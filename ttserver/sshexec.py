@@ -1,13 +1,16 @@
-"""Run commands over SSH with the server's own key (`tt env run --use-ssh`).
+"""Run commands and copy files over SSH with the server's own key (`--use-ssh`).
 
 argv goes straight to the ssh binary: the command string is interpreted only by the guest's
-shell, never by a host shell.
+shell, never by a host shell. File copies are `cat` over the SSH channel (no scp/sftp
+needed in the guest), with paths quoted by shlex for the guest's shell.
 """
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .agent import ExecResult
@@ -31,13 +34,42 @@ NOT_YET_UP = ("Connection refused", "Connection reset", "kex_exchange_identifica
 SSHD_GRACE = 60.0
 
 
-def run(key: Path, host: str, port: int, cmd: str, timeout: float) -> ExecResult:
-    """Run cmd over SSH, retrying while sshd in a fresh VM is not listening yet."""
+@dataclass
+class _Raw:
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    seconds: float
+
+
+@dataclass
+class Target:
+    key: Path
+    host: str
+    port: int
+
+
+def _once(t: Target, cmd: str, timeout: float, stdin: bytes | None) -> _Raw:
+    argv = ["ssh", "-i", str(t.key), *SSH_OPTS, "-p", str(t.port), "root@" + t.host, cmd]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=max(timeout, 1.0),
+                              input=stdin if stdin is not None else b"")
+    except subprocess.TimeoutExpired as exc:
+        return _Raw(None, exc.stdout or b"", exc.stderr or b"", True,
+                    time.monotonic() - started)
+    return _Raw(proc.returncode, proc.stdout, proc.stderr, False, time.monotonic() - started)
+
+
+def _with_retry(t: Target, cmd: str, timeout: float, stdin: bytes | None = None) -> _Raw:
+    """Run once, retrying while sshd in a fresh VM is not listening yet."""
     started = time.monotonic()
     while True:
-        res = _run_once(key, host, port, cmd, timeout - (time.monotonic() - started))
+        res = _once(t, cmd, timeout - (time.monotonic() - started), stdin)
         waited = time.monotonic() - started
-        if (res.exit_code == 255 and any(m in res.stderr for m in NOT_YET_UP)
+        if (res.exit_code == 255 and any(m in res.stderr.decode(errors="replace")
+                                         for m in NOT_YET_UP)
                 and waited < min(SSHD_GRACE, timeout - 1)):
             time.sleep(1)
             continue
@@ -45,16 +77,30 @@ def run(key: Path, host: str, port: int, cmd: str, timeout: float) -> ExecResult
         return res
 
 
-def _run_once(key: Path, host: str, port: int, cmd: str, timeout: float) -> ExecResult:
-    argv = ["ssh", "-i", str(key), *SSH_OPTS, "-p", str(port), "root@" + host, cmd]
-    started = time.monotonic()
-    timeout = max(timeout, 1.0)
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        return ExecResult(None, (exc.stdout or b"").decode(errors="replace"),
-                          (exc.stderr or b"").decode(errors="replace"), True,
-                          time.monotonic() - started)
-    return ExecResult(proc.returncode, proc.stdout.decode(errors="replace"),
-                      proc.stderr.decode(errors="replace"), False, time.monotonic() - started)
+def run(t: Target, cmd: str, timeout: float) -> ExecResult:
+    res = _with_retry(t, cmd, timeout)
+    return ExecResult(res.exit_code, res.stdout.decode(errors="replace"),
+                      res.stderr.decode(errors="replace"), res.timed_out, res.seconds)
+
+
+class CopyError(RuntimeError):
+    pass
+
+
+def _check(res: _Raw, what: str) -> None:
+    if res.timed_out:
+        raise CopyError(f"{what}: timed out after {res.seconds:.0f}s")
+    if res.exit_code != 0:
+        err = res.stderr.decode(errors="replace").strip().splitlines()
+        raise CopyError(f"{what}: {err[-1] if err else f'exit {res.exit_code}'}")
+
+
+def write_file(t: Target, path: str, data: bytes, mode: int, timeout: float) -> None:
+    cmd = f"cat > {shlex.quote(path)} && chmod {mode:o} {shlex.quote(path)}"
+    _check(_with_retry(t, cmd, timeout, data), f"write {path}")
+
+
+def read_file(t: Target, path: str, timeout: float) -> bytes:
+    res = _with_retry(t, f"cat -- {shlex.quote(path)}", timeout)
+    _check(res, f"read {path}")
+    return res.stdout

@@ -1,0 +1,117 @@
+"""One VM's way in: commands, files, clean shutdown and live port forwards.
+
+Two transports, chosen per request: the guest agent (default: no network needed, answers
+before sshd) and SSH with the server's key (`use_ssh`: faster for big files, and the same
+path users take). Both raise GuestError with a message fit for users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import libvirt
+import libvirt_qemu
+
+from . import agent, sshexec
+from .config import ServerConfig
+from .db import VMRow
+from .engine import Engine
+
+# Generous per-file limit for copies; agent writes go in WRITE_CHUNK pieces.
+COPY_TIMEOUT = 900.0
+NETDEV_ID = "ttnet0"
+DEFAULT_FILE_MODE = 0o644
+
+
+class GuestError(RuntimeError):
+    pass
+
+
+class GuestIO:
+    def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+
+    def _dom(self, vm: VMRow) -> libvirt.virDomain:
+        dom = self.engine.lookup(vm.domain)
+        if dom is None:
+            raise GuestError("VM is not running")
+        return dom
+
+    def _target(self, vm: VMRow) -> sshexec.Target:
+        return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port)
+
+    def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool) -> agent.ExecResult:
+        try:
+            if use_ssh:
+                return sshexec.run(self._target(vm), cmd, timeout)
+            return agent.run_shell(self._dom(vm), cmd, timeout)
+        except (agent.AgentError, OSError) as exc:
+            raise GuestError(str(exc)) from exc
+
+    def write(self, vm: VMRow, path: str, data: bytes, mode: int | None,
+              use_ssh: bool) -> None:
+        mode = DEFAULT_FILE_MODE if mode is None else mode
+        try:
+            if use_ssh:
+                sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
+                return
+            dom = self._dom(vm)
+            agent.write_file(dom, path, data)
+            # qemu-ga creates files 0666; give them what `cat >` over SSH would
+            res = agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
+            if res.exit_code != 0:
+                raise GuestError(f"chmod {mode:o} {path}: {res.stderr.strip()}")
+        except (agent.AgentError, sshexec.CopyError, OSError) as exc:
+            raise GuestError(str(exc)) from exc
+
+    def read(self, vm: VMRow, path: str, use_ssh: bool) -> bytes:
+        try:
+            if use_ssh:
+                return sshexec.read_file(self._target(vm), path, COPY_TIMEOUT)
+            return agent.read_file(self._dom(vm), path)
+        except (agent.AgentError, sshexec.CopyError, OSError) as exc:
+            raise GuestError(str(exc)) from exc
+
+    def shutdown(self, vm: VMRow, timeout: float) -> bool:
+        """Power the guest off through its agent (so it syncs its disk); force it off after
+        `timeout`. Returns True when the guest went down by itself."""
+        dom = self.engine.lookup(vm.domain)
+        if dom is None:
+            return True
+        # Not the agent's guest-shutdown: it runs `shutdown +0`, which needs D-Bus and
+        # logind, absent from our lean images. systemctl reaches systemd over its private
+        # socket. Agent gone or busy: fall through to the forced stop.
+        with contextlib.suppress(agent.AgentError):
+            agent.command(dom, "guest-exec", {
+                "path": "/bin/sh",
+                "arg": ["-c", "sync; systemctl poweroff --no-block || poweroff -f"]})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.engine.is_running(vm.domain):
+                self.engine.destroy(vm.domain)  # transient: usually already gone
+                return True
+            time.sleep(0.5)
+        self.engine.destroy(vm.domain)
+        return False
+
+    def _monitor(self, vm: VMRow, command: str, ok: tuple[str, ...] = ()) -> None:
+        """An HMP command; success is silence or one of the `ok` phrases."""
+        try:
+            out = libvirt_qemu.qemuMonitorCommand(
+                self._dom(vm), command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        except libvirt.libvirtError as exc:
+            raise GuestError(f"{command}: {exc.get_error_message()}") from exc
+        if out.strip() and not any(phrase in out for phrase in ok):
+            raise GuestError(f"{command}: {out.strip()}")
+
+    def add_forward(self, vm: VMRow, guest_port: int, host_port: int) -> None:
+        """Forward a host port to a running guest (QEMU user networking's hostfwd_add)."""
+        self._monitor(vm, f"hostfwd_add {NETDEV_ID} "
+                          f"tcp:{self.cfg.forward_addr}:{host_port}-:{guest_port}")
+
+    def remove_forward(self, vm: VMRow, host_port: int) -> None:
+        # "not found" is fine: the goal (no such forward) holds, e.g. after a retry
+        self._monitor(vm, f"hostfwd_remove {NETDEV_ID} tcp:{self.cfg.forward_addr}:{host_port}",
+                      ok=("removed", "not found"))
