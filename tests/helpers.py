@@ -143,3 +143,48 @@ def tt(address: str, *args: str, config: str = "/nonexistent/tt.json",
         env["TT_OWNER"] = owner
     return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
+
+
+class ProxyProcess:
+    """A ttproxy subprocess on loopback in front of `servers`."""
+
+    def __init__(self, servers: list[str], log_dir: Path, port: int | None = None) -> None:
+        self.servers = servers
+        self.port = port or free_port()
+        self.log = log_dir / f"proxy-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> ProxyProcess:
+        cmd = [sys.executable, "-m", "ttproxy.cli", "--proxy-addr", self.address,
+               "--server-set", ",".join(self.servers), "--health-interval", "0.5"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ttproxy exited {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"ttproxy did not answer within {timeout}s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)

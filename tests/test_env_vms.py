@@ -73,7 +73,7 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         assert [r["stderr"] for r in json.loads(cli.stdout)["results"]] == ["hi\n", "hi\n"]
         cli = tt(srv.address, "env", "show", "e2e")
         assert cli.returncode == 0 and "running" in cli.stdout and "8080->" in cli.stdout
-        assert "e2e" in tt(srv.address, "env", "list").stdout
+        assert "e2e" in tt(srv.address, "env", "listall").stdout  # made without an owner
 
         # over SSH with the server's key
         cli = tt(srv.address, "env", "run", "e2e", "--use-ssh", "--cmd", "id -un")

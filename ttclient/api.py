@@ -74,6 +74,10 @@ class Client:
     def create_env(self, name: str, os_prefix: list[str], **options: object) -> dict:
         body = {"name": name, "os_prefix": os_prefix, "owner": owner(),
                 **{k: v for k, v in options.items() if v is not None}}
+        return self.post_env(body)
+
+    def post_env(self, body: dict) -> dict:
+        """Create from a complete request body (what ttproxy passes on to a server)."""
         return self._call("POST", "/envs", json=body).json()
 
     def list_envs(self, owner: str | None = None) -> list[dict]:

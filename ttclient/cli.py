@@ -110,8 +110,9 @@ def _vm_line(vm: dict, since: float | None = None) -> str:
     if vm["state"] in ("pending", "booting") and since:
         took = f" ({time.time() - since:.0f}s)"
     ports = "".join(f" {g}->{h}" for g, h in vm.get("ports", {}).items())
+    where = f"  on {vm['server']}" if vm.get("server") else ""  # through ttproxy
     return (f"  {vm['name']:<16} {vm['image']:<26} {vm['state']:<8}{took}  "
-            f"ssh {vm['ssh_host']}:{vm['ssh_port']}{ports}")
+            f"ssh {vm['ssh_host']}:{vm['ssh_port']}{ports}{where}")
 
 
 def _show_env(env: dict) -> None:

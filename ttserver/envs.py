@@ -62,6 +62,10 @@ class EnvRequest:
     ssh_keys: list[str] = field(default_factory=list)
     owner: str = ""
     deny_outgoing: bool = False
+    # exact VMs per image (full names), overriding vm_number: how ttproxy places the part
+    # of a spanning ENV that lives here; first_index keeps VM names unique across servers
+    counts: dict[str, int] | None = None
+    first_index: int = 0
 
 
 @dataclass
@@ -155,7 +159,7 @@ class EnvManager:
     def _vm_view(self, vm: VMRow) -> dict:
         name = images.parse_image_name(vm.image) if vm.image.count(":") == 2 else None
         return {
-            "id": vm.id, "name": _hostname(vm.env, vm.idx), "image": vm.image,
+            "id": vm.id, "name": _hostname(vm.env, vm.idx), "idx": vm.idx, "image": vm.image,
             "os": name.os if name else "", "arch": name.arch if name else "",
             "state": vm.state, "cpu": vm.cpu, "mem_mib": vm.mem_mib, "disk_mib": vm.disk_mib,
             "ssh_host": self.cfg.connect_addr, "ssh_port": vm.ssh_port,
@@ -209,6 +213,15 @@ class EnvManager:
         unsupported = [i.name.full for i in chosen if i.name.arch not in domainxml.ARCHES]
         if unsupported:
             raise BadRequest(f"no engine support for {', '.join(unsupported)}")
+        if req.counts is not None:
+            extra = sorted(set(req.counts) - {i.name.full for i in chosen})
+            if extra:
+                raise BadRequest(f"counts name images the prefixes do not select: {extra}")
+            if not 1 <= sum(req.counts.values()) <= MAX_VMS_PER_ENV or min(
+                    req.counts.values()) < 0:
+                raise BadRequest(f"counts must add up to 1..{MAX_VMS_PER_ENV} VMs")
+        if not 0 <= req.first_index <= 100_000:
+            raise BadRequest("first_index must be 0..100000")
         return chosen
 
     @staticmethod
@@ -221,14 +234,19 @@ class EnvManager:
     def create(self, req: EnvRequest) -> dict:
         """Admit the ENV and start booting it in the background; returns the `creating` view."""
         chosen = self._validate(req)
+        if req.counts is not None:
+            chosen = [i for i in chosen if req.counts.get(i.name.full, 0) > 0]
         life = req.life_time if req.life_time is not None else self.cfg.default_life_time
         now = time.time()
         vms: list[VMRow] = []
         for image in chosen:
-            for _ in range(req.vm_number):
+            count = (req.vm_number if req.counts is None
+                     else req.counts.get(image.name.full, 0))
+            for _ in range(count):
                 disk = max(req.disk_size or 0, image.size_mib)
                 vm_id = f"{self.server_id}-{secrets.token_hex(4)}"
-                vms.append(VMRow(id=vm_id, env=req.name, idx=len(vms), image=image.name.full,
+                vms.append(VMRow(id=vm_id, env=req.name, idx=req.first_index + len(vms),
+                                 image=image.name.full,
                                  cpu=req.cpu_num, mem_mib=req.mem_size, disk_mib=disk,
                                  state=PENDING, domain=f"tt-{vm_id}",
                                  dir=str(self.cfg.vms_path / vm_id), ssh_port=0, forwards={}))

@@ -1,0 +1,138 @@
+"""ttproxy over three real ttservers on loopback: an ENV spanning two servers, fan-out,
+a server killed and brought back, placement that cannot succeed, a proxy restart — and
+nothing left on any server at the end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import NOTHING_LEFT, ProxyProcess, ServerProcess, leftovers, new_run_dir, tt
+
+pytestmark = pytest.mark.vm
+RANGES = ("44000-44299", "44300-44599", "44600-44899")
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[list[ServerProcess], ProxyProcess, Path]]:
+    run_dir = new_run_dir("proxy-")
+    servers = [ServerProcess(run_dir / f"state{i}", port_range=r,
+                             extra=("--cpu-total", "1", "--mem-total", "1G")).start()
+               for i, r in enumerate(RANGES)]
+    proxy = ProxyProcess([s.address for s in servers], run_dir).start()
+    try:
+        yield servers, proxy, run_dir
+    finally:
+        proxy.stop()
+        for s in servers:
+            s.stop()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def env_of(proxy: ProxyProcess, name: str) -> dict:
+    return requests.get(f"{proxy.url}/envs/{name}", timeout=30).json()
+
+
+def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
+    servers, proxy, run_dir = cluster
+    a, b, c = servers
+    ids = {s.address: s.server_id() for s in servers}
+
+    st = json.loads(tt(proxy.address, "status", "--server", "--json").stdout)
+    assert [r["health"] for r in st["servers"]] == ["up"] * 3 and st["cpu_total"] == 3
+
+    # two VMs of 1 vCPU on servers of 1 vCPU each: the ENV must span two servers
+    res = tt(proxy.address, "env", "add", "span", "--os-prefix", "debian-12",
+             "--vm-number", "2", timeout=600)
+    assert res.returncode == 0, res.stderr
+    env = env_of(proxy, "span")
+    assert env["state"] == "running" and len(env["servers"]) == 2
+    holders = [vm["server"] for vm in env["vms"]]
+    assert len(set(holders)) == 2 and [vm["name"] for vm in env["vms"]] == ["span-0", "span-1"]
+    spare = next(s for s in servers if s.address not in holders)
+
+    # run and push fan out over both servers and merge
+    res = tt(proxy.address, "env", "run", "span", "--json", "--cmd", "hostname")
+    assert res.returncode == 0, res.stderr
+    results = json.loads(res.stdout)["results"]
+    assert [(r["stdout"], r["server"]) for r in results] == [
+        ("span-0\n", holders[0]), ("span-1\n", holders[1])]
+    reply = requests.put(f"{proxy.url}/envs/span/files", params={"path": "/root/f"},
+                         data=b"hello", timeout=60).json()
+    assert [r["bytes"] for r in reply["results"]] == [5, 5]
+    got = requests.get(f"{proxy.url}/envs/span/vms/span-1/files", params={"path": "/root/f"},
+                       timeout=60)
+    assert got.content == b"hello"
+
+    # kill the server holding span-1: marked down within seconds, the ENV is degraded
+    victim = next(s for s in servers if s.address == holders[1])
+    victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for(lambda: [r for r in requests.get(proxy.url + "/status", timeout=30).json()
+                      ["servers"] if r["address"] == victim.address and r["health"] == "down"],
+             10, "the proxy to notice the dead server")
+    assert time.monotonic() - killed_at < 10
+    res = tt(proxy.address, "status", "--server")
+    assert f"{victim.address}  down" in res.stdout
+    env = env_of(proxy, "span")
+    assert env["state"] == "degraded" and f"server {victim.address} is down" in env["error"]
+    assert [vm["state"] for vm in env["vms"]] == ["running", "unreachable"]
+    res = tt(proxy.address, "env", "run", "span", "--cmd", "true")
+    assert res.returncode == 1 and f"server {victim.address} is down" in res.stdout
+
+    # new ENVs go to the servers that are up and have room
+    res = tt(proxy.address, "env", "add", "after", "--os-prefix", "debian-12", timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert [vm["server"] for vm in env_of(proxy, "after")["vms"]] == [spare.address]
+
+    # a create that cannot be placed: a clear 409, nothing on any server
+    resp = requests.post(proxy.url + "/envs", json={"name": "toobig", "os_prefix": ["deb"],
+                                                    "vm_number": 1, "mem_size": "2G"},
+                         timeout=30)
+    assert resp.status_code == 409 and "cannot be placed" in resp.json()["detail"]
+    assert "mem 1024 MiB" in resp.json()["detail"] or "mem 512 MiB" in resp.json()["detail"]
+    for s in (a, b, c):
+        if s is not victim:
+            names = [e["name"] for e in requests.get(s.url + "/envs", timeout=10).json()]
+            assert "toobig" not in names
+
+    # the server comes back (its VM was adopted): the ENV is whole again
+    revived = ServerProcess(victim.cfgdb, port=victim.port, port_range=victim.port_range,
+                            extra=victim.extra).start()
+    servers[servers.index(victim)] = revived
+    wait_for(lambda: env_of(proxy, "span")["state"] == "running", 15, "span to recover")
+    assert [r["stdout"] for r in json.loads(tt(proxy.address, "env", "run", "span", "--json",
+                                               "--cmd", "hostname").stdout)["results"]] == [
+        "span-0\n", "span-1\n"]
+
+    # a proxy restart loses nothing: where ENVs live is learnt from the servers
+    proxy.stop(signal.SIGKILL)
+    proxy = ProxyProcess(proxy.servers, run_dir, port=proxy.port).start()
+    cluster_proxy_listing = tt(proxy.address, "env", "listall").stdout
+    assert "span" in cluster_proxy_listing and "after" in cluster_proxy_listing
+    assert len(env_of(proxy, "span")["vms"]) == 2
+
+    ports = [p for name in ("span", "after") for vm in env_of(proxy, name)["vms"]
+             for p in [vm["ssh_port"], *vm["ports"].values()]]
+    for name in ("span", "after"):
+        res = tt(proxy.address, "env", "del", name)
+        assert res.returncode == 0, res.stderr
+    assert requests.get(proxy.url + "/envs", timeout=30).json() == []
+    for s in servers:
+        assert leftovers(ids[s.address], s.cfgdb, ports) == NOTHING_LEFT
+    proxy.stop()

@@ -1,0 +1,1 @@
+"""ttproxy: one address in front of many ttservers, speaking the same API."""

@@ -1,0 +1,101 @@
+"""ttproxy's HTTP API: the same paths and bodies as ttserver (docs/api.md), so `tt`, the
+pytest plugin and CI talk to a proxy unchanged. Handlers are thin; rules live in proxy.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from ttclient import __version__
+from ttserver.schema import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
+
+from .proxy import Proxy, ProxyError
+
+
+def create_app(proxy: Proxy) -> FastAPI:
+    app = FastAPI(title="ttproxy", version=__version__,
+                  description="one address for many ttservers; the ttserver API")
+
+    @app.exception_handler(ProxyError)
+    async def _proxy_error(_req: Request, exc: ProxyError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    @app.exception_handler(ValueError)
+    async def _value_error(_req: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.get("/health")
+    def health() -> dict:
+        up = proxy.servers.up()
+        return {"ok": True, "server_id": "ttproxy", "servers_up": len(up),
+                "servers": len(proxy.servers.members)}
+
+    @app.get("/status")
+    def status() -> dict:
+        return proxy.status()
+
+    @app.get("/images")
+    def list_images() -> list[dict]:
+        return proxy.status()["images"]
+
+    @app.get("/envs")
+    def list_envs(owner: Annotated[str | None, Query()] = None) -> list[dict]:
+        return proxy.list(owner)
+
+    @app.post("/envs", status_code=202)
+    def create_env(body: EnvCreate) -> dict:
+        return proxy.create(body.model_dump(exclude={"counts", "first_index"}))
+
+    @app.get("/envs/{name}")
+    def show_env(name: str) -> dict:
+        return proxy.get(name)
+
+    @app.delete("/envs/{name}")
+    def delete_env(name: str) -> dict:
+        return proxy.delete(name)
+
+    @app.patch("/envs/{name}")
+    def update_env(name: str, body: EnvUpdate) -> dict:
+        return proxy.update(name, body.model_dump())
+
+    @app.post("/envs/{name}/stop")
+    def stop_env(name: str) -> dict:
+        return proxy.stop(name)
+
+    @app.post("/envs/{name}/start", status_code=202)
+    def start_env(name: str) -> dict:
+        return proxy.start(name)
+
+    @app.post("/envs/{name}/run")
+    def run(name: str, body: RunRequest) -> dict:
+        return {"env": name, "results": proxy.run(name, body.model_dump())}
+
+    @app.put("/envs/{name}/files")
+    async def push(name: str, request: Request, path: Annotated[str, Query()],
+                   mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
+                   vm: Annotated[list[str] | None, Query()] = None,
+                   use_ssh: bool = False) -> dict:
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_UPLOAD:
+            raise ProxyError(f"file of {size} bytes is over the {MAX_UPLOAD >> 20} MiB limit",
+                             413)
+        data = await request.body()
+        results = await run_in_threadpool(proxy.push, name, path, data,
+                                          int(mode, 8) if mode else None, vm, use_ssh)
+        return {"env": name, "results": results}
+
+    @app.get("/envs/{name}/vms/{vm}/files")
+    def pull(name: str, vm: str, path: Annotated[str, Query()],
+             use_ssh: bool = False) -> Response:
+        return Response(proxy.pull(name, vm, path, use_ssh),
+                        media_type="application/octet-stream")
+
+    @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
+    def console(name: str, vm: str, lines: Annotated[int, Query(ge=1, le=2000)] = 50) -> str:
+        return proxy.console(name, vm, lines)
+
+    return app

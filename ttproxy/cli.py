@@ -1,0 +1,83 @@
+"""`ttproxy`: one address for many ttservers.
+
+    ttproxy --proxy-addr 127.0.0.1:20002 --server-set 127.0.0.1:20000,127.0.0.1:20001
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ttclient.config import parse_server
+
+
+def _server_set(text: str) -> list[str]:
+    out = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            host, port = parse_server(item)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        out.append(f"{host}:{port}")
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one HOST:PORT")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError("a server is listed twice")
+    return out
+
+
+def _addr(text: str) -> tuple[str, int]:
+    try:
+        return parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ttproxy", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--proxy-addr", type=_addr, default=("127.0.0.1", 20002),
+                   metavar="HOST:PORT", help="where the proxy listens (127.0.0.1:20002)")
+    p.add_argument("--server-set", type=_server_set, required=True, metavar="H:P,H:P",
+                   help="the ttservers behind this proxy, comma-separated")
+    p.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between health checks; a server is down after 2 misses")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0.1 <= args.health_interval <= 60:
+        print("ttproxy: --health-interval must be 0.1..60 seconds", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from .api import create_app
+        from .proxy import Proxy
+        from .servers import ServerSet
+    except ImportError as exc:
+        print(f"ttproxy: missing dependency ({exc.name}); install with: "
+              "pip install 'ttstack[proxy]'", file=sys.stderr)
+        return 2
+    servers = ServerSet(args.server_set, interval=args.health_interval)
+    proxy = Proxy(servers)
+    servers.start()  # first round is synchronous: known ENVs are learnt before serving
+    host, port = args.proxy_addr
+    try:
+        uvicorn.run(create_app(proxy), host=host, port=port, log_level="warning",
+                    access_log=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        servers.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""One ENV view from the parts several servers hold (pure logic).
+
+The proxy shows an ENV exactly as a ttserver would, plus `servers` (where its parts are)
+and, per VM, `server`. A part on a server that does not answer shows its last known VMs
+as `unreachable` and makes the ENV `degraded`, with an error that names the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# what a mixed ENV is, most telling first: a part still booting makes the whole "creating"
+PRECEDENCE = ("deleting", "failed", "creating", "starting", "stopping")
+
+
+@dataclass
+class Part:
+    address: str
+    view: dict | None  # the server's view, or the last one seen if it is down
+    down_error: str = ""  # non-empty: the server did not answer
+
+
+def merge_env(parts: list[Part]) -> dict:
+    known = [p for p in parts if p.view is not None]
+    if not known:
+        raise ValueError("no part of the ENV has ever been seen")
+    first = known[0].view
+    vms: list[dict] = []
+    for p in known:
+        for vm in p.view["vms"]:
+            vm = {**vm, "server": p.address}
+            if p.down_error:
+                vm["state"] = "unreachable"
+            vms.append(vm)
+    vms.sort(key=lambda v: v.get("idx", 0))
+    live = [p for p in known if not p.down_error]
+    down = [p for p in parts if p.down_error]
+    states = {p.view["state"] for p in live}
+    errors = [f"server {p.address} is down ({p.down_error}); its VMs are unreachable"
+              for p in down]
+    errors += [p.view["error"] for p in live if p.view.get("error")]
+    if down:
+        state = "degraded"
+    elif len(states) == 1:
+        state = states.pop()
+    else:
+        state = next((s for s in PRECEDENCE if s in states), "degraded")
+        if state == "degraded":
+            errors.insert(0, "parts differ: " + ", ".join(
+                f"{p.address} {p.view['state']}" for p in live))
+    return {
+        **first,
+        "state": state,
+        "error": "\n".join(errors),
+        "created_at": min(p.view["created_at"] for p in known),
+        "expires_at": min(p.view["expires_at"] for p in known),
+        "server_id": "ttproxy",
+        "servers": [p.address for p in parts],
+        "vms": vms,
+    }
+
+
+def merge_results(replies: list[tuple[str, dict]], down: dict[str, list[dict]],
+                  kind: str) -> list[dict]:
+    """Merge per-server `results` lists (run or push), adding a result with an error for
+    every VM on a server that is down, so nothing silently goes missing."""
+    out: list[dict] = []
+    for address, reply in replies:
+        out += [{**r, "server": address} for r in reply["results"]]
+    for address, vms in down.items():
+        for vm in vms:
+            base = {"vm": vm["name"], "id": vm["id"], "image": vm["image"], "server": address,
+                    "error": f"server {address} is down"}
+            if kind == "run":
+                base.update(exit_code=None, stdout="", stderr="", timed_out=False, seconds=0.0)
+            else:
+                base.update(bytes=0, seconds=0.0)
+            out.append(base)
+    return sorted(out, key=lambda r: _idx(r["vm"]))
+
+
+def _idx(vm_name: str) -> int:
+    tail = vm_name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -1,0 +1,361 @@
+"""The proxy's rules: which servers hold an ENV, how a create is placed and rolled back,
+and how requests fan out and merge.
+
+State: none of its own. Where ENVs live is learnt from the servers (`GET /envs` on each)
+at start, whenever a server comes back up, and when a name is not known — so a proxy
+restart loses nothing, and a server's ENVs reappear when it does. An ENV that spans
+servers is one ENV of the same name on each, with disjoint VM indexes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from ttclient.api import ApiError
+from ttclient.imagenames import ImageNameError, match_images, parse_image_name
+
+from .merge import Part, merge_env, merge_results
+from .placement import Capacity, PlacementError, place
+from .servers import Member, ServerSet, is_unreachable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ProxyError(Exception):
+    """An answer for the client: HTTP status and one line."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Proxy:
+    def __init__(self, servers: ServerSet) -> None:
+        self.servers = servers
+        self._where: dict[str, list[str]] = {}  # ENV name -> server addresses, in VM order
+        self._last: dict[tuple[str, str], dict] = {}  # (ENV, server) -> last view seen
+        self._lock = threading.RLock()
+        self._create_lock = threading.Lock()
+        servers.on_up = self._learn_from
+
+    # --- calls to servers ---------------------------------------------------------------
+    def _call(self, m: Member, fn: Callable[[Member], T]) -> T:
+        """Call one server; a transport failure marks it down and becomes a 503."""
+        try:
+            return fn(m)
+        except ApiError as exc:
+            if is_unreachable(exc):
+                self.servers.mark_down(m.address, str(exc))
+                raise ProxyError(f"server {m.address} is down: {exc}", 503) from exc
+            raise ProxyError(str(exc), exc.status or 502) from exc
+
+    def _fan(self, members: list[Member], fn: Callable[[Member], T]
+             ) -> list[tuple[Member, T | ProxyError]]:
+        """Call several servers in parallel; each result or its ProxyError."""
+        def one(m: Member) -> tuple[Member, T | ProxyError]:
+            try:
+                return m, self._call(m, fn)
+            except ProxyError as exc:
+                return m, exc
+
+        if len(members) <= 1:  # the common case: no thread pool to spin up
+            return [one(m) for m in members]
+        with ThreadPoolExecutor(max_workers=len(members)) as pool:
+            return list(pool.map(one, members))
+
+    # --- where ENVs are -----------------------------------------------------------------
+    def _learn_from(self, address: str) -> None:
+        try:
+            envs = self.servers.get(address).client.list_envs()
+        except ApiError as exc:
+            log.warning("cannot list ENVs on %s: %s", address, exc)
+            return
+        with self._lock:
+            for env in envs:
+                holders = self._where.setdefault(env["name"], [])
+                if address not in holders:
+                    holders.append(address)
+                self._last[(env["name"], address)] = env
+
+    def refresh(self) -> None:
+        for m in self.servers.up():
+            self._learn_from(m.address)
+
+    def _holders(self, name: str) -> list[str]:
+        with self._lock:
+            holders = list(self._where.get(name, []))
+        if not holders:  # made directly on a server, or we have not looked yet
+            self.refresh()
+            with self._lock:
+                holders = list(self._where.get(name, []))
+        if not holders:
+            raise ProxyError(f"ENV {name!r} does not exist", 404)
+        return holders
+
+    def _forget(self, name: str, address: str | None = None) -> None:
+        with self._lock:
+            if address is None:
+                self._where.pop(name, None)
+                for key in [k for k in self._last if k[0] == name]:
+                    del self._last[key]
+                return
+            holders = self._where.get(name, [])
+            if address in holders:
+                holders.remove(address)
+            self._last.pop((name, address), None)
+            if not holders:
+                self._where.pop(name, None)
+
+    # --- views --------------------------------------------------------------------------
+    def _parts(self, name: str, fn: Callable[[Member], dict]) -> list[Part]:
+        """Ask every server holding `name` (that is up) with fn; down ones give last views."""
+        holders = self._holders(name)
+        members = [self.servers.get(a) for a in holders]
+        up = [m for m in members if m.up]
+        answers = dict((m.address, r) for m, r in self._fan(up, fn))
+        parts = []
+        for m in members:
+            got = answers.get(m.address)
+            if isinstance(got, dict):
+                with self._lock:
+                    self._last[(name, m.address)] = got
+                parts.append(Part(m.address, got))
+            elif isinstance(got, ProxyError) and got.status == 404:
+                self._forget(name, m.address)  # deleted there (expired, or by hand)
+            else:
+                err = str(got) if got is not None else m.error
+                parts.append(Part(m.address, self._last.get((name, m.address)),
+                                  err or "not answering"))
+        if not parts:
+            self._forget(name)
+            raise ProxyError(f"ENV {name!r} does not exist", 404)
+        if all(p.view is None for p in parts):
+            raise ProxyError(f"ENV {name!r}: every server holding it is down: "
+                             + "; ".join(f"{p.address}: {p.down_error}" for p in parts), 503)
+        return parts
+
+    def get(self, name: str) -> dict:
+        return merge_env(self._parts(name, lambda m: m.client.get_env(name)))
+
+    def list(self, owner: str | None = None) -> list[dict]:
+        answers = self._fan(self.servers.up(), lambda m: m.client.list_envs(owner))
+        seen: dict[str, list[Part]] = {}
+        for m, reply in answers:
+            if isinstance(reply, ProxyError):
+                continue
+            for env in reply:
+                with self._lock:
+                    holders = self._where.setdefault(env["name"], [])
+                    if m.address not in holders:
+                        holders.append(m.address)
+                    self._last[(env["name"], m.address)] = env
+                seen.setdefault(env["name"], []).append(Part(m.address, env))
+        with self._lock:  # parts on servers that are down: their last views
+            for name, holders in self._where.items():
+                for address in holders:
+                    member = self.servers.get(address)
+                    view = self._last.get((name, address))
+                    if not member.up and view is not None and (
+                            owner is None or view.get("owner") == owner):
+                        seen.setdefault(name, []).append(
+                            Part(address, view, member.error or "not answering"))
+        envs = [merge_env(parts) for parts in seen.values()]
+        return sorted(envs, key=lambda e: e["created_at"])
+
+    def status(self) -> dict:
+        answers = dict((m.address, r) for m, r in self._fan(self.servers.up(),
+                                                             lambda m: m.client.status()))
+        rows, images = [], {}
+        totals = dict.fromkeys(("cpu_total", "cpu_used", "mem_total_mib", "mem_used_mib",
+                                "disk_total_mib", "disk_used_mib", "env_count"), 0)
+        for m in self.servers:
+            st = answers.get(m.address)
+            if not isinstance(st, dict):
+                rows.append({"address": m.address, "health": "down",
+                             "error": str(st) if st else m.error})
+                continue
+            rows.append({"address": m.address, "health": "up", **st})
+            for key in totals:
+                totals[key] += st[key]
+            for img in st["images"]:
+                entry = images.setdefault(img["name"], {**img, "servers": []})
+                entry["servers"].append(m.address)
+        with self._lock:
+            totals["env_count"] = len(self._where)
+        return {"proxy": True, **totals, "servers": rows,
+                "servers_up": sum(r["health"] == "up" for r in rows),
+                "images": [images[k] for k in sorted(images)]}
+
+    # --- create and delete --------------------------------------------------------------
+    def create(self, body: dict) -> dict:
+        """Place the ENV's VMs over the servers, create each part, roll back on failure."""
+        name = body["name"]
+        with self._create_lock:  # two creates must not both see the same free resources
+            self.refresh()
+            with self._lock:
+                if name in self._where:
+                    raise ProxyError(f"ENV {name!r} already exists; delete it or pick "
+                                     "another name", 409)
+            up = self.servers.up()
+            if not up:
+                raise ProxyError("no ttserver is up behind this proxy: "
+                                 + "; ".join(f"{m.address}: {m.error}" for m in self.servers),
+                                 503)
+            statuses = [(m, st) for m, st in self._fan(up, lambda m: m.client.status())
+                        if isinstance(st, dict)]
+            caps = [Capacity.from_status(m.address, st, order=i)
+                    for i, (m, st) in enumerate(statuses)]
+            available = sorted({parse_image_name(n) for c in caps for n in c.images})
+            try:
+                chosen = [i.full for i in match_images(body["os_prefix"], available)]
+            except ImageNameError as exc:
+                raise ProxyError(str(exc), 404) from exc
+            try:
+                plan = place(chosen, body.get("vm_number", 1), body.get("cpu_num", 1),
+                             int(body["mem_size"]), body.get("disk_size"), caps)
+            except PlacementError as exc:
+                raise ProxyError(f"ENV {name!r} cannot be placed: {exc}", 409) from exc
+            created: list[str] = []
+            firsts = plan.first_indexes()
+            try:
+                for address, counts in plan.parts.items():
+                    part = {**body, "os_prefix": list(counts), "counts": counts,
+                            "first_index": firsts[address]}
+                    m = self.servers.get(address)
+                    view = self._call(m, lambda m, part=part: m.client.post_env(part))
+                    created.append(address)
+                    with self._lock:
+                        self._where.setdefault(name, []).append(address)
+                        self._last[(name, address)] = view
+            except ProxyError as exc:
+                self._rollback(name, created)
+                where = f" (on {address})" if len(plan.parts) > 1 else ""
+                raise ProxyError(f"{exc}{where}; nothing was left on any server",
+                                 exc.status) from exc
+            log.info("ENV %s placed: %s", name, plan.parts)
+        return self.get(name)
+
+    def _rollback(self, name: str, created: list[str]) -> None:
+        for address in created:
+            try:
+                self.servers.get(address).client.delete_env(name)
+            except ApiError as exc:  # its own reaper deletes it at expiry at the latest
+                log.error("rollback of ENV %s on %s failed: %s", name, address, exc)
+        self._forget(name)
+
+    def delete(self, name: str) -> dict:
+        holders = self._holders(name)
+        members = [self.servers.get(a) for a in holders]
+        results = self._fan([m for m in members if m.up],
+                            lambda m: m.client.delete_env(name))
+        deleted = [m.address for m, r in results
+                   if not isinstance(r, ProxyError) or r.status == 404]
+        for address in deleted:
+            self._forget(name, address)
+        left = [a for a in holders if a not in deleted]
+        if left:
+            raise ProxyError(
+                f"ENV {name!r} deleted on {', '.join(deleted) or 'no server'}; not on "
+                f"{', '.join(left)} (down): run 'tt env del {name}' again when it is back"
+                " (its VMs also go when the ENV expires)", 503)
+        return {"deleted": name}
+
+    # --- the rest fans out over the servers holding the ENV ------------------------------
+    def _each_part(self, name: str, fn: Callable[[Member], dict]) -> list[dict]:
+        """fn on every server holding the ENV; all must be up (a state change on part of
+        an ENV would leave it half stopped)."""
+        members = [self.servers.get(a) for a in self._holders(name)]
+        down = [m.address for m in members if not m.up]
+        if down:
+            raise ProxyError(f"ENV {name!r} has VMs on {', '.join(down)}, which is down; "
+                             "try again when it is back", 503)
+        results = self._fan(members, fn)
+        errors = [r for _, r in results if isinstance(r, ProxyError)]
+        if errors:
+            raise errors[0]
+        return [r for _, r in results]
+
+    def stop(self, name: str) -> dict:
+        self._each_part(name, lambda m: m.client.stop_env(name))
+        return self.get(name)
+
+    def start(self, name: str) -> dict:
+        self._each_part(name, lambda m: m.client.start_env(name))
+        return self.get(name)
+
+    def update(self, name: str, body: dict) -> dict:
+        self._each_part(name, lambda m: m.client.update_env(
+            name, body.get("life_time"), body.get("add_ports"), body.get("remove_ports")))
+        return self.get(name)
+
+    def _split_vms(self, name: str, only: list[str] | None
+                   ) -> tuple[dict[str, list[str] | None], dict[str, list[dict]]]:
+        """Per up server, the VM refs to pass on (None: all); per down server, its VMs."""
+        env = self.get(name)
+        by_server: dict[str, list[dict]] = {}
+        for vm in env["vms"]:
+            by_server.setdefault(vm["server"], []).append(vm)
+        if only:
+            refs = set(only)
+            unknown = refs - {r for vm in env["vms"]
+                              for r in (vm["id"], vm["name"], str(vm.get("idx")))}
+            if unknown:
+                raise ProxyError(f"ENV {name!r} has no VM {', '.join(sorted(unknown))}", 404)
+            by_server = {a: [vm for vm in vms if refs & {vm["id"], vm["name"],
+                                                         str(vm.get("idx"))}]
+                         for a, vms in by_server.items()}
+            by_server = {a: vms for a, vms in by_server.items() if vms}
+        up, down = {}, {}
+        for address, vms in by_server.items():
+            if self.servers.get(address).up:
+                up[address] = [vm["id"] for vm in vms] if only else None
+            else:
+                down[address] = vms
+        return up, down
+
+    def _fan_vms(self, name: str, only: list[str] | None, kind: str,
+                 fn: Callable[[Member, list[str] | None], dict]) -> list[dict]:
+        up, down = self._split_vms(name, only)
+        results = self._fan([self.servers.get(a) for a in up],
+                            lambda m: fn(m, up[m.address]))
+        replies = []
+        for m, reply in results:
+            if isinstance(reply, ProxyError):
+                if reply.status != 503:
+                    raise reply
+                down[m.address] = [vm for vm in self.get(name)["vms"]
+                                   if vm["server"] == m.address]
+                continue
+            replies.append((m.address, reply))
+        return merge_results(replies, down, kind)
+
+    def run(self, name: str, body: dict) -> list[dict]:
+        return self._fan_vms(name, body.get("vms"), "run", lambda m, vms: m.client.run(
+            name, body["cmd"], body.get("use_ssh", False), body.get("timeout", 600), vms))
+
+    def push(self, name: str, path: str, data: bytes, mode: int | None,
+             only: list[str] | None, use_ssh: bool) -> list[dict]:
+        return self._fan_vms(name, only, "push", lambda m, vms: m.client.push(
+            name, path, data, mode=mode, vms=vms, use_ssh=use_ssh))
+
+    def _vm_server(self, name: str, vm_ref: str) -> Member:
+        for vm in self.get(name)["vms"]:
+            if vm_ref in (vm["id"], vm["name"], str(vm.get("idx"))):
+                m = self.servers.get(vm["server"])
+                if not m.up:
+                    raise ProxyError(f"VM {vm_ref} is on {m.address}, which is down", 503)
+                return m
+        raise ProxyError(f"ENV {name!r} has no VM {vm_ref!r}", 404)
+
+    def pull(self, name: str, vm_ref: str, path: str, use_ssh: bool) -> bytes:
+        m = self._vm_server(name, vm_ref)
+        return self._call(m, lambda m: m.client.pull(name, vm_ref, path, use_ssh))
+
+    def console(self, name: str, vm_ref: str, lines: int) -> str:
+        m = self._vm_server(name, vm_ref)
+        return self._call(m, lambda m: m.client.console(name, vm_ref, lines))
