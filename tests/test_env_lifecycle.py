@@ -45,7 +45,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx() -> Iterator[Ctx]:
     run_dir = new_run_dir("life-")
-    srv = ServerProcess(run_dir / "state", port_range="43000-43999").start()
+    srv = ServerProcess(run_dir / "state", port_range="45000-45999").start()
     c = Ctx(srv, run_dir)
     sid = srv.server_id()
     try:
@@ -207,7 +207,7 @@ def test_stop_start_keeps_disk_frees_resources_and_survives_a_crash(ctx: Ctx):
     # a crash while stopped loses nothing
     ctx.srv.stop(signal.SIGKILL)
     ctx.srv = ServerProcess(ctx.run_dir / "state", port=ctx.srv.port,
-                            port_range="43000-43999").start()
+                            port_range="45000-45999").start()
     assert ctx.show()["state"] == "stopped"
 
     res = ctx.tt("env", "start", ENV, timeout=600)

@@ -6,26 +6,42 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from test_plugin import check_common, run_sample
 
-from helpers import NOTHING_LEFT, ProxyProcess, ServerProcess, leftovers, new_run_dir, tt
+from helpers import (
+    NOTHING_LEFT,
+    ProxyProcess,
+    ServerProcess,
+    free_port,
+    leftovers,
+    new_run_dir,
+    tt,
+)
 
 pytestmark = pytest.mark.vm
 RANGES = ("44000-44299", "44300-44599", "44600-44899")
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[list[ServerProcess], ProxyProcess, Path]]:
+def start_cluster(count: int) -> tuple[list[ServerProcess], ProxyProcess, Path]:
+    """`count` ttservers of 1 vCPU and 1 GiB each (so two VMs must span two servers)."""
     run_dir = new_run_dir("proxy-")
     servers = [ServerProcess(run_dir / f"state{i}", port_range=r,
                              extra=("--cpu-total", "1", "--mem-total", "1G")).start()
-               for i, r in enumerate(RANGES)]
-    proxy = ProxyProcess([s.address for s in servers], run_dir).start()
+               for i, r in enumerate(RANGES[:count])]
+    return servers, ProxyProcess([s.address for s in servers], run_dir).start(), run_dir
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[list[ServerProcess], ProxyProcess, Path]]:
+    servers, proxy, run_dir = start_cluster(3)
     try:
         yield servers, proxy, run_dir
     finally:
@@ -55,6 +71,12 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
 
     st = json.loads(tt(proxy.address, "status", "--server", "--json").stdout)
     assert [r["health"] for r in st["servers"]] == ["up"] * 3 and st["cpu_total"] == 3
+
+    res = tt(proxy.address, "env", "add", "nope", "--os-prefix", "fedora")
+    assert res.returncode == 1 and "'fedora' matches no image; available:" in res.stderr
+    resp = requests.post(proxy.url + "/envs", json={"name": "bad name!", "os_prefix": ["deb"]},
+                         timeout=30)
+    assert resp.status_code == 400 and "nothing was left" in resp.json()["detail"]
 
     # two VMs of 1 vCPU on servers of 1 vCPU each: the ENV must span two servers
     res = tt(proxy.address, "env", "add", "span", "--os-prefix", "debian-12",
@@ -136,3 +158,38 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
     for s in servers:
         assert leftovers(ids[s.address], s.cfgdb, ports) == NOTHING_LEFT
     proxy.stop()
+
+
+def test_pytest_plugin_runs_unchanged_through_the_proxy(tmp_path: Path):
+    servers, proxy, run_dir = start_cluster(2)
+    try:
+        proc, root = run_sample(proxy, tmp_path)
+        check_common(proxy, proc, root)
+        for s in servers:
+            assert requests.get(s.url + "/envs", timeout=10).json() == []
+    finally:
+        proxy.stop()
+        for s in servers:
+            s.stop()
+
+
+def test_proxy_with_no_server_up_and_bad_input_gives_clear_errors(tmp_path: Path):
+    dead = f"127.0.0.1:{free_port()}"
+    proxy = ProxyProcess([dead], tmp_path).start()
+    try:
+        st = requests.get(proxy.url + "/status", timeout=10).json()
+        assert st["servers"][0]["health"] == "down" and st["servers_up"] == 0
+        res = tt(proxy.address, "status", "--server")
+        assert f"{dead}  down" in res.stdout
+        resp = requests.post(proxy.url + "/envs", json={"name": "x", "os_prefix": ["deb"]},
+                             timeout=10)
+        assert resp.status_code == 503 and "no ttserver is up" in resp.json()["detail"]
+        resp = requests.get(proxy.url + "/envs/nope", timeout=10)
+        assert resp.status_code == 404 and "does not exist" in resp.json()["detail"]
+        res = tt(proxy.address, "env", "del", "nope")
+        assert res.returncode == 1 and "ENV 'nope' does not exist" in res.stderr
+    finally:
+        proxy.stop()
+    bad = subprocess.run([sys.executable, "-m", "ttproxy.cli", "--server-set", "nohost"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "not HOST:PORT" in bad.stderr
