@@ -42,9 +42,13 @@ timeout 90 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does n
 here=$(pwd)
 installed=$("$PYTHON" -c "import ttserver, libvirt, fastapi, pytest_timeout, os;
 print(os.path.dirname(os.path.dirname(os.path.abspath(ttserver.__file__))))" 2>/dev/null || true)
-if [ "$installed" != "$here" ]; then
-  say "pip install -e .[server,test]"
-  "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[server,test]"
+# reinstall when the checkout moved or its dependencies changed (pyproject.toml)
+stamp=/var/lib/ttstack/.pip-stamp
+want="$here $(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$installed" != "$here" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "pip install -e .[server,proxy,test]"
+  "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[server,proxy,test]"
+  mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
 fi
 
 for os in $IMAGES; do

@@ -49,25 +49,29 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"state directory: SQLite DB, VM disks, SSH key (default {DEFAULT_STATE})")
     p.add_argument("--cpu-total", type=int, default=os.cpu_count() or 1,
                    help="vCPUs this host may hand out (default: host CPUs)")
-    p.add_argument("--mem-total", type=_mib, default=4096, help="guest memory to hand out")
+    p.add_argument("--mem-total", type=_mib, default=4096,
+                   help="guest memory to hand out (default 4G)")
     p.add_argument("--disk-total", type=_mib, default=40960,
-                   help="virtual disk size to hand out")
+                   help="virtual disk size of VM clones to hand out (default 40G)")
     p.add_argument("--serv-addr", default="127.0.0.1",
-                   help="address for the API and the forwarded VM ports")
-    p.add_argument("--serv-port", type=int, default=20000, help="API port")
+                   help="address for the API and the forwarded VM ports (default 127.0.0.1;"
+                        " 0.0.0.0 exposes both to the network: there is no auth yet)")
+    p.add_argument("--serv-port", type=int, default=20000, help="API port (default 20000)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="auto: KVM only if a guest kernel really boots under it, else TCG")
     p.add_argument("--port-range", type=_port_range, default=(40000, 49999),
                    help="host ports for forwards, FIRST-LAST (default 40000-49999)")
     p.add_argument("--boot-timeout", type=float, default=300.0,
-                   help="seconds a VM may take until its guest agent answers")
+                   help="seconds a VM may take until its guest agent answers (default 300)")
     p.add_argument("--life-time", type=int, default=6 * 3600,
                    help="default ENV lifetime in seconds (default 6 h)")
     p.add_argument("--allow-outgoing", action="store_true",
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
-    p.add_argument("--libvirt-uri", default="qemu:///system")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    p.add_argument("--libvirt-uri", default="qemu:///system",
+                   help="libvirt connection (default qemu:///system)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                   help="default info")
     return p
 
 

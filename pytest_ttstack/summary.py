@@ -1,0 +1,79 @@
+"""A test × OS table from a JUnit report, in Markdown: what a CI job summary should show
+for an OS matrix (one row per test, one column per OS image).
+
+    python -m pytest_ttstack.summary report.xml >> "$GITHUB_STEP_SUMMARY"
+
+Test ids carry the OS as their parameter (`test_x[debian-12:x86_64]`, see matrix.py);
+tests without one land in the `-` column. Exit code 0 always: the summary is information,
+the pytest step decides the job's status.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+OS_PARAM = re.compile(r"^(?P<test>.+)\[(?P<os>[a-z0-9][a-z0-9._-]*:[a-z0-9_]+)\]$")
+MARKS = {"passed": "✅ pass", "failed": "❌ fail", "error": "💥 error", "skipped": "⏭ skip"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    test: str  # classname::name without the OS parameter
+    os: str  # "debian-12:x86_64", or "-" for tests without an OS
+    result: str  # passed | failed | error | skipped
+
+
+def outcomes(report: Path) -> list[Outcome]:
+    root = ET.parse(report).getroot()
+    out = []
+    for case in root.iter("testcase"):
+        name = case.get("name", "?")
+        match = OS_PARAM.match(name)
+        test, os_id = (match["test"], match["os"]) if match else (name, "-")
+        classname = case.get("classname", "")
+        if classname:
+            test = f"{classname.rsplit('.', 1)[-1]}::{test}"
+        result = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                result = {"failure": "failed"}.get(tag, tag)
+                break
+        out.append(Outcome(test, os_id, result))
+    return out
+
+
+def table(items: list[Outcome]) -> str:
+    oses = sorted({o.os for o in items} - {"-"}) + (["-"] if any(o.os == "-" for o in items)
+                                                     else [])
+    tests = list(dict.fromkeys(o.test for o in items))
+    cell = {(o.test, o.os): MARKS[o.result] for o in items}
+    counts = {r: sum(o.result == r for o in items) for r in MARKS}
+    lines = ["### ttstack: tests × OS", "",
+             ", ".join(f"{n} {r}" for r, n in counts.items() if n) or "no tests", "",
+             "| test | " + " | ".join(f"`{o}`" for o in oses) + " |",
+             "| --- |" + " --- |" * len(oses)]
+    for test in tests:
+        lines.append(f"| `{test}` | " + " | ".join(cell.get((test, o), "") for o in oses)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pytest_ttstack.summary REPORT.xml", file=sys.stderr)
+        return 2
+    try:
+        print(table(outcomes(Path(args[0]))), end="")
+    except (OSError, ET.ParseError) as exc:
+        print(f"ttstack summary: cannot read {args[0]}: {exc}", file=sys.stderr)
+        print(f"### ttstack: no JUnit report ({args[0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
