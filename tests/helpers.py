@@ -135,21 +135,29 @@ def new_run_dir(prefix: str = "") -> Path:
     return path
 
 
-def tt(address: str, *args: str, config: str = "/nonexistent/tt.json",
-       timeout: float = 120, owner: str | None = None) -> subprocess.CompletedProcess:
-    """Run the real `tt` CLI against `address` with its own config file (and owner)."""
-    env = {**os.environ, "TT_CONFIG": config, "TT_SERVER": address}
+def tt(address: str | None, *args: str, config: str = "/nonexistent/tt.json",
+       timeout: float = 120, owner: str | None = None, token: str | None = None,
+       stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `tt` CLI against `address` with its own config file (owner, token)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TT_TOKEN", "TT_SERVER")}
+    env["TT_CONFIG"] = config
+    if address:
+        env["TT_SERVER"] = address
     if owner:
         env["TT_OWNER"] = owner
+    if token:
+        env["TT_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "ttclient.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=env, timeout=timeout, input=stdin)
 
 
 class ProxyProcess:
     """A ttproxy subprocess on loopback in front of `servers`."""
 
-    def __init__(self, servers: list[str], log_dir: Path, port: int | None = None) -> None:
+    def __init__(self, servers: list[str], log_dir: Path, port: int | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.servers = servers
+        self.extra = list(extra)
         self.port = port or free_port()
         self.log = log_dir / f"proxy-{self.port}.log"
         self.proc: subprocess.Popen | None = None
@@ -164,7 +172,8 @@ class ProxyProcess:
 
     def start(self, timeout: float = 30) -> ProxyProcess:
         cmd = [sys.executable, "-m", "ttproxy.cli", "--proxy-addr", self.address,
-               "--server-set", ",".join(self.servers), "--health-interval", "0.5"]
+               "--server-set", ",".join(self.servers), "--health-interval", "0.5",
+               *self.extra]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

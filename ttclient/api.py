@@ -10,8 +10,10 @@ from collections.abc import Callable
 
 import requests
 
+from . import config as cfgmod
 from .config import owner
 
+FROM_CONFIG = object()  # Client(token=...) default: $TT_TOKEN or the config file
 DEFAULT_TIMEOUT = 30.0
 # ENV states that end by themselves; wait_env polls through them
 TRANSIENT_STATES = ("creating", "starting")
@@ -43,10 +45,18 @@ def changed_vms(view: dict, seen: dict[str, str]) -> list[dict]:
 
 
 class Client:
-    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
+                 token: str | None | object = FROM_CONFIG) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if token is FROM_CONFIG:
+            try:
+                token = cfgmod.load().token
+            except ValueError:
+                token = None
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, *, timeout: float | None = None,
               **kwargs: object) -> requests.Response:
@@ -66,6 +76,10 @@ class Client:
     # --- server ---
     def status(self) -> dict:
         return self._call("GET", "/status").json()
+
+    def whoami(self) -> dict:
+        """{name, admin, auth}: which token this client presents."""
+        return self._call("GET", "/whoami").json()
 
     def images(self) -> list[dict]:
         return self._call("GET", "/images").json()

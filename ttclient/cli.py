@@ -42,7 +42,7 @@ def _client(args: argparse.Namespace) -> Client:
     cfg = cfgmod.load()
     if getattr(args, "server", None):
         cfg.serv_addr, cfg.serv_port = cfgmod.parse_server(args.server)
-    return Client(cfg.base_url)
+    return Client(cfg.base_url, token=cfg.token or None)
 
 
 def _print_json(data: object) -> None:
@@ -55,8 +55,15 @@ def _mib_text(mib: int) -> str:
 
 # --- config / status -----------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = cfgmod.load(apply_env=bool(not args.serv_addr and not args.serv_port))
+    cfg = cfgmod.load(apply_env=bool(not args.serv_addr and not args.serv_port
+                                     and args.token is None))
     changed = False
+    if args.token is not None:
+        token = sys.stdin.readline().strip() if args.token == "-" else args.token.strip()
+        if not token or any(c.isspace() for c in token):
+            raise CliError("--token: give the token printed by 'ttserver token add' (or '-'"
+                           " to read it from stdin)")
+        cfg.token, changed = token, True
     if args.serv_addr:
         cfg.serv_addr, changed = args.serv_addr, True
     if args.serv_port:
@@ -65,9 +72,12 @@ def cmd_config(args: argparse.Namespace) -> int:
         cfg.serv_port, changed = args.serv_port, True
     if changed:
         path = cfgmod.save(cfg)
-        print(f"saved {cfg.serv_addr}:{cfg.serv_port} to {path}")
+        print(f"saved {cfg.serv_addr}:{cfg.serv_port}{' and the token' if cfg.token else ''}"
+              f" to {path} (mode 0600)")
     else:
-        print(f"server: {cfg.serv_addr}:{cfg.serv_port} (config: {cfgmod.config_path()})")
+        token = "token set" if cfg.token else "no token"
+        print(f"server: {cfg.serv_addr}:{cfg.serv_port}, {token} (config: "
+              f"{cfgmod.config_path()})")
     return 0
 
 
@@ -324,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="set or show the server address")
     c.add_argument("--serv-addr")
     c.add_argument("--serv-port", type=int)
+    c.add_argument("--token", help="API token from the operator ('-': read it from stdin,"
+                                   " keeping it out of shell history); or set $TT_TOKEN")
     c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("status", help="client info, or server resources with --server")

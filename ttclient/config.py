@@ -1,7 +1,8 @@
 """Where the client finds its server: `tt config` writes it, everything else reads it.
 
 Order: explicit arguments, then $TT_SERVER (HOST:PORT), then the config file in the user's
-config dir ($TT_CONFIG overrides its path), then 127.0.0.1:20000.
+config dir ($TT_CONFIG overrides its path), then 127.0.0.1:20000. The API token likewise:
+$TT_TOKEN, then the file (which is written 0600 because it may hold the token).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DEFAULT_PORT = 20000
 class ClientConfig:
     serv_addr: str = DEFAULT_ADDR
     serv_port: int = DEFAULT_PORT
+    token: str = ""
 
     @property
     def base_url(self) -> str:
@@ -58,12 +60,15 @@ def load(apply_env: bool = True) -> ClientConfig:
         try:
             data = json.loads(path.read_text())
             cfg = ClientConfig(str(data.get("serv_addr", DEFAULT_ADDR)),
-                               int(data.get("serv_port", DEFAULT_PORT)))
+                               int(data.get("serv_port", DEFAULT_PORT)),
+                               str(data.get("token", "")))
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"config file {path} is unreadable ({exc}); rewrite it with "
                              "'tt config --serv-addr ADDR --serv-port PORT'") from exc
     if apply_env and os.environ.get("TT_SERVER"):
         cfg.serv_addr, cfg.serv_port = parse_server(os.environ["TT_SERVER"])
+    if apply_env and os.environ.get("TT_TOKEN"):
+        cfg.token = os.environ["TT_TOKEN"].strip()
     return cfg
 
 
@@ -72,6 +77,7 @@ def save(cfg: ClientConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when a stale tmp file had other permissions
     with os.fdopen(fd, "w") as f:
         json.dump(asdict(cfg), f, indent=2)
     tmp.replace(path)

@@ -13,12 +13,33 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ttclient import __version__
 from ttserver.schema import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
 
-from .proxy import Proxy, ProxyError
+from .proxy import CALLER_TOKEN, Proxy, ProxyError
+
+
+class CallerToken:
+    """ASGI middleware: the caller's bearer token, for the duration of the request, in a
+    context variable the proxy passes on to the servers (they do the authorising)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        reset = CALLER_TOKEN.set(token.strip() if scheme.lower() == "bearer" else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CALLER_TOKEN.reset(reset)
 
 
 def create_app(proxy: Proxy) -> FastAPI:
     app = FastAPI(title="ttproxy", version=__version__,
                   description="one address for many ttservers; the ttserver API")
+    app.add_middleware(CallerToken)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(_req: Request, exc: ProxyError) -> JSONResponse:
@@ -33,6 +54,10 @@ def create_app(proxy: Proxy) -> FastAPI:
         up = proxy.servers.up()
         return {"ok": True, "server_id": "ttproxy", "servers_up": len(up),
                 "servers": len(proxy.servers.members)}
+
+    @app.get("/whoami")
+    def whoami() -> dict:
+        return proxy.whoami()
 
     @app.get("/status")
     def status() -> dict:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from ttclient.config import parse_server
 
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ttservers behind this proxy, comma-separated")
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between health checks; a server is down after 2 misses")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the proxy's own (admin) token, for servers that require"
+                        " tokens; clients' tokens are passed through (or $TTPROXY_TOKEN)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return p
 
@@ -65,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ttproxy: missing dependency ({exc.name}); install with: "
               "pip install 'ttstack[proxy]'", file=sys.stderr)
         return 2
-    servers = ServerSet(args.server_set, interval=args.health_interval)
+    token = os.environ.get("TTPROXY_TOKEN") or None
+    if args.token_file:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            print(f"ttproxy: --token-file: {exc.strerror}", file=sys.stderr)
+            return 2
+    servers = ServerSet(args.server_set, interval=args.health_interval, token=token)
     proxy = Proxy(servers)
     servers.start()  # first round is synchronous: known ENVs are learnt before serving
     host, port = args.proxy_addr

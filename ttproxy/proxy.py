@@ -9,13 +9,15 @@ servers is one ENV of the same name on each, with disjoint VM indexes.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from ttclient.api import ApiError
+from ttclient.api import ApiError, Client
 from ttclient.imagenames import ImageNameError, match_images, parse_image_name
 
 from .merge import Part, merge_env, merge_results
@@ -24,6 +26,11 @@ from .servers import Member, ServerSet, is_unreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The caller's API token, passed through to the servers: they decide who may do what.
+CALLER_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller_token",
+                                                                          default=None)
+PRINCIPAL_TTL = 30.0
 
 
 class ProxyError(Exception):
@@ -41,7 +48,39 @@ class Proxy:
         self._last: dict[tuple[str, str], dict] = {}  # (ENV, server) -> last view seen
         self._lock = threading.RLock()
         self._create_lock = threading.Lock()
+        self._clients: dict[tuple[str, str | None], Client] = {}
+        self._principals: dict[str | None, tuple[float, dict]] = {}
         servers.on_up = self._learn_from
+
+    def _c(self, m: Member) -> Client:
+        """A client for `m` that carries the caller's token (one per token, kept alive)."""
+        token = CALLER_TOKEN.get()
+        key = (m.address, token)
+        with self._lock:
+            if key not in self._clients:
+                if len(self._clients) > 1000:
+                    self._clients.clear()
+                self._clients[key] = Client(f"http://{m.address}", token=token)
+            return self._clients[key]
+
+    def whoami(self) -> dict:
+        return self._principal()
+
+    def _principal(self) -> dict:
+        """Who the caller is ({name, admin}), asked of a server and cached briefly; used to
+        filter what the proxy shows from its own cache (parts on servers that are down)."""
+        token = CALLER_TOKEN.get()
+        hit = self._principals.get(token)
+        if hit and time.monotonic() - hit[0] < PRINCIPAL_TTL:
+            return hit[1]
+        for m in self.servers.up():
+            try:
+                who = self._c(m).whoami()
+            except ApiError:
+                continue
+            self._principals[token] = (time.monotonic(), who)
+            return who
+        return {"name": "", "admin": False}
 
     # --- calls to servers ---------------------------------------------------------------
     def _call(self, m: Member, fn: Callable[[Member], T]) -> T:
@@ -57,7 +96,10 @@ class Proxy:
     def _fan(self, members: list[Member], fn: Callable[[Member], T]
              ) -> list[tuple[Member, T | ProxyError]]:
         """Call several servers in parallel; each result or its ProxyError."""
+        token = CALLER_TOKEN.get()  # worker threads do not inherit the request's context
+
         def one(m: Member) -> tuple[Member, T | ProxyError]:
+            CALLER_TOKEN.set(token)
             try:
                 return m, self._call(m, fn)
             except ProxyError as exc:
@@ -127,6 +169,8 @@ class Proxy:
                 parts.append(Part(m.address, got))
             elif isinstance(got, ProxyError) and got.status == 404:
                 self._forget(name, m.address)  # deleted there (expired, or by hand)
+            elif isinstance(got, ProxyError) and got.status != 503:
+                raise got  # the server's answer (403, ...), not a dead server
             else:
                 err = str(got) if got is not None else m.error
                 parts.append(Part(m.address, self._last.get((name, m.address)),
@@ -140,10 +184,10 @@ class Proxy:
         return parts
 
     def get(self, name: str) -> dict:
-        return merge_env(self._parts(name, lambda m: m.client.get_env(name)))
+        return merge_env(self._parts(name, lambda m: self._c(m).get_env(name)))
 
     def list(self, owner: str | None = None) -> list[dict]:
-        answers = self._fan(self.servers.up(), lambda m: m.client.list_envs(owner))
+        answers = self._fan(self.servers.up(), lambda m: self._c(m).list_envs(owner))
         seen: dict[str, list[Part]] = {}
         for m, reply in answers:
             if isinstance(reply, ProxyError):
@@ -155,13 +199,16 @@ class Proxy:
                         holders.append(m.address)
                     self._last[(env["name"], m.address)] = env
                 seen.setdefault(env["name"], []).append(Part(m.address, env))
-        with self._lock:  # parts on servers that are down: their last views
-            for name, holders in self._where.items():
+        down = [m for m in self.servers if not m.up]
+        who = self._principal() if down else {"admin": True}
+        with self._lock:  # parts on servers that are down: their last views (if the
+            for name, holders in self._where.items():  # caller may see them)
                 for address in holders:
                     member = self.servers.get(address)
                     view = self._last.get((name, address))
                     if not member.up and view is not None and (
-                            owner is None or view.get("owner") == owner):
+                            owner is None or view.get("owner") == owner) and (
+                            who.get("admin") or view.get("owner") == who.get("name")):
                         seen.setdefault(name, []).append(
                             Part(address, view, member.error or "not answering"))
         envs = [merge_env(parts) for parts in seen.values()]
@@ -169,7 +216,7 @@ class Proxy:
 
     def status(self) -> dict:
         answers = dict((m.address, r) for m, r in self._fan(self.servers.up(),
-                                                             lambda m: m.client.status()))
+                                                             lambda m: self._c(m).status()))
         rows, images = [], {}
         totals = dict.fromkeys(("cpu_total", "cpu_used", "mem_total_mib", "mem_used_mib",
                                 "disk_total_mib", "disk_used_mib", "env_count"), 0)
@@ -227,7 +274,7 @@ class Proxy:
                     part = {**body, "os_prefix": list(counts), "counts": counts,
                             "first_index": firsts[address]}
                     m = self.servers.get(address)
-                    view = self._call(m, lambda m, part=part: m.client.post_env(part))
+                    view = self._call(m, lambda m, part=part: self._c(m).post_env(part))
                     created.append(address)
                     with self._lock:
                         self._where.setdefault(name, []).append(address)
@@ -243,7 +290,7 @@ class Proxy:
     def _rollback(self, name: str, created: list[str]) -> None:
         for address in created:
             try:
-                self.servers.get(address).client.delete_env(name)
+                self._c(self.servers.get(address)).delete_env(name)
             except ApiError as exc:  # its own reaper deletes it at expiry at the latest
                 log.error("rollback of ENV %s on %s failed: %s", name, address, exc)
         self._forget(name)
@@ -252,7 +299,7 @@ class Proxy:
         holders = self._holders(name)
         members = [self.servers.get(a) for a in holders]
         results = self._fan([m for m in members if m.up],
-                            lambda m: m.client.delete_env(name))
+                            lambda m: self._c(m).delete_env(name))
         deleted = [m.address for m, r in results
                    if not isinstance(r, ProxyError) or r.status == 404]
         for address in deleted:
@@ -281,15 +328,15 @@ class Proxy:
         return [r for _, r in results]
 
     def stop(self, name: str) -> dict:
-        self._each_part(name, lambda m: m.client.stop_env(name))
+        self._each_part(name, lambda m: self._c(m).stop_env(name))
         return self.get(name)
 
     def start(self, name: str) -> dict:
-        self._each_part(name, lambda m: m.client.start_env(name))
+        self._each_part(name, lambda m: self._c(m).start_env(name))
         return self.get(name)
 
     def update(self, name: str, body: dict) -> dict:
-        self._each_part(name, lambda m: m.client.update_env(
+        self._each_part(name, lambda m: self._c(m).update_env(
             name, body.get("life_time"), body.get("add_ports"), body.get("remove_ports")))
         return self.get(name)
 
@@ -335,12 +382,12 @@ class Proxy:
         return merge_results(replies, down, kind)
 
     def run(self, name: str, body: dict) -> list[dict]:
-        return self._fan_vms(name, body.get("vms"), "run", lambda m, vms: m.client.run(
+        return self._fan_vms(name, body.get("vms"), "run", lambda m, vms: self._c(m).run(
             name, body["cmd"], body.get("use_ssh", False), body.get("timeout", 600), vms))
 
     def push(self, name: str, path: str, data: bytes, mode: int | None,
              only: list[str] | None, use_ssh: bool) -> list[dict]:
-        return self._fan_vms(name, only, "push", lambda m, vms: m.client.push(
+        return self._fan_vms(name, only, "push", lambda m, vms: self._c(m).push(
             name, path, data, mode=mode, vms=vms, use_ssh=use_ssh))
 
     def _vm_server(self, name: str, vm_ref: str) -> Member:
@@ -354,8 +401,8 @@ class Proxy:
 
     def pull(self, name: str, vm_ref: str, path: str, use_ssh: bool) -> bytes:
         m = self._vm_server(name, vm_ref)
-        return self._call(m, lambda m: m.client.pull(name, vm_ref, path, use_ssh))
+        return self._call(m, lambda m: self._c(m).pull(name, vm_ref, path, use_ssh))
 
     def console(self, name: str, vm_ref: str, lines: int) -> str:
         m = self._vm_server(name, vm_ref)
-        return self._call(m, lambda m: m.client.console(name, vm_ref, lines))
+        return self._call(m, lambda m: self._c(m).console(name, vm_ref, lines))

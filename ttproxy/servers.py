@@ -35,13 +35,15 @@ class Member:
 
 class ServerSet:
     def __init__(self, addresses: list[str], interval: float = 1.0,
-                 request_timeout: float = 30.0) -> None:
+                 request_timeout: float = 30.0, token: str | None = None) -> None:
         if not addresses:
             raise ValueError("--server-set needs at least one HOST:PORT")
         self.interval = interval
-        self.members = {a: Member(a, Client(f"http://{a}", timeout=request_timeout))
-                        for a in addresses}
-        self._probe = {a: Client(f"http://{a}", timeout=max(1.0, interval * 2))
+        # the proxy's own calls (placement, learning where ENVs are) use its own token,
+        # which should be an admin token when the servers require tokens
+        self.members = {a: Member(a, Client(f"http://{a}", timeout=request_timeout,
+                                            token=token)) for a in addresses}
+        self._probe = {a: Client(f"http://{a}", timeout=max(1.0, interval * 2), token=None)
                        for a in addresses}
         self._stop = threading.Event()
         self.on_up: Callable[[str], None] | None = None

@@ -19,6 +19,7 @@ from ttclient.units import parse_mib
 
 DEFAULT_IMAGES = "/var/lib/ttstack/images"
 DEFAULT_STATE = "/var/lib/ttstack/state"
+DEFAULT_TOKENS = "/etc/ttstack/tokens"
 
 
 def _mib(text: str) -> int:
@@ -41,7 +42,8 @@ def _port_range(text: str) -> tuple[int, int]:
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ttserver", description="ttstack host daemon: ENVs of real VMs over HTTP/JSON.",
-        epilog="Sub-commands: 'ttserver image build|list ...' (see 'ttserver image --help'). "
+        epilog="Sub-commands: 'ttserver image build|list ...' (see 'ttserver image --help'),"
+               " 'ttserver token add|list|del ...' (see 'ttserver token --help'). "
                "Sizes are MiB or take a suffix: 512M, 4G, 1T.")
     p.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES),
                    help=f"directory of images ENGINE:OS-VERSION:ARCH (default {DEFAULT_IMAGES})")
@@ -68,6 +70,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outgoing", action="store_true",
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
+    p.add_argument("--tokens-file", type=Path, default=None,
+                   help="API tokens ('ttserver token add'); without it the API is open")
     p.add_argument("--libvirt-uri", default="qemu:///system",
                    help="libvirt connection (default qemu:///system)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
@@ -89,6 +93,42 @@ def image_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list images under --image-path")
     ls.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
     return p
+
+
+def token_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ttserver token",
+                                description="manage API tokens (shown once, stored hashed)")
+    p.add_argument("--tokens-file", type=Path, default=Path(DEFAULT_TOKENS),
+                   help=f"default {DEFAULT_TOKENS}")
+    sub = p.add_subparsers(dest="action", required=True)
+    a = sub.add_parser("add", help="create a token and print it")
+    a.add_argument("name", help="who it is for; ENVs it creates are owned by this name")
+    a.add_argument("--admin", action="store_true", help="may see and act on every ENV")
+    sub.add_parser("list", help="token names and roles")
+    d = sub.add_parser("del", help="revoke a token (takes effect at once)")
+    d.add_argument("name")
+    return p
+
+
+def token_main(argv: list[str]) -> int:
+    from . import auth
+    args = token_parser().parse_args(argv)
+    try:
+        if args.action == "add":
+            print(auth.add_token(args.tokens_file, args.name, args.admin))
+            print(f"(token for {args.name} added to {args.tokens_file}; it is not shown again)",
+                  file=sys.stderr)
+        elif args.action == "del":
+            auth.delete_token(args.tokens_file, args.name)
+            print(f"revoked {args.name}", file=sys.stderr)
+        else:
+            text = args.tokens_file.read_text() if args.tokens_file.exists() else ""
+            for name, role in sorted(auth.parse(text, str(args.tokens_file)).values()):
+                print(f"{name}\t{role}")
+    except (OSError, ValueError) as exc:
+        print(f"ttserver token: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def image_main(argv: list[str]) -> int:
@@ -133,7 +173,9 @@ def serve_main(argv: list[str]) -> int:
     if not 1 <= cfg.default_life_time <= cfg.max_life_time:
         print(f"ttserver: --life-time must be 1..{cfg.max_life_time} seconds", file=sys.stderr)
         return 2
+    from .auth import TokenStore
     try:
+        tokens = TokenStore(args.tokens_file)
         manager = EnvManager(cfg)
         manager.start_background()
     except Exception as exc:  # libvirt not running, unwritable state dir, ...
@@ -142,7 +184,7 @@ def serve_main(argv: list[str]) -> int:
     # uvicorn turns SIGTERM/SIGINT into a clean stop; VMs stay on record and are adopted
     # (or reaped, if expired) on the next start.
     try:
-        uvicorn.run(create_app(manager), host=cfg.serv_addr, port=cfg.serv_port,
+        uvicorn.run(create_app(manager, tokens), host=cfg.serv_addr, port=cfg.serv_port,
                     log_level="warning", access_log=False)
     except KeyboardInterrupt:
         pass
@@ -155,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "image":
         return image_main(argv[1:])
+    if argv and argv[0] == "token":
+        return token_main(argv[1:])
     return serve_main(argv)
 
 

@@ -1,0 +1,164 @@
+"""API tokens on a real ttserver (and through a real ttproxy): who may see, run in and
+delete an ENV; tokens never logged; the client keeps its token 0600."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import ProxyProcess, ServerProcess, new_run_dir, tt
+
+pytestmark = pytest.mark.vm
+
+
+def add_token(tokens: Path, name: str, *flags: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "ttserver.cli", "token", "--tokens-file",
+                           str(tokens), "add", name, *flags], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def h(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[tuple[ServerProcess, Path, dict[str, str]]]:
+    run_dir = new_run_dir("auth-")
+    tokens_file = run_dir / "tokens"
+    tokens = {"alice": add_token(tokens_file, "alice"), "bob": add_token(tokens_file, "bob"),
+              "root": add_token(tokens_file, "root", "--admin")}
+    srv = ServerProcess(run_dir / "state", port_range="47000-47999",
+                        extra=("--tokens-file", str(tokens_file))).start()
+    try:
+        yield srv, tokens_file, tokens
+    finally:
+        for name in [e["name"] for e in requests.get(srv.url + "/envs", headers=h(
+                tokens["root"]), timeout=10).json()]:
+            requests.delete(f"{srv.url}/envs/{name}", headers=h(tokens["root"]), timeout=120)
+        srv.stop(clean=False)
+
+
+def test_tokens_file_stores_only_hashes_and_is_private(secured):
+    _, tokens_file, tokens = secured
+    text = tokens_file.read_text()
+    assert all(t not in text for t in tokens.values())
+    assert oct(tokens_file.stat().st_mode & 0o777) == "0o600"
+    assert [line.split()[:2] for line in text.splitlines()] == [
+        ["alice", "user"], ["bob", "user"], ["root", "admin"]]
+
+
+def test_requests_without_a_valid_token_are_refused(secured):
+    srv, _, tokens = secured
+    assert requests.get(srv.url + "/health", timeout=10).ok  # health stays open
+    for path in ("/status", "/envs", "/envs/x", "/images"):
+        resp = requests.get(srv.url + path, timeout=10)
+        assert resp.status_code == 401 and "needs an API token" in resp.json()["detail"]
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+    resp = requests.get(srv.url + "/status", headers=h(tokens["alice"] + "x"), timeout=10)
+    assert resp.status_code == 401 and "not accepted" in resp.json()["detail"]
+    res = tt(srv.address, "status", "--server")
+    assert res.returncode == 1 and "needs an API token" in res.stderr
+
+
+def test_an_env_belongs_to_its_token(secured):
+    srv, _, tokens = secured
+    resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]),
+                         json={"name": "mine", "os_prefix": ["debian-12"], "owner": "bob"},
+                         timeout=30)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["owner"] == "alice", "the owner is the token's name, not the body's"
+
+    bob = h(tokens["bob"])
+    for method, path, kw in (("GET", "/envs/mine", {}),
+                             ("POST", "/envs/mine/run", {"json": {"cmd": "id"}}),
+                             ("PUT", "/envs/mine/files?path=/x", {"data": b"x"}),
+                             ("GET", "/envs/mine/vms/0/files?path=/etc/hostname", {}),
+                             ("GET", "/envs/mine/vms/0/console", {}),
+                             ("PATCH", "/envs/mine", {"json": {"life_time": 60}}),
+                             ("POST", "/envs/mine/stop", {}),
+                             ("DELETE", "/envs/mine", {})):
+        resp = requests.request(method, srv.url + path, headers=bob, timeout=30, **kw)
+        assert resp.status_code == 403, (method, path, resp.text)
+        assert "belongs to another token" in resp.json()["detail"]
+    assert requests.get(srv.url + "/envs", headers=bob, timeout=10).json() == []
+    res = tt(srv.address, "env", "listall", token=tokens["bob"])
+    assert res.returncode == 0 and "mine" not in res.stdout
+    res = tt(srv.address, "env", "del", "mine", token=tokens["bob"])
+    assert res.returncode == 1 and "belongs to another token" in res.stderr
+
+    mine = requests.get(srv.url + "/envs", headers=h(tokens["alice"]), timeout=10).json()
+    assert [e["name"] for e in mine] == ["mine"]
+    every = requests.get(srv.url + "/envs", headers=h(tokens["root"]), timeout=10).json()
+    assert [e["name"] for e in every] == ["mine"]
+    whoami = requests.get(srv.url + "/whoami", headers=h(tokens["root"]), timeout=10).json()
+    assert whoami == {"name": "root", "admin": True, "auth": True}
+    res = tt(srv.address, "env", "del", "mine", token=tokens["root"])
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
+    srv, _, tokens = secured
+    token_file = tmp_path / "proxy-token"
+    token_file.write_text(tokens["root"] + "\n")
+    proxy = ProxyProcess([srv.address], tmp_path, extra=("--token-file", str(token_file)))
+    proxy.start()
+    try:
+        resp = requests.post(proxy.url + "/envs", headers=h(tokens["alice"]),
+                             json={"name": "viaproxy", "os_prefix": ["debian-12"]}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["owner"] == "alice"
+        resp = requests.get(proxy.url + "/envs/viaproxy", headers=h(tokens["bob"]), timeout=10)
+        assert resp.status_code == 403 and "belongs to another token" in resp.json()["detail"]
+        assert requests.get(proxy.url + "/envs", headers=h(tokens["bob"]), timeout=10).json() == []
+        assert requests.get(proxy.url + "/envs/viaproxy", timeout=10).status_code == 401
+        res = tt(proxy.address, "env", "del", "viaproxy", token=tokens["alice"])
+        assert res.returncode == 0, res.stderr
+    finally:
+        proxy.stop()
+
+
+def test_revoking_a_token_takes_effect_without_a_restart(secured):
+    srv, tokens_file, tokens = secured
+    assert requests.get(srv.url + "/envs", headers=h(tokens["bob"]), timeout=10).ok
+    proc = subprocess.run([sys.executable, "-m", "ttserver.cli", "token", "--tokens-file",
+                           str(tokens_file), "del", "bob"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    resp = requests.get(srv.url + "/envs", headers=h(tokens["bob"]), timeout=10)
+    assert resp.status_code == 401
+
+
+def test_tokens_never_reach_the_log(secured):
+    srv, _, tokens = secured
+    log = srv.log.read_text(errors="replace")
+    assert log, "the server log should not be empty"
+    assert all(t not in log for t in tokens.values())
+
+
+def test_client_keeps_its_token_private(secured, tmp_path: Path):
+    srv, _, tokens = secured
+    config = tmp_path / "cfg" / "tt.json"
+    res = tt(None, "config", "--serv-addr", "127.0.0.1", "--serv-port", str(srv.port),
+             "--token", "-", config=str(config), stdin=tokens["alice"] + "\n")
+    assert res.returncode == 0, res.stderr
+    assert tokens["alice"] not in res.stdout + res.stderr
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+    res = tt(None, "status", "--server", config=str(config))
+    assert res.returncode == 0 and "accel=" in res.stdout, res.stderr
+
+
+def test_a_tokens_file_readable_by_others_stops_the_server(tmp_path: Path):
+    bad = tmp_path / "tokens"
+    add_token(bad, "x")
+    os.chmod(bad, 0o644)
+    run_dir = new_run_dir("auth-bad-")
+    with pytest.raises(RuntimeError, match="must not be readable by others"):
+        ServerProcess(run_dir / "state", extra=("--tokens-file", str(bad))).start(timeout=30)

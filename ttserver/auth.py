@@ -1,0 +1,136 @@
+"""API tokens: who is calling, and may they touch this ENV.
+
+The tokens file (`--tokens-file`) has one line per token, `NAME ROLE SHA256`, written by
+`ttserver token add`; the token itself is shown once and never stored, so a leaked file
+or backup does not leak access. The file is re-read when it changes (no restart to add or
+revoke a token). Without a tokens file the API is open, as on a single developer's host.
+
+Each ENV is owned by the token name that created it; other tokens get 403 on it and do
+not see it in listings; `admin` tokens see and may do everything. Tokens are compared in
+constant time and never logged or echoed in errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+ROLES = ("user", "admin")
+
+
+class AuthError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    admin: bool
+
+    def may_use(self, owner: str) -> bool:
+        return self.admin or owner == self.name
+
+
+OPEN = Principal("", admin=True)  # no tokens file: everyone may do everything
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def parse(text: str, source: str = "tokens file") -> dict[str, tuple[str, str]]:
+    """{sha256: (name, role)}; ValueError names the bad line."""
+    out: dict[str, tuple[str, str]] = {}
+    names: set[str] = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if (len(parts) != 3 or not TOKEN_NAME.match(parts[0]) or parts[1] not in ROLES
+                or not re.fullmatch(r"[0-9a-f]{64}", parts[2])):
+            raise ValueError(f"{source} line {n}: expected 'NAME user|admin SHA256'")
+        if parts[0] in names:
+            raise ValueError(f"{source} line {n}: token name {parts[0]!r} is listed twice")
+        names.add(parts[0])
+        out[parts[2]] = (parts[0], parts[1])
+    return out
+
+
+class TokenStore:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._tokens: dict[str, tuple[str, str]] = {}
+        if path is not None:
+            self._load()  # fail at start-up, not at the first request
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def _load(self) -> None:
+        assert self.path is not None
+        st = self.path.stat()
+        if st.st_mode & 0o077:
+            raise ValueError(f"tokens file {self.path} must not be readable by others"
+                             f" (chmod 600 {self.path})")
+        self._tokens = parse(self.path.read_text(), str(self.path))
+        self._mtime = st.st_mtime
+
+    def principal(self, authorization: str | None) -> Principal:
+        if self.path is None:
+            return OPEN
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("this server needs an API token: 'tt config --token TOKEN' or"
+                            " $TT_TOKEN (ask the operator for one)", 401)
+        with self._lock:
+            try:
+                if self.path.stat().st_mtime != self._mtime:
+                    self._load()
+            except (OSError, ValueError):
+                pass  # keep the last good set; the operator sees the error on restart
+            wanted = digest(token.strip())
+            for known, (name, role) in self._tokens.items():
+                if hmac.compare_digest(known, wanted):
+                    return Principal(name, role == "admin")
+        raise AuthError("API token not accepted (revoked or mistyped)", 401)
+
+
+def add_token(path: Path, name: str, admin: bool) -> str:
+    """Append a new token for `name`; return it (the only time it is shown)."""
+    if not TOKEN_NAME.match(name):
+        raise ValueError(f"token name {name!r}: 1-64 of letters, digits, '_.@-'")
+    existing = parse(path.read_text(), str(path)) if path.exists() else {}
+    if any(n == name for n, _ in existing.values()):
+        raise ValueError(f"token name {name!r} exists; delete it first to replace it")
+    token = "tt_" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{name} {'admin' if admin else 'user'} {digest(token)}\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+def delete_token(path: Path, name: str) -> None:
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.split()[:1] != [name]]
+    if len(kept) == len(lines):
+        raise ValueError(f"no token named {name!r} in {path}")
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    tmp.replace(path)
