@@ -28,8 +28,9 @@ class ServerProcess:
 
     def __init__(self, cfgdb: Path, image_path: Path = IMAGE_PATH, *,
                  extra: tuple[str, ...] = (), port: int | None = None,
-                 port_range: str | None = None) -> None:
+                 port_range: str | None = None, env: dict[str, str] | None = None) -> None:
         self.cfgdb = cfgdb
+        self.env = env
         self.image_path = image_path
         self.port = port or free_port()
         self.port_range = port_range or "41000-41999"
@@ -52,7 +53,8 @@ class ServerProcess:
                "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
                "--accel", "tcg", *self.extra]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

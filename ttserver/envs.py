@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
 from .engine import BootTimeout, Engine, console_tail, qemu_user
 from .errors import BadRequest, Conflict, InsufficientResources, NotFound, TTError
+from .failpoints import crash_point
 from .guestio import GuestError, GuestIO
 from .ports import PortPool
 
@@ -276,6 +277,7 @@ class EnvManager:
             self.db.insert_env(c, env)
             for vm in vms:
                 self.db.insert_vm(c, vm)
+        crash_point("create.admitted")
         self._spawn_boot(req.name, chosen, fresh=True)
         return self.get(req.name)
 
@@ -340,6 +342,7 @@ class EnvManager:
                 storage.make_vm_dir(vm_dir, self.uid, self.gid)
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
                 storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
+                crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
             restrict = "on" if self._restricted(env) else "off"
@@ -356,11 +359,13 @@ class EnvManager:
                 return "cancelled"
             self.db.set_vm(vm.id, state=BOOTING)
             self.engine.start(domainxml.render(spec))
+            crash_point("boot.domain_started")
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
                                             cancel.is_set)
             if fresh:
                 self._personalize(vm, env)
             self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="")
+            crash_point("boot.vm_running")
             return ""
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
             msg = str(exc)
@@ -389,6 +394,7 @@ class EnvManager:
     def delete(self, name: str) -> None:
         env = self._env(name)
         self.db.set_env(name, state=DELETING)
+        crash_point("delete.marked")
         with self._boots_lock:
             boot = self._boots.get(name)
         if boot:
@@ -396,6 +402,7 @@ class EnvManager:
             boot.thread.join(timeout=60)
         with self._env_lock(name):  # a stop or update in flight finishes first
             self._teardown_vms(self.db.vms_of(env.name), keep_rows=False)
+            crash_point("delete.torn_down")
             self.db.delete_env(name)
         with self._env_locks_lock:
             self._env_locks.pop(name, None)
@@ -410,6 +417,7 @@ class EnvManager:
             if env.state != READY:
                 raise Conflict(f"ENV {name!r} is {env.state}; only a running ENV can be stopped")
             self.db.set_env(name, state=STOPPING)
+            crash_point("stop.marked")
             live = [vm for vm in env.vms if vm.state == RUNNING]
 
             def one(vm: VMRow) -> None:
