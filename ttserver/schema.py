@@ -33,7 +33,10 @@ class EnvCreate(BaseModel):
     @field_validator("os_prefix", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
-        return split_prefixes(v) if isinstance(v, str | list) else v
+        # only strings are split; anything else is left for pydantic to refuse (422)
+        if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            return split_prefixes(v)
+        return v
 
     @field_validator("mem_size", "disk_size")
     @classmethod
