@@ -23,8 +23,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class DaemonProcess:
+    """A daemon subprocess (ttserver or ttproxy) on loopback, started and awaited on its
+    /health, with its output in `self.log`."""
+
+    name = "daemon"
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _launch(self, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def _signal(self, sig: int, wait: float) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+class ServerProcess(DaemonProcess):
     """A ttserver subprocess on loopback with its own state dir and port range."""
+
+    name = "ttserver"
 
     def __init__(self, cfgdb: Path, image_path: Path = IMAGE_PATH, *,
                  extra: tuple[str, ...] = (), port: int | None = None,
@@ -35,16 +87,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.port_range = port_range or "41000-41999"
         self.extra = list(extra)
-        self.proc: subprocess.Popen | None = None
         self.log = cfgdb.parent / f"{cfgdb.name}-server.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ServerProcess:
         cmd = [sys.executable, "-m", "ttserver.cli", "--image-path", str(self.image_path),
@@ -52,26 +95,8 @@ class ServerProcess:
                "--serv-port", str(self.port), "--port-range", self.port_range,
                "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
                "--accel", "tcg", *self.extra]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(self.env or {})})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ttserver exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"ttserver did not answer within {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        self._launch(cmd, timeout, self.env)
+        return self
 
     def delete_all_envs(self) -> None:
         """Test teardown: a failed test must not leave VMs running for the next one."""
@@ -84,13 +109,7 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM, clean: bool = True) -> None:
         if self.proc and self.proc.poll() is None and sig == signal.SIGTERM and clean:
             self.delete_all_envs()
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self._signal(sig, 30)
 
     def server_id(self) -> str:
         return requests.get(self.url + "/health", timeout=5).json()["server_id"]
@@ -153,8 +172,10 @@ def tt(address: str | None, *args: str, config: str = "/nonexistent/tt.json",
                           text=True, env=env, timeout=timeout, input=stdin)
 
 
-class ProxyProcess:
+class ProxyProcess(DaemonProcess):
     """A ttproxy subprocess on loopback in front of `servers`."""
+
+    name = "ttproxy"
 
     def __init__(self, servers: list[str], log_dir: Path, port: int | None = None,
                  extra: tuple[str, ...] = ()) -> None:
@@ -162,40 +183,12 @@ class ProxyProcess:
         self.extra = list(extra)
         self.port = port or free_port()
         self.log = log_dir / f"proxy-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> ProxyProcess:
-        cmd = [sys.executable, "-m", "ttproxy.cli", "--proxy-addr", self.address,
-               "--server-set", ",".join(self.servers), "--health-interval", "0.5",
-               *self.extra]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ttproxy exited {self.proc.returncode}:\n"
-                                   + self.log.read_text(errors="replace")[-3000:])
-            try:
-                if requests.get(self.url + "/health", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"ttproxy did not answer within {timeout}s")
+        self._launch([sys.executable, "-m", "ttproxy.cli", "--proxy-addr", self.address,
+                      "--server-set", ",".join(self.servers), "--health-interval", "0.5",
+                      *self.extra], timeout)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self._signal(sig, 15)

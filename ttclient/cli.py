@@ -111,12 +111,17 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"disk {_mib_text(row['disk_used_mib'])}/{_mib_text(row['disk_total_mib'])}  "
               f"ENVs {row['env_count']}")
     print("images: " + (", ".join(i["name"] for i in st["images"]) or "none"))
+    templates = [t for row in rows for t in row.get("templates", [])]
+    if templates:
+        print("warm templates: " + ", ".join(f"{t['key']} ({t['state']})" for t in templates))
     return 0
 
 
 # --- env -----------------------------------------------------------------------------
 def _vm_line(vm: dict, since: float | None = None) -> str:
     took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
+    if took and vm.get("boot_mode") == "warm":
+        took += " (warm)"
     if vm["state"] in ("pending", "booting") and since:
         took = f" ({time.time() - since:.0f}s)"
     ports = "".join(f" {g}->{h}" for g, h in vm.get("ports", {}).items())
@@ -152,7 +157,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
                             cpu_num=args.cpu_num, mem_size=args.mem_size,
                             disk_size=args.disk_size, life_time=args.life_time,
                             ports=args.port or [], ssh_keys=keys,
-                            deny_outgoing=args.deny_outgoing or None)
+                            deny_outgoing=args.deny_outgoing or None, warm=args.warm)
     if args.no_wait:
         if args.json:
             _print_json(env)
@@ -360,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--deny-outgoing", action="store_true",
                    help="cut the VMs off the outside network (always so unless the server"
                         " runs with --allow-outgoing)")
+    speed = a.add_mutually_exclusive_group()
+    speed.add_argument("--warm", dest="warm", action="store_const", const=True, default=None,
+                       help="start VMs from their image's memory snapshot (~1 s; the first"
+                            " ENV of a shape boots cold while the snapshot is made)")
+    speed.add_argument("--cold", dest="warm", action="store_const", const=False,
+                       help="always boot (the server's default unless it runs --warm-clones)")
     a.add_argument("--no-wait", action="store_true", help="return once the server accepted it")
     a.add_argument("--wait-timeout", type=float, default=900.0)
     a.add_argument("--json", action="store_true")

@@ -91,7 +91,7 @@ def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI
                          disk_size=body.disk_size, life_time=body.life_time,
                          ports=body.ports, ssh_keys=body.ssh_keys,
                          owner=caller.name if tokens.enabled else body.owner,
-                         deny_outgoing=body.deny_outgoing, counts=body.counts,
+                         deny_outgoing=body.deny_outgoing, counts=body.counts, warm=body.warm,
                          first_index=body.first_index)
         return manager.create(req)
 

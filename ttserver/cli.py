@@ -57,7 +57,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="virtual disk size of VM clones to hand out (default 40G)")
     p.add_argument("--serv-addr", default="127.0.0.1",
                    help="address for the API and the forwarded VM ports (default 127.0.0.1;"
-                        " 0.0.0.0 exposes both to the network: there is no auth yet)")
+                        " before exposing it, set --tokens-file)")
     p.add_argument("--serv-port", type=int, default=20000, help="API port (default 20000)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="auto: KVM only if a guest kernel really boots under it, else TCG")
@@ -70,6 +70,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outgoing", action="store_true",
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
+    p.add_argument("--warm-clones", action="store_true",
+                   help="start VMs from a saved memory snapshot of their image (about a"
+                        " second instead of a boot); ENVs may still ask for cold boots")
     p.add_argument("--tokens-file", type=Path, default=None,
                    help="API tokens ('ttserver token add'); without it the API is open")
     p.add_argument("--libvirt-uri", default="qemu:///system",
@@ -169,7 +172,8 @@ def serve_main(argv: list[str]) -> int:
                        serv_port=args.serv_port, accel=args.accel,
                        port_first=args.port_range[0], port_last=args.port_range[1],
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
-                       libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing)
+                       libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing,
+                       warm_clones=args.warm_clones)
     if not 1 <= cfg.default_life_time <= cfg.max_life_time:
         print(f"ttserver: --life-time must be 1..{cfg.max_life_time} seconds", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ class ServerConfig:
     # QEMU user networking with restrict=on cuts every VM off the outside unless the
     # operator opts in; an ENV may still deny it (`deny_outgoing`).
     allow_outgoing: bool = False
+    # ENVs boot from memory snapshots of their image unless they ask otherwise
+    warm_clones: bool = False
 
     @property
     def db_file(self) -> Path:

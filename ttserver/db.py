@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS vms (
     ssh_port INTEGER NOT NULL,
     forwards TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
-    boot_seconds REAL
+    boot_seconds REAL,
+    boot_mode TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS vms_env ON vms(env);
 """
@@ -62,6 +63,7 @@ class VMRow:
     forwards: dict[int, int]  # guest port -> host port
     error: str = ""
     boot_seconds: float | None = None
+    boot_mode: str = ""  # cold | warm
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VMRow:
@@ -97,6 +99,13 @@ class StateDB:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a release: state dirs of older servers keep working."""
+        cols = {r["name"] for r in self._conn.execute("PRAGMA table_info(vms)")}
+        if "boot_mode" not in cols:
+            self._conn.execute("ALTER TABLE vms ADD COLUMN boot_mode TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -129,11 +138,11 @@ class StateDB:
 
     def insert_vm(self, c: sqlite3.Connection, vm: VMRow) -> None:
         c.execute("INSERT INTO vms(id, env, idx, image, cpu, mem_mib, disk_mib, state, domain,"
-                  " dir, ssh_port, forwards, error, boot_seconds)"
-                  " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  " dir, ssh_port, forwards, error, boot_seconds, boot_mode)"
+                  " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                   (vm.id, vm.env, vm.idx, vm.image, vm.cpu, vm.mem_mib, vm.disk_mib, vm.state,
                    vm.domain, vm.dir, vm.ssh_port, json.dumps(vm.forwards), vm.error,
-                   vm.boot_seconds))
+                   vm.boot_seconds, vm.boot_mode))
 
     def get_env(self, name: str) -> EnvRow | None:
         with self._lock:

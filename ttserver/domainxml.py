@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 ARCHES = {
-    "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10"},
-    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": ""},
+    # genid: a VM generation ID device (ACPI, so x86 only here). Each domain gets a new ID;
+    # a guest restored from a warm-clone template sees it change and reseeds its RNG,
+    # instead of every clone drawing the same "random" numbers from the saved state.
+    "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10",
+               "genid": "<genid/>"},
+    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": "", "genid": ""},
 }
 
 
@@ -36,6 +40,7 @@ class DomainSpec:
     uid: int
     gid: int
     title: str = ""
+    incoming: bool = False  # start paused, waiting for a saved memory state (warm clone)
 
 
 def _arg(value: str) -> str:
@@ -53,10 +58,13 @@ def render(spec: DomainSpec) -> str:
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
         qemu_args += [_arg("-cpu"), _arg("max,pauth-impdef=on")]
+    if spec.incoming:
+        qemu_args += [_arg("-incoming"), _arg("defer")]
     args = "\n    ".join(qemu_args)
     return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{spec.name}</name>
   <title>{spec.title}</title>
+  {arch["genid"]}
   <memory unit='MiB'>{spec.mem_mib}</memory>
   <vcpu>{spec.vcpus}</vcpu>
   <os>

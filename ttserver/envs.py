@@ -11,12 +11,14 @@ The rules that keep a host clean:
 
 from __future__ import annotations
 
+import base64
 import logging
 import platform
 import re
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from .errors import BadRequest, Conflict, InsufficientResources, NotFound, TTErr
 from .failpoints import crash_point
 from .guestio import GuestError, GuestIO
 from .ports import PortPool
+from .templates import Templates
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ MAX_PARALLEL_RUNS = 16
 # time keep the host responsive (and the agent channels from starving each other).
 MAX_PARALLEL_COPIES = 4
 SHUTDOWN_TIMEOUT = 30.0
+# a warm clone's agent answers within a second; more means the clone is broken
+WARM_AGENT_TIMEOUT = 30.0
 
 # VM states
 PENDING, BOOTING, RUNNING, FAILED, STOPPED = "pending", "booting", "running", "failed", "stopped"
@@ -67,6 +72,7 @@ class EnvRequest:
     # of a spanning ENV that lives here; first_index keeps VM names unique across servers
     counts: dict[str, int] | None = None
     first_index: int = 0
+    warm: bool | None = None  # None: the server's --warm-clones
 
 
 @dataclass
@@ -94,6 +100,9 @@ class EnvManager:
         self.uid, self.gid = qemu_user()
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
         self.io = GuestIO(self.engine, cfg)
+        self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
+                                   self.gid, self.domain_prefix, cfg.boot_timeout,
+                                   self._render)
         self._admit_lock = threading.Lock()
         self._env_locks: dict[str, threading.Lock] = {}
         self._env_locks_lock = threading.Lock()
@@ -110,13 +119,16 @@ class EnvManager:
         return f"tt-{self.server_id}-"
 
     def start_background(self) -> None:
+        self.templates.clean_partial()
         self.reconcile()
+        self.collect_templates()
         threading.Thread(target=self.accel, name="accel-probe", daemon=True).start()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
 
     def stop_background(self) -> None:
         self._stop.set()
+        self.templates.stop()
 
     def accel(self) -> accel_mod.AccelChoice:
         """The accelerator for host-arch guests, probed once (see accel.py)."""
@@ -154,6 +166,7 @@ class EnvManager:
             "disk_total_mib": self.cfg.disk_total_mib, "disk_used_mib": used["disk_mib"],
             "env_count": self.db.count_envs(),
             "images": [i.to_dict() for i in images.scan(self.cfg.image_path)],
+            "warm_clones": self.cfg.warm_clones, "templates": self.templates.status(),
         }
 
     # --- views -----------------------------------------------------------------------
@@ -165,7 +178,7 @@ class EnvManager:
             "state": vm.state, "cpu": vm.cpu, "mem_mib": vm.mem_mib, "disk_mib": vm.disk_mib,
             "ssh_host": self.cfg.connect_addr, "ssh_port": vm.ssh_port,
             "ports": {str(k): v for k, v in vm.forwards.items()},
-            "error": vm.error, "boot_seconds": vm.boot_seconds,
+            "error": vm.error, "boot_seconds": vm.boot_seconds, "boot_mode": vm.boot_mode,
         }
 
     def _env_view(self, env: EnvRow) -> dict:
@@ -271,7 +284,8 @@ class EnvManager:
             spec = {"os_prefix": req.os_prefix, "vm_number": req.vm_number,
                     "cpu_num": req.cpu_num, "mem_size": req.mem_size,
                     "disk_size": req.disk_size, "life_time": life, "ports": req.ports,
-                    "ssh_keys": req.ssh_keys, "deny_outgoing": req.deny_outgoing}
+                    "ssh_keys": req.ssh_keys, "deny_outgoing": req.deny_outgoing,
+                    "warm": req.warm}
             env = EnvRow(name=req.name, owner=req.owner, state=CREATING, created_at=now,
                          expires_at=now + life, spec=spec)
             self.db.insert_env(c, env)
@@ -329,6 +343,30 @@ class EnvManager:
                 self.db.set_vm(vm.id, state=STOPPED)
         self.db.set_env(name, state=ENV_STOPPED, error=f"start failed: {error}")
 
+    def _render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
+                console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
+                restrict: bool = True, title: str = "") -> str:
+        """Domain XML for a VM (or a template build) of `image`."""
+        forwards = "".join(f",hostfwd={f}" for f in hostfwd)
+        return domainxml.render(domainxml.DomainSpec(
+            name=name, arch=image.name.arch, accel=self._accel_for(image.name.arch),
+            vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
+            initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
+            netdev=f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}",
+            uid=self.uid, gid=self.gid, title=title, incoming=incoming))
+
+    def _vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
+                incoming: bool) -> str:
+        hostfwd = [f"tcp:{self.cfg.forward_addr}:{vm.ssh_port}-:22"]
+        hostfwd += [f"tcp:{self.cfg.forward_addr}:{h}-:{g}" for g, h in vm.forwards.items()]
+        return self._render(vm.domain, image, vm.cpu, vm.mem_mib, disk,
+                            Path(vm.dir) / "console.log", incoming, tuple(hostfwd),
+                            self._restricted(env), f"ttstack {env.name}/{vm.idx}")
+
+    def _wants_warm(self, env: EnvRow) -> bool:
+        warm = env.spec.get("warm")
+        return self.cfg.warm_clones if warm is None else bool(warm)
+
     def _boot_vm(self, vm: VMRow, image: images.Image, env: EnvRow,
                  cancel: threading.Event, fresh: bool) -> str:
         """Boot one VM; return "" or the error (which includes the console tail)."""
@@ -340,31 +378,24 @@ class EnvManager:
             overlay = vm_dir / "disk.qcow2"
             if fresh:
                 storage.make_vm_dir(vm_dir, self.uid, self.gid)
+                if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
+                    return ""
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
                 storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
                 crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
-            restrict = "on" if self._restricted(env) else "off"
-            hostfwd = [f"hostfwd=tcp:{self.cfg.forward_addr}:{vm.ssh_port}-:22"]
-            hostfwd += [f"hostfwd=tcp:{self.cfg.forward_addr}:{h}-:{g}"
-                        for g, h in vm.forwards.items()]
-            spec = domainxml.DomainSpec(
-                name=vm.domain, arch=image.name.arch, accel=self._accel_for(image.name.arch),
-                vcpus=vm.cpu, mem_mib=vm.mem_mib, disk=str(overlay), kernel=str(image.kernel),
-                initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
-                netdev=f"user,id=ttnet0,restrict={restrict}," + ",".join(hostfwd),
-                uid=self.uid, gid=self.gid, title=f"ttstack {env.name}/{vm.idx}")
             if cancel.is_set():
                 return "cancelled"
             self.db.set_vm(vm.id, state=BOOTING)
-            self.engine.start(domainxml.render(spec))
+            self.engine.start(self._vm_xml(vm, image, env, overlay, incoming=False))
             crash_point("boot.domain_started")
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
                                             cancel.is_set)
             if fresh:
                 self._personalize(vm, env)
-            self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="")
+            self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
+                           boot_mode="cold")
             crash_point("boot.vm_running")
             return ""
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
@@ -378,15 +409,76 @@ class EnvManager:
             self.db.set_vm(vm.id, state=FAILED, error=msg)
             return f"VM {_hostname(env.name, vm.idx)} ({vm.image}): {msg}"
 
-    def _personalize(self, vm: VMRow, env: EnvRow) -> None:
-        """Give the clone its hostname and authorized keys (server key + the user's)."""
+    def _boot_warm(self, vm: VMRow, image: images.Image, env: EnvRow,
+                   cancel: threading.Event) -> bool:
+        """Start the VM from its image's template; False (and a cold boot) when there is
+        none yet (one gets built in the background), the disk must grow, or it fails."""
+        if vm.disk_mib > image.size_mib:
+            return False  # the saved guest knows its disk's size; growing needs a boot
+        template = self.templates.ready(image, vm.cpu, vm.mem_mib)
+        if template is None:
+            self.templates.request(image, vm.cpu, vm.mem_mib)
+            return False
+        overlay = Path(vm.dir) / "disk.qcow2"
+        started = time.monotonic()
+        try:
+            storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
+            if cancel.is_set():
+                raise RuntimeError("cancelled")
+            self.db.set_vm(vm.id, state=BOOTING)
+            self.engine.start_from_memory(self._vm_xml(vm, image, env, overlay, True),
+                                          template.state)
+            restored = time.monotonic()
+            self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
+                                   Path(vm.dir) / "console.log", cancel.is_set)
+            answered = time.monotonic()
+            self._personalize(vm, env, new_identity=True)
+            log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
+                     restored - started, answered - restored, time.monotonic() - answered)
+        except Exception as exc:  # noqa: BLE001 - any failure: cold boot instead
+            self.engine.destroy(vm.domain)
+            overlay.unlink(missing_ok=True)
+            if not cancel.is_set():
+                self.templates.discard(template, f"clone {vm.id} failed: {exc}")
+            log.warning("warm clone of %s failed, booting cold: %s", vm.id, exc)
+            return False
+        self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
+                       boot_seconds=round(time.monotonic() - started, 2))
+        return True
+
+    def _personalize(self, vm: VMRow, env: EnvRow, new_identity: bool = False) -> None:
+        """Give the clone its hostname and authorized keys (server key + the user's).
+
+        A warm clone also needs what it would otherwise have made at its first boot: its
+        own machine-id and SSH host key (the template's are shared by every clone), and
+        the current time (its clock stopped when the template was saved). The host key is
+        made on the host (milliseconds, not a second of emulated ssh-keygen) and sshd
+        restarts in the background, so the VM is usable at once.
+        """
         dom = self.engine.lookup(vm.domain)
         keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
+        args = [_hostname(env.name, vm.idx)]
         script = ('hostname "$1"; echo "$1" > /etc/hostname; '
-                  'sed -i "s/^127.0.1.1 .*/127.0.1.1 $1/" /etc/hosts; '
-                  'umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys')
-        res = agent.exec_argv(dom, ["/bin/sh", "-c", script, "sh", _hostname(env.name, vm.idx)],
-                              timeout=30, stdin=keys.encode())
+                  'sed -i "s/^127.0.1.1 .*/127.0.1.1 $1/" /etc/hosts; ')
+        if new_identity:
+            private, public = sshexec.host_key_pair(args[0])
+            args += [f"{time.time():.3f}", base64.b64encode(private).decode(), public,
+                     uuid.uuid4().hex, secrets.token_hex(64)]
+            # Every clone resumes with the template's kernel RNG state: without a reseed
+            # they would all draw the same "random" numbers (measured: identical UUIDs).
+            # Mix host randomness in and force a reseed (ioctl RNDRESEEDCRNG); ids come
+            # from the host anyway.
+            script += ('python3 -c "import fcntl,os,sys; f=os.open(\'/dev/urandom\',os.O_WRONLY);'
+                       ' os.write(f,bytes.fromhex(sys.argv[1])); fcntl.ioctl(f,0x5207)" "$6"'
+                       ' || exit 3; '
+                       'date -u -s "@$2" >/dev/null; echo "$5" > /etc/machine-id; '
+                       'rm -f /etc/ssh/ssh_host_*; k=/etc/ssh/ssh_host_ed25519_key; '
+                       '(umask 077; printf %s "$3" | base64 -d > $k); '
+                       'printf "%s\\n" "$4" > $k.pub; '
+                       'systemctl --no-block try-restart ssh.service; ')
+        script += 'umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys'
+        res = agent.exec_argv(dom, ["/bin/sh", "-c", script, "sh", *args], timeout=30,
+                              stdin=keys.encode())
         if res.exit_code != 0:
             raise RuntimeError(f"guest set-up failed ({res.exit_code}): {res.stderr.strip()}")
 
@@ -534,11 +626,22 @@ class EnvManager:
 
     # --- expiry and reconciliation -----------------------------------------------------
     def _reap_loop(self) -> None:
+        rounds = 0
         while not self._stop.wait(self.cfg.reap_interval):
+            rounds += 1
             try:
                 self.reap_expired()
+                if rounds % 30 == 0:
+                    self.collect_templates()
             except Exception:
                 log.exception("reaper")
+
+    def collect_templates(self) -> list[str]:
+        """Remove retired warm-clone templates that no VM disk is a clone of any more."""
+        used = {b for vm in self.db.all_vms()
+                if (Path(vm.dir) / "disk.qcow2").is_file()
+                for b in [storage.backing_file(Path(vm.dir) / "disk.qcow2")] if b}
+        return self.templates.collect(used)
 
     def reap_expired(self) -> list[str]:
         now = time.time()

@@ -25,6 +25,8 @@ class EnvCreate(BaseModel):
     owner: str = Field("", max_length=200,
                        description="who asked (user@host); `tt env list` shows one owner's")
     deny_outgoing: bool = Field(False, description="cut the VMs off the outside network")
+    warm: bool | None = Field(None, description="boot from the image's memory snapshot"
+                              " (default: the server's --warm-clones)")
     counts: dict[str, int] | None = Field(
         None, description="exact VMs per image full name, instead of vm_number (ttproxy)")
     first_index: int = Field(0, ge=0, le=100_000,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,15 @@ def ensure_key(key: Path) -> str:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ttserver",
                         "-f", str(key)], check=True, timeout=30)
     return Path(str(key) + ".pub").read_text().strip()
+
+
+def host_key_pair(comment: str) -> tuple[bytes, str]:
+    """A fresh ed25519 SSH host key (private key file bytes, public key line)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{comment}",
+                        "-f", str(path)], check=True, timeout=30, capture_output=True)
+        return path.read_bytes(), Path(str(path) + ".pub").read_text().strip()
 
 
 # sshd starts a few seconds after the guest agent; until then connections are reset.

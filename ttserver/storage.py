@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,15 @@ def create_overlay(base: Path, overlay: Path, size_mib: int | None, uid: int, gi
     if proc.returncode != 0:
         raise RuntimeError(f"qemu-img create failed: {proc.stderr.strip()}")
     os.chown(overlay, uid, gid)
+
+
+def backing_file(overlay: Path) -> str | None:
+    """The image an overlay is a clone of (read from its qcow2 header)."""
+    proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout).get("backing-filename")
 
 
 def make_vm_dir(path: Path, uid: int, gid: int) -> None:

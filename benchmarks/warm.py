@@ -1,0 +1,86 @@
+"""Warm clones vs cold boots: time from `POST /envs` to the first successful `run` on
+every VM, in one run on one server (TCG here), for a 1-VM ENV and an N-VM ENV.
+
+Run by hand on an otherwise idle host:
+
+    python3 benchmarks/warm.py [--vms 8] [--rounds 2]
+
+The template is built (and timed) first; then each round creates a cold and a warm ENV
+of each size. Prints medians and the ratio cold/warm (goal: >= 10x for one VM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import ServerProcess, new_run_dir, wait_env  # noqa: E402
+
+
+def ready_seconds(url: str, name: str, vms: int, warm: bool) -> float:
+    started = time.monotonic()
+    requests.post(url + "/envs", json={"name": name, "os_prefix": ["debian-12"],
+                                       "vm_number": vms, "warm": warm},
+                  timeout=60).raise_for_status()
+    env = wait_env(url, name, timeout=1800)
+    assert env["state"] == "running", env["error"]
+    while True:
+        res = requests.post(f"{url}/envs/{name}/run", json={"cmd": "true"}, timeout=120)
+        if res.ok and all(r["exit_code"] == 0 for r in res.json()["results"]):
+            break
+        time.sleep(0.1)
+    took = time.monotonic() - started
+    modes = {vm["boot_mode"] for vm in env["vms"]}
+    assert modes == {"warm" if warm else "cold"}, modes
+    requests.delete(f"{url}/envs/{name}", timeout=300).raise_for_status()
+    return took
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vms", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    run_dir = new_run_dir("bench-warm-")
+    srv = ServerProcess(run_dir / "state", port_range="42500-42999",
+                        extra=("--warm-clones", "--cpu-total", str(max(8, args.vms)),
+                               "--mem-total", f"{max(8, args.vms) * 512}M")).start()
+    try:
+        started = time.monotonic()
+        ready_seconds(srv.url, "seed", 1, warm=False)  # cold, and asks for the template
+        requests.post(srv.url + "/envs", json={"name": "kick", "os_prefix": ["debian-12"],
+                                               "warm": True}, timeout=60)
+        wait_env(srv.url, "kick")
+        requests.delete(srv.url + "/envs/kick", timeout=300)
+        while not any(t["state"] == "ready" for t in
+                      requests.get(srv.url + "/status", timeout=10).json()["templates"]):
+            time.sleep(1)
+        print(f"template ready after {time.monotonic() - started:.0f}s (incl. one cold ENV)")
+        results: dict[tuple[int, bool], list[float]] = {}
+        for r in range(args.rounds):
+            for vms in (1, args.vms):
+                for warm in (False, True):
+                    took = ready_seconds(srv.url, f"b{r}-{vms}-{int(warm)}", vms, warm)
+                    results.setdefault((vms, warm), []).append(took)
+                    print(f"round {r + 1}: {vms} VM(s) {'warm' if warm else 'cold'}: "
+                          f"{took:.1f}s", flush=True)
+        print(f"\n{'VMs':>4} {'cold s':>8} {'warm s':>8} {'cold/warm':>10}")
+        for vms in (1, args.vms):
+            cold = statistics.median(results[(vms, False)])
+            warm = statistics.median(results[(vms, True)])
+            print(f"{vms:>4} {cold:8.1f} {warm:8.1f} {cold / warm:10.1f}")
+    finally:
+        srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Warm clones on real VMs: the first ENV boots cold and leaves a template behind; clones
+from it answer `run`, have their own hostname, machine-id and SSH host key, keep their
+disks apart, leak nothing — and a broken template makes VMs boot cold, not fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import ServerProcess, leftovers, new_run_dir, wait_env
+
+pytestmark = pytest.mark.vm
+KEY = "qemu:debian-12:x86_64-1cpu-512m"
+
+
+@pytest.fixture(scope="module")
+def warm_server() -> Iterator[tuple[ServerProcess, Path]]:
+    run_dir = new_run_dir("warm-")
+    srv = ServerProcess(run_dir / "state", port_range="42000-42499",
+                        extra=("--warm-clones",)).start()
+    try:
+        yield srv, run_dir
+    finally:
+        srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def create(srv: ServerProcess, name: str, **kw) -> dict:
+    resp = requests.post(srv.url + "/envs", json={"name": name, "os_prefix": ["debian-12"],
+                                                  **kw}, timeout=30)
+    assert resp.status_code == 202, resp.text
+    env = wait_env(srv.url, name)
+    assert env["state"] == "running", env["error"]
+    return env
+
+
+def run(srv: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
+    resp = requests.post(f"{srv.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["results"]
+
+
+def templates(srv: ServerProcess) -> list[dict]:
+    return requests.get(srv.url + "/status", timeout=10).json()["templates"]
+
+
+def wait_template(srv: ServerProcess, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [t for t in templates(srv) if t["key"] == KEY and t["state"] == "ready"]
+        if ready:
+            return ready[0]
+        failed = [t for t in templates(srv) if t["state"] == "failed"]
+        assert not failed, failed
+        time.sleep(2)
+    raise AssertionError("template was not built")
+
+
+def test_clones_are_independent_machines_and_leak_nothing(warm_server):
+    srv, run_dir = warm_server
+    sid = srv.server_id()
+    first = create(srv, "first")
+    assert first["vms"][0]["boot_mode"] == "cold"  # no template yet: it is made meanwhile
+    wait_template(srv)
+
+    env = create(srv, "clones", vm_number=2, ports=[8080])
+    assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
+    assert all(vm["boot_seconds"] < 30 for vm in env["vms"]), env["vms"]
+    res = run(srv, "clones", "hostname; cat /etc/machine-id; "
+                             "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2")
+    assert all(r["exit_code"] == 0 for r in res), res
+    hostnames, machine_ids, host_keys = zip(*(r["stdout"].split() for r in res), strict=True)
+    assert hostnames == ("clones-0", "clones-1")
+    assert len(set(machine_ids)) == 2 and len(set(host_keys)) == 2
+    first_id = run(srv, "first", "cat /etc/machine-id")[0]["stdout"].strip()
+    assert first_id not in machine_ids
+    # the kernel RNG was reseeded: clones do not draw the template's numbers
+    draws = [r["stdout"] for r in run(srv, "clones", "cat /proc/sys/kernel/random/uuid")]
+    assert len(set(draws)) == 2, draws
+
+    # the clock is today's, not the template's
+    now = run(srv, "clones", "date +%s")
+    assert all(abs(int(r["stdout"]) - time.time()) < 30 for r in now), now
+
+    # disks apart: a file written in one clone is not in the other
+    assert run(srv, "clones", "echo mine > /root/only-here", vms=["0"])[0]["exit_code"] == 0
+    seen = run(srv, "clones", "test -e /root/only-here && echo yes || echo no")
+    assert [r["stdout"] for r in seen] == ["yes\n", "no\n"]
+
+    # SSH with the new host key works (sshd restarts in the background)
+    res = run(srv, "clones", "id -un", use_ssh=True)
+    assert [r["stdout"] for r in res] == ["root\n", "root\n"], res
+
+    ports = [p for vm in env["vms"] + first["vms"]
+             for p in [vm["ssh_port"], *vm["ports"].values()]]
+    for name in ("clones", "first"):
+        assert requests.delete(f"{srv.url}/envs/{name}", timeout=120).status_code == 200
+    gone = leftovers(sid, run_dir / "state", ports)
+    assert gone == {"domains": [], "processes": [], "dirs": [], "ports": []}
+    # the template stays for the next ENV; nothing of a build is left running
+    assert [t["state"] for t in templates(srv) if t["key"] == KEY] == ["ready"]
+
+
+def test_a_broken_template_falls_back_to_a_cold_boot(warm_server):
+    srv, run_dir = warm_server
+    tpl = wait_template(srv)
+    (run_dir / "state" / "templates" / tpl["build"] / "memory.bin").write_bytes(b"garbage")
+    env = create(srv, "fallback")
+    assert env["vms"][0]["boot_mode"] == "cold"
+    assert run(srv, "fallback", "hostname")[0]["stdout"] == "fallback-0\n"
+    log = srv.log.read_text(errors="replace")
+    assert "warm clone of" in log and "booting cold" in log
+    states = {t.get("build", t["key"]): t["state"] for t in templates(srv)}
+    assert states.get(tpl["build"]) is None, "the broken template must be retired"
+    assert requests.delete(srv.url + "/envs/fallback", timeout=120).status_code == 200
+    meta = json.loads((run_dir / "state" / "templates" / tpl["build"] / "meta.json").read_text())
+    assert meta["image"] == "qemu:debian-12:x86_64"
+    assert (run_dir / "state" / "templates" / tpl["build"] / "retired").is_file()
