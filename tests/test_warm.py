@@ -4,7 +4,6 @@ disks apart, leak nothing — and a broken template makes VMs boot cold, not fai
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -119,6 +118,6 @@ def test_a_broken_template_falls_back_to_a_cold_boot(warm_server):
     states = {t.get("build", t["key"]): t["state"] for t in templates(srv)}
     assert states.get(tpl["build"]) is None, "the broken template must be retired"
     assert requests.delete(srv.url + "/envs/fallback", timeout=120).status_code == 200
-    meta = json.loads((run_dir / "state" / "templates" / tpl["build"] / "meta.json").read_text())
-    assert meta["image"] == "qemu:debian-12:x86_64"
-    assert (run_dir / "state" / "templates" / tpl["build"] / "retired").is_file()
+    # retired (marked), or already collected: no VM disk is a clone of it
+    retired = run_dir / "state" / "templates" / tpl["build"]
+    assert (retired / "retired").is_file() or not retired.exists()

@@ -25,7 +25,12 @@ _PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class ImageNameError(ValueError):
-    """An image name or OS prefix that cannot be used; the message says why."""
+    """An image name or OS prefix that cannot be used; the message says why. As such:
+    malformed, the caller's input is wrong (HTTP 400)."""
+
+
+class NoMatchingImage(ImageNameError):
+    """A well-formed prefix that matches no image on offer (HTTP 404)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -129,6 +134,6 @@ def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageN
         hits = sorted(img for img in available if prefix.matches(img))
         if not hits:
             names = ", ".join(sorted(i.full for i in available)) or "none"
-            raise ImageNameError(f"OS prefix {text!r} matches no image; available: {names}")
+            raise NoMatchingImage(f"OS prefix {text!r} matches no image; available: {names}")
         chosen.extend(h for h in hits if h not in chosen)
     return chosen

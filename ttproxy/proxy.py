@@ -18,7 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ttclient.api import ApiError, Client
-from ttclient.imagenames import ImageNameError, match_images, parse_image_name
+from ttclient.imagenames import (
+    ImageNameError,
+    NoMatchingImage,
+    match_images,
+    parse_image_name,
+)
 
 from .merge import Part, merge_env, merge_results
 from .placement import Capacity, PlacementError, place
@@ -260,8 +265,10 @@ class Proxy:
             available = sorted({parse_image_name(n) for c in caps for n in c.images})
             try:
                 chosen = [i.full for i in match_images(body["os_prefix"], available)]
-            except ImageNameError as exc:
+            except NoMatchingImage as exc:
                 raise ProxyError(str(exc), 404) from exc
+            except ImageNameError as exc:
+                raise ProxyError(str(exc), 400) from exc
             try:
                 plan = place(chosen, body.get("vm_number", 1), body.get("cpu_num", 1),
                              int(body["mem_size"]), body.get("disk_size"), caps)

@@ -174,6 +174,10 @@ def serve_main(argv: list[str]) -> int:
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
                        libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing,
                        warm_clones=args.warm_clones)
+    if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"
+              " (probes) or tcg", file=sys.stderr)
+        return 2
     if not 1 <= cfg.default_life_time <= cfg.max_life_time:
         print(f"ttserver: --life-time must be 1..{cfg.max_life_time} seconds", file=sys.stderr)
         return 2

@@ -114,14 +114,18 @@ class Engine:
                 raise RuntimeError(f"{what} did not finish in {MIGRATION_TIMEOUT:.0f}s")
             time.sleep(0.02)
 
+    def _hand_file(self, dom: libvirt.virDomain, path: Path, flags: int, name: str) -> None:
+        """Open `path` here and give QEMU the descriptor under `name` (QMP getfd)."""
+        fd = os.open(path, flags, 0o644)
+        try:
+            self.qmp(dom, "getfd", {"fdname": name}, fd)
+        finally:
+            os.close(fd)
+
     def save_memory(self, dom: libvirt.virDomain, path: Path) -> None:
         """Pause the VM and write its memory and device state to `path`."""
         dom.suspend()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            self.qmp(dom, "getfd", {"fdname": "ttsave"}, fd)
-        finally:
-            os.close(fd)
+        self._hand_file(dom, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "ttsave")
         self.qmp(dom, "migrate", {"uri": "fd:ttsave"})
         self._migration(dom, "saving the VM's memory")
 
@@ -129,11 +133,7 @@ class Engine:
         """Start a domain (its XML must pass `-incoming defer`) from a saved state."""
         dom = self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                self.qmp(dom, "getfd", {"fdname": "ttload"}, fd)
-            finally:
-                os.close(fd)
+            self._hand_file(dom, path, os.O_RDONLY, "ttload")
             self.qmp(dom, "migrate-incoming", {"uri": "fd:ttload"})
             self._migration(dom, "loading the VM's memory")
             dom.resume()
@@ -179,7 +179,7 @@ class Engine:
         return [d.name() for d in self.conn().listAllDomains(0) if d.name().startswith(prefix)]
 
     def wait_agent(self, name: str, timeout: float, console: Path,
-                   cancelled: Callable[[], bool]) -> float:
+                   cancelled: Callable[[], bool], interval: float = 0.5) -> float:
         """Block until the guest agent answers; return seconds waited.
 
         Fails early (with the console tail) if the domain dies, and at `timeout` at most.
@@ -197,4 +197,4 @@ class Engine:
             if time.monotonic() - started > timeout:
                 raise BootTimeout(f"VM {name}: guest agent did not answer within {timeout:.0f}s;"
                                   f" console tail:\n{console_tail(console)}")
-            time.sleep(0.5)
+            time.sleep(interval)

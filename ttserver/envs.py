@@ -11,7 +11,6 @@ The rules that keep a host clean:
 
 from __future__ import annotations
 
-import base64
 import logging
 import platform
 import re
@@ -47,6 +46,35 @@ MAX_PARALLEL_COPIES = 4
 SHUTDOWN_TIMEOUT = 30.0
 # a warm clone's agent answers within a second; more means the clone is broken
 WARM_AGENT_TIMEOUT = 30.0
+# Guest set-up scripts, run by the guest's /bin/sh with: $1 hostname, $2 authorized_keys,
+# and for warm clones $3 time, $4 SSH host key, $5 its public line, $6 machine-id, $7 seed.
+# Shell builtins wherever they do: under TCG every new binary costs a fresh translation,
+# which is most of a warm clone's start-up (measured: ~0.3 s per first exec).
+PERSONALIZE = r"""
+echo "$1" > /proc/sys/kernel/hostname; echo "$1" > /etc/hostname
+o=""; while IFS= read -r l || [ -n "$l" ]; do
+  case "$l" in 127.0.1.1[[:space:]]*) l="127.0.1.1 $1";; esac; o="$o$l
+"; done < /etc/hosts; printf %s "$o" > /etc/hosts
+umask 077; [ -d /root/.ssh ] || mkdir /root/.ssh; printf %s "$2" > /root/.ssh/authorized_keys
+"""
+# A warm clone resumes with its template's identity and kernel RNG state: without a reseed
+# every clone draws the same "random" numbers (measured: identical UUIDs). Host randomness
+# is mixed in and a reseed forced (ioctl RNDRESEEDCRNG = 0x5207) with perl (Essential in
+# Debian, lighter than python3), else python3; with neither the clone is refused (cold
+# boot). sshd re-reads its host key on SIGHUP.
+NEW_IDENTITY = r"""
+perl -e 'open(my $f, ">", "/dev/urandom") or die; syswrite($f, pack("H*", $ARGV[0]));
+ ioctl($f, 0x5207, 0) or die "reseed: $!"' "$7" ||
+python3 -c 'import fcntl,os,sys; f=os.open("/dev/urandom",os.O_WRONLY);
+os.write(f,bytes.fromhex(sys.argv[1])); fcntl.ioctl(f,0x5207)' "$7" || exit 3
+date -u -s "@$3" >/dev/null; echo "$6" > /etc/machine-id
+k=/etc/ssh/ssh_host_ed25519_key
+for f in /etc/ssh/ssh_host_*; do
+  case "$f" in "$k"|"$k.pub") ;; *) rm -f /etc/ssh/ssh_host_*; break;; esac
+done
+(umask 077; printf '%s\n' "$4" > "$k"); printf '%s\n' "$5" > "$k.pub"
+if [ -r /run/sshd.pid ]; then read -r p < /run/sshd.pid && kill -HUP "$p" || true; fi
+"""
 
 # VM states
 PENDING, BOOTING, RUNNING, FAILED, STOPPED = "pending", "booting", "running", "failed", "stopped"
@@ -399,12 +427,16 @@ class EnvManager:
             crash_point("boot.vm_running")
             return ""
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
+            if cancel.is_set():  # deleted meanwhile: a domain started late must not stay
+                self.engine.destroy(vm.domain)
             msg = str(exc)
             if "console tail" not in msg:
                 msg += f"\nconsole tail:\n{console_tail(console)}"
             self.db.set_vm(vm.id, state=FAILED, error=msg)
             return f"VM {_hostname(env.name, vm.idx)} ({vm.image}): {msg}"
         except Exception as exc:  # libvirtError and friends
+            if cancel.is_set():
+                self.engine.destroy(vm.domain)
             msg = f"{type(exc).__name__}: {exc}\nconsole tail:\n{console_tail(console)}"
             self.db.set_vm(vm.id, state=FAILED, error=msg)
             return f"VM {_hostname(env.name, vm.idx)} ({vm.image}): {msg}"
@@ -421,7 +453,7 @@ class EnvManager:
             return False
         overlay = Path(vm.dir) / "disk.qcow2"
         started = time.monotonic()
-        try:
+        try:  # a failure here is the template's: retire it
             storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
             if cancel.is_set():
                 raise RuntimeError("cancelled")
@@ -430,21 +462,30 @@ class EnvManager:
                                           template.state)
             restored = time.monotonic()
             self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
-                                   Path(vm.dir) / "console.log", cancel.is_set)
-            answered = time.monotonic()
-            self._personalize(vm, env, new_identity=True)
-            log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
-                     restored - started, answered - restored, time.monotonic() - answered)
+                                   Path(vm.dir) / "console.log", cancel.is_set, interval=0.05)
         except Exception as exc:  # noqa: BLE001 - any failure: cold boot instead
-            self.engine.destroy(vm.domain)
-            overlay.unlink(missing_ok=True)
+            self._abandon_warm(vm, overlay)
             if not cancel.is_set():
                 self.templates.discard(template, f"clone {vm.id} failed: {exc}")
             log.warning("warm clone of %s failed, booting cold: %s", vm.id, exc)
             return False
+        answered = time.monotonic()
+        try:  # a failure here is the guest's or the host's load, not the template's
+            self._personalize(vm, env, new_identity=True)
+        except Exception as exc:  # noqa: BLE001
+            self._abandon_warm(vm, overlay)
+            log.warning("warm clone of %s could not take its identity, booting cold: %s",
+                        vm.id, exc)
+            return False
+        log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
+                 restored - started, answered - restored, time.monotonic() - answered)
         self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
                        boot_seconds=round(time.monotonic() - started, 2))
         return True
+
+    def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
+        self.engine.destroy(vm.domain)
+        overlay.unlink(missing_ok=True)
 
     def _personalize(self, vm: VMRow, env: EnvRow, new_identity: bool = False) -> None:
         """Give the clone its hostname and authorized keys (server key + the user's).
@@ -457,28 +498,16 @@ class EnvManager:
         """
         dom = self.engine.lookup(vm.domain)
         keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
-        args = [_hostname(env.name, vm.idx)]
-        script = ('hostname "$1"; echo "$1" > /etc/hostname; '
-                  'sed -i "s/^127.0.1.1 .*/127.0.1.1 $1/" /etc/hosts; ')
+        hostname = _hostname(env.name, vm.idx)
+        script, timeout = "set -e" + PERSONALIZE, 30.0
+        args = [hostname, keys, "", "", "", "", ""]
         if new_identity:
-            private, public = sshexec.host_key_pair(args[0])
-            args += [f"{time.time():.3f}", base64.b64encode(private).decode(), public,
-                     uuid.uuid4().hex, secrets.token_hex(64)]
-            # Every clone resumes with the template's kernel RNG state: without a reseed
-            # they would all draw the same "random" numbers (measured: identical UUIDs).
-            # Mix host randomness in and force a reseed (ioctl RNDRESEEDCRNG); ids come
-            # from the host anyway.
-            script += ('python3 -c "import fcntl,os,sys; f=os.open(\'/dev/urandom\',os.O_WRONLY);'
-                       ' os.write(f,bytes.fromhex(sys.argv[1])); fcntl.ioctl(f,0x5207)" "$6"'
-                       ' || exit 3; '
-                       'date -u -s "@$2" >/dev/null; echo "$5" > /etc/machine-id; '
-                       'rm -f /etc/ssh/ssh_host_*; k=/etc/ssh/ssh_host_ed25519_key; '
-                       '(umask 077; printf %s "$3" | base64 -d > $k); '
-                       'printf "%s\\n" "$4" > $k.pub; '
-                       'systemctl --no-block try-restart ssh.service; ')
-        script += 'umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys'
-        res = agent.exec_argv(dom, ["/bin/sh", "-c", script, "sh", *args], timeout=30,
-                              stdin=keys.encode())
+            private, public = sshexec.host_key_pair(hostname)
+            args[2:] = [f"{time.time():.3f}", private.decode().strip(), public,
+                        uuid.uuid4().hex, secrets.token_hex(64)]
+            script = "set -e" + NEW_IDENTITY + PERSONALIZE
+            timeout = self.cfg.boot_timeout  # many clones at once share the host's CPUs
+        res = agent.exec_argv(dom, ["/bin/sh", "-c", script, "sh", *args], timeout=timeout)
         if res.exit_code != 0:
             raise RuntimeError(f"guest set-up failed ({res.exit_code}): {res.stderr.strip()}")
 

@@ -15,9 +15,15 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttclient.imagenames import ImageName, ImageNameError, match_images, parse_image_name
+from ttclient.imagenames import (
+    ImageName,
+    ImageNameError,
+    NoMatchingImage,
+    match_images,
+    parse_image_name,
+)
 
-from .errors import NotFound
+from .errors import BadRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,8 @@ def select(image_path: Path, prefixes: list[str]) -> list[Image]:
     by_name = {img.name: img for img in images}
     try:
         names = match_images(prefixes, list(by_name))
-    except ImageNameError as exc:
+    except NoMatchingImage as exc:
         raise NotFound(str(exc)) from exc
+    except ImageNameError as exc:
+        raise BadRequest(str(exc)) from exc
     return [by_name[n] for n in names]
