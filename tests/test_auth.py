@@ -4,6 +4,7 @@ delete an ENV; tokens never logged; the client keeps its token 0600."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ def secured() -> Iterator[tuple[ServerProcess, Path, dict[str, str]]]:
                 tokens["root"]), timeout=10).json()]:
             requests.delete(f"{srv.url}/envs/{name}", headers=h(tokens["root"]), timeout=120)
         srv.stop(clean=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_tokens_file_stores_only_hashes_and_is_private(secured):
@@ -160,5 +162,8 @@ def test_a_tokens_file_readable_by_others_stops_the_server(tmp_path: Path):
     add_token(bad, "x")
     os.chmod(bad, 0o644)
     run_dir = new_run_dir("auth-bad-")
-    with pytest.raises(RuntimeError, match="must not be readable by others"):
-        ServerProcess(run_dir / "state", extra=("--tokens-file", str(bad))).start(timeout=30)
+    try:
+        with pytest.raises(RuntimeError, match="must not be readable by others"):
+            ServerProcess(run_dir / "state", extra=("--tokens-file", str(bad))).start(timeout=30)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

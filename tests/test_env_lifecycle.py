@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -58,6 +59,7 @@ def ctx() -> Iterator[Ctx]:
         assert leftovers(sid, run_dir / "state", ports) == NOTHING_LEFT
     finally:
         c.srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _sha(path: Path) -> str:
