@@ -38,6 +38,11 @@ CALLER_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("calle
 PRINCIPAL_TTL = 30.0
 
 
+def _refs(vm: dict) -> set[str]:
+    """Every way a client may name a VM (as ttserver accepts): id, name or index."""
+    return {vm["id"], vm["name"], str(vm.get("idx"))}
+
+
 class ProxyError(Exception):
     """An answer for the client: HTTP status and one line."""
 
@@ -69,9 +74,6 @@ class Proxy:
             return self._clients[key]
 
     def whoami(self) -> dict:
-        return self._principal()
-
-    def _principal(self) -> dict:
         """Who the caller is ({name, admin}), asked of a server and cached briefly; used to
         filter what the proxy shows from its own cache (parts on servers that are down)."""
         token = CALLER_TOKEN.get()
@@ -122,12 +124,16 @@ class Proxy:
         except ApiError as exc:
             log.warning("cannot list ENVs on %s: %s", address, exc)
             return
+        for env in envs:
+            self._remember(env["name"], address, env)
+
+    def _remember(self, name: str, address: str, view: dict) -> None:
+        """`address` holds part of ENV `name`; `view` is that part as last seen."""
         with self._lock:
-            for env in envs:
-                holders = self._where.setdefault(env["name"], [])
-                if address not in holders:
-                    holders.append(address)
-                self._last[(env["name"], address)] = env
+            holders = self._where.setdefault(name, [])
+            if address not in holders:
+                holders.append(address)
+            self._last[(name, address)] = view
 
     def refresh(self) -> None:
         for m in self.servers.up():
@@ -198,14 +204,10 @@ class Proxy:
             if isinstance(reply, ProxyError):
                 continue
             for env in reply:
-                with self._lock:
-                    holders = self._where.setdefault(env["name"], [])
-                    if m.address not in holders:
-                        holders.append(m.address)
-                    self._last[(env["name"], m.address)] = env
+                self._remember(env["name"], m.address, env)
                 seen.setdefault(env["name"], []).append(Part(m.address, env))
         down = [m for m in self.servers if not m.up]
-        who = self._principal() if down else {"admin": True}
+        who = self.whoami() if down else {"admin": True}
         with self._lock:  # parts on servers that are down: their last views (if the
             for name, holders in self._where.items():  # caller may see them)
                 for address in holders:
@@ -283,9 +285,7 @@ class Proxy:
                     m = self.servers.get(address)
                     view = self._call(m, lambda m, part=part: self._c(m).post_env(part))
                     created.append(address)
-                    with self._lock:
-                        self._where.setdefault(name, []).append(address)
-                        self._last[(name, address)] = view
+                    self._remember(name, address, view)
             except ProxyError as exc:
                 self._rollback(name, created)
                 where = f" (on {address})" if len(plan.parts) > 1 else ""
@@ -347,43 +347,34 @@ class Proxy:
             name, body.get("life_time"), body.get("add_ports"), body.get("remove_ports")))
         return self.get(name)
 
-    def _split_vms(self, name: str, only: list[str] | None
-                   ) -> tuple[dict[str, list[str] | None], dict[str, list[dict]]]:
-        """Per up server, the VM refs to pass on (None: all); per down server, its VMs."""
-        env = self.get(name)
-        by_server: dict[str, list[dict]] = {}
-        for vm in env["vms"]:
-            by_server.setdefault(vm["server"], []).append(vm)
+    def _selected_vms(self, name: str, only: list[str] | None) -> dict[str, list[dict]]:
+        """The ENV's VMs (all, or those `only` names), grouped by the server holding them."""
+        vms = self.get(name)["vms"]
         if only:
-            refs = set(only)
-            unknown = refs - {r for vm in env["vms"]
-                              for r in (vm["id"], vm["name"], str(vm.get("idx")))}
+            unknown = set(only).difference(*map(_refs, vms))
             if unknown:
                 raise ProxyError(f"ENV {name!r} has no VM {', '.join(sorted(unknown))}", 404)
-            by_server = {a: [vm for vm in vms if refs & {vm["id"], vm["name"],
-                                                         str(vm.get("idx"))}]
-                         for a, vms in by_server.items()}
-            by_server = {a: vms for a, vms in by_server.items() if vms}
-        up, down = {}, {}
-        for address, vms in by_server.items():
-            if self.servers.get(address).up:
-                up[address] = [vm["id"] for vm in vms] if only else None
-            else:
-                down[address] = vms
-        return up, down
+            vms = [vm for vm in vms if set(only) & _refs(vm)]
+        by_server: dict[str, list[dict]] = {}
+        for vm in vms:
+            by_server.setdefault(vm["server"], []).append(vm)
+        return by_server
 
     def _fan_vms(self, name: str, only: list[str] | None, kind: str,
                  fn: Callable[[Member, list[str] | None], dict]) -> list[dict]:
-        up, down = self._split_vms(name, only)
-        results = self._fan([self.servers.get(a) for a in up],
-                            lambda m: fn(m, up[m.address]))
+        """fn(server, VM ids or None for all) on each up server holding selected VMs; the
+        VMs on servers that are (or turn out to be) down get error results."""
+        by_server = self._selected_vms(name, only)
+        up = [self.servers.get(a) for a in by_server if self.servers.get(a).up]
+        down = {a: vms for a, vms in by_server.items() if not self.servers.get(a).up}
+        results = self._fan(up, lambda m: fn(
+            m, [vm["id"] for vm in by_server[m.address]] if only else None))
         replies = []
         for m, reply in results:
             if isinstance(reply, ProxyError):
                 if reply.status != 503:
                     raise reply
-                down[m.address] = [vm for vm in self.get(name)["vms"]
-                                   if vm["server"] == m.address]
+                down[m.address] = by_server[m.address]
                 continue
             replies.append((m.address, reply))
         return merge_results(replies, down, kind)
@@ -399,7 +390,7 @@ class Proxy:
 
     def _vm_server(self, name: str, vm_ref: str) -> Member:
         for vm in self.get(name)["vms"]:
-            if vm_ref in (vm["id"], vm["name"], str(vm.get("idx"))):
+            if vm_ref in _refs(vm):
                 m = self.servers.get(vm["server"])
                 if not m.up:
                     raise ProxyError(f"VM {vm_ref} is on {m.address}, which is down", 503)

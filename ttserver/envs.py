@@ -297,14 +297,7 @@ class EnvManager:
         with self._admit_lock, self.db.transaction() as c:
             if self.db.get_env(req.name) is not None:
                 raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name")
-            used = self.db.used()
-            totals = {"cpu": self.cfg.cpu_total, "mem_mib": self.cfg.mem_total_mib,
-                      "disk_mib": self.cfg.disk_total_mib}
-            short = [f"{k}: need {need[k]}, free {totals[k] - used[k]} of {totals[k]}"
-                     for k in need if used[k] + need[k] > totals[k]]
-            if short:
-                raise InsufficientResources("not enough resources for ENV "
-                                            f"{req.name!r} ({'; '.join(short)})")
+            self._check_room(need, f"for ENV {req.name!r}")
             ports = self.ports.take(len(vms) * (1 + len(req.ports)), self.db.used_ports())
             for vm in vms:
                 vm.ssh_port = ports.pop()
@@ -322,6 +315,17 @@ class EnvManager:
         crash_point("create.admitted")
         self._spawn_boot(req.name, chosen, fresh=True)
         return self.get(req.name)
+
+    def _check_room(self, need: dict[str, int], what: str) -> None:
+        """Raise InsufficientResources (with numbers) unless `need` fits beside what every
+        VM on record holds. Call under the admission lock, inside the transaction."""
+        used = self.db.used()
+        totals = {"cpu": self.cfg.cpu_total, "mem_mib": self.cfg.mem_total_mib,
+                  "disk_mib": self.cfg.disk_total_mib}
+        short = [f"{k}: need {need[k]}, free {totals[k] - used[k]} of {totals[k]}"
+                 for k in need if used[k] + need[k] > totals[k]]
+        if short:
+            raise InsufficientResources(f"not enough resources {what} ({'; '.join(short)})")
 
     def _spawn_boot(self, name: str, chosen: list[images.Image], fresh: bool) -> None:
         cancel = threading.Event()
@@ -365,11 +369,16 @@ class EnvManager:
             self._teardown_vms(self.db.vms_of(name), keep_rows=True)
             self.db.set_env(name, state=ENV_FAILED, error=error)
             return
-        for vm in self.db.vms_of(name):
+        self._settle_stopped(name, self.db.vms_of(name), f"start failed: {error}")
+
+    def _settle_stopped(self, name: str, vms: list[VMRow], error: str) -> None:
+        """After a failed or interrupted start/stop: no domain runs, every VM that kept its
+        disk is `stopped` (VMs that had failed before stay failed), the ENV is `stopped`."""
+        for vm in vms:
+            self.engine.destroy(vm.domain)
             if vm.state != FAILED or Path(vm.dir).is_dir():
-                self.engine.destroy(vm.domain)
                 self.db.set_vm(vm.id, state=STOPPED)
-        self.db.set_env(name, state=ENV_STOPPED, error=f"start failed: {error}")
+        self.db.set_env(name, state=ENV_STOPPED, error=error)
 
     def _render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
                 console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
@@ -569,13 +578,7 @@ class EnvManager:
                                " longer on this server")
             need = {"cpu": sum(v.cpu for v in todo), "mem_mib": sum(v.mem_mib for v in todo)}
             with self._admit_lock, self.db.transaction():
-                used = self.db.used()
-                totals = {"cpu": self.cfg.cpu_total, "mem_mib": self.cfg.mem_total_mib}
-                short = [f"{k}: need {need[k]}, free {totals[k] - used[k]} of {totals[k]}"
-                         for k in need if used[k] + need[k] > totals[k]]
-                if short:
-                    raise InsufficientResources(f"not enough resources to start ENV {name!r}"
-                                                f" ({'; '.join(short)})")
+                self._check_room(need, f"to start ENV {name!r}")
                 for vm in todo:
                     self.db.set_vm(vm.id, state=PENDING)
                 self.db.set_env(name, state=STARTING, error="")
@@ -695,12 +698,8 @@ class EnvManager:
                 self.db.delete_env(env.name)
                 report["cleaned_envs"].append(env.name)
             elif env.state in (STOPPING, STARTING):  # interrupted: settle on `stopped`
-                for vm in env.vms:
-                    self.engine.destroy(vm.domain)
-                    if vm.state != FAILED or Path(vm.dir).is_dir():
-                        self.db.set_vm(vm.id, state=STOPPED)
-                self.db.set_env(env.name, state=ENV_STOPPED,
-                                error=f"{env.state} was interrupted by a server restart")
+                self._settle_stopped(env.name, env.vms,
+                                     f"{env.state} was interrupted by a server restart")
                 report["settled_envs"].append(env.name)
         live = {vm.domain: vm for vm in self.db.all_vms() if vm.state == RUNNING}
         for name in self.engine.domains_with_prefix(self.domain_prefix):
