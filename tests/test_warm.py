@@ -4,7 +4,9 @@ disks apart, leak nothing — and a broken template makes VMs boot cold, not fai
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +45,12 @@ def run(srv: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
     resp = requests.post(f"{srv.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
     assert resp.status_code == 200, resp.text
     return resp.json()["results"]
+
+
+def served_host_key(port: int) -> str:
+    out = subprocess.run(["ssh-keyscan", "-T", "20", "-t", "ed25519", "-p", str(port),
+                          "127.0.0.1"], capture_output=True, text=True, timeout=60).stdout
+    return out.split()[2]
 
 
 def templates(srv: ServerProcess) -> list[dict]:
@@ -92,9 +100,15 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     seen = run(srv, "clones", "test -e /root/only-here && echo yes || echo no")
     assert [r["stdout"] for r in seen] == ["yes\n", "no\n"]
 
-    # SSH with the new host key works (sshd restarts in the background)
+    # SSH works, and sshd serves each clone's new host key
     res = run(srv, "clones", "id -un", use_ssh=True)
     assert [r["stdout"] for r in res] == ["root\n", "root\n"], res
+    files = [r["stdout"].split()[1] for r in
+             run(srv, "clones", "cat /etc/ssh/ssh_host_ed25519_key.pub")]
+    served = [served_host_key(vm["ssh_port"]) for vm in env["vms"]]
+    assert served == files, (served, files)
+    # and the identity helper is gone from the clones
+    assert [r["stdout"] for r in run(srv, "clones", "pgrep -c perl || true")] == ["0\n"] * 2
 
     ports = [p for vm in env["vms"] + first["vms"]
              for p in [vm["ssh_port"], *vm["ports"].values()]]
@@ -104,6 +118,27 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     assert gone == {"domains": [], "processes": [], "dirs": [], "ports": []}
     # the template stays for the next ENV; nothing of a build is left running
     assert [t["state"] for t in templates(srv) if t["key"] == KEY] == ["ready"]
+
+
+def test_a_template_without_the_helper_gives_identity_by_script(warm_server):
+    """Guests without perl (or templates saved without the helper) still get their own
+    identity, through the slower shell script."""
+    srv, run_dir = warm_server
+    tpl = wait_template(srv)
+    meta_path = run_dir / "state" / "templates" / tpl["build"] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "helper": ""}))
+    try:
+        env = create(srv, "scripted", vm_number=2)
+        assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
+        res = run(srv, "scripted", "hostname; cat /etc/machine-id; date +%s")
+        hostnames, machine_ids, clocks = zip(*(r["stdout"].split() for r in res), strict=True)
+        assert hostnames == ("scripted-0", "scripted-1")
+        assert len(set(machine_ids)) == 2
+        assert all(abs(int(now) - time.time()) < 30 for now in clocks), clocks
+        assert requests.delete(srv.url + "/envs/scripted", timeout=120).status_code == 200
+    finally:
+        meta_path.write_text(json.dumps(meta))
 
 
 def test_a_broken_template_falls_back_to_a_cold_boot(warm_server):

@@ -17,14 +17,13 @@ import re
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import agent, domainxml, images, sshexec, storage
+from . import agent, domainxml, identity, images, sshexec, storage
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
 from .engine import BootTimeout, Engine, console_tail, qemu_user
@@ -32,7 +31,7 @@ from .errors import BadRequest, Conflict, InsufficientResources, NotFound, TTErr
 from .failpoints import crash_point
 from .guestio import GuestError, GuestIO
 from .ports import PortPool
-from .templates import Templates
+from .templates import Template, Templates
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +45,6 @@ MAX_PARALLEL_COPIES = 4
 SHUTDOWN_TIMEOUT = 30.0
 # a warm clone's agent answers within a second; more means the clone is broken
 WARM_AGENT_TIMEOUT = 30.0
-# Guest set-up scripts, run by the guest's /bin/sh with: $1 hostname, $2 authorized_keys,
-# and for warm clones $3 time, $4 SSH host key, $5 its public line, $6 machine-id, $7 seed.
-# Shell builtins wherever they do: under TCG every new binary costs a fresh translation,
-# which is most of a warm clone's start-up (measured: ~0.3 s per first exec).
-PERSONALIZE = r"""
-echo "$1" > /proc/sys/kernel/hostname; echo "$1" > /etc/hostname
-o=""; while IFS= read -r l || [ -n "$l" ]; do
-  case "$l" in 127.0.1.1[[:space:]]*) l="127.0.1.1 $1";; esac; o="$o$l
-"; done < /etc/hosts; printf %s "$o" > /etc/hosts
-umask 077; [ -d /root/.ssh ] || mkdir /root/.ssh; printf %s "$2" > /root/.ssh/authorized_keys
-"""
-# A warm clone resumes with its template's identity and kernel RNG state: without a reseed
-# every clone draws the same "random" numbers (measured: identical UUIDs). Host randomness
-# is mixed in and a reseed forced (ioctl RNDRESEEDCRNG = 0x5207) with perl (Essential in
-# Debian, lighter than python3), else python3; with neither the clone is refused (cold
-# boot). sshd re-reads its host key on SIGHUP.
-NEW_IDENTITY = r"""
-perl -e 'open(my $f, ">", "/dev/urandom") or die; syswrite($f, pack("H*", $ARGV[0]));
- ioctl($f, 0x5207, 0) or die "reseed: $!"' "$7" ||
-python3 -c 'import fcntl,os,sys; f=os.open("/dev/urandom",os.O_WRONLY);
-os.write(f,bytes.fromhex(sys.argv[1])); fcntl.ioctl(f,0x5207)' "$7" || exit 3
-date -u -s "@$3" >/dev/null; echo "$6" > /etc/machine-id
-k=/etc/ssh/ssh_host_ed25519_key
-for f in /etc/ssh/ssh_host_*; do
-  case "$f" in "$k"|"$k.pub") ;; *) rm -f /etc/ssh/ssh_host_*; break;; esac
-done
-(umask 077; printf '%s\n' "$4" > "$k"); printf '%s\n' "$5" > "$k.pub"
-if [ -r /run/sshd.pid ]; then read -r p < /run/sshd.pid && kill -HUP "$p" || true; fi
-"""
-
 # VM states
 PENDING, BOOTING, RUNNING, FAILED, STOPPED = "pending", "booting", "running", "failed", "stopped"
 # ENV states
@@ -480,7 +449,7 @@ class EnvManager:
             return False
         answered = time.monotonic()
         try:  # a failure here is the guest's or the host's load, not the template's
-            self._personalize(vm, env, new_identity=True)
+            self._personalize(vm, env, warm_template=template)
         except Exception as exc:  # noqa: BLE001
             self._abandon_warm(vm, overlay)
             log.warning("warm clone of %s could not take its identity, booting cold: %s",
@@ -496,29 +465,18 @@ class EnvManager:
         self.engine.destroy(vm.domain)
         overlay.unlink(missing_ok=True)
 
-    def _personalize(self, vm: VMRow, env: EnvRow, new_identity: bool = False) -> None:
-        """Give the clone its hostname and authorized keys (server key + the user's).
-
-        A warm clone also needs what it would otherwise have made at its first boot: its
-        own machine-id and SSH host key (the template's are shared by every clone), and
-        the current time (its clock stopped when the template was saved). The host key is
-        made on the host (milliseconds, not a second of emulated ssh-keygen) and sshd
-        restarts in the background, so the VM is usable at once.
-        """
+    def _personalize(self, vm: VMRow, env: EnvRow,
+                     warm_template: Template | None = None) -> None:
+        """Give the VM its hostname and authorized keys (server key + the user's); a warm
+        clone also its own machine-id, SSH host key, clock and RNG (see identity.py)."""
         dom = self.engine.lookup(vm.domain)
         keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
         hostname = _hostname(env.name, vm.idx)
-        script, timeout = "set -e" + PERSONALIZE, 30.0
-        args = [hostname, keys, "", "", "", "", ""]
-        if new_identity:
-            private, public = sshexec.host_key_pair(hostname)
-            args[2:] = [f"{time.time():.3f}", private.decode().strip(), public,
-                        uuid.uuid4().hex, secrets.token_hex(64)]
-            script = "set -e" + NEW_IDENTITY + PERSONALIZE
-            timeout = self.cfg.boot_timeout  # many clones at once share the host's CPUs
-        res = agent.exec_argv(dom, ["/bin/sh", "-c", script, "sh", *args], timeout=timeout)
-        if res.exit_code != 0:
-            raise RuntimeError(f"guest set-up failed ({res.exit_code}): {res.stderr.strip()}")
+        if warm_template is None:
+            identity.personalize(dom, hostname, keys)
+        else:  # many clones at once share the host's CPUs: the boot timeout applies
+            identity.take_new(dom, hostname, keys, helper=warm_template.helper,
+                              timeout=self.cfg.boot_timeout)
 
     # --- delete ----------------------------------------------------------------------
     def delete(self, name: str) -> None:

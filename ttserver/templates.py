@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import agent, images, storage
+from . import agent, identity, images, storage
 from .engine import Engine
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is pl
 @dataclass(frozen=True)
 class Template:
     dir: Path
+    helper: bool = False  # the saved guest runs identity's helper (see identity.py)
 
     @property
     def disk(self) -> Path:
@@ -107,7 +108,10 @@ class Templates:
             if meta.get("fingerprint") != fingerprint(image):
                 self.discard(Template(d), "its image changed")
                 continue
-            return Template(d)
+            if meta.get("helper") not in ("", identity.HELPER_ID):
+                self.discard(Template(d), "it was saved with another identity helper")
+                continue
+            return Template(d, helper=bool(meta["helper"]))
         return None
 
     def discard(self, template: Template, reason: str) -> None:
@@ -159,13 +163,15 @@ class Templates:
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
                 dom = self.engine.lookup(domain)
+                helper = identity.HELPER_ID if identity.start_helper(
+                    dom, image.name.arch) else ""
                 agent.exec_argv(dom, ["/bin/sync"], timeout=60)
                 self.engine.save_memory(dom, tpl.state)
                 self.engine.destroy(domain)
                 tpl.disk.chmod(0o444)  # frozen: every clone's overlay reads it
                 meta = json.dumps({
                     "image": image.name.full, "cpu": cpu, "mem_mib": mem_mib,
-                    "fingerprint": fingerprint(image), "created_at": time.time(),
+                    "fingerprint": fingerprint(image), "created_at": time.time(), "helper": helper,
                     "build_seconds": round(time.monotonic() - started, 1)})
                 (work / "meta.tmp").write_text(meta)
                 (work / "meta.tmp").rename(work / "meta.json")  # complete from here on
