@@ -28,17 +28,18 @@ class DaemonProcess:
     /health, with its output in `self.log`."""
 
     name = "daemon"
+    host = "127.0.0.1"
     port: int
     log: Path
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -80,7 +81,10 @@ class ServerProcess(DaemonProcess):
 
     def __init__(self, cfgdb: Path, image_path: Path = IMAGE_PATH, *,
                  extra: tuple[str, ...] = (), port: int | None = None,
-                 port_range: str | None = None, env: dict[str, str] | None = None) -> None:
+                 port_range: str | None = None, env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+        self.host = host
+        self.prefix = list(prefix)  # e.g. nsenter into a network namespace
         self.cfgdb = cfgdb
         self.env = env
         self.image_path = image_path
@@ -90,8 +94,9 @@ class ServerProcess(DaemonProcess):
         self.log = cfgdb.parent / f"{cfgdb.name}-server.log"
 
     def start(self, timeout: float = 60) -> ServerProcess:
-        cmd = [sys.executable, "-m", "ttserver.cli", "--image-path", str(self.image_path),
-               "--cfgdb-path", str(self.cfgdb), "--serv-addr", "127.0.0.1",
+        cmd = [*self.prefix, sys.executable, "-m", "ttserver.cli",
+               "--image-path", str(self.image_path),
+               "--cfgdb-path", str(self.cfgdb), "--serv-addr", self.host,
                "--serv-port", str(self.port), "--port-range", self.port_range,
                "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
                "--accel", "tcg", *self.extra]

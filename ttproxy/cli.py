@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - fail here, with the install hint
+
+        from ttserver.serving import serve
 
         from .api import create_app
         from .proxy import Proxy
@@ -81,13 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     proxy = Proxy(servers)
     servers.start()  # first round is synchronous: known ENVs are learnt before serving
     host, port = args.proxy_addr
-    try:
-        uvicorn.run(create_app(proxy), host=host, port=port, log_level="warning",
-                    access_log=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        servers.stop()
+    serve(create_app(proxy), host, port, on_stop=servers.stop)
     return 0
 
 

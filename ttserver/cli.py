@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +39,23 @@ def _port_range(text: str) -> tuple[int, int]:
     if not 1024 <= first <= last <= 65535:
         raise argparse.ArgumentTypeError("port range must lie within 1024-65535")
     return first, last
+
+
+def _ifname(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an interface name (1-15 of"
+                                         " letters, digits, _ and -)")
+    return text
+
+
+def _subnet(text: str) -> str:
+    try:
+        net = ipaddress.IPv4Network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (e.g. 10.213.0.0/24)") from exc
+    if net.prefixlen > 29:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: /29 or larger")
+    return str(net)
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -73,6 +92,15 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-clones", action="store_true",
                    help="start VMs from a saved memory snapshot of their image (about a"
                         " second instead of a boot); ENVs may still ask for cold boots")
+    p.add_argument("--network", choices=["user", "bridge"], default="user",
+                   help="user: QEMU user networking, nothing to set up (default); bridge: a"
+                        " Linux bridge with DHCP and nftables port mapping (root, nft,"
+                        " dnsmasq; see docs/operator.md)")
+    p.add_argument("--bridge-name", type=_ifname, default="ttbr0",
+                   help="bridge for --network bridge (default ttbr0)")
+    p.add_argument("--bridge-subnet", type=_subnet, default="10.213.0.0/24",
+                   help="VM addresses for --network bridge; the first is the host's"
+                        " (default 10.213.0.0/24)")
     p.add_argument("--tokens-file", type=Path, default=None,
                    help="API tokens ('ttserver token add'); without it the API is open")
     p.add_argument("--libvirt-uri", default="qemu:///system",
@@ -157,11 +185,12 @@ def serve_main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - fail here, with the install hint
 
         from .api import create_app
         from .config import ServerConfig
         from .envs import EnvManager
+        from .serving import serve
     except ImportError as exc:
         print(f"ttserver: missing server dependency ({exc.name}); "
               "install with: pip install 'ttstack[server]'", file=sys.stderr)
@@ -173,7 +202,8 @@ def serve_main(argv: list[str]) -> int:
                        port_first=args.port_range[0], port_last=args.port_range[1],
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
                        libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing,
-                       warm_clones=args.warm_clones)
+                       warm_clones=args.warm_clones, network=args.network,
+                       bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"
               " (probes) or tcg", file=sys.stderr)
@@ -188,16 +218,13 @@ def serve_main(argv: list[str]) -> int:
         manager.start_background()
     except Exception as exc:  # libvirt not running, unwritable state dir, ...
         print(f"ttserver: cannot start: {exc}", file=sys.stderr)
+        if "manager" in locals():
+            manager.stop_background()  # a half-made bridge, rules, dnsmasq
         return 1
     # uvicorn turns SIGTERM/SIGINT into a clean stop; VMs stay on record and are adopted
     # (or reaped, if expired) on the next start.
-    try:
-        uvicorn.run(create_app(manager, tokens), host=cfg.serv_addr, port=cfg.serv_port,
-                    log_level="warning", access_log=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        manager.stop_background()
+    serve(create_app(manager, tokens), cfg.serv_addr, cfg.serv_port,
+          on_stop=manager.stop_background)
     return 0
 
 

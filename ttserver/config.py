@@ -28,6 +28,11 @@ class ServerConfig:
     allow_outgoing: bool = False
     # ENVs boot from memory snapshots of their image unless they ask otherwise
     warm_clones: bool = False
+    # user: QEMU user networking per VM (no host set-up, ports by QEMU hostfwd);
+    # bridge: a Linux bridge, TAPs, nftables port MAP and dnsmasq (see bridgenet.py)
+    network: str = "user"
+    bridge_name: str = "ttbr0"
+    bridge_subnet: str = "10.213.0.0/24"
 
     @property
     def db_file(self) -> Path:

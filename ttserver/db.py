@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS vms (
     forwards TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
     boot_seconds REAL,
-    boot_mode TEXT NOT NULL DEFAULT ''
+    boot_mode TEXT NOT NULL DEFAULT '',
+    net_addr TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS vms_env ON vms(env);
 """
@@ -64,6 +65,7 @@ class VMRow:
     error: str = ""
     boot_seconds: float | None = None
     boot_mode: str = ""  # cold | warm
+    net_addr: str = ""  # its address on the bridge (--network bridge), else ""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VMRow:
@@ -106,6 +108,8 @@ class StateDB:
         cols = {r["name"] for r in self._conn.execute("PRAGMA table_info(vms)")}
         if "boot_mode" not in cols:
             self._conn.execute("ALTER TABLE vms ADD COLUMN boot_mode TEXT NOT NULL DEFAULT ''")
+        if "net_addr" not in cols:
+            self._conn.execute("ALTER TABLE vms ADD COLUMN net_addr TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -138,11 +142,11 @@ class StateDB:
 
     def insert_vm(self, c: sqlite3.Connection, vm: VMRow) -> None:
         c.execute("INSERT INTO vms(id, env, idx, image, cpu, mem_mib, disk_mib, state, domain,"
-                  " dir, ssh_port, forwards, error, boot_seconds, boot_mode)"
-                  " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  " dir, ssh_port, forwards, error, boot_seconds, boot_mode, net_addr)"
+                  " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                   (vm.id, vm.env, vm.idx, vm.image, vm.cpu, vm.mem_mib, vm.disk_mib, vm.state,
                    vm.domain, vm.dir, vm.ssh_port, json.dumps(vm.forwards), vm.error,
-                   vm.boot_seconds, vm.boot_mode))
+                   vm.boot_seconds, vm.boot_mode, vm.net_addr))
 
     def get_env(self, name: str) -> EnvRow | None:
         with self._lock:

@@ -19,8 +19,9 @@ ARCHES = {
     # a guest restored from a warm-clone template sees it change and reseeds its RNG,
     # instead of every clone drawing the same "random" numbers from the saved state.
     "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10",
-               "genid": "<genid/>"},
-    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": "", "genid": ""},
+               "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": "<genid/>"},
+    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": "", "nic_slot": {},
+                "genid": ""},
 }
 
 
@@ -36,7 +37,9 @@ class DomainSpec:
     initrd: str
     cmdline: str
     console_log: str
-    netdev: str  # the value of -netdev, e.g. "user,id=ttnet0,restrict=on,hostfwd=..."
+    # the value of -netdev, e.g. "user,id=ttnet0,restrict=on,hostfwd=...", or "" for
+    # none: bridge mode plugs its NIC over QMP while the domain is paused (bridgenet.py)
+    netdev: str
     uid: int
     gid: int
     title: str = ""
@@ -54,7 +57,7 @@ def render(spec: DomainSpec) -> str:
     cpu = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else ""
     cmdline = spec.cmdline.replace("console=ttyS0", f"console={arch['console']}")
     qemu_args = [_arg("-netdev"), _arg(spec.netdev), _arg("-device"),
-                 _arg(f"virtio-net-pci,netdev=ttnet0{arch['net_addr']}")]
+                 _arg(f"virtio-net-pci,netdev=ttnet0{arch['net_addr']}")] if spec.netdev else []
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
         qemu_args += [_arg("-cpu"), _arg("max,pauth-impdef=on")]

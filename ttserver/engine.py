@@ -80,8 +80,16 @@ class Engine:
             self._conn = libvirt.open(self.uri)
             return self._conn
 
-    def start(self, xml: str) -> libvirt.virDomain:
-        return self.conn().createXML(xml, 0)
+    def start(self, xml: str, paused: bool = False) -> libvirt.virDomain:
+        return self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+
+    def plug_nic(self, dom: libvirt.virDomain, tap_fd: int, mac: str, slot: dict) -> None:
+        """Give a paused domain its NIC on a TAP opened by us: the guest finds it at boot
+        like any other device, and the TAP lives in *our* network namespace."""
+        self.qmp(dom, "getfd", {"fdname": "tttap"}, tap_fd)
+        self.qmp(dom, "netdev_add", {"type": "tap", "id": "ttnet0", "fd": "tttap"})
+        self.qmp(dom, "device_add", {"driver": "virtio-net-pci", "netdev": "ttnet0",
+                                     "mac": mac, "id": "ttnic0", **slot})
 
     # --- memory snapshots (warm clones) --------------------------------------------------
     # QEMU's own migration stream over a file descriptor handed in with QMP `getfd`:

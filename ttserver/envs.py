@@ -12,6 +12,7 @@ The rules that keep a host clean:
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import secrets
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import agent, domainxml, identity, images, sshexec, storage
+from .bridgenet import BridgeNetwork, Lease, mac_for, tap_name
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
 from .engine import BootTimeout, Engine, console_tail, qemu_user
@@ -96,7 +98,10 @@ class EnvManager:
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
         self.uid, self.gid = qemu_user()
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
-        self.io = GuestIO(self.engine, cfg)
+        self.bridge = (BridgeNetwork(cfg.cfgdb_path / "bridge", cfg.bridge_name,
+                                     cfg.bridge_subnet, cfg.allow_outgoing, cfg.forward_addr)
+                       if cfg.network == "bridge" else None)
+        self.io = GuestIO(self.engine, cfg, self.bridge)
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
                                    self._render)
@@ -118,6 +123,11 @@ class EnvManager:
     def start_background(self) -> None:
         self.templates.clean_partial()
         self.reconcile()
+        if self.bridge:
+            self.bridge.setup({vm.id: (self._lease(vm), self._host_ports(vm),
+                                       bool(env.spec.get("deny_outgoing")))
+                               for env in self.db.list_envs() for vm in env.vms
+                               if vm.state == RUNNING and vm.net_addr})
         self.collect_templates()
         threading.Thread(target=self.accel, name="accel-probe", daemon=True).start()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
@@ -126,6 +136,8 @@ class EnvManager:
     def stop_background(self) -> None:
         self._stop.set()
         self.templates.stop()
+        if self.bridge:
+            self.bridge.close()
 
     def accel(self) -> accel_mod.AccelChoice:
         """The accelerator for host-arch guests, probed once (see accel.py)."""
@@ -164,6 +176,7 @@ class EnvManager:
             "env_count": self.db.count_envs(),
             "images": [i.to_dict() for i in images.scan(self.cfg.image_path)],
             "warm_clones": self.cfg.warm_clones, "templates": self.templates.status(),
+            "network": self.cfg.network,
         }
 
     # --- views -----------------------------------------------------------------------
@@ -174,6 +187,7 @@ class EnvManager:
             "os": name.os if name else "", "arch": name.arch if name else "",
             "state": vm.state, "cpu": vm.cpu, "mem_mib": vm.mem_mib, "disk_mib": vm.disk_mib,
             "ssh_host": self.cfg.connect_addr, "ssh_port": vm.ssh_port,
+            "address": vm.net_addr,
             "ports": {str(k): v for k, v in vm.forwards.items()},
             "error": vm.error, "boot_seconds": vm.boot_seconds, "boot_mode": vm.boot_mode,
         }
@@ -268,9 +282,13 @@ class EnvManager:
                 raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name")
             self._check_room(need, f"for ENV {req.name!r}")
             ports = self.ports.take(len(vms) * (1 + len(req.ports)), self.db.used_ports())
+            taken = {v.net_addr for v in self.db.all_vms() if v.net_addr}
             for vm in vms:
                 vm.ssh_port = ports.pop()
                 vm.forwards = {p: ports.pop() for p in req.ports}
+                if self.bridge:
+                    vm.net_addr = self.bridge.lease(vm.id, taken).addr
+                    taken.add(vm.net_addr)
             spec = {"os_prefix": req.os_prefix, "vm_number": req.vm_number,
                     "cpu_num": req.cpu_num, "mem_size": req.mem_size,
                     "disk_size": req.disk_size, "life_time": life, "ports": req.ports,
@@ -351,14 +369,15 @@ class EnvManager:
 
     def _render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
                 console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
-                restrict: bool = True, title: str = "") -> str:
+                restrict: bool = True, title: str = "", user_net: bool = True) -> str:
         """Domain XML for a VM (or a template build) of `image`."""
         forwards = "".join(f",hostfwd={f}" for f in hostfwd)
+        netdev = f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}"
         return domainxml.render(domainxml.DomainSpec(
             name=name, arch=image.name.arch, accel=self._accel_for(image.name.arch),
             vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
             initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
-            netdev=f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}",
+            netdev=netdev if user_net else "",
             uid=self.uid, gid=self.gid, title=title, incoming=incoming))
 
     def _vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
@@ -367,9 +386,46 @@ class EnvManager:
         hostfwd += [f"tcp:{self.cfg.forward_addr}:{h}-:{g}" for g, h in vm.forwards.items()]
         return self._render(vm.domain, image, vm.cpu, vm.mem_mib, disk,
                             Path(vm.dir) / "console.log", incoming, tuple(hostfwd),
-                            self._restricted(env), f"ttstack {env.name}/{vm.idx}")
+                            self._restricted(env), f"ttstack {env.name}/{vm.idx}",
+                            user_net=self.bridge is None)
+
+    # --- bridge networking (--network bridge) ------------------------------------------
+    @staticmethod
+    def _lease(vm: VMRow) -> Lease:
+        return Lease(vm.net_addr, mac_for(vm.net_addr), tap_name(vm.id))
+
+    @staticmethod
+    def _host_ports(vm: VMRow) -> dict[int, int]:
+        """host port -> guest port, SSH included"""
+        return {vm.ssh_port: 22, **{h: g for g, h in vm.forwards.items()}}
+
+    def _start_domain(self, vm: VMRow, image: images.Image, env: EnvRow, xml: str) -> None:
+        """Start the VM's domain; in bridge mode paused, to plug its NIC and publish its
+        ports and DHCP lease before the guest looks for them."""
+        if self.bridge is None:
+            self.engine.start(xml)
+            return
+        dom = self.engine.start(xml, paused=True)
+        lease = self._lease(vm)
+        fd = self.bridge.open_tap(lease)
+        try:
+            self.engine.plug_nic(dom, fd, lease.mac,
+                                 domainxml.ARCHES[image.name.arch]["nic_slot"])
+        finally:
+            os.close(fd)
+        self.bridge.publish(lease, self._host_ports(vm), bool(env.spec.get("deny_outgoing")))
+        dom.resume()
+
+    def _unpublish(self, vm: VMRow) -> None:
+        if self.bridge and vm.net_addr:
+            try:
+                self.bridge.unpublish(self._lease(vm), self._host_ports(vm))
+            except Exception:  # noqa: BLE001 - teardown goes on; setup() rebuilds the table
+                log.exception("unpublishing %s", vm.id)
 
     def _wants_warm(self, env: EnvRow) -> bool:
+        if self.bridge:  # a saved guest's NIC (and MAC) would be its template's
+            return False
         warm = env.spec.get("warm")
         return self.cfg.warm_clones if warm is None else bool(warm)
 
@@ -394,7 +450,8 @@ class EnvManager:
             if cancel.is_set():
                 return "cancelled"
             self.db.set_vm(vm.id, state=BOOTING)
-            self.engine.start(self._vm_xml(vm, image, env, overlay, incoming=False))
+            self._start_domain(vm, image, env,
+                               self._vm_xml(vm, image, env, overlay, incoming=False))
             crash_point("boot.domain_started")
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
                                             cancel.is_set)
@@ -513,6 +570,7 @@ class EnvManager:
                 if not clean:
                     log.warning("VM %s did not power off in %.0fs; forced", vm.id,
                                 SHUTDOWN_TIMEOUT)
+                self._unpublish(vm)
                 self.db.set_vm(vm.id, state=STOPPED)
 
             with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
@@ -608,6 +666,7 @@ class EnvManager:
                 self.engine.destroy(vm.domain)
             except Exception:  # keep going: the disk and the rest must still go
                 log.exception("destroying %s", vm.domain)
+            self._unpublish(vm)
             storage.remove_vm_dir(Path(vm.dir))
             if keep_rows:
                 # a failed VM holds nothing: zero its resources and ports in the record

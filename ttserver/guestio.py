@@ -14,6 +14,7 @@ import libvirt
 import libvirt_qemu
 
 from . import agent, sshexec
+from .bridgenet import BridgeNetwork, Lease, NetworkError, mac_for, tap_name
 from .config import ServerConfig
 from .db import VMRow
 from .engine import Engine
@@ -29,9 +30,11 @@ class GuestError(RuntimeError):
 
 
 class GuestIO:
-    def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
+    def __init__(self, engine: Engine, cfg: ServerConfig,
+                 bridge: BridgeNetwork | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
+        self.bridge = bridge
 
     def _dom(self, vm: VMRow) -> libvirt.virDomain:
         dom = self.engine.lookup(vm.domain)
@@ -40,6 +43,8 @@ class GuestIO:
         return dom
 
     def _target(self, vm: VMRow) -> sshexec.Target:
+        if vm.net_addr:  # on the bridge: straight to the VM, no port mapping in between
+            return sshexec.Target(self.cfg.ssh_key, vm.net_addr, 22)
         return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port)
 
     def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool) -> agent.ExecResult:
@@ -107,11 +112,28 @@ class GuestIO:
             raise GuestError(f"{command}: {out.strip()}")
 
     def add_forward(self, vm: VMRow, guest_port: int, host_port: int) -> None:
-        """Forward a host port to a running guest (QEMU user networking's hostfwd_add)."""
+        """Forward a host port to a running guest (QEMU user networking's hostfwd_add,
+        or an element of the bridge's nftables map)."""
+        if self.bridge and vm.net_addr:
+            self._bridge_forward(vm, host_port, guest_port, add=True)
+            return
         self._monitor(vm, f"hostfwd_add {NETDEV_ID} "
                           f"tcp:{self.cfg.forward_addr}:{host_port}-:{guest_port}")
 
     def remove_forward(self, vm: VMRow, host_port: int) -> None:
         # "not found" is fine: the goal (no such forward) holds, e.g. after a retry
+        if self.bridge and vm.net_addr:
+            guest = {h: g for g, h in vm.forwards.items()}.get(host_port, 0)
+            self._bridge_forward(vm, host_port, guest, add=False)
+            return
         self._monitor(vm, f"hostfwd_remove {NETDEV_ID} tcp:{self.cfg.forward_addr}:{host_port}",
                       ok=("removed", "not found"))
+
+    def _bridge_forward(self, vm: VMRow, host: int, guest: int, add: bool) -> None:
+        assert self.bridge is not None
+        lease = Lease(vm.net_addr, mac_for(vm.net_addr), tap_name(vm.id))
+        try:
+            self.bridge.forward(lease, host, guest, add)
+        except NetworkError as exc:
+            if add or "No such file" not in str(exc):
+                raise GuestError(str(exc)) from exc

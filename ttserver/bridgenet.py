@@ -1,0 +1,328 @@
+"""Bridge networking (`--network bridge`): every VM on one Linux bridge with its own
+address, host ports mapped to VM ports by nftables.
+
+What is created, and by whom:
+- the bridge (pyroute2) with the gateway address, in the network namespace ttserver runs
+  in — a production host's own, or one a test made;
+- one TAP per VM, opened *here* and handed to QEMU as a file descriptor (QMP `getfd`,
+  `netdev_add`, `device_add` while the domain is still paused). The TAP is not persistent:
+  it disappears with QEMU's descriptor, so a destroyed or crashed VM cannot leak one, and
+  the TAP lives in ttserver's namespace even though libvirtd and QEMU run elsewhere;
+- one nftables table holding a MAP `host port → VM address . VM port`, a SET of mapped
+  host ports and a SET of VMs whose ENV denies outgoing traffic. A VM's entries are added
+  and removed in one nft transaction each; the rules never change;
+- one dnsmasq answering DHCP only (no DNS), with a static lease per VM (MAC → address)
+  from a hosts file it re-reads on SIGHUP.
+
+Server stop removes table, dnsmasq and bridge; VMs keep running (ENVs survive restarts),
+their TAPs are re-attached at the next start. Why the `nft` command and not the Python
+binding: the binding ships only with Debian's python3 (not on PyPI), ttserver may run on
+another interpreter, and `nft -f -` applies a whole file as one atomic transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+NFT_TIMEOUT = 30
+DNSMASQ_START_TIMEOUT = 10.0
+
+
+class NetworkError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One VM's place on the bridge."""
+    addr: str
+    mac: str
+    tap: str
+
+
+def tap_name(vm_id: str) -> str:
+    return "tt" + hashlib.sha256(vm_id.encode()).hexdigest()[:12]  # IFNAMSIZ: 15 chars
+
+
+def mac_for(addr: str) -> str:
+    """A locally administered MAC derived from the address: stable across restarts."""
+    b = ipaddress.IPv4Address(addr).packed
+    return "52:54:" + ":".join(f"{x:02x}" for x in b)
+
+
+def nft(script: str, check: bool = True) -> str:
+    """Apply an nft script as one transaction (or read with `-j`)."""
+    res = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
+                         timeout=NFT_TIMEOUT)
+    if check and res.returncode != 0:
+        raise NetworkError(f"nft: {res.stderr.strip()}")
+    return res.stdout
+
+
+class BridgeNetwork:
+    def __init__(self, state_dir: Path, bridge: str, subnet: str, allow_outgoing: bool,
+                 forward_addr: str) -> None:
+        self.state_dir = state_dir
+        self.bridge = bridge
+        self.net = ipaddress.IPv4Network(subnet)
+        if self.net.num_addresses < 8:
+            raise NetworkError(f"--bridge-subnet {subnet} is too small (at least /29)")
+        self.gateway = str(next(self.net.hosts()))
+        self.allow_outgoing = allow_outgoing
+        self.forward_addr = forward_addr
+        self.table = f"ttstack_{bridge}".replace("-", "_")
+        self.hosts_file = state_dir / "dhcp-hosts"
+        self.pid_file = state_dir / "dnsmasq.pid"
+        self._lock = threading.Lock()
+        self._dnsmasq: subprocess.Popen | None = None
+
+    # --- server start and stop -----------------------------------------------------------
+    def setup(self, live: dict[str, tuple[Lease, dict[int, int], bool]]) -> None:
+        """Create bridge, rules and DHCP; re-attach and re-publish VMs that survived a
+        restart (`live`: VM id → lease, host → guest ports, deny_outgoing)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_stale_dnsmasq()
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=self.bridge):
+                ipr.link("add", ifname=self.bridge, kind="bridge")
+            idx = ipr.link_lookup(ifname=self.bridge)[0]
+            ipr.flush_addr(index=idx)
+            ipr.addr("add", index=idx, address=self.gateway, prefixlen=self.net.prefixlen)
+            ipr.link("set", index=idx, state="up")
+            for vm_id, (lease, _, _) in live.items():
+                tap = ipr.link_lookup(ifname=lease.tap)
+                if tap:
+                    ipr.link("set", index=tap[0], master=idx, state="up")
+                else:
+                    log.warning("VM %s has no TAP %s any more", vm_id, lease.tap)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        nft(self._ruleset())
+        entries = [self._elements(lease, ports, deny) for lease, ports, deny in live.values()]
+        if any(entries):
+            nft("\n".join(self._add(*e) for e in entries if e))
+        self.hosts_file.write_text("".join(f"{lease.mac},{lease.addr}\n"
+                                           for lease, _, _ in live.values()))
+        self._start_dnsmasq()
+
+    def close(self) -> None:
+        """Server stop: everything this module made goes; running VMs lose their link
+        until the next start."""
+        self._kill_dnsmasq()
+        nft(f"delete table ip {self.table}\n", check=False)
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=self.bridge):
+                ipr.link("del", index=idx)
+        for f in (self.hosts_file, self.pid_file):
+            f.unlink(missing_ok=True)
+
+    def _ruleset(self) -> str:
+        br, sub = self.bridge, str(self.net)
+        outgoing = (f'    iifname "{br}" ip saddr {sub} accept\n' if self.allow_outgoing
+                    else "")
+        masq = (f'    ip saddr {sub} oifname != "{br}" masquerade\n' if self.allow_outgoing
+                else "")
+        # table ip: flush-and-define is one transaction, so a restart never has a gap
+        return f"""table ip {self.table}
+delete table ip {self.table}
+table ip {self.table} {{
+  map forwards {{ type inet_service : ipv4_addr . inet_service; }}
+  set host_ports {{ type inet_service; }}
+  set denied {{ type ipv4_addr; }}
+  chain to_vms {{
+    type nat hook prerouting priority dstnat; policy accept;
+    fib daddr type local tcp dport @host_ports dnat ip to tcp dport map @forwards
+  }}
+  chain to_vms_local {{
+    type nat hook output priority -100; policy accept;
+    fib daddr type local tcp dport @host_ports dnat ip to tcp dport map @forwards
+  }}
+  chain from_vms_nat {{
+    type nat hook postrouting priority srcnat; policy accept;
+{masq}  }}
+  chain from_vms_routed {{
+    type filter hook forward priority filter; policy accept;
+    ct state established,related accept
+    ct status dnat accept
+    iifname "{br}" ip saddr @denied drop
+{outgoing}    iifname "{br}" drop
+  }}
+  chain from_vms_local {{
+    type filter hook input priority filter; policy accept;
+    ct state established,related accept
+    iifname "{br}" udp dport 67 accept
+    iifname "{br}" ip saddr @denied drop
+  }}
+}}
+"""
+
+    # --- per VM ----------------------------------------------------------------------
+    def lease(self, vm_id: str, taken: set[str]) -> Lease:
+        """A free address (not the gateway, not `taken`) for a new VM."""
+        for host in self.net.hosts():
+            addr = str(host)
+            if addr != self.gateway and addr not in taken:
+                return Lease(addr, mac_for(addr), tap_name(vm_id))
+        raise NetworkError(f"no free address left in {self.net}")
+
+    def open_tap(self, lease: Lease) -> int:
+        """Create the VM's TAP on the bridge; the caller hands the descriptor to QEMU and
+        closes its own copy (the TAP then lives exactly as long as QEMU)."""
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", lease.tap.encode(),
+                                                  IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+            with IPRoute() as ipr:
+                br = ipr.link_lookup(ifname=self.bridge)
+                if not br:
+                    raise NetworkError(f"bridge {self.bridge} is gone")
+                idx = ipr.link_lookup(ifname=lease.tap)[0]
+                ipr.link("set", index=idx, master=br[0], state="up")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def publish(self, lease: Lease, ports: dict[int, int], deny: bool) -> None:
+        """Map the VM's host ports (host → guest) and give it its DHCP lease."""
+        with self._lock:
+            nft(self._add(*self._elements(lease, ports, deny)))
+            lines = [ln for ln in self._hosts() if not ln.startswith(lease.mac + ",")]
+            self.hosts_file.write_text("".join(f"{ln}\n" for ln in
+                                               [*lines, f"{lease.mac},{lease.addr}"]))
+            self._reload_dnsmasq()
+
+    def unpublish(self, lease: Lease, ports: dict[int, int]) -> None:
+        """Drop the VM's entries (missing ones are fine: this runs on every teardown)."""
+        with self._lock:
+            for line in self._delete(lease, ports):
+                nft(line, check=False)  # one by one: a missing element fails its line
+            lines = [ln for ln in self._hosts() if not ln.startswith(lease.mac + ",")]
+            self.hosts_file.write_text("".join(f"{ln}\n" for ln in lines))
+            self._reload_dnsmasq()
+
+    def forward(self, lease: Lease, host: int, guest: int, add: bool) -> None:
+        t = self.table
+        script = (f"add element ip {t} forwards {{ {host} : {lease.addr} . {guest} }}\n"
+                  f"add element ip {t} host_ports {{ {host} }}\n") if add else (
+                  f"delete element ip {t} host_ports {{ {host} }}\n"
+                  f"delete element ip {t} forwards {{ {host} }}\n")
+        nft(script)
+
+    def _elements(self, lease: Lease, ports: dict[int, int], deny: bool
+                  ) -> tuple[str, list[int], bool] | None:
+        return (lease.addr, sorted(ports.items()), deny) if (ports or deny) else None
+
+    def _add(self, addr: str, ports: list, deny: bool) -> str:
+        t, out = self.table, ""
+        if ports:
+            out += (f"add element ip {t} forwards {{ "
+                    + ", ".join(f"{h} : {addr} . {g}" for h, g in ports) + " }\n"
+                    f"add element ip {t} host_ports {{ "
+                    + ", ".join(str(h) for h, _ in ports) + " }\n")
+        if deny:
+            out += f"add element ip {t} denied {{ {addr} }}\n"
+        return out
+
+    def _delete(self, lease: Lease, ports: dict[int, int]) -> list[str]:
+        t = self.table
+        return ([f"delete element ip {t} forwards {{ {h} }}\n" for h in ports]
+                + [f"delete element ip {t} host_ports {{ {h} }}\n" for h in ports]
+                + [f"delete element ip {t} denied {{ {lease.addr} }}\n"])
+
+    def elements(self) -> dict[str, object]:
+        """What the kernel holds now (for status and tests): map, port set, denied set."""
+        out = subprocess.run(["nft", "-j", "list", "table", "ip", self.table],
+                             capture_output=True, text=True, timeout=NFT_TIMEOUT)
+        if out.returncode != 0:
+            return {}
+        result: dict[str, object] = {"forwards": {}, "host_ports": [], "denied": []}
+        for item in json.loads(out.stdout)["nftables"]:
+            body = item.get("map") or item.get("set")
+            if not body:
+                continue
+            elems = body.get("elem", [])
+            if body["name"] == "forwards":
+                result["forwards"] = {
+                    e[0]: f"{e[1]['concat'][0]}:{e[1]['concat'][1]}" for e in elems}
+            elif body["name"] in ("host_ports", "denied"):
+                result[body["name"]] = sorted(elems)
+        return result
+
+    # --- dnsmasq ---------------------------------------------------------------------
+    def _hosts(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return [ln for ln in self.hosts_file.read_text().splitlines() if ln]
+        return []
+
+    def _start_dnsmasq(self) -> None:
+        first, last = str(self.net.network_address + 2), str(self.net.broadcast_address - 1)
+        cmd = ["dnsmasq", "--keep-in-foreground", "--port=0", "--no-resolv", "--no-hosts",
+               f"--interface={self.bridge}", "--bind-interfaces", "--except-interface=lo",
+               f"--dhcp-range={first},{last},{self.net.netmask},1h",
+               f"--dhcp-hostsfile={self.hosts_file}", "--dhcp-ignore=tag:!known",
+               f"--dhcp-leasefile={self.state_dir / 'dnsmasq.leases'}",
+               f"--pid-file={self.pid_file}", "--log-facility=-", "--quiet-dhcp",
+               f"--dhcp-option=option:router,{self.gateway}", "--user=root"]
+        log_file = open(self.state_dir / "dnsmasq.log", "ab")  # noqa: SIM115 - child keeps it
+        try:
+            self._dnsmasq = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        except FileNotFoundError as exc:
+            raise NetworkError("dnsmasq is not installed (apt-get install dnsmasq-base)"
+                               ) from exc
+        finally:
+            log_file.close()
+        deadline = time.monotonic() + DNSMASQ_START_TIMEOUT
+        while not self.pid_file.is_file():
+            if self._dnsmasq.poll() is not None or time.monotonic() > deadline:
+                tail = (self.state_dir / "dnsmasq.log").read_text(errors="replace")[-500:]
+                raise NetworkError(f"dnsmasq did not start: {tail}")
+            time.sleep(0.05)
+
+    def _reload_dnsmasq(self) -> None:
+        if self._dnsmasq and self._dnsmasq.poll() is None:
+            self._dnsmasq.send_signal(signal.SIGHUP)
+
+    def _kill_dnsmasq(self) -> None:
+        if self._dnsmasq and self._dnsmasq.poll() is None:
+            self._dnsmasq.terminate()
+            try:
+                self._dnsmasq.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._dnsmasq.kill()
+                self._dnsmasq.wait(timeout=10)
+        self._dnsmasq = None
+
+    def _stop_stale_dnsmasq(self) -> None:
+        """A dnsmasq left by a crashed server (its pid file names it)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(OSError):
+            if "dnsmasq" in Path(f"/proc/{pid}/comm").read_text():
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)

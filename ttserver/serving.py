@@ -1,0 +1,31 @@
+"""Run a daemon's ASGI app until SIGTERM or SIGINT, then let the daemon clean up.
+
+Why not just `uvicorn.run` in a try/finally: since 0.29 uvicorn re-raises the signal it
+caught once it has shut down, with the handler that was installed before it started. With
+Python's default SIGTERM handler that kills the process on the spot and no `finally` runs
+(measured: ttserver's bridge, nft table and dnsmasq outlived a `systemctl stop`). So a
+handler that raises SystemExit is installed first: uvicorn's re-raise lands there, and
+the daemon's clean-up runs.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+
+def _exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(app: object, host: str, port: int, on_stop: Callable[[], None]) -> None:
+    import uvicorn
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        on_stop()
