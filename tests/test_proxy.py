@@ -5,6 +5,7 @@ nothing left on any server at the end."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def cluster() -> Iterator[tuple[list[ServerProcess], ProxyProcess, Path]]:
         proxy.stop()
         for s in servers:
             s.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -171,6 +173,7 @@ def test_pytest_plugin_runs_unchanged_through_the_proxy(tmp_path: Path):
         proxy.stop()
         for s in servers:
             s.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_proxy_with_no_server_up_and_bad_input_gives_clear_errors(tmp_path: Path):
