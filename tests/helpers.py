@@ -101,6 +101,7 @@ class ServerProcess(DaemonProcess):
                "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
                "--accel", "tcg", *self.extra]
         self._launch(cmd, timeout, self.env)
+        self.sid = self.server_id()
         return self
 
     def delete_all_envs(self) -> None:
@@ -114,6 +115,13 @@ class ServerProcess(DaemonProcess):
     def stop(self, sig: int = signal.SIGTERM, clean: bool = True) -> None:
         if self.proc and self.proc.poll() is None and sig == signal.SIGTERM and clean:
             self.delete_all_envs()
+        elif clean and self.proc and self.proc.poll() is not None and getattr(self, "sid", None):
+            # a test failed after stopping the server: its VMs must not outlive the test
+            names = subprocess.run(["virsh", "list", "--name"], capture_output=True,
+                                   text=True, timeout=60).stdout.split()
+            for name in names:
+                if name.startswith(f"tt-{self.sid}-"):
+                    subprocess.run(["virsh", "destroy", name], capture_output=True, timeout=60)
         self._signal(sig, 30)
 
     def server_id(self) -> str:

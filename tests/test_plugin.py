@@ -70,12 +70,6 @@ def check_common(srv: ServerProcess, proc, root) -> None:
     assert requests.get(srv.url + "/envs", timeout=10).json() == [], "the ENV must be deleted"
 
 
-def test_plain_run_on_two_images(plugin_server, tmp_path):
-    proc, root = run_sample(plugin_server, tmp_path)
-    check_common(plugin_server, proc, root)
-    assert "booting" in proc.stdout and "deleted ENV pytest-" in proc.stdout
-
-
 def test_xdist_run_gives_each_worker_its_own_vms(plugin_server, tmp_path):
     proc, root = run_sample(plugin_server, tmp_path, "-n", "2")
     check_common(plugin_server, proc, root)

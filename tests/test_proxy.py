@@ -162,11 +162,13 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
     proxy.stop()
 
 
-def test_pytest_plugin_runs_unchanged_through_the_proxy(tmp_path: Path):
+def test_pytest_plugin_plain_run_unchanged_through_the_proxy(tmp_path: Path):
     servers, proxy, run_dir = start_cluster(2)
     try:
+        # the plain (no xdist) plugin run: test_plugin.py runs it under xdist
         proc, root = run_sample(proxy, tmp_path)
         check_common(proxy, proc, root)
+        assert "booting" in proc.stdout and "deleted ENV pytest-" in proc.stdout
         for s in servers:
             assert requests.get(s.url + "/envs", timeout=10).json() == []
     finally:

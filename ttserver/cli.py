@@ -92,6 +92,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-clones", action="store_true",
                    help="start VMs from a saved memory snapshot of their image (about a"
                         " second instead of a boot); ENVs may still ask for cold boots")
+    p.add_argument("--storage", choices=["auto", "qcow2", "btrfs", "zfs"], default="auto",
+                   help="VM disk clones: qcow2 overlays, or btrfs snapshots when the state"
+                        " and images are on one btrfs (auto picks by filesystem)")
     p.add_argument("--network", choices=["user", "bridge"], default="user",
                    help="user: QEMU user networking, nothing to set up (default); bridge: a"
                         " Linux bridge with DHCP and nftables port mapping (root, nft,"
@@ -203,6 +206,7 @@ def serve_main(argv: list[str]) -> int:
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
                        libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing,
                        warm_clones=args.warm_clones, network=args.network,
+                       storage=args.storage,
                        bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"

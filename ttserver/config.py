@@ -31,6 +31,7 @@ class ServerConfig:
     # user: QEMU user networking per VM (no host set-up, ports by QEMU hostfwd);
     # bridge: a Linux bridge, TAPs, nftables port MAP and dnsmasq (see bridgenet.py)
     network: str = "user"
+    storage: str = "auto"  # auto | qcow2 | btrfs | zfs (see storage.py)
     bridge_name: str = "ttbr0"
     bridge_subnet: str = "10.213.0.0/24"
 

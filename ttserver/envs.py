@@ -33,7 +33,7 @@ from .errors import BadRequest, Conflict, InsufficientResources, NotFound, TTErr
 from .failpoints import crash_point
 from .guestio import GuestError, GuestIO
 from .ports import PortPool
-from .templates import Template, Templates
+from .templates import Template, Templates, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class EnvManager:
                                      cfg.bridge_subnet, cfg.allow_outgoing, cfg.forward_addr)
                        if cfg.network == "bridge" else None)
         self.io = GuestIO(self.engine, cfg, self.bridge)
+        self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
+        self.btrfs = storage.Btrfs(cfg.cfgdb_path / "bases") if self.storage == "btrfs" else None
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
                                    self._render)
@@ -129,6 +131,9 @@ class EnvManager:
                                for env in self.db.list_envs() for vm in env.vms
                                if vm.state == RUNNING and vm.net_addr})
         self.collect_templates()
+        if self.btrfs:
+            self.btrfs.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
+                                for i in images.scan(self.cfg.image_path)})
         threading.Thread(target=self.accel, name="accel-probe", daemon=True).start()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
@@ -176,7 +181,7 @@ class EnvManager:
             "env_count": self.db.count_envs(),
             "images": [i.to_dict() for i in images.scan(self.cfg.image_path)],
             "warm_clones": self.cfg.warm_clones, "templates": self.templates.status(),
-            "network": self.cfg.network,
+            "network": self.cfg.network, "storage": self.storage,
         }
 
     # --- views -----------------------------------------------------------------------
@@ -443,7 +448,11 @@ class EnvManager:
                 if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
                     return ""
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
-                storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
+                if self.btrfs:
+                    base = self.btrfs.base_for(image.disk, fingerprint(image))
+                    self.btrfs.clone(base, vm_dir, grow, self.uid, self.gid)
+                else:
+                    storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
                 crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
