@@ -174,6 +174,8 @@ def image_main(argv: list[str]) -> int:
             print(f"{img.name.full}\t{img.size_mib} MiB\t{img.path}{warn}")
         return 0
     from .imagebuild import BuildError, build
+    from .serving import exit_on_sigterm
+    exit_on_sigterm()  # a stopped build still unmounts and removes its work tree
     try:
         build(args.os, args.arch, args.image_path, disk_mib=args.disk_size,
               mirror=args.mirror, timeout=args.timeout, force=args.force)

@@ -19,9 +19,12 @@ ARCHES = {
     # a guest restored from a warm-clone template sees it change and reseeds its RNG,
     # instead of every clone drawing the same "random" numbers from the saved state.
     "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10",
-               "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": "<genid/>"},
+               "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": "<genid/>",
+               "features": "<features><acpi/></features>"},
+    # no <acpi/>: on aarch64 libvirt ties ACPI to UEFI firmware; with direct kernel boot
+    # the guest reads QEMU's device tree instead
     "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": "", "nic_slot": {},
-                "genid": ""},
+                "genid": "", "features": ""},
 }
 
 
@@ -76,7 +79,7 @@ def render(spec: DomainSpec) -> str:
     <initrd>{spec.initrd}</initrd>
     <cmdline>{cmdline}</cmdline>
   </os>
-  <features><acpi/></features>
+  {arch["features"]}
   {cpu}
   <clock offset='utc'/>
   <seclabel type='static' model='dac' relabel='no'><label>+{spec.uid}:+{spec.gid}</label></seclabel>

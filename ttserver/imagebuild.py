@@ -9,11 +9,13 @@ and machine-id are created on each VM's first boot, so clones never share them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,13 +138,38 @@ def customize(root: Path, hostname: str = "tt") -> None:
 
 
 def _run(cmd: list[str], timeout: float, what: str) -> None:
+    """Run a build step in its own process group: on timeout the whole group goes (a hung
+    mkinitramfs under qemu-user is a grandchild, which subprocess.run would leave)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"{what} did not finish within {timeout:.0f}s") from exc
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # timeout, Ctrl-C, SIGTERM (see image_main)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise BuildError(f"{what} did not finish within {timeout:.0f}s") from exc
+        raise
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
+        tail = "\n".join((err or out).splitlines()[-15:])
         raise BuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _release_mounts(work: Path) -> None:
+    """Unmount whatever an interrupted mmdebstrap left mounted in the tree (/proc, /sys,
+    /dev/pts, ...), deepest first, before anything deletes it: rmtree must never walk
+    into a live /sys or /dev."""
+    prefix = str(work.resolve()) + "/"
+    with open("/proc/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=60)
+
+
+def _remove_tree(work: Path) -> None:
+    _release_mounts(work)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
@@ -163,7 +190,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         binfmt.ensure(name.arch)
     image_path.mkdir(parents=True, exist_ok=True)
     work = image_path / f".build-{name.os}-{name.arch}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_tree(work)
     work.mkdir(parents=True)
     started = time.monotonic()
     try:
@@ -203,6 +230,6 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
             shutil.rmtree(target)
         out.rename(target)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_tree(work)
     _say(f"built {name.full} in {time.monotonic() - started:.0f}s at {target}")
     return target

@@ -19,10 +19,15 @@ def _exit(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so `finally` blocks run (clean-up on `kill`)."""
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def serve(app: object, host: str, port: int, on_stop: Callable[[], None]) -> None:
     import uvicorn
 
-    signal.signal(signal.SIGTERM, _exit)
+    exit_on_sigterm()
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     except (KeyboardInterrupt, SystemExit):
