@@ -154,6 +154,17 @@ def test_bridge_network_end_to_end(host: Host):
             time.sleep(1)
     assert page.text == "served\n"
 
+    # ports change live: one more map element, then back to the original map
+    resp = requests.patch(f"{h.srv.url}/envs/open", json={"add_ports": [9090]}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    added = resp.json()["vms"][0]["ports"]["9090"]
+    found = h.nft_elements()
+    assert tuple(found["forwards"][added]) == (vm_open["address"], 9090)
+    assert added in found["host_ports"]
+    resp = requests.patch(f"{h.srv.url}/envs/open", json={"remove_ports": [9090]}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert {k: tuple(v) for k, v in h.nft_elements()["forwards"].items()} == expected
+
     # deny-outgoing: the closed VM cannot open a connection to the host (the API's
     # address inside the namespace); the open one can, and SSH *into* both still works
     probe = f"timeout 5 bash -c '</dev/tcp/{INNER}/{h.srv.port}'; echo $?"

@@ -23,8 +23,9 @@ ARCHES = {
                "features": "<features><acpi/></features>"},
     # no <acpi/>: on aarch64 libvirt ties ACPI to UEFI firmware; with direct kernel boot
     # the guest reads QEMU's device tree instead
-    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": "", "nic_slot": {},
-                "genid": "", "features": ""},
+    # (and a fixed NIC slot: libvirt fills pcie.0's first slots with its root ports)
+    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": ",bus=pcie.0,addr=0x10",
+                "nic_slot": {"bus": "pcie.0", "addr": "0x10"}, "genid": "", "features": ""},
 }
 
 
