@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -108,6 +109,17 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         srv = ServerProcess(run_dir / "state", port=srv.port).start()
         assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
         assert [r["stdout"] for r in run(srv, "e2e", "uname -m")] == ["x86_64\n"] * 2
+
+        # a VM whose QEMU ended while the server was down: an error, never a silent gap
+        srv.stop(signal.SIGKILL)
+        subprocess.run(["virsh", "destroy", f"tt-{vms[1]['id']}"], capture_output=True,
+                       check=True, timeout=60)
+        srv = ServerProcess(run_dir / "state", port=srv.port).start()
+        env = requests.get(srv.url + "/envs/e2e", timeout=10).json()
+        assert "e2e-1 was gone after a server restart" in env["error"], env
+        res = run(srv, "e2e", "uname -m")
+        assert [r["stdout"] for r in res] == ["x86_64\n", ""]
+        assert "was gone after a server restart" in res[1]["error"], res
 
         cli = tt(srv.address, "env", "del", "e2e")
         assert cli.returncode == 0, cli.stderr

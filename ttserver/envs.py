@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import agent, domainxml, identity, images, sshexec, storage
+from . import agent, cloudseed, domainxml, identity, images, sshexec, storage
 from .bridgenet import BridgeNetwork, Lease, mac_for, tap_name
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
@@ -374,7 +374,8 @@ class EnvManager:
 
     def _render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
                 console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
-                restrict: bool = True, title: str = "", user_net: bool = True) -> str:
+                restrict: bool = True, title: str = "", user_net: bool = True,
+                seed: str = "") -> str:
         """Domain XML for a VM (or a template build) of `image`."""
         forwards = "".join(f",hostfwd={f}" for f in hostfwd)
         netdev = f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}"
@@ -383,7 +384,7 @@ class EnvManager:
             vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
             initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
             netdev=netdev if user_net else "",
-            uid=self.uid, gid=self.gid, title=title, incoming=incoming))
+            uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed))
 
     def _vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
                 incoming: bool) -> str:
@@ -392,7 +393,8 @@ class EnvManager:
         return self._render(vm.domain, image, vm.cpu, vm.mem_mib, disk,
                             Path(vm.dir) / "console.log", incoming, tuple(hostfwd),
                             self._restricted(env), f"ttstack {env.name}/{vm.idx}",
-                            user_net=self.bridge is None)
+                            user_net=self.bridge is None,
+                            seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "")
 
     # --- bridge networking (--network bridge) ------------------------------------------
     @staticmethod
@@ -453,6 +455,10 @@ class EnvManager:
                     self.btrfs.clone(base, vm_dir, grow, self.uid, self.gid)
                 else:
                     storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
+                if image.cloud_init:
+                    cloudseed.make_seed(vm_dir, vm.id, _hostname(env.name, vm.idx),
+                                        [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
+                                        self.uid, self.gid)
                 crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
@@ -489,8 +495,10 @@ class EnvManager:
                    cancel: threading.Event) -> bool:
         """Start the VM from its image's template; False (and a cold boot) when there is
         none yet (one gets built in the background), the disk must grow, or it fails."""
-        if vm.disk_mib > image.size_mib:
-            return False  # the saved guest knows its disk's size; growing needs a boot
+        if vm.disk_mib > image.size_mib or image.cloud_init:
+            # the saved guest knows its disk's size; growing needs a boot. Cloud images
+            # run cloud-init on their first boot, which a template would have used up.
+            return False
         template = self.templates.ready(image, vm.cpu, vm.mem_mib)
         if template is None:
             self.templates.request(image, vm.cpu, vm.mem_mib)
@@ -717,7 +725,8 @@ class EnvManager:
     def reconcile(self) -> dict:
         """Make libvirt and the disk agree with SQLite after a (possibly unclean) restart."""
         report: dict[str, list[str]] = {"destroyed_domains": [], "removed_dirs": [],
-                                        "cleaned_envs": [], "settled_envs": []}
+                                        "cleaned_envs": [], "settled_envs": [],
+                                        "lost_vms": []}
         for env in self.db.list_envs():
             if env.state in (CREATING, DELETING) or env.expires_at <= time.time():
                 self._teardown_vms(env.vms, keep_rows=False)
@@ -733,8 +742,12 @@ class EnvManager:
                 self.engine.destroy(name)
                 report["destroyed_domains"].append(name)
         for vm in live.values():
-            if not self.engine.is_running(vm.domain):
-                self.db.set_vm(vm.id, state=FAILED, error="VM was gone after a server restart")
+            if not self.engine.is_running(vm.domain):  # its QEMU ended while we were away
+                lost = f"VM {_hostname(vm.env, vm.idx)} was gone after a server restart"
+                self._teardown_vms([vm], keep_rows=True)  # it holds nothing any more
+                self.db.set_vm(vm.id, error=lost)
+                self.db.set_env(vm.env, error=lost)
+                report["lost_vms"].append(vm.id)
         known = {Path(vm.dir).name for vm in self.db.all_vms()}
         if self.cfg.vms_path.is_dir():
             for d in self.cfg.vms_path.iterdir():
@@ -752,7 +765,9 @@ class EnvManager:
         if env.state != READY:
             raise Conflict(f"ENV {name!r} is {env.state}, not running"
                            + (f": {env.error.splitlines()[0]}" if env.error else ""))
-        vms = [vm for vm in env.vms if vm.state == RUNNING]
+        # a running ENV's failed VMs were lost in a server restart: they get error rows,
+        # so a command never silently runs on fewer VMs than the ENV has
+        vms = [vm for vm in env.vms if vm.state in (RUNNING, FAILED)]
         if only:
             refs = set(only)
             picked = [vm for vm in vms if refs & _vm_refs(vm)]
@@ -788,6 +803,7 @@ class EnvManager:
 
         def one(vm: VMRow) -> dict:
             try:
+                self._check_alive(vm)
                 res = self.io.run(vm, cmd, timeout, use_ssh)
                 return {**self._ref(vm), **res.to_dict(), "error": ""}
             except GuestError as exc:
@@ -805,6 +821,7 @@ class EnvManager:
         def one(vm: VMRow) -> dict:
             started = time.monotonic()
             try:
+                self._check_alive(vm)
                 self.io.write(vm, path, data, mode, use_ssh)
                 return {**self._ref(vm), "bytes": len(data), "error": "",
                         "seconds": round(time.monotonic() - started, 3)}
@@ -818,9 +835,15 @@ class EnvManager:
         self._check_guest_path(path)
         vm = self._running_vms(name, [vm_ref])[0]
         try:
+            self._check_alive(vm)
             return self.io.read(vm, path, use_ssh)
         except GuestError as exc:
             raise TTError(f"cannot read {path} from {vm_ref}: {exc}", status=404) from exc
+
+    @staticmethod
+    def _check_alive(vm: VMRow) -> None:
+        if vm.state != RUNNING:
+            raise GuestError(f"VM is {vm.state}: {vm.error}")
 
     @staticmethod
     def _check_guest_path(path: str) -> None:
