@@ -12,7 +12,7 @@ say() { echo "[setup] $*"; }
 # Only the emulator we use: libvirtd probes every installed qemu-system-* on first connect.
 APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps
-  dnsmasq-base util-linux btrfs-progs"
+  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   say "installing: $(echo $missing)"

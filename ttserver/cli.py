@@ -124,6 +124,13 @@ def image_parser() -> argparse.ArgumentParser:
     b.add_argument("--mirror", default=None, help="Debian mirror (default: the host's)")
     b.add_argument("--timeout", type=float, default=1800, help="seconds before giving up")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
+    imp = sub.add_parser("import", help="import a generic cloud image (qcow2, raw, ...):"
+                                        " its VMs get a cloud-init NoCloud seed")
+    imp.add_argument("file", type=Path, help="the image file")
+    imp.add_argument("--name", required=True, help="ENGINE:OS-VERSION:ARCH, e.g."
+                                                   " qemu:ubuntu-20.04:x86_64")
+    imp.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
+    imp.add_argument("--force", action="store_true", help="replace an existing image")
     ls = sub.add_parser("list", help="list images under --image-path")
     ls.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
     return p
@@ -172,6 +179,17 @@ def image_main(argv: list[str]) -> int:
         for img in scan(args.image_path):
             warn = f"  ({'; '.join(img.warnings)})" if img.warnings else ""
             print(f"{img.name.full}\t{img.size_mib} MiB\t{img.path}{warn}")
+        return 0
+    if args.action == "import":
+        from ttclient.imagenames import ImageNameError
+
+        from .imageimport import ImportError_, import_image
+        try:
+            target = import_image(args.file, args.name, args.image_path, force=args.force)
+        except (ImportError_, ImageNameError, OSError) as exc:
+            print(f"ttserver image import: {exc}", file=sys.stderr)
+            return 1
+        print(f"[image import] {args.name} at {target}", file=sys.stderr)
         return 0
     from .imagebuild import BuildError, build
     from .serving import exit_on_sigterm

@@ -48,6 +48,7 @@ class DomainSpec:
     gid: int
     title: str = ""
     incoming: bool = False  # start paused, waiting for a saved memory state (warm clone)
+    seed: str = ""  # a cloud-init NoCloud seed image, attached read-only as vdb
 
 
 def _arg(value: str) -> str:
@@ -68,6 +69,12 @@ def render(spec: DomainSpec) -> str:
     if spec.incoming:
         qemu_args += [_arg("-incoming"), _arg("defer")]
     args = "\n    ".join(qemu_args)
+    seed = (f"""<disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(spec.seed)}/>
+      <target dev='vdb' bus='virtio'/>
+      <readonly/>
+    </disk>""" if spec.seed else "")
     return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{spec.name}</name>
   <title>{spec.title}</title>
@@ -93,6 +100,7 @@ def render(spec: DomainSpec) -> str:
       <source file={quoteattr(spec.disk)}/>
       <target dev='vda' bus='virtio'/>
     </disk>
+    {seed}
     <serial type='file'>
       <source path={quoteattr(spec.console_log)}/>
       <target port='0'/>

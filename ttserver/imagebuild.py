@@ -10,7 +10,6 @@ and machine-id are created on each VM's first boot, so clones never share them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 from ttclient.imagenames import ImageName, parse_image_name
 
 from . import binfmt
-from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, META
+from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install
 
 SUITES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie",
           "debian-sid": "sid"}
@@ -221,14 +220,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         meta = {"name": name.full, "suite": SUITES[name.os], "arch": name.arch,
                 "virtual_size_mib": disk_mib, "cmdline": DEFAULT_CMDLINE,
                 "kernel": kernels[-1].name, "built_at": int(time.time())}
-        (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-        for part in out.iterdir():
-            os.chown(part, 0, 0)
-            part.chmod(0o444)  # shared by every clone: never written
-        out.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
+        install(out, meta, target)
     finally:
         _remove_tree(work)
     _say(f"built {name.full} in {time.monotonic() - started:.0f}s at {target}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class Image:
     size_mib: int
     cmdline: str = DEFAULT_CMDLINE
     warnings: tuple[str, ...] = field(default=())
+    cloud_init: bool = False  # imported cloud image: its VMs get a NoCloud seed disk
 
     @property
     def disk(self) -> Path:
@@ -107,7 +109,8 @@ def scan(image_path: Path) -> list[Image]:
                 log.warning("image %s: unreadable %s: %s", d, META, exc)
         images.append(Image(name=name, path=d, size_mib=_virtual_size_mib(meta, d / DISK),
                             cmdline=meta.get("cmdline", DEFAULT_CMDLINE),
-                            warnings=_ownership_warnings(d)))
+                            warnings=_ownership_warnings(d),
+                            cloud_init=bool(meta.get("cloud_init"))))
     return images
 
 
@@ -122,3 +125,17 @@ def select(image_path: Path, prefixes: list[str]) -> list[Image]:
     except ImageNameError as exc:
         raise BadRequest(str(exc)) from exc
     return [by_name[n] for n in names]
+
+
+def install(staged: Path, meta: dict, target: Path) -> None:
+    """Make a staged image directory (disk, kernel, initrd) the image `target`: write its
+    meta.json, make every file root-owned and read-only (shared by every clone, never
+    written), replace what was there."""
+    (staged / META).write_text(json.dumps(meta, indent=2) + "\n")
+    for part in staged.iterdir():
+        os.chown(part, 0, 0)
+        part.chmod(0o444)
+    staged.chmod(0o755)
+    if target.exists():
+        shutil.rmtree(target)
+    staged.rename(target)

@@ -1,0 +1,126 @@
+"""Imported generic cloud images: a Debian disk with cloud-init (built here the way cloud
+images are made: a partition table, ext4 on partition 1, no ttstack customisation) is
+imported with `ttserver image import`, and its VM takes hostname and SSH keys from the
+NoCloud seed ttserver gives it — cloud-init reports the NoCloud datasource, done."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from ttserver import imagebuild
+
+from helpers import NOTHING_LEFT, ServerProcess, leftovers, new_run_dir, wait_env
+
+pytestmark = pytest.mark.vm
+CACHE = Path("/var/lib/ttstack/cloudtest")  # the built test image, reused between runs
+NAME = "qemu:debcloud-12:x86_64"
+PACKAGES = ["linux-image-cloud-amd64", "systemd-sysv", "udev", "openssh-server",
+            "qemu-guest-agent", "cloud-init", "ifupdown", "isc-dhcp-client", "e2fsprogs",
+            "cloud-guest-utils", "locales"]
+DISK_MIB = 3072
+
+
+def build_cloud_image() -> Path:
+    """A 'downloaded' cloud image: qcow2 of a partitioned disk, made without loop mounts."""
+    image = CACHE / "debcloud-12.qcow2"
+    if image.is_file():
+        return image
+    work = CACHE / "work"
+    imagebuild._remove_tree(work)
+    work.mkdir(parents=True)
+    try:
+        root = work / "rootfs"
+        imagebuild._run(["mmdebstrap", "--variant=apt", "--mode=root",
+                         "--include=" + ",".join(PACKAGES),
+                         *[f"--dpkgopt={o}" for o in imagebuild.DPKG_EXCLUDES],
+                         "bookworm", str(root), imagebuild.host_mirror()], 900, "mmdebstrap")
+        raw = work / "disk.raw"
+        with open(raw, "wb") as f:
+            f.truncate(DISK_MIB << 20)
+        subprocess.run(["sfdisk", "-q", str(raw)], input="label: dos\nstart=2048, type=83\n",
+                       text=True, check=True, timeout=60)
+        imagebuild._run(["mkfs.ext4", "-q", "-F", "-L", "cloudimg-rootfs",
+                         "-E", "offset=1048576", "-d", str(root), str(raw),
+                         f"{DISK_MIB - 1}M"], 600, "mkfs.ext4")
+        imagebuild._run(["qemu-img", "convert", "-O", "qcow2", str(raw),
+                         str(work / "out.qcow2")], 600, "qemu-img convert")
+        (work / "out.qcow2").rename(image)
+    finally:
+        imagebuild._remove_tree(work)
+    return image
+
+
+def ttserver(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ttserver.cli", "image", *args],
+                          capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def imported() -> Iterator[Path]:
+    source = build_cloud_image()
+    run_dir = new_run_dir("cloud-")
+    images = run_dir / "images"
+    res = ttserver("import", str(source), "--name", NAME, "--image-path", str(images))
+    assert res.returncode == 0, res.stderr
+    yield run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_import_bad_input_is_a_clear_error(imported: Path):
+    images = imported / "images"
+    res = ttserver("import", "/nonexistent.qcow2", "--name", NAME, "--image-path", str(images))
+    assert res.returncode == 1 and "is not a file" in res.stderr
+    res = ttserver("import", str(CACHE / "debcloud-12.qcow2"), "--name", "no-colons",
+                   "--image-path", str(images))
+    assert res.returncode == 1 and "ENGINE:OS-VERSION:ARCH" in res.stderr, res.stderr
+    res = ttserver("import", str(CACHE / "debcloud-12.qcow2"), "--name", NAME,
+                   "--image-path", str(images))
+    assert res.returncode == 1 and "exists" in res.stderr
+    empty = imported / "empty.raw"
+    empty.write_bytes(b"\0" * (1 << 20))
+    res = ttserver("import", str(empty), "--name", "qemu:empty-1:x86_64",
+                   "--image-path", str(imported / "other"))
+    assert res.returncode == 1 and "no Linux root filesystem" in res.stderr, res.stderr
+
+
+def test_cloud_image_vm_takes_its_identity_from_the_nocloud_seed(imported: Path):
+    meta = json.loads((imported / "images" / NAME / "meta.json").read_text())
+    assert meta["cloud_init"] and meta["cmdline"].startswith("root=/dev/vda1 ")
+    srv = ServerProcess(imported / "state", imported / "images",
+                        port_range="41200-41499").start()
+    try:
+        sid = srv.server_id()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "user@cloud",
+                        "-f", str(imported / "user_key")], check=True, timeout=30)
+        user_key = (imported / "user_key.pub").read_text().strip()
+        resp = requests.post(srv.url + "/envs", json={"name": "cloud", "os_prefix": ["debcloud"],
+                                                      "ssh_keys": [user_key]}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        env = wait_env(srv.url, "cloud")
+        assert env["state"] == "running", env["error"]
+
+        def run(cmd: str, **kw) -> dict:
+            resp = requests.post(srv.url + "/envs/cloud/run", json={"cmd": cmd, **kw},
+                                 timeout=400)
+            assert resp.status_code == 200, resp.text
+            return resp.json()["results"][0]
+
+        status = run("cloud-init status --wait --long", timeout=300)
+        assert "status: done" in status["stdout"], status
+        assert "DataSourceNoCloud" in status["stdout"], status
+        assert run("hostname")["stdout"] == "cloud-0\n"
+        assert user_key in run("cat /root/.ssh/authorized_keys")["stdout"]
+        assert run("id -un", use_ssh=True)["stdout"] == "root\n"
+        ports = [vm["ssh_port"] for vm in env["vms"]]
+        assert requests.delete(srv.url + "/envs/cloud", timeout=120).status_code == 200
+        assert leftovers(sid, imported / "state", ports) == NOTHING_LEFT
+    finally:
+        srv.stop()

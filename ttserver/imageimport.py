@@ -1,0 +1,134 @@
+"""`ttserver image import FILE --name qemu:OS-VERSION:ARCH`: a generic cloud image (any
+format qemu-img reads: qcow2, raw, vmdk, ...) becomes a ttstack image.
+
+Why the kernel is copied out instead of booting the image's own bootloader: ttstack
+boots every image the same way (direct kernel boot: no firmware, no GRUB menu — seconds
+under TCG), and the cloud image's kernel and initramfs already carry its drivers. They are
+read with `debugfs` straight from the disk file (`FILE?offset=N` for a partition), so
+nothing is mounted and no loop or nbd device is needed. The image is marked `cloud_init`:
+its VMs get a NoCloud seed disk (cloudseed.py) with hostname and SSH keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from ttclient.imagenames import parse_image_name
+
+from .images import DISK, INITRD, KERNEL, install
+
+LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}  # MBR, GPT Linux filesystem
+STEP_TIMEOUT = 900
+
+
+class ImportError_(RuntimeError):  # noqa: N801 - not the builtin ImportError
+    pass
+
+
+def _run(cmd: list[str], what: str, timeout: float = STEP_TIMEOUT) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as exc:
+        raise ImportError_(f"{cmd[0]} is not installed ({what})") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ImportError_(f"{what} did not finish within {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        raise ImportError_(f"{what} failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def _filesystems(raw: Path) -> list[tuple[int, int]]:
+    """(partition number, byte offset) of every Linux partition; (0, 0) for a disk that is
+    one filesystem without a partition table."""
+    try:
+        table = json.loads(_run(["sfdisk", "-J", str(raw)], "reading the partition table"))
+    except ImportError_:
+        return [(0, 0)]
+    pt = table["partitiontable"]
+    sector = int(pt.get("sectorsize", 512))
+    out = []
+    for i, part in enumerate(pt.get("partitions", []), start=1):
+        number = int(part["node"][len(str(raw)):].lstrip("p") or i)
+        if str(part.get("type", "")).lower() in LINUX_TYPES:
+            out.append((number, int(part["start"]) * sector))
+    return out
+
+
+def _ls(raw: Path, offset: int, directory: str) -> list[str] | None:
+    """Names in a directory of the ext2/3/4 filesystem at `offset`, None if unreadable."""
+    proc = subprocess.run(["debugfs", "-R", f"ls -p {directory}", f"{raw}?offset={offset}"],
+                          capture_output=True, text=True, timeout=120)
+    names = [line.split("/")[5] for line in proc.stdout.splitlines()
+             if line.startswith("/") and len(line.split("/")) > 6]
+    return names or None
+
+
+def _newest(names: list[str], prefix: str) -> str | None:
+    found = sorted(n for n in names if n.startswith(prefix) and not n.endswith(".old"))
+    return found[-1] if found else None
+
+
+def find_boot(raw: Path) -> tuple[int, int, str, str]:
+    """(root partition number, offset of the filesystem holding the kernel, kernel path,
+    initrd path): the root is the filesystem with /etc; the kernel is in its /boot or on a
+    separate /boot partition."""
+    root = boot = None
+    for number, offset in _filesystems(raw):
+        top = _ls(raw, offset, "/") or []
+        if "etc" in top and root is None:
+            root = number
+            inner = _ls(raw, offset, "/boot") or []
+            if _newest(inner, "vmlinuz-") and boot is None:
+                boot = (offset, "/boot/", inner)
+        elif _newest(top, "vmlinuz-") and boot is None:  # a separate /boot partition
+            boot = (offset, "/", top)
+    if root is None:
+        raise ImportError_("no Linux root filesystem (ext2/3/4 with /etc) found in the image")
+    if boot is None:
+        raise ImportError_("no /boot/vmlinuz-* found in the image")
+    offset, prefix, names = boot
+    kernel, initrd = _newest(names, "vmlinuz-"), _newest(names, "initrd.img-")
+    if kernel is None or initrd is None:
+        raise ImportError_("the image has a kernel but no initrd.img-* next to it")
+    return root, offset, prefix + kernel, prefix + initrd
+
+
+def import_image(src: Path, name: str, image_path: Path, *, force: bool = False) -> Path:
+    parsed = parse_image_name(name)
+    if not src.is_file():
+        raise ImportError_(f"{src} is not a file")
+    target = image_path / parsed.full
+    if (target / DISK).is_file() and not force:
+        raise ImportError_(f"{parsed.full} exists at {target}; pass --force to replace it")
+    info = json.loads(_run(["qemu-img", "info", "--output=json", str(src)],
+                           "reading the image"))
+    image_path.mkdir(parents=True, exist_ok=True)
+    work = image_path / f".import-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "image").mkdir(parents=True)
+    try:
+        raw = work / "disk.raw"
+        _run(["qemu-img", "convert", "-O", "raw", str(src), str(raw)], "qemu-img convert")
+        root, offset, kernel, initrd = find_boot(raw)
+        out = work / "image"
+        for path, dest in ((kernel, KERNEL), (initrd, INITRD)):
+            _run(["debugfs", "-R", f"dump {path} {out / dest}", f"{raw}?offset={offset}"],
+                 f"copying {path} out of the image")
+            if not (out / dest).is_file() or (out / dest).stat().st_size == 0:
+                raise ImportError_(f"could not copy {path} out of the image")
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / DISK)],
+             "qemu-img convert")
+        device = f"/dev/vda{root}" if root else "/dev/vda"
+        meta = {"name": parsed.full, "imported_from": str(src.resolve()),
+                "virtual_size_mib": int(info["virtual-size"]) // (1024 * 1024),
+                "cmdline": f"root={device} rw console=ttyS0", "cloud_init": True,
+                "kernel": Path(kernel).name, "built_at": int(time.time())}
+        install(out, meta, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
