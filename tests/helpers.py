@@ -152,7 +152,9 @@ def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
     for port in ports:
         with socket.socket() as s:
             s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            # a port in the kernel's ephemeral range can "connect" to itself (TCP
+            # simultaneous open when the source port drawn equals it): not a listener
+            if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 listening.append(port)
     return {"domains": domains, "processes": procs, "dirs": dirs, "ports": listening}
 
