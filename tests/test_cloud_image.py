@@ -34,11 +34,11 @@ def build_cloud_image() -> Path:
     if image.is_file():
         return image
     work = CACHE / "work"
-    imagebuild._remove_tree(work)
+    imagebuild.remove_tree(work)
     work.mkdir(parents=True)
     try:
         root = work / "rootfs"
-        imagebuild._run(["mmdebstrap", "--variant=apt", "--mode=root",
+        imagebuild.run_step(["mmdebstrap", "--variant=apt", "--mode=root",
                          "--include=" + ",".join(PACKAGES),
                          *[f"--dpkgopt={o}" for o in imagebuild.DPKG_EXCLUDES],
                          "bookworm", str(root), imagebuild.host_mirror()], 900, "mmdebstrap")
@@ -47,14 +47,14 @@ def build_cloud_image() -> Path:
             f.truncate(DISK_MIB << 20)
         subprocess.run(["sfdisk", "-q", str(raw)], input="label: dos\nstart=2048, type=83\n",
                        text=True, check=True, timeout=60)
-        imagebuild._run(["mkfs.ext4", "-q", "-F", "-L", "cloudimg-rootfs",
+        imagebuild.run_step(["mkfs.ext4", "-q", "-F", "-L", "cloudimg-rootfs",
                          "-E", "offset=1048576", "-d", str(root), str(raw),
                          f"{DISK_MIB - 1}M"], 600, "mkfs.ext4")
-        imagebuild._run(["qemu-img", "convert", "-O", "qcow2", str(raw),
+        imagebuild.run_step(["qemu-img", "convert", "-O", "qcow2", str(raw),
                          str(work / "out.qcow2")], 600, "qemu-img convert")
         (work / "out.qcow2").rename(image)
     finally:
-        imagebuild._remove_tree(work)
+        imagebuild.remove_tree(work)
     return image
 
 

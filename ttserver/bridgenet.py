@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -58,6 +57,11 @@ class Lease:
     mac: str
     tap: str
 
+    @classmethod
+    def of(cls, vm_id: str, addr: str) -> Lease:
+        """The lease of VM `vm_id` at `addr`: MAC and TAP name follow from them."""
+        return cls(addr, mac_for(addr), tap_name(vm_id))
+
 
 def tap_name(vm_id: str) -> str:
     return "tt" + hashlib.sha256(vm_id.encode()).hexdigest()[:12]  # IFNAMSIZ: 15 chars
@@ -70,7 +74,9 @@ def mac_for(addr: str) -> str:
 
 
 def nft(script: str, check: bool = True) -> str:
-    """Apply an nft script as one transaction (or read with `-j`)."""
+    """Apply an nft script as one transaction (an empty one is nothing to do)."""
+    if not script:
+        return ""
     res = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
                          timeout=NFT_TIMEOUT)
     if check and res.returncode != 0:
@@ -79,8 +85,7 @@ def nft(script: str, check: bool = True) -> str:
 
 
 class BridgeNetwork:
-    def __init__(self, state_dir: Path, bridge: str, subnet: str, allow_outgoing: bool,
-                 forward_addr: str) -> None:
+    def __init__(self, state_dir: Path, bridge: str, subnet: str, allow_outgoing: bool) -> None:
         self.state_dir = state_dir
         self.bridge = bridge
         self.net = ipaddress.IPv4Network(subnet)
@@ -88,7 +93,6 @@ class BridgeNetwork:
             raise NetworkError(f"--bridge-subnet {subnet} is too small (at least /29)")
         self.gateway = str(next(self.net.hosts()))
         self.allow_outgoing = allow_outgoing
-        self.forward_addr = forward_addr
         self.table = f"ttstack_{bridge}".replace("-", "_")
         self.hosts_file = state_dir / "dhcp-hosts"
         self.pid_file = state_dir / "dnsmasq.pid"
@@ -116,9 +120,7 @@ class BridgeNetwork:
                     log.warning("VM %s has no TAP %s any more", vm_id, lease.tap)
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         nft(self._ruleset())
-        entries = [self._elements(lease, ports, deny) for lease, ports, deny in live.values()]
-        if any(entries):
-            nft("\n".join(self._add(*e) for e in entries if e))
+        nft("".join(self._add(lease.addr, ports, deny) for lease, ports, deny in live.values()))
         self.hosts_file.write_text("".join(f"{lease.mac},{lease.addr}\n"
                                            for lease, _, _ in live.values()))
         self._start_dnsmasq()
@@ -204,74 +206,53 @@ table ip {self.table} {{
     def publish(self, lease: Lease, ports: dict[int, int], deny: bool) -> None:
         """Map the VM's host ports (host → guest) and give it its DHCP lease."""
         with self._lock:
-            nft(self._add(*self._elements(lease, ports, deny)))
-            lines = [ln for ln in self._hosts() if not ln.startswith(lease.mac + ",")]
-            self.hosts_file.write_text("".join(f"{ln}\n" for ln in
-                                               [*lines, f"{lease.mac},{lease.addr}"]))
-            self._reload_dnsmasq()
+            nft(self._add(lease.addr, ports, deny))
+            self._set_dhcp_host(lease, present=True)
 
     def unpublish(self, lease: Lease, ports: dict[int, int]) -> None:
         """Drop the VM's entries (missing ones are fine: this runs on every teardown)."""
         with self._lock:
-            for line in self._delete(lease, ports):
-                nft(line, check=False)  # one by one: a missing element fails its line
-            lines = [ln for ln in self._hosts() if not ln.startswith(lease.mac + ",")]
-            self.hosts_file.write_text("".join(f"{ln}\n" for ln in lines))
-            self._reload_dnsmasq()
+            for host in ports:  # one transaction each: a missing element fails its own
+                nft(self._unmap(host), check=False)
+            nft(f"delete element ip {self.table} denied {{ {lease.addr} }}\n", check=False)
+            self._set_dhcp_host(lease, present=False)
 
-    def forward(self, lease: Lease, host: int, guest: int, add: bool) -> None:
-        t = self.table
-        script = (f"add element ip {t} forwards {{ {host} : {lease.addr} . {guest} }}\n"
-                  f"add element ip {t} host_ports {{ {host} }}\n") if add else (
-                  f"delete element ip {t} host_ports {{ {host} }}\n"
-                  f"delete element ip {t} forwards {{ {host} }}\n")
-        nft(script)
+    def map_port(self, addr: str, host: int, guest: int) -> None:
+        """A running VM's new forward (`tt env update --port`)."""
+        nft(self._add(addr, {host: guest}, deny=False))
 
-    def _elements(self, lease: Lease, ports: dict[int, int], deny: bool
-                  ) -> tuple[str, list[int], bool] | None:
-        return (lease.addr, sorted(ports.items()), deny) if (ports or deny) else None
+    def unmap_port(self, host: int) -> None:
+        nft(self._unmap(host))
 
-    def _add(self, addr: str, ports: list, deny: bool) -> str:
+    def _add(self, addr: str, ports: dict[int, int], deny: bool) -> str:
+        """nft element additions: host ports (host -> guest) mapped to `addr`, and `addr`
+        in the denied set."""
         t, out = self.table, ""
         if ports:
+            items = sorted(ports.items())
             out += (f"add element ip {t} forwards {{ "
-                    + ", ".join(f"{h} : {addr} . {g}" for h, g in ports) + " }\n"
+                    + ", ".join(f"{h} : {addr} . {g}" for h, g in items) + " }\n"
                     f"add element ip {t} host_ports {{ "
-                    + ", ".join(str(h) for h, _ in ports) + " }\n")
+                    + ", ".join(str(h) for h, _ in items) + " }\n")
         if deny:
             out += f"add element ip {t} denied {{ {addr} }}\n"
         return out
 
-    def _delete(self, lease: Lease, ports: dict[int, int]) -> list[str]:
-        t = self.table
-        return ([f"delete element ip {t} forwards {{ {h} }}\n" for h in ports]
-                + [f"delete element ip {t} host_ports {{ {h} }}\n" for h in ports]
-                + [f"delete element ip {t} denied {{ {lease.addr} }}\n"])
-
-    def elements(self) -> dict[str, object]:
-        """What the kernel holds now (for status and tests): map, port set, denied set."""
-        out = subprocess.run(["nft", "-j", "list", "table", "ip", self.table],
-                             capture_output=True, text=True, timeout=NFT_TIMEOUT)
-        if out.returncode != 0:
-            return {}
-        result: dict[str, object] = {"forwards": {}, "host_ports": [], "denied": []}
-        for item in json.loads(out.stdout)["nftables"]:
-            body = item.get("map") or item.get("set")
-            if not body:
-                continue
-            elems = body.get("elem", [])
-            if body["name"] == "forwards":
-                result["forwards"] = {
-                    e[0]: f"{e[1]['concat'][0]}:{e[1]['concat'][1]}" for e in elems}
-            elif body["name"] in ("host_ports", "denied"):
-                result[body["name"]] = sorted(elems)
-        return result
+    def _unmap(self, host: int) -> str:
+        return (f"delete element ip {self.table} host_ports {{ {host} }}\n"
+                f"delete element ip {self.table} forwards {{ {host} }}\n")
 
     # --- dnsmasq ---------------------------------------------------------------------
-    def _hosts(self) -> list[str]:
+    def _set_dhcp_host(self, lease: Lease, present: bool) -> None:
+        """Add or drop the VM's static lease in dnsmasq's hosts file, and tell it."""
+        lines: list[str] = []
         with contextlib.suppress(FileNotFoundError):
-            return [ln for ln in self.hosts_file.read_text().splitlines() if ln]
-        return []
+            lines = [ln for ln in self.hosts_file.read_text().splitlines()
+                     if ln and not ln.startswith(lease.mac + ",")]
+        if present:
+            lines.append(f"{lease.mac},{lease.addr}")
+        self.hosts_file.write_text("".join(f"{ln}\n" for ln in lines))
+        self._reload_dnsmasq()
 
     def _start_dnsmasq(self) -> None:
         first, last = str(self.net.network_address + 2), str(self.net.broadcast_address - 1)

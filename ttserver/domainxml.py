@@ -18,13 +18,13 @@ ARCHES = {
     # genid: a VM generation ID device (ACPI, so x86 only here). Each domain gets a new ID;
     # a guest restored from a warm-clone template sees it change and reseeds its RNG,
     # instead of every clone drawing the same "random" numbers from the saved state.
-    "x86_64": {"machine": "pc", "console": "ttyS0", "net_addr": ",bus=pci.0,addr=0x10",
+    "x86_64": {"machine": "pc", "console": "ttyS0",
                "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": "<genid/>",
                "features": "<features><acpi/></features>"},
     # no <acpi/>: on aarch64 libvirt ties ACPI to UEFI firmware; with direct kernel boot
     # the guest reads QEMU's device tree instead
     # (and a fixed NIC slot: libvirt fills pcie.0's first slots with its root ports)
-    "aarch64": {"machine": "virt", "console": "ttyAMA0", "net_addr": ",bus=pcie.0,addr=0x10",
+    "aarch64": {"machine": "virt", "console": "ttyAMA0",
                 "nic_slot": {"bus": "pcie.0", "addr": "0x10"}, "genid": "", "features": ""},
 }
 
@@ -61,8 +61,10 @@ def render(spec: DomainSpec) -> str:
     # TCG: QEMU's default CPU model per machine (aarch64 gets `-cpu max` below)
     cpu = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else ""
     cmdline = spec.cmdline.replace("console=ttyS0", f"console={arch['console']}")
+    # the NIC's PCI slot: the same whether given here or plugged over QMP (bridge mode)
+    slot = "".join(f",{k}={v}" for k, v in arch["nic_slot"].items())
     qemu_args = [_arg("-netdev"), _arg(spec.netdev), _arg("-device"),
-                 _arg(f"virtio-net-pci,netdev=ttnet0{arch['net_addr']}")] if spec.netdev else []
+                 _arg(f"virtio-net-pci,netdev=ttnet0{slot}")] if spec.netdev else []
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
         qemu_args += [_arg("-cpu"), _arg("max,pauth-impdef=on")]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import agent, cloudseed, domainxml, identity, images, sshexec, storage
-from .bridgenet import BridgeNetwork, Lease, mac_for, tap_name
+from .bridgenet import BridgeNetwork, Lease
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
 from .engine import BootTimeout, Engine, console_tail, qemu_user
@@ -99,7 +99,7 @@ class EnvManager:
         self.uid, self.gid = qemu_user()
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
         self.bridge = (BridgeNetwork(cfg.cfgdb_path / "bridge", cfg.bridge_name,
-                                     cfg.bridge_subnet, cfg.allow_outgoing, cfg.forward_addr)
+                                     cfg.bridge_subnet, cfg.allow_outgoing)
                        if cfg.network == "bridge" else None)
         self.io = GuestIO(self.engine, cfg, self.bridge)
         self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
@@ -287,11 +287,12 @@ class EnvManager:
                 raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name")
             self._check_room(need, f"for ENV {req.name!r}")
             ports = self.ports.take(len(vms) * (1 + len(req.ports)), self.db.used_ports())
-            taken = {v.net_addr for v in self.db.all_vms() if v.net_addr}
             for vm in vms:
                 vm.ssh_port = ports.pop()
                 vm.forwards = {p: ports.pop() for p in req.ports}
-                if self.bridge:
+            if self.bridge:
+                taken = {v.net_addr for v in self.db.all_vms() if v.net_addr}
+                for vm in vms:
                     vm.net_addr = self.bridge.lease(vm.id, taken).addr
                     taken.add(vm.net_addr)
             spec = {"os_prefix": req.os_prefix, "vm_number": req.vm_number,
@@ -399,7 +400,7 @@ class EnvManager:
     # --- bridge networking (--network bridge) ------------------------------------------
     @staticmethod
     def _lease(vm: VMRow) -> Lease:
-        return Lease(vm.net_addr, mac_for(vm.net_addr), tap_name(vm.id))
+        return Lease.of(vm.id, vm.net_addr)
 
     @staticmethod
     def _host_ports(vm: VMRow) -> dict[int, int]:
@@ -684,7 +685,10 @@ class EnvManager:
             except Exception:  # keep going: the disk and the rest must still go
                 log.exception("destroying %s", vm.domain)
             self._unpublish(vm)
-            storage.remove_vm_dir(Path(vm.dir))
+            try:
+                storage.remove_vm_dir(Path(vm.dir))
+            except Exception:  # e.g. a busy subvolume: reconcile retries it at next start
+                log.exception("removing %s", vm.dir)
             if keep_rows:
                 # a failed VM holds nothing: zero its resources and ports in the record
                 self.db.set_vm(vm.id, cpu=0, mem_mib=0, disk_mib=0, ssh_port=0, forwards={},

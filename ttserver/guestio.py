@@ -14,7 +14,7 @@ import libvirt
 import libvirt_qemu
 
 from . import agent, sshexec
-from .bridgenet import BridgeNetwork, Lease, NetworkError, mac_for, tap_name
+from .bridgenet import BridgeNetwork, NetworkError
 from .config import ServerConfig
 from .db import VMRow
 from .engine import Engine
@@ -115,7 +115,10 @@ class GuestIO:
         """Forward a host port to a running guest (QEMU user networking's hostfwd_add,
         or an element of the bridge's nftables map)."""
         if self.bridge and vm.net_addr:
-            self._bridge_forward(vm, host_port, guest_port, add=True)
+            try:
+                self.bridge.map_port(vm.net_addr, host_port, guest_port)
+            except NetworkError as exc:
+                raise GuestError(str(exc)) from exc
             return
         self._monitor(vm, f"hostfwd_add {NETDEV_ID} "
                           f"tcp:{self.cfg.forward_addr}:{host_port}-:{guest_port}")
@@ -123,17 +126,11 @@ class GuestIO:
     def remove_forward(self, vm: VMRow, host_port: int) -> None:
         # "not found" is fine: the goal (no such forward) holds, e.g. after a retry
         if self.bridge and vm.net_addr:
-            guest = {h: g for g, h in vm.forwards.items()}.get(host_port, 0)
-            self._bridge_forward(vm, host_port, guest, add=False)
+            try:
+                self.bridge.unmap_port(host_port)
+            except NetworkError as exc:
+                if "No such file" not in str(exc):  # not mapped: fine, as above
+                    raise GuestError(str(exc)) from exc
             return
         self._monitor(vm, f"hostfwd_remove {NETDEV_ID} tcp:{self.cfg.forward_addr}:{host_port}",
                       ok=("removed", "not found"))
-
-    def _bridge_forward(self, vm: VMRow, host: int, guest: int, add: bool) -> None:
-        assert self.bridge is not None
-        lease = Lease(vm.net_addr, mac_for(vm.net_addr), tap_name(vm.id))
-        try:
-            self.bridge.forward(lease, host, guest, add)
-        except NetworkError as exc:
-            if add or "No such file" not in str(exc):
-                raise GuestError(str(exc)) from exc

@@ -128,7 +128,7 @@ def start_helper(dom: libvirt.virDomain, arch: str) -> bool:
 
 def personalize(dom: libvirt.virDomain, hostname: str, keys: str) -> None:
     """A cold-booted VM: hostname and authorized keys."""
-    _script(dom, "set -e" + PERSONALIZE, [hostname, keys, "", "", "", "", ""], 30.0)
+    _script(dom, "set -e" + PERSONALIZE, [hostname, keys], 30.0)
 
 
 def take_new(dom: libvirt.virDomain, hostname: str, keys: str, *, helper: bool,

@@ -136,11 +136,15 @@ def customize(root: Path, hostname: str = "tt") -> None:
                    capture_output=True)
 
 
-def _run(cmd: list[str], timeout: float, what: str) -> None:
-    """Run a build step in its own process group: on timeout the whole group goes (a hung
-    mkinitramfs under qemu-user is a grandchild, which subprocess.run would leave)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def run_step(cmd: list[str], timeout: float, what: str) -> str:
+    """Run an image build or import step in its own process group and return its output:
+    on timeout the whole group goes (a hung mkinitramfs under qemu-user is a grandchild,
+    which subprocess.run would leave)."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    except FileNotFoundError as exc:
+        raise BuildError(f"{cmd[0]} is not installed ({what})") from exc
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as exc:  # timeout, Ctrl-C, SIGTERM (see image_main)
@@ -153,6 +157,7 @@ def _run(cmd: list[str], timeout: float, what: str) -> None:
     if proc.returncode != 0:
         tail = "\n".join((err or out).splitlines()[-15:])
         raise BuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    return out
 
 
 def _release_mounts(work: Path) -> None:
@@ -166,7 +171,7 @@ def _release_mounts(work: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, timeout=60)
 
 
-def _remove_tree(work: Path) -> None:
+def remove_tree(work: Path) -> None:
     _release_mounts(work)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -189,7 +194,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         binfmt.ensure(name.arch)
     image_path.mkdir(parents=True, exist_ok=True)
     work = image_path / f".build-{name.os}-{name.arch}-{os.getpid()}"
-    _remove_tree(work)
+    remove_tree(work)
     work.mkdir(parents=True)
     started = time.monotonic()
     try:
@@ -201,7 +206,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         cmd += [f"--essential-hook={INITRAMFS_HOOK}"]
         cmd += [SUITES[name.os], str(root), mirror or host_mirror()]
         _say(f"debootstrapping {SUITES[name.os]}/{DEBIAN_ARCH[name.arch]} (about a minute)")
-        _run(cmd, timeout, "mmdebstrap")
+        run_step(cmd, timeout, "mmdebstrap")
         customize(root)
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         initrds = sorted((root / "boot").glob("initrd.img-*"))
@@ -209,11 +214,11 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
             raise BuildError("the image has no /boot/vmlinuz-* or /boot/initrd.img-*")
         _say("making the disk (mkfs.ext4 -d, no loop mount)")
         raw = work / "disk.raw"
-        _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw),
+        run_step(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw),
               f"{disk_mib}M"], 600, "mkfs.ext4")
         out = work / "image"
         out.mkdir()
-        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / DISK)], 600,
+        run_step(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / DISK)], 600,
              "qemu-img convert")
         shutil.copyfile(kernels[-1], out / KERNEL)
         shutil.copyfile(initrds[-1], out / INITRD)
@@ -222,6 +227,6 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
                 "kernel": kernels[-1].name, "built_at": int(time.time())}
         install(out, meta, target)
     finally:
-        _remove_tree(work)
+        remove_tree(work)
     _say(f"built {name.full} in {time.monotonic() - started:.0f}s at {target}")
     return target

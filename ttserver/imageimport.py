@@ -20,26 +20,19 @@ from pathlib import Path
 
 from ttclient.imagenames import parse_image_name
 
+from .imagebuild import BuildError, run_step
 from .images import DISK, INITRD, KERNEL, install
 
 LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}  # MBR, GPT Linux filesystem
 STEP_TIMEOUT = 900
 
 
-class ImportError_(RuntimeError):  # noqa: N801 - not the builtin ImportError
+class ImportError_(BuildError):  # noqa: N801 - not the builtin ImportError
     pass
 
 
-def _run(cmd: list[str], what: str, timeout: float = STEP_TIMEOUT) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError as exc:
-        raise ImportError_(f"{cmd[0]} is not installed ({what})") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ImportError_(f"{what} did not finish within {timeout:.0f}s") from exc
-    if proc.returncode != 0:
-        raise ImportError_(f"{what} failed: {proc.stderr.strip()[-500:]}")
-    return proc.stdout
+def _run(cmd: list[str], what: str) -> str:
+    return run_step(cmd, STEP_TIMEOUT, what)
 
 
 def _filesystems(raw: Path) -> list[tuple[int, int]]:
@@ -47,7 +40,7 @@ def _filesystems(raw: Path) -> list[tuple[int, int]]:
     one filesystem without a partition table."""
     try:
         table = json.loads(_run(["sfdisk", "-J", str(raw)], "reading the partition table"))
-    except ImportError_:
+    except BuildError:  # no partition table: one filesystem on the whole disk
         return [(0, 0)]
     pt = table["partitiontable"]
     sector = int(pt.get("sectorsize", 512))

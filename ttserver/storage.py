@@ -77,7 +77,7 @@ def is_subvolume(path: Path) -> bool:
 
 
 def remove_vm_dir(path: Path) -> None:
-    if path.is_dir() and is_subvolume(path):
+    if is_subvolume(path):
         _run(["btrfs", "subvolume", "delete", str(path)])
     shutil.rmtree(path, ignore_errors=True)
 
@@ -87,12 +87,10 @@ def choose(requested: str, image_path: Path, state_path: Path) -> str:
     not."""
     state_path.mkdir(parents=True, exist_ok=True)
     state_fs = fs_type(state_path)
-    if requested == "zfs" or (requested == "auto" and state_fs == "zfs"):
-        if requested == "zfs":
-            raise StorageError("--storage zfs is not implemented: it needs the ZFS kernel "
-                               "module, which this kind of host cannot load (use auto, "
-                               "qcow2 or btrfs)")
-        return "qcow2"
+    if requested == "zfs":  # (auto on ZFS: qcow2 overlays, below)
+        raise StorageError("--storage zfs is not implemented: it needs the ZFS kernel "
+                           "module, which this kind of host cannot load (use auto, "
+                           "qcow2 or btrfs)")
     if requested == "btrfs" or (requested == "auto" and state_fs == BTRFS_MAGIC):
         same = (image_path.exists()
                 and os.stat(image_path).st_dev == os.stat(state_path).st_dev)
