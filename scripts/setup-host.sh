@@ -12,7 +12,7 @@ say() { echo "[setup] $*"; }
 # Only the emulator we use: libvirtd probes every installed qemu-system-* on first connect.
 APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps
-  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk"
+  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   say "installing: $(echo $missing)"
@@ -38,6 +38,14 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 timeout 90 virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer" >&2; exit 1; }
+
+# ZFS for the storage tests: the kernel's if it has it, else zfs-fuse (no module loading
+# on these hosts). Its daemon serves `zfs`/`zpool`; pools are made by the tests.
+if [ ! -e /dev/zfs ] && command -v zfs-fuse >/dev/null && ! pgrep -x zfs-fuse >/dev/null; then
+  say "starting zfs-fuse"
+  zfs-fuse --no-kstat-mount || say "zfs-fuse did not start: the ZFS storage test will skip"
+  for _ in $(seq 1 30); do zpool list >/dev/null 2>&1 && break; sleep 0.5; done
+fi
 
 # Install from *this* checkout unless it is already the one installed (CI clones elsewhere).
 here=$(pwd)

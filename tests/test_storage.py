@@ -1,12 +1,13 @@
 """Storage backends on real VMs: with state and images on a btrfs (a loop-mounted file
-made here), every VM disk is a btrfs snapshot — no qcow2 backing chain — that works, is
-the VM's own, and is gone (subvolume deleted) after delete. ZFS cannot be tested here."""
+made here), every VM disk is a btrfs snapshot; with state on a ZFS pool (a file-backed
+pool under zfs-fuse here), a ZFS clone. Either way no qcow2 backing chain, the disk works,
+is the VM's own, and is gone (subvolume deleted, clone destroyed) after delete."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,23 +49,24 @@ def subvolumes(mnt: Path) -> list[str]:
             sh("btrfs", "subvolume", "list", str(mnt)).splitlines() if " path " in line]
 
 
-def test_btrfs_snapshots_per_vm_and_nothing_left(btrfs_mount: Path):
-    mnt = btrfs_mount
-    srv = ServerProcess(mnt / "state", mnt / "images", port_range="43500-43999").start()
+def check_vm_clones(state: Path, images: Path, backend: str,
+                    clones: Callable[[], set[str]]) -> None:
+    """A 2-VM ENV on `backend`: each VM directory is a filesystem clone (named in
+    `clones()`), its disk has no qcow2 backing chain, writes stay per VM, and delete
+    leaves no clone, domain, directory or port."""
+    srv = ServerProcess(state, images, port_range="43500-43999").start()
     try:
-        st = requests.get(srv.url + "/status", timeout=10).json()
-        assert st["storage"] == "btrfs"
+        assert requests.get(srv.url + "/status", timeout=10).json()["storage"] == backend
         sid = srv.server_id()
         resp = requests.post(srv.url + "/envs", json={"name": "snap", "vm_number": 2,
                                                       "os_prefix": ["debian-12"]}, timeout=30)
         assert resp.status_code == 202, resp.text
         env = wait_env(srv.url, "snap")
         assert env["state"] == "running", env["error"]
-        vm_ids = [vm["id"] for vm in env["vms"]]
-        subs = subvolumes(mnt)
-        assert {f"state/vms/{i}" for i in vm_ids} <= set(subs), subs
+        vm_ids = {vm["id"] for vm in env["vms"]}
+        assert vm_ids <= clones(), clones()
         for i in vm_ids:  # standalone disks: the filesystem shares the blocks, not QEMU
-            info = sh("qemu-img", "info", "-U", str(mnt / "state" / "vms" / i / "disk.qcow2"))
+            info = sh("qemu-img", "info", "-U", str(state / "vms" / i / "disk.qcow2"))
             assert "backing file" not in info, info
         # each VM writes its own disk
         res = requests.post(f"{srv.url}/envs/snap/run", timeout=120, json={
@@ -74,16 +76,57 @@ def test_btrfs_snapshots_per_vm_and_nothing_left(btrfs_mount: Path):
             "cmd": "cat /root/only-here 2>/dev/null || echo none"}).json()["results"]
         assert [r["stdout"] for r in res] == ["mine\n", "none\n"]
         ports = [vm["ssh_port"] for vm in env["vms"]]
-        assert requests.delete(srv.url + "/envs/snap", timeout=120).status_code == 200
-        assert not any(s.startswith("state/vms/") for s in subvolumes(mnt)), subvolumes(mnt)
-        assert leftovers(sid, mnt / "state", ports) == NOTHING_LEFT
+        resp = requests.delete(srv.url + "/envs/snap", timeout=120)
+        assert resp.status_code == 200, f"{resp.text}\n{srv.log_tail()}"
+        assert not vm_ids & clones(), clones()
+        assert leftovers(sid, state, ports) == NOTHING_LEFT
     finally:
         srv.stop()
 
 
+def test_btrfs_snapshots_per_vm_and_nothing_left(btrfs_mount: Path):
+    mnt = btrfs_mount
+
+    def snapshots() -> set[str]:
+        return {s.rsplit("/", 1)[1] for s in subvolumes(mnt) if s.startswith("state/vms/")}
+
+    check_vm_clones(mnt / "state", mnt / "images", "btrfs", snapshots)
+
+
+@pytest.fixture
+def zfs_pool() -> Iterator[tuple[str, Path]]:
+    """A pool on a sparse file, under kernel ZFS or zfs-fuse (scripts/setup-host.sh starts
+    zfs-fuse where the kernel has no ZFS, as here)."""
+    if not shutil.which("zpool") or subprocess.run(
+            ["zpool", "list"], capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("no ZFS here: neither the kernel module nor a running zfs-fuse")
+    run_dir = new_run_dir("zfs-")
+    pool = f"tt{run_dir.name.rsplit('-', 1)[1]}"
+    backing, mnt = run_dir / "pool.img", run_dir / "mnt"
+    with open(backing, "wb") as f:
+        f.truncate(4 << 30)
+    sh("zpool", "create", "-m", str(mnt), pool, str(backing))
+    try:
+        yield pool, mnt
+    finally:
+        subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True, timeout=120)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_zfs_clones_per_vm_and_nothing_left(zfs_pool: tuple[str, Path]):
+    pool, mnt = zfs_pool
+
+    def clones() -> set[str]:
+        out = sh("zfs", "list", "-H", "-o", "name,origin", "-r", pool).splitlines()
+        return {name.rsplit("/", 1)[1] for name, origin in (ln.split("\t") for ln in out)
+                if name.startswith(f"{pool}/ttvms/") and origin.endswith("@base")}
+
+    check_vm_clones(mnt / "state", IMAGE_PATH, "zfs", clones)
+
+
 def test_storage_choices_are_checked(tmp_path: Path):
     """Asking for a backend the host cannot give is a clear start-up error."""
-    for storage, why in (("btrfs", "on one btrfs filesystem"), ("zfs", "ZFS kernel module")):
+    for storage, why in (("btrfs", "on one btrfs filesystem"), ("zfs", "on a mounted ZFS dataset")):
         proc = subprocess.run(
             ["python3", "-m", "ttserver.cli", "--image-path", str(IMAGE_PATH),
              "--cfgdb-path", str(tmp_path / storage), "--storage", storage,

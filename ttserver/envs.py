@@ -103,7 +103,10 @@ class EnvManager:
                        if cfg.network == "bridge" else None)
         self.io = GuestIO(self.engine, cfg, self.bridge)
         self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
-        self.btrfs = storage.Btrfs(cfg.cfgdb_path / "bases") if self.storage == "btrfs" else None
+        # a filesystem clone per VM (btrfs snapshot, ZFS clone) instead of a qcow2 overlay
+        self.clones: storage.Btrfs | storage.Zfs | None = (
+            storage.Btrfs(cfg.cfgdb_path / "bases") if self.storage == "btrfs"
+            else storage.Zfs(cfg.cfgdb_path) if self.storage == "zfs" else None)
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
                                    self._render)
@@ -131,8 +134,8 @@ class EnvManager:
                                for env in self.db.list_envs() for vm in env.vms
                                if vm.state == RUNNING and vm.net_addr})
         self.collect_templates()
-        if self.btrfs:
-            self.btrfs.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
+        if self.clones:
+            self.clones.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
                                 for i in images.scan(self.cfg.image_path)})
         threading.Thread(target=self.accel, name="accel-probe", daemon=True).start()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
@@ -451,9 +454,9 @@ class EnvManager:
                 if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
                     return ""
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
-                if self.btrfs:
-                    base = self.btrfs.base_for(image.disk, fingerprint(image))
-                    self.btrfs.clone(base, vm_dir, grow, self.uid, self.gid)
+                if self.clones:
+                    base = self.clones.base_for(image.disk, fingerprint(image))
+                    self.clones.clone(base, vm_dir, grow, self.uid, self.gid)
                 else:
                     storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
                 if image.cloud_init:

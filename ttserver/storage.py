@@ -6,9 +6,12 @@ Two backends, chosen by what the state directory lives on (`--storage auto`):
   per-image base subvolume holding a reflink copy of the image. The VM's disk is then a
   standalone qcow2 (no backing chain for QEMU to walk, the filesystem shares the blocks),
   and deleting the VM is deleting its subvolume.
-ZFS (snapshot + clone per VM) would be the third; it needs the ZFS kernel module, which
-these hosts cannot load, so `--storage zfs` is refused with that reason rather than
-shipped untested.
+- `zfs` (state on a ZFS dataset): a base dataset per image holding a copy of its disk,
+  snapshotted once; each VM directory is a clone of that snapshot, mounted where the VM
+  directory goes. Deleting the VM destroys the clone. Driven with the `zfs` command, not
+  pyzfs: libzfs_core cannot mount datasets and needs the kernel module's /dev/zfs, while
+  the command works with kernel ZFS and with zfs-fuse alike (the tests use zfs-fuse: these
+  hosts cannot load kernel modules).
 
 Warm-clone templates keep using qcow2 overlays on every backend: a template's disk must
 stay frozen while clones run, which is exactly what a backing file is.
@@ -21,6 +24,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 CMD_TIMEOUT = 120
@@ -76,10 +80,53 @@ def is_subvolume(path: Path) -> bool:
     return path.is_dir() and path.stat().st_ino == 256 and fs_type(path) == BTRFS_MAGIC
 
 
+def zfs_datasets() -> dict[str, str]:
+    """Mountpoint -> dataset of every mounted ZFS filesystem ({} without ZFS)."""
+    if not shutil.which("zfs"):
+        return {}
+    proc = subprocess.run(["zfs", "list", "-H", "-o", "name,mountpoint", "-t", "filesystem"],
+                          capture_output=True, text=True, timeout=CMD_TIMEOUT)
+    if proc.returncode != 0:
+        return {}
+    return {mp: name for name, mp in (ln.split("\t", 1) for ln in proc.stdout.splitlines())
+            if mp.startswith("/")}
+
+
+def zfs_dataset_of(path: Path) -> tuple[str, str] | None:
+    """(dataset, its mountpoint) of the ZFS filesystem `path` lives on, if any."""
+    path = path.resolve()
+    best = None
+    for mp, name in zfs_datasets().items():
+        if (path == Path(mp) or Path(mp) in path.parents) and (
+                best is None or len(mp) > len(best[1])):
+            best = (name, mp)
+    return best
+
+
 def remove_vm_dir(path: Path) -> None:
     if is_subvolume(path):
         _run(["btrfs", "subvolume", "delete", str(path)])
+    elif path.is_dir():
+        dataset = zfs_datasets().get(str(path.resolve()))
+        if dataset:
+            _destroy_zfs(dataset)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _destroy_zfs(dataset: str, attempts: int = 40) -> None:
+    """`zfs destroy -f`, retried for up to ~10 s: when a VM's QEMU has just ended, the
+    kernel drops its mount namespace's copy of the clone lazily, and until then ZFS says
+    "dataset is busy" (measured: the first attempt right after destroy fails, the second,
+    0.25 s later, succeeds)."""
+    for _ in range(attempts - 1):
+        proc = subprocess.run(["zfs", "destroy", "-f", dataset], capture_output=True,
+                              text=True, timeout=CMD_TIMEOUT)
+        if proc.returncode == 0:
+            return
+        if "busy" not in proc.stderr:
+            break
+        time.sleep(0.25)
+    _run(["zfs", "destroy", "-f", dataset])
 
 
 def choose(requested: str, image_path: Path, state_path: Path) -> str:
@@ -87,10 +134,11 @@ def choose(requested: str, image_path: Path, state_path: Path) -> str:
     not."""
     state_path.mkdir(parents=True, exist_ok=True)
     state_fs = fs_type(state_path)
-    if requested == "zfs":  # (auto on ZFS: qcow2 overlays, below)
-        raise StorageError("--storage zfs is not implemented: it needs the ZFS kernel "
-                           "module, which this kind of host cannot load (use auto, "
-                           "qcow2 or btrfs)")
+    if requested in ("zfs", "auto") and zfs_dataset_of(state_path):
+        return "zfs"
+    if requested == "zfs":
+        raise StorageError(f"--storage zfs needs --cfgdb-path ({state_path}) on a mounted ZFS"
+                           " dataset (kernel ZFS or zfs-fuse); `zfs list` shows none there")
     if requested == "btrfs" or (requested == "auto" and state_fs == BTRFS_MAGIC):
         same = (image_path.exists()
                 and os.stat(image_path).st_dev == os.stat(state_path).st_dev)
@@ -161,4 +209,76 @@ class Btrfs:
                 if d.name not in keep:
                     remove_vm_dir(d)
                     gone.append(d.name)
+        return gone
+
+
+class Zfs:
+    """VM directories as clones of per-image base snapshots, under the dataset that holds
+    the state directory: `<dataset>/ttbases/<image>` and `<dataset>/ttvms/<vm id>`."""
+
+    def __init__(self, state_path: Path) -> None:
+        found = zfs_dataset_of(state_path)
+        if found is None:
+            raise StorageError(f"{state_path} is not on a ZFS dataset")
+        self.root = found[0]
+        self.bases = state_path / "bases"
+        # Clones are mounted inside this dataset's mount. libvirt runs every QEMU in its own
+        # mount namespace, a copy of ours taken at its start, so each QEMU holds a copy of
+        # the clone mounts made before it — and a copy that is still mounted somewhere keeps
+        # `zfs destroy` "busy". A shared parent mount makes our unmounts reach those copies
+        # (libvirt marks its namespace a slave of ours).
+        _run(["mount", "--make-shared", found[1]])
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _component(text: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+    def base_for(self, disk: Path, fingerprint: str) -> str:
+        """The base snapshot of an image (made once: a sparse copy of its disk)."""
+        name = self._component(f"{disk.parent.name}@{fingerprint}")
+        dataset = f"{self.root}/ttbases/{name}"
+        with self._lock:
+            snapshots = _run(["zfs", "list", "-H", "-o", "name", "-t", "snapshot"]).split()
+            if f"{dataset}@base" not in snapshots:
+                if dataset in _run(["zfs", "list", "-H", "-o", "name"]).split():
+                    _run(["zfs", "destroy", "-r", "-f", dataset])  # a half-made base
+                _run(["zfs", "create", "-p", "-o", f"mountpoint={self.bases / name}",
+                      dataset])
+                _run(["cp", "--sparse=always", str(disk), str(self.bases / name / "disk.qcow2")])
+                _run(["zfs", "snapshot", f"{dataset}@base"])
+        return f"{dataset}@base"
+
+    def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
+              gid: int) -> None:
+        if vm_dir.exists():  # e.g. what a failed warm clone left: console log only
+            remove_vm_dir(vm_dir)
+        vm_dir.parent.mkdir(parents=True, exist_ok=True)
+        parent = f"{self.root}/ttvms"
+        if parent not in _run(["zfs", "list", "-H", "-o", "name"]).split():
+            _run(["zfs", "create", "-p", "-o", "canmount=off", parent])
+        _run(["zfs", "clone", "-o", f"mountpoint={vm_dir}", base,
+              f"{parent}/{self._component(vm_dir.name)}"])
+        disk = vm_dir / "disk.qcow2"
+        if size_mib:
+            _run(["qemu-img", "resize", "-q", str(disk), f"{size_mib}M"])
+        os.chown(vm_dir, uid, gid)
+        vm_dir.chmod(0o750)
+        os.chown(disk, uid, gid)
+        disk.chmod(0o640)
+
+    def collect(self, keep: set[str]) -> list[str]:
+        """Destroy bases of images that changed or are gone, once no VM clone depends on
+        them (ZFS clones, unlike btrfs snapshots, keep their origin alive)."""
+        gone = []
+        keep = {self._component(k) for k in keep}
+        names = _run(["zfs", "list", "-H", "-o", "name", "-r", "-t", "filesystem",
+                      self.root]).split()
+        for dataset in names:
+            head, _, leaf = dataset.rpartition("/")
+            if head == f"{self.root}/ttbases" and leaf not in keep:
+                proc = subprocess.run(["zfs", "destroy", "-r", "-f", dataset],
+                                      capture_output=True, text=True, timeout=CMD_TIMEOUT)
+                if proc.returncode == 0:
+                    gone.append(leaf)
         return gone
