@@ -39,6 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run every test function inside each requested OS's VM")
     group.addoption("--tt-native-timeout", type=float, default=300.0,
                     help="seconds one native test may take in its VM (default 300)")
+    group.addoption("--tt-native-fresh", action="store_true", default=False,
+                    help="native mode: start a fresh python3 for every test instead of "
+                         "forking one that has pytest imported (slower; inherits nothing)")
 
 
 def _opt(config: pytest.Config, name: str) -> str | None:
@@ -103,7 +106,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         config.stash[ENV_KEY] = env
         if config.getoption("tt_native") and not env.error:
             _say(config, "ttstack: native mode: copying the project and pytest into the VMs")
-            native.ship(env, config.rootpath)
+            native.ship(env, config.rootpath,
+                        fork_server=not config.getoption("tt_native_fresh"))
     except TTSetupError as exc:
         owner.delete()
         raise pytest.UsageError(str(exc)) from None

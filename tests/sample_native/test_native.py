@@ -1,9 +1,11 @@
 """Runs inside each VM with --tt-native (tests/test_plugin.py drives it).
 
-Expected with debian-12 and debian-13: 5 passed, 2 failed, 1 skipped.
+Expected with debian-12 and debian-13: 6 passed, 3 failed, 1 skipped.
 """
 
+import os
 import platform
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,10 @@ def test_fails_in_guest():
 def test_skipped_in_guest():
     if "trixie" in Path("/etc/os-release").read_text():
         pytest.skip("skipped inside the trixie guest")
+
+
+def test_killed_in_guest():
+    """The test process dies mid-test on bookworm: the host must report a failure that
+    says so, not a pass or a hang."""
+    if "bookworm" in Path("/etc/os-release").read_text():
+        os.kill(os.getpid(), signal.SIGKILL)
