@@ -161,6 +161,24 @@ def _same_btrfs(a: Path, b: Path) -> bool:
         return False
 
 
+def _make_room(vm_dir: Path) -> None:
+    """Clear the place a clone goes (e.g. what a failed warm clone left: a console log)."""
+    if vm_dir.exists():
+        remove_vm_dir(vm_dir)
+    vm_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _hand_over(vm_dir: Path, size_mib: int | None, uid: int, gid: int) -> None:
+    """Grow a fresh clone's disk if asked and give it to the QEMU user."""
+    disk = vm_dir / "disk.qcow2"
+    if size_mib:
+        _run(["qemu-img", "resize", "-q", str(disk), f"{size_mib}M"])
+    os.chown(vm_dir, uid, gid)
+    vm_dir.chmod(0o750)
+    os.chown(disk, uid, gid)
+    disk.chmod(0o640)
+
+
 class Btrfs:
     """VM directories as snapshots of per-image base subvolumes under `bases`."""
 
@@ -188,17 +206,9 @@ class Btrfs:
 
     def clone(self, base: Path, vm_dir: Path, size_mib: int | None, uid: int,
               gid: int) -> None:
-        if vm_dir.exists():  # e.g. what a failed warm clone left: console log only
-            remove_vm_dir(vm_dir)
-        vm_dir.parent.mkdir(parents=True, exist_ok=True)
+        _make_room(vm_dir)
         _run(["btrfs", "subvolume", "snapshot", str(base), str(vm_dir)])
-        disk = vm_dir / "disk.qcow2"
-        if size_mib:
-            _run(["qemu-img", "resize", "-q", str(disk), f"{size_mib}M"])
-        os.chown(vm_dir, uid, gid)
-        vm_dir.chmod(0o750)
-        os.chown(disk, uid, gid)
-        disk.chmod(0o640)
+        _hand_over(vm_dir, size_mib, uid, gid)
 
     def collect(self, keep: set[str]) -> list[str]:
         """Delete bases of images that changed or are gone (`keep`: live base names).
@@ -251,21 +261,13 @@ class Zfs:
 
     def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
               gid: int) -> None:
-        if vm_dir.exists():  # e.g. what a failed warm clone left: console log only
-            remove_vm_dir(vm_dir)
-        vm_dir.parent.mkdir(parents=True, exist_ok=True)
+        _make_room(vm_dir)
         parent = f"{self.root}/ttvms"
         if parent not in _run(["zfs", "list", "-H", "-o", "name"]).split():
             _run(["zfs", "create", "-p", "-o", "canmount=off", parent])
         _run(["zfs", "clone", "-o", f"mountpoint={vm_dir}", base,
               f"{parent}/{self._component(vm_dir.name)}"])
-        disk = vm_dir / "disk.qcow2"
-        if size_mib:
-            _run(["qemu-img", "resize", "-q", str(disk), f"{size_mib}M"])
-        os.chown(vm_dir, uid, gid)
-        vm_dir.chmod(0o750)
-        os.chown(disk, uid, gid)
-        disk.chmod(0o640)
+        _hand_over(vm_dir, size_mib, uid, gid)
 
     def collect(self, keep: set[str]) -> list[str]:
         """Destroy bases of images that changed or are gone, once no VM clone depends on
