@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,9 +19,20 @@ RUNS_PATH = Path(os.environ.get("TTSTACK_TEST_RUNS", "/var/lib/ttstack/test-runs
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a test daemon's API, drawn from 22000-29999: outside the
+    kernel's ephemeral range (32768-60999) and so outside every forward range the tests
+    give servers (41000-49999). A port the kernel picked (bind to 0) once landed in such
+    a range and a leak check found it "listening"."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randint(22000, 29999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 22000-29999 on 127.0.0.1")
 
 
 class DaemonProcess:

@@ -106,7 +106,7 @@ class EnvManager:
         # a filesystem clone per VM (btrfs snapshot, ZFS clone) instead of a qcow2 overlay
         self.clones: storage.Btrfs | storage.Zfs | None = (
             storage.Btrfs(cfg.cfgdb_path / "bases") if self.storage == "btrfs"
-            else storage.Zfs(cfg.cfgdb_path) if self.storage == "zfs" else None)
+            else storage.Zfs(cfg.cfgdb_path, self.server_id) if self.storage == "zfs" else None)
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
                                    self._render)
@@ -136,7 +136,8 @@ class EnvManager:
         self.collect_templates()
         if self.clones:
             self.clones.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
-                                for i in images.scan(self.cfg.image_path)})
+                                 for i in images.scan(self.cfg.image_path)},
+                                {Path(vm.dir).name for vm in self.db.all_vms()})
         threading.Thread(target=self.accel, name="accel-probe", daemon=True).start()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()

@@ -210,9 +210,10 @@ class Btrfs:
         _run(["btrfs", "subvolume", "snapshot", str(base), str(vm_dir)])
         _hand_over(vm_dir, size_mib, uid, gid)
 
-    def collect(self, keep: set[str]) -> list[str]:
+    def collect(self, keep: set[str], vm_dirs: set[str]) -> list[str]:
         """Delete bases of images that changed or are gone (`keep`: live base names).
-        VM snapshots do not depend on their base, so this is safe at any time."""
+        VM snapshots do not depend on their base, so this is safe at any time; they are
+        directories of the VM tree, which the server's own sweep keeps to `vm_dirs`."""
         gone = []
         if self.bases.is_dir():
             for d in self.bases.iterdir():
@@ -224,13 +225,19 @@ class Btrfs:
 
 class Zfs:
     """VM directories as clones of per-image base snapshots, under the dataset that holds
-    the state directory: `<dataset>/ttbases/<image>` and `<dataset>/ttvms/<vm id>`."""
+    the state directory: `<dataset>/tt-<server id>/bases/<image>` and
+    `<dataset>/tt-<server id>/vms/<vm id>` (the server id keeps two servers whose state
+    shares a dataset out of each other's datasets)."""
 
-    def __init__(self, state_path: Path) -> None:
+    def __init__(self, state_path: Path, server_id: str) -> None:
         found = zfs_dataset_of(state_path)
         if found is None:
             raise StorageError(f"{state_path} is not on a ZFS dataset")
-        self.root = found[0]
+        self.root = f"{found[0]}/tt-{server_id}"
+        existing = set(_run(["zfs", "list", "-H", "-o", "name", "-r", found[0]]).split())
+        for dataset in (self.root, f"{self.root}/bases", f"{self.root}/vms"):
+            if dataset not in existing:  # containers only: nothing mounted, no directory
+                _run(["zfs", "create", "-o", "canmount=off", dataset])
         self.bases = state_path / "bases"
         # Clones are mounted inside this dataset's mount. libvirt runs every QEMU in its own
         # mount namespace, a copy of ours taken at its start, so each QEMU holds a copy of
@@ -247,13 +254,13 @@ class Zfs:
     def base_for(self, disk: Path, fingerprint: str) -> str:
         """The base snapshot of an image (made once: a sparse copy of its disk)."""
         name = self._component(f"{disk.parent.name}@{fingerprint}")
-        dataset = f"{self.root}/ttbases/{name}"
+        dataset = f"{self.root}/bases/{name}"
         with self._lock:
             snapshots = _run(["zfs", "list", "-H", "-o", "name", "-t", "snapshot"]).split()
             if f"{dataset}@base" not in snapshots:
                 if dataset in _run(["zfs", "list", "-H", "-o", "name"]).split():
                     _run(["zfs", "destroy", "-r", "-f", dataset])  # a half-made base
-                _run(["zfs", "create", "-p", "-o", f"mountpoint={self.bases / name}",
+                _run(["zfs", "create", "-o", f"mountpoint={self.bases / name}",
                       dataset])
                 _run(["cp", "--sparse=always", str(disk), str(self.bases / name / "disk.qcow2")])
                 _run(["zfs", "snapshot", f"{dataset}@base"])
@@ -262,25 +269,27 @@ class Zfs:
     def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
               gid: int) -> None:
         _make_room(vm_dir)
-        parent = f"{self.root}/ttvms"
-        if parent not in _run(["zfs", "list", "-H", "-o", "name"]).split():
-            _run(["zfs", "create", "-p", "-o", "canmount=off", parent])
         _run(["zfs", "clone", "-o", f"mountpoint={vm_dir}", base,
-              f"{parent}/{self._component(vm_dir.name)}"])
+              f"{self.root}/vms/{self._component(vm_dir.name)}"])
         _hand_over(vm_dir, size_mib, uid, gid)
 
-    def collect(self, keep: set[str]) -> list[str]:
-        """Destroy bases of images that changed or are gone, once no VM clone depends on
-        them (ZFS clones, unlike btrfs snapshots, keep their origin alive)."""
+    def collect(self, keep: set[str], vm_dirs: set[str]) -> list[str]:
+        """Destroy VM clones no VM directory of ours names (a crash between `zfs clone`
+        and its mount leaves one that the directory sweep cannot see), then bases of
+        images that changed or are gone, once no clone depends on them (ZFS clones,
+        unlike btrfs snapshots, keep their origin alive)."""
         gone = []
         keep = {self._component(k) for k in keep}
+        vm_dirs = {self._component(d) for d in vm_dirs}
         names = _run(["zfs", "list", "-H", "-o", "name", "-r", "-t", "filesystem",
                       self.root]).split()
-        for dataset in names:
-            head, _, leaf = dataset.rpartition("/")
-            if head == f"{self.root}/ttbases" and leaf not in keep:
-                proc = subprocess.run(["zfs", "destroy", "-r", "-f", dataset],
-                                      capture_output=True, text=True, timeout=CMD_TIMEOUT)
-                if proc.returncode == 0:
-                    gone.append(leaf)
+        stray = [d for d in names if d.rpartition("/")[0] == f"{self.root}/vms"
+                 and d.rpartition("/")[2] not in vm_dirs]
+        bases = [d for d in names if d.rpartition("/")[0] == f"{self.root}/bases"
+                 and d.rpartition("/")[2] not in keep]
+        for dataset in stray + bases:
+            proc = subprocess.run(["zfs", "destroy", "-r", "-f", dataset],
+                                  capture_output=True, text=True, timeout=CMD_TIMEOUT)
+            if proc.returncode == 0:
+                gone.append(dataset.rpartition("/")[2])
         return gone
