@@ -180,6 +180,22 @@ def test_bridge_network_end_to_end(host: Host):
     assert {k: tuple(v) for k, v in h.nft_elements()["forwards"].items()} == expected
     assert ssh_until_up(h, vm_open["ssh_port"], "hostname") == "open-0\n"
 
+    # stop an ENV: its entries and TAP go, its address stays on record; start: all back
+    assert requests.post(f"{h.srv.url}/envs/closed/stop", timeout=180).status_code == 200
+    found = h.nft_elements()
+    assert {k: tuple(v) for k, v in found["forwards"].items()} == {
+        k: v for k, v in expected.items() if v[0] == vm_open["address"]}
+    assert found["denied"] == []
+    assert len(h.links()) == 4, h.links()  # lo, veth, bridge, the open VM's TAP
+    assert requests.post(f"{h.srv.url}/envs/closed/start", timeout=60).status_code == 202
+    restarted = wait_env(h.srv.url, "closed")
+    assert restarted["state"] == "running", restarted["error"]
+    assert restarted["vms"][0]["address"] == vm_closed["address"]
+    found = h.nft_elements()
+    assert {k: tuple(v) for k, v in found["forwards"].items()} == expected
+    assert found["denied"] == [vm_closed["address"]]
+    assert ssh_until_up(h, vm_closed["ssh_port"], "hostname") == "closed-0\n"
+
     # delete: entries, TAPs and leases go; stop: bridge, table and dnsmasq go too
     for name in ("open", "closed"):
         assert requests.delete(f"{h.srv.url}/envs/{name}", timeout=120).status_code == 200
