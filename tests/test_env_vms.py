@@ -81,14 +81,17 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         assert cli.returncode == 0, cli.stdout + cli.stderr
         assert cli.stdout.count("root") == 2
 
-        # command timeout: clear result, the guest process is killed, the ENV unchanged
+        # command timeout: clear result, the guest process is killed (agent and SSH alike),
+        # the ENV unchanged
         res = run(srv, "e2e", "sleep 30; touch /tmp/late", timeout=2)
         assert all(r["timed_out"] and r["exit_code"] is None for r in res)
         cli = tt(srv.address, "env", "run", "e2e", "--cmd", "sleep 30", "--timeout", "2")
         assert cli.returncode == 124 and "timed out after 2s" in cli.stderr
+        res = run(srv, "e2e", "sleep 31; touch /tmp/late", timeout=2, use_ssh=True)
+        assert all(r["timed_out"] and r["exit_code"] is None for r in res), res
         time.sleep(3)
-        assert all(r["stdout"] == "no\n" for r in
-                   run(srv, "e2e", "test -e /tmp/late && echo yes || echo no"))
+        assert all(r["stdout"] == "no\n" for r in run(  # no sleeper left, by either way
+            srv, "e2e", "pgrep -f 'slee[p] 3[01]' >/dev/null && echo yes || echo no"))
         assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
 
         # files in and out through the agent

@@ -90,8 +90,18 @@ def run_shell(dom: libvirt.virDomain, cmd: str, timeout: float) -> ExecResult:
     expect); it never touches a host shell. coreutils `timeout` in the guest kills it at the
     deadline so nothing keeps running in the VM after we report a timeout.
     """
-    argv = ["/usr/bin/timeout", "--kill-after=2", str(max(1, int(timeout))), "/bin/sh", "-c", cmd]
-    res = exec_argv(dom, argv, timeout=timeout + 5)
+    return settle_timeout(exec_argv(dom, bounded(cmd, timeout), timeout=timeout + 5), timeout)
+
+
+def bounded(cmd: str, timeout: float) -> list[str]:
+    """argv running `cmd` in the guest's /bin/sh under coreutils `timeout`: the guest ends
+    it at the deadline itself, whatever becomes of the channel we started it through."""
+    return ["/usr/bin/timeout", "--kill-after=2", str(max(1, int(timeout))), "/bin/sh", "-c",
+            cmd]
+
+
+def settle_timeout(res: ExecResult, timeout: float) -> ExecResult:
+    """A `bounded` command that `timeout` ended (124 at the deadline) timed out."""
     if res.exit_code == 124 and res.seconds >= timeout - 0.5:
         res.timed_out = True
     if res.timed_out:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .agent import ExecResult
+from .agent import ExecResult, bounded, settle_timeout
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
@@ -88,9 +88,12 @@ def _with_retry(t: Target, cmd: str, timeout: float, stdin: bytes | None = None)
 
 
 def run(t: Target, cmd: str, timeout: float) -> ExecResult:
-    res = _with_retry(t, cmd, timeout)
-    return ExecResult(res.exit_code, res.stdout.decode(errors="replace"),
-                      res.stderr.decode(errors="replace"), res.timed_out, res.seconds)
+    """`cmd` under the guest's own `timeout` (as through the agent): without a TTY, sshd
+    leaves a command running when our ssh client gives up, so the guest must end it."""
+    res = _with_retry(t, shlex.join(bounded(cmd, timeout)), timeout + 5)
+    return settle_timeout(ExecResult(res.exit_code, res.stdout.decode(errors="replace"),
+                                     res.stderr.decode(errors="replace"), res.timed_out,
+                                     res.seconds), timeout)
 
 
 class CopyError(RuntimeError):
