@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -109,8 +110,24 @@ def zfs_pool() -> Iterator[tuple[str, Path]]:
     try:
         yield pool, mnt
     finally:
-        subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True, timeout=120)
+        destroy_pool(pool)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def destroy_pool(pool: str, wait: float = 30) -> None:
+    """`zpool destroy`, retried: right after the last VM ends the kernel still holds its
+    mount namespace's copies of our mounts for a moment ("pool is busy"). A pool that
+    will not go is a leak: said, not ignored."""
+    deadline = time.monotonic() + wait
+    while True:
+        proc = subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"test pool {pool} left behind: {proc.stderr.strip()}")
+        print(f"zpool destroy {pool}: {proc.stderr.strip()}; retrying")
+        time.sleep(0.5)
 
 
 def test_zfs_clones_per_vm_and_nothing_left(zfs_pool: tuple[str, Path]):
