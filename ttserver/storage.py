@@ -106,7 +106,8 @@ def zfs_dataset_of(path: Path) -> tuple[str, str] | None:
 def remove_vm_dir(path: Path) -> None:
     if is_subvolume(path):
         _run(["btrfs", "subvolume", "delete", str(path)])
-    elif path.is_dir():
+    # only a mount point can be a ZFS clone: plain VM directories cost no `zfs list`
+    elif os.path.ismount(path):
         dataset = zfs_datasets().get(str(path.resolve()))
         if dataset:
             _destroy_zfs(dataset)
@@ -256,9 +257,10 @@ class Zfs:
         name = self._component(f"{disk.parent.name}@{fingerprint}")
         dataset = f"{self.root}/bases/{name}"
         with self._lock:
-            snapshots = _run(["zfs", "list", "-H", "-o", "name", "-t", "snapshot"]).split()
-            if f"{dataset}@base" not in snapshots:
-                if dataset in _run(["zfs", "list", "-H", "-o", "name"]).split():
+            ours = _run(["zfs", "list", "-H", "-o", "name", "-r", "-t", "filesystem,snapshot",
+                         f"{self.root}/bases"]).split()
+            if f"{dataset}@base" not in ours:
+                if dataset in ours:
                     _run(["zfs", "destroy", "-r", "-f", dataset])  # a half-made base
                 _run(["zfs", "create", "-o", f"mountpoint={self.bases / name}",
                       dataset])
