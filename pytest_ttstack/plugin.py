@@ -10,38 +10,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import matrix, native
-from .session import EnvOwner, SessionEnv, Settings, TTSetupError, default_server
+from . import matrix
+from .native import controller as native
+from .options import add_options
+from .session import (
+    EnvOwner,
+    SessionEnv,
+    Settings,
+    TTSetupError,
+    default_server,
+    resolve_images,
+)
 from .vm import VM
 
 ENV_KEY = pytest.StashKey[SessionEnv | None]()
 OWNER_KEY = pytest.StashKey[EnvOwner | None]()
 FAILED_KEY = pytest.StashKey[bool]()
-NATIVE_FIXTURE = "tt_native_image"
+NATIVE_KEY = pytest.StashKey[native.NativeSession | None]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("ttstack", "ttstack: run tests on real VMs")
-
-    def both(name: str, help: str, **kw: object) -> None:
-        group.addoption("--" + name.replace("_", "-"), dest=name, default=None, help=help, **kw)
-        parser.addini(name, help=help, default=None)
-
-    both("tt_os", "comma list of OS prefixes, e.g. debian-12,debian-12-arm64 "
-                  "(same matching as the server)")
-    both("tt_server", "ttserver or ttproxy as HOST:PORT (default: from 'tt config')")
-    both("tt_life_time", "seconds the session ENV may live (default 3600)")
-    both("tt_mem", "MiB of memory per VM (default 512)")
-    both("tt_cpu", "vCPUs per VM (default 1)")
-    group.addoption("--tt-keep", action="store_true", default=False,
-                    help="keep the ENV when a test failed, and print how to reach it")
-    group.addoption("--tt-native", action="store_true", default=False,
-                    help="run every test function inside each requested OS's VM")
-    group.addoption("--tt-native-timeout", type=float, default=300.0,
-                    help="seconds one native test may take in its VM (default 300)")
-    group.addoption("--tt-native-fresh", action="store_true", default=False,
-                    help="native mode: start a fresh python3 for every test instead of "
-                         "forking one that has pytest imported (slower; inherits nothing)")
+    add_options(parser)
 
 
 def _opt(config: pytest.Config, name: str) -> str | None:
@@ -85,6 +74,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[ENV_KEY] = SessionEnv.from_dict(config.workerinput["tt_env"])
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "ttstack-xdist")
+    config.stash[NATIVE_KEY] = None
+    if (config.getoption("tt_native") and _opt(config, "tt_os") and not _is_worker(config)
+            and not config.option.collectonly):
+        native.check_usable(config)
+        session = native.NativeSession(config)
+        session.configure(len(str(_opt(config, "tt_os")).split(",")))
+        config.stash[NATIVE_KEY] = session
+        config.pluginmanager.register(session, "ttstack-native")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -99,21 +96,30 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                         life_time=int(_opt(config, "tt_life_time") or 3600),
                         cpu=int(_opt(config, "tt_cpu") or 1),
                         mem=int(_opt(config, "tt_mem") or 512), workers=_workers(config))
+    session_native = config.stash[NATIVE_KEY]
+    if session_native is not None:
+        settings.workers = native.workers_per_os(config)
+        settings.extra_ssh_keys = [session_native.public_key]
     owner = EnvOwner(settings, lambda text: _say(config, text))
     config.stash[OWNER_KEY] = owner
     try:
         env = owner.create()
         config.stash[ENV_KEY] = env
-        if config.getoption("tt_native") and not env.error:
-            _say(config, "ttstack: native mode: copying the project and pytest into the VMs")
-            native.ship(env, config.rootpath,
-                        fork_server=not config.getoption("tt_native_fresh"))
+        if session_native is not None:
+            if env.error:
+                raise TTSetupError(f"the session ENV {env.name} failed:\n{env.error}")
+            session_native.start(env, lambda text: _say(config, text))
     except TTSetupError as exc:
         owner.delete()
+        if session_native is not None:
+            session_native.cleanup()
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    session_native = session.config.stash.get(NATIVE_KEY, None)
+    if session_native is not None:
+        session_native.cleanup()
     owner = session.config.stash.get(OWNER_KEY, None)
     if owner is not None:
         keep = owner.settings.keep and (session.testsfailed > 0
@@ -123,27 +129,23 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     env = metafunc.config.stash.get(ENV_KEY, None)
-    if metafunc.config.getoption("tt_native"):
-        if env is not None and NATIVE_FIXTURE in metafunc.fixturenames:
-            matrix.parametrize(metafunc, env.images, NATIVE_FIXTURE)
-        return
     if "tt_vm" in metafunc.fixturenames:
         matrix.parametrize(metafunc, env.images if env else None)
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    """Native mode: the item runs in its VM; the reports come back from there."""
-    callspec = getattr(item, "callspec", None)
-    if not item.config.getoption("tt_native") or callspec is None:
-        return None
-    image = callspec.params.get(NATIVE_FIXTURE)
-    env = item.config.stash.get(ENV_KEY, None)
-    if image is None or env is None:
-        return None
-    vm = env.vm_for(image, _worker_index(item.config))
-    return native.run_item(item, vm, matrix.image_id(image),
-                           item.config.getoption("tt_native_timeout"))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--tt-native --collect-only`: list each item once per OS, with the run's ids (the
+    host collects; the images are resolved on the server, nothing boots)."""
+    prefixes = _opt(config, "tt_os")
+    if not (config.getoption("tt_native") and config.option.collectonly and prefixes):
+        return
+    server = _opt(config, "tt_server") or default_server()
+    try:
+        images = resolve_images(EnvOwner.client_for(server), [prefixes])
+    except TTSetupError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    items[:] = native.collect_only_items(items, images)
 
 
 class _XdistHooks:
@@ -163,12 +165,6 @@ def tt_env(request: pytest.FixtureRequest) -> SessionEnv:
     if env.error:
         pytest.fail(f"ttstack: the session ENV {env.name} failed:\n{env.error}", pytrace=False)
     return env
-
-
-@pytest.fixture(autouse=True)
-def tt_native_image(request: pytest.FixtureRequest) -> str | None:
-    """In native mode, the image a test item runs on (the item never runs on the host)."""
-    return getattr(request, "param", None)
 
 
 @pytest.fixture

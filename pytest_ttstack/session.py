@@ -40,6 +40,7 @@ class Settings:
     mem: int = 512
     boot_timeout: float = 900.0
     workers: int = 1
+    extra_ssh_keys: list[str] = field(default_factory=list)  # e.g. native mode's own key
 
 
 @dataclass
@@ -108,9 +109,13 @@ class EnvOwner:
     def __init__(self, settings: Settings, say: Callable[[str], None]) -> None:
         self.settings = settings
         self.say = say
-        self.client = Client(f"http://{settings.server}")
+        self.client = self.client_for(settings.server)
         self.name: str | None = None
         self.deleted = False
+
+    @staticmethod
+    def client_for(server: str) -> Client:
+        return Client(f"http://{server}")
 
     def create(self) -> SessionEnv:
         s = self.settings
@@ -119,7 +124,7 @@ class EnvOwner:
         try:
             self.client.create_env(name, images, vm_number=s.workers, cpu_num=s.cpu,
                                    mem_size=s.mem, life_time=s.life_time,
-                                   ssh_keys=user_ssh_keys())
+                                   ssh_keys=user_ssh_keys() + s.extra_ssh_keys)
         except ApiError as exc:
             raise TTSetupError(f"cannot create the test ENV on {s.server}: {exc}") from exc
         self.name = name

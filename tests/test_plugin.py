@@ -114,23 +114,3 @@ def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path):
     assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
     found = leftovers(plugin_server.server_id(), plugin_server.cfgdb, [])
     assert found == NOTHING_LEFT
-
-
-def test_native_mode_runs_tests_inside_each_vm(plugin_server, tmp_path):
-    native = Path(__file__).parent / "sample_native"
-    junit = tmp_path / "native.xml"
-    env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
-         "--rootdir", str(native), "-c", os.devnull, f"--junitxml={junit}",
-         f"--tt-server={plugin_server.address}", "--tt-os=debian-12,debian-13", "--tt-native",
-         str(native)], capture_output=True, text=True, env=env, timeout=1200)
-    assert "3 failed, 6 passed, 1 skipped" in proc.stdout, proc.stdout + proc.stderr
-    assert "test_parametrized_inside[debian-13:x86_64-1] PASSED" in proc.stdout
-    assert "test_killed_in_guest[debian-12:x86_64] FAILED" in proc.stdout
-    assert "ended during its call (the test process was killed" in proc.stdout
-    assert "skipped inside the trixie guest" in proc.stdout
-    assert "assert 'pytest-vm-" in proc.stdout  # the guest's own assertion rewriting
-    root = ET.parse(junit).getroot()
-    assert counts(root) == {"tests": 10, "failures": 3, "errors": 0, "skipped": 1}
-    assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []

@@ -10,6 +10,8 @@ and machine-id are created on each VM's first boot, so clones never share them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import platform
 import re
@@ -23,15 +25,20 @@ from pathlib import Path
 from ttclient.imagenames import ImageName, parse_image_name
 
 from . import binfmt
-from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install
+from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, META, install
 
 SUITES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie",
           "debian-sid": "sid"}
 DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
 KERNEL_PKG = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64",
               "riscv64": "linux-image-riscv64"}
+# python3-venv, python3-dev, gcc and libc6-dev: native mode makes a venv in the guest and
+# builds sdists and C extensions there (the guest has no network; see pytest_ttstack).
 PACKAGES = ["systemd-sysv", "udev", "openssh-server", "qemu-guest-agent", "python3",
-            "iproute2", "coreutils"]
+            "python3-venv", "python3-dev", "gcc", "libc6-dev", "iproute2", "coreutils"]
+# What a built image contains besides its suite and arch: a cached image whose meta.json
+# names another recipe is rebuilt by `build`, so a changed package list reaches every host.
+RECIPE = hashlib.sha256(json.dumps(PACKAGES).encode()).hexdigest()[:12]
 # Docs and manuals are dead weight in a throwaway VM and slow every build.
 DPKG_EXCLUDES = ["path-exclude=/usr/share/man/*", "path-exclude=/usr/share/doc/*",
                  "path-include=/usr/share/doc/*/copyright", "path-exclude=/usr/share/locale/*",
@@ -101,6 +108,13 @@ def _enable(root: Path, unit: str, target: str, src_dir: str = "/lib/systemd/sys
     link = wants / unit
     if not link.exists():
         link.symlink_to(f"{src_dir}/{unit}")
+
+
+def _meta(image_dir: Path) -> dict:
+    try:
+        return json.loads((image_dir / META).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def customize(root: Path, hostname: str = "tt") -> None:
@@ -188,8 +202,12 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         raise BuildError(f"cannot build {name.os!r}; buildable: {', '.join(SUITES)}")
     target = image_path / name.full
     if (target / DISK).is_file() and not force:
-        _say(f"{name.full} exists at {target}; skipping (use --force to rebuild)")
-        return target
+        built_with = _meta(target).get("recipe")
+        if built_with == RECIPE:
+            _say(f"{name.full} exists at {target}; skipping (use --force to rebuild)")
+            return target
+        _say(f"{name.full} at {target} was built from another recipe "
+             f"({built_with or 'none recorded'}, now {RECIPE}): rebuilding")
     if name.arch != platform.machine():
         binfmt.ensure(name.arch)
     image_path.mkdir(parents=True, exist_ok=True)
@@ -224,7 +242,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         shutil.copyfile(initrds[-1], out / INITRD)
         meta = {"name": name.full, "suite": SUITES[name.os], "arch": name.arch,
                 "virtual_size_mib": disk_mib, "cmdline": DEFAULT_CMDLINE,
-                "kernel": kernels[-1].name, "built_at": int(time.time())}
+                "kernel": kernels[-1].name, "built_at": int(time.time()), "recipe": RECIPE}
         install(out, meta, target)
     finally:
         remove_tree(work)

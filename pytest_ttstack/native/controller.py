@@ -1,0 +1,194 @@
+"""Native mode on the controller: a plugin object registered by `pytest_ttstack.plugin`
+when `--tt-native` is given (as xdist registers its DSession).
+
+Sequence: `configure` turns xdist's distribution on (the `--tx` list is a placeholder
+until the VMs exist); the plugin's `pytest_sessionstart` creates the ENV and calls
+`start`, which provisions every VM and puts one `popen//python=WRAPPER` spec per VM into
+`--tx` before xdist's DSession (trylast) starts the workers. The hooks below then hand
+each worker its VM's OS and command line, send `remote.py` instead of `xdist.remote`,
+schedule per OS, and turn a crashed worker into a report that names the test, its phase,
+the OS and the VM's console tail. `--collect-only` collects on the host and lists each
+item once per OS, with the ids a run reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from ..session import SessionEnv
+from . import ids, remote
+from .project import GUEST_SITE, PathMap
+from .provision import Provisioner, Worker
+from .ssh import make_key
+
+PHASES = ("setup", "call", "teardown")
+
+
+def check_usable(config: pytest.Config) -> None:
+    """UsageError unless native mode can run with these options."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        raise pytest.UsageError("--tt-native needs pytest-xdist: pip install 'ttstack[pytest]'")
+    if config.getvalue("dist") == "each":
+        raise pytest.UsageError("--tt-native runs every test once per OS already; "
+                                "use --dist load, loadscope, loadfile, loadgroup or worksteal")
+    if config.getoption("usepdb", False):
+        raise pytest.UsageError("--tt-native: --pdb cannot reach into a VM; use --tt-keep "
+                                "and 'tt env ssh' to debug there")
+
+
+def workers_per_os(config: pytest.Config) -> int:
+    """`-n N` means N VMs (workers) per OS; without -n, one."""
+    n = getattr(config.option, "numprocesses", None)
+    n = n if isinstance(n, int) and n > 0 else 1
+    cap = getattr(config.option, "maxprocesses", None)
+    return min(n, cap) if cap else n
+
+
+class NativeSession:
+    """The controller side of native mode (see module docstring)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.work = Path(tempfile.mkdtemp(prefix="ttnative-"))
+        self.key, self.public_key = make_key(self.work)
+        self.workers: dict[str, Worker] = {}  # by wrapper path (= the spec's python)
+        self.os_ids: list[str] = []
+        self.paths = PathMap(config.rootpath, config.invocation_params.dir)
+        self._last_phase: dict[str, tuple[str, str]] = {}  # gateway id -> (nodeid, when)
+        self.env: SessionEnv | None = None
+        self.session: pytest.Session | None = None
+
+    def configure(self, os_prefixes: int) -> None:
+        """Turn xdist's distributed session on (before xdist's trylast pytest_configure):
+        `--tx` is a placeholder until start(); crashed workers are replaced at most 4
+        times per expected worker (xdist's own default under -n; without -n it has none)."""
+        opt = self.config.option
+        if opt.dist in (None, "no"):
+            opt.dist = "load"
+        opt.tx = ["popen"]
+        if opt.maxworkerrestart is None:
+            opt.maxworkerrestart = str(4 * workers_per_os(self.config) * max(1, os_prefixes))
+
+    def install_specs(self) -> list[str]:
+        specs = self.config.getoption("tt_native_install") or []
+        return list(specs) or list(self.config.getini("tt_native_install") or [])
+
+    def start(self, env: SessionEnv, say: Any) -> None:
+        """Provision the VMs (TTSetupError says what failed) and set `--tx`."""
+        self.env = env
+        provisioner = Provisioner(env, self.paths, self.install_specs(), self.work, self.key,
+                                  say, self.config.getoption("tt_native_setup_timeout"))
+        workers = provisioner.run()
+        self.workers = {str(w.python): w for w in workers}
+        self.os_ids = sorted({w.os_id for w in workers})
+        self.config.option.tx = [w.spec for w in workers]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def worker_of(self, node: Any) -> Worker:
+        return self.workers[str(node.gateway.spec.python)]
+
+    # -- the worker's command line ---------------------------------------------------
+
+    def worker_args(self, os_id: str) -> tuple[list[str], bool]:
+        """(this OS's worker argv, whether it must run nothing): host paths become guest
+        paths; ids tagged with an OS are kept, untagged, for that OS only."""
+        args, run_nothing = [], False
+        positional = [str(a) for a in (self.config.option.file_or_dir or [])]
+        raw = [str(a) for a in self.config.invocation_params.args]
+        tagged_for_me = tagged_elsewhere = 0
+        for word in raw:
+            if word in positional:
+                tagged, untagged = ids.untag(word, self.os_ids)
+                if tagged is not None:
+                    if tagged == os_id:
+                        tagged_for_me += 1
+                    else:
+                        tagged_elsewhere += 1
+                        untagged = untagged.split("::")[0]  # still collectable, deselected
+                word = untagged
+            args.append(self.paths.arg(word))
+        untagged_positional = len(positional) - tagged_for_me - tagged_elsewhere
+        if tagged_elsewhere and not tagged_for_me and not untagged_positional:
+            run_nothing = True
+        return ["-p", "pytest_ttstack.native.guest", *args], run_nothing
+
+    # -- xdist hooks -----------------------------------------------------------------
+
+    def pytest_configure_node(self, node: Any) -> None:
+        worker = self.worker_of(node)
+        args, run_nothing = self.worker_args(worker.os_id)
+        node.workerinput.update(tt_os_id=worker.os_id, tt_vm=worker.vm["name"],
+                                tt_args=args, tt_run_nothing=run_nothing, tt_site=GUEST_SITE)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_getremotemodule(self) -> ModuleType:
+        return remote
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        from .scheduler import OSMatrixScheduling
+
+        counts: dict[str, int] = {}
+        for w in self.workers.values():
+            counts[w.os_id] = counts.get(w.os_id, 0) + 1
+        return OSMatrixScheduling(config, log, counts, lambda n: self.worker_of(n).os_id,
+                                  self._count)
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.session = session
+
+    def _count(self, total: int) -> None:
+        """xdist sets `testscollected` to the last worker's count; one OS's is not the
+        run's: the progress would pass 100%."""
+        if self.session is not None:
+            self.session.testscollected = total
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        node = getattr(report, "node", None)
+        if node is not None:
+            self._last_phase[node.gateway.id] = (report.nodeid, report.when)
+
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
+                               sched: Any) -> None:
+        node = report.node  # type: ignore[attr-defined]
+        worker = self.worker_of(node)
+        last_id, last_when = self._last_phase.get(node.gateway.id, ("", ""))
+        phase = "setup"
+        if last_id == crashitem and last_when in PHASES[:2]:
+            phase = PHASES[PHASES.index(last_when) + 1]
+        tail = "(console tail unavailable)"
+        with contextlib.suppress(Exception):
+            assert self.env is not None
+            tail = self.env.client.console(self.env.name, worker.vm["id"], 30)
+        report.when = phase  # type: ignore[assignment]
+        report.location = (crashitem.split("::")[0], None, crashitem.split("::", 1)[-1])
+        report.longrepr = (
+            f"{crashitem}: the test's worker process died during its {phase} on "
+            f"{worker.vm['name']} ({worker.os_id}) — the test killed its process, or the "
+            f"VM ran out of memory or crashed; xdist starts a new worker on the same VM for "
+            f"the rest of the suite\n---- console tail of {worker.vm['name']} ----\n{tail}")
+
+
+def collect_only_items(items: list[pytest.Item], images: list[str]) -> list[pytest.Item]:
+    """For `--collect-only`: each host-collected item once per OS, with the run's ids."""
+    from ..matrix import image_id
+
+    out = []
+    for item in items:
+        for os_id in map(image_id, images):
+            clone = copy.copy(item)
+            clone._nodeid = ids.tag(item.nodeid, os_id)
+            clone.name = ids.tag(item.name, os_id)
+            clone.extra_keyword_matches = {*item.extra_keyword_matches, os_id}
+            out.append(clone)
+    return out

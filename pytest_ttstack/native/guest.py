@@ -1,0 +1,43 @@
+"""The guest side of native mode: a pytest plugin loaded by each VM's xdist worker
+(`-p pytest_ttstack.native.guest`, from /root/ttnative/site).
+
+It knows the `--tt-*` options (the worker parses the controller's command line), tags
+every collected item's id with this VM's OS (`ids.tag`) before `-k`, `--lf` and
+`--deselect` look at it, and deselects everything when the command line named tests of
+other OSes only. Standard library and pytest only: this runs in the guest's venv.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_ttstack.native.ids import tag
+from pytest_ttstack.options import add_options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def _os_id(config: pytest.Config) -> str | None:
+    return getattr(config, "workerinput", {}).get("tt_os_id")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    os_id = _os_id(item.config)
+    if os_id:
+        item._nodeid = tag(item.nodeid, os_id)
+        item.extra_keyword_matches.add(os_id)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if getattr(config, "workerinput", {}).get("tt_run_nothing") and items:
+        config.hook.pytest_deselected(items=list(items))
+        items[:] = []
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    os_id = _os_id(config)
+    return f"ttstack native worker on {os_id}" if os_id else None

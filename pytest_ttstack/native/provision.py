@@ -1,0 +1,201 @@
+"""Make every VM of the session ENV ready to host an xdist worker.
+
+Per VM, in parallel: wait for sshd, unpack one archive (project, guest plugin, pins,
+wheels when needed, and the cached venv when there is one) into /root/ttnative, make and
+fill the venv if it was not cached (the first VM of each guest Python then sends it back
+to the host cache), install local projects (`.`: built in the guest, C extensions
+included), and write the execnet wrapper. Progress goes through `say`; any failure is a
+TTSetupError naming the VM, with the tool's output and the VM's console tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import shlex
+import tarfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..matrix import image_id
+from ..session import SessionEnv, TTSetupError
+from . import project, wheelhouse
+from .project import GUEST_PROJECT, GUEST_ROOT, GUEST_VENV, GUEST_WHEELS, PathMap
+from .ssh import SSHError, SSHTarget
+
+# pip runs from its wheel (pip documents `python pip.whl/pip`): the venv is made
+# --without-pip, which spares the slowest step under TCG (ensurepip) and keeps pip out of
+# the cached venv.
+PIP = (f"{GUEST_VENV}/bin/python \"$(ls {GUEST_WHEELS}/pip-*.whl | tail -n 1)/pip\" install "
+       f"--no-index --find-links {GUEST_WHEELS} --disable-pip-version-check "
+       "--no-warn-script-location -q")
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One VM ready for a worker: its API view, OS id and execnet spec."""
+
+    vm: dict
+    os_id: str
+    target: SSHTarget
+    python: Path  # the wrapper execnet starts as "python"
+
+    @property
+    def spec(self) -> str:
+        return f"popen//python={self.python}"
+
+
+@dataclass
+class _Plan:
+    """What one guest Python (all VMs of one image, usually) gets."""
+
+    guest: wheelhouse.GuestPython
+    resolution: wheelhouse.Resolution
+    cached_venv: Path | None
+    bundle: bytes = b""
+    saved: bool = False
+
+
+class Provisioner:
+    """Runs the steps in the module docstring for one session."""
+
+    def __init__(self, env: SessionEnv, paths: PathMap, specs: list[str], work: Path,
+                 key: Path, say: Callable[[str], None], timeout: float) -> None:
+        self.env = env
+        self.paths = paths
+        self.specs = specs
+        self.work = work
+        self.key = key
+        self.say = say
+        self.timeout = timeout
+        self.known_hosts = work / "known_hosts"
+        self.venvs = wheelhouse.cache_dir() / "native-venvs"
+        self._lock = threading.Lock()
+
+    def target(self, vm: dict) -> SSHTarget:
+        return SSHTarget(vm["ssh_host"], int(vm["ssh_port"]), self.key, self.known_hosts)
+
+    def _fail(self, vm: dict, message: str) -> TTSetupError:
+        tail = ""
+        with contextlib.suppress(Exception):
+            tail = self.env.client.console(self.env.name, vm["id"], 30)
+        return TTSetupError(f"native mode: {vm['name']} ({vm['image']}): {message}"
+                            + (f"\n---- console tail of {vm['name']} ----\n{tail}" if tail else ""))
+
+    def probe(self) -> dict[str, wheelhouse.GuestPython]:
+        """The guest Python of every VM (by VM id), through the guest agent."""
+        reply = self.env.client.run(self.env.name, wheelhouse.PROBE, timeout=120)
+        found = {}
+        by_id = {v["id"]: v for v in self.env.vms}
+        for r in reply["results"]:
+            vm = by_id[r["id"]]
+            if r.get("error"):
+                raise self._fail(vm, r["error"])
+            if r["exit_code"] == 127:
+                raise TTSetupError(f"native mode needs Python 3 in the guest: image "
+                                   f"{vm['image']} has no python3 ({r['stderr'].strip()}); "
+                                   f"use an image with python3, or drop it from --tt-os")
+            if r["exit_code"] != 0:
+                raise self._fail(vm, f"probing python3 failed: {r['stderr'].strip()}")
+            found[vm["id"]] = wheelhouse.GuestPython.from_probe(r["stdout"].strip())
+        return found
+
+    def _plan(self, guest: wheelhouse.GuestPython, files: list[str]) -> _Plan:
+        res = wheelhouse.resolve(self.specs, guest, self.paths.rootdir, self.work)
+        cached = self.venvs / f"{wheelhouse.venv_key(guest, res)}.tar.gz"
+        plan = _Plan(guest, res, cached if cached.is_file() else None)
+        wheels = self.work / f"wheels-{wheelhouse.venv_key(guest, res)}"
+        if plan.cached_venv is None or res.local:
+            self.say(f"ttstack: native: gathering wheels for Python {guest.version} "
+                     f"({guest.machine}): {len(res.pins)} pinned"
+                     + (", cached venv found" if plan.cached_venv else ""))
+            wheelhouse.gather(res, guest, self.paths.rootdir, wheels, self.work,
+                              deps=plan.cached_venv is None)
+
+        def build(tar: tarfile.TarFile) -> None:
+            project.add_files(tar, self.paths.rootdir, files, "project")
+            project.guest_site_tar(tar)
+            pins = "\n".join(res.pins).encode() + b"\n"
+            info = tarfile.TarInfo("pins.txt")
+            info.size = len(pins)
+            tar.addfile(info, io.BytesIO(pins))
+            if wheels.is_dir():
+                project.add_files(tar, wheels, sorted(p.name for p in wheels.iterdir()),
+                                  "wheels")
+
+        plan.bundle = project.tar_bytes(build)
+        return plan
+
+    def _ship(self, vm: dict, plan: _Plan) -> None:
+        target = self.target(vm)
+        try:
+            target.wait_ready(timeout=self.timeout)
+            data = plan.bundle
+            if plan.cached_venv is not None:  # a second archive: tar -i reads both
+                data += gzip.decompress(plan.cached_venv.read_bytes())
+            # uncompressed: gzip under TCG costs seconds, loopback bytes cost nothing
+            target.run(f"rm -rf {GUEST_ROOT} && mkdir -p {GUEST_ROOT} && "
+                       f"tar -xif - -C {GUEST_ROOT}", "unpacking the project", input=data,
+                       timeout=self.timeout)
+            if plan.cached_venv is None:
+                target.run(f"python3 -m venv --without-pip {GUEST_VENV} && "
+                           f"{PIP} -r {GUEST_ROOT}/pins.txt",
+                           f"installing {len(plan.resolution.pins)} distributions into the "
+                           f"venv", timeout=self.timeout)
+                self._save_venv(target, plan)
+            if plan.resolution.local:
+                target.run(f"cd {GUEST_PROJECT} && {PIP} -c {GUEST_ROOT}/pins.txt "
+                           f"{' '.join(map(shlex.quote, plan.resolution.local))}",
+                           f"pip install {' '.join(plan.resolution.local)}",
+                           timeout=self.timeout)
+        except SSHError as exc:
+            raise self._fail(vm, str(exc)) from None
+
+    def _save_venv(self, target: SSHTarget, plan: _Plan) -> None:
+        with self._lock:
+            if plan.saved:
+                return
+            plan.saved = True
+        self.venvs.mkdir(parents=True, exist_ok=True)
+        dest = self.venvs / f"{wheelhouse.venv_key(plan.guest, plan.resolution)}.tar.gz"
+        partial = dest.with_suffix(f".part-{threading.get_ident()}")
+        try:
+            target.fetch(f"tar -cf - -C {GUEST_ROOT} venv", partial, "saving the venv")
+            dest.with_suffix(".tmp").write_bytes(gzip.compress(partial.read_bytes(), 6))
+            dest.with_suffix(".tmp").rename(dest)
+        finally:
+            partial.unlink(missing_ok=True)
+            dest.with_suffix(".tmp").unlink(missing_ok=True)
+
+    def run(self) -> list[Worker]:
+        """Provision every VM; returns one Worker per VM, in the ENV's VM order."""
+        guests = self.probe()
+        files = project.project_files(self.paths.rootdir)
+        plans: dict[wheelhouse.GuestPython, _Plan] = {}
+        for guest in dict.fromkeys(guests.values()):
+            try:
+                plans[guest] = self._plan(guest, files)
+            except wheelhouse.InstallError as exc:
+                raise TTSetupError(f"native mode: --tt-native-install: {exc}") from None
+        fresh = sum(p.cached_venv is None for p in plans.values())
+        self.say(f"ttstack: native: shipping {len(files)} project files to "
+                 f"{len(self.env.vms)} VM(s)"
+                 + (f"; making {fresh} venv(s) in the guests (cached for next time)"
+                    if fresh else "; venvs from the cache"))
+        with ThreadPoolExecutor(max_workers=max(1, len(self.env.vms))) as pool:
+            futures = [pool.submit(self._ship, vm, plans[guests[vm["id"]]])
+                       for vm in self.env.vms]
+            for f in futures:
+                f.result()
+        workers = []
+        for vm in self.env.vms:
+            target = self.target(vm)
+            wrapper = target.write_python_wrapper(
+                self.work / f"python-{vm['id']}", f"{GUEST_VENV}/bin/python",
+                self.paths.guest_cwd)
+            workers.append(Worker(vm, image_id(vm["image"]), target, wrapper))
+        return workers

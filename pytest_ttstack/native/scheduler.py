@@ -1,0 +1,96 @@
+"""xdist scheduling for native mode: every collected item once per requested OS.
+
+Workers are grouped by the OS of their VM; each group has its own xdist scheduler of the
+kind `--dist` names (`load` by default; `loadscope`, `loadfile`, `loadgroup`, `worksteal`
+too), sized to that group, so items are load-balanced over that OS's workers only.
+Each group's collection is that OS's truth: OSes may collect different items (a module
+skipped at import on one of them); workers of one OS must agree, as xdist requires.
+A group starts as soon as its own collection is in, without waiting for slower OSes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+from xdist.remote import Producer
+from xdist.scheduler import (
+    LoadFileScheduling,
+    LoadGroupScheduling,
+    LoadScheduling,
+    LoadScopeScheduling,
+    WorkStealingScheduling,
+)
+from xdist.workermanage import WorkerController
+
+KINDS = {"load": LoadScheduling, "loadscope": LoadScopeScheduling,
+         "loadfile": LoadFileScheduling, "loadgroup": LoadGroupScheduling,
+         "worksteal": WorkStealingScheduling}
+
+
+class OSMatrixScheduling:
+    """xdist's `Scheduling` protocol over one sub-scheduler per OS."""
+
+    def __init__(self, config: pytest.Config, log: Producer, workers_per_os: dict[str, int],
+                 os_of: Callable[[WorkerController], str],
+                 on_count: Callable[[int], None] = lambda total: None) -> None:
+        kind = KINDS[config.getvalue("dist") if config.getvalue("dist") in KINDS else "load"]
+        self.os_of = os_of
+        self.on_count = on_count  # items over all OSes so far (progress shows N of total)
+        self.counts: dict[str, int] = {}
+        self.groups = {}
+        for os_id, count in workers_per_os.items():
+            group = kind(config, getattr(log, os_id.replace(":", "_")))
+            group.numnodes = count  # xdist sizes it from all --tx specs
+            self.groups[os_id] = group
+
+    def _group(self, node: WorkerController):  # noqa: ANN202 - one of KINDS
+        return self.groups[self.os_of(node)]
+
+    @property
+    def nodes(self) -> list[WorkerController]:
+        return [n for g in self.groups.values() for n in g.nodes]
+
+    @property
+    def collection_is_completed(self) -> bool:
+        """True once any OS has its collection: DSession then calls schedule(), which
+        starts exactly the OSes that are complete (and later ones as they complete)."""
+        return any(g.collection_is_completed for g in self.groups.values())
+
+    @property
+    def tests_finished(self) -> bool:
+        return all(g.collection_is_completed and g.tests_finished
+                   for g in self.groups.values())
+
+    @property
+    def has_pending(self) -> bool:
+        return any(g.collection_is_completed and g.has_pending for g in self.groups.values())
+
+    def add_node(self, node: WorkerController) -> None:
+        self._group(node).add_node(node)
+
+    def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
+        self._group(node).add_node_collection(node, collection)
+        self.counts.setdefault(self.os_of(node), len(collection))
+        self.on_count(sum(self.counts.values()))
+
+    def mark_test_complete(self, node: WorkerController, item_index: int,
+                           duration: float = 0) -> None:
+        self._group(node).mark_test_complete(node, item_index, duration)
+
+    def mark_test_pending(self, item: str) -> None:
+        for group in self.groups.values():
+            if group.collection and item in group.collection:
+                group.mark_test_pending(item)
+
+    def remove_pending_tests_from_node(self, node: WorkerController,
+                                       indices: Sequence[int]) -> None:
+        self._group(node).remove_pending_tests_from_node(node, indices)
+
+    def remove_node(self, node: WorkerController) -> str | None:
+        return self._group(node).remove_node(node)
+
+    def schedule(self) -> None:
+        for group in self.groups.values():
+            if group.collection_is_completed:
+                group.schedule()

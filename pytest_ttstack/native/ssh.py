@@ -1,0 +1,106 @@
+"""Native mode's transport: OpenSSH to each VM's forwarded SSH port.
+
+A key pair is made per session (its public half goes into the ENV's `ssh_keys`); host
+keys are learnt on first contact into a session-private known_hosts file (the VMs are
+new, there is nothing to compare with), so `~/.ssh` is never read or written (`-F none`).
+execnet starts an xdist worker through a `popen` gateway whose "python" is a small
+wrapper script that runs the guest's venv Python over this transport: a `popen` spec
+makes xdist send neither rsync nor path rewrites, which the `ssh=` spec would.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CONNECT_TIMEOUT = 20
+
+
+class SSHError(Exception):
+    """An ssh command failed; the message has the command's description and output."""
+
+
+def make_key(directory: Path) -> tuple[Path, str]:
+    """(private key path, public key line) of a new ed25519 pair in `directory`."""
+    key = directory / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ttstack-native",
+                    "-f", str(key)], check=True, capture_output=True)
+    return key, (directory / "id_ed25519.pub").read_text().strip()
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """One VM as `root@host:port`, reached with the session key."""
+
+    host: str
+    port: int
+    key: Path
+    known_hosts: Path
+
+    def argv(self, remote_command: str) -> list[str]:
+        """The `ssh` command line that runs `remote_command` (a shell line) in the VM."""
+        return ["ssh", "-F", "none", "-q", "-p", str(self.port), "-i", str(self.key),
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=accept-new",
+                "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
+                # a VM that stops answering (panic, OOM) ends its worker within a minute
+                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=6",
+                "-o", "LogLevel=ERROR", f"root@{self.host}", remote_command]
+
+    def run(self, remote_command: str, what: str, *, input: bytes | None = None,
+            timeout: float = 300) -> str:
+        """Run a shell line in the VM; returns its stdout; SSHError names `what` and the
+        command's output when it fails or takes longer than `timeout` seconds."""
+        try:
+            proc = subprocess.run(self.argv(remote_command), input=input,
+                                  capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise SSHError(f"{what}: no answer within {timeout:.0f}s") from exc
+        if proc.returncode != 0:
+            out = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+            tail = "\n".join(out.splitlines()[-25:])
+            raise SSHError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        return proc.stdout.decode(errors="replace")
+
+    def fetch(self, remote_command: str, dest: Path, what: str, timeout: float = 300) -> None:
+        """Run a shell line in the VM and write its stdout to `dest` (streamed)."""
+        with open(dest, "wb") as out:
+            try:
+                proc = subprocess.run(self.argv(remote_command), stdout=out,
+                                      stderr=subprocess.PIPE, timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                raise SSHError(f"{what}: no answer within {timeout:.0f}s") from exc
+        if proc.returncode != 0:
+            raise SSHError(f"{what} failed (exit {proc.returncode}): "
+                           f"{proc.stderr.decode(errors='replace').strip()}")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Wait until sshd in the VM accepts the session key (it may start a moment
+        after the guest agent); SSHError with the last failure after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.run("true", f"ssh to {self.host}:{self.port}", timeout=CONNECT_TIMEOUT + 5)
+                return
+            except SSHError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def write_python_wrapper(self, path: Path, python: str, cwd: str) -> Path:
+        """A script that behaves like `python` for execnet's popen gateway: it runs
+        `python ARGS...` in the VM, in `cwd`, over this transport."""
+        prefix = f"cd {shlex.quote(cwd)} && exec {shlex.quote(python)} "
+        path.write_text(
+            f"#!{sys.executable}\n"
+            "# ttstack native mode: execnet's 'python' for one VM (see ssh.py)\n"
+            "import os, shlex, sys\n"
+            f"argv = {self.argv('')[:-1]!r}\n"
+            f"os.execvp(argv[0], argv + [{prefix!r} + shlex.join(sys.argv[1:])])\n")
+        path.chmod(0o700)
+        return path

@@ -1,0 +1,240 @@
+"""Requirements for a guest's venv, resolved and gathered on the host (the VMs have no
+network).
+
+1. `uv pip compile` resolves the requirement set for the guest's Python version and
+   platform (`--python-version 3.13 --python-platform x86_64-manylinux_2_36`), so
+   environment markers are those of the guest, not of the host. The set always holds the
+   controller's own pytest, pytest-xdist and execnet versions (a worker must speak the
+   controller's protocol), plus the user's `--tt-native-install` specs.
+2. `pip download --no-deps` with the guest's tags fetches a wheel per pinned
+   distribution, or its sdist when no wheel fits (the guest builds it).
+3. Build requirements of local projects and of those sdists (their `pyproject.toml`, or
+   setuptools by default) are resolved and fetched the same way, for the guest's
+   isolated builds.
+
+The venv of the non-local pins is cached on the host (`venv_key`), so a session with the
+same requirements on the same guest Python restores it instead of installing; local
+projects (`.`) are installed in every session, from the shipped tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import platformdirs
+
+BASE_DISTRIBUTIONS = ("pytest", "pytest-xdist", "execnet")
+UV_GLIBC = range(17, 41)  # manylinux_2_X values `uv pip compile --python-platform` knows
+DEFAULT_BUILD_REQUIRES = ["setuptools>=40.8.0", "wheel"]  # PEP 517's legacy default
+# Shell line run in every VM: one JSON line with what the wheel tags depend on.
+PROBE = ("command -v python3 >/dev/null 2>&1 || { echo 'python3 not found' >&2; exit 127; }; "
+         "python3 -c 'import json, platform, sys; "
+         "print(json.dumps({\"version\": \"%d.%d\" % sys.version_info[:2], "
+         "\"full_version\": platform.python_version(), \"machine\": platform.machine(), "
+         "\"libc\": platform.libc_ver()[1], \"os_release\": open(\"/etc/os-release\").read()}))'")
+
+
+class InstallError(Exception):
+    """The requirements cannot be resolved or fetched; the message has the tool's error."""
+
+
+@dataclass(frozen=True)
+class GuestPython:
+    """What decides which wheels a guest can use (from `PROBE`)."""
+
+    version: str  # "3.11"
+    full_version: str  # "3.11.2"
+    machine: str  # platform.machine(): "x86_64", "aarch64"
+    libc: str  # glibc version, "2.36"; "" when not glibc
+    os_release: str = field(default="", compare=False)
+
+    @classmethod
+    def from_probe(cls, line: str) -> GuestPython:
+        data = json.loads(line)
+        return cls(**{k: data.get(k, "") for k in
+                      ("version", "full_version", "machine", "libc", "os_release")})
+
+    @property
+    def _glibc_minor(self) -> int:
+        match = re.fullmatch(r"2\.(\d+)", self.libc)
+        return int(match.group(1)) if match else 17
+
+    def uv_platform(self) -> str:
+        """`uv pip compile --python-platform` value for this guest."""
+        if self.machine in ("x86_64", "aarch64"):
+            minor = max((g for g in UV_GLIBC if g <= self._glibc_minor), default=17)
+            return f"{self.machine}-manylinux_2_{minor}"
+        if self.machine == "riscv64":
+            return "riscv64-unknown-linux"
+        return "linux"
+
+    def pip_tags(self) -> list[str]:
+        """`pip download` options selecting the wheels this guest can install."""
+        abi = "cp" + self.version.replace(".", "")
+        platforms = [f"manylinux_2_{m}_{self.machine}" for m in
+                     range(self._glibc_minor, 16, -1)]
+        platforms += [f"manylinux2014_{self.machine}", f"linux_{self.machine}"]
+        if self.machine in ("x86_64", "i686"):
+            platforms += [f"manylinux2010_{self.machine}", f"manylinux1_{self.machine}"]
+        args = ["--python-version", self.version, "--implementation", "cp", "--abi", abi]
+        for p in platforms:
+            args += ["--platform", p]
+        return args
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The resolved set for one guest Python."""
+
+    pins: list[str]  # "name==version" lines
+    local: list[str]  # local projects as uv printed them, relative to the rootdir: "."
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256("\n".join(sorted(self.pins)).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where wheels and venvs are cached: $TTSTACK_CACHE_DIR, else the user cache dir."""
+    return Path(os.environ.get("TTSTACK_CACHE_DIR") or platformdirs.user_cache_dir("ttstack"))
+
+
+def base_requirements() -> list[str]:
+    """The controller's own versions of what a worker needs."""
+    return [f"{name}=={metadata.version(name)}" for name in BASE_DISTRIBUTIONS]
+
+
+def _tool(args: list[str], what: str, cwd: Path, timeout: float = 600) -> str:
+    try:
+        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "UV_PYTHON_DOWNLOADS": "never",
+                                   "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    except FileNotFoundError as exc:
+        raise InstallError(f"{what}: {args[0]} is not installed "
+                           "(pip install 'ttstack[pytest]')") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise InstallError(f"{what}: no result within {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines()
+                 if ln.strip() and not ln.startswith("WARNING: Location")]
+        raise InstallError(f"{what} failed:\n" + "\n".join(lines[-30:]))
+    return proc.stdout
+
+
+def _uv() -> str:
+    found = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    return found
+
+
+def _is_local(line: str) -> bool:
+    return line.startswith((".", "/", "-e ")) or " @ file:" in line
+
+
+def resolve(specs: list[str], guest: GuestPython, rootdir: Path, work: Path,
+            base: bool = True) -> Resolution:
+    """Resolve `specs` (pip syntax, paths relative to `rootdir`), plus the base set when
+    `base`, for `guest`; InstallError with uv's explanation when there is no solution."""
+    lines = base_requirements() if base else []
+    for spec in specs:
+        spec = spec.strip()
+        for opt in ("-r", "-c"):
+            if spec.startswith(opt + " ") or (spec.startswith(opt) and len(spec) > 2
+                                              and not spec.startswith("--")):
+                path = spec[2:].strip()
+                spec = f"{opt} {(rootdir / path).resolve()}"
+        lines.append(spec)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
+    src = work / f"requirements-{guest.version}-{guest.machine}-{digest}.in"
+    src.write_text("\n".join(lines) + "\n")
+    out = _tool([_uv(), "pip", "compile", "--quiet", "--no-header", "--no-annotate",
+                 "--python-version", guest.version, "--python-platform", guest.uv_platform(),
+                 str(src)], f"resolving {', '.join(specs) or 'the worker set'} for "
+                            f"Python {guest.version} ({guest.machine})", rootdir)
+    pins, local = [], []
+    for line in out.splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("--"):
+            continue
+        (local if _is_local(line) else pins).append(line)
+    return Resolution(pins=pins, local=local)
+
+
+def _build_requires(pyproject: bytes | None) -> list[str]:
+    if pyproject is None:
+        return list(DEFAULT_BUILD_REQUIRES)
+    try:
+        system = tomllib.loads(pyproject.decode()).get("build-system", {})
+    except (ValueError, UnicodeDecodeError):
+        return list(DEFAULT_BUILD_REQUIRES)
+    return list(system.get("requires", DEFAULT_BUILD_REQUIRES))
+
+
+def _sdist_pyproject(path: Path) -> bytes | None:
+    """The top-level pyproject.toml of an sdist (.tar.gz or .zip), if it has one."""
+    try:
+        if path.name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.count("/") == 1
+                         and n.endswith("/pyproject.toml")]
+                return z.read(names[0]) if names else None
+        with tarfile.open(path) as t:
+            for m in t.getmembers():
+                if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml"):
+                    f = t.extractfile(m)
+                    return f.read() if f else None
+    except (OSError, tarfile.TarError, zipfile.BadZipFile):
+        return None
+    return None
+
+
+def _download(pins: list[str], guest: GuestPython, dest: Path, rootdir: Path) -> None:
+    if pins:
+        _tool([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--prefer-binary", *guest.pip_tags(), "-d", str(dest), *pins],
+              f"downloading {len(pins)} distributions for Python {guest.version} "
+              f"({guest.machine})", rootdir)
+
+
+def gather(res: Resolution, guest: GuestPython, rootdir: Path, dest: Path,
+           work: Path, deps: bool = True) -> None:
+    """Fill `dest` with what the guest needs to install `res` offline: the pins (when
+    `deps`) and the build requirements of local projects and of sdists among them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    _download(["pip", *(res.pins if deps else [])], guest, dest, rootdir)  # pip: see provision
+    seen_sdists: set[str] = set()
+    build: set[str] = set()
+    for line in res.local:
+        path = line.removeprefix("-e ").split(" @ file://")[-1].split("[")[0].strip()
+        pyproject = rootdir / path / "pyproject.toml"
+        build.update(_build_requires(pyproject.read_bytes() if pyproject.is_file() else None))
+    for _round in range(3):  # sdists among build requirements are rare; bounded
+        sdists = [p for p in dest.iterdir() if p.name.endswith((".tar.gz", ".zip"))
+                  and p.name not in seen_sdists]
+        for sdist in sdists:
+            seen_sdists.add(sdist.name)
+            build.update(_build_requires(_sdist_pyproject(sdist)))
+        if not build:
+            return
+        _download(resolve(sorted(build), guest, rootdir, work, base=False).pins,
+                  guest, dest, rootdir)
+        build = set()
+
+
+def venv_key(guest: GuestPython, res: Resolution) -> str:
+    """Cache key of the venv: the guest's Python and libc, and the pinned set."""
+    facts = asdict(guest)
+    facts.pop("os_release")
+    layout = 2  # what a cached venv holds and how (bump when that changes)
+    return hashlib.sha256(json.dumps([layout, facts, sorted(res.pins)]).encode()).hexdigest()[:20]

@@ -1,0 +1,136 @@
+"""Native mode (`--tt-native`) against a real ttserver: real projects' suites run as
+pytest-xdist workers inside debian-12 and debian-13 VMs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import requests
+
+from pytest_ttstack.native.ids import tag
+
+from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, leftovers, new_run_dir
+
+pytestmark = pytest.mark.vm
+SAMPLES = Path(__file__).parent / "sample_native"
+OSES = ["debian-12:x86_64", "debian-13:x86_64"]
+RESULT = re.compile(r"\] (PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR) (\S+)")
+
+
+@pytest.fixture(scope="module")
+def native_server() -> ServerProcess:
+    missing = [i for i in ("qemu:debian-12:x86_64", "qemu:debian-13:x86_64")
+               if not (IMAGE_PATH / i / "disk.qcow2").is_file()]
+    if missing:
+        pytest.fail(f"images missing: {missing}; bash scripts/setup-host.sh builds them")
+    state = new_run_dir("native-")
+    srv = ServerProcess(state / "state", port_range="46000-46999").start()
+    srv.cache = state / "cache"  # type: ignore[attr-defined]  # venvs, shared by the tests
+    yield srv
+    srv.stop()
+    found = leftovers(srv.sid, srv.cfgdb, [])
+    shutil.rmtree(state, ignore_errors=True)
+    assert found == NOTHING_LEFT
+
+
+def git_project(sample: str, dest: Path) -> Path:
+    """A copy of a sample project in its own git work tree (what native mode ships)."""
+    shutil.copytree(SAMPLES / sample, dest)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    return dest
+
+
+def pytest_in(project: Path, srv: ServerProcess | None, *args: str,
+              timeout: float = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TT_CONFIG": str(project / "none.json")}
+    tt = []
+    if srv is not None:
+        env["TTSTACK_CACHE_DIR"] = str(srv.cache)  # type: ignore[attr-defined]
+        tt = [f"--tt-server={srv.address}", "--tt-native"]
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *tt,
+                           *args], cwd=project, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def outcomes(junit: Path) -> dict[str, str]:
+    """nodeid-like 'classname::name' -> passed/failed/skipped/error."""
+    found = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")),
+                    "passed")
+        found[f"{case.get('classname')}::{case.get('name')}"] = kind
+    return found
+
+
+def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
+    """unittest classes, doctests, functions and parametrized tests: every item runs once
+    per OS inside its VM with the project's own configuration, outcomes as on the host."""
+    project = git_project("matrix", tmp_path / "matrix")
+    (project / "secret.env").write_text("TOKEN=not-for-the-vm\n")  # .gitignore'd
+    host = pytest_in(project, None, f"--junitxml={tmp_path / 'host.xml'}")
+    assert host.returncode == 1, host.stdout + host.stderr
+    on_host = outcomes(tmp_path / "host.xml")
+    assert len(on_host) == 16, on_host
+
+    listed = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-q",
+                       "--collect-only")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    collected = {line for line in listed.stdout.splitlines() if "::" in line}
+
+    proc = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-v", "-rs",
+                     "--tt-native-install", "six", f"--junitxml={tmp_path / 'native.xml'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    native = outcomes(tmp_path / "native.xml")
+    assert len(native) == len(on_host) * len(OSES), out
+    killed = "tests.test_funcs::test_killed_worker[debian-12:x86_64]"
+    assert native.pop(killed) == "failure", out
+    for name, kind in on_host.items():
+        for os_id in OSES:
+            ran = tag(name, os_id)
+            if ran != killed:
+                assert native[ran] == kind, f"{ran}: {native[ran]} natively, {kind} on host"
+    assert "died during its call on pytest-" in out and "(debian-12:x86_64)" in out
+    assert "console tail of pytest-" in out
+    assert "making 2 venv(s) in the guests" in out
+    assert len(list(native_server.cache.glob("native-venvs/*.tar.gz"))) == 2
+    ran_ids = {m.group(2) for m in RESULT.finditer(proc.stdout)}
+    assert ran_ids == collected, "--collect-only must list exactly the ids a run reports"
+    assert requests.get(native_server.url + "/envs", timeout=10).json() == []
+
+
+def test_src_layout_c_extension_installed_in_guest(native_server, tmp_path):
+    """`--tt-native-install=.`: the project's dependency comes from the host's wheels, its
+    C extension is compiled in each guest; the dependency venv comes from the cache the
+    previous test filled (same pins)."""
+    cached_before = len(list(native_server.cache.glob("native-venvs/*.tar.gz")))
+    project = git_project("cext", tmp_path / "cext")
+    proc = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-v",
+                     "--tt-native-install=.")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "4 passed" in out
+    for os_id in OSES:
+        assert f"PASSED tests/test_fastmath.py::test_c_extension_built_in_the_guest[{os_id}]" \
+            in out
+    if cached_before == 2:
+        assert "venvs from the cache" in out
+
+
+def test_unresolvable_install_stops_before_any_test(native_server, tmp_path):
+    project = git_project("cext", tmp_path / "cext")
+    proc = pytest_in(project, native_server, "--tt-os=debian-12",
+                     "--tt-native-install", "ttstack-no-such-distribution==1.0")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "--tt-native-install" in proc.stderr
+    assert "ttstack-no-such-distribution" in proc.stderr
+    assert " passed" not in proc.stdout
+    assert requests.get(native_server.url + "/envs", timeout=10).json() == []
