@@ -75,6 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "ttstack-xdist")
     config.stash[NATIVE_KEY] = None
+    if config.getoption("tt_native") and not _opt(config, "tt_os"):
+        raise pytest.UsageError("--tt-native needs --tt-os (the OSes to run the suite on)")
     if (config.getoption("tt_native") and _opt(config, "tt_os") and not _is_worker(config)
             and not config.option.collectonly):
         native.check_usable(config)
@@ -116,7 +118,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After xdist has torn its workers down: end native mode's SSH connections, delete
+    the ENV (or keep it, --tt-keep)."""
     session_native = session.config.stash.get(NATIVE_KEY, None)
     if session_native is not None:
         session_native.cleanup()

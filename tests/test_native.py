@@ -60,6 +60,13 @@ def pytest_in(project: Path, srv: ServerProcess | None, *args: str,
                           timeout=timeout)
 
 
+def native_leftovers() -> list[str]:
+    """SSH master connections and session folders native mode must not leave behind."""
+    procs = subprocess.run(["pgrep", "-af", "ControlPath=/tmp/ttnative-"], capture_output=True,
+                           text=True).stdout.splitlines()
+    return procs + [str(p) for p in Path("/tmp").glob("ttnative-*")]
+
+
 def outcomes(junit: Path) -> dict[str, str]:
     """nodeid-like 'classname::name' -> passed/failed/skipped/error."""
     found = {}
@@ -105,6 +112,7 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     ran_ids = {m.group(2) for m in RESULT.finditer(proc.stdout)}
     assert ran_ids == collected, "--collect-only must list exactly the ids a run reports"
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
+    assert native_leftovers() == []
 
 
 def test_src_layout_c_extension_installed_in_guest(native_server, tmp_path):
@@ -123,6 +131,7 @@ def test_src_layout_c_extension_installed_in_guest(native_server, tmp_path):
             in out
     if cached_before == 2:
         assert "venvs from the cache" in out
+    assert native_leftovers() == []
 
 
 def test_unresolvable_install_stops_before_any_test(native_server, tmp_path):
@@ -134,3 +143,4 @@ def test_unresolvable_install_stops_before_any_test(native_server, tmp_path):
     assert "ttstack-no-such-distribution" in proc.stderr
     assert " passed" not in proc.stdout
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
+    assert native_leftovers() == []

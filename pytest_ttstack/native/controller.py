@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -58,13 +59,19 @@ class NativeSession:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.work = Path(tempfile.mkdtemp(prefix="ttnative-"))
-        self.key, self.public_key = make_key(self.work)
+        try:
+            self.key, self.public_key = make_key(self.work)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise pytest.UsageError(f"--tt-native needs the OpenSSH client (ssh, ssh-keygen): "
+                                    f"{exc}") from None
         self.workers: dict[str, Worker] = {}  # by wrapper path (= the spec's python)
         self.os_ids: list[str] = []
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
         self._last_phase: dict[str, tuple[str, str]] = {}  # gateway id -> (nodeid, when)
         self.env: SessionEnv | None = None
         self.session: pytest.Session | None = None
+        self.provisioner: Provisioner | None = None
 
     def configure(self, os_prefixes: int) -> None:
         """Turn xdist's distributed session on (before xdist's trylast pytest_configure):
@@ -84,14 +91,29 @@ class NativeSession:
     def start(self, env: SessionEnv, say: Any) -> None:
         """Provision the VMs (TTSetupError says what failed) and set `--tx`."""
         self.env = env
-        provisioner = Provisioner(env, self.paths, self.install_specs(), self.work, self.key,
-                                  say, self.config.getoption("tt_native_setup_timeout"))
-        workers = provisioner.run()
+        self.provisioner = Provisioner(
+            env, self.paths, self.install_specs(), self.work, self.key, say,
+            self.config.getoption("tt_native_setup_timeout"), self._cache_files())
+        workers = self.provisioner.run()
         self.workers = {str(w.python): w for w in workers}
         self.os_ids = sorted({w.os_id for w in workers})
         self.config.option.tx = [w.spec for w in workers]
 
+    def _cache_files(self) -> list[str]:
+        """pytest's lastfailed/nodeids files, so `--lf`/`--ff`/`--nf` in the workers see
+        the previous run (pytest keeps them in a .gitignore'd folder, never shipped)."""
+        cache = getattr(self.config, "cache", None)
+        found = []
+        for name in ("lastfailed", "nodeids"):
+            path = Path(getattr(cache, "_cachedir", "/nonexistent")) / "v" / "cache" / name
+            if path.is_file() and self.paths.guest(path) is not None:
+                found.append(str(path.resolve().relative_to(self.paths.rootdir)))
+        return found
+
     def cleanup(self) -> None:
+        """End the SSH master connections and remove the session's key and wrappers."""
+        if self.provisioner is not None:
+            self.provisioner.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
     def worker_of(self, node: Any) -> Worker:

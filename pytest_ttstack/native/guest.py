@@ -23,6 +23,16 @@ def _os_id(config: pytest.Config) -> str | None:
     return getattr(config, "workerinput", {}).get("tt_os_id")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """A worker's terminal output goes nowhere (the controller reports), but formatting it
+    costs per item — much under TCG: drop the worker's terminal reporter."""
+    if _os_id(config):
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_itemcollected(item: pytest.Item) -> None:
     os_id = _os_id(item.config)

@@ -14,8 +14,10 @@ import contextlib
 import gzip
 import io
 import shlex
+import subprocess
 import tarfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,8 +66,10 @@ class Provisioner:
     """Runs the steps in the module docstring for one session."""
 
     def __init__(self, env: SessionEnv, paths: PathMap, specs: list[str], work: Path,
-                 key: Path, say: Callable[[str], None], timeout: float) -> None:
+                 key: Path, say: Callable[[str], None], timeout: float,
+                 extra_files: list[str] | None = None) -> None:
         self.env = env
+        self.extra_files = extra_files or []  # e.g. pytest's lastfailed, for --lf
         self.paths = paths
         self.specs = specs
         self.work = work
@@ -75,6 +79,18 @@ class Provisioner:
         self.known_hosts = work / "known_hosts"
         self.venvs = wheelhouse.cache_dir() / "native-venvs"
         self._lock = threading.Lock()
+        self.masters: list[subprocess.Popen] = []  # one SSH master per VM; close() ends them
+
+    def close(self) -> None:
+        """End the SSH master connections (the workers' sessions go with them)."""
+        for master in self.masters:
+            master.terminate()
+        for master in self.masters:
+            try:
+                master.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait()
 
     def target(self, vm: dict) -> SSHTarget:
         return SSHTarget(vm["ssh_host"], int(vm["ssh_port"]), self.key, self.known_hosts)
@@ -133,11 +149,13 @@ class Provisioner:
     def _ship(self, vm: dict, plan: _Plan) -> None:
         target = self.target(vm)
         try:
-            target.wait_ready(timeout=self.timeout)
             data = plan.bundle
             if plan.cached_venv is not None:  # a second archive: tar -i reads both
                 data += gzip.decompress(plan.cached_venv.read_bytes())
             # uncompressed: gzip under TCG costs seconds, loopback bytes cost nothing
+            master = target.open_master(self.timeout)
+            with self._lock:
+                self.masters.append(master)
             target.run(f"rm -rf {GUEST_ROOT} && mkdir -p {GUEST_ROOT} && "
                        f"tar -xif - -C {GUEST_ROOT}", "unpacking the project", input=data,
                        timeout=self.timeout)
@@ -173,8 +191,9 @@ class Provisioner:
 
     def run(self) -> list[Worker]:
         """Provision every VM; returns one Worker per VM, in the ENV's VM order."""
+        started = time.monotonic()
         guests = self.probe()
-        files = project.project_files(self.paths.rootdir)
+        files = sorted({*project.project_files(self.paths.rootdir), *self.extra_files})
         plans: dict[wheelhouse.GuestPython, _Plan] = {}
         for guest in dict.fromkeys(guests.values()):
             try:
@@ -191,6 +210,8 @@ class Provisioner:
                        for vm in self.env.vms]
             for f in futures:
                 f.result()
+        self.say(f"ttstack: native: {len(self.env.vms)} VM(s) ready in "
+                 f"{time.monotonic() - started:.1f}s; starting one pytest-xdist worker per VM")
         workers = []
         for vm in self.env.vms:
             target = self.target(vm)

@@ -21,7 +21,12 @@ CONNECT_TIMEOUT = 20
 
 
 class SSHError(Exception):
-    """An ssh command failed; the message has the command's description and output."""
+    """An ssh command failed; the message has the command's description and output.
+    `returncode` is ssh's exit status: 255 when the connection itself failed."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def make_key(directory: Path) -> tuple[Path, str]:
@@ -41,9 +46,19 @@ class SSHTarget:
     key: Path
     known_hosts: Path
 
-    def argv(self, remote_command: str) -> list[str]:
-        """The `ssh` command line that runs `remote_command` (a shell line) in the VM."""
+    @property
+    def _control(self) -> str:
+        return str(self.known_hosts.parent / f"cm-{self.port}-%C")
+
+    def argv(self, remote_command: str, master: bool = False) -> list[str]:
+        """The `ssh` command line that runs `remote_command` (a shell line) in the VM.
+
+        Commands go through the VM's master connection when it is open (OpenSSH
+        ControlMaster, see `open_master`): an SSH handshake costs ~2 s under TCG, and
+        xdist starts its gateways one at a time."""
         return ["ssh", "-F", "none", "-q", "-p", str(self.port), "-i", str(self.key),
+                "-o", f"ControlMaster={'yes' if master else 'no'}",
+                "-o", f"ControlPath={self._control}",
                 "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                 "-o", "StrictHostKeyChecking=accept-new",
                 "-o", f"UserKnownHostsFile={self.known_hosts}",
@@ -59,12 +74,14 @@ class SSHTarget:
         try:
             proc = subprocess.run(self.argv(remote_command), input=input,
                                   capture_output=True, timeout=timeout)
+        except FileNotFoundError as exc:
+            raise SSHError("the OpenSSH client (ssh) is not installed") from exc
         except subprocess.TimeoutExpired as exc:
             raise SSHError(f"{what}: no answer within {timeout:.0f}s") from exc
         if proc.returncode != 0:
             out = (proc.stderr or proc.stdout).decode(errors="replace").strip()
             tail = "\n".join(out.splitlines()[-25:])
-            raise SSHError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+            raise SSHError(f"{what} failed (exit {proc.returncode}):\n{tail}", proc.returncode)
         return proc.stdout.decode(errors="replace")
 
     def fetch(self, remote_command: str, dest: Path, what: str, timeout: float = 300) -> None:
@@ -79,18 +96,28 @@ class SSHTarget:
             raise SSHError(f"{what} failed (exit {proc.returncode}): "
                            f"{proc.stderr.decode(errors='replace').strip()}")
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        """Wait until sshd in the VM accepts the session key (it may start a moment
-        after the guest agent); SSHError with the last failure after `timeout` s."""
+    def open_master(self, timeout: float) -> subprocess.Popen:
+        """Start the VM's master connection (`ssh -N`, owned by the caller, who ends it
+        with `terminate()`); retried while sshd is not up yet. SSHError after `timeout` s."""
         deadline = time.monotonic() + timeout
+        check = [*self.argv("")[:-2], "-O", "check", f"root@{self.host}"]
         while True:
             try:
-                self.run("true", f"ssh to {self.host}:{self.port}", timeout=CONNECT_TIMEOUT + 5)
-                return
-            except SSHError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+                master = subprocess.Popen([*self.argv("", master=True)[:-1], "-N"],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+            except FileNotFoundError as exc:
+                raise SSHError("the OpenSSH client (ssh) is not installed") from exc
+            while master.poll() is None and time.monotonic() < deadline:
+                if subprocess.run(check, capture_output=True, timeout=30).returncode == 0:
+                    return master
+                time.sleep(0.2)
+            master.kill()
+            master.wait()
+            if time.monotonic() > deadline:
+                raise SSHError(f"ssh to root@{self.host}:{self.port}: no connection within "
+                               f"{timeout:.0f}s", 255)
+            time.sleep(1)
 
     def write_python_wrapper(self, path: Path, python: str, cwd: str) -> Path:
         """A script that behaves like `python` for execnet's popen gateway: it runs

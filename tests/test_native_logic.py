@@ -1,0 +1,118 @@
+"""Native mode's pure logic, no VM: OS-tagged ids, host→guest paths, wheel tags, the
+per-OS worker command line, and the probe's verdict on a guest without Python."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_ttstack.native import project, wheelhouse
+from pytest_ttstack.native.controller import NativeSession
+from pytest_ttstack.native.ids import tag, untag
+from pytest_ttstack.native.provision import Provisioner
+from pytest_ttstack.session import TTSetupError
+
+OSES = ["debian-12:x86_64", "debian-13:x86_64"]
+
+
+@pytest.mark.parametrize(("plain", "tagged"), [
+    ("t.py::test_a", "t.py::test_a[debian-12:x86_64]"),
+    ("t.py::test_p[1-x]", "t.py::test_p[debian-12:x86_64-1-x]"),
+    ("t.py::TestC::test_m", "t.py::TestC::test_m[debian-12:x86_64]"),
+    ("pkg/calc.py::pkg.calc.double", "pkg/calc.py::pkg.calc.double[debian-12:x86_64]"),
+])
+def test_ids_round_trip(plain, tagged):
+    assert tag(plain, "debian-12:x86_64") == tagged
+    assert untag(tagged, OSES) == ("debian-12:x86_64", plain)
+
+
+def test_untag_leaves_other_parameters_alone():
+    assert untag("t.py::test_p[1]", OSES) == (None, "t.py::test_p[1]")
+    assert untag("t.py", OSES) == (None, "t.py")
+
+
+def test_path_map(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("")
+    paths = project.PathMap(tmp_path, tmp_path / "tests")
+    assert paths.guest_cwd == f"{project.GUEST_PROJECT}/tests"
+    assert paths.arg("test_x.py::test_a") == f"{project.GUEST_PROJECT}/tests/test_x.py::test_a"
+    assert paths.arg(f"--rootdir={tmp_path}") == f"--rootdir={project.GUEST_PROJECT}"
+    assert paths.arg("/dev/null") == "/dev/null"  # outside the project: as is
+    assert paths.arg("-v") == "-v"
+    assert paths.arg("no_such_file.py") == "no_such_file.py"
+
+
+def test_git_decides_what_is_shipped(tmp_path):
+    (tmp_path / ".gitignore").write_text("secret.env\nbuild/\n")
+    (tmp_path / "secret.env").write_text("x")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "out.o").write_text("x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "disk.img").write_bytes(b"\0\1")
+    (tmp_path / "new_untracked.py").write_text("")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", ".gitignore", "data"], cwd=tmp_path, check=True)
+    assert project.project_files(tmp_path) == [".gitignore", "data/disk.img",
+                                               "new_untracked.py"]
+
+
+def test_guest_wheel_tags():
+    bookworm = wheelhouse.GuestPython("3.11", "3.11.2", "x86_64", "2.36")
+    assert bookworm.uv_platform() == "x86_64-manylinux_2_36"
+    tags = bookworm.pip_tags()
+    assert tags[:6] == ["--python-version", "3.11", "--implementation", "cp", "--abi", "cp311"]
+    assert "manylinux_2_17_x86_64" in tags and "manylinux_2_37_x86_64" not in tags
+    trixie = wheelhouse.GuestPython("3.13", "3.13.5", "aarch64", "2.41")
+    assert trixie.uv_platform() == "aarch64-manylinux_2_40"  # uv knows up to 2.40
+    assert wheelhouse.GuestPython("3.13", "3.13.5", "riscv64", "2.41").uv_platform() \
+        == "riscv64-unknown-linux"
+    other = wheelhouse.GuestPython("3.13", "3.13.6", "x86_64", "2.36")
+    res = wheelhouse.Resolution(pins=["six==1.17.0"], local=[])
+    assert wheelhouse.venv_key(bookworm, res) != wheelhouse.venv_key(other, res)
+
+
+def test_probe_names_an_image_without_python():
+    vm = {"id": "v1", "name": "e-0", "image": "qemu:debian-12:x86_64"}
+    reply = {"results": [{"id": "v1", "vm": "e-0", "exit_code": 127, "stdout": "",
+                          "stderr": "python3 not found\n", "error": ""}]}
+    client = SimpleNamespace(run=lambda *a, **k: reply)
+    env = SimpleNamespace(name="e", vms=[vm], client=client)
+    prov = Provisioner(env, project.PathMap(Path("."), Path(".")), [], Path("."),  # type: ignore[arg-type]
+                       Path("key"), print, 10)
+    with pytest.raises(TTSetupError, match=r"image qemu:debian-12:x86_64 has no python3"):
+        prov.probe()
+
+
+def test_probe_line_parses():
+    line = json.dumps({"version": "3.13", "full_version": "3.13.5", "machine": "x86_64",
+                       "libc": "2.41", "os_release": "ID=debian\n"})
+    assert wheelhouse.GuestPython.from_probe(line).libc == "2.41"
+
+
+def _session(tmp_path, args: list[str], positional: list[str]) -> NativeSession:
+    (tmp_path / "t.py").write_text("")
+    session = NativeSession.__new__(NativeSession)
+    session.config = SimpleNamespace(  # type: ignore[assignment]
+        option=SimpleNamespace(file_or_dir=positional),
+        invocation_params=SimpleNamespace(args=args))
+    session.paths = project.PathMap(tmp_path, tmp_path)
+    session.os_ids = OSES
+    return session
+
+
+def test_worker_args_keep_each_os_its_own_ids(tmp_path):
+    g = project.GUEST_PROJECT
+    s = _session(tmp_path, ["-v", "t.py::test_a[debian-13:x86_64]"],
+                 ["t.py::test_a[debian-13:x86_64]"])
+    assert s.worker_args("debian-13:x86_64") == (
+        ["-p", "pytest_ttstack.native.guest", "-v", f"{g}/t.py::test_a"], False)
+    assert s.worker_args("debian-12:x86_64") == (
+        ["-p", "pytest_ttstack.native.guest", "-v", f"{g}/t.py"], True)  # runs nothing
+    s = _session(tmp_path, ["t.py"], ["t.py"])
+    assert s.worker_args("debian-12:x86_64") == (
+        ["-p", "pytest_ttstack.native.guest", f"{g}/t.py"], False)
