@@ -48,14 +48,15 @@ def git_project(sample: str, dest: Path) -> Path:
     return dest
 
 
-def pytest_in(project: Path, srv: ServerProcess | None, *args: str,
-              timeout: float = 1500) -> subprocess.CompletedProcess:
+def pytest_in(project: Path, srv: ServerProcess | None, *args: str, timeout: float = 1500,
+              cache: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "TT_CONFIG": str(project / "none.json")}
     tt = []
     if srv is not None:
         env["TTSTACK_CACHE_DIR"] = str(srv.cache)  # type: ignore[attr-defined]
         tt = [f"--tt-server={srv.address}", "--tt-native"]
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *tt,
+    no_cache = [] if cache else ["-p", "no:cacheprovider"]
+    return subprocess.run([sys.executable, "-m", "pytest", *no_cache, *tt,
                            *args], cwd=project, capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -93,7 +94,8 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     collected = {line for line in listed.stdout.splitlines() if "::" in line}
 
     proc = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-v", "-rs",
-                     "--tt-native-install", "six", f"--junitxml={tmp_path / 'native.xml'}")
+                     "--tt-native-install", "six", f"--junitxml={tmp_path / 'native.xml'}",
+                     cache=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     native = outcomes(tmp_path / "native.xml")
@@ -113,6 +115,18 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     assert ran_ids == collected, "--collect-only must list exactly the ids a run reports"
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
     assert native_leftovers() == []
+
+    # --lf: the workers see the controller's lastfailed, whose ids carry the OS
+    again = pytest_in(project, native_server, "--tt-os=debian-12", "-v", "--lf",
+                      "--tt-native-install", "six", cache=True)
+    ran = {m.group(2) for m in RESULT.finditer(again.stdout)}
+    assert ran == {n for n, kind in native_run_outcomes(proc.stdout).items()
+                   if kind == "FAILED" and "debian-12" in n}, again.stdout + again.stderr
+    assert native_leftovers() == []
+
+
+def native_run_outcomes(stdout: str) -> dict[str, str]:
+    return {m.group(2): m.group(1) for m in RESULT.finditer(stdout)}
 
 
 def test_src_layout_c_extension_installed_in_guest(native_server, tmp_path):
