@@ -116,6 +116,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if session_native is not None:
             session_native.cleanup()
         raise pytest.UsageError(str(exc)) from None
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: nothing may outlive the session
+        owner.delete()
+        if session_native is not None:
+            session_native.cleanup()
+        raise
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Last resort (pytest calls it even when the session never started properly): native
+    mode's SSH connections and session folder (it holds a private key) go."""
+    session_native = config.stash.get(NATIVE_KEY, None)
+    if session_native is not None:
+        session_native.cleanup()
 
 
 @pytest.hookimpl(trylast=True)

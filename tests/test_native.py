@@ -86,7 +86,7 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     host = pytest_in(project, None, f"--junitxml={tmp_path / 'host.xml'}")
     assert host.returncode == 1, host.stdout + host.stderr
     on_host = outcomes(tmp_path / "host.xml")
-    assert len(on_host) == 16, on_host
+    assert len(on_host) == 17, on_host
 
     listed = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-q",
                        "--collect-only")
@@ -108,6 +108,7 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
             if ran != killed:
                 assert native[ran] == kind, f"{ran}: {native[ran]} natively, {kind} on host"
     assert "died during its call on pytest-" in out and "(debian-12:x86_64)" in out
+    assert "+ Linux" in out  # pytest's assertion explanation, made in the guest
     assert "console tail of pytest-" in out
     assert "making 2 venv(s) in the guests" in out
     assert len(list(native_server.cache.glob("native-venvs/*.tar.gz"))) == 2

@@ -41,9 +41,8 @@ def test_path_map(tmp_path):
     paths = project.PathMap(tmp_path, tmp_path / "tests")
     assert paths.guest_cwd == f"{project.GUEST_PROJECT}/tests"
     assert paths.arg("test_x.py::test_a") == f"{project.GUEST_PROJECT}/tests/test_x.py::test_a"
-    assert paths.arg(f"--rootdir={tmp_path}") == f"--rootdir={project.GUEST_PROJECT}"
+    assert paths.arg(str(tmp_path)) == project.GUEST_PROJECT
     assert paths.arg("/dev/null") == "/dev/null"  # outside the project: as is
-    assert paths.arg("-v") == "-v"
     assert paths.arg("no_such_file.py") == "no_such_file.py"
 
 
@@ -112,7 +111,44 @@ def test_worker_args_keep_each_os_its_own_ids(tmp_path):
     assert s.worker_args("debian-13:x86_64") == (
         ["-p", "pytest_ttstack.native.guest", "-v", f"{g}/t.py::test_a"], False)
     assert s.worker_args("debian-12:x86_64") == (
-        ["-p", "pytest_ttstack.native.guest", "-v", f"{g}/t.py"], True)  # runs nothing
-    s = _session(tmp_path, ["t.py"], ["t.py"])
+        ["-p", "pytest_ttstack.native.guest", "-v"], True)  # runs nothing
+    both = ["t.py::test_a[debian-12:x86_64]", "t.py::test_b[debian-13:x86_64]"]
+    s = _session(tmp_path, both, both)
     assert s.worker_args("debian-12:x86_64") == (
-        ["-p", "pytest_ttstack.native.guest", f"{g}/t.py"], False)
+        ["-p", "pytest_ttstack.native.guest", f"{g}/t.py::test_a"], False)
+    (tmp_path / "integration").mkdir()
+    words = ["-k", "integration", "--deselect", "t.py::test_a", f"--rootdir={tmp_path}",
+             "-c", str(tmp_path / "t.py"), "t.py"]
+    s = _session(tmp_path, words, ["t.py"])
+    assert s.worker_args("debian-12:x86_64") == (
+        ["-p", "pytest_ttstack.native.guest", "-k", "integration", "--deselect",
+         "t.py::test_a", f"--rootdir={g}", "-c", f"{g}/t.py", f"{g}/t.py"], False)
+
+
+def test_local_projects_install_from_the_shipped_copy(tmp_path):
+    (tmp_path / "sub").mkdir()
+    prov = Provisioner(SimpleNamespace(), project.PathMap(tmp_path, tmp_path), [],  # type: ignore[arg-type]
+                       tmp_path, Path("key"), print, 10)
+    g = project.GUEST_PROJECT
+    assert prov.local_args(".") == [g]
+    assert prov.local_args("-e .") == ["-e", g]
+    assert prov.local_args("./sub[test]") == [f"{g}/sub[test]"]
+    assert prov.local_args(f"sub @ file://{tmp_path}/sub") == [f"{g}/sub"]
+    with pytest.raises(TTSetupError, match="outside the project"):
+        prov.local_args("/usr/lib")
+
+
+def test_hard_links_ship_as_files(tmp_path):
+    import io
+    import os
+    import tarfile
+
+    (tmp_path / "a.bin").write_bytes(b"data")
+    os.link(tmp_path / "a.bin", tmp_path / "b.bin")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        project.add_files(tar, tmp_path, ["a.bin", "b.bin"], "project")
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        assert [(m.name, m.isreg(), m.size) for m in tar.getmembers()] == [
+            ("project/a.bin", True, 4), ("project/b.bin", True, 4)]

@@ -24,13 +24,18 @@ from typing import Any
 
 import pytest
 
-from ..session import SessionEnv
+from ttclient.api import ApiError
+
+from ..session import SessionEnv, TTSetupError
 from . import ids, remote
 from .project import GUEST_SITE, PathMap
 from .provision import Provisioner, Worker
 from .ssh import make_key
 
 PHASES = ("setup", "call", "teardown")
+# pytest options whose value is a file or folder, rewritten to the shipped copy
+PATH_OPTIONS = {"--rootdir", "-c", "--config-file", "--confcutdir", "--ignore",
+                "--ignore-glob", "--inifile"}
 
 
 def check_usable(config: pytest.Config) -> None:
@@ -42,7 +47,7 @@ def check_usable(config: pytest.Config) -> None:
                                 "use --dist load, loadscope, loadfile, loadgroup or worksteal")
     if config.getoption("usepdb", False):
         raise pytest.UsageError("--tt-native: --pdb cannot reach into a VM; use --tt-keep "
-                                "and 'tt env ssh' to debug there")
+                                "and ssh to the VM ('tt env show NAME' gives its address)")
 
 
 def workers_per_os(config: pytest.Config) -> int:
@@ -94,7 +99,10 @@ class NativeSession:
         self.provisioner = Provisioner(
             env, self.paths, self.install_specs(), self.work, self.key, say,
             self.config.getoption("tt_native_setup_timeout"), self._cache_files())
-        workers = self.provisioner.run()
+        try:
+            workers = self.provisioner.run()
+        except (OSError, ApiError, ValueError) as exc:  # one line, not a traceback
+            raise TTSetupError(f"native mode: preparing the VMs failed: {exc}") from exc
         self.workers = {str(w.python): w for w in workers}
         self.os_ids = sorted({w.os_id for w in workers})
         self.config.option.tx = [w.spec for w in workers]
@@ -122,27 +130,38 @@ class NativeSession:
     # -- the worker's command line ---------------------------------------------------
 
     def worker_args(self, os_id: str) -> tuple[list[str], bool]:
-        """(this OS's worker argv, whether it must run nothing): host paths become guest
-        paths; ids tagged with an OS are kept, untagged, for that OS only."""
-        args, run_nothing = [], False
+        """(this OS's worker argv, whether it must run nothing).
+
+        Positional arguments and the values of options that name files (`PATH_OPTIONS`)
+        become guest paths; everything else (`-k`, `-m`, `--deselect`, which match
+        rootdir-relative ids) is passed as given. Ids tagged with an OS go, untagged, to
+        that OS's workers only; a worker left with no positional argument although some
+        were given runs nothing."""
         positional = [str(a) for a in (self.config.option.file_or_dir or [])]
         raw = [str(a) for a in self.config.invocation_params.args]
-        tagged_for_me = tagged_elsewhere = 0
+        args: list[str] = []
+        given = kept = 0
+        path_value = False
         for word in raw:
-            if word in positional:
+            if path_value:
+                args.append(self.paths.arg(word))
+                path_value = False
+            elif word.startswith("-"):
+                opt, eq, value = word.partition("=")
+                if opt in PATH_OPTIONS and eq:
+                    args.append(f"{opt}={self.paths.arg(value)}")
+                else:
+                    args.append(word)
+                    path_value = opt in PATH_OPTIONS and not eq
+            elif word in positional:
+                given += 1
                 tagged, untagged = ids.untag(word, self.os_ids)
-                if tagged is not None:
-                    if tagged == os_id:
-                        tagged_for_me += 1
-                    else:
-                        tagged_elsewhere += 1
-                        untagged = untagged.split("::")[0]  # still collectable, deselected
-                word = untagged
-            args.append(self.paths.arg(word))
-        untagged_positional = len(positional) - tagged_for_me - tagged_elsewhere
-        if tagged_elsewhere and not tagged_for_me and not untagged_positional:
-            run_nothing = True
-        return ["-p", "pytest_ttstack.native.guest", *args], run_nothing
+                if tagged is None or tagged == os_id:
+                    kept += 1
+                    args.append(self.paths.arg(untagged))
+            else:
+                args.append(word)
+        return ["-p", "pytest_ttstack.native.guest", *args], bool(given and not kept)
 
     # -- xdist hooks -----------------------------------------------------------------
 

@@ -29,16 +29,21 @@ GUEST_MODULES = ("__init__.py", "options.py", "native/__init__.py", "native/ids.
 
 
 def project_files(rootdir: Path) -> list[str]:
-    """Paths relative to `rootdir` of the files to ship (see module docstring)."""
+    """Paths relative to `rootdir` of the files to ship (see module docstring).
+    ShipError when git fails for another reason than "not a git repository" (e.g.
+    "dubious ownership"): falling back to every file would ship what .gitignore hides."""
     try:
-        out = subprocess.run(
+        proc = subprocess.run(
             ["git", "-C", str(rootdir), "ls-files", "-z", "--cached", "--others",
-             "--exclude-standard", "--", "."],
-            capture_output=True, check=True, timeout=120).stdout
-        names = [n for n in out.decode("utf-8", "surrogateescape").split("\0") if n]
+             "--exclude-standard", "--", "."], capture_output=True, timeout=120)
+    except FileNotFoundError:
+        proc = None  # no git on this machine: every file but the obvious junk
+    if proc is not None and proc.returncode == 0:
+        names = [n for n in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
         return sorted(n for n in set(names) if os.path.lexists(rootdir / n))
-    except (OSError, subprocess.SubprocessError):
-        pass  # not a git work tree (or no git): every file but the obvious junk
+    if proc is not None and b"not a git repository" not in proc.stderr:
+        raise ShipError(f"git ls-files in {rootdir} failed: "
+                        f"{proc.stderr.decode(errors='replace').strip()}")
     found = []
     for dirpath, dirnames, filenames in os.walk(rootdir):
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
@@ -47,11 +52,18 @@ def project_files(rootdir: Path) -> list[str]:
     return sorted(found)
 
 
+class ShipError(Exception):
+    """The project's file list cannot be made; the message has git's words."""
+
+
 def add_files(tar: tarfile.TarFile, root: Path, names: Iterable[str], arcdir: str) -> int:
     """Add root/NAME as arcdir/NAME for each name; returns the bytes added."""
     total = 0
     for name in names:
         info = tar.gettarinfo(str(root / name), arcname=f"{arcdir}/{name}")
+        if info.islnk():  # a second hard link to one file: ship it as a file again
+            info.type, info.linkname = tarfile.REGTYPE, ""
+            info.size = os.stat(root / name).st_size
         if info.isreg():
             with open(root / name, "rb") as f:
                 tar.addfile(info, f)
@@ -96,13 +108,8 @@ class PathMap:
         return self.guest(self.invocation_dir) or GUEST_PROJECT
 
     def arg(self, arg: str) -> str:
-        """One command-line word with a host path (`tests/x.py::test`, `--rootdir=DIR`,
-        `DIR`) turned into its guest path; other words unchanged."""
-        if arg.startswith("-") and "=" in arg:
-            opt, _, value = arg.partition("=")
-            return f"{opt}={self.arg(value)}"
-        if arg.startswith("-"):
-            return arg
+        """A path or test id (`tests/x.py::test`, `DIR`) that exists under the project,
+        as its guest path; anything else unchanged."""
         path, sep, rest = arg.partition("::")
         host = Path(path) if os.path.isabs(path) else self.invocation_dir / path
         try:

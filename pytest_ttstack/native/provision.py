@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import os
 import shlex
 import subprocess
 import tarfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,6 +97,22 @@ class Provisioner:
     def target(self, vm: dict) -> SSHTarget:
         return SSHTarget(vm["ssh_host"], int(vm["ssh_port"]), self.key, self.known_hosts)
 
+    def local_args(self, line: str) -> list[str]:
+        """pip arguments in the guest for a local project as uv printed it (`.`, `-e .`,
+        `./sub[x]`, `name @ file:///abs`): its shipped copy. TTSetupError when it lies
+        outside the project, which is not shipped."""
+        editable = line.startswith("-e ")
+        spec = line.removeprefix("-e ").strip()
+        if " @ file://" in spec:
+            spec = urllib.parse.unquote(spec.split(" @ file://", 1)[1])
+        path, bracket, extras = spec.partition("[")
+        guest = self.paths.guest(self.paths.rootdir / path)
+        if guest is None:
+            raise TTSetupError(f"native mode: --tt-native-install: {path} is outside the "
+                               f"project ({self.paths.rootdir}), which is all that is "
+                               f"shipped to the VMs")
+        return (["-e"] if editable else []) + [guest + bracket + extras]
+
     def _fail(self, vm: dict, message: str) -> TTSetupError:
         tail = ""
         with contextlib.suppress(Exception):
@@ -166,8 +184,9 @@ class Provisioner:
                            f"venv", timeout=self.timeout)
                 self._save_venv(target, plan)
             if plan.resolution.local:
+                words = [w for line in plan.resolution.local for w in self.local_args(line)]
                 target.run(f"cd {GUEST_PROJECT} && {PIP} -c {GUEST_ROOT}/pins.txt "
-                           f"{' '.join(map(shlex.quote, plan.resolution.local))}",
+                           f"{shlex.join(words)}",
                            f"pip install {' '.join(plan.resolution.local)}",
                            timeout=self.timeout)
         except SSHError as exc:
@@ -180,20 +199,27 @@ class Provisioner:
             plan.saved = True
         self.venvs.mkdir(parents=True, exist_ok=True)
         dest = self.venvs / f"{wheelhouse.venv_key(plan.guest, plan.resolution)}.tar.gz"
-        partial = dest.with_suffix(f".part-{threading.get_ident()}")
+        unique = f"{os.getpid()}-{threading.get_ident()}"
+        partial, packed = (dest.with_name(f"{dest.name}.{kind}-{unique}")
+                           for kind in ("part", "tmp"))
         try:
             target.fetch(f"tar -cf - -C {GUEST_ROOT} venv", partial, "saving the venv")
-            dest.with_suffix(".tmp").write_bytes(gzip.compress(partial.read_bytes(), 6))
-            dest.with_suffix(".tmp").rename(dest)
+            packed.write_bytes(gzip.compress(partial.read_bytes(), 6))
+            packed.rename(dest)  # atomic: another session sees all of it or nothing
+        except (OSError, SSHError) as exc:  # the run goes on; the next one installs again
+            self.say(f"ttstack: native: could not cache the venv ({exc})")
         finally:
             partial.unlink(missing_ok=True)
-            dest.with_suffix(".tmp").unlink(missing_ok=True)
+            packed.unlink(missing_ok=True)
 
     def run(self) -> list[Worker]:
         """Provision every VM; returns one Worker per VM, in the ENV's VM order."""
         started = time.monotonic()
         guests = self.probe()
-        files = sorted({*project.project_files(self.paths.rootdir), *self.extra_files})
+        try:
+            files = sorted({*project.project_files(self.paths.rootdir), *self.extra_files})
+        except project.ShipError as exc:
+            raise TTSetupError(f"native mode: {exc}") from None
         plans: dict[wheelhouse.GuestPython, _Plan] = {}
         for guest in dict.fromkeys(guests.values()):
             try:

@@ -41,6 +41,8 @@ if __name__ == "__channelexec__":
     path = os.path.join(os.path.dirname(spec.origin), "remote.py")  # type: ignore[union-attr]
     with open(path, encoding="utf-8") as f:
         code = compile(f.read(), path, "exec")
+    # xdist names a basetemp under the *host's* temp dir; the guest's default is right
+    option_dict.pop("basetemp", None)
     first = (workerinput, args, option_dict, None)  # None: keep sys.path, add the cwd
     exec(code, {"__name__": "__channelexec__",  # noqa: S102 - xdist's own worker code
                 "channel": _FirstMessage(channel, first)})  # type: ignore[name-defined]  # noqa: F821

@@ -10,6 +10,7 @@ makes xdist send neither rsync nor path rewrites, which the `ssh=` spec would.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -109,8 +110,15 @@ class SSHTarget:
             except FileNotFoundError as exc:
                 raise SSHError("the OpenSSH client (ssh) is not installed") from exc
             while master.poll() is None and time.monotonic() < deadline:
-                if subprocess.run(check, capture_output=True, timeout=30).returncode == 0:
-                    return master
+                try:
+                    if subprocess.run(check, capture_output=True, timeout=30).returncode == 0:
+                        return master
+                except subprocess.TimeoutExpired:
+                    pass
+                except BaseException:
+                    master.kill()
+                    master.wait()
+                    raise
                 time.sleep(0.2)
             master.kill()
             master.wait()
@@ -122,7 +130,9 @@ class SSHTarget:
     def write_python_wrapper(self, path: Path, python: str, cwd: str) -> Path:
         """A script that behaves like `python` for execnet's popen gateway: it runs
         `python ARGS...` in the VM, in `cwd`, over this transport."""
-        prefix = f"cd {shlex.quote(cwd)} && exec {shlex.quote(python)} "
+        addopts = os.environ.get("PYTEST_ADDOPTS")  # ssh passes no environment
+        env = f"PYTEST_ADDOPTS={shlex.quote(addopts)} " if addopts else ""
+        prefix = f"cd {shlex.quote(cwd)} && {env}exec {shlex.quote(python)} "
         path.write_text(
             f"#!{sys.executable}\n"
             "# ttstack native mode: execnet's 'python' for one VM (see ssh.py)\n"

@@ -164,8 +164,8 @@ def resolve(specs: list[str], guest: GuestPython, rootdir: Path, work: Path,
                             f"Python {guest.version} ({guest.machine})", rootdir)
     pins, local = [], []
     for line in out.splitlines():
-        line = line.split("#")[0].strip()
-        if not line or line.startswith("--"):
+        line = line.strip()
+        if not line or line.startswith(("#", "--")):
             continue
         (local if _is_local(line) else pins).append(line)
     return Resolution(pins=pins, local=local)

@@ -37,6 +37,11 @@ def test_project_marker():
     pass
 
 
+def test_tmp_path(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_binary_test_data_is_shipped():
     assert (ROOT / "data" / "disk.img").read_bytes() == bytes(range(256)) * 4
 
