@@ -111,15 +111,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             if env.error:
                 raise TTSetupError(f"the session ENV {env.name} failed:\n{env.error}")
             session_native.start(env, lambda text: _say(config, text))
-    except TTSetupError as exc:
+    except BaseException as exc:  # also Ctrl-C, SIGTERM, a bug: nothing may outlive it
         owner.delete()
         if session_native is not None:
             session_native.cleanup()
-        raise pytest.UsageError(str(exc)) from None
-    except BaseException:  # Ctrl-C, SIGTERM, a bug: nothing may outlive the session
-        owner.delete()
-        if session_native is not None:
-            session_native.cleanup()
+        if isinstance(exc, TTSetupError):
+            raise pytest.UsageError(str(exc)) from None
         raise
 
 

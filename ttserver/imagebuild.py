@@ -25,7 +25,7 @@ from pathlib import Path
 from ttclient.imagenames import ImageName, parse_image_name
 
 from . import binfmt
-from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, META, install
+from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install, read_meta
 
 SUITES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie",
           "debian-sid": "sid"}
@@ -108,13 +108,6 @@ def _enable(root: Path, unit: str, target: str, src_dir: str = "/lib/systemd/sys
     link = wants / unit
     if not link.exists():
         link.symlink_to(f"{src_dir}/{unit}")
-
-
-def _meta(image_dir: Path) -> dict:
-    try:
-        return json.loads((image_dir / META).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def customize(root: Path, hostname: str = "tt") -> None:
@@ -202,7 +195,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         raise BuildError(f"cannot build {name.os!r}; buildable: {', '.join(SUITES)}")
     target = image_path / name.full
     if (target / DISK).is_file() and not force:
-        built_with = _meta(target).get("recipe")
+        built_with = read_meta(target).get("recipe")
         if built_with == RECIPE:
             _say(f"{name.full} exists at {target}; skipping (use --force to rebuild)")
             return target

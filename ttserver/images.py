@@ -101,17 +101,23 @@ def scan(image_path: Path) -> list[Image]:
         if not all((d / p).is_file() for p in (DISK, KERNEL, INITRD)):
             log.debug("skipping %s: missing %s, %s or %s", d, DISK, KERNEL, INITRD)
             continue
-        meta = {}
-        if (d / META).is_file():
-            try:
-                meta = json.loads((d / META).read_text())
-            except (OSError, ValueError) as exc:
-                log.warning("image %s: unreadable %s: %s", d, META, exc)
+        meta = read_meta(d)
         images.append(Image(name=name, path=d, size_mib=_virtual_size_mib(meta, d / DISK),
                             cmdline=meta.get("cmdline", DEFAULT_CMDLINE),
                             warnings=_ownership_warnings(d),
                             cloud_init=bool(meta.get("cloud_init"))))
     return images
+
+
+def read_meta(image_dir: Path) -> dict:
+    """An image's meta.json as a dict; {} when it has none, or (logged) an unreadable one."""
+    if not (image_dir / META).is_file():
+        return {}
+    try:
+        return json.loads((image_dir / META).read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("image %s: unreadable %s: %s", image_dir, META, exc)
+        return {}
 
 
 def select(image_path: Path, prefixes: list[str]) -> list[Image]:

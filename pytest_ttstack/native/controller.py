@@ -26,6 +26,7 @@ import pytest
 
 from ttclient.api import ApiError
 
+from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
 from . import ids, remote
 from .project import GUEST_SITE, PathMap
@@ -222,8 +223,6 @@ class NativeSession:
 
 def collect_only_items(items: list[pytest.Item], images: list[str]) -> list[pytest.Item]:
     """For `--collect-only`: each host-collected item once per OS, with the run's ids."""
-    from ..matrix import image_id
-
     out = []
     for item in items:
         for os_id in map(image_id, images):

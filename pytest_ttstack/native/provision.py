@@ -59,7 +59,8 @@ class _Plan:
 
     guest: wheelhouse.GuestPython
     resolution: wheelhouse.Resolution
-    cached_venv: Path | None
+    key: str  # wheelhouse.venv_key: names the cached venv and the wheels folder
+    cached_venv: bytes | None  # the cached venv as an uncompressed tar, if there is one
     bundle: bytes = b""
     saved: bool = False
 
@@ -140,9 +141,13 @@ class Provisioner:
 
     def _plan(self, guest: wheelhouse.GuestPython, files: list[str]) -> _Plan:
         res = wheelhouse.resolve(self.specs, guest, self.paths.rootdir, self.work)
-        cached = self.venvs / f"{wheelhouse.venv_key(guest, res)}.tar.gz"
-        plan = _Plan(guest, res, cached if cached.is_file() else None)
-        wheels = self.work / f"wheels-{wheelhouse.venv_key(guest, res)}"
+        key = wheelhouse.venv_key(guest, res)
+        cached = self.venvs / f"{key}.tar.gz"
+        # uncompressed once here, not per VM: gzip under TCG costs seconds, loopback bytes
+        # cost nothing
+        plan = _Plan(guest, res, key,
+                     gzip.decompress(cached.read_bytes()) if cached.is_file() else None)
+        wheels = self.work / f"wheels-{key}"
         if plan.cached_venv is None or res.local:
             self.say(f"ttstack: native: gathering wheels for Python {guest.version} "
                      f"({guest.machine}): {len(res.pins)} pinned"
@@ -169,8 +174,7 @@ class Provisioner:
         try:
             data = plan.bundle
             if plan.cached_venv is not None:  # a second archive: tar -i reads both
-                data += gzip.decompress(plan.cached_venv.read_bytes())
-            # uncompressed: gzip under TCG costs seconds, loopback bytes cost nothing
+                data += plan.cached_venv
             master = target.open_master(self.timeout)
             with self._lock:
                 self.masters.append(master)
@@ -198,7 +202,7 @@ class Provisioner:
                 return
             plan.saved = True
         self.venvs.mkdir(parents=True, exist_ok=True)
-        dest = self.venvs / f"{wheelhouse.venv_key(plan.guest, plan.resolution)}.tar.gz"
+        dest = self.venvs / f"{plan.key}.tar.gz"
         unique = f"{os.getpid()}-{threading.get_ident()}"
         partial, packed = (dest.with_name(f"{dest.name}.{kind}-{unique}")
                            for kind in ("part", "tmp"))

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONNECT_TIMEOUT = 20
 
@@ -51,8 +52,12 @@ class SSHTarget:
     def _control(self) -> str:
         return str(self.known_hosts.parent / f"cm-{self.port}-%C")
 
-    def argv(self, remote_command: str, master: bool = False) -> list[str]:
-        """The `ssh` command line that runs `remote_command` (a shell line) in the VM.
+    @property
+    def destination(self) -> str:
+        return f"root@{self.host}"
+
+    def options(self, master: bool = False) -> list[str]:
+        """`ssh` and its options, without the destination.
 
         Commands go through the VM's master connection when it is open (OpenSSH
         ControlMaster, see `open_master`): an SSH handshake costs ~2 s under TCG, and
@@ -66,45 +71,47 @@ class SSHTarget:
                 "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
                 # a VM that stops answering (panic, OOM) ends its worker within a minute
                 "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=6",
-                "-o", "LogLevel=ERROR", f"root@{self.host}", remote_command]
+                "-o", "LogLevel=ERROR"]
+
+    def argv(self, remote_command: str) -> list[str]:
+        """The `ssh` command line that runs `remote_command` (a shell line) in the VM."""
+        return [*self.options(), self.destination, remote_command]
 
     def run(self, remote_command: str, what: str, *, input: bytes | None = None,
             timeout: float = 300) -> str:
         """Run a shell line in the VM; returns its stdout; SSHError names `what` and the
         command's output when it fails or takes longer than `timeout` seconds."""
+        return self._run(remote_command, what, input, subprocess.PIPE, timeout).decode(
+            errors="replace")
+
+    def fetch(self, remote_command: str, dest: Path, what: str, timeout: float = 300) -> None:
+        """Run a shell line in the VM and write its stdout to `dest` (streamed)."""
+        with open(dest, "wb") as out:
+            self._run(remote_command, what, None, out, timeout)
+
+    def _run(self, remote_command: str, what: str, input: bytes | None, stdout: Any,
+             timeout: float) -> bytes:
         try:
-            proc = subprocess.run(self.argv(remote_command), input=input,
-                                  capture_output=True, timeout=timeout)
+            proc = subprocess.run(self.argv(remote_command), input=input, stdout=stdout,
+                                  stderr=subprocess.PIPE, timeout=timeout)
         except FileNotFoundError as exc:
             raise SSHError("the OpenSSH client (ssh) is not installed") from exc
         except subprocess.TimeoutExpired as exc:
             raise SSHError(f"{what}: no answer within {timeout:.0f}s") from exc
         if proc.returncode != 0:
-            out = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+            out = (proc.stderr or proc.stdout or b"").decode(errors="replace").strip()
             tail = "\n".join(out.splitlines()[-25:])
             raise SSHError(f"{what} failed (exit {proc.returncode}):\n{tail}", proc.returncode)
-        return proc.stdout.decode(errors="replace")
-
-    def fetch(self, remote_command: str, dest: Path, what: str, timeout: float = 300) -> None:
-        """Run a shell line in the VM and write its stdout to `dest` (streamed)."""
-        with open(dest, "wb") as out:
-            try:
-                proc = subprocess.run(self.argv(remote_command), stdout=out,
-                                      stderr=subprocess.PIPE, timeout=timeout)
-            except subprocess.TimeoutExpired as exc:
-                raise SSHError(f"{what}: no answer within {timeout:.0f}s") from exc
-        if proc.returncode != 0:
-            raise SSHError(f"{what} failed (exit {proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace').strip()}")
+        return proc.stdout or b""
 
     def open_master(self, timeout: float) -> subprocess.Popen:
         """Start the VM's master connection (`ssh -N`, owned by the caller, who ends it
         with `terminate()`); retried while sshd is not up yet. SSHError after `timeout` s."""
         deadline = time.monotonic() + timeout
-        check = [*self.argv("")[:-2], "-O", "check", f"root@{self.host}"]
+        check = [*self.options(), "-O", "check", self.destination]
         while True:
             try:
-                master = subprocess.Popen([*self.argv("", master=True)[:-1], "-N"],
+                master = subprocess.Popen([*self.options(master=True), "-N", self.destination],
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
             except FileNotFoundError as exc:
@@ -137,7 +144,7 @@ class SSHTarget:
             f"#!{sys.executable}\n"
             "# ttstack native mode: execnet's 'python' for one VM (see ssh.py)\n"
             "import os, shlex, sys\n"
-            f"argv = {self.argv('')[:-1]!r}\n"
+            f"argv = {[*self.options(), self.destination]!r}\n"
             f"os.execvp(argv[0], argv + [{prefix!r} + shlex.join(sys.argv[1:])])\n")
         path.chmod(0o700)
         return path

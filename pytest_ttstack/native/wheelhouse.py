@@ -29,7 +29,7 @@ import sys
 import tarfile
 import tomllib
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -43,7 +43,7 @@ PROBE = ("command -v python3 >/dev/null 2>&1 || { echo 'python3 not found' >&2; 
          "python3 -c 'import json, platform, sys; "
          "print(json.dumps({\"version\": \"%d.%d\" % sys.version_info[:2], "
          "\"full_version\": platform.python_version(), \"machine\": platform.machine(), "
-         "\"libc\": platform.libc_ver()[1], \"os_release\": open(\"/etc/os-release\").read()}))'")
+         "\"libc\": platform.libc_ver()[1]}))'")
 
 
 class InstallError(Exception):
@@ -58,13 +58,12 @@ class GuestPython:
     full_version: str  # "3.11.2"
     machine: str  # platform.machine(): "x86_64", "aarch64"
     libc: str  # glibc version, "2.36"; "" when not glibc
-    os_release: str = field(default="", compare=False)
 
     @classmethod
     def from_probe(cls, line: str) -> GuestPython:
         data = json.loads(line)
         return cls(**{k: data.get(k, "") for k in
-                      ("version", "full_version", "machine", "libc", "os_release")})
+                      ("version", "full_version", "machine", "libc")})
 
     @property
     def _glibc_minor(self) -> int:
@@ -101,10 +100,6 @@ class Resolution:
     pins: list[str]  # "name==version" lines
     local: list[str]  # local projects as uv printed them, relative to the rootdir: "."
 
-    @property
-    def key(self) -> str:
-        return hashlib.sha256("\n".join(sorted(self.pins)).encode()).hexdigest()[:16]
-
 
 def cache_dir() -> Path:
     """Where wheels and venvs are cached: $TTSTACK_CACHE_DIR, else the user cache dir."""
@@ -134,8 +129,7 @@ def _tool(args: list[str], what: str, cwd: Path, timeout: float = 600) -> str:
 
 
 def _uv() -> str:
-    found = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-    return found
+    return shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
 
 
 def _is_local(line: str) -> bool:
@@ -235,6 +229,5 @@ def gather(res: Resolution, guest: GuestPython, rootdir: Path, dest: Path,
 def venv_key(guest: GuestPython, res: Resolution) -> str:
     """Cache key of the venv: the guest's Python and libc, and the pinned set."""
     facts = asdict(guest)
-    facts.pop("os_release")
     layout = 2  # what a cached venv holds and how (bump when that changes)
     return hashlib.sha256(json.dumps([layout, facts, sorted(res.pins)]).encode()).hexdigest()[:20]
