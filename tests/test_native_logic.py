@@ -24,6 +24,8 @@ OSES = ["debian-12:x86_64", "debian-13:x86_64"]
     ("t.py::test_p[1-x]", "t.py::test_p[debian-12:x86_64-1-x]"),
     ("t.py::TestC::test_m", "t.py::TestC::test_m[debian-12:x86_64]"),
     ("pkg/calc.py::pkg.calc.double", "pkg/calc.py::pkg.calc.double[debian-12:x86_64]"),
+    ("t.py::test_odd[::z]", "t.py::test_odd[debian-12:x86_64-::z]"),  # '::' in a param id
+    ("d[x]/t.py::T::test_p[a]", "d[x]/t.py::T::test_p[debian-12:x86_64-a]"),
 ])
 def test_ids_round_trip(plain, tagged):
     assert tag(plain, "debian-12:x86_64") == tagged

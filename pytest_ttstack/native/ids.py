@@ -12,13 +12,18 @@ from collections.abc import Iterable
 
 
 def _split(nodeid: str) -> tuple[str, str, str | None]:
-    """(prefix up to the last `::`-part, that part's name, its parameter id or None)."""
-    head, sep, last = nodeid.rpartition("::")
-    prefix = head + sep
-    if last.endswith("]") and "[" in last:
-        name, _, params = last[:-1].partition("[")
-        return prefix, name, params
-    return prefix, last, None
+    """(prefix up to the item's name, that name, its parameter id or None).
+
+    The parameter id starts at the first `[` after the path's `::`: class, function and
+    doctest names never hold `[`, but a parameter id may hold `::` and a path may hold `[`.
+    """
+    sep = nodeid.find("::")
+    start = nodeid.find("[", sep) if sep >= 0 else -1
+    if start < 0 or not nodeid.endswith("]"):
+        head, sep2, last = nodeid.rpartition("::")
+        return head + sep2, last, None
+    head, sep2, name = nodeid[:start].rpartition("::")
+    return head + sep2, name, nodeid[start + 1:-1]
 
 
 def tag(nodeid: str, os_id: str) -> str:
