@@ -154,3 +154,24 @@ def test_hard_links_ship_as_files(tmp_path):
     with tarfile.open(fileobj=buf) as tar:
         assert [(m.name, m.isreg(), m.size) for m in tar.getmembers()] == [
             ("project/a.bin", True, 4), ("project/b.bin", True, 4)]
+
+
+def test_git_versions_of_local_projects_reach_the_guest_build(tmp_path):
+    """A setuptools-scm project's version comes from .git, which is not shipped: the
+    host computes it for the guest's build (real uv and setuptools-scm, from PyPI)."""
+    scm = tmp_path / "scm"
+    (scm / "sub").mkdir(parents=True)
+    (scm / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61", "setuptools-scm>=8"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "Fast.Math"\ndynamic = ["version"]\n[tool.setuptools_scm]\n')
+    (scm / "sub" / "pyproject.toml").write_text('[project]\nname = "plain"\nversion = "1"\n')
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=scm, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=scm, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=scm, check=True)
+    subprocess.run(["git", "tag", "v1.2.3"], cwd=scm, check=True)
+    res = wheelhouse.Resolution(pins=["six==1.17.0"], local=["-e .", "./sub"])
+    assert wheelhouse.scm_versions(res, scm) == {
+        "SETUPTOOLS_SCM_PRETEND_VERSION_FOR_FAST_MATH": "1.2.3"}
+    assert wheelhouse._local_names([".", "six", "./sub[x]"], scm) == ["Fast.Math", "plain"]

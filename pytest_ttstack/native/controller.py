@@ -202,7 +202,7 @@ class NativeSession:
 
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
                                sched: Any) -> None:
-        node = report.node  # type: ignore[attr-defined]
+        node = report.node
         worker = self.worker_of(node)
         last_id, last_when = self._last_phase.get(node.gateway.id, ("", ""))
         phase = "setup"

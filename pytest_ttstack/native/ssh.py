@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,13 @@ class SSHTarget:
             raise SSHError(f"{what} failed (exit {proc.returncode}):\n{tail}", proc.returncode)
         return proc.stdout or b""
 
-    def open_master(self, timeout: float) -> subprocess.Popen:
+    def open_master(self, timeout: float,
+                    stop: threading.Event | None = None) -> subprocess.Popen:
         """Start the VM's master connection (`ssh -N`, owned by the caller, who ends it
-        with `terminate()`); retried while sshd is not up yet. SSHError after `timeout` s."""
+        with `terminate()`); retried while sshd is not up yet. SSHError after `timeout` s,
+        or as soon as `stop` is set."""
         deadline = time.monotonic() + timeout
+        stop = stop or threading.Event()
         check = [*self.options(), "-O", "check", self.destination]
         while True:
             try:
@@ -116,7 +120,8 @@ class SSHTarget:
                                           stderr=subprocess.DEVNULL)
             except FileNotFoundError as exc:
                 raise SSHError("the OpenSSH client (ssh) is not installed") from exc
-            while master.poll() is None and time.monotonic() < deadline:
+            while master.poll() is None and time.monotonic() < deadline \
+                    and not stop.is_set():
                 try:
                     if subprocess.run(check, capture_output=True, timeout=30).returncode == 0:
                         return master
@@ -129,10 +134,12 @@ class SSHTarget:
                 time.sleep(0.2)
             master.kill()
             master.wait()
+            if stop.is_set():
+                raise SSHError(f"ssh to root@{self.host}:{self.port}: given up", 255)
             if time.monotonic() > deadline:
                 raise SSHError(f"ssh to root@{self.host}:{self.port}: no connection within "
                                f"{timeout:.0f}s", 255)
-            time.sleep(1)
+            stop.wait(1)
 
     def write_python_wrapper(self, path: Path, python: str, cwd: str) -> Path:
         """A script that behaves like `python` for execnet's popen gateway: it runs

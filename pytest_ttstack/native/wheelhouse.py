@@ -152,17 +152,38 @@ def resolve(specs: list[str], guest: GuestPython, rootdir: Path, work: Path,
     digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
     src = work / f"requirements-{guest.version}-{guest.machine}-{digest}.in"
     src.write_text("\n".join(lines) + "\n")
-    out = _tool([_uv(), "pip", "compile", "--quiet", "--no-header", "--no-annotate",
+    # uv keeps a local project's built metadata in its cache, keyed on its files; a new
+    # git tag changes a setuptools-scm version without touching them, so local ones are
+    # always rebuilt
+    refresh = [f"--refresh-package={name}" for name in _local_names(lines, rootdir)]
+    out = _tool([_uv(), "pip", "compile", "--quiet", "--no-header", "--no-annotate", *refresh,
                  "--python-version", guest.version, "--python-platform", guest.uv_platform(),
                  str(src)], f"resolving {', '.join(specs) or 'the worker set'} for "
                             f"Python {guest.version} ({guest.machine})", rootdir)
-    pins, local = [], []
+    pins: list[str] = []
+    local: list[str] = []
     for line in out.splitlines():
         line = line.strip()
         if not line or line.startswith(("#", "--")):
             continue
         (local if _is_local(line) else pins).append(line)
     return Resolution(pins=pins, local=local)
+
+
+def _local_names(lines: list[str], rootdir: Path) -> list[str]:
+    """Project names of the local folders among requirement lines (`.`, `./sub[x]`)."""
+    names = []
+    for line in lines:
+        if not _is_local(line):
+            continue
+        try:
+            text = (rootdir / _local_path(line) / "pyproject.toml").read_text()
+            name = tomllib.loads(text).get("project", {}).get("name")
+        except (OSError, ValueError):
+            continue
+        if name:
+            names.append(name)
+    return names
 
 
 def _build_requires(pyproject: bytes | None) -> list[str]:
@@ -210,7 +231,7 @@ def gather(res: Resolution, guest: GuestPython, rootdir: Path, dest: Path,
     seen_sdists: set[str] = set()
     build: set[str] = set()
     for line in res.local:
-        path = line.removeprefix("-e ").split(" @ file://")[-1].split("[")[0].strip()
+        path = _local_path(line)
         pyproject = rootdir / path / "pyproject.toml"
         build.update(_build_requires(pyproject.read_bytes() if pyproject.is_file() else None))
     for _round in range(3):  # sdists among build requirements are rare; bounded
@@ -224,6 +245,40 @@ def gather(res: Resolution, guest: GuestPython, rootdir: Path, dest: Path,
         _download(resolve(sorted(build), guest, rootdir, work, base=False).pins,
                   guest, dest, rootdir)
         build = set()
+
+
+SCM_BACKENDS = ("setuptools-scm", "setuptools_scm", "hatch-vcs", "hatch_vcs")
+
+
+def _local_path(line: str) -> str:
+    """The folder of a local project as uv printed it (`.`, `-e ./sub[x]`, `n @ file://`)."""
+    return line.removeprefix("-e ").split(" @ file://")[-1].split("[")[0].strip()
+
+
+def scm_versions(res: Resolution, rootdir: Path) -> dict[str, str]:
+    """Environment for the guest's build of local projects that take their version from
+    git (setuptools-scm, hatch-vcs): `SETUPTOOLS_SCM_PRETEND_VERSION_FOR_<NAME>` set to
+    the version setuptools-scm computes here, where `.git` is (it is not shipped, and
+    without it such a build fails: "unable to detect version"). The variable and name
+    rule are setuptools-scm's (docs: "overrides", `_FOR_${DIST_NAME}`); InstallError
+    when setuptools-scm cannot compute it."""
+    env = {}
+    for line in res.local:
+        path = rootdir / _local_path(line)
+        try:
+            pyproject = tomllib.loads((path / "pyproject.toml").read_text())
+        except (OSError, ValueError):
+            continue
+        requires = " ".join(pyproject.get("build-system", {}).get("requires", [])).lower()
+        name = pyproject.get("project", {}).get("name")
+        if not name or not any(b in requires for b in SCM_BACKENDS):
+            continue
+        version = _tool([_uv(), "tool", "run", "--from", "setuptools-scm", "python", "-m",
+                         "setuptools_scm"], f"computing the git version of {name}",
+                        path).strip().splitlines()[-1]
+        env["SETUPTOOLS_SCM_PRETEND_VERSION_FOR_"
+            + re.sub(r"[-_.]+", "_", name).upper()] = version
+    return env
 
 
 def venv_key(guest: GuestPython, res: Resolution) -> str:
