@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -70,8 +70,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ENV_KEY] = None
     config.stash[OWNER_KEY] = None
     config.stash[FAILED_KEY] = False
-    if _is_worker(config) and config.workerinput.get("tt_env"):
-        config.stash[ENV_KEY] = SessionEnv.from_dict(config.workerinput["tt_env"])
+    workerinput = getattr(config, "workerinput", None)  # set by xdist in its workers
+    if _is_worker(config) and workerinput and workerinput.get("tt_env"):
+        config.stash[ENV_KEY] = SessionEnv.from_dict(workerinput["tt_env"])
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "ttstack-xdist")
     config.stash[NATIVE_KEY] = None
@@ -192,7 +193,9 @@ def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv) -> Iterator[VM]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo) -> Generator[None, pytest.TestReport,
+                                                                  pytest.TestReport]:
     report = yield
     if report.failed:
         item.config.stash[FAILED_KEY] = True
@@ -204,8 +207,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
                 tail = f"(console tail unavailable: {exc})"
             title = f"ttstack console tail of {vm.name} ({vm.image})"
             report.sections.append((title, tail))
-            if hasattr(report.longrepr, "addsection"):
-                report.longrepr.addsection(title, tail)
+            addsection = getattr(report.longrepr, "addsection", None)
+            if addsection is not None:
+                addsection(title, tail)
     return report
 
 

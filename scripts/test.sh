@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-host.sh
 ruff check .
+python3 -m mypy
 exec python3 -m pytest -p no:cacheprovider "$@"

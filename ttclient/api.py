@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import requests
 
@@ -59,7 +60,7 @@ class Client:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, *, timeout: float | None = None,
-              **kwargs: object) -> requests.Response:
+              **kwargs: Any) -> requests.Response:
         url = self.base_url + path
         try:
             resp = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)

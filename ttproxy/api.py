@@ -69,7 +69,7 @@ def create_app(proxy: Proxy) -> FastAPI:
 
     @app.get("/envs")
     def list_envs(owner: Annotated[str | None, Query()] = None) -> list[dict]:
-        return proxy.list(owner)
+        return proxy.list_envs(owner)
 
     @app.post("/envs", status_code=202)
     def create_env(body: EnvCreate) -> dict:

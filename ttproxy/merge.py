@@ -20,8 +20,17 @@ class Part:
     down_error: str = ""  # non-empty: the server did not answer
 
 
+@dataclass
+class _Seen:
+    address: str
+    view: dict
+    down_error: str
+
+
 def merge_env(parts: list[Part]) -> dict:
-    known = [p for p in parts if p.view is not None]
+    """The ENV view (a ttserver's shape plus `servers`) from its parts; ValueError when
+    no part was ever seen."""
+    known = [_Seen(p.address, p.view, p.down_error) for p in parts if p.view is not None]
     if not known:
         raise ValueError("no part of the ENV has ever been seen")
     first = known[0].view

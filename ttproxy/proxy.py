@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
 
 from ttclient.api import ApiError, Client
@@ -61,6 +62,9 @@ class Proxy:
         self._clients: dict[tuple[str, str | None], Client] = {}
         self._principals: dict[str | None, tuple[float, dict]] = {}
         servers.on_up = self._learn_from
+
+    def _post_part(self, m: Member, part: dict) -> dict:
+        return self._c(m).post_env(part)
 
     def _c(self, m: Member) -> Client:
         """A client for `m` that carries the caller's token (one per token, kept alive)."""
@@ -197,7 +201,7 @@ class Proxy:
     def get(self, name: str) -> dict:
         return merge_env(self._parts(name, lambda m: self._c(m).get_env(name)))
 
-    def list(self, owner: str | None = None) -> list[dict]:
+    def list_envs(self, owner: str | None = None) -> list[dict]:
         answers = self._fan(self.servers.up(), lambda m: self._c(m).list_envs(owner))
         seen: dict[str, list[Part]] = {}
         for m, reply in answers:
@@ -224,7 +228,8 @@ class Proxy:
     def status(self) -> dict:
         answers = dict((m.address, r) for m, r in self._fan(self.servers.up(),
                                                              lambda m: self._c(m).status()))
-        rows, images = [], {}
+        rows: list[dict] = []
+        images: dict[str, dict] = {}
         totals = dict.fromkeys(("cpu_total", "cpu_used", "mem_total_mib", "mem_used_mib",
                                 "disk_total_mib", "disk_used_mib", "env_count"), 0)
         for m in self.servers:
@@ -283,7 +288,7 @@ class Proxy:
                     part = {**body, "os_prefix": list(counts), "counts": counts,
                             "first_index": firsts[address]}
                     m = self.servers.get(address)
-                    view = self._call(m, lambda m, part=part: self._c(m).post_env(part))
+                    view = self._call(m, partial(self._post_part, part=part))
                     created.append(address)
                     self._remember(name, address, view)
             except ProxyError as exc:
@@ -329,10 +334,12 @@ class Proxy:
             raise ProxyError(f"ENV {name!r} has VMs on {', '.join(down)}, which is down; "
                              "try again when it is back", 503)
         results = self._fan(members, fn)
-        errors = [r for _, r in results if isinstance(r, ProxyError)]
-        if errors:
-            raise errors[0]
-        return [r for _, r in results]
+        answers = []
+        for _, r in results:
+            if isinstance(r, ProxyError):
+                raise r
+            answers.append(r)
+        return answers
 
     def stop(self, name: str) -> dict:
         self._each_part(name, lambda m: self._c(m).stop_env(name))

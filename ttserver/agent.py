@@ -10,6 +10,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -38,8 +39,10 @@ class ExecResult:
 
 
 def command(dom: libvirt.virDomain, execute: str, arguments: dict | None = None,
-            timeout: int = 10) -> object:
-    payload = {"execute": execute}
+            timeout: int = 10) -> Any:
+    """The `return` member of a QEMU guest agent command's reply (its shape is the
+    command's, per the qemu-ga QMP reference); AgentError when libvirt reports a failure."""
+    payload: dict[str, Any] = {"execute": execute}
     if arguments is not None:
         payload["arguments"] = arguments
     try:

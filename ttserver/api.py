@@ -81,14 +81,15 @@ def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI
             description="only this owner's ENVs; all of them without it")] = None,
                   ) -> list[dict]:
         if not caller.admin:  # a token sees only its own ENVs
-            return [] if owner not in (None, caller.name) else manager.list(caller.name)
-        return manager.list(owner)
+            return [] if owner not in (None, caller.name) else manager.list_envs(caller.name)
+        return manager.list_envs(owner)
 
     @app.post("/envs", status_code=202)
     def create_env(body: EnvCreate, caller: Caller) -> dict:
         req = EnvRequest(name=body.name, os_prefix=body.os_prefix, vm_number=body.vm_number,
                          cpu_num=body.cpu_num, mem_size=int(body.mem_size),
-                         disk_size=body.disk_size, life_time=body.life_time,
+                         disk_size=None if body.disk_size is None else int(body.disk_size),
+                         life_time=body.life_time,
                          ports=body.ports, ssh_keys=body.ssh_keys,
                          owner=caller.name if tokens.enabled else body.owner,
                          deny_outgoing=body.deny_outgoing, counts=body.counts, warm=body.warm,

@@ -12,9 +12,21 @@ Why the odd parts:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 from xml.sax.saxutils import quoteattr
 
-ARCHES = {
+
+class Arch(TypedDict):
+    """What the domain XML needs to know about a guest architecture."""
+
+    machine: str  # QEMU machine type
+    console: str  # the guest kernel's serial console device
+    nic_slot: dict[str, str]  # the NIC's PCI address (bus, addr)
+    genid: str  # libvirt <genid/> element or ""
+    features: str  # libvirt <features> element or ""
+
+
+ARCHES: dict[str, Arch] = {
     # genid: a VM generation ID device (ACPI, so x86 only here). Each domain gets a new ID;
     # a guest restored from a warm-clone template sees it change and reseeds its RNG,
     # instead of every clone drawing the same "random" numbers from the saved state.

@@ -104,7 +104,7 @@ class EnvManager:
         self.io = GuestIO(self.engine, cfg, self.bridge)
         self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
         # a filesystem clone per VM (btrfs snapshot, ZFS clone) instead of a qcow2 overlay
-        self.clones: storage.Btrfs | storage.Zfs | None = (
+        self.clones: storage.CloneStore | None = (
             storage.Btrfs(cfg.cfgdb_path / "bases") if self.storage == "btrfs"
             else storage.Zfs(cfg.cfgdb_path, self.server_id) if self.storage == "zfs" else None)
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
@@ -212,7 +212,7 @@ class EnvManager:
     def get(self, name: str) -> dict:
         return self._env_view(self._env(name))
 
-    def list(self, owner: str | None = None) -> list[dict]:
+    def list_envs(self, owner: str | None = None) -> list[dict]:
         """Every ENV (`tt env listall`), or one owner's (`tt env list`)."""
         return [self._env_view(e) for e in self.db.list_envs()
                 if owner is None or e.owner == owner]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 
 def _exit(signum: int, _frame: FrameType | None) -> None:
@@ -24,7 +25,9 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
-def serve(app: object, host: str, port: int, on_stop: Callable[[], None]) -> None:
+def serve(app: Any, host: str, port: int, on_stop: Callable[[], None]) -> None:
+    """Serve the ASGI `app` with uvicorn on host:port until SIGTERM or Ctrl-C, then call
+    `on_stop`."""
     import uvicorn
 
     exit_on_sigterm()

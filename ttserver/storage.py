@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 CMD_TIMEOUT = 120
 BTRFS_MAGIC = "btrfs"
@@ -180,6 +181,26 @@ def _hand_over(vm_dir: Path, size_mib: int | None, uid: int, gid: int) -> None:
     disk.chmod(0o640)
 
 
+class CloneStore(Protocol):
+    """Copy-on-write VM disks made from a per-image base (btrfs subvolumes, ZFS clones)."""
+
+    def base_for(self, disk: Path, fingerprint: str) -> str:
+        """The base of an image's `disk` at `fingerprint`, made on first use: an opaque
+        name that `clone` takes."""
+        ...
+
+    def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
+              gid: int) -> None:
+        """Make `vm_dir` (holding disk.qcow2) from `base`, grown to `size_mib` if given,
+        owned by uid:gid."""
+        ...
+
+    def collect(self, keep: set[str], vm_dirs: set[str]) -> list[str]:
+        """Delete bases not named in `keep` (base names) and leftovers no VM directory in
+        `vm_dirs` uses; returns what was deleted."""
+        ...
+
+
 class Btrfs:
     """VM directories as snapshots of per-image base subvolumes under `bases`."""
 
@@ -187,13 +208,13 @@ class Btrfs:
         self.bases = bases
         self._lock = threading.Lock()  # an ENV's VMs boot in parallel: one makes the base
 
-    def base_for(self, disk: Path, fingerprint: str) -> Path:
-        """The base subvolume of an image (made once: a reflink copy of its disk)."""
+    def base_for(self, disk: Path, fingerprint: str) -> str:
+        """The base subvolume's path of an image (made once: a reflink copy of its disk)."""
         base = self.bases / f"{disk.parent.name}@{fingerprint}"
         with self._lock:
             if not (base / "disk.qcow2").is_file():
                 self._make_base(disk, base)
-        return base
+        return str(base)
 
     def _make_base(self, disk: Path, base: Path) -> None:
         """Built under a temporary name and renamed: a crash leaves no half base."""
@@ -205,10 +226,10 @@ class Btrfs:
         _run(["cp", "--reflink=always", str(disk), str(tmp / "disk.qcow2")])
         tmp.rename(base)
 
-    def clone(self, base: Path, vm_dir: Path, size_mib: int | None, uid: int,
+    def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
               gid: int) -> None:
         _make_room(vm_dir)
-        _run(["btrfs", "subvolume", "snapshot", str(base), str(vm_dir)])
+        _run(["btrfs", "subvolume", "snapshot", base, str(vm_dir)])
         _hand_over(vm_dir, size_mib, uid, gid)
 
     def collect(self, keep: set[str], vm_dirs: set[str]) -> list[str]:
