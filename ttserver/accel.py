@@ -13,9 +13,12 @@ import logging
 import os
 import platform
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import images
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +93,38 @@ def choose(requested: str, kernel: Path | None, initrd: Path | None,
         cache_file.write_text(json.dumps({"key": key, "accel": choice.accel,
                                           "reason": choice.reason}))
     return choice
+
+
+class Accelerator:
+    """`--accel` resolved once for the host's own arch (thread-safe; `choose` above),
+    and the accelerator a guest of any arch gets (TCG for foreign ones)."""
+
+    def __init__(self, requested: str, image_path: Path, cache_file: Path) -> None:
+        self.requested = requested
+        self.image_path = image_path
+        self.cache_file = cache_file
+        self._choice: AccelChoice | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def known(self) -> AccelChoice | None:
+        """The choice if made already, without probing (None while unknown)."""
+        return self._choice
+
+    def choice(self) -> AccelChoice:
+        """The choice, probing on first call (may boot a kernel for seconds)."""
+        with self._lock:
+            if self._choice is None:
+                native = [i for i in images.scan(self.image_path)
+                          if i.name.arch == platform.machine()]
+                kernel = native[0].kernel if native else None
+                initrd = native[0].initrd if native else None
+                choice = choose(self.requested, kernel, initrd, self.cache_file)
+                if kernel is None and self.requested == "auto":
+                    return choice  # decide again once an image exists
+                self._choice = choice
+            return self._choice
+
+    def for_arch(self, arch: str) -> str:
+        """"kvm" or "tcg" for a guest of `arch`."""
+        return self.choice().accel if arch == platform.machine() else "tcg"

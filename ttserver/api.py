@@ -125,7 +125,7 @@ def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI
     @app.post("/envs/{name}/run")
     def run(name: str, body: RunRequest, caller: Caller) -> dict:
         owned(name, caller)
-        results = manager.run(name, body.cmd, body.use_ssh, body.timeout, body.vms)
+        results = manager.guest.run(name, body.cmd, body.use_ssh, body.timeout, body.vms)
         return {"env": name, "results": results}
 
     @app.put("/envs/{name}/files")
@@ -140,7 +140,7 @@ def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI
                           " copy big data from inside the VM instead", status=413)
         await run_in_threadpool(owned, name, caller)
         data = await request.body()
-        results = await run_in_threadpool(manager.push, name, path, data,
+        results = await run_in_threadpool(manager.guest.push, name, path, data,
                                           int(mode, 8) if mode else None, vm, use_ssh)
         return {"env": name, "results": results}
 
@@ -149,13 +149,13 @@ def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI
              path: Annotated[str, Query(description="absolute path in the VM")],
              use_ssh: bool = False) -> Response:
         owned(name, caller)
-        return Response(manager.pull(name, vm, path, use_ssh),
+        return Response(manager.guest.pull(name, vm, path, use_ssh),
                         media_type="application/octet-stream")
 
     @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
     def console(name: str, vm: str, caller: Caller,
                 lines: Annotated[int, Query(ge=1, le=2000)] = 50) -> str:
         owned(name, caller)
-        return manager.console(name, vm, lines)
+        return manager.guest.console(name, vm, lines)
 
     return app

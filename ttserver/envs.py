@@ -12,46 +12,47 @@ The rules that keep a host clean:
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import agent, cloudseed, domainxml, identity, images, sshexec, storage
-from .bridgenet import BridgeNetwork, Lease
+from . import domainxml, images, sshexec, storage, views
+from .bridgenet import BridgeNetwork
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
-from .engine import BootTimeout, Engine, console_tail, qemu_user
-from .errors import BadRequest, Conflict, InsufficientResources, NotFound, TTError
+from .engine import Engine, qemu_user
+from .errors import BadRequest, Conflict, InsufficientResources, NotFound
 from .failpoints import crash_point
 from .guestio import GuestError, GuestIO
+from .guestops import GuestOps
 from .ports import PortPool
-from .templates import Template, Templates, fingerprint
+from .states import (
+    CREATING,
+    DELETING,
+    ENV_FAILED,
+    ENV_STOPPED,
+    FAILED,
+    PENDING,
+    READY,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+)
+from .templates import Templates, fingerprint
+from .vmboot import VMBooter, host_ports, lease, restricted
+from .vmspec import DomainRenderer
 
 log = logging.getLogger(__name__)
 
 ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-GUEST_PATH = re.compile(r"^/[^\0]{0,4095}$")
 MAX_VMS_PER_ENV = 64
-MAX_PARALLEL_RUNS = 16
-# File copies move whole files through one agent channel or SSH session each; a few at a
-# time keep the host responsive (and the agent channels from starving each other).
-MAX_PARALLEL_COPIES = 4
 SHUTDOWN_TIMEOUT = 30.0
-# a warm clone's agent answers within a second; more means the clone is broken
-WARM_AGENT_TIMEOUT = 30.0
-# VM states
-PENDING, BOOTING, RUNNING, FAILED, STOPPED = "pending", "booting", "running", "failed", "stopped"
-# ENV states
-CREATING, READY, ENV_FAILED, DELETING = "creating", "running", "failed", "deleting"
-STOPPING, ENV_STOPPED, STARTING = "stopping", "stopped", "starting"
 
 
 @dataclass
@@ -80,15 +81,6 @@ class _Boot:
     thread: threading.Thread
 
 
-def _hostname(env: str, idx: int) -> str:
-    return re.sub(r"[^a-z0-9-]", "-", f"{env.lower()}-{idx}")[:63]
-
-
-def _vm_refs(vm: VMRow) -> set[str]:
-    """Every way a client may name a VM: its id, its hostname or its index in the ENV."""
-    return {vm.id, _hostname(vm.env, vm.idx), str(vm.idx)}
-
-
 class EnvManager:
     def __init__(self, cfg: ServerConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
@@ -102,21 +94,25 @@ class EnvManager:
                                      cfg.bridge_subnet, cfg.allow_outgoing)
                        if cfg.network == "bridge" else None)
         self.io = GuestIO(self.engine, cfg, self.bridge)
+        self.guest = GuestOps(self.db, self.io)  # run, push, pull, console
         self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
         # a filesystem clone per VM (btrfs snapshot, ZFS clone) instead of a qcow2 overlay
         self.clones: storage.CloneStore | None = (
             storage.Btrfs(cfg.cfgdb_path / "bases") if self.storage == "btrfs"
             else storage.Zfs(cfg.cfgdb_path, self.server_id) if self.storage == "zfs" else None)
+        self.accel = accel_mod.Accelerator(cfg.accel, cfg.image_path,
+                                           cfg.cfgdb_path / "accel.json")
+        self.renderer = DomainRenderer(self.accel, self.uid, self.gid)
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
-                                   self._render)
+                                   self.renderer)
+        self.booter = VMBooter(cfg, self.db, self.engine, self.renderer, self.templates,
+                               self.clones, self.bridge, self.ssh_pubkey, self.uid, self.gid)
         self._admit_lock = threading.Lock()
         self._env_locks: dict[str, threading.Lock] = {}
         self._env_locks_lock = threading.Lock()
         self._boots: dict[str, _Boot] = {}
         self._boots_lock = threading.Lock()
-        self._accel: accel_mod.AccelChoice | None = None
-        self._accel_lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
 
@@ -129,7 +125,7 @@ class EnvManager:
         self.templates.clean_partial()
         self.reconcile()
         if self.bridge:
-            self.bridge.setup({vm.id: (self._lease(vm), self._host_ports(vm),
+            self.bridge.setup({vm.id: (lease(vm), host_ports(vm),
                                        bool(env.spec.get("deny_outgoing")))
                                for env in self.db.list_envs() for vm in env.vms
                                if vm.state == RUNNING and vm.net_addr})
@@ -138,7 +134,7 @@ class EnvManager:
             self.clones.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
                                  for i in images.scan(self.cfg.image_path)},
                                 {Path(vm.dir).name for vm in self.db.all_vms()})
-        threading.Thread(target=self.accel, name="accel-probe", daemon=True).start()
+        threading.Thread(target=self.accel.choice, name="accel-probe", daemon=True).start()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
 
@@ -148,33 +144,15 @@ class EnvManager:
         if self.bridge:
             self.bridge.close()
 
-    def accel(self) -> accel_mod.AccelChoice:
-        """The accelerator for host-arch guests, probed once (see accel.py)."""
-        with self._accel_lock:
-            if self._accel is None:
-                native = [i for i in images.scan(self.cfg.image_path)
-                          if i.name.arch == platform.machine()]
-                kernel = native[0].kernel if native else None
-                initrd = native[0].initrd if native else None
-                choice = accel_mod.choose(self.cfg.accel, kernel, initrd,
-                                          self.cfg.cfgdb_path / "accel.json")
-                if kernel is None and self.cfg.accel == "auto":
-                    return choice  # decide again once an image exists
-                self._accel = choice
-            return self._accel
-
     def _env_lock(self, name: str) -> threading.Lock:
         """Serialises the transitions of one ENV (stop, start, update, delete)."""
         with self._env_locks_lock:
             return self._env_locks.setdefault(name, threading.Lock())
 
-    def _accel_for(self, arch: str) -> str:
-        return self.accel().accel if arch == platform.machine() else "tcg"
-
     # --- status ----------------------------------------------------------------------
     def status(self) -> dict:
         used = self.db.used()
-        choice = self._accel
+        choice = self.accel.known
         return {
             "server_id": self.server_id,
             "accel": choice.accel if choice else "probing",
@@ -189,37 +167,18 @@ class EnvManager:
         }
 
     # --- views -----------------------------------------------------------------------
-    def _vm_view(self, vm: VMRow) -> dict:
-        name = images.parse_image_name(vm.image) if vm.image.count(":") == 2 else None
-        return {
-            "id": vm.id, "name": _hostname(vm.env, vm.idx), "idx": vm.idx, "image": vm.image,
-            "os": name.os if name else "", "arch": name.arch if name else "",
-            "state": vm.state, "cpu": vm.cpu, "mem_mib": vm.mem_mib, "disk_mib": vm.disk_mib,
-            "ssh_host": self.cfg.connect_addr, "ssh_port": vm.ssh_port,
-            "address": vm.net_addr,
-            "ports": {str(k): v for k, v in vm.forwards.items()},
-            "error": vm.error, "boot_seconds": vm.boot_seconds, "boot_mode": vm.boot_mode,
-        }
-
     def _env_view(self, env: EnvRow) -> dict:
-        return {"name": env.name, "state": env.state, "owner": env.owner,
-                "created_at": env.created_at, "expires_at": env.expires_at,
-                "error": env.error, "server_id": self.server_id,
-                "ports": env.spec.get("ports", []),
-                "outgoing": "denied" if self._restricted(env) else "allowed",
-                "vms": [self._vm_view(v) for v in env.vms]}
+        return views.env_view(env, self.server_id, self.cfg.connect_addr,
+                              restricted(env, self.cfg.allow_outgoing))
 
     def get(self, name: str) -> dict:
+        """The ENV's view (views.env_view); NotFound when there is none."""
         return self._env_view(self._env(name))
 
     def list_envs(self, owner: str | None = None) -> list[dict]:
-        """Every ENV (`tt env listall`), or one owner's (`tt env list`)."""
+        """Every ENV's view (`tt env listall`), or one owner's (`tt env list`)."""
         return [self._env_view(e) for e in self.db.list_envs()
                 if owner is None or e.owner == owner]
-
-    def _restricted(self, env: EnvRow) -> bool:
-        """Outgoing traffic is cut unless the operator allows it and the ENV does not deny it."""
-        return not self.cfg.allow_outgoing or bool(env.spec.get("deny_outgoing"))
 
     def _env(self, name: str) -> EnvRow:
         env = self.db.get_env(name)
@@ -344,7 +303,7 @@ class EnvManager:
         try:
             with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
                 results = list(pool.map(
-                    lambda vm: self._boot_vm(vm, by_name[vm.image], env, cancel, fresh), todo))
+                    lambda vm: self.booter.boot(vm, by_name[vm.image], env, cancel, fresh), todo))
             errors = [r for r in results if r]
             if cancel.is_set():
                 return
@@ -376,186 +335,6 @@ class EnvManager:
             if vm.state != FAILED or Path(vm.dir).is_dir():
                 self.db.set_vm(vm.id, state=STOPPED)
         self.db.set_env(name, state=ENV_STOPPED, error=error)
-
-    def _render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
-                console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
-                restrict: bool = True, title: str = "", user_net: bool = True,
-                seed: str = "") -> str:
-        """Domain XML for a VM (or a template build) of `image`."""
-        forwards = "".join(f",hostfwd={f}" for f in hostfwd)
-        netdev = f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}"
-        return domainxml.render(domainxml.DomainSpec(
-            name=name, arch=image.name.arch, accel=self._accel_for(image.name.arch),
-            vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
-            initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
-            netdev=netdev if user_net else "",
-            uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed))
-
-    def _vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
-                incoming: bool) -> str:
-        hostfwd = [f"tcp:{self.cfg.forward_addr}:{vm.ssh_port}-:22"]
-        hostfwd += [f"tcp:{self.cfg.forward_addr}:{h}-:{g}" for g, h in vm.forwards.items()]
-        return self._render(vm.domain, image, vm.cpu, vm.mem_mib, disk,
-                            Path(vm.dir) / "console.log", incoming, tuple(hostfwd),
-                            self._restricted(env), f"ttstack {env.name}/{vm.idx}",
-                            user_net=self.bridge is None,
-                            seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "")
-
-    # --- bridge networking (--network bridge) ------------------------------------------
-    @staticmethod
-    def _lease(vm: VMRow) -> Lease:
-        return Lease.of(vm.id, vm.net_addr)
-
-    @staticmethod
-    def _host_ports(vm: VMRow) -> dict[int, int]:
-        """host port -> guest port, SSH included"""
-        return {vm.ssh_port: 22, **{h: g for g, h in vm.forwards.items()}}
-
-    def _start_domain(self, vm: VMRow, image: images.Image, env: EnvRow, xml: str) -> None:
-        """Start the VM's domain; in bridge mode paused, to plug its NIC and publish its
-        ports and DHCP lease before the guest looks for them."""
-        if self.bridge is None:
-            self.engine.start(xml)
-            return
-        dom = self.engine.start(xml, paused=True)
-        lease = self._lease(vm)
-        fd = self.bridge.open_tap(lease)
-        try:
-            self.engine.plug_nic(dom, fd, lease.mac,
-                                 domainxml.ARCHES[image.name.arch]["nic_slot"])
-        finally:
-            os.close(fd)
-        self.bridge.publish(lease, self._host_ports(vm), bool(env.spec.get("deny_outgoing")))
-        dom.resume()
-
-    def _unpublish(self, vm: VMRow) -> None:
-        if self.bridge and vm.net_addr:
-            try:
-                self.bridge.unpublish(self._lease(vm), self._host_ports(vm))
-            except Exception:  # noqa: BLE001 - teardown goes on; setup() rebuilds the table
-                log.exception("unpublishing %s", vm.id)
-
-    def _wants_warm(self, env: EnvRow) -> bool:
-        if self.bridge:  # a saved guest's NIC (and MAC) would be its template's
-            return False
-        warm = env.spec.get("warm")
-        return self.cfg.warm_clones if warm is None else bool(warm)
-
-    def _boot_vm(self, vm: VMRow, image: images.Image, env: EnvRow,
-                 cancel: threading.Event, fresh: bool) -> str:
-        """Boot one VM; return "" or the error (which includes the console tail)."""
-        vm_dir = Path(vm.dir)
-        console = vm_dir / "console.log"
-        try:
-            if cancel.is_set():
-                return "cancelled"
-            overlay = vm_dir / "disk.qcow2"
-            if fresh:
-                storage.make_vm_dir(vm_dir, self.uid, self.gid)
-                if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
-                    return ""
-                grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
-                if self.clones:
-                    base = self.clones.base_for(image.disk, fingerprint(image))
-                    self.clones.clone(base, vm_dir, grow, self.uid, self.gid)
-                else:
-                    storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
-                if image.cloud_init:
-                    cloudseed.make_seed(vm_dir, vm.id, _hostname(env.name, vm.idx),
-                                        [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
-                                        self.uid, self.gid)
-                crash_point("boot.overlay_created")
-            elif not overlay.is_file():
-                raise RuntimeError(f"the VM's disk {overlay} is gone")
-            if cancel.is_set():
-                return "cancelled"
-            self.db.set_vm(vm.id, state=BOOTING)
-            self._start_domain(vm, image, env,
-                               self._vm_xml(vm, image, env, overlay, incoming=False))
-            crash_point("boot.domain_started")
-            waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
-                                            cancel.is_set)
-            if fresh:
-                self._personalize(vm, env)
-            self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
-                           boot_mode="cold")
-            crash_point("boot.vm_running")
-            return ""
-        except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
-            if cancel.is_set():  # deleted meanwhile: a domain started late must not stay
-                self.engine.destroy(vm.domain)
-            msg = str(exc)
-            if "console tail" not in msg:
-                msg += f"\nconsole tail:\n{console_tail(console)}"
-            self.db.set_vm(vm.id, state=FAILED, error=msg)
-            return f"VM {_hostname(env.name, vm.idx)} ({vm.image}): {msg}"
-        except Exception as exc:  # libvirtError and friends
-            if cancel.is_set():
-                self.engine.destroy(vm.domain)
-            msg = f"{type(exc).__name__}: {exc}\nconsole tail:\n{console_tail(console)}"
-            self.db.set_vm(vm.id, state=FAILED, error=msg)
-            return f"VM {_hostname(env.name, vm.idx)} ({vm.image}): {msg}"
-
-    def _boot_warm(self, vm: VMRow, image: images.Image, env: EnvRow,
-                   cancel: threading.Event) -> bool:
-        """Start the VM from its image's template; False (and a cold boot) when there is
-        none yet (one gets built in the background), the disk must grow, or it fails."""
-        if vm.disk_mib > image.size_mib or image.cloud_init:
-            # the saved guest knows its disk's size; growing needs a boot. Cloud images
-            # run cloud-init on their first boot, which a template would have used up.
-            return False
-        template = self.templates.ready(image, vm.cpu, vm.mem_mib)
-        if template is None:
-            self.templates.request(image, vm.cpu, vm.mem_mib)
-            return False
-        overlay = Path(vm.dir) / "disk.qcow2"
-        started = time.monotonic()
-        try:  # a failure here is the template's: retire it
-            storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
-            if cancel.is_set():
-                raise RuntimeError("cancelled")
-            self.db.set_vm(vm.id, state=BOOTING)
-            self.engine.start_from_memory(self._vm_xml(vm, image, env, overlay, True),
-                                          template.state)
-            restored = time.monotonic()
-            self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
-                                   Path(vm.dir) / "console.log", cancel.is_set, interval=0.05)
-        except Exception as exc:  # noqa: BLE001 - any failure: cold boot instead
-            self._abandon_warm(vm, overlay)
-            if not cancel.is_set():
-                self.templates.discard(template, f"clone {vm.id} failed: {exc}")
-            log.warning("warm clone of %s failed, booting cold: %s", vm.id, exc)
-            return False
-        answered = time.monotonic()
-        try:  # a failure here is the guest's or the host's load, not the template's
-            self._personalize(vm, env, warm_template=template)
-        except Exception as exc:  # noqa: BLE001
-            self._abandon_warm(vm, overlay)
-            log.warning("warm clone of %s could not take its identity, booting cold: %s",
-                        vm.id, exc)
-            return False
-        log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
-                 restored - started, answered - restored, time.monotonic() - answered)
-        self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
-                       boot_seconds=round(time.monotonic() - started, 2))
-        return True
-
-    def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
-        self.engine.destroy(vm.domain)
-        overlay.unlink(missing_ok=True)
-
-    def _personalize(self, vm: VMRow, env: EnvRow,
-                     warm_template: Template | None = None) -> None:
-        """Give the VM its hostname and authorized keys (server key + the user's); a warm
-        clone also its own machine-id, SSH host key, clock and RNG (see identity.py)."""
-        dom = self.engine.lookup(vm.domain)
-        keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
-        hostname = _hostname(env.name, vm.idx)
-        if warm_template is None:
-            identity.personalize(dom, hostname, keys)
-        else:  # many clones at once share the host's CPUs: the boot timeout applies
-            identity.take_new(dom, hostname, keys, helper=warm_template.helper,
-                              timeout=self.cfg.boot_timeout)
 
     # --- delete ----------------------------------------------------------------------
     def delete(self, name: str) -> None:
@@ -592,7 +371,7 @@ class EnvManager:
                 if not clean:
                     log.warning("VM %s did not power off in %.0fs; forced", vm.id,
                                 SHUTDOWN_TIMEOUT)
-                self._unpublish(vm)
+                self.booter.unpublish(vm)
                 self.db.set_vm(vm.id, state=STOPPED)
 
             with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
@@ -688,7 +467,7 @@ class EnvManager:
                 self.engine.destroy(vm.domain)
             except Exception:  # keep going: the disk and the rest must still go
                 log.exception("destroying %s", vm.domain)
-            self._unpublish(vm)
+            self.booter.unpublish(vm)
             try:
                 storage.remove_vm_dir(Path(vm.dir))
             except Exception:  # e.g. a busy subvolume: reconcile retries it at next start
@@ -751,7 +530,7 @@ class EnvManager:
                 report["destroyed_domains"].append(name)
         for vm in live.values():
             if not self.engine.is_running(vm.domain):  # its QEMU ended while we were away
-                lost = f"VM {_hostname(vm.env, vm.idx)} was gone after a server restart"
+                lost = f"VM {views.hostname(vm.env, vm.idx)} was gone after a server restart"
                 self._teardown_vms([vm], keep_rows=True)  # it holds nothing any more
                 self.db.set_vm(vm.id, error=lost)
                 self.db.set_env(vm.env, error=lost)
@@ -765,95 +544,3 @@ class EnvManager:
         if any(report.values()):
             log.info("reconciled: %s", report)
         return report
-
-    # --- commands and files ----------------------------------------------------------
-    def _running_vms(self, name: str, only: list[str] | None = None) -> list[VMRow]:
-        """The ENV's running VMs, optionally narrowed to VM ids, names or indexes."""
-        env = self._env(name)
-        if env.state != READY:
-            raise Conflict(f"ENV {name!r} is {env.state}, not running"
-                           + (f": {env.error.splitlines()[0]}" if env.error else ""))
-        # a running ENV's failed VMs were lost in a server restart: they get error rows,
-        # so a command never silently runs on fewer VMs than the ENV has
-        vms = [vm for vm in env.vms if vm.state in (RUNNING, FAILED)]
-        if only:
-            refs = set(only)
-            picked = [vm for vm in vms if refs & _vm_refs(vm)]
-            unknown = sorted(refs.difference(*map(_vm_refs, picked)))
-            if unknown:
-                raise NotFound(f"ENV {name!r} has no running VM {', '.join(unknown)}")
-            vms = picked
-        return vms
-
-    def console(self, name: str, vm_ref: str, lines: int) -> str:
-        env = self._env(name)
-        for vm in env.vms:
-            if vm_ref in _vm_refs(vm):
-                return console_tail(Path(vm.dir) / "console.log", max(1, min(lines, 2000)))
-        raise NotFound(f"ENV {name!r} has no VM {vm_ref!r}")
-
-    def _fan_out(self, vms: list[VMRow], fn: Callable[[VMRow], dict],
-                 limit: int = MAX_PARALLEL_RUNS) -> list[dict]:
-        with ThreadPoolExecutor(max_workers=min(limit, max(1, len(vms)))) as pool:
-            return list(pool.map(fn, vms))
-
-    @staticmethod
-    def _ref(vm: VMRow) -> dict:
-        return {"vm": _hostname(vm.env, vm.idx), "id": vm.id, "image": vm.image}
-
-    def run(self, name: str, cmd: str, use_ssh: bool, timeout: float,
-            only: list[str] | None = None) -> list[dict]:
-        if not cmd.strip():
-            raise BadRequest("cmd is empty")
-        if not 1 <= timeout <= 24 * 3600:
-            raise BadRequest("timeout must be 1..86400 seconds")
-        vms = self._running_vms(name, only)
-
-        def one(vm: VMRow) -> dict:
-            try:
-                self._check_alive(vm)
-                res = self.io.run(vm, cmd, timeout, use_ssh)
-                return {**self._ref(vm), **res.to_dict(), "error": ""}
-            except GuestError as exc:
-                return {**self._ref(vm), "exit_code": None, "stdout": "", "stderr": "",
-                        "timed_out": False, "seconds": 0.0, "error": f"{exc}\nconsole tail:\n"
-                        f"{console_tail(Path(vm.dir) / 'console.log')}"}
-
-        return self._fan_out(vms, one)
-
-    def push(self, name: str, path: str, data: bytes, mode: int | None,
-             only: list[str] | None = None, use_ssh: bool = False) -> list[dict]:
-        self._check_guest_path(path)
-        vms = self._running_vms(name, only)
-
-        def one(vm: VMRow) -> dict:
-            started = time.monotonic()
-            try:
-                self._check_alive(vm)
-                self.io.write(vm, path, data, mode, use_ssh)
-                return {**self._ref(vm), "bytes": len(data), "error": "",
-                        "seconds": round(time.monotonic() - started, 3)}
-            except GuestError as exc:
-                return {**self._ref(vm), "bytes": 0, "error": str(exc),
-                        "seconds": round(time.monotonic() - started, 3)}
-
-        return self._fan_out(vms, one, MAX_PARALLEL_COPIES)
-
-    def pull(self, name: str, vm_ref: str, path: str, use_ssh: bool = False) -> bytes:
-        self._check_guest_path(path)
-        vm = self._running_vms(name, [vm_ref])[0]
-        try:
-            self._check_alive(vm)
-            return self.io.read(vm, path, use_ssh)
-        except GuestError as exc:
-            raise TTError(f"cannot read {path} from {vm_ref}: {exc}", status=404) from exc
-
-    @staticmethod
-    def _check_alive(vm: VMRow) -> None:
-        if vm.state != RUNNING:
-            raise GuestError(f"VM is {vm.state}: {vm.error}")
-
-    @staticmethod
-    def _check_guest_path(path: str) -> None:
-        if not GUEST_PATH.match(path):
-            raise BadRequest(f"guest path {path!r} must be absolute")

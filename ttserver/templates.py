@@ -24,12 +24,12 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import agent, identity, images, storage
 from .engine import Engine
+from .vmspec import DomainRenderer
 
 log = logging.getLogger(__name__)
 MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is plenty
@@ -61,13 +61,13 @@ class Templates:
 
     def __init__(self, root: Path, engine: Engine, uid: int, gid: int,
                  domain_prefix: str, boot_timeout: float,
-                 render: Callable[..., str]) -> None:
+                 renderer: DomainRenderer) -> None:
         self.root = root
         self.engine = engine
         self.uid, self.gid = uid, gid
         self.domain_prefix = domain_prefix
         self.boot_timeout = boot_timeout
-        self.render = render  # (name, image, cpu, mem, disk, console, incoming) -> XML
+        self.renderer = renderer
         self._lock = threading.Lock()
         self._building: dict[str, str] = {}  # key -> domain name
         self._errors: dict[str, str] = {}
@@ -158,8 +158,8 @@ class Templates:
                 tpl = Template(work)
                 storage.create_overlay(image.disk, tpl.disk, None, self.uid, self.gid)
                 console = work / "console.log"
-                self.engine.start(self.render(domain, image, cpu, mem_mib, tpl.disk, console,
-                                              False))
+                self.engine.start(self.renderer.render(domain, image, cpu, mem_mib, tpl.disk,
+                                                       console, False))
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
                 dom = self.engine.lookup(domain)

@@ -1,0 +1,136 @@
+"""Commands, files and consoles of an ENV's running VMs: which VMs a request means, the
+guest access itself (through guestio, agent or SSH), and one result per VM.
+
+A VM that cannot be reached gives an error result with its console tail instead of
+failing the whole request, so a command never silently runs on fewer VMs than asked.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .db import StateDB, VMRow
+from .engine import console_tail
+from .errors import BadRequest, Conflict, NotFound, TTError
+from .guestio import GuestError, GuestIO
+from .states import FAILED, READY, RUNNING
+from .views import vm_ref, vm_refs
+
+GUEST_PATH = re.compile(r"^/[^\0]{0,4095}$")
+MAX_PARALLEL_RUNS = 16
+# File copies move whole files through one agent channel or SSH session each; a few at a
+# time keep the host responsive (and the agent channels from starving each other).
+MAX_PARALLEL_COPIES = 4
+
+
+class GuestOps:
+    """run / push / pull / console on the VMs of ENVs recorded in `db`, through `io`."""
+
+    def __init__(self, db: StateDB, io: GuestIO) -> None:
+        self.db = db
+        self.io = io
+
+    def running_vms(self, name: str, only: list[str] | None = None) -> list[VMRow]:
+        """The ENV's running VMs (and the failed ones of a running ENV, which get error
+        results), narrowed to VM ids, names or indexes in `only`. NotFound for an unknown
+        ENV or VM; Conflict when the ENV is not running."""
+        env = self.db.get_env(name)
+        if env is None:
+            raise NotFound(f"ENV {name!r} does not exist")
+        if env.state != READY:
+            raise Conflict(f"ENV {name!r} is {env.state}, not running"
+                           + (f": {env.error.splitlines()[0]}" if env.error else ""))
+        # a running ENV's failed VMs were lost in a server restart: they get error rows,
+        # so a command never silently runs on fewer VMs than the ENV has
+        vms = [vm for vm in env.vms if vm.state in (RUNNING, FAILED)]
+        if only:
+            refs = set(only)
+            picked = [vm for vm in vms if refs & vm_refs(vm)]
+            unknown = sorted(refs.difference(*map(vm_refs, picked)))
+            if unknown:
+                raise NotFound(f"ENV {name!r} has no running VM {', '.join(unknown)}")
+            vms = picked
+        return vms
+
+    def console(self, name: str, vm: str, lines: int) -> str:
+        """The last `lines` (1..2000) lines of the VM's serial console; NotFound."""
+        env = self.db.get_env(name)
+        if env is None:
+            raise NotFound(f"ENV {name!r} does not exist")
+        for row in env.vms:
+            if vm in vm_refs(row):
+                return console_tail(Path(row.dir) / "console.log", max(1, min(lines, 2000)))
+        raise NotFound(f"ENV {name!r} has no VM {vm!r}")
+
+    def run(self, name: str, cmd: str, use_ssh: bool, timeout: float,
+            only: list[str] | None = None) -> list[dict]:
+        """`cmd` through `sh -c` in each selected VM, in parallel: one result per VM
+        (views.vm_ref + exit_code, stdout, stderr, timed_out, seconds, error).
+        BadRequest for an empty command or a timeout outside 1..86400 s."""
+        if not cmd.strip():
+            raise BadRequest("cmd is empty")
+        if not 1 <= timeout <= 24 * 3600:
+            raise BadRequest("timeout must be 1..86400 seconds")
+        vms = self.running_vms(name, only)
+
+        def one(vm: VMRow) -> dict:
+            try:
+                _check_alive(vm)
+                res = self.io.run(vm, cmd, timeout, use_ssh)
+                return {**vm_ref(vm), **res.to_dict(), "error": ""}
+            except GuestError as exc:
+                return {**vm_ref(vm), "exit_code": None, "stdout": "", "stderr": "",
+                        "timed_out": False, "seconds": 0.0, "error": f"{exc}\nconsole tail:\n"
+                        f"{console_tail(Path(vm.dir) / 'console.log')}"}
+
+        return _fan_out(vms, one, MAX_PARALLEL_RUNS)
+
+    def push(self, name: str, path: str, data: bytes, mode: int | None,
+             only: list[str] | None = None, use_ssh: bool = False) -> list[dict]:
+        """Write `data` to the absolute guest `path` of each selected VM: one result per
+        VM (views.vm_ref + bytes, seconds, error). BadRequest for a relative path."""
+        _check_guest_path(path)
+        vms = self.running_vms(name, only)
+
+        def one(vm: VMRow) -> dict:
+            started = time.monotonic()
+            try:
+                _check_alive(vm)
+                self.io.write(vm, path, data, mode, use_ssh)
+                return {**vm_ref(vm), "bytes": len(data), "error": "",
+                        "seconds": round(time.monotonic() - started, 3)}
+            except GuestError as exc:
+                return {**vm_ref(vm), "bytes": 0, "error": str(exc),
+                        "seconds": round(time.monotonic() - started, 3)}
+
+        return _fan_out(vms, one, MAX_PARALLEL_COPIES)
+
+    def pull(self, name: str, vm: str, path: str, use_ssh: bool = False) -> bytes:
+        """The bytes of the absolute guest `path` in one VM; TTError (404) when it cannot
+        be read."""
+        _check_guest_path(path)
+        row = self.running_vms(name, [vm])[0]
+        try:
+            _check_alive(row)
+            return self.io.read(row, path, use_ssh)
+        except GuestError as exc:
+            raise TTError(f"cannot read {path} from {vm}: {exc}", status=404) from exc
+
+
+def _fan_out(vms: list[VMRow], fn: Callable[[VMRow], dict], limit: int) -> list[dict]:
+    with ThreadPoolExecutor(max_workers=min(limit, max(1, len(vms)))) as pool:
+        return list(pool.map(fn, vms))
+
+
+def _check_alive(vm: VMRow) -> None:
+    if vm.state != RUNNING:
+        raise GuestError(f"VM is {vm.state}: {vm.error}")
+
+
+def _check_guest_path(path: str) -> None:
+    if not GUEST_PATH.match(path):
+        raise BadRequest(f"guest path {path!r} must be absolute")

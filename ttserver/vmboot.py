@@ -1,0 +1,222 @@
+"""Booting one VM: its disk (qcow2 overlay or filesystem clone), its domain, the wait
+for its guest agent, its identity; warm (from a memory template) when one fits, cold
+otherwise. The state the API shows (booting, running, failed) is recorded here, once per
+transition; the ENV-level outcome is the manager's (envs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from . import agent, cloudseed, domainxml, identity, images, storage, views
+from .bridgenet import BridgeNetwork, Lease
+from .config import ServerConfig
+from .db import EnvRow, StateDB, VMRow
+from .engine import BootTimeout, Engine, console_tail
+from .failpoints import crash_point
+from .states import BOOTING, FAILED, RUNNING
+from .templates import Template, Templates, fingerprint
+from .vmspec import DomainRenderer
+
+log = logging.getLogger(__name__)
+
+# a warm clone's agent answers within a second; more means the clone is broken
+WARM_AGENT_TIMEOUT = 30.0
+
+
+def restricted(env: EnvRow, allow_outgoing: bool) -> bool:
+    """Outgoing traffic is cut unless the operator allows it and the ENV does not deny it."""
+    return not allow_outgoing or bool(env.spec.get("deny_outgoing"))
+
+
+def lease(vm: VMRow) -> Lease:
+    """The VM's bridge-mode DHCP lease (MAC and address from its id)."""
+    return Lease.of(vm.id, vm.net_addr)
+
+
+def host_ports(vm: VMRow) -> dict[int, int]:
+    """host port -> guest port, SSH included"""
+    return {vm.ssh_port: 22, **{h: g for g, h in vm.forwards.items()}}
+
+
+class VMBooter:
+    """Boots VMs recorded in `db` (see the module docstring)."""
+
+    def __init__(self, cfg: ServerConfig, db: StateDB, engine: Engine,
+                 renderer: DomainRenderer, templates: Templates,
+                 clones: storage.CloneStore | None, bridge: BridgeNetwork | None,
+                 ssh_pubkey: str, uid: int, gid: int) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.engine = engine
+        self.renderer = renderer
+        self.templates = templates
+        self.clones = clones
+        self.bridge = bridge
+        self.ssh_pubkey = ssh_pubkey
+        self.uid, self.gid = uid, gid
+
+    def vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
+               incoming: bool) -> str:
+        """The VM's domain XML: its forwards, network, title and seed (vmspec)."""
+        hostfwd = [f"tcp:{self.cfg.forward_addr}:{vm.ssh_port}-:22"]
+        hostfwd += [f"tcp:{self.cfg.forward_addr}:{h}-:{g}" for g, h in vm.forwards.items()]
+        return self.renderer.render(
+            vm.domain, image, vm.cpu, vm.mem_mib, disk, Path(vm.dir) / "console.log",
+            incoming, tuple(hostfwd), restricted(env, self.cfg.allow_outgoing),
+            f"ttstack {env.name}/{vm.idx}", user_net=self.bridge is None,
+            seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "")
+
+    # --- bridge networking (--network bridge) ------------------------------------------
+    def _start_domain(self, vm: VMRow, image: images.Image, env: EnvRow, xml: str) -> None:
+        """Start the VM's domain; in bridge mode paused, to plug its NIC and publish its
+        ports and DHCP lease before the guest looks for them."""
+        if self.bridge is None:
+            self.engine.start(xml)
+            return
+        dom = self.engine.start(xml, paused=True)
+        nic = lease(vm)
+        fd = self.bridge.open_tap(nic)
+        try:
+            self.engine.plug_nic(dom, fd, nic.mac, domainxml.ARCHES[image.name.arch]["nic_slot"])
+        finally:
+            os.close(fd)
+        self.bridge.publish(nic, host_ports(vm), bool(env.spec.get("deny_outgoing")))
+        dom.resume()
+
+    def unpublish(self, vm: VMRow) -> None:
+        """Bridge mode: drop the VM's published ports and lease (errors are logged)."""
+        if self.bridge and vm.net_addr:
+            try:
+                self.bridge.unpublish(lease(vm), host_ports(vm))
+            except Exception:  # noqa: BLE001 - teardown goes on; setup() rebuilds the table
+                log.exception("unpublishing %s", vm.id)
+
+    def _wants_warm(self, env: EnvRow) -> bool:
+        if self.bridge:  # a saved guest's NIC (and MAC) would be its template's
+            return False
+        warm = env.spec.get("warm")
+        return self.cfg.warm_clones if warm is None else bool(warm)
+
+    def boot(self, vm: VMRow, image: images.Image, env: EnvRow,
+             cancel: threading.Event, fresh: bool) -> str:
+        """Boot one VM (warm when a template fits, else cold), recording its state
+        (booting, then running or failed) in the DB; "" or the error, which includes the
+        console tail. `fresh`: a new VM (its disk is made); otherwise it restarts from the
+        disk it kept when stopped. `cancel` set: give up ("cancelled")."""
+        vm_dir = Path(vm.dir)
+        console = vm_dir / "console.log"
+        try:
+            if cancel.is_set():
+                return "cancelled"
+            overlay = vm_dir / "disk.qcow2"
+            if fresh:
+                storage.make_vm_dir(vm_dir, self.uid, self.gid)
+                if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
+                    return ""
+                grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
+                if self.clones:
+                    base = self.clones.base_for(image.disk, fingerprint(image))
+                    self.clones.clone(base, vm_dir, grow, self.uid, self.gid)
+                else:
+                    storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
+                if image.cloud_init:
+                    cloudseed.make_seed(vm_dir, vm.id, views.hostname(env.name, vm.idx),
+                                        [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
+                                        self.uid, self.gid)
+                crash_point("boot.overlay_created")
+            elif not overlay.is_file():
+                raise RuntimeError(f"the VM's disk {overlay} is gone")
+            if cancel.is_set():
+                return "cancelled"
+            self.db.set_vm(vm.id, state=BOOTING)
+            self._start_domain(vm, image, env,
+                               self.vm_xml(vm, image, env, overlay, incoming=False))
+            crash_point("boot.domain_started")
+            waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
+                                            cancel.is_set)
+            if fresh:
+                self._personalize(vm, env)
+            self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
+                           boot_mode="cold")
+            crash_point("boot.vm_running")
+            return ""
+        except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
+            if cancel.is_set():  # deleted meanwhile: a domain started late must not stay
+                self.engine.destroy(vm.domain)
+            msg = str(exc)
+            if "console tail" not in msg:
+                msg += f"\nconsole tail:\n{console_tail(console)}"
+            self.db.set_vm(vm.id, state=FAILED, error=msg)
+            return f"VM {views.hostname(env.name, vm.idx)} ({vm.image}): {msg}"
+        except Exception as exc:  # libvirtError and friends
+            if cancel.is_set():
+                self.engine.destroy(vm.domain)
+            msg = f"{type(exc).__name__}: {exc}\nconsole tail:\n{console_tail(console)}"
+            self.db.set_vm(vm.id, state=FAILED, error=msg)
+            return f"VM {views.hostname(env.name, vm.idx)} ({vm.image}): {msg}"
+
+    def _boot_warm(self, vm: VMRow, image: images.Image, env: EnvRow,
+                   cancel: threading.Event) -> bool:
+        """Start the VM from its image's template; False (and a cold boot) when there is
+        none yet (one gets built in the background), the disk must grow, or it fails."""
+        if vm.disk_mib > image.size_mib or image.cloud_init:
+            # the saved guest knows its disk's size; growing needs a boot. Cloud images
+            # run cloud-init on their first boot, which a template would have used up.
+            return False
+        template = self.templates.ready(image, vm.cpu, vm.mem_mib)
+        if template is None:
+            self.templates.request(image, vm.cpu, vm.mem_mib)
+            return False
+        overlay = Path(vm.dir) / "disk.qcow2"
+        started = time.monotonic()
+        try:  # a failure here is the template's: retire it
+            storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
+            if cancel.is_set():
+                raise RuntimeError("cancelled")
+            self.db.set_vm(vm.id, state=BOOTING)
+            self.engine.start_from_memory(self.vm_xml(vm, image, env, overlay, True),
+                                          template.state)
+            restored = time.monotonic()
+            self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
+                                   Path(vm.dir) / "console.log", cancel.is_set, interval=0.05)
+        except Exception as exc:  # noqa: BLE001 - any failure: cold boot instead
+            self._abandon_warm(vm, overlay)
+            if not cancel.is_set():
+                self.templates.discard(template, f"clone {vm.id} failed: {exc}")
+            log.warning("warm clone of %s failed, booting cold: %s", vm.id, exc)
+            return False
+        answered = time.monotonic()
+        try:  # a failure here is the guest's or the host's load, not the template's
+            self._personalize(vm, env, warm_template=template)
+        except Exception as exc:  # noqa: BLE001
+            self._abandon_warm(vm, overlay)
+            log.warning("warm clone of %s could not take its identity, booting cold: %s",
+                        vm.id, exc)
+            return False
+        log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
+                 restored - started, answered - restored, time.monotonic() - answered)
+        self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
+                       boot_seconds=round(time.monotonic() - started, 2))
+        return True
+
+    def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
+        self.engine.destroy(vm.domain)
+        overlay.unlink(missing_ok=True)
+
+    def _personalize(self, vm: VMRow, env: EnvRow,
+                     warm_template: Template | None = None) -> None:
+        """Give the VM its hostname and authorized keys (server key + the user's); a warm
+        clone also its own machine-id, SSH host key, clock and RNG (see identity.py)."""
+        dom = self.engine.lookup(vm.domain)
+        keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
+        hostname = views.hostname(env.name, vm.idx)
+        if warm_template is None:
+            identity.personalize(dom, hostname, keys)
+        else:  # many clones at once share the host's CPUs: the boot timeout applies
+            identity.take_new(dom, hostname, keys, helper=warm_template.helper,
+                              timeout=self.cfg.boot_timeout)

@@ -1,0 +1,39 @@
+"""A VM's (or a warm-clone template build's) libvirt domain, from an image and a size:
+the one place that turns them into a `domainxml.DomainSpec` and its XML.
+
+Used by the ENV manager for VMs and by `templates.Templates` for template builds, so the
+two never disagree on a domain's shape (a warm clone must match its template's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import domainxml, images
+from .accel import Accelerator
+
+
+class DomainRenderer:
+    """Domain XML for domains running as uid:gid, accelerated as `accel` decides."""
+
+    def __init__(self, accel: Accelerator, uid: int, gid: int) -> None:
+        self.accel = accel
+        self.uid, self.gid = uid, gid
+
+    def render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
+               console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
+               restrict: bool = True, title: str = "", user_net: bool = True,
+               seed: str = "") -> str:
+        """Domain XML named `name` booting `image` with `cpu` vCPUs, `mem_mib` MiB and the
+        qcow2 `disk`; serial console to the file `console`. `incoming`: paused, waiting
+        for a memory state (warm clones). `hostfwd`: QEMU user-network forwards
+        ("tcp:ADDR:HOST-:GUEST"), `restrict`: no outgoing traffic; `user_net` False: no
+        NIC (bridge mode plugs one). `seed`: a cloud-init seed image path or ""."""
+        forwards = "".join(f",hostfwd={f}" for f in hostfwd)
+        netdev = f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}"
+        return domainxml.render(domainxml.DomainSpec(
+            name=name, arch=image.name.arch, accel=self.accel.for_arch(image.name.arch),
+            vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
+            initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
+            netdev=netdev if user_net else "",
+            uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed))
