@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ttclient import __version__
 
+from .admission import EnvRequest
 from .auth import AuthError, Principal, TokenStore
-from .envs import EnvManager, EnvRequest
+from .envs import EnvManager
 from .errors import TTError
 from .schema import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
 

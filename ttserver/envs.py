@@ -1,32 +1,34 @@
-"""ENV lifecycle: admission, parallel boot, commands, files, deletion, expiry, reconciliation.
+"""ENV lifecycle: admission, parallel boot, stop/start/update, deletion, expiry,
+reconciliation. The rules of admission are in admission.py, one VM's boot in vmboot.py,
+guest access in guestops.py, response shapes in views.py.
 
 The rules that keep a host clean:
 - admission (name, images, resources, ports) happens in one SQLite transaction, and the
   rows are written before any VM exists, so every created thing has a record;
 - a failed boot tears down every VM of its ENV at once and keeps only the record and the
   error (with the console tail) for `tt env show`;
-- at start-up, reconcile() removes whatever has no live record: domains with our prefix,
-  VM directories, half-created and expired ENVs.
+- at start-up, cleanup.reconcile() removes whatever has no live record: domains with our
+  prefix, VM directories, half-created and expired ENVs.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import domainxml, images, sshexec, storage, views
+from . import admission, images, sshexec, storage, views
+from .admission import EnvRequest
 from .bridgenet import BridgeNetwork
+from .cleanup import Cleanup
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
 from .engine import Engine, qemu_user
-from .errors import BadRequest, Conflict, InsufficientResources, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .failpoints import crash_point
 from .guestio import GuestError, GuestIO
 from .guestops import GuestOps
@@ -36,7 +38,6 @@ from .states import (
     DELETING,
     ENV_FAILED,
     ENV_STOPPED,
-    FAILED,
     PENDING,
     READY,
     RUNNING,
@@ -50,29 +51,7 @@ from .vmspec import DomainRenderer
 
 log = logging.getLogger(__name__)
 
-ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-MAX_VMS_PER_ENV = 64
 SHUTDOWN_TIMEOUT = 30.0
-
-
-@dataclass
-class EnvRequest:
-    name: str
-    os_prefix: list[str]
-    vm_number: int = 1
-    cpu_num: int = 1
-    mem_size: int = 512
-    disk_size: int | None = None
-    life_time: int | None = None
-    ports: list[int] = field(default_factory=list)
-    ssh_keys: list[str] = field(default_factory=list)
-    owner: str = ""
-    deny_outgoing: bool = False
-    # exact VMs per image (full names), overriding vm_number: how ttproxy places the part
-    # of a spanning ENV that lives here; first_index keeps VM names unique across servers
-    counts: dict[str, int] | None = None
-    first_index: int = 0
-    warm: bool | None = None  # None: the server's --warm-clones
 
 
 @dataclass
@@ -108,6 +87,7 @@ class EnvManager:
                                    self.renderer)
         self.booter = VMBooter(cfg, self.db, self.engine, self.renderer, self.templates,
                                self.clones, self.bridge, self.ssh_pubkey, self.uid, self.gid)
+        self.cleanup = Cleanup(cfg, self.db, self.engine, self.booter, self.domain_prefix)
         self._admit_lock = threading.Lock()
         self._env_locks: dict[str, threading.Lock] = {}
         self._env_locks_lock = threading.Lock()
@@ -123,7 +103,7 @@ class EnvManager:
 
     def start_background(self) -> None:
         self.templates.clean_partial()
-        self.reconcile()
+        self.cleanup.reconcile()
         if self.bridge:
             self.bridge.setup({vm.id: (lease(vm), host_ports(vm),
                                        bool(env.spec.get("deny_outgoing")))
@@ -187,68 +167,19 @@ class EnvManager:
         return env
 
     # --- create ----------------------------------------------------------------------
-    def _validate(self, req: EnvRequest) -> list[images.Image]:
-        if not ENV_NAME.match(req.name):
-            raise BadRequest(f"ENV name {req.name!r}: use 1-40 letters, digits, '-' or '_',"
-                             " starting with a letter or digit")
-        if not 1 <= req.vm_number <= MAX_VMS_PER_ENV:
-            raise BadRequest(f"vm_number must be 1..{MAX_VMS_PER_ENV}")
-        if req.cpu_num < 1 or req.mem_size < 128:
-            raise BadRequest("cpu_num must be >= 1 and mem_size >= 128 MiB")
-        life = req.life_time if req.life_time is not None else self.cfg.default_life_time
-        if not 1 <= life <= self.cfg.max_life_time:
-            raise BadRequest(f"life_time must be 1..{self.cfg.max_life_time} seconds")
-        self._check_ports(req.ports)
-        for key in req.ssh_keys:
-            if "\n" in key.strip() or not key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
-                raise BadRequest("ssh_keys entries must be single OpenSSH public key lines")
-        chosen = images.select(self.cfg.image_path, req.os_prefix)
-        unsupported = [i.name.full for i in chosen if i.name.arch not in domainxml.ARCHES]
-        if unsupported:
-            raise BadRequest(f"no engine support for {', '.join(unsupported)}")
-        if req.counts is not None:
-            extra = sorted(set(req.counts) - {i.name.full for i in chosen})
-            if extra:
-                raise BadRequest(f"counts name images the prefixes do not select: {extra}")
-            if not 1 <= sum(req.counts.values()) <= MAX_VMS_PER_ENV or min(
-                    req.counts.values()) < 0:
-                raise BadRequest(f"counts must add up to 1..{MAX_VMS_PER_ENV} VMs")
-        if not 0 <= req.first_index <= 100_000:
-            raise BadRequest("first_index must be 0..100000")
-        return chosen
-
-    @staticmethod
-    def _check_ports(ports: list[int]) -> None:
-        for port in ports:
-            if not 1 <= port <= 65535 or port == 22:
-                raise BadRequest(f"port {port}: give a guest TCP port 1-65535 (22 is always"
-                                 " forwarded)")
-
     def create(self, req: EnvRequest) -> dict:
         """Admit the ENV and start booting it in the background; returns the `creating` view."""
-        chosen = self._validate(req)
+        chosen = admission.validate(req, self.cfg)
         if req.counts is not None:
             chosen = [i for i in chosen if req.counts.get(i.name.full, 0) > 0]
         life = req.life_time if req.life_time is not None else self.cfg.default_life_time
         now = time.time()
-        vms: list[VMRow] = []
-        for image in chosen:
-            count = (req.vm_number if req.counts is None
-                     else req.counts.get(image.name.full, 0))
-            for _ in range(count):
-                disk = max(req.disk_size or 0, image.size_mib)
-                vm_id = f"{self.server_id}-{secrets.token_hex(4)}"
-                vms.append(VMRow(id=vm_id, env=req.name, idx=req.first_index + len(vms),
-                                 image=image.name.full,
-                                 cpu=req.cpu_num, mem_mib=req.mem_size, disk_mib=disk,
-                                 state=PENDING, domain=f"tt-{vm_id}",
-                                 dir=str(self.cfg.vms_path / vm_id), ssh_port=0, forwards={}))
-        need = {"cpu": sum(v.cpu for v in vms), "mem_mib": sum(v.mem_mib for v in vms),
-                "disk_mib": sum(v.disk_mib for v in vms)}
+        vms = admission.plan_vms(req, chosen, self.server_id, self.cfg.vms_path)
+        need = admission.needs(vms)
         with self._admit_lock, self.db.transaction() as c:
             if self.db.get_env(req.name) is not None:
                 raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name")
-            self._check_room(need, f"for ENV {req.name!r}")
+            admission.check_room(self.db.used(), self.cfg, need, f"for ENV {req.name!r}")
             ports = self.ports.take(len(vms) * (1 + len(req.ports)), self.db.used_ports())
             for vm in vms:
                 vm.ssh_port = ports.pop()
@@ -271,17 +202,6 @@ class EnvManager:
         crash_point("create.admitted")
         self._spawn_boot(req.name, chosen, fresh=True)
         return self.get(req.name)
-
-    def _check_room(self, need: dict[str, int], what: str) -> None:
-        """Raise InsufficientResources (with numbers) unless `need` fits beside what every
-        VM on record holds. Call under the admission lock, inside the transaction."""
-        used = self.db.used()
-        totals = {"cpu": self.cfg.cpu_total, "mem_mib": self.cfg.mem_total_mib,
-                  "disk_mib": self.cfg.disk_total_mib}
-        short = [f"{k}: need {need[k]}, free {totals[k] - used[k]} of {totals[k]}"
-                 for k in need if used[k] + need[k] > totals[k]]
-        if short:
-            raise InsufficientResources(f"not enough resources {what} ({'; '.join(short)})")
 
     def _spawn_boot(self, name: str, chosen: list[images.Image], fresh: bool) -> None:
         cancel = threading.Event()
@@ -322,19 +242,10 @@ class EnvManager:
         """Free everything first, then tell watchers. A failed start keeps the disks: the
         ENV goes back to `stopped` with the error, and the user's data is not lost."""
         if fresh:
-            self._teardown_vms(self.db.vms_of(name), keep_rows=True)
+            self.cleanup.teardown_vms(self.db.vms_of(name), keep_rows=True)
             self.db.set_env(name, state=ENV_FAILED, error=error)
             return
-        self._settle_stopped(name, self.db.vms_of(name), f"start failed: {error}")
-
-    def _settle_stopped(self, name: str, vms: list[VMRow], error: str) -> None:
-        """After a failed or interrupted start/stop: no domain runs, every VM that kept its
-        disk is `stopped` (VMs that had failed before stay failed), the ENV is `stopped`."""
-        for vm in vms:
-            self.engine.destroy(vm.domain)
-            if vm.state != FAILED or Path(vm.dir).is_dir():
-                self.db.set_vm(vm.id, state=STOPPED)
-        self.db.set_env(name, state=ENV_STOPPED, error=error)
+        self.cleanup.settle_stopped(name, self.db.vms_of(name), f"start failed: {error}")
 
     # --- delete ----------------------------------------------------------------------
     def delete(self, name: str) -> None:
@@ -347,7 +258,7 @@ class EnvManager:
             boot.cancel.set()
             boot.thread.join(timeout=60)
         with self._env_lock(name):  # a stop or update in flight finishes first
-            self._teardown_vms(self.db.vms_of(env.name), keep_rows=False)
+            self.cleanup.teardown_vms(self.db.vms_of(env.name), keep_rows=False)
             crash_point("delete.torn_down")
             self.db.delete_env(name)
         with self._env_locks_lock:
@@ -395,7 +306,8 @@ class EnvManager:
                                " longer on this server")
             need = {"cpu": sum(v.cpu for v in todo), "mem_mib": sum(v.mem_mib for v in todo)}
             with self._admit_lock, self.db.transaction():
-                self._check_room(need, f"to start ENV {name!r}")
+                admission.check_room(self.db.used(), self.cfg, need,
+                                     f"to start ENV {name!r}")
                 for vm in todo:
                     self.db.set_vm(vm.id, state=PENDING)
                 self.db.set_env(name, state=STARTING, error="")
@@ -419,7 +331,7 @@ class EnvManager:
             if life_time is not None and not 1 <= life_time <= self.cfg.max_life_time:
                 raise BadRequest(f"life_time must be 1..{self.cfg.max_life_time} seconds")
             current = set(env.spec.get("ports", []))
-            self._check_ports(add_ports)
+            admission.check_ports(add_ports)
             dup = sorted(current & set(add_ports))
             missing = sorted(set(remove_ports) - current)
             if dup:
@@ -461,22 +373,6 @@ class EnvManager:
                                             | set(add))}
         self.db.set_env(env.name, spec=spec)
 
-    def _teardown_vms(self, vms: list[VMRow], keep_rows: bool) -> None:
-        for vm in vms:
-            try:
-                self.engine.destroy(vm.domain)
-            except Exception:  # keep going: the disk and the rest must still go
-                log.exception("destroying %s", vm.domain)
-            self.booter.unpublish(vm)
-            try:
-                storage.remove_vm_dir(Path(vm.dir))
-            except Exception:  # e.g. a busy subvolume: reconcile retries it at next start
-                log.exception("removing %s", vm.dir)
-            if keep_rows:
-                # a failed VM holds nothing: zero its resources and ports in the record
-                self.db.set_vm(vm.id, cpu=0, mem_mib=0, disk_mib=0, ssh_port=0, forwards={},
-                               state=FAILED)
-
     # --- expiry and reconciliation -----------------------------------------------------
     def _reap_loop(self) -> None:
         rounds = 0
@@ -491,10 +387,7 @@ class EnvManager:
 
     def collect_templates(self) -> list[str]:
         """Remove retired warm-clone templates that no VM disk is a clone of any more."""
-        used = {b for vm in self.db.all_vms()
-                if (Path(vm.dir) / "disk.qcow2").is_file()
-                for b in [storage.backing_file(Path(vm.dir) / "disk.qcow2")] if b}
-        return self.templates.collect(used)
+        return self.templates.collect([Path(vm.dir) for vm in self.db.all_vms()])
 
     def reap_expired(self) -> list[str]:
         now = time.time()
@@ -508,39 +401,3 @@ class EnvManager:
                 except NotFound:
                     pass
         return gone
-
-    def reconcile(self) -> dict:
-        """Make libvirt and the disk agree with SQLite after a (possibly unclean) restart."""
-        report: dict[str, list[str]] = {"destroyed_domains": [], "removed_dirs": [],
-                                        "cleaned_envs": [], "settled_envs": [],
-                                        "lost_vms": []}
-        for env in self.db.list_envs():
-            if env.state in (CREATING, DELETING) or env.expires_at <= time.time():
-                self._teardown_vms(env.vms, keep_rows=False)
-                self.db.delete_env(env.name)
-                report["cleaned_envs"].append(env.name)
-            elif env.state in (STOPPING, STARTING):  # interrupted: settle on `stopped`
-                self._settle_stopped(env.name, env.vms,
-                                     f"{env.state} was interrupted by a server restart")
-                report["settled_envs"].append(env.name)
-        live = {vm.domain: vm for vm in self.db.all_vms() if vm.state == RUNNING}
-        for name in self.engine.domains_with_prefix(self.domain_prefix):
-            if name not in live:
-                self.engine.destroy(name)
-                report["destroyed_domains"].append(name)
-        for vm in live.values():
-            if not self.engine.is_running(vm.domain):  # its QEMU ended while we were away
-                lost = f"VM {views.hostname(vm.env, vm.idx)} was gone after a server restart"
-                self._teardown_vms([vm], keep_rows=True)  # it holds nothing any more
-                self.db.set_vm(vm.id, error=lost)
-                self.db.set_env(vm.env, error=lost)
-                report["lost_vms"].append(vm.id)
-        known = {Path(vm.dir).name for vm in self.db.all_vms()}
-        if self.cfg.vms_path.is_dir():
-            for d in self.cfg.vms_path.iterdir():
-                if d.name not in known:
-                    storage.remove_vm_dir(d)
-                    report["removed_dirs"].append(d.name)
-        if any(report.values()):
-            log.info("reconciled: %s", report)
-        return report

@@ -123,8 +123,11 @@ class Templates:
         with contextlib.suppress(OSError):
             (template.dir / "retired").write_text(reason + "\n")
 
-    def collect(self, used_backings: set[str]) -> list[str]:
-        """Delete retired templates whose disk backs no VM overlay any more."""
+    def collect(self, vm_dirs: list[Path]) -> list[str]:
+        """Delete retired templates whose disk backs no VM overlay any more (`vm_dirs`:
+        the directories of every VM on record); returns their folder names."""
+        used_backings = {b for d in vm_dirs if (d / "disk.qcow2").is_file()
+                         for b in [storage.backing_file(d / "disk.qcow2")] if b}
         gone = []
         if self.root.is_dir():
             for d in self.root.iterdir():

@@ -1,0 +1,79 @@
+"""Admission rules and response views as pure logic (ttserver/admission.py, views.py): no
+server, no VM, no libvirt; milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ttserver import admission, views
+from ttserver.admission import EnvRequest
+from ttserver.config import ServerConfig
+from ttserver.db import EnvRow
+from ttserver.errors import BadRequest, InsufficientResources
+
+CFG = ServerConfig(image_path=Path("/nonexistent"), cfgdb_path=Path("/state"),
+                   cpu_total=4, mem_total_mib=4096, disk_total_mib=10240,
+                   default_life_time=600, max_life_time=3600)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"name": "-bad"}, "ENV name"),
+    ({"name": "x" * 41}, "ENV name"),
+    ({"vm_number": 0}, "vm_number must be 1..64"),
+    ({"vm_number": 65}, "vm_number must be 1..64"),
+    ({"mem_size": 64}, "mem_size >= 128"),
+    ({"life_time": 3601}, "life_time must be 1..3600"),
+    ({"ports": [22]}, "22 is always"),
+    ({"ports": [70000]}, "port 70000"),
+    ({"ssh_keys": ["ssh-ed25519 AAA\nssh-rsa BBB"]}, "single OpenSSH public key"),
+    ({"ssh_keys": ["not a key"]}, "single OpenSSH public key"),
+])
+def test_validate_refuses_with_what_to_change(change, words):
+    req = EnvRequest(**{"name": "ok", "os_prefix": ["debian-12"], **change})
+    with pytest.raises(BadRequest, match=words):
+        admission.validate(req, CFG)
+
+
+def image(full: str, size_mib: int) -> SimpleNamespace:
+    return SimpleNamespace(name=SimpleNamespace(full=full), size_mib=size_mib)
+
+
+def test_plan_vms_counts_indexes_and_disks():
+    chosen = [image("qemu:debian-12:x86_64", 2048), image("qemu:debian-13:x86_64", 3072)]
+    req = EnvRequest(name="e", os_prefix=["debian"], vm_number=2, disk_size=2500,
+                     first_index=5)
+    vms = admission.plan_vms(req, chosen, "abc123", Path("/state/vms"))  # type: ignore[arg-type]
+    assert [v.idx for v in vms] == [5, 6, 7, 8]
+    assert [v.disk_mib for v in vms] == [2500, 2500, 3072, 3072]  # at least the image's
+    assert all(v.state == "pending" and v.id.startswith("abc123-") for v in vms)
+    assert all(v.dir == f"/state/vms/{v.id}" and v.domain == f"tt-{v.id}" for v in vms)
+    assert len({v.id for v in vms}) == 4
+    assert admission.needs(vms) == {"cpu": 4, "mem_mib": 2048, "disk_mib": 11144}
+    counted = EnvRequest(name="e", os_prefix=["debian"], counts={"qemu:debian-13:x86_64": 1})
+    assert [v.image for v in admission.plan_vms(counted, chosen, "a", Path("/v"))  # type: ignore[arg-type]
+            ] == ["qemu:debian-13:x86_64"]
+
+
+def test_check_room_names_what_is_short_with_numbers():
+    used = {"cpu": 3, "mem_mib": 1024, "disk_mib": 0}
+    admission.check_room(used, CFG, {"cpu": 1, "mem_mib": 3072, "disk_mib": 10240}, "for x")
+    with pytest.raises(InsufficientResources) as exc:
+        admission.check_room(used, CFG, {"cpu": 2, "mem_mib": 512, "disk_mib": 1}, "for ENV 'x'")
+    assert str(exc.value.args[0]) == ("not enough resources for ENV 'x' "
+                                      "(cpu: need 2, free 1 of 4)")
+
+
+def test_views_name_vms_and_show_outgoing():
+    vm = admission.plan_vms(EnvRequest(name="My_Env", os_prefix=["d"]),
+                            [image("qemu:debian-12:x86_64", 1)], "s", Path("/v"))[0]  # type: ignore[list-item]
+    assert views.hostname("My_Env", 3) == "my-env-3"
+    assert views.vm_refs(vm) == {vm.id, "my-env-0", "0"}
+    env = EnvRow(name="My_Env", owner="", state="running", created_at=1.0, expires_at=2.0,
+                 spec={"ports": [80]}, vms=[vm])
+    view = views.env_view(env, "s", "127.0.0.1", restricted=True)
+    assert view["outgoing"] == "denied" and view["ports"] == [80]
+    assert view["vms"][0]["name"] == "my-env-0" and view["vms"][0]["os"] == "debian-12"
+    assert view["vms"][0]["ssh_host"] == "127.0.0.1"

@@ -1,0 +1,123 @@
+"""Admission rules of an ENV request, as pure functions of the request, the settings and
+what the state DB holds: validation (name, counts, sizes, lifetime, ports, keys, images),
+the VM rows an ENV gets, and whether they fit beside every VM on record.
+
+envs.EnvManager applies them under its admission lock, inside one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import domainxml, images
+from .config import ServerConfig
+from .db import VMRow
+from .errors import BadRequest, InsufficientResources
+from .states import PENDING
+
+ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+MAX_VMS_PER_ENV = 64
+
+
+@dataclass
+class EnvRequest:
+    """A validated-shape ENV request (the API's body after parsing; sizes in MiB,
+    life_time in seconds)."""
+
+    name: str
+    os_prefix: list[str]
+    vm_number: int = 1
+    cpu_num: int = 1
+    mem_size: int = 512
+    disk_size: int | None = None
+    life_time: int | None = None
+    ports: list[int] = field(default_factory=list)
+    ssh_keys: list[str] = field(default_factory=list)
+    owner: str = ""
+    deny_outgoing: bool = False
+    # exact VMs per image (full names), overriding vm_number: how ttproxy places the part
+    # of a spanning ENV that lives here; first_index keeps VM names unique across servers
+    counts: dict[str, int] | None = None
+    first_index: int = 0
+    warm: bool | None = None  # None: the server's --warm-clones
+
+
+def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
+    """The images the request's prefixes select; BadRequest (a message saying what to
+    change) for any rule broken, NotFound for a prefix that matches no image."""
+    if not ENV_NAME.match(req.name):
+        raise BadRequest(f"ENV name {req.name!r}: use 1-40 letters, digits, '-' or '_',"
+                         " starting with a letter or digit")
+    if not 1 <= req.vm_number <= MAX_VMS_PER_ENV:
+        raise BadRequest(f"vm_number must be 1..{MAX_VMS_PER_ENV}")
+    if req.cpu_num < 1 or req.mem_size < 128:
+        raise BadRequest("cpu_num must be >= 1 and mem_size >= 128 MiB")
+    life = req.life_time if req.life_time is not None else cfg.default_life_time
+    if not 1 <= life <= cfg.max_life_time:
+        raise BadRequest(f"life_time must be 1..{cfg.max_life_time} seconds")
+    check_ports(req.ports)
+    for key in req.ssh_keys:
+        if "\n" in key.strip() or not key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
+            raise BadRequest("ssh_keys entries must be single OpenSSH public key lines")
+    chosen = images.select(cfg.image_path, req.os_prefix)
+    unsupported = [i.name.full for i in chosen if i.name.arch not in domainxml.ARCHES]
+    if unsupported:
+        raise BadRequest(f"no engine support for {', '.join(unsupported)}")
+    if req.counts is not None:
+        extra = sorted(set(req.counts) - {i.name.full for i in chosen})
+        if extra:
+            raise BadRequest(f"counts name images the prefixes do not select: {extra}")
+        if not 1 <= sum(req.counts.values()) <= MAX_VMS_PER_ENV or min(
+                req.counts.values()) < 0:
+            raise BadRequest(f"counts must add up to 1..{MAX_VMS_PER_ENV} VMs")
+    if not 0 <= req.first_index <= 100_000:
+        raise BadRequest("first_index must be 0..100000")
+    return chosen
+
+
+def check_ports(ports: list[int]) -> None:
+    """BadRequest unless every port is a guest TCP port other than 22 (always forwarded)."""
+    for port in ports:
+        if not 1 <= port <= 65535 or port == 22:
+            raise BadRequest(f"port {port}: give a guest TCP port 1-65535 (22 is always"
+                             " forwarded)")
+
+
+def plan_vms(req: EnvRequest, chosen: list[images.Image], server_id: str,
+             vms_path: Path) -> list[VMRow]:
+    """The `pending` VM rows of the ENV, in index order (ports not assigned yet): per
+    image `vm_number` VMs (or `counts[image]`), disks at least the image's size."""
+    vms: list[VMRow] = []
+    for image in chosen:
+        count = req.vm_number if req.counts is None else req.counts.get(image.name.full, 0)
+        for _ in range(count):
+            disk = max(req.disk_size or 0, image.size_mib)
+            vm_id = f"{server_id}-{secrets.token_hex(4)}"
+            vms.append(VMRow(id=vm_id, env=req.name, idx=req.first_index + len(vms),
+                             image=image.name.full,
+                             cpu=req.cpu_num, mem_mib=req.mem_size, disk_mib=disk,
+                             state=PENDING, domain=f"tt-{vm_id}",
+                             dir=str(vms_path / vm_id), ssh_port=0, forwards={}))
+    return vms
+
+
+def needs(vms: list[VMRow]) -> dict[str, int]:
+    """What the VMs reserve: {"cpu": vCPUs, "mem_mib": MiB, "disk_mib": MiB}."""
+    return {"cpu": sum(v.cpu for v in vms), "mem_mib": sum(v.mem_mib for v in vms),
+            "disk_mib": sum(v.disk_mib for v in vms)}
+
+
+def check_room(used: dict[str, int], cfg: ServerConfig, need: dict[str, int],
+               what: str) -> None:
+    """InsufficientResources (with numbers) unless `need` fits beside `used` (what every
+    VM on record holds, StateDB.used()) within --cpu-total/--mem-total/--disk-total.
+    Call under the admission lock, inside the transaction that writes the rows."""
+    totals = {"cpu": cfg.cpu_total, "mem_mib": cfg.mem_total_mib,
+              "disk_mib": cfg.disk_total_mib}
+    short = [f"{k}: need {need[k]}, free {totals[k] - used[k]} of {totals[k]}"
+             for k in need if used[k] + need[k] > totals[k]]
+    if short:
+        raise InsufficientResources(f"not enough resources {what} ({'; '.join(short)})")
