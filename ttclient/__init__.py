@@ -3,4 +3,9 @@
 Kept free of server dependencies so `pip install ttstack` is enough for test authors.
 """
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:  # one source: pyproject.toml's version, as installed
+    __version__ = metadata.version("ttstack")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

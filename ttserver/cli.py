@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -58,7 +59,16 @@ def _subnet(text: str) -> str:
     return str(net)
 
 
+def _defaults() -> dict:
+    """ServerConfig's defaults: the parser states none of its own."""
+    from .config import ServerConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ServerConfig)
+            if f.default is not dataclasses.MISSING}
+
+
 def serve_parser() -> argparse.ArgumentParser:
+    d = _defaults()
     p = argparse.ArgumentParser(
         prog="ttserver", description="ttstack host daemon: ENVs of real VMs over HTTP/JSON.",
         epilog="Sub-commands: 'ttserver image build|list ...' (see 'ttserver image --help'),"
@@ -70,44 +80,48 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"state directory: SQLite DB, VM disks, SSH key (default {DEFAULT_STATE})")
     p.add_argument("--cpu-total", type=int, default=os.cpu_count() or 1,
                    help="vCPUs this host may hand out (default: host CPUs)")
-    p.add_argument("--mem-total", type=_mib, default=4096,
-                   help="guest memory to hand out (default 4G)")
-    p.add_argument("--disk-total", type=_mib, default=40960,
-                   help="virtual disk size of VM clones to hand out (default 40G)")
-    p.add_argument("--serv-addr", default="127.0.0.1",
-                   help="address for the API and the forwarded VM ports (default 127.0.0.1;"
-                        " before exposing it, set --tokens-file)")
-    p.add_argument("--serv-port", type=int, default=20000, help="API port (default 20000)")
-    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+    p.add_argument("--mem-total", type=_mib, default=d["mem_total_mib"],
+                   help=f"guest memory to hand out (default {d['mem_total_mib']} MiB)")
+    p.add_argument("--disk-total", type=_mib, default=d["disk_total_mib"],
+                   help=f"virtual disk size of VM clones to hand out (default "
+                        f"{d['disk_total_mib']} MiB)")
+    p.add_argument("--serv-addr", default=d["serv_addr"],
+                   help=f"address for the API and the forwarded VM ports (default "
+                        f"{d['serv_addr']}; before exposing it, set --tokens-file)")
+    p.add_argument("--serv-port", type=int, default=d["serv_port"],
+                   help=f"API port (default {d['serv_port']})")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=d["accel"],
                    help="auto: KVM only if a guest kernel really boots under it, else TCG")
-    p.add_argument("--port-range", type=_port_range, default=(40000, 49999),
-                   help="host ports for forwards, FIRST-LAST (default 40000-49999)")
-    p.add_argument("--boot-timeout", type=float, default=300.0,
-                   help="seconds a VM may take until its guest agent answers (default 300)")
-    p.add_argument("--life-time", type=int, default=6 * 3600,
-                   help="default ENV lifetime in seconds (default 6 h)")
+    p.add_argument("--port-range", type=_port_range, default=(d["port_first"], d["port_last"]),
+                   help=f"host ports for forwards, FIRST-LAST (default "
+                        f"{d['port_first']}-{d['port_last']})")
+    p.add_argument("--boot-timeout", type=float, default=d["boot_timeout"],
+                   help=f"seconds a VM may take until its guest agent answers (default "
+                        f"{d['boot_timeout']:.0f})")
+    p.add_argument("--life-time", type=int, default=d["default_life_time"],
+                   help=f"default ENV lifetime in seconds (default {d['default_life_time']})")
     p.add_argument("--allow-outgoing", action="store_true",
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
     p.add_argument("--warm-clones", action="store_true",
                    help="start VMs from a saved memory snapshot of their image (about a"
                         " second instead of a boot); ENVs may still ask for cold boots")
-    p.add_argument("--storage", choices=["auto", "qcow2", "btrfs", "zfs"], default="auto",
+    p.add_argument("--storage", choices=["auto", "qcow2", "btrfs", "zfs"], default=d["storage"],
                    help="VM disk clones: qcow2 overlays, or btrfs snapshots when the state"
                         " and images are on one btrfs (auto picks by filesystem)")
-    p.add_argument("--network", choices=["user", "bridge"], default="user",
+    p.add_argument("--network", choices=["user", "bridge"], default=d["network"],
                    help="user: QEMU user networking, nothing to set up (default); bridge: a"
                         " Linux bridge with DHCP and nftables port mapping (root, nft,"
                         " dnsmasq; see docs/operator.md)")
-    p.add_argument("--bridge-name", type=_ifname, default="ttbr0",
-                   help="bridge for --network bridge (default ttbr0)")
-    p.add_argument("--bridge-subnet", type=_subnet, default="10.213.0.0/24",
-                   help="VM addresses for --network bridge; the first is the host's"
-                        " (default 10.213.0.0/24)")
+    p.add_argument("--bridge-name", type=_ifname, default=d["bridge_name"],
+                   help=f"bridge for --network bridge (default {d['bridge_name']})")
+    p.add_argument("--bridge-subnet", type=_subnet, default=d["bridge_subnet"],
+                   help=f"VM addresses for --network bridge; the first is the host's"
+                        f" (default {d['bridge_subnet']})")
     p.add_argument("--tokens-file", type=Path, default=None,
                    help="API tokens ('ttserver token add'); without it the API is open")
-    p.add_argument("--libvirt-uri", default="qemu:///system",
-                   help="libvirt connection (default qemu:///system)")
+    p.add_argument("--libvirt-uri", default=d["libvirt_uri"],
+                   help=f"libvirt connection (default {d['libvirt_uri']})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                    help="default info")
     return p

@@ -1,4 +1,5 @@
-"""Server settings, filled from the command line (see ttserver/cli.py)."""
+"""Server settings, filled from the command line (ttserver/cli.py takes its defaults
+from here: each default is stated once)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ class ServerConfig:
     image_path: Path
     cfgdb_path: Path
     cpu_total: int
-    mem_total_mib: int
-    disk_total_mib: int
+    mem_total_mib: int = 4096
+    disk_total_mib: int = 40960
     serv_addr: str = "127.0.0.1"
     serv_port: int = 20000
     accel: str = "auto"
