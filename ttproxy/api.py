@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ttclient import __version__
-from ttserver.schema import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
+from ttclient.contract import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
 
 from .proxy import CALLER_TOKEN, Proxy, ProxyError
 

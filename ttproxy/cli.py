@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn  # noqa: F401 - fail here, with the install hint
 
-        from ttserver.serving import serve
+        from ttclient.serving import serve
 
         from .api import create_app
         from .proxy import Proxy

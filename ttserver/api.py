@@ -14,12 +14,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ttclient import __version__
+from ttclient.contract import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
 
 from .admission import EnvRequest
 from .auth import AuthError, Principal, TokenStore
 from .envs import EnvManager
 from .errors import TTError
-from .schema import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
 
 log = logging.getLogger(__name__)
 

@@ -205,8 +205,9 @@ def image_main(argv: list[str]) -> int:
             return 1
         print(f"[image import] {args.name} at {target}", file=sys.stderr)
         return 0
+    from ttclient.serving import exit_on_sigterm
+
     from .imagebuild import BuildError, build
-    from .serving import exit_on_sigterm
     exit_on_sigterm()  # a stopped build still unmounts and removes its work tree
     try:
         build(args.os, args.arch, args.image_path, disk_mib=args.disk_size,
@@ -224,10 +225,11 @@ def serve_main(argv: list[str]) -> int:
     try:
         import uvicorn  # noqa: F401 - fail here, with the install hint
 
+        from ttclient.serving import serve
+
         from .api import create_app
         from .config import ServerConfig
         from .envs import EnvManager
-        from .serving import serve
     except ImportError as exc:
         print(f"ttserver: missing server dependency ({exc.name}); "
               "install with: pip install 'ttstack[server]'", file=sys.stderr)

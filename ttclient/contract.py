@@ -1,5 +1,9 @@
-"""Request bodies of the ttserver API, shared with ttproxy (which serves the same API and
-must not import anything that needs libvirt)."""
+"""The API contract both daemons serve (ttserver and ttproxy): request bodies as pydantic
+models, validated the same way by both.
+
+Needs pydantic, which the `[server]` and `[proxy]` extras bring (FastAPI depends on it);
+the `tt` client does not import this module, so `pip install ttstack` stays light.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Run a daemon's ASGI app until SIGTERM or SIGINT, then let the daemon clean up.
+"""Run a daemon's ASGI app until SIGTERM or SIGINT, then let the daemon clean up
+(shared by ttserver and ttproxy; needs uvicorn, from the `[server]`/`[proxy]` extras).
 
 Why not just `uvicorn.run` in a try/finally: since 0.29 uvicorn re-raises the signal it
 caught once it has shut down, with the handler that was installed before it started. With
