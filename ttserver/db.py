@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS vms (
 );
 CREATE INDEX IF NOT EXISTS vms_env ON vms(env);
 """
+# Schema changes after version 1: {version: statements}, applied in order, each once.
+# Add a step here (and bump SCHEMA_VERSION) instead of editing SCHEMA for old DBs.
+MIGRATIONS: dict[int, list[str]] = {}
+SCHEMA_VERSION = 1
+
+
+class NewerSchema(RuntimeError):
+    """The state DB was written by a newer ttserver."""
 
 
 @dataclass
@@ -95,21 +103,38 @@ class EnvRow:
 class StateDB:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(SCHEMA)
         self._migrate()
 
     def _migrate(self) -> None:
-        """Columns added after a release: state dirs of older servers keep working."""
-        cols = {r["name"] for r in self._conn.execute("PRAGMA table_info(vms)")}
-        if "boot_mode" not in cols:
-            self._conn.execute("ALTER TABLE vms ADD COLUMN boot_mode TEXT NOT NULL DEFAULT ''")
-        if "net_addr" not in cols:
-            self._conn.execute("ALTER TABLE vms ADD COLUMN net_addr TEXT NOT NULL DEFAULT ''")
+        """Bring the DB to `SCHEMA_VERSION`, counted in SQLite's `PRAGMA user_version`.
+        Version 0 is any DB before versioning (its columns are checked one by one);
+        each later step runs once, in a transaction with its version bump. A DB from a
+        newer server is refused (NewerSchema) rather than misread."""
+        with self.transaction() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise NewerSchema(f"the state DB {self.path} has schema version {version}; "
+                                  f"this ttserver knows up to {SCHEMA_VERSION}: run the "
+                                  "newer ttserver, or start with another --cfgdb-path")
+            if version == 0:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                cols = {r["name"] for r in c.execute("PRAGMA table_info(vms)")}
+                for name in ("boot_mode", "net_addr"):  # added before versioning
+                    if name not in cols:
+                        c.execute(f"ALTER TABLE vms ADD COLUMN {name} TEXT NOT NULL DEFAULT ''")
+                version = 1
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    c.execute(statement)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
