@@ -13,6 +13,8 @@ from ttclient.imagenames import ImageNameError, parse_image_name, parse_os_prefi
 
 
 def image_id(image: str) -> str:
+    """The test id part for an image: `OS-VERSION:ARCH`, without the engine; ImageNameError
+    for a malformed name."""
     name = parse_image_name(image)
     return f"{name.os}:{name.arch}"
 
@@ -25,6 +27,8 @@ def _marker_prefixes(metafunc: pytest.Metafunc) -> list[str] | None:
 
 
 def select(images: list[str], prefixes: list[str] | None) -> list[str]:
+    """The images matched by any of `prefixes` (all of them when None), in their order;
+    UsageError for a malformed prefix."""
     if prefixes is None:
         return list(images)
     try:
@@ -36,6 +40,8 @@ def select(images: list[str], prefixes: list[str] | None) -> list[str]:
 
 def parametrize(metafunc: pytest.Metafunc, images: list[str] | None,
                 fixture: str = "tt_vm") -> None:
+    """Parametrize `fixture` (indirectly) over the images a test's tt_os markers select; a
+    single skipped param when no --tt-os was given or none match."""
     if images is None:
         params = [pytest.param(None, id="no-tt-os",
                                marks=pytest.mark.skip(reason="ttstack: no --tt-os given"))]

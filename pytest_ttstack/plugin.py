@@ -30,6 +30,7 @@ NATIVE_KEY = pytest.StashKey[native.NativeSession | None]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the `--tt-*` options and ini settings."""
     add_options(parser)
 
 
@@ -65,6 +66,8 @@ def _say(config: pytest.Config, text: str) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the tt_os marker, take the ENV from xdist's workerinput in a worker, and set
+    native mode up (UsageError for --tt-native without --tt-os)."""
     config.addinivalue_line("markers", "tt_os(*prefixes): run this test only on the requested "
                                        "OS images matching these prefixes")
     config.stash[ENV_KEY] = None
@@ -144,6 +147,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize tests that use `tt_vm` over the session's images."""
     env = metafunc.config.stash.get(ENV_KEY, None)
     if "tt_vm" in metafunc.fixturenames:
         matrix.parametrize(metafunc, env.images if env else None)
@@ -168,6 +172,7 @@ class _XdistHooks:
     """Registered only when pytest-xdist is installed (its hooks are unknown otherwise)."""
 
     def pytest_configure_node(self, node: object) -> None:
+        """Send the session's ENV to the worker, as a dict (None when there is none)."""
         env = node.config.stash.get(ENV_KEY, None)  # type: ignore[attr-defined]
         node.workerinput["tt_env"] = env.to_dict() if env else None  # type: ignore[attr-defined]
 
@@ -196,6 +201,8 @@ def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv) -> Iterator[VM]:
 def pytest_runtest_makereport(item: pytest.Item,
                               call: pytest.CallInfo) -> Generator[None, pytest.TestReport,
                                                                   pytest.TestReport]:
+    """Mark the session failed on a failed report, and add the VM's console tail (30 lines)
+    to it when the test used `tt_vm`."""
     report = yield
     if report.failed:
         item.config.stash[FAILED_KEY] = True

@@ -32,6 +32,10 @@ class TTSetupError(Exception):
 
 @dataclass
 class Settings:
+    """What the session's ENV is made of, from the `--tt-*` options: OS prefixes, server
+    HOST:PORT, life time (seconds), vCPUs and memory (MiB) per VM, boot timeout (seconds)
+    and VMs per image (`workers`)."""
+
     os_prefixes: list[str]
     server: str
     keep: bool = False
@@ -55,10 +59,12 @@ class SessionEnv:
     error: str = ""
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (what xdist's workerinput carries)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> SessionEnv:
+        """The SessionEnv that to_dict gave `data`."""
         return cls(**data)
 
     @cached_property
@@ -67,6 +73,8 @@ class SessionEnv:
         return Client(f"http://{self.server}")
 
     def vm_for(self, image: str, worker: int) -> VM:
+        """The VM of `image` that worker number `worker` uses (modulo the VMs of that
+        image); TTSetupError when the ENV has none of that image."""
         mine = [v for v in self.vms if v["image"] == image]
         if not mine:
             raise TTSetupError(f"the session ENV has no VM of {image}")
@@ -74,6 +82,8 @@ class SessionEnv:
 
 
 def default_server() -> str:
+    """HOST:PORT of the configured server ($TT_SERVER, else the `tt config` file, else the
+    default); ValueError for an unreadable config file."""
     cfg = cfgmod.load()
     return f"{cfg.serv_addr}:{cfg.serv_port}"
 
@@ -89,11 +99,15 @@ def user_ssh_keys() -> list[str]:
 
 
 def env_name() -> str:
+    """A fresh ENV name from this host and process: `pytest-HOST-PID-XXXX`, at most 40
+    characters."""
     host = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower())[:12]
     return f"pytest-{host}-{os.getpid()}-{secrets.token_hex(2)}"[:40]
 
 
 def resolve_images(client: Client, prefixes: list[str]) -> list[str]:
+    """The full names of the server's images the prefixes select, in prefix order;
+    TTSetupError for a bad prefix, no matching image or an API failure."""
     try:
         available = [parse_image_name(i["name"]) for i in client.images()]
         return [i.full for i in match_images(split_prefixes(prefixes), available)]
@@ -115,9 +129,13 @@ class EnvOwner:
 
     @staticmethod
     def client_for(server: str) -> Client:
+        """A client for the server at `server` (HOST:PORT)."""
         return Client(f"http://{server}")
 
     def create(self) -> SessionEnv:
+        """Create the session's ENV (one VM per image per worker), report its boot through
+        `say` and wait for it; the SessionEnv, with `error` set when it did not come up.
+        TTSetupError when it cannot be created or waited for."""
         s = self.settings
         images = resolve_images(self.client, s.os_prefixes)
         name = env_name()
@@ -149,6 +167,8 @@ class EnvOwner:
         return env
 
     def delete(self, keep: bool = False) -> None:
+        """Delete the ENV once (a 404 counts as deleted; other failures are printed, not
+        raised); with `keep`, leave it and say how to reach and delete it."""
         if not self.name or self.deleted:
             return
         if keep:

@@ -22,12 +22,17 @@ MARKS = {"passed": "✅ pass", "failed": "❌ fail", "error": "💥 error", "ski
 
 @dataclass(frozen=True)
 class Outcome:
+    """One test case of the report: test id without its OS parameter, OS id ("-" for none)
+    and result."""
+
     test: str  # classname::name without the OS parameter
     os: str  # "debian-12:x86_64", or "-" for tests without an OS
     result: str  # passed | failed | error | skipped
 
 
 def outcomes(report: Path) -> list[Outcome]:
+    """Every test case of the JUnit XML `report`, in report order; OSError or
+    ElementTree.ParseError when it cannot be read."""
     root = ET.parse(report).getroot()
     out = []
     for case in root.iter("testcase"):
@@ -47,6 +52,8 @@ def outcomes(report: Path) -> list[Outcome]:
 
 
 def table(items: list[Outcome]) -> str:
+    """The Markdown summary: a counts line, then a table with a row per test and a column
+    per OS (`-` last)."""
     oses = sorted({o.os for o in items} - {"-"}) + (["-"] if any(o.os == "-" for o in items)
                                                      else [])
     tests = list(dict.fromkeys(o.test for o in items))
@@ -63,6 +70,8 @@ def table(items: list[Outcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the table of the report named in `argv`; 0 (a line saying so when the report
+    cannot be read), 2 for bad usage."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m pytest_ttstack.summary REPORT.xml", file=sys.stderr)

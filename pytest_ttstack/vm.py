@@ -10,6 +10,9 @@ from ttclient.api import Client
 
 @dataclass(frozen=True)
 class RunResult:
+    """A command's outcome in one VM: exit code (None when it did not finish), output as
+    text, and whether it timed out."""
+
     exit_code: int | None
     stdout: str
     stderr: str
@@ -17,6 +20,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
+        """True when the command exited 0."""
         return self.exit_code == 0
 
     def check(self) -> RunResult:
@@ -27,6 +31,9 @@ class RunResult:
 
 
 class CommandFailed(AssertionError):
+    """An assertion error for a command that did not exit 0; the message has its exit code
+    (or timeout) and output, `result` the RunResult."""
+
     def __init__(self, result: RunResult) -> None:
         what = "timed out" if result.timed_out else f"exited {result.exit_code}"
         super().__init__(f"command {what}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
@@ -79,4 +86,6 @@ class VM:
         return dest
 
     def console_tail(self, lines: int = 50) -> str:
+        """The last `lines` lines of the VM's serial console, as text; ApiError when the
+        server cannot give it."""
         return self._client.console(self.env_name, self.id, lines)

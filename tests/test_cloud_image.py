@@ -89,6 +89,12 @@ def test_import_bad_input_is_a_clear_error(imported: Path):
     res = ttserver("import", str(empty), "--name", "qemu:empty-1:x86_64",
                    "--image-path", str(imported / "other"))
     assert res.returncode == 1 and "no Linux root filesystem" in res.stderr, res.stderr
+    corrupt = imported / "corrupt.qcow2"  # qemu-img itself fails: was a traceback
+    corrupt.write_bytes(b"QFI\xfb" + b"\xff" * 4096)
+    res = ttserver("import", str(corrupt), "--name", "qemu:corrupt-1:x86_64",
+                   "--image-path", str(imported / "other"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("ttserver image import: reading the image failed"), res.stderr
 
 
 def test_cloud_image_vm_takes_its_identity_from_the_nocloud_seed(imported: Path):

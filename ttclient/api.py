@@ -21,6 +21,9 @@ TRANSIENT_STATES = ("creating", "starting")
 
 
 class ApiError(RuntimeError):
+    """A failed API call: the server's message (or why it could not be reached), and
+    `status`, the HTTP status code (None when there was no answer)."""
+
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
@@ -46,6 +49,9 @@ def changed_vms(view: dict, seen: dict[str, str]) -> list[dict]:
 
 
 class Client:
+    """The API of one ttserver or ttproxy at `base_url`; `token` (default: $TT_TOKEN or the
+    config file) is sent as a bearer token. Every call raises ApiError on failure."""
+
     def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
                  token: str | None | object = FROM_CONFIG) -> None:
         self.base_url = base_url.rstrip("/")
@@ -76,6 +82,8 @@ class Client:
 
     # --- server ---
     def status(self) -> dict:
+        """The server's resources, images and warm templates: a dict as EnvManager.status
+        makes (through ttproxy: summed totals and `servers`, a row per member)."""
         return self._call("GET", "/status").json()
 
     def whoami(self) -> dict:
@@ -83,10 +91,13 @@ class Client:
         return self._call("GET", "/whoami").json()
 
     def images(self) -> list[dict]:
+        """The images the server has: a list of dicts as images.Image.to_dict makes."""
         return self._call("GET", "/images").json()
 
     # --- ENVs ---
     def create_env(self, name: str, os_prefix: list[str], **options: object) -> dict:
+        """Ask for an ENV of the images `os_prefix` selects, owned by config.owner();
+        options left None are not sent. The `creating` ENV view (dict)."""
         body = {"name": name, "os_prefix": os_prefix, "owner": owner(),
                 **{k: v for k, v in options.items() if v is not None}}
         return self.post_env(body)
@@ -96,24 +107,34 @@ class Client:
         return self._call("POST", "/envs", json=body).json()
 
     def list_envs(self, owner: str | None = None) -> list[dict]:
+        """The ENV views (list of dicts), only `owner`'s when given."""
         return self._call("GET", "/envs", params={"owner": owner} if owner else None).json()
 
     def get_env(self, name: str) -> dict:
+        """The ENV's view: a dict as views.env_view makes; ApiError (404) when there is no
+        such ENV."""
         return self._call("GET", f"/envs/{name}").json()
 
     def delete_env(self, name: str) -> dict:
+        """Delete the ENV and its VMs (waits up to 120 s); {"deleted": name}."""
         return self._call("DELETE", f"/envs/{name}", timeout=120).json()
 
     def stop_env(self, name: str) -> dict:
+        """Power the ENV's VMs off, keeping their disks (waits up to 180 s); the `stopped`
+        ENV view."""
         # the server powers VMs off cleanly, forcing them after 30 s
         return self._call("POST", f"/envs/{name}/stop", timeout=180).json()
 
     def start_env(self, name: str) -> dict:
+        """Boot a stopped ENV from its kept disks; the `starting` ENV view, at once
+        (wait_env follows it)."""
         return self._call("POST", f"/envs/{name}/start").json()
 
     def update_env(self, name: str, life_time: int | None = None,
                    add_ports: list[int] | None = None,
                    remove_ports: list[int] | None = None) -> dict:
+        """Set the ENV's expiry to `life_time` seconds from now and add or remove forwarded
+        guest ports; the updated ENV view."""
         body = {"life_time": life_time, "add_ports": add_ports or [],
                 "remove_ports": remove_ports or []}
         return self._call("PATCH", f"/envs/{name}", json=body).json()
@@ -138,11 +159,15 @@ class Client:
 
     def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600,
             vms: list[str] | None = None) -> dict:
+        """`cmd` in the ENV's VMs (all, or those named in `vms`), `timeout` seconds per VM:
+        {"env", "results": list of per-VM result dicts}."""
         body = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout, "vms": vms}
         return self._call("POST", f"/envs/{name}/run", json=body, timeout=timeout + 30).json()
 
     def push(self, name: str, remote: str, data: bytes, mode: int | None = None,
              vms: list[str] | None = None, use_ssh: bool = False) -> dict:
+        """Write `data` to the absolute guest path `remote` in the ENV's VMs, with file mode
+        `mode` when given: {"env", "results": list of per-VM result dicts}."""
         params: dict = {"path": remote, "use_ssh": use_ssh}
         if mode is not None:
             params["mode"] = f"{mode:o}"
@@ -152,9 +177,12 @@ class Client:
                           timeout=900).json()
 
     def console(self, name: str, vm: str, lines: int = 50) -> str:
+        """The last `lines` lines of the VM's serial console, as text."""
         return self._call("GET", f"/envs/{name}/vms/{vm}/console",
                           params={"lines": lines}).text
 
     def pull(self, name: str, vm: str, remote: str, use_ssh: bool = False) -> bytes:
+        """The bytes of the absolute guest path `remote` in one VM; ApiError when it cannot
+        be read."""
         return self._call("GET", f"/envs/{name}/vms/{vm}/files",
                           params={"path": remote, "use_ssh": use_ssh}, timeout=900).content

@@ -28,6 +28,7 @@ from .units import parse_mib
 
 
 class CliError(Exception):
+    """A usage or input error; main prints it as one `tt: error:` line and exits with 1."""
     pass
 
 
@@ -55,6 +56,8 @@ def _mib_text(mib: int) -> str:
 
 # --- config / status -----------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
+    """`tt config`: save the given address, port or token, or show the current ones; 0.
+    CliError for a bad token or port."""
     cfg = cfgmod.load(apply_env=bool(not args.serv_addr and not args.serv_port
                                      and args.token is None))
     changed = False
@@ -82,6 +85,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`tt status`: the client's version, its server and the ENVs it sees, or with --server
+    the server's resources, images and warm templates; 0."""
     client = _client(args)
     if not args.server_info:
         envs = client.list_envs()
@@ -143,6 +148,8 @@ def _show_env(env: dict) -> None:
 
 
 def cmd_env_add(args: argparse.Namespace) -> int:
+    """`tt env add`: create an ENV and, unless --no-wait, follow its boot; 0 once running.
+    CliError without prefixes, for an unreadable key file or a failed ENV."""
     prefixes = split_prefixes((args.os_prefix or []) + (args.image or []))
     if not prefixes:
         raise CliError("give --os-prefix (e.g. --os-prefix=debian-12) or --image")
@@ -195,6 +202,7 @@ def _follow_boot(args: argparse.Namespace, client: Client, since: float) -> int:
 
 
 def cmd_env_list(args: argparse.Namespace) -> int:
+    """`tt env list` (own ENVs) and `listall` (everyone's); 0."""
     everyone = args.env_command == "listall"
     envs = _client(args).list_envs(None if everyone else cfgmod.owner())
     if args.json:
@@ -211,6 +219,7 @@ def cmd_env_list(args: argparse.Namespace) -> int:
 
 
 def cmd_env_show(args: argparse.Namespace) -> int:
+    """`tt env show`: one ENV and its VMs; 0."""
     env = _client(args).get_env(args.name)
     if args.json:
         _print_json(env)
@@ -220,6 +229,8 @@ def cmd_env_show(args: argparse.Namespace) -> int:
 
 
 def cmd_env_run(args: argparse.Namespace) -> int:
+    """`tt env run`: print each VM's output; 124 when any VM timed out, 1 when any command
+    failed, else 0. CliError when no VM is running."""
     reply = _client(args).run(args.name, args.cmd, use_ssh=args.use_ssh, timeout=args.timeout)
     results = reply["results"]
     if args.json:
@@ -250,6 +261,7 @@ def cmd_env_run(args: argparse.Namespace) -> int:
 
 
 def cmd_env_del(args: argparse.Namespace) -> int:
+    """`tt env del`: delete each named ENV in turn; 0."""
     client = _client(args)
     for name in args.names:
         client.delete_env(name)
@@ -258,6 +270,7 @@ def cmd_env_del(args: argparse.Namespace) -> int:
 
 
 def cmd_env_stop(args: argparse.Namespace) -> int:
+    """`tt env stop`: stop each named ENV in turn; 0."""
     client = _client(args)
     for name in args.names:
         env = client.stop_env(name)
@@ -267,6 +280,7 @@ def cmd_env_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_env_start(args: argparse.Namespace) -> int:
+    """`tt env start`: boot a stopped ENV and, unless --no-wait, follow it; 0 once running."""
     client = _client(args)
     env = client.start_env(args.name)
     if args.no_wait:
@@ -278,6 +292,8 @@ def cmd_env_start(args: argparse.Namespace) -> int:
 
 
 def cmd_env_update(args: argparse.Namespace) -> int:
+    """`tt env update`: change life time or ports and show the ENV; 0. CliError when nothing
+    to change is given."""
     if args.life_time is None and not args.port and not args.no_port:
         raise CliError("give --life-time SECS, --port PORT or --no-port PORT")
     env = _client(args).update_env(args.name, args.life_time, args.port, args.no_port)
@@ -289,6 +305,8 @@ def cmd_env_update(args: argparse.Namespace) -> int:
 
 
 def cmd_env_push(args: argparse.Namespace) -> int:
+    """`tt env push`: copy a local file to every running VM; 1 when any VM failed, else 0.
+    CliError for an unreadable file or no running VM."""
     try:
         data = Path(args.local).read_bytes()
     except OSError as exc:
@@ -306,6 +324,8 @@ def cmd_env_push(args: argparse.Namespace) -> int:
 
 
 def cmd_env_get(args: argparse.Namespace) -> int:
+    """`tt env get`: copy a guest file from every running VM to LOCAL/<vm>/; 1 when any copy
+    failed, else 0. CliError when no VM is running."""
     client = _client(args)
     env = client.get_env(args.name)
     vms = [vm for vm in env["vms"] if vm["state"] == "running"]
@@ -331,6 +351,7 @@ def cmd_env_get(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tt` argument parser; each command sets `func` to its cmd_* function."""
     p = argparse.ArgumentParser(prog="tt", description="ttstack client: ENVs of real VMs.")
     p.add_argument("--version", action="version", version=f"tt {__version__}")
     p.add_argument("--server", metavar="HOST:PORT", help="override the configured server")
@@ -436,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `tt` with `argv` (default sys.argv[1:]): the command's exit code, 1 after
+    printing an error line, 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

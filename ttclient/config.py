@@ -22,17 +22,21 @@ DEFAULT_PORT = 20000
 
 @dataclass
 class ClientConfig:
+    """Where the server is (address, TCP port) and the API token ("" for none)."""
+
     serv_addr: str = DEFAULT_ADDR
     serv_port: int = DEFAULT_PORT
     token: str = ""
 
     @property
     def base_url(self) -> str:
+        """`http://HOST:PORT` of the server, an IPv6 address in brackets."""
         host = f"[{self.serv_addr}]" if ":" in self.serv_addr else self.serv_addr
         return f"http://{host}:{self.serv_port}"
 
 
 def config_path() -> Path:
+    """The config file: $TT_CONFIG, else config.json in the user's ttstack config dir."""
     env = os.environ.get("TT_CONFIG")
     return Path(env) if env else Path(user_config_dir("ttstack")) / "config.json"
 
@@ -73,6 +77,8 @@ def load(apply_env: bool = True) -> ClientConfig:
 
 
 def save(cfg: ClientConfig) -> Path:
+    """Write `cfg` to config_path() (mode 0600, replaced atomically); returns that path.
+    OSError when it cannot be written."""
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -17,6 +17,9 @@ MAX_UPLOAD = 1 << 30
 
 
 class EnvCreate(BaseModel):
+    """Body of POST /envs; `mem_size` and `disk_size` come out as MiB ints, `os_prefix`
+    split into single prefixes."""
+
     name: str = Field(description="ENV name: 1-40 of [A-Za-z0-9_-]")
     os_prefix: list[str] = Field(description="OS prefixes, e.g. ['deb', 'debian-12:aarch64']")
     vm_number: int = Field(1, ge=1, le=64, description="VMs per matched image")
@@ -51,6 +54,8 @@ class EnvCreate(BaseModel):
 
 
 class EnvUpdate(BaseModel):
+    """Body of PATCH /envs/{name}: new life time (seconds) and ports to add or remove."""
+
     life_time: int | None = Field(None, ge=1, description="seconds from now until deletion")
     add_ports: list[int] = Field(default_factory=list, description="guest TCP ports to expose")
     remove_ports: list[int] = Field(default_factory=list,
@@ -58,6 +63,9 @@ class EnvUpdate(BaseModel):
 
 
 class RunRequest(BaseModel):
+    """Body of POST /envs/{name}/run: a command for each VM's /bin/sh, with a per-VM timeout
+    in seconds."""
+
     cmd: str = Field(min_length=1, max_length=128 * 1024,
                      description="shell command line, run by the guest's /bin/sh")
     use_ssh: bool = False

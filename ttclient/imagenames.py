@@ -35,12 +35,15 @@ class NoMatchingImage(ImageNameError):
 
 @dataclass(frozen=True, order=True)
 class ImageName:
+    """A parsed image name: engine, OS-VERSION and the kernel's arch name, all lower case."""
+
     engine: str
     os: str  # OS-VERSION, e.g. "debian-12"
     arch: str
 
     @property
     def full(self) -> str:
+        """`ENGINE:OS-VERSION:ARCH`, the name of the image's directory."""
         return f"{self.engine}:{self.os}:{self.arch}"
 
     def __str__(self) -> str:  # pragma: no cover - trivial
@@ -76,6 +79,8 @@ class OsPrefix:
     arch: str | None
 
     def matches(self, image: ImageName) -> bool:
+        """True when the image's arch is this prefix's (if it has one) and its OS,
+        separators dropped, starts with the prefix's OS part."""
         if self.arch and image.arch != self.arch:
             return False
         return _squash(image.os).startswith(self.os_part)

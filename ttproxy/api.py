@@ -37,6 +37,8 @@ class CallerToken:
 
 
 def create_app(proxy: Proxy) -> FastAPI:
+    """The FastAPI app serving the ttserver API through `proxy`; a ProxyError becomes its
+    HTTP status, a ValueError a 400."""
     app = FastAPI(title="ttproxy", version=__version__,
                   description="one address for many ttservers; the ttserver API")
     app.add_middleware(CallerToken)

@@ -39,6 +39,7 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `ttproxy` argument parser."""
     p = argparse.ArgumentParser(prog="ttproxy", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--proxy-addr", type=_addr, default=("127.0.0.1", 20002),
                    metavar="HOST:PORT", help="where the proxy listens (127.0.0.1:20002)")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `ttproxy` with `argv` (default sys.argv[1:]) until stopped: 0, or 2 for a
+    --health-interval outside 0.1..60, a missing dependency or an unreadable --token-file."""
     args = build_parser().parse_args(argv)
     if not 0.1 <= args.health_interval <= 60:
         print("ttproxy: --health-interval must be 0.1..60 seconds", file=sys.stderr)

@@ -15,6 +15,9 @@ PRECEDENCE = ("deleting", "failed", "creating", "starting", "stopping")
 
 @dataclass
 class Part:
+    """The part of an ENV one server holds: its view (None if never seen) and, when the
+    server is down, why."""
+
     address: str
     view: dict | None  # the server's view, or the last one seen if it is down
     down_error: str = ""  # non-empty: the server did not answer

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 
 class PlacementError(Exception):
+    """The VMs do not fit on the servers that are up; the message says what is free where."""
     pass
 
 
@@ -29,6 +30,8 @@ class Capacity:
 
     @classmethod
     def from_status(cls, address: str, status: dict, order: int = 0) -> Capacity:
+        """The capacity of the server at `address` from its /status dict: free vCPUs, memory
+        and disk (MiB), and its images' sizes (MiB)."""
         return cls(address=address,
                    images={i["name"]: int(i.get("size_mib", 0)) for i in status["images"]},
                    cpu_free=status["cpu_total"] - status["cpu_used"],
@@ -39,10 +42,14 @@ class Capacity:
 
 @dataclass
 class Placement:
+    """Where an ENV's VMs go: {server address: {image full name: VM count}}, in placement
+    order."""
+
     # address -> image full name -> VM count, in placement order
     parts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, address: str, image: str) -> None:
+        """One more VM of `image` on the server at `address`."""
         per = self.parts.setdefault(address, {})
         per[image] = per.get(image, 0) + 1
 

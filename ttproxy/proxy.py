@@ -53,6 +53,10 @@ class ProxyError(Exception):
 
 
 class Proxy:
+    """The ttserver API over the servers of `servers`: places new ENVs, fans requests out to
+    the servers holding an ENV and merges their answers. Every method raises ProxyError
+    (with the HTTP status to answer) on failure."""
+
     def __init__(self, servers: ServerSet) -> None:
         self.servers = servers
         self._where: dict[str, list[str]] = {}  # ENV name -> server addresses, in VM order
@@ -140,6 +144,8 @@ class Proxy:
             self._last[(name, address)] = view
 
     def refresh(self) -> None:
+        """Re-learn which ENVs live on each server that is up (`GET /envs`); a server that
+        cannot list them is skipped."""
         for m in self.servers.up():
             self._learn_from(m.address)
 
@@ -199,9 +205,13 @@ class Proxy:
         return parts
 
     def get(self, name: str) -> dict:
+        """The merged ENV view (merge.merge_env: a ttserver's shape plus `servers`);
+        ProxyError 404 when no server has it, 503 when every server holding it is down."""
         return merge_env(self._parts(name, lambda m: self._c(m).get_env(name)))
 
     def list_envs(self, owner: str | None = None) -> list[dict]:
+        """The merged views of every ENV (only `owner`'s when given), oldest first; parts on
+        servers that are down show their last views, if the caller may see them."""
         answers = self._fan(self.servers.up(), lambda m: self._c(m).list_envs(owner))
         seen: dict[str, list[Part]] = {}
         for m, reply in answers:
@@ -226,6 +236,8 @@ class Proxy:
         return sorted(envs, key=lambda e: e["created_at"])
 
     def status(self) -> dict:
+        """Summed resources of the servers that are up, `servers` (a row per member:
+        address, health and its /status or error), `servers_up` and the images of all."""
         answers = dict((m.address, r) for m, r in self._fan(self.servers.up(),
                                                              lambda m: self._c(m).status()))
         rows: list[dict] = []
@@ -308,6 +320,8 @@ class Proxy:
         self._forget(name)
 
     def delete(self, name: str) -> dict:
+        """Delete the ENV on every server holding it: {"deleted": name}. ProxyError 404 for
+        an unknown ENV, 503 when a holder is down (the rest is deleted)."""
         holders = self._holders(name)
         members = [self.servers.get(a) for a in holders]
         results = self._fan([m for m in members if m.up],
@@ -342,14 +356,20 @@ class Proxy:
         return answers
 
     def stop(self, name: str) -> dict:
+        """Stop the ENV on every server holding it; the merged view. ProxyError 503 when a
+        holder is down."""
         self._each_part(name, lambda m: self._c(m).stop_env(name))
         return self.get(name)
 
     def start(self, name: str) -> dict:
+        """Start the stopped ENV on every server holding it; the merged view. ProxyError 503
+        when a holder is down."""
         self._each_part(name, lambda m: self._c(m).start_env(name))
         return self.get(name)
 
     def update(self, name: str, body: dict) -> dict:
+        """Apply an EnvUpdate body (dict) on every server holding the ENV; the merged view.
+        ProxyError 503 when a holder is down."""
         self._each_part(name, lambda m: self._c(m).update_env(
             name, body.get("life_time"), body.get("add_ports"), body.get("remove_ports")))
         return self.get(name)
@@ -387,11 +407,15 @@ class Proxy:
         return merge_results(replies, down, kind)
 
     def run(self, name: str, body: dict) -> list[dict]:
+        """Run a RunRequest body (dict) on the selected VMs: list of per-VM result dicts,
+        sorted by VM index, with `server`; VMs on down servers get error results."""
         return self._fan_vms(name, body.get("vms"), "run", lambda m, vms: self._c(m).run(
             name, body["cmd"], body.get("use_ssh", False), body.get("timeout", 600), vms))
 
     def push(self, name: str, path: str, data: bytes, mode: int | None,
              only: list[str] | None, use_ssh: bool) -> list[dict]:
+        """Write `data` to the guest `path` on the selected VMs (all when `only` is empty):
+        list of per-VM result dicts, as run gives."""
         return self._fan_vms(name, only, "push", lambda m, vms: self._c(m).push(
             name, path, data, mode=mode, vms=vms, use_ssh=use_ssh))
 
@@ -405,9 +429,13 @@ class Proxy:
         raise ProxyError(f"ENV {name!r} has no VM {vm_ref!r}", 404)
 
     def pull(self, name: str, vm_ref: str, path: str, use_ssh: bool) -> bytes:
+        """The bytes of the guest `path` in one VM, from the server holding it; ProxyError
+        404 for an unknown VM, 503 when its server is down."""
         m = self._vm_server(name, vm_ref)
         return self._call(m, lambda m: self._c(m).pull(name, vm_ref, path, use_ssh))
 
     def console(self, name: str, vm_ref: str, lines: int) -> str:
+        """The last `lines` lines of one VM's serial console, as text; ProxyError 404 for an
+        unknown VM, 503 when its server is down."""
         m = self._vm_server(name, vm_ref)
         return self._call(m, lambda m: self._c(m).console(name, vm_ref, lines))

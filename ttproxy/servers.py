@@ -23,6 +23,9 @@ MISSES_TO_DOWN = 2
 
 @dataclass
 class Member:
+    """One ttserver behind the proxy: its HOST:PORT, a client with the proxy's token, and
+    its health (`up`, the last error, consecutive misses, last_seen in epoch seconds)."""
+
     address: str
     client: Client
     up: bool = False
@@ -34,6 +37,9 @@ class Member:
 
 
 class ServerSet:
+    """The servers at `addresses` (HOST:PORT) and their health, probed every `interval`
+    seconds; ValueError when `addresses` is empty."""
+
     def __init__(self, addresses: list[str], interval: float = 1.0,
                  request_timeout: float = 30.0, token: str | None = None) -> None:
         if not addresses:
@@ -52,9 +58,11 @@ class ServerSet:
         return iter(self.members.values())
 
     def up(self) -> list[Member]:
+        """The members that answer now, in --server-set order."""
         return [m for m in self.members.values() if m.up]
 
     def get(self, address: str) -> Member:
+        """The member at `address`; KeyError when it is not in the set."""
         return self.members[address]
 
     def check_all(self) -> None:
@@ -78,6 +86,8 @@ class ServerSet:
                     self._set_down(m, f"no answer to /health ({type(exc).__name__})")
 
     def mark_up(self, m: Member, server_id: str = "") -> None:
+        """The server answered: clear its error and misses; when it was down, call `on_up`
+        with its address."""
         with m.lock:
             was_up = m.up
             m.up, m.error, m.misses, m.last_seen = True, "", 0, time.time()
@@ -100,10 +110,12 @@ class ServerSet:
         m.up, m.error = False, error
 
     def start(self) -> None:
+        """Run one health round now, then keep probing in a daemon thread."""
         self.check_all()
         threading.Thread(target=self._loop, name="health", daemon=True).start()
 
     def stop(self) -> None:
+        """Stop the probing thread after its current round."""
         self._stop.set()
 
     def _loop(self) -> None:

@@ -28,6 +28,8 @@ MARKERS = ("Run /bin/true as init process", "Attempted to kill init", "Kernel pa
 
 @dataclass(frozen=True)
 class AccelChoice:
+    """The accelerator VMs get ("kvm" or "tcg") and why, for /status."""
+
     accel: str  # "kvm" or "tcg"
     reason: str
 

@@ -22,11 +22,15 @@ READ_CHUNK = 1 << 20  # replies from the guest have no such limit
 
 
 class AgentError(RuntimeError):
+    """The guest agent did not answer or refused a command; the message has libvirt's error."""
     pass
 
 
 @dataclass
 class ExecResult:
+    """A command's outcome: exit code (the signal number when killed, None when it did not
+    finish), output as text, whether it timed out, and its seconds."""
+
     exit_code: int | None
     stdout: str
     stderr: str
@@ -34,6 +38,7 @@ class ExecResult:
     seconds: float
 
     def to_dict(self) -> dict:
+        """The fields as a dict, `seconds` rounded to milliseconds."""
         return {"exit_code": self.exit_code, "stdout": self.stdout, "stderr": self.stderr,
                 "timed_out": self.timed_out, "seconds": round(self.seconds, 3)}
 
@@ -53,6 +58,7 @@ def command(dom: libvirt.virDomain, execute: str, arguments: dict | None = None,
 
 
 def ping(dom: libvirt.virDomain, timeout: int = 2) -> bool:
+    """True when the guest agent answers within `timeout` seconds."""
     try:
         command(dom, "guest-ping", timeout=timeout)
         return True
@@ -113,6 +119,8 @@ def settle_timeout(res: ExecResult, timeout: float) -> ExecResult:
 
 
 def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") -> None:
+    """Write `data` to the guest file `path` (opened in binary `mode`, default "w"), in
+    WRITE_CHUNK pieces; AgentError."""
     handle = command(dom, "guest-file-open", {"path": path, "mode": mode + "b"})
     try:
         for off in range(0, len(data), WRITE_CHUNK) or [0]:
@@ -124,6 +132,7 @@ def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") 
 
 
 def read_file(dom: libvirt.virDomain, path: str) -> bytes:
+    """The bytes of the guest file `path`, read in READ_CHUNK pieces; AgentError."""
     handle = command(dom, "guest-file-open", {"path": path, "mode": "rb"})
     out = bytearray()
     try:

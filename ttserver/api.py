@@ -36,6 +36,9 @@ Caller = Annotated[Principal, Depends(who)]
 
 
 def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI:
+    """The FastAPI app serving the API over `manager`, authorising callers with `tokens`
+    (default: no tokens file, an open API); TTError and AuthError become their HTTP status,
+    ValueError a 400."""
     app = FastAPI(title="ttserver", version=__version__,
                   description="ttstack host daemon: ENVs of real VMs for test suites")
     tokens = tokens or TokenStore(None)

@@ -26,6 +26,9 @@ ROLES = ("user", "admin")
 
 
 class AuthError(Exception):
+    """The caller may not use the API: the message says why (never echoing the token),
+    `status` is the HTTP status to answer (401)."""
+
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
@@ -33,10 +36,15 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Principal:
+    """Who a request comes from: the token's name ("" when the API is open) and whether it
+    is an admin token."""
+
     name: str
     admin: bool
 
     def may_use(self, owner: str) -> bool:
+        """True when this caller may act on an ENV owned by `owner`: an admin, or the owner
+        itself."""
         return self.admin or owner == self.name
 
 
@@ -44,6 +52,7 @@ OPEN = Principal("", admin=True)  # no tokens file: everyone may do everything
 
 
 def digest(token: str) -> str:
+    """The token's SHA-256, as 64 hex digits (what the tokens file stores)."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -67,6 +76,9 @@ def parse(text: str, source: str = "tokens file") -> dict[str, tuple[str, str]]:
 
 
 class TokenStore:
+    """The tokens file at `path` (None: the API is open), re-read when it changes;
+    ValueError at start when it is malformed or readable by others."""
+
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
@@ -77,6 +89,7 @@ class TokenStore:
 
     @property
     def enabled(self) -> bool:
+        """True when the server has a tokens file (the API needs a token)."""
         return self.path is not None
 
     def _load(self) -> None:
@@ -89,6 +102,8 @@ class TokenStore:
         self._mtime = st.st_mtime
 
     def principal(self, authorization: str | None) -> Principal:
+        """The caller behind an `Authorization` header value (OPEN without a tokens file);
+        AuthError (401) for a missing or unknown bearer token."""
         if self.path is None:
             return OPEN
         scheme, _, token = (authorization or "").partition(" ")
@@ -125,6 +140,8 @@ def add_token(path: Path, name: str, admin: bool) -> str:
 
 
 def delete_token(path: Path, name: str) -> None:
+    """Remove the token named `name` from the file at `path` (rewritten atomically, mode
+    0600); ValueError when there is no such token."""
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines if line.split()[:1] != [name]]
     if len(kept) == len(lines):

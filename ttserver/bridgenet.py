@@ -47,6 +47,8 @@ DNSMASQ_START_TIMEOUT = 10.0
 
 
 class NetworkError(RuntimeError):
+    """Setting up or changing the bridge network failed (nft, dnsmasq, a TAP, a too-small
+    subnet); the message has the tool's error."""
     pass
 
 
@@ -64,6 +66,8 @@ class Lease:
 
 
 def tap_name(vm_id: str) -> str:
+    """The TAP interface name of VM `vm_id`: `tt` and 12 hex digits of its hash (within the
+    15-character limit)."""
     return "tt" + hashlib.sha256(vm_id.encode()).hexdigest()[:12]  # IFNAMSIZ: 15 chars
 
 
@@ -85,6 +89,10 @@ def nft(script: str, check: bool = True) -> str:
 
 
 class BridgeNetwork:
+    """The Linux bridge `bridge` on `subnet` (its first address the host's), its nftables
+    table and its DHCP server; state files under `state_dir`. NetworkError for a subnet
+    smaller than /29."""
+
     def __init__(self, state_dir: Path, bridge: str, subnet: str, allow_outgoing: bool) -> None:
         self.state_dir = state_dir
         self.bridge = bridge
@@ -222,6 +230,8 @@ table ip {self.table} {{
         nft(self._add(addr, {host: guest}, deny=False))
 
     def unmap_port(self, host: int) -> None:
+        """Drop host port `host`'s mapping to its VM; NetworkError from nft (also when it is
+        not mapped)."""
         nft(self._unmap(host))
 
     def _add(self, addr: str, ports: dict[int, int], deny: bool) -> str:

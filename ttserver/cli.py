@@ -68,6 +68,7 @@ def _defaults() -> dict:
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    """The parser of `ttserver` (the daemon's options); defaults from ServerConfig."""
     d = _defaults()
     p = argparse.ArgumentParser(
         prog="ttserver", description="ttstack host daemon: ENVs of real VMs over HTTP/JSON.",
@@ -128,6 +129,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def image_parser() -> argparse.ArgumentParser:
+    """The parser of `ttserver image build|import|list`."""
     p = argparse.ArgumentParser(prog="ttserver image", description="build or list images")
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build a Debian image with mmdebstrap (cached)")
@@ -151,6 +153,7 @@ def image_parser() -> argparse.ArgumentParser:
 
 
 def token_parser() -> argparse.ArgumentParser:
+    """The parser of `ttserver token add|list|del`."""
     p = argparse.ArgumentParser(prog="ttserver token",
                                 description="manage API tokens (shown once, stored hashed)")
     p.add_argument("--tokens-file", type=Path, default=Path(DEFAULT_TOKENS),
@@ -166,6 +169,7 @@ def token_parser() -> argparse.ArgumentParser:
 
 
 def token_main(argv: list[str]) -> int:
+    """Run `ttserver token` with `argv`: 0, or 1 after printing the error."""
     from . import auth
     args = token_parser().parse_args(argv)
     try:
@@ -187,6 +191,8 @@ def token_main(argv: list[str]) -> int:
 
 
 def image_main(argv: list[str]) -> int:
+    """Run `ttserver image` with `argv`: 0, or 1 after printing why the build or import
+    failed."""
     args = image_parser().parse_args(argv)
     if args.action == "list":
         from .images import scan
@@ -197,10 +203,11 @@ def image_main(argv: list[str]) -> int:
     if args.action == "import":
         from ttclient.imagenames import ImageNameError
 
-        from .imageimport import ImportError_, import_image
+        from .imagebuild import BuildError
+        from .imageimport import import_image
         try:
             target = import_image(args.file, args.name, args.image_path, force=args.force)
-        except (ImportError_, ImageNameError, OSError) as exc:
+        except (BuildError, ImageNameError, OSError) as exc:  # BuildError: a failed step too
             print(f"ttserver image import: {exc}", file=sys.stderr)
             return 1
         print(f"[image import] {args.name} at {target}", file=sys.stderr)
@@ -219,6 +226,8 @@ def image_main(argv: list[str]) -> int:
 
 
 def serve_main(argv: list[str]) -> int:
+    """Run the daemon with `argv` until it is stopped: 0; 2 for a missing dependency, an
+    unusable --accel kvm or a bad --life-time; 1 when the server cannot start."""
     args = serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -269,6 +278,8 @@ def serve_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch `ttserver` to its `image` or `token` sub-command, else the daemon; the exit
+    status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "image":
         return image_main(argv[1:])

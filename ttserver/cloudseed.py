@@ -19,6 +19,8 @@ SEED_KIB = 1024
 
 
 def user_data(hostname: str, keys: list[str]) -> str:
+    """The cloud-config text (JSON after `#cloud-config`): hostname, root's authorized
+    `keys`, ed25519 host keys only, C.UTF-8 locale, and the guest agent started."""
     # JSON is YAML: no YAML writer needed, and no quoting surprises in keys
     config = {
         "hostname": hostname, "manage_etc_hosts": True, "disable_root": False,
@@ -34,6 +36,8 @@ def user_data(hostname: str, keys: list[str]) -> str:
 
 def make_seed(vm_dir: Path, instance_id: str, hostname: str, keys: list[str], uid: int,
               gid: int) -> Path:
+    """Write the NoCloud seed image `seed.img` (1 MiB FAT, label CIDATA) into `vm_dir`,
+    owned by uid:gid; its path. CalledProcessError when mkfs.vfat or mcopy fails."""
     seed = vm_dir / SEED
     seed.unlink(missing_ok=True)
     subprocess.run(["mkfs.vfat", "-n", "CIDATA", "-C", str(seed), str(SEED_KIB)],

@@ -9,6 +9,9 @@ from pathlib import Path
 
 @dataclass
 class ServerConfig:
+    """The server's settings (sizes in MiB, times in seconds), as ttserver/cli.py fills them
+    from its options."""
+
     image_path: Path
     cfgdb_path: Path
     cpu_total: int
@@ -38,14 +41,17 @@ class ServerConfig:
 
     @property
     def db_file(self) -> Path:
+        """The SQLite state DB: `ttserver.sqlite` under --cfgdb-path."""
         return self.cfgdb_path / "ttserver.sqlite"
 
     @property
     def vms_path(self) -> Path:
+        """The directory holding one directory per VM: `vms` under --cfgdb-path."""
         return self.cfgdb_path / "vms"
 
     @property
     def ssh_key(self) -> Path:
+        """The server's private SSH key for guests: `ssh/id_ed25519` under --cfgdb-path."""
         return self.cfgdb_path / "ssh" / "id_ed25519"
 
     @property

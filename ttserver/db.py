@@ -58,6 +58,9 @@ class NewerSchema(RuntimeError):
 
 @dataclass
 class VMRow:
+    """One row of the `vms` table: a VM of an ENV, its sizes (MiB), state, libvirt domain,
+    directory and the host ports it holds."""
+
     id: str
     env: str
     idx: int
@@ -77,6 +80,8 @@ class VMRow:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VMRow:
+        """The row as a VMRow, `forwards` decoded from its JSON text to {guest port: host
+        port} ints."""
         data = dict(row)
         data["forwards"] = {int(k): int(v) for k, v in json.loads(data["forwards"]).items()}
         return cls(**data)
@@ -84,6 +89,9 @@ class VMRow:
 
 @dataclass
 class EnvRow:
+    """One row of the `envs` table (times in seconds since the epoch, `spec` the admitted
+    request as a dict); `vms` is filled by StateDB, in index order."""
+
     name: str
     owner: str
     state: str
@@ -95,12 +103,16 @@ class EnvRow:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> EnvRow:
+        """The row as an EnvRow, `spec` decoded from its JSON text; `vms` left empty."""
         data = dict(row)
         data["spec"] = json.loads(data["spec"])
         return cls(**data)
 
 
 class StateDB:
+    """The state DB at `path` (created, or migrated to SCHEMA_VERSION, on open; NewerSchema
+    when a newer ttserver wrote it). Safe to share between threads."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -138,6 +150,8 @@ class StateDB:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside one `BEGIN IMMEDIATE` transaction, holding the DB's lock:
+        committed on exit, rolled back (and the exception re-raised) on any error."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -160,12 +174,15 @@ class StateDB:
 
     # ENVs -------------------------------------------------------------------------------
     def insert_env(self, c: sqlite3.Connection, env: EnvRow) -> None:
+        """Insert the ENV's row (not its VMs) through `c`, a connection from transaction();
+        sqlite3.IntegrityError when the name is taken."""
         c.execute("INSERT INTO envs(name, owner, state, created_at, expires_at, spec, error)"
                   " VALUES (?,?,?,?,?,?,?)",
                   (env.name, env.owner, env.state, env.created_at, env.expires_at,
                    json.dumps(env.spec), env.error))
 
     def insert_vm(self, c: sqlite3.Connection, vm: VMRow) -> None:
+        """Insert the VM's row through `c`, a connection from transaction()."""
         c.execute("INSERT INTO vms(id, env, idx, image, cpu, mem_mib, disk_mib, state, domain,"
                   " dir, ssh_port, forwards, error, boot_seconds, boot_mode, net_addr)"
                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -174,6 +191,7 @@ class StateDB:
                    vm.boot_seconds, vm.boot_mode, vm.net_addr))
 
     def get_env(self, name: str) -> EnvRow | None:
+        """The ENV with its VMs (in index order), or None when there is no such ENV."""
         with self._lock:
             row = self._conn.execute("SELECT * FROM envs WHERE name=?", (name,)).fetchone()
             if not row:
@@ -183,11 +201,13 @@ class StateDB:
             return env
 
     def vms_of(self, env: str) -> list[VMRow]:
+        """The VM rows of ENV `env`, in index order; [] for an unknown ENV."""
         with self._lock:
             rows = self._conn.execute("SELECT * FROM vms WHERE env=? ORDER BY idx", (env,))
             return [VMRow.from_row(r) for r in rows.fetchall()]
 
     def list_envs(self) -> list[EnvRow]:
+        """Every ENV with its VMs, oldest first."""
         with self._lock:
             rows = self._conn.execute("SELECT * FROM envs ORDER BY created_at").fetchall()
             envs = [EnvRow.from_row(r) for r in rows]
@@ -196,19 +216,25 @@ class StateDB:
         return envs
 
     def count_envs(self) -> int:
+        """How many ENVs are on record, in any state."""
         with self._lock:
             return self._conn.execute("SELECT COUNT(*) FROM envs").fetchone()[0]
 
     def all_vms(self) -> list[VMRow]:
+        """Every VM row on record, of every ENV, in no particular order."""
         with self._lock:
             return [VMRow.from_row(r) for r in self._conn.execute("SELECT * FROM vms")]
 
     def set_env(self, name: str, **fields: object) -> None:
+        """Update the named columns of the ENV's row (`spec` given as a dict); no error when
+        there is no such ENV."""
         if "spec" in fields:
             fields["spec"] = json.dumps(fields["spec"])
         self._update("envs", "name", name, fields)
 
     def set_vm(self, vm_id: str, **fields: object) -> None:
+        """Update the named columns of the VM's row (`forwards` given as a dict); no error
+        when there is no such VM."""
         if "forwards" in fields:
             fields["forwards"] = json.dumps(fields["forwards"])
         self._update("vms", "id", vm_id, fields)
@@ -220,6 +246,7 @@ class StateDB:
                                (*fields.values(), value))
 
     def delete_env(self, name: str) -> None:
+        """Delete the ENV's row and its VMs' rows, in one transaction."""
         with self.transaction() as c:
             c.execute("DELETE FROM vms WHERE env=?", (name,))
             c.execute("DELETE FROM envs WHERE name=?", (name,))
@@ -235,6 +262,7 @@ class StateDB:
         return {"cpu": row["cpu"], "mem_mib": row["mem"], "disk_mib": row["disk"]}
 
     def used_ports(self) -> set[int]:
+        """Every host port a VM on record holds: SSH ports and forwards."""
         ports: set[int] = set()
         for vm in self.all_vms():
             ports.add(vm.ssh_port)

@@ -43,6 +43,8 @@ ARCHES: dict[str, Arch] = {
 
 @dataclass(frozen=True)
 class DomainSpec:
+    """Everything one VM's domain XML is made from (memory in MiB, paths as strings)."""
+
     name: str
     arch: str
     accel: str  # kvm | tcg
@@ -68,6 +70,7 @@ def _arg(value: str) -> str:
 
 
 def render(spec: DomainSpec) -> str:
+    """The libvirt domain XML of `spec`, as a string; KeyError for an arch not in ARCHES."""
     arch = ARCHES[spec.arch]
     dom_type = "kvm" if spec.accel == "kvm" else "qemu"
     # TCG: QEMU's default CPU model per machine (aarch64 gets `-cpu max` below)

@@ -47,6 +47,8 @@ def qemu_user() -> tuple[int, int]:
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    """The last `lines` lines of the console log at `path` (read from its last 16 KiB,
+    control sequences stripped), or a note that it is missing or empty."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -59,10 +61,15 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
 
 
 class BootTimeout(RuntimeError):
+    """A VM did not come up: it stopped, its boot was cancelled, or its agent did not answer
+    in time; the message has its console tail when there is one."""
     pass
 
 
 class Engine:
+    """VMs as transient libvirt domains on the hypervisor at `uri`; libvirt failures raise
+    libvirt.libvirtError unless a method says otherwise."""
+
     def __init__(self, uri: str = "qemu:///system") -> None:
         self.uri = uri
         self._lock = threading.Lock()
@@ -81,6 +88,8 @@ class Engine:
             return self._conn
 
     def start(self, xml: str, paused: bool = False) -> libvirt.virDomain:
+        """Create and start a transient domain from its XML (`paused`: leave its CPUs
+        stopped); the domain."""
         return self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
 
     def plug_nic(self, dom: libvirt.virDomain, tap_fd: int, mac: str, slot: dict) -> None:
@@ -98,6 +107,8 @@ class Engine:
     @staticmethod
     def qmp(dom: libvirt.virDomain, command: str, arguments: dict | None = None,
             fd: int | None = None) -> dict:
+        """The `return` member of a QMP command's reply from the domain's QEMU, handing it
+        `fd` when given; RuntimeError with QEMU's message when it fails."""
         payload = json.dumps({"execute": command,
                               **({"arguments": arguments} if arguments else {})})
         if fd is None:
@@ -151,6 +162,7 @@ class Engine:
         return dom
 
     def lookup(self, name: str) -> libvirt.virDomain | None:
+        """The domain named `name`, or None when libvirt has none."""
         try:
             return self.conn().lookupByName(name)
         except libvirt.libvirtError as exc:
@@ -159,6 +171,7 @@ class Engine:
             raise
 
     def is_running(self, name: str) -> bool:
+        """True when the domain exists and is active."""
         dom = self.lookup(name)
         try:
             return bool(dom and dom.isActive())
@@ -184,6 +197,7 @@ class Engine:
         Path(f"/var/log/libvirt/qemu/{name}.log").unlink(missing_ok=True)
 
     def domains_with_prefix(self, prefix: str) -> list[str]:
+        """Names of every libvirt domain (of any state) whose name starts with `prefix`."""
         return [d.name() for d in self.conn().listAllDomains(0) if d.name().startswith(prefix)]
 
     def wait_agent(self, name: str, timeout: float, console: Path,

@@ -61,6 +61,9 @@ class _Boot:
 
 
 class EnvManager:
+    """Every ENV of this server: admission, boot, stop/start/update, deletion and expiry,
+    over the state DB, libvirt and the host's storage and network."""
+
     def __init__(self, cfg: ServerConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self.db = StateDB(cfg.db_file)
@@ -99,9 +102,13 @@ class EnvManager:
     # --- life of the manager ---------------------------------------------------------
     @property
     def domain_prefix(self) -> str:
+        """`tt-<server id>-`: the prefix of every libvirt domain this server creates."""
         return f"tt-{self.server_id}-"
 
     def start_background(self) -> None:
+        """Clean up after a previous run (partial templates, unrecorded domains and
+        directories, stale clones), set up the bridge, and start the accelerator probe and
+        the expiry reaper threads."""
         self.templates.clean_partial()
         self.cleanup.reconcile()
         if self.bridge:
@@ -119,6 +126,7 @@ class EnvManager:
         self._reaper.start()
 
     def stop_background(self) -> None:
+        """Stop the reaper and the template builds, and close the bridge network."""
         self._stop.set()
         self.templates.stop()
         if self.bridge:
@@ -131,6 +139,8 @@ class EnvManager:
 
     # --- status ----------------------------------------------------------------------
     def status(self) -> dict:
+        """The server's view for GET /status: resources (CPUs, MiB) total and used, ENV
+        count, images, accelerator, warm templates, network and storage."""
         used = self.db.used()
         choice = self.accel.known
         return {
@@ -249,6 +259,8 @@ class EnvManager:
 
     # --- delete ----------------------------------------------------------------------
     def delete(self, name: str) -> None:
+        """Cancel any boot in flight, tear down every VM of the ENV and drop its records;
+        NotFound when there is no such ENV."""
         env = self._env(name)
         self.db.set_env(name, state=DELETING)
         crash_point("delete.marked")
@@ -390,6 +402,7 @@ class EnvManager:
         return self.templates.collect([Path(vm.dir) for vm in self.db.all_vms()])
 
     def reap_expired(self) -> list[str]:
+        """Delete every ENV past its expiry; the names deleted."""
         now = time.time()
         gone = []
         for env in self.db.list_envs():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 class TTError(Exception):
+    """An error with a user-facing message and the HTTP status to answer (400 unless the
+    subclass or `status` says otherwise)."""
+
     status = 400
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
@@ -13,23 +16,34 @@ class TTError(Exception):
 
     @property
     def message(self) -> str:
+        """The message, as given."""
         return str(self.args[0])
 
 
 class NotFound(TTError):
+    """No such ENV, VM or image (404)."""
+
     status = 404
 
 
 class Conflict(TTError):
+    """The request clashes with the current state: a name in use, an ENV in the wrong state
+    for the action (409)."""
+
     status = 409
 
 
 class InsufficientResources(TTError):
+    """The request does not fit in the CPUs, memory or disk left (409); the message has the
+    numbers."""
+
     # 507 would be tempting, but a request that can never fit is the client's to fix.
     status = 409
 
 
 class BadRequest(TTError):
+    """The request breaks a rule; the message says what to change (400)."""
+
     status = 400
 
 

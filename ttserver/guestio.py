@@ -26,10 +26,14 @@ DEFAULT_FILE_MODE = 0o644
 
 
 class GuestError(RuntimeError):
+    """A guest cannot be reached or refused the operation; the message is fit for users."""
     pass
 
 
 class GuestIO:
+    """Commands, files, shutdown and port forwards for one VM at a time, through the guest
+    agent or SSH; every failure raises GuestError."""
+
     def __init__(self, engine: Engine, cfg: ServerConfig,
                  bridge: BridgeNetwork | None = None) -> None:
         self.engine = engine
@@ -48,6 +52,8 @@ class GuestIO:
         return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port)
 
     def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool) -> agent.ExecResult:
+        """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds: an
+        agent.ExecResult. GuestError when the VM cannot be reached or the agent fails."""
         try:
             if use_ssh:
                 return sshexec.run(self._target(vm), cmd, timeout)
@@ -57,6 +63,8 @@ class GuestIO:
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int | None,
               use_ssh: bool) -> None:
+        """Write `data` to the guest's absolute `path` with file `mode` (0644 when None);
+        GuestError when it cannot be written."""
         mode = DEFAULT_FILE_MODE if mode is None else mode
         try:
             if use_ssh:
@@ -72,6 +80,7 @@ class GuestIO:
             raise GuestError(str(exc)) from exc
 
     def read(self, vm: VMRow, path: str, use_ssh: bool) -> bytes:
+        """The bytes of the guest's file at `path`; GuestError when it cannot be read."""
         try:
             if use_ssh:
                 return sshexec.read_file(self._target(vm), path, COPY_TIMEOUT)
@@ -124,6 +133,8 @@ class GuestIO:
                           f"tcp:{self.cfg.forward_addr}:{host_port}-:{guest_port}")
 
     def remove_forward(self, vm: VMRow, host_port: int) -> None:
+        """Stop forwarding host port `host_port` to the guest (a forward that is already
+        gone is fine); GuestError otherwise."""
         # "not found" is fine: the goal (no such forward) holds, e.g. after a retry
         if self.bridge and vm.net_addr:
             try:

@@ -106,6 +106,7 @@ done
 
 
 class IdentityError(RuntimeError):
+    """A warm clone could not be given its own identity; the message has the guest's error."""
     pass
 
 

@@ -79,6 +79,8 @@ IPv6AcceptRA=no
 
 
 class BuildError(RuntimeError):
+    """An image cannot be built or imported: a step failed (the message has the tail of its
+    output), timed out or is missing its tool, or the OS is not buildable."""
     pass
 
 
@@ -179,6 +181,7 @@ def _release_mounts(work: Path) -> None:
 
 
 def remove_tree(work: Path) -> None:
+    """Unmount what is mounted under the build tree `work`, then delete it (errors ignored)."""
     _release_mounts(work)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -28,6 +28,7 @@ STEP_TIMEOUT = 900
 
 
 class ImportError_(BuildError):  # noqa: N801 - not the builtin ImportError
+    """A cloud image cannot be imported; the message says why."""
     pass
 
 
@@ -92,6 +93,9 @@ def find_boot(raw: Path) -> tuple[int, int, str, str]:
 
 
 def import_image(src: Path, name: str, image_path: Path, *, force: bool = False) -> Path:
+    """Import the cloud image file `src` as image `name` under `image_path`, kernel and
+    initrd copied out of it; the image's directory. ImportError_ when `src` is no file or
+    the image exists (without `force`), BuildError for a failed step, ImageNameError."""
     parsed = parse_image_name(name)
     if not src.is_file():
         raise ImportError_(f"{src} is not a file")

@@ -39,6 +39,10 @@ DEFAULT_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
 
 @dataclass(frozen=True)
 class Image:
+    """A complete image directory: its parsed name, path, virtual disk size (MiB), kernel
+    command line, warnings about its files' ownership and modes, and whether it is an
+    imported cloud image."""
+
     name: ImageName
     path: Path
     size_mib: int
@@ -48,17 +52,22 @@ class Image:
 
     @property
     def disk(self) -> Path:
+        """The image's base disk, `disk.qcow2`."""
         return self.path / DISK
 
     @property
     def kernel(self) -> Path:
+        """The guest kernel for direct boot, `vmlinuz`."""
         return self.path / KERNEL
 
     @property
     def initrd(self) -> Path:
+        """The guest initrd for direct boot, `initrd.img`."""
         return self.path / INITRD
 
     def to_dict(self) -> dict:
+        """The image as the API lists it: full name, os, arch, engine, size_mib and
+        warnings."""
         return {"name": self.name.full, "os": self.name.os, "arch": self.name.arch,
                 "engine": self.name.engine, "size_mib": self.size_mib,
                 "warnings": list(self.warnings)}

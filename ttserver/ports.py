@@ -12,6 +12,7 @@ from .errors import Conflict
 
 
 def is_free(addr: str, port: int) -> bool:
+    """True when a TCP socket can bind `port` on `addr` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((addr, port))
@@ -21,6 +22,9 @@ def is_free(addr: str, port: int) -> bool:
 
 
 class PortPool:
+    """Host TCP ports `first`..`last` on `addr`, handed out round-robin; ValueError for a
+    range outside 1024-65535."""
+
     def __init__(self, addr: str, first: int, last: int) -> None:
         if not 1024 <= first <= last <= 65535:
             raise ValueError(f"bad port range {first}-{last}")

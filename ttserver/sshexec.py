@@ -55,6 +55,8 @@ class _Raw:
 
 @dataclass
 class Target:
+    """Where SSH goes: the private key, host and TCP port of a guest's sshd (as root)."""
+
     key: Path
     host: str
     port: int
@@ -97,6 +99,7 @@ def run(t: Target, cmd: str, timeout: float) -> ExecResult:
 
 
 class CopyError(RuntimeError):
+    """A copy over SSH failed or timed out; the message has the last line of ssh's error."""
     pass
 
 
@@ -109,11 +112,14 @@ def _check(res: _Raw, what: str) -> None:
 
 
 def write_file(t: Target, path: str, data: bytes, mode: int, timeout: float) -> None:
+    """Write `data` to the guest's `path` and set its `mode`, within `timeout` seconds;
+    CopyError."""
     cmd = f"cat > {shlex.quote(path)} && chmod {mode:o} {shlex.quote(path)}"
     _check(_with_retry(t, cmd, timeout, data), f"write {path}")
 
 
 def read_file(t: Target, path: str, timeout: float) -> bytes:
+    """The bytes of the guest's file at `path`, read within `timeout` seconds; CopyError."""
     res = _with_retry(t, f"cat -- {shlex.quote(path)}", timeout)
     _check(res, f"read {path}")
     return res.stdout

@@ -33,6 +33,8 @@ BTRFS_MAGIC = "btrfs"
 
 
 class StorageError(RuntimeError):
+    """A storage command failed or is missing, or the requested backend does not fit the
+    directories; the message has the command's error."""
     pass
 
 
@@ -47,6 +49,8 @@ def _run(cmd: list[str]) -> str:
 
 
 def create_overlay(base: Path, overlay: Path, size_mib: int | None, uid: int, gid: int) -> None:
+    """Create the qcow2 overlay `overlay` backed by `base` (virtual size `size_mib` MiB when
+    given, else the base's), owned by uid:gid; StorageError."""
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
            str(overlay)]
     if size_mib:
@@ -65,6 +69,7 @@ def backing_file(overlay: Path) -> str | None:
 
 
 def make_vm_dir(path: Path, uid: int, gid: int) -> None:
+    """Create the VM directory `path` (and parents), owned by uid:gid, mode 0750."""
     path.mkdir(parents=True, exist_ok=True)
     os.chown(path, uid, gid)
     path.chmod(0o750)
@@ -77,6 +82,7 @@ def fs_type(path: Path) -> str:
 
 
 def is_subvolume(path: Path) -> bool:
+    """True when `path` is the root directory of a btrfs subvolume."""
     # a btrfs subvolume's root directory has inode number 256
     return path.is_dir() and path.stat().st_ino == 256 and fs_type(path) == BTRFS_MAGIC
 
@@ -105,6 +111,8 @@ def zfs_dataset_of(path: Path) -> tuple[str, str] | None:
 
 
 def remove_vm_dir(path: Path) -> None:
+    """Delete a VM directory, and the btrfs subvolume or ZFS clone it is; StorageError when
+    the btrfs or zfs command fails."""
     if is_subvolume(path):
         _run(["btrfs", "subvolume", "delete", str(path)])
     # only a mount point can be a ZFS clone: plain VM directories cost no `zfs list`
@@ -228,6 +236,8 @@ class Btrfs:
 
     def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
               gid: int) -> None:
+        """Make `vm_dir` a snapshot of the base subvolume `base`, its disk grown to
+        `size_mib` MiB if given and owned by uid:gid; StorageError."""
         _make_room(vm_dir)
         _run(["btrfs", "subvolume", "snapshot", base, str(vm_dir)])
         _hand_over(vm_dir, size_mib, uid, gid)
@@ -291,6 +301,8 @@ class Zfs:
 
     def clone(self, base: str, vm_dir: Path, size_mib: int | None, uid: int,
               gid: int) -> None:
+        """Make `vm_dir` the mountpoint of a clone of the base snapshot `base`, its disk
+        grown to `size_mib` MiB if given and owned by uid:gid; StorageError."""
         _make_room(vm_dir)
         _run(["zfs", "clone", "-o", f"mountpoint={vm_dir}", base,
               f"{self.root}/vms/{self._component(vm_dir.name)}"])

@@ -37,15 +37,20 @@ MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is pl
 
 @dataclass(frozen=True)
 class Template:
+    """One saved template build: its directory and whether the saved guest runs identity's
+    helper."""
+
     dir: Path
     helper: bool = False  # the saved guest runs identity's helper (see identity.py)
 
     @property
     def disk(self) -> Path:
+        """The template's frozen qcow2 overlay, the backing file of its clones."""
         return self.dir / "disk.qcow2"
 
     @property
     def state(self) -> Path:
+        """The saved memory and device state clones start from."""
         return self.dir / "memory.bin"
 
 
@@ -76,6 +81,7 @@ class Templates:
 
     @staticmethod
     def key(image: images.Image, cpu: int, mem_mib: int) -> str:
+        """The template key of a shape: `IMAGE-<cpu>cpu-<mem_mib>m`."""
         return f"{image.name.full}-{cpu}cpu-{mem_mib}m"
 
     @staticmethod
@@ -203,6 +209,8 @@ class Templates:
                 log.exception("destroying template build %s", domain)
 
     def status(self) -> list[dict]:
+        """Templates for GET /status: a dict per ready build (key, build, state "ready" and
+        its meta.json), per build in progress and per failed key (with `error`)."""
         out = []
         if self.root.is_dir():
             for d in sorted(self.root.iterdir()):

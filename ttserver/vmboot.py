@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import agent, cloudseed, domainxml, identity, images, storage, views
@@ -43,22 +44,20 @@ def host_ports(vm: VMRow) -> dict[int, int]:
     return {vm.ssh_port: 22, **{h: g for g, h in vm.forwards.items()}}
 
 
+@dataclass
 class VMBooter:
-    """Boots VMs recorded in `db` (see the module docstring)."""
+    """Boots VMs recorded in `db` (see the module docstring), as uid:gid."""
 
-    def __init__(self, cfg: ServerConfig, db: StateDB, engine: Engine,
-                 renderer: DomainRenderer, templates: Templates,
-                 clones: storage.CloneStore | None, bridge: BridgeNetwork | None,
-                 ssh_pubkey: str, uid: int, gid: int) -> None:
-        self.cfg = cfg
-        self.db = db
-        self.engine = engine
-        self.renderer = renderer
-        self.templates = templates
-        self.clones = clones
-        self.bridge = bridge
-        self.ssh_pubkey = ssh_pubkey
-        self.uid, self.gid = uid, gid
+    cfg: ServerConfig
+    db: StateDB
+    engine: Engine
+    renderer: DomainRenderer
+    templates: Templates
+    clones: storage.CloneStore | None
+    bridge: BridgeNetwork | None
+    ssh_pubkey: str
+    uid: int
+    gid: int
 
     def vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
                incoming: bool) -> str:

@@ -91,6 +91,8 @@ class NativeSession:
             opt.maxworkerrestart = str(4 * workers_per_os(self.config) * max(1, os_prefixes))
 
     def install_specs(self) -> list[str]:
+        """The extra requirement specs for the guests' venvs: --tt-native-install values,
+        else the ini setting's; [] when neither is set."""
         specs = self.config.getoption("tt_native_install") or []
         return list(specs) or list(self.config.getini("tt_native_install") or [])
 
@@ -126,6 +128,8 @@ class NativeSession:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def worker_of(self, node: Any) -> Worker:
+        """The provisioned Worker behind an xdist node (found by its gateway's python, the
+        wrapper path); KeyError for an unknown node."""
         return self.workers[str(node.gateway.spec.python)]
 
     # -- the worker's command line ---------------------------------------------------
@@ -167,6 +171,7 @@ class NativeSession:
     # -- xdist hooks -----------------------------------------------------------------
 
     def pytest_configure_node(self, node: Any) -> None:
+        """Hand the worker its VM's OS id, VM name, command line and guest site folder."""
         worker = self.worker_of(node)
         args, run_nothing = self.worker_args(worker.os_id)
         node.workerinput.update(tt_os_id=worker.os_id, tt_vm=worker.vm["name"],
@@ -174,10 +179,12 @@ class NativeSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_xdist_getremotemodule(self) -> ModuleType:
+        """Run native mode's remote.py in the workers instead of xdist.remote."""
         return remote
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """Schedule per OS: an OSMatrixScheduling sized by the workers of each OS."""
         from .scheduler import OSMatrixScheduling
 
         counts: dict[str, int] = {}
@@ -187,6 +194,7 @@ class NativeSession:
                                   self._count)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Keep the session, to correct its collected-items count."""
         self.session = session
 
     def _count(self, total: int) -> None:
@@ -196,12 +204,15 @@ class NativeSession:
             self.session.testscollected = total
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Remember each worker's last test and phase, to name the phase of a crash."""
         node = getattr(report, "node", None)
         if node is not None:
             self._last_phase[node.gateway.id] = (report.nodeid, report.when)
 
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
                                sched: Any) -> None:
+        """Turn a dead worker's report into one naming the test, its phase, the OS, the VM
+        and the VM's console tail."""
         node = report.node
         worker = self.worker_of(node)
         last_id, last_when = self._last_phase.get(node.gateway.id, ("", ""))

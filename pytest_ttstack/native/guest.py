@@ -16,6 +16,7 @@ from pytest_ttstack.options import add_options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the `--tt-*` options, so the worker parses the controller's command line."""
     add_options(parser)
 
 
@@ -51,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_itemcollected(item: pytest.Item) -> None:
+    """Tag the item's id and keywords with this VM's OS."""
     os_id = _os_id(item.config)
     if os_id:
         item._nodeid = tag(item.nodeid, os_id)
@@ -59,11 +61,13 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect every item when the command line named only other OSes' tests."""
     if getattr(config, "workerinput", {}).get("tt_run_nothing") and items:
         config.hook.pytest_deselected(items=list(items))
         items[:] = []
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
+    """Name the worker's OS in the header; None outside native mode."""
     os_id = _os_id(config)
     return f"ttstack native worker on {os_id}" if os_id else None

@@ -53,6 +53,7 @@ class Worker:
 
     @property
     def spec(self) -> str:
+        """The execnet `--tx` spec that starts this VM's worker through its wrapper."""
         return f"popen//python={self.python}"
 
 
@@ -104,6 +105,8 @@ class Provisioner:
                 master.wait()
 
     def target(self, vm: dict) -> SSHTarget:
+        """The SSH target of a VM view (ssh_host, ssh_port), with the session's key and
+        known_hosts file."""
         return SSHTarget(vm["ssh_host"], int(vm["ssh_port"]), self.key, self.known_hosts)
 
     def local_args(self, line: str) -> list[str]:

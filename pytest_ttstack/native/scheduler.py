@@ -49,6 +49,7 @@ class OSMatrixScheduling:
 
     @property
     def nodes(self) -> list[WorkerController]:
+        """Every worker, of every OS."""
         return [n for g in self.groups.values() for n in g.nodes]
 
     @property
@@ -59,38 +60,49 @@ class OSMatrixScheduling:
 
     @property
     def tests_finished(self) -> bool:
+        """True when every OS has collected and run all its items."""
         return all(g.collection_is_completed and g.tests_finished
                    for g in self.groups.values())
 
     @property
     def has_pending(self) -> bool:
+        """True while any collected OS has items not yet run."""
         return any(g.collection_is_completed and g.has_pending for g in self.groups.values())
 
     def add_node(self, node: WorkerController) -> None:
+        """Add the worker to its OS's scheduler."""
         self._group(node).add_node(node)
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
+        """Hand the worker's collection to its OS's scheduler and report the item count over
+        all OSes to `on_count`."""
         self._group(node).add_node_collection(node, collection)
         self.counts.setdefault(self.os_of(node), len(collection))
         self.on_count(sum(self.counts.values()))
 
     def mark_test_complete(self, node: WorkerController, item_index: int,
                            duration: float = 0) -> None:
+        """Pass the completion on to the worker's OS's scheduler."""
         self._group(node).mark_test_complete(node, item_index, duration)
 
     def mark_test_pending(self, item: str) -> None:
+        """Mark `item` pending again in every OS whose collection has it."""
         for group in self.groups.values():
             if group.collection and item in group.collection:
                 group.mark_test_pending(item)
 
     def remove_pending_tests_from_node(self, node: WorkerController,
                                        indices: Sequence[int]) -> None:
+        """Pass the removal on to the worker's OS's scheduler."""
         self._group(node).remove_pending_tests_from_node(node, indices)
 
     def remove_node(self, node: WorkerController) -> str | None:
+        """Remove the worker from its OS's scheduler; the item it was running when it died,
+        or None."""
         return self._group(node).remove_node(node)
 
     def schedule(self) -> None:
+        """Schedule every OS whose collection is complete."""
         for group in self.groups.values():
             if group.collection_is_completed:
                 group.schedule()

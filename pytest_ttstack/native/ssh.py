@@ -55,6 +55,7 @@ class SSHTarget:
 
     @property
     def destination(self) -> str:
+        """`root@HOST`, the ssh destination."""
         return f"root@{self.host}"
 
     def options(self, master: bool = False) -> list[str]:

@@ -61,6 +61,8 @@ class GuestPython:
 
     @classmethod
     def from_probe(cls, line: str) -> GuestPython:
+        """The GuestPython that `line`, the JSON line `PROBE` prints, describes (missing
+        fields are ""); json.JSONDecodeError when it is not JSON."""
         data = json.loads(line)
         return cls(**{k: data.get(k, "") for k in
                       ("version", "full_version", "machine", "libc")})
