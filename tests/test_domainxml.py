@@ -41,3 +41,27 @@ def test_kvm_and_aarch64_variants():
 def test_paths_with_quotes_are_escaped():
     root = ET.fromstring(render(spec(disk="/var/lib/it's/disk.qcow2")))
     assert root.find("devices/disk/source").get("file") == "/var/lib/it's/disk.qcow2"
+
+
+def test_text_nodes_are_escaped_and_libvirt_accepts_the_xml():
+    """Text values (cmdline, title, kernel path) were pasted into the XML unescaped: an
+    '&' or '<' in an imported image's cmdline made XML libvirt refuses."""
+    import libvirt  # real libvirt: define (parse and validate), then undefine; nothing runs
+
+    odd = spec(name="tt-xmltest-0", cmdline="root=/dev/vda1 ro quiet a=<b>&c",
+               title="ttstack <e> & 'f'/0", kernel="/img/a&b/vmlinuz")
+    root = ET.fromstring(render(odd))
+    assert root.find("os/cmdline").text == "root=/dev/vda1 ro quiet a=<b>&c"
+    assert root.find("title").text == "ttstack <e> & 'f'/0"
+    assert root.find("os/kernel").text == "/img/a&b/vmlinuz"
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.defineXML(render(odd))
+        try:
+            assert dom.name() == "tt-xmltest-0"
+            reread = ET.fromstring(dom.XMLDesc(0))
+            assert reread.find("os/cmdline").text == "root=/dev/vda1 ro quiet a=<b>&c"
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()

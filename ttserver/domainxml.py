@@ -11,9 +11,9 @@ Why the odd parts:
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TypedDict
-from xml.sax.saxutils import quoteattr
 
 
 class Arch(TypedDict):
@@ -22,8 +22,8 @@ class Arch(TypedDict):
     machine: str  # QEMU machine type
     console: str  # the guest kernel's serial console device
     nic_slot: dict[str, str]  # the NIC's PCI address (bus, addr)
-    genid: str  # libvirt <genid/> element or ""
-    features: str  # libvirt <features> element or ""
+    genid: bool  # a <genid/> (VM generation ID) device
+    acpi: bool  # <features><acpi/></features>
 
 
 ARCHES: dict[str, Arch] = {
@@ -31,13 +31,12 @@ ARCHES: dict[str, Arch] = {
     # a guest restored from a warm-clone template sees it change and reseeds its RNG,
     # instead of every clone drawing the same "random" numbers from the saved state.
     "x86_64": {"machine": "pc", "console": "ttyS0",
-               "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": "<genid/>",
-               "features": "<features><acpi/></features>"},
+               "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": True, "acpi": True},
     # no <acpi/>: on aarch64 libvirt ties ACPI to UEFI firmware; with direct kernel boot
     # the guest reads QEMU's device tree instead
     # (and a fixed NIC slot: libvirt fills pcie.0's first slots with its root ports)
     "aarch64": {"machine": "virt", "console": "ttyAMA0",
-                "nic_slot": {"bus": "pcie.0", "addr": "0x10"}, "genid": "", "features": ""},
+                "nic_slot": {"bus": "pcie.0", "addr": "0x10"}, "genid": False, "acpi": False},
 }
 
 
@@ -65,75 +64,76 @@ class DomainSpec:
     seed: str = ""  # a cloud-init NoCloud seed image, attached read-only as vdb
 
 
-def _arg(value: str) -> str:
-    return f"<qemu:arg value={quoteattr(value)}/>"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
 
 
 def render(spec: DomainSpec) -> str:
-    """The libvirt domain XML of `spec`, as a string; KeyError for an arch not in ARCHES."""
+    """The libvirt domain XML of `spec`, as a string (built with ElementTree, so every
+    value is escaped); KeyError for an arch not in ARCHES."""
     arch = ARCHES[spec.arch]
-    dom_type = "kvm" if spec.accel == "kvm" else "qemu"
+    dom = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
+    _sub(dom, "name", spec.name)
+    _sub(dom, "title", spec.title)
+    if arch["genid"]:
+        _sub(dom, "genid")
+    _sub(dom, "memory", str(spec.mem_mib), unit="MiB")
+    _sub(dom, "vcpu", str(spec.vcpus))
+    os_ = _sub(dom, "os")
+    _sub(os_, "type", "hvm", arch=spec.arch, machine=arch["machine"])
+    _sub(os_, "kernel", spec.kernel)
+    _sub(os_, "initrd", spec.initrd)
+    _sub(os_, "cmdline", spec.cmdline.replace("console=ttyS0", f"console={arch['console']}"))
+    if arch["acpi"]:
+        _sub(_sub(dom, "features"), "acpi")
+    if spec.accel == "kvm":
+        _sub(dom, "cpu", mode="host-passthrough")
     # TCG: QEMU's default CPU model per machine (aarch64 gets `-cpu max` below)
-    cpu = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else ""
-    cmdline = spec.cmdline.replace("console=ttyS0", f"console={arch['console']}")
+    _sub(dom, "clock", offset="utc")
+    _sub(_sub(dom, "seclabel", type="static", model="dac", relabel="no"), "label",
+         f"+{spec.uid}:+{spec.gid}")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+    devices = _sub(dom, "devices")
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+    _sub(disk, "source", file=spec.disk)
+    _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.seed:
+        seed = _sub(devices, "disk", type="file", device="disk")
+        _sub(seed, "driver", name="qemu", type="raw")
+        _sub(seed, "source", file=spec.seed)
+        _sub(seed, "target", dev="vdb", bus="virtio")
+        _sub(seed, "readonly")
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=spec.console_log)
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="file")
+    _sub(console, "source", path=spec.console_log)
+    _sub(console, "target", type="serial", port="0")
+    _sub(_sub(devices, "channel", type="unix"), "target", type="virtio",
+         name="org.qemu.guest_agent.0")
+    _sub(devices, "memballoon", model="none")
+    _sub(_sub(devices, "rng", model="virtio"), "backend", "/dev/urandom", model="random")
     # the NIC's PCI slot: the same whether given here or plugged over QMP (bridge mode)
     slot = "".join(f",{k}={v}" for k, v in arch["nic_slot"].items())
-    qemu_args = [_arg("-netdev"), _arg(spec.netdev), _arg("-device"),
-                 _arg(f"virtio-net-pci,netdev=ttnet0{slot}")] if spec.netdev else []
+    qemu_args = (["-netdev", spec.netdev, "-device", f"virtio-net-pci,netdev=ttnet0{slot}"]
+                 if spec.netdev else [])
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
-        qemu_args += [_arg("-cpu"), _arg("max,pauth-impdef=on")]
+        qemu_args += ["-cpu", "max,pauth-impdef=on"]
     if spec.incoming:
-        qemu_args += [_arg("-incoming"), _arg("defer")]
-    args = "\n    ".join(qemu_args)
-    seed = (f"""<disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file={quoteattr(spec.seed)}/>
-      <target dev='vdb' bus='virtio'/>
-      <readonly/>
-    </disk>""" if spec.seed else "")
-    return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{spec.name}</name>
-  <title>{spec.title}</title>
-  {arch["genid"]}
-  <memory unit='MiB'>{spec.mem_mib}</memory>
-  <vcpu>{spec.vcpus}</vcpu>
-  <os>
-    <type arch='{spec.arch}' machine='{arch["machine"]}'>hvm</type>
-    <kernel>{spec.kernel}</kernel>
-    <initrd>{spec.initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
-  {arch["features"]}
-  {cpu}
-  <clock offset='utc'/>
-  <seclabel type='static' model='dac' relabel='no'><label>+{spec.uid}:+{spec.gid}</label></seclabel>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='unsafe' discard='unmap'/>
-      <source file={quoteattr(spec.disk)}/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    {seed}
-    <serial type='file'>
-      <source path={quoteattr(spec.console_log)}/>
-      <target port='0'/>
-    </serial>
-    <console type='file'>
-      <source path={quoteattr(spec.console_log)}/>
-      <target type='serial' port='0'/>
-    </console>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <memballoon model='none'/>
-    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-  </devices>
-  <qemu:commandline>
-    {args}
-  </qemu:commandline>
-</domain>
-"""
+        qemu_args += ["-incoming", "defer"]
+    commandline = _sub(dom, f"{{{QEMU_NS}}}commandline")
+    for value in qemu_args:
+        _sub(commandline, f"{{{QEMU_NS}}}arg", value=value)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"
