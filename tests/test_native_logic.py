@@ -4,14 +4,16 @@ per-OS worker command line, and the probe's verdict on a guest without Python.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from pytest_ttstack.native import project, wheelhouse
-from pytest_ttstack.native.controller import NativeSession
+from pytest_ttstack.native.controller import NativeSession, host_only_plugins
 from pytest_ttstack.native.ids import tag, untag
 from pytest_ttstack.native.provision import Provisioner
 from pytest_ttstack.session import TTSetupError
@@ -175,3 +177,26 @@ def test_git_versions_of_local_projects_reach_the_guest_build(tmp_path):
     assert wheelhouse.scm_versions(res, scm) == {
         "SETUPTOOLS_SCM_PRETEND_VERSION_FOR_FAST_MATH": "1.2.3"}
     assert wheelhouse._local_names([".", "six", "./sub[x]"], scm) == ["Fast.Math", "plain"]
+
+
+def test_plugins_installed_on_the_host_only_are_named():
+    """`-p NAME` from a distribution the VMs' venvs will not have made every worker fail
+    to start (4 restarts, then xdist's 'maximum crashed workers'); now it is named first."""
+    root = Path(__file__).resolve().parent.parent
+    assert host_only_plugins(["-p", "timeout"], [], root) == ["timeout (pytest-timeout)"]
+    assert host_only_plugins(["-ptimeout"], ["attrs"], root) == ["timeout (pytest-timeout)"]
+    assert host_only_plugins(["-p", "timeout"], ["pytest-timeout>=2"], root) == []
+    assert host_only_plugins(["-p", "no:timeout", "-p", "xdist"], [], root) == []
+    assert host_only_plugins(["-p", "timeout"], [".[test]"], root) == []  # known later
+    assert host_only_plugins(["-p", "tests.helpers"], [], root) == []  # shipped
+
+
+def test_a_host_only_plugin_is_a_usage_error_before_anything_boots(tmp_path):
+    (tmp_path / "test_a.py").write_text("def test_a():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           "--tt-native", "--tt-os=debian-12", "--tt-server=127.0.0.1:9",
+                           "-p", "timeout"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TT_CONFIG": "/nonexistent"})
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "-p timeout (pytest-timeout) is installed on this host only" in proc.stderr
+    assert "--tt-native-install" in proc.stderr

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
+import re
 import shutil
 import subprocess
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +31,7 @@ from ttclient.api import ApiError
 
 from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
-from . import ids, remote
+from . import ids, remote, wheelhouse
 from .project import GUEST_SITE, PathMap
 from .provision import Provisioner, Worker
 from .ssh import make_key
@@ -49,6 +52,77 @@ def check_usable(config: pytest.Config) -> None:
     if config.getoption("usepdb", False):
         raise pytest.UsageError("--tt-native: --pdb cannot reach into a VM; use --tt-keep "
                                 "and ssh to the VM ('tt env show NAME' gives its address)")
+    specs = list(config.getoption("tt_native_install") or []) or list(
+        config.getini("tt_native_install") or [])
+    missing = host_only_plugins(list(config.invocation_params.args), specs, config.rootpath)
+    if missing:
+        raise pytest.UsageError(
+            f"--tt-native: -p {', '.join(missing)} is installed on this host only; the VMs "
+            f"get it with --tt-native-install=DIST (or drop -p for native runs)")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _with_dependencies(names: set[str]) -> set[str]:
+    """`names` and, as installed on this host, what they depend on (canonical names)."""
+    seen: set[str] = set()
+    todo = [_canonical(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            if "extra ==" not in line:
+                match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+                if match:
+                    todo.append(_canonical(match.group(0)))
+    return seen
+
+
+def _plugin_distribution(name: str) -> str | None:
+    """The distribution a `-p NAME` plugin comes from on this host (an entry-point name
+    or a module), or None when it is not from an installed distribution."""
+    for ep in metadata.entry_points(group="pytest11"):
+        if ep.name == name and ep.dist is not None:
+            return ep.dist.name
+    dists = metadata.packages_distributions().get(name.split(".")[0])
+    return dists[0] if dists else None
+
+
+def host_only_plugins(args: list[str], specs: list[str], rootdir: Path) -> list[str]:
+    """`-p NAME` plugins of `args` that the VMs' venvs will not have: those from an
+    installed distribution that neither the worker set (pytest, pytest-xdist, execnet)
+    nor the `--tt-native-install` specs (nor their dependencies, as installed here)
+    bring, as "NAME (DIST)". Empty when a spec is local or a file (`.`, `-r`): what those
+    bring is only known after resolving, and the worker will say it then."""
+    if any(spec.strip().startswith((".", "/", "-")) or "file:" in spec for spec in specs):
+        return []
+    names = {re.split(r"[\s\[<>=!~;@]", spec.strip(), maxsplit=1)[0] for spec in specs}
+    allowed = _with_dependencies({*names, *wheelhouse.BASE_DISTRIBUTIONS, "ttstack"})
+    found = []
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "-p" and i + 1 < len(args) else (
+            arg[2:] if arg.startswith("-p") and len(arg) > 2 and arg[2] != "-" else None)
+        if not value or value.startswith("no:"):
+            continue
+        try:
+            spec = importlib.util.find_spec(value)
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None) or ""
+        if origin and Path(origin).resolve().is_relative_to(rootdir):
+            continue  # shipped with the project
+        dist = _plugin_distribution(value)
+        if dist and _canonical(dist) not in allowed:
+            found.append(f"{value} ({dist})")
+    return found
 
 
 def workers_per_os(config: pytest.Config) -> int:
