@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import re
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +25,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from ttclient.api import ApiError
 
@@ -52,23 +53,33 @@ def check_usable(config: pytest.Config) -> None:
     if config.getoption("usepdb", False):
         raise pytest.UsageError("--tt-native: --pdb cannot reach into a VM; use --tt-keep "
                                 "and ssh to the VM ('tt env show NAME' gives its address)")
-    specs = list(config.getoption("tt_native_install") or []) or list(
-        config.getini("tt_native_install") or [])
-    missing = host_only_plugins(list(config.invocation_params.args), specs, config.rootpath)
+    missing = host_only_plugins(list(config.invocation_params.args), install_specs(config),
+                                config.rootpath)
     if missing:
         raise pytest.UsageError(
             f"--tt-native: -p {', '.join(missing)} is installed on this host only; the VMs "
             f"get it with --tt-native-install=DIST (or drop -p for native runs)")
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def install_specs(config: pytest.Config) -> list[str]:
+    """The extra requirement specs for the guests' venvs: --tt-native-install values,
+    else the ini setting's; [] when neither is set."""
+    specs = config.getoption("tt_native_install") or []
+    return list(specs) or list(config.getini("tt_native_install") or [])
+
+
+def _requirement_name(line: str) -> str | None:
+    """The canonical distribution name of a requirement line, None if it is not one."""
+    try:
+        return canonicalize_name(Requirement(line).name)
+    except InvalidRequirement:
+        return None
 
 
 def _with_dependencies(names: set[str]) -> set[str]:
     """`names` and, as installed on this host, what they depend on (canonical names)."""
     seen: set[str] = set()
-    todo = [_canonical(n) for n in names]
+    todo: list[str] = [canonicalize_name(n) for n in names]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -79,10 +90,9 @@ def _with_dependencies(names: set[str]) -> set[str]:
         except metadata.PackageNotFoundError:
             continue
         for line in requires:
-            if "extra ==" not in line:
-                match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
-                if match:
-                    todo.append(_canonical(match.group(0)))
+            dep = _requirement_name(line) if "extra ==" not in line else None
+            if dep:
+                todo.append(dep)
     return seen
 
 
@@ -104,7 +114,7 @@ def host_only_plugins(args: list[str], specs: list[str], rootdir: Path) -> list[
     bring is only known after resolving, and the worker will say it then."""
     if any(spec.strip().startswith((".", "/", "-")) or "file:" in spec for spec in specs):
         return []
-    names = {re.split(r"[\s\[<>=!~;@]", spec.strip(), maxsplit=1)[0] for spec in specs}
+    names = {n for n in map(_requirement_name, specs) if n}
     allowed = _with_dependencies({*names, *wheelhouse.BASE_DISTRIBUTIONS, "ttstack"})
     found = []
     for i, arg in enumerate(args):
@@ -120,7 +130,7 @@ def host_only_plugins(args: list[str], specs: list[str], rootdir: Path) -> list[
         if origin and Path(origin).resolve().is_relative_to(rootdir):
             continue  # shipped with the project
         dist = _plugin_distribution(value)
-        if dist and _canonical(dist) not in allowed:
+        if dist and canonicalize_name(dist) not in allowed:
             found.append(f"{value} ({dist})")
     return found
 
@@ -164,17 +174,11 @@ class NativeSession:
         if opt.maxworkerrestart is None:
             opt.maxworkerrestart = str(4 * workers_per_os(self.config) * max(1, os_prefixes))
 
-    def install_specs(self) -> list[str]:
-        """The extra requirement specs for the guests' venvs: --tt-native-install values,
-        else the ini setting's; [] when neither is set."""
-        specs = self.config.getoption("tt_native_install") or []
-        return list(specs) or list(self.config.getini("tt_native_install") or [])
-
     def start(self, env: SessionEnv, say: Any) -> None:
         """Provision the VMs (TTSetupError says what failed) and set `--tx`."""
         self.env = env
         self.provisioner = Provisioner(
-            env, self.paths, self.install_specs(), self.work, self.key, say,
+            env, self.paths, install_specs(self.config), self.work, self.key, say,
             self.config.getoption("tt_native_setup_timeout"), self._cache_files())
         try:
             workers = self.provisioner.run()

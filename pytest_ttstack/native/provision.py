@@ -88,6 +88,7 @@ class Provisioner:
         self.venvs = wheelhouse.cache_dir() / "native-venvs"
         self._lock = threading.Lock()
         self.masters: list[subprocess.Popen] = []  # one SSH master per VM; close() ends them
+        self._scm: dict[tuple[str, ...], dict[str, str]] = {}  # local lines -> scm env
         self.closed = threading.Event()  # set by close(): masters still opening give up
 
     def close(self) -> None:
@@ -162,7 +163,10 @@ class Provisioner:
                      + (", cached venv found" if plan.cached_venv else ""))
             wheelhouse.gather(res, guest, self.paths.rootdir, wheels, self.work,
                               deps=plan.cached_venv is None)
-            plan.scm = wheelhouse.scm_versions(res, self.paths.rootdir)
+            local = tuple(res.local)  # the same for every guest Python: computed once
+            if local not in self._scm:
+                self._scm[local] = wheelhouse.scm_versions(res, self.paths.rootdir)
+            plan.scm = self._scm[local]
 
         def build(tar: tarfile.TarFile) -> None:
             project.add_files(tar, self.paths.rootdir, files, "project")
