@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import IMAGE_PATH, ServerProcess, new_run_dir
+from helpers import IMAGE_PATH, ServerProcess, new_run_dir, warm_template_cache
 
 BASE_IMAGE = "qemu:debian-12:x86_64"
 
@@ -22,6 +22,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(f"test image {BASE_IMAGE} is missing under {IMAGE_PATH}; build it with "
                     f"'ttserver image build debian-12 --image-path {IMAGE_PATH}' "
                     "(bash .ci/run does this)", returncode=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def template_cache(request: pytest.FixtureRequest) -> None:
+    """Before the first VM test: every image's default-shape warm-clone template in the
+    suite's shared cache (built once per machine, ~1 min per image under TCG; reused while
+    the image is unchanged), so the suite's servers clone VMs instead of booting them."""
+    if any(item.get_closest_marker("vm") for item in request.session.items):
+        found = warm_template_cache()
+        failed = [t for t in found if t["state"] != "ready"]
+        if failed:
+            print(f"\nwarm-clone templates not ready, VMs boot cold: {failed}")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,9 @@ import requests
 
 IMAGE_PATH = Path(os.environ.get("TTSTACK_IMAGE_PATH", "/var/lib/ttstack/images"))
 RUNS_PATH = Path(os.environ.get("TTSTACK_TEST_RUNS", "/var/lib/ttstack/test-runs"))
+# warm-clone templates shared by the suite's servers (kept between runs: each server checks
+# an entry against its image's fingerprint before it imports it)
+TEMPLATE_CACHE = RUNS_PATH / "template-cache"
 
 
 def free_port() -> int:
@@ -94,8 +98,10 @@ class ServerProcess(DaemonProcess):
     def __init__(self, cfgdb: Path, image_path: Path = IMAGE_PATH, *,
                  extra: tuple[str, ...] = (), port: int | None = None,
                  port_range: str | None = None, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
+                 host: str = "127.0.0.1", prefix: tuple[str, ...] = (),
+                 template_cache: Path | None = TEMPLATE_CACHE) -> None:
         self.host = host
+        self.template_cache = template_cache
         self.prefix = list(prefix)  # e.g. nsenter into a network namespace
         self.cfgdb = cfgdb
         self.env = env
@@ -112,6 +118,8 @@ class ServerProcess(DaemonProcess):
                "--serv-port", str(self.port), "--port-range", self.port_range,
                "--cpu-total", "4", "--mem-total", "4G", "--disk-total", "40G",
                "--accel", "tcg", *self.extra]
+        if self.template_cache is not None:
+            cmd += ["--template-cache", str(self.template_cache)]
         self._launch(cmd, timeout, self.env)
         self.sid = self.server_id()
         return self
@@ -134,7 +142,12 @@ class ServerProcess(DaemonProcess):
             for name in names:
                 if name.startswith(f"tt-{self.sid}-"):
                     subprocess.run(["virsh", "destroy", name], capture_output=True, timeout=60)
+        was_running = bool(self.proc and self.proc.poll() is None)
         self._signal(sig, 30)
+        if was_running and sig == signal.SIGTERM and clean and getattr(self, "sid", None):
+            # a stopped server leaves no domain at all: no VM, no template build
+            left = [d for d in all_domains() if d.startswith(f"tt-{self.sid}-")]
+            assert left == [], f"{self.name} left domains after its stop: {left}"
 
     def server_id(self) -> str:
         return requests.get(self.url + "/health", timeout=5).json()["server_id"]
@@ -150,14 +163,22 @@ def wait_env(url: str, name: str, timeout: float = 600) -> dict:
     raise AssertionError(f"ENV {name} still creating after {timeout}s")
 
 
+def all_domains() -> list[str]:
+    """Names of every libvirt domain on the host (any state)."""
+    return subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                          capture_output=True, text=True, timeout=60).stdout.split()
+
+
 def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
-    """Everything of this server that should be gone: domains, qemu processes, VM dirs,
-    listening forwarded ports."""
-    virsh = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                           capture_output=True, text=True, timeout=60)
-    domains = [d for d in virsh.stdout.split() if d.startswith(f"tt-{server_id}-")]
-    procs = subprocess.run(["pgrep", "-f", f"guest=tt-{server_id}-"], capture_output=True,
-                           text=True).stdout.split()
+    """Everything of this server's VMs that should be gone: domains, qemu processes, VM
+    dirs, listening forwarded ports. Warm-clone template builds (`tt-<sid>-tpl-*`) are the
+    server's background work, not a VM's: ServerProcess.stop() checks that they end."""
+    tpl = f"tt-{server_id}-tpl-"
+    domains = [d for d in all_domains()
+               if d.startswith(f"tt-{server_id}-") and not d.startswith(tpl)]
+    procs = [line.split()[0] for line in subprocess.run(
+        ["pgrep", "-af", f"guest=tt-{server_id}-"], capture_output=True,
+        text=True).stdout.splitlines() if f"guest={tpl}" not in line]
     vms_dir = cfgdb / "vms"
     dirs = sorted(p.name for p in vms_dir.iterdir()) if vms_dir.is_dir() else []
     listening = []
@@ -169,6 +190,30 @@ def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
             if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 listening.append(port)
     return {"domains": domains, "processes": procs, "dirs": dirs, "ports": listening}
+
+
+def wait_templates(srv: ServerProcess, timeout: float) -> list[dict]:
+    """Wait until `srv` builds no template (none started or all finished); its templates
+    as /status lists them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = requests.get(srv.url + "/status", timeout=10).json()["templates"]
+        if not any(t["state"] == "building" for t in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
+def warm_template_cache(timeout: float = 900) -> list[dict]:
+    """Fill TEMPLATE_CACHE with the default-shape template of every image under IMAGE_PATH
+    (a server builds them at start; nothing to do when the cache has them); the templates
+    /status lists. A build that fails only makes the suite's VMs boot cold."""
+    run_dir = new_run_dir("warmup-")
+    srv = ServerProcess(run_dir / "state", port_range="40500-40999").start()
+    try:
+        return wait_templates(srv, timeout)
+    finally:
+        srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 NOTHING_LEFT = {"domains": [], "processes": [], "dirs": [], "ports": []}

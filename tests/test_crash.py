@@ -68,17 +68,20 @@ def victim_ports(view: dict) -> list[int]:
     return [p for vm in view["vms"] for p in [vm["ssh_port"], *vm["ports"].values()]]
 
 
-@pytest.mark.parametrize("point, needs_running, survives", [
-    ("create.admitted", False, False),
-    ("boot.overlay_created", False, False),
-    ("boot.domain_started", False, False),
-    ("boot.vm_running", False, False),
-    ("delete.marked", True, False),
-    ("delete.torn_down", True, False),
-    ("stop.marked", True, True),
+# warm: None is the server's default (a warm clone: the suite's template cache has the
+# default shape's template), False a cold boot
+@pytest.mark.parametrize("point, needs_running, survives, warm", [
+    ("create.admitted", False, False, None),
+    ("boot.overlay_created", False, False, None),
+    ("boot.domain_started", False, False, None),
+    ("boot.domain_started", False, False, False),
+    ("boot.vm_running", False, False, None),
+    ("delete.marked", True, False, None),
+    ("delete.torn_down", True, False, None),
+    ("stop.marked", True, True, None),
 ])
 def test_crash_point_leaves_nothing_behind(host: Host, point: str, needs_running: bool,
-                                           survives: bool):
+                                           survives: bool, warm: bool | None):
     keeper = requests.get(host.srv.url + "/envs/keeper", timeout=10).json()
     host.srv.stop(clean=False)
     srv = host.restart(crash_at=point)
@@ -86,7 +89,7 @@ def test_crash_point_leaves_nothing_behind(host: Host, point: str, needs_running
     ports = sorted(set(range(48000, 49000)) - set(victim_ports(keeper)))
     try:
         resp = host.post("/envs", json={"name": "victim", "os_prefix": ["debian-12"],
-                                        "ports": [8080]})
+                                        "ports": [8080], "warm": warm})
         assert resp.status_code == 202, resp.text
     except requests.ConnectionError:
         assert point == "create.admitted"  # it dies before it can answer

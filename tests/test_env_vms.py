@@ -150,7 +150,8 @@ def _broken_image(root: Path) -> Path:
 
 def test_boot_failure_reports_console_tail_and_frees_everything(run_dir: Path):
     images = _broken_image(run_dir)
-    srv = ServerProcess(run_dir / "state", images, extra=("--boot-timeout", "40")).start()
+    srv = ServerProcess(run_dir / "state", images, extra=("--boot-timeout", "40",
+                                                         "--no-warm-clones")).start()
     try:
         sid = srv.server_id()
         resp = requests.post(srv.url + "/envs", json={"name": "broken", "os_prefix": ["broken"]},
@@ -191,7 +192,7 @@ def test_env_expiring_while_it_boots_is_removed_without_leaks(run_dir: Path):
 def test_image_path_is_rescanned_without_restart(run_dir: Path):
     images = run_dir / "images"
     images.mkdir(mode=0o755)
-    srv = ServerProcess(run_dir / "state", images).start()
+    srv = ServerProcess(run_dir / "state", images, extra=("--no-warm-clones",)).start()
     try:
         assert requests.get(srv.url + "/images", timeout=10).json() == []
         shutil.copytree(BASE, images / "qemu:debian-12:x86_64", symlinks=True)

@@ -40,7 +40,7 @@ def _dud_images(root: Path) -> Path:
 def targets() -> Iterator[dict[str, object]]:
     run_dir = new_run_dir("fuzz-")
     srv = ServerProcess(run_dir / "state", _dud_images(run_dir), port_range="49000-49499",
-                        extra=("--cpu-total", "4", "--mem-total", "2G")).start()
+                        extra=("--cpu-total", "4", "--mem-total", "2G", "--no-warm-clones")).start()
     proxy = ProxyProcess([srv.address], run_dir).start()
     sid = srv.server_id()
     try:

@@ -37,7 +37,7 @@ def test_one_env_with_x86_64_and_aarch64_vms():
     (images / X86).symlink_to(IMAGE_PATH / X86)
     (images / ARM).symlink_to(FOREIGN / ARM)
     srv = ServerProcess(run_dir / "state", images, port_range="41500-41999",
-                        extra=("--boot-timeout", "600")).start()
+                        extra=("--boot-timeout", "600", "--no-warm-clones")).start()
     try:
         resp = requests.post(srv.url + "/envs", json={"name": "both",
                                                       "os_prefix": ["debian-12"]}, timeout=30)

@@ -55,7 +55,9 @@ def check_vm_clones(state: Path, images: Path, backend: str,
     """A 2-VM ENV on `backend`: each VM directory is a filesystem clone (named in
     `clones()`), its disk has no qcow2 backing chain, writes stay per VM, and delete
     leaves no clone, domain, directory or port."""
-    srv = ServerProcess(state, images, port_range="43500-43999").start()
+    # warm clones are qcow2 overlays on any backend: these VMs must boot cold
+    srv = ServerProcess(state, images, port_range="43500-43999",
+                        extra=("--no-warm-clones",)).start()
     try:
         assert requests.get(srv.url + "/status", timeout=10).json()["storage"] == backend
         sid = srv.server_id()
@@ -149,7 +151,8 @@ def test_zfs_clones_per_vm_and_nothing_left(zfs_pool: tuple[str, Path]):
     stray = f"{base.split('/bases/')[0]}/vms/stray"
     sh("zfs", "clone", "-o", "canmount=off", f"{base}@base", stray)
     assert "stray" in clones()
-    ServerProcess(mnt / "state", IMAGE_PATH, port_range="43500-43999").start().stop()
+    ServerProcess(mnt / "state", IMAGE_PATH, port_range="43500-43999",
+                  extra=("--no-warm-clones",)).start().stop()
     assert clones() == set(), datasets()
 
 

@@ -1,6 +1,7 @@
-"""Warm clones on real VMs: the first ENV boots cold and leaves a template behind; clones
-from it answer `run`, have their own hostname, machine-id and SSH host key, keep their
-disks apart, leak nothing — and a broken template makes VMs boot cold, not fail."""
+"""Warm clones on real VMs, on by default: a server builds its images' default-shape
+templates at start (ENVs created meanwhile boot cold); clones answer `run`, have their own
+hostname, machine-id and SSH host key, keep their disks apart, leak nothing; a template
+cache shares builds between servers; a broken template makes VMs boot cold, not fail."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ KEY = "qemu:debian-12:x86_64-1cpu-512m"
 
 @pytest.fixture(scope="module")
 def warm_server() -> Iterator[tuple[ServerProcess, Path]]:
+    """A server with no warm-clone flag and its own template cache (run_dir/cache): its
+    templates are built here, not taken from the suite's shared cache."""
     run_dir = new_run_dir("warm-")
     srv = ServerProcess(run_dir / "state", port_range="42000-42499",
-                        extra=("--warm-clones",)).start()
+                        template_cache=run_dir / "cache").start()
     try:
         yield srv, run_dir
     finally:
@@ -72,6 +75,8 @@ def wait_template(srv: ServerProcess, timeout: float = 600) -> dict:
 def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     srv, run_dir = warm_server
     sid = srv.server_id()
+    # the default shape's template is being built from the start, unasked
+    assert {(t["key"], t["state"]) for t in templates(srv)} >= {(KEY, "building")}
     first = create(srv, "first")
     assert first["vms"][0]["boot_mode"] == "cold"  # no template yet: it is made meanwhile
     wait_template(srv)
@@ -118,6 +123,32 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     assert gone == {"domains": [], "processes": [], "dirs": [], "ports": []}
     # the template stays for the next ENV; nothing of a build is left running
     assert [t["state"] for t in templates(srv) if t["key"] == KEY] == ["ready"]
+
+
+def test_template_cache_shares_a_build_with_another_server(warm_server):
+    """A second server on the cache clones at once from the first server's build (hard
+    links in its own directory: its VMs survive the cache entry being removed)."""
+    srv, run_dir = warm_server
+    tpl = wait_template(srv)
+    cached = run_dir / "cache" / tpl["build"]
+    assert (cached / "meta.json").is_file()
+    other = ServerProcess(run_dir / "other", port_range="42500-42999",
+                          template_cache=run_dir / "cache").start()
+    try:
+        sid = other.server_id()
+        env = create(other, "borrowed")
+        assert env["vms"][0]["boot_mode"] == "warm"
+        assert env["vms"][0]["boot_seconds"] < 30
+        mine = run_dir / "other" / "templates" / tpl["build"]
+        assert (mine / "memory.bin").stat().st_ino == (cached / "memory.bin").stat().st_ino
+        shutil.rmtree(cached)
+        assert run(other, "borrowed", "hostname")[0]["stdout"] == "borrowed-0\n"
+        port = env["vms"][0]["ssh_port"]
+        assert requests.delete(other.url + "/envs/borrowed", timeout=120).status_code == 200
+        assert leftovers(sid, run_dir / "other", [port]) == {
+            "domains": [], "processes": [], "dirs": [], "ports": []}
+    finally:
+        other.stop()
 
 
 def test_a_template_without_the_helper_gives_identity_by_script(warm_server):

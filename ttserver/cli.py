@@ -104,9 +104,15 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outgoing", action="store_true",
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
-    p.add_argument("--warm-clones", action="store_true",
+    p.add_argument("--warm-clones", action=argparse.BooleanOptionalAction,
+                   default=d["warm_clones"],
                    help="start VMs from a saved memory snapshot of their image (about a"
-                        " second instead of a boot); ENVs may still ask for cold boots")
+                        " second instead of a boot; on by default: each image's template is"
+                        " built in the background at start); ENVs may still ask for cold"
+                        " boots")
+    p.add_argument("--template-cache", type=Path, default=None, metavar="DIR",
+                   help="share warm-clone templates with other servers on this host through"
+                        " DIR (hard links: same filesystem as --cfgdb-path)")
     p.add_argument("--storage", choices=["auto", "qcow2", "btrfs", "zfs"], default=d["storage"],
                    help="VM disk clones: qcow2 overlays, or btrfs snapshots when the state"
                         " and images are on one btrfs (auto picks by filesystem)")
@@ -251,6 +257,8 @@ def serve_main(argv: list[str]) -> int:
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
                        libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing,
                        warm_clones=args.warm_clones, network=args.network,
+                       template_cache=(args.template_cache.resolve()
+                                       if args.template_cache else None),
                        storage=args.storage,
                        bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):

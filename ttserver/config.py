@@ -31,7 +31,9 @@ class ServerConfig:
     # operator opts in; an ENV may still deny it (`deny_outgoing`).
     allow_outgoing: bool = False
     # ENVs boot from memory snapshots of their image unless they ask otherwise
-    warm_clones: bool = False
+    warm_clones: bool = True
+    # a directory shared with other servers' templates (hard links; see templates.py)
+    template_cache: Path | None = None
     # user: QEMU user networking per VM (no host set-up, ports by QEMU hostfwd);
     # bridge: a Linux bridge, TAPs, nftables port MAP and dnsmasq (see bridgenet.py)
     network: str = "user"

@@ -6,6 +6,7 @@ running ones survive a libvirtd or ttserver restart, which reconciliation relies
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -195,6 +196,20 @@ class Engine:
         except libvirt.libvirtError:
             pass
         Path(f"/var/log/libvirt/qemu/{name}.log").unlink(missing_ok=True)
+
+    @staticmethod
+    def renice(name: str, niceness: int) -> None:
+        """Lower the CPU priority of every thread of the running domain's QEMU process to
+        `niceness` (best effort: logged, never raised). Threads are reniced one by one
+        because Linux applies a nice value per thread (setpriority(2), NOTES). The pid is
+        libvirt's pid file for qemu:///system domains."""
+        try:
+            pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(ProcessLookupError):
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+        except (OSError, ValueError) as exc:
+            log.warning("could not renice %s: %s", name, exc)
 
     def domains_with_prefix(self, prefix: str) -> list[str]:
         """Names of every libvirt domain (of any state) whose name starts with `prefix`."""

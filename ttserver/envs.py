@@ -87,7 +87,7 @@ class EnvManager:
         self.renderer = DomainRenderer(self.accel, self.uid, self.gid)
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
-                                   self.renderer)
+                                   self.renderer, cfg.template_cache)
         self.booter = VMBooter(cfg, self.db, self.engine, self.renderer, self.templates,
                                self.clones, self.bridge, self.ssh_pubkey, self.uid, self.gid)
         self.cleanup = Cleanup(cfg, self.db, self.engine, self.booter, self.domain_prefix)
@@ -122,6 +122,7 @@ class EnvManager:
                                  for i in images.scan(self.cfg.image_path)},
                                 {Path(vm.dir).name for vm in self.db.all_vms()})
         threading.Thread(target=self.accel.choice, name="accel-probe", daemon=True).start()
+        self.keep_warm()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
 
@@ -392,10 +393,18 @@ class EnvManager:
             rounds += 1
             try:
                 self.reap_expired()
+                if rounds % 15 == 0:
+                    self.keep_warm()
                 if rounds % 30 == 0:
                     self.collect_templates()
             except Exception:
                 log.exception("reaper")
+
+    def keep_warm(self) -> None:
+        """With warm clones on (and user networking: bridge-mode VMs boot cold), have
+        every image's default-shape template built (in the background; templates.py)."""
+        if self.cfg.warm_clones and not self.bridge:
+            self.templates.keep_warm(images.scan(self.cfg.image_path))
 
     def collect_templates(self) -> list[str]:
         """Remove retired warm-clone templates that no VM disk is a clone of any more."""

@@ -6,9 +6,18 @@ agent answered. A warm clone is a new overlay on the frozen disk and a QEMU star
 that state: the guest is up in about a second instead of 30–50 under TCG. The clone then
 gets its own identity (hostname, machine-id, SSH host key, clock) through the agent.
 
-Templates are built in the background the first time an ENV asks for a warm VM of that
-shape (those first VMs boot cold), rebuilt when the image's files change, and retired
-— with a logged reason, the VM booting cold instead — when a clone from one fails.
+The template of each image's default shape (DEFAULT_SHAPE: what an ENV gets when it asks
+for no size) is built in the background when the server starts and whenever an image
+appears or changes, one build at a time, its QEMU at the lowest CPU priority (nice 19) so
+that it never slows a create down; other shapes are built the first time an ENV asks for
+one (those first VMs boot cold). Templates are rebuilt when the image's files change, and
+retired — with a logged reason, the VM booting cold instead — when a clone from one fails.
+
+A template cache (`--template-cache DIR`) shares builds between servers on one host (and
+between the short-lived servers of a test suite): a finished build is published there as
+hard links, and a server that has no template of a shape imports one by hard-linking it
+into its own directory. Each server's clones name only its own links, so removing a cache
+entry (stale, retired, superseded) never takes a disk from under a VM.
 
 Every build gets its own directory (`KEY@BUILD`) that is never renamed or reused: clones'
 overlays name its disk as their backing file, so a retired template stays on disk until
@@ -21,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -33,6 +43,9 @@ from .vmspec import DomainRenderer
 
 log = logging.getLogger(__name__)
 MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is plenty
+# (vCPUs, MiB): the size of a VM whose ENV asks for none (EnvRequest's defaults)
+DEFAULT_SHAPE = (1, 512)
+BUILD_NICE = 19  # template builds yield the CPU to everything else
 
 
 @dataclass(frozen=True)
@@ -66,8 +79,9 @@ class Templates:
 
     def __init__(self, root: Path, engine: Engine, uid: int, gid: int,
                  domain_prefix: str, boot_timeout: float,
-                 renderer: DomainRenderer) -> None:
+                 renderer: DomainRenderer, cache: Path | None = None) -> None:
         self.root = root
+        self.cache = cache
         self.engine = engine
         self.uid, self.gid = uid, gid
         self.domain_prefix = domain_prefix
@@ -76,6 +90,8 @@ class Templates:
         self._lock = threading.Lock()
         self._building: dict[str, str] = {}  # key -> domain name
         self._errors: dict[str, str] = {}
+        self._failed_prints: dict[str, str] = {}  # key -> image fingerprint its build failed on
+        self._import_lock = threading.Lock()
         self._slots = threading.Semaphore(MAX_PARALLEL_BUILDS)
         self._stopping = threading.Event()
 
@@ -93,32 +109,113 @@ class Templates:
         return (d / "retired").exists()
 
     def clean_partial(self) -> None:
-        """At start-up (no build runs yet): remove builds that were interrupted."""
+        """At start-up (no build runs yet): remove builds that were interrupted, and
+        cache publications abandoned more than an hour ago."""
         if self.root.is_dir():
             for d in self.root.iterdir():
                 if d.is_dir() and not self._complete(d):
                     shutil.rmtree(d, ignore_errors=True)
+        if self.cache is not None and self.cache.is_dir():
+            for d in self.cache.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    if time.time() - d.stat().st_mtime > 3600:
+                        shutil.rmtree(d, ignore_errors=True)
+
+    def _unusable(self, d: Path, image: images.Image) -> tuple[str, dict]:
+        """Why the complete build `d` cannot serve clones of `image` ("" if it can), and
+        its meta.json."""
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"its meta.json is unreadable ({exc})", {}
+        if meta.get("fingerprint") != fingerprint(image):
+            return "its image changed", meta
+        if meta.get("helper") not in ("", identity.HELPER_ID):
+            return "it was saved with another identity helper", meta
+        accel = self.renderer.accel.for_arch(image.name.arch)
+        if meta.get("accel", accel) != accel:
+            return f"it was saved under {meta['accel']}, VMs now run under {accel}", meta
+        return "", meta
 
     def ready(self, image: images.Image, cpu: int, mem_mib: int) -> Template | None:
-        """The newest usable template of this shape, if any."""
-        if not self.root.is_dir():
-            return None
+        """The newest usable template of this shape, if any: this server's own, else one
+        imported from the template cache."""
         key = self.key(image, cpu, mem_mib)
-        builds = sorted((d for d in self.root.glob(f"{key}@*")
-                         if self._complete(d) and not self._retired(d)), reverse=True)
-        for d in builds:
-            try:
-                meta = json.loads((d / "meta.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if meta.get("fingerprint") != fingerprint(image):
-                self.discard(Template(d), "its image changed")
-                continue
-            if meta.get("helper") not in ("", identity.HELPER_ID):
-                self.discard(Template(d), "it was saved with another identity helper")
-                continue
-            return Template(d, helper=bool(meta["helper"]))
+        if self.root.is_dir():
+            builds = sorted((d for d in self.root.glob(f"{key}@*")
+                             if self._complete(d) and not self._retired(d)), reverse=True)
+            for d in builds:
+                reason, meta = self._unusable(d, image)
+                if reason:
+                    self.discard(Template(d), reason)
+                    continue
+                return Template(d, helper=bool(meta["helper"]))
+        return self._import(image, key) if self.cache else None
+
+    def _import(self, image: images.Image, key: str) -> Template | None:
+        """Hard-link the newest usable cached build of `key` into this server's directory;
+        stale cache entries are removed (they are links: no VM depends on them)."""
+        assert self.cache is not None
+        with self._import_lock:
+            for d in sorted(self.cache.glob(f"{key}@*"), reverse=True):
+                if not self._complete(d):
+                    continue
+                reason, meta = self._unusable(d, image)
+                if reason:
+                    log.info("dropping cached template %s: %s", d.name, reason)
+                    shutil.rmtree(d, ignore_errors=True)
+                    continue
+                mine = self.root / d.name
+                if mine.exists():  # imported before and retired here since: not again
+                    continue
+                try:
+                    storage.make_vm_dir(mine, self.uid, self.gid)
+                    for name in ("disk.qcow2", "memory.bin", "meta.json"):  # meta: complete
+                        os.link(d / name, mine / name)
+                except OSError as exc:
+                    log.warning("cannot import cached template %s (%s); building one",
+                                d.name, exc)
+                    shutil.rmtree(mine, ignore_errors=True)
+                    return None
+                log.info("template %s imported from the cache %s", d.name, self.cache)
+                return Template(mine, helper=bool(meta["helper"]))
         return None
+
+    def _publish(self, tpl: Template, key: str) -> None:
+        """Put a finished build in the template cache (hard links, renamed into place:
+        readers never see half of it) and drop the cache's older builds of its key."""
+        if self.cache is None:
+            return
+        staging = self.cache / f".{tpl.dir.name}.{os.getpid()}.tmp"
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            for name in ("disk.qcow2", "memory.bin", "meta.json"):
+                os.link(tpl.dir / name, staging / name)
+            staging.rename(self.cache / tpl.dir.name)
+        except OSError as exc:
+            log.warning("cannot publish template %s to the cache %s: %s", tpl.dir.name,
+                        self.cache, exc)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        for old in self.cache.glob(f"{key}@*"):
+            if old.name < tpl.dir.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def keep_warm(self, imgs: list[images.Image]) -> None:
+        """Build, in the background, the default-shape template of every image in `imgs`
+        that has none; an image whose build failed is tried again once its files change.
+        Images that take their identity from cloud-init are never cloned warm."""
+        cpu, mem_mib = DEFAULT_SHAPE
+        for image in imgs:
+            key = self.key(image, cpu, mem_mib)
+            if image.cloud_init:
+                continue
+            with self._lock:
+                if key in self._building or self._failed_prints.get(key) == fingerprint(image):
+                    continue
+            if self.ready(image, cpu, mem_mib) is None:
+                self.request(image, cpu, mem_mib)
 
     def discard(self, template: Template, reason: str) -> None:
         """Stop using a template. Its frozen disk may still back VMs (running or stopped),
@@ -128,6 +225,8 @@ class Templates:
             self._errors[template.dir.name.split("@")[0]] = reason
         with contextlib.suppress(OSError):
             (template.dir / "retired").write_text(reason + "\n")
+        if self.cache is not None:  # other servers must not import it either
+            shutil.rmtree(self.cache / template.dir.name, ignore_errors=True)
 
     def collect(self, vm_dirs: list[Path]) -> list[str]:
         """Delete retired templates whose disk backs no VM overlay any more (`vm_dirs`:
@@ -169,6 +268,7 @@ class Templates:
                 console = work / "console.log"
                 self.engine.start(self.renderer.render(domain, image, cpu, mem_mib, tpl.disk,
                                                        console, False))
+                self.engine.renice(domain, BUILD_NICE)
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
                 dom = self.engine.lookup(domain)
@@ -178,19 +278,24 @@ class Templates:
                 self.engine.save_memory(dom, tpl.state)
                 self.engine.destroy(domain)
                 tpl.disk.chmod(0o444)  # frozen: every clone's overlay reads it
+                tpl.state.chmod(0o444)
                 meta = json.dumps({
                     "image": image.name.full, "cpu": cpu, "mem_mib": mem_mib,
                     "fingerprint": fingerprint(image), "created_at": time.time(), "helper": helper,
+                    "accel": self.renderer.accel.for_arch(image.name.arch),
                     "build_seconds": round(time.monotonic() - started, 1)})
                 (work / "meta.tmp").write_text(meta)
                 (work / "meta.tmp").rename(work / "meta.json")  # complete from here on
                 log.info("template %s ready in %.0fs", key, time.monotonic() - started)
+                self._publish(tpl, key)
                 with self._lock:
                     self._errors.pop(key, None)
+                    self._failed_prints.pop(key, None)
         except Exception as exc:  # a template is an optimisation: log it, boot cold
             log.warning("template %s could not be built: %s", key, exc)
             with self._lock:
                 self._errors[key] = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                self._failed_prints[key] = fingerprint(image)
             self.engine.destroy(domain)
             shutil.rmtree(work, ignore_errors=True)
         finally:

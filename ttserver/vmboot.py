@@ -175,11 +175,13 @@ class VMBooter:
         started = time.monotonic()
         try:  # a failure here is the template's: retire it
             storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
+            crash_point("boot.overlay_created")
             if cancel.is_set():
                 raise RuntimeError("cancelled")
             self.db.set_vm(vm.id, state=BOOTING)
             self.engine.start_from_memory(self.vm_xml(vm, image, env, overlay, True),
                                           template.state)
+            crash_point("boot.domain_started")
             restored = time.monotonic()
             self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
                                    Path(vm.dir) / "console.log", cancel.is_set, interval=0.05)
@@ -201,6 +203,7 @@ class VMBooter:
                  restored - started, answered - restored, time.monotonic() - answered)
         self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
                        boot_seconds=round(time.monotonic() - started, 2))
+        crash_point("boot.vm_running")
         return True
 
     def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
