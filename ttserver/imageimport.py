@@ -7,6 +7,14 @@ under TCG), and the cloud image's kernel and initramfs already carry its drivers
 read with `debugfs` straight from the disk file (`FILE?offset=N` for a partition), so
 nothing is mounted and no loop or nbd device is needed. The image is marked `cloud_init`:
 its VMs get a NoCloud seed disk (cloudseed.py) with hostname and SSH keys.
+
+An image file comes from whoever made it, so it is read as data, never as a pointer to
+other files: `qemu-img info` (which opens no backing file) says its format, images that
+name another file — a qcow2 backing file or external data file, a multi-file VMDK, any
+format outside SINGLE_FILE_FORMATS — are refused with the reason, and every later
+qemu-img call names the format (`-f`), so nothing is probed again. Without this a qcow2
+whose backing file is a host path (the server's SSH key, say) would copy that file's
+bytes onto every VM's disk.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ from .imagebuild import BuildError, run_step
 from .images import DISK, INITRD, KERNEL, install
 
 LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}  # MBR, GPT Linux filesystem
+# formats whose image is one file (VMDK only as one sparse or stream-optimized file)
+SINGLE_FILE_FORMATS = {"raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc"}
+SINGLE_FILE_VMDK = {"monolithicSparse", "streamOptimized"}
 STEP_TIMEOUT = 900
 
 
@@ -34,6 +45,34 @@ class ImportError_(BuildError):  # noqa: N801 - not the builtin ImportError
 
 def _run(cmd: list[str], what: str) -> str:
     return run_step(cmd, STEP_TIMEOUT, what)
+
+
+def inspect(src: Path) -> tuple[str, dict]:
+    """(format, `qemu-img info` JSON) of the image file `src` (an absolute path), if it is
+    one self-contained file; ImportError_ naming what it refers to otherwise, BuildError
+    when qemu-img cannot read it."""
+    info = json.loads(_run(["qemu-img", "info", "--output=json", str(src)],
+                           "reading the image"))
+    fmt = info.get("format", "")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise ImportError_(f"{src} is a {fmt} image with a backing file "
+                           f"({info.get('backing-filename')!r}): refused, an image must not "
+                           "read other files; flatten it first (qemu-img convert -O qcow2)")
+    if fmt not in SINGLE_FILE_FORMATS:
+        raise ImportError_(f"{src} is a {fmt or 'unknown'} image: refused, only single-file "
+                           f"formats are imported ({', '.join(sorted(SINGLE_FILE_FORMATS))})")
+    specific = info.get("format-specific", {}).get("data", {})
+    if specific.get("data-file"):
+        raise ImportError_(f"{src} is a qcow2 image with an external data file "
+                           f"({specific['data-file']!r}): refused, an image must not read "
+                           "other files")
+    if fmt == "vmdk":
+        extents = [e.get("filename") for e in specific.get("extents", [])]
+        if (specific.get("create-type") not in SINGLE_FILE_VMDK
+                or any(e != str(src) for e in extents)):
+            raise ImportError_(f"{src} is a VMDK of several files: refused, an image must "
+                               "not read other files; convert it to qcow2 first")
+    return fmt, info
 
 
 def _filesystems(raw: Path) -> list[tuple[int, int]]:
@@ -97,20 +136,21 @@ def import_image(src: Path, name: str, image_path: Path, *, force: bool = False)
     initrd copied out of it; the image's directory. ImportError_ when `src` is no file or
     the image exists (without `force`), BuildError for a failed step, ImageNameError."""
     parsed = parse_image_name(name)
+    src = src.resolve()  # absolute: qemu-img never reads "proto:..." in it as a protocol
     if not src.is_file():
         raise ImportError_(f"{src} is not a file")
     target = image_path / parsed.full
     if (target / DISK).is_file() and not force:
         raise ImportError_(f"{parsed.full} exists at {target}; pass --force to replace it")
-    info = json.loads(_run(["qemu-img", "info", "--output=json", str(src)],
-                           "reading the image"))
+    fmt, info = inspect(src)
     image_path.mkdir(parents=True, exist_ok=True)
     work = image_path / f".import-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "image").mkdir(parents=True)
     try:
         raw = work / "disk.raw"
-        _run(["qemu-img", "convert", "-O", "raw", str(src), str(raw)], "qemu-img convert")
+        _run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(src), str(raw)],
+             "qemu-img convert")
         root, offset, kernel, initrd = find_boot(raw)
         out = work / "image"
         for path, dest in ((kernel, KERNEL), (initrd, INITRD)):
@@ -118,10 +158,10 @@ def import_image(src: Path, name: str, image_path: Path, *, force: bool = False)
                  f"copying {path} out of the image")
             if not (out / dest).is_file() or (out / dest).stat().st_size == 0:
                 raise ImportError_(f"could not copy {path} out of the image")
-        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / DISK)],
+        _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out / DISK)],
              "qemu-img convert")
         device = f"/dev/vda{root}" if root else "/dev/vda"
-        meta = {"name": parsed.full, "imported_from": str(src.resolve()),
+        meta = {"name": parsed.full, "imported_from": str(src),
                 "virtual_size_mib": int(info["virtual-size"]) // (1024 * 1024),
                 "cmdline": f"root={device} rw console=ttyS0", "cloud_init": True,
                 "kernel": Path(kernel).name, "built_at": int(time.time())}

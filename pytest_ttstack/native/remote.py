@@ -12,16 +12,16 @@ It also batches what the worker writes. A worker sends six messages per test (lo
 three reports, logfinish, protocol-complete) and execnet writes each to its pipe at once;
 here that pipe is sshd's, and under TCG one write, wake-up and SSH packet cost about 3 ms:
 half the worker's time with trivial tests (sampled in a Debian 12 guest). The messages
-that only describe a test (`KEPT`) are kept and written with the next other message, the
-test's protocol-complete as a rule: one write per test. Nothing else waits, so a test
-that kills the worker still finds every earlier test's results sent (xdist's crash
-attribution needs them), and a test that runs long has its start shown after at most
-`KEEP_AT_MOST` seconds.
+that only mark a test's start and end (`KEPT`) are kept and written with the next other
+message. Reports are written at once: a test that kills its worker then still has every
+earlier phase's report sent, which is how the controller names the phase it died in
+(xdist's crash attribution needs the earlier tests' results too), and a test that runs
+long has its start shown after at most `KEEP_AT_MOST` seconds.
 """
 
 from __future__ import annotations
 
-KEPT = ("logstart", "logreport", "logfinish")  # xdist worker events that may wait
+KEPT = ("logstart", "logfinish")  # xdist worker events that may wait
 KEEP_AT_MOST = 0.5  # seconds
 
 if __name__ == "__channelexec__":
