@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -167,3 +168,126 @@ def test_a_tokens_file_readable_by_others_stops_the_server(tmp_path: Path):
             ServerProcess(run_dir / "state", extra=("--tokens-file", str(bad))).start(timeout=30)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def status_before_the_body(port: int, method: str, path: str) -> int:
+    """Send a request's head and the first MiB of an unending chunked body; the status
+    the daemon answers without waiting for the rest (socket.timeout if it waits)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  "100000\r\n".encode() + b" " * 0x100000 + b"\r\n")
+        return int(s.recv(4096).split()[1])
+
+
+def test_nothing_is_read_before_the_caller_is_known(secured, tmp_path: Path):
+    """Authentication comes before the body: bad JSON, a body of the wrong type or an
+    endless chunked upload without a token get 401, through the proxy as well."""
+    srv, _, tokens = secured
+    resp = requests.post(srv.url + "/envs", data=b"{not json", timeout=10,
+                         headers={"Content-Type": "application/json"})
+    assert resp.status_code == 401, resp.text  # FastAPI alone answered 422
+
+    assert status_before_the_body(srv.port, "PUT", "/envs/x/files?path=/x") == 401
+    assert status_before_the_body(srv.port, "POST", "/envs") == 401
+    resp = requests.post(srv.url + "/envs", headers={**h(tokens["alice"]),
+                         "Content-Type": "text/plain"}, timeout=10,
+                         data=b'{"name": "csrf", "os_prefix": ["debian-12"]}')
+    assert resp.status_code == 415 and "application/json" in resp.json()["detail"]
+    resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]), timeout=30,
+                         json={"name": "big", "os_prefix": ["debian-12"],
+                               "ssh_keys": ["x" * (2 << 20)]})
+    assert resp.status_code == 413, resp.text
+
+    resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]), timeout=30,
+                         json={"name": "held", "os_prefix": ["debian-12"]})
+    assert resp.status_code == 202, resp.text
+    token_file = tmp_path / "proxy-token"  # the proxy's own admin token (docs/operator.md)
+    token_file.write_text(tokens["root"] + "\n")
+    proxy = ProxyProcess([srv.address], tmp_path, extra=("--token-file", str(token_file)))
+    proxy.start()
+    try:
+        # the proxy used to read the whole body before a server saw the token
+        assert status_before_the_body(proxy.port, "PUT", "/envs/held/files?path=/x") == 401
+        resp = requests.post(proxy.url + "/envs", headers={**h(tokens["alice"]),
+                             "Content-Type": "text/plain"}, data=b"{}", timeout=10)
+        assert resp.status_code == 415
+    finally:
+        proxy.stop()
+        requests.delete(srv.url + "/envs/held", headers=h(tokens["alice"]), timeout=120)
+
+
+def test_a_chunked_upload_stops_at_the_limit(secured):
+    """The upload limit holds whatever the framing (it was checked on Content-Length only,
+    so a chunked upload had none)."""
+    srv, _, tokens = secured
+    resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]), timeout=30,
+                         json={"name": "sink", "os_prefix": ["debian-12"]})
+    assert resp.status_code == 202, resp.text
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        while sent <= (1 << 30) + (16 << 20):
+            sent += 4 << 20
+            yield b"\0" * (4 << 20)
+
+    try:
+        resp = requests.put(srv.url + "/envs/sink/files?path=/tmp/big",
+                            headers=h(tokens["alice"]), data=chunks(), timeout=300)
+        assert resp.status_code == 413 and "limit" in resp.json()["detail"], resp.text
+    except requests.ConnectionError:  # the server closed the connection once it answered
+        assert sent <= (1 << 30) + (16 << 20)
+    assert requests.get(srv.url + "/health", timeout=10).ok
+    requests.delete(srv.url + "/envs/sink", headers=h(tokens["alice"]), timeout=120)
+
+
+def test_foreign_host_names_are_refused(secured):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach the API."""
+    srv, _, tokens = secured
+    for host in ("evil.example", "evil.example:80", f"attacker.test:{srv.port}"):
+        resp = requests.get(srv.url + "/envs", headers={**h(tokens["root"]), "Host": host},
+                            timeout=10)
+        assert resp.status_code == 400 and "--allowed-host" in resp.json()["detail"], host
+    for host in (f"127.0.0.1:{srv.port}", f"localhost:{srv.port}", "[::1]"):
+        resp = requests.get(srv.url + "/envs", headers={**h(tokens["root"]), "Host": host},
+                            timeout=10)
+        assert resp.status_code == 200, (host, resp.text)
+
+
+def test_an_unusable_tokens_file_accepts_no_token(secured):
+    """Fail closed: a tokens file deleted, emptied or opened to others stops every token
+    (the old set used to stay valid) until it is fixed."""
+    srv, tokens_file, tokens = secured
+    good = tokens_file.read_bytes()
+    root = h(tokens["root"])
+    try:
+        for breakage in ("delete", "empty", "chmod", "garbage"):
+            if breakage == "delete":
+                tokens_file.unlink()
+            elif breakage == "empty":
+                tokens_file.write_bytes(b"")
+            elif breakage == "chmod":
+                tokens_file.write_bytes(good)
+                tokens_file.chmod(0o644)
+            else:
+                tokens_file.chmod(0o600)
+                tokens_file.write_bytes(good + b"not a token line\n")
+            resp = requests.get(srv.url + "/envs", headers=root, timeout=10)
+            assert resp.status_code == 401, (breakage, resp.text)
+    finally:
+        tokens_file.write_bytes(good)
+        tokens_file.chmod(0o600)
+    assert requests.get(srv.url + "/envs", headers=root, timeout=10).ok
+
+
+def test_an_open_api_on_a_reachable_address_does_not_start(tmp_path: Path):
+    """Without tokens the API is open: only on loopback, or when the operator says so."""
+    if Path("/etc/ttstack/tokens").exists():
+        pytest.skip("this host has a default tokens file: the server would start with it")
+    proc = subprocess.run([sys.executable, "-m", "ttserver.cli", "--image-path",
+                           str(tmp_path), "--cfgdb-path", str(tmp_path / "state"),
+                           "--serv-addr", "0.0.0.0"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--insecure-no-auth" in proc.stderr and "ttserver token add" in proc.stderr

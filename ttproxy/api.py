@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ttclient import __version__
 from ttclient.contract import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
+from ttclient.guard import Guard, served_names
 
 from .proxy import CALLER_TOKEN, Proxy, ProxyError
 
@@ -36,12 +37,16 @@ class CallerToken:
             CALLER_TOKEN.reset(reset)
 
 
-def create_app(proxy: Proxy) -> FastAPI:
-    """The FastAPI app serving the ttserver API through `proxy`; a ProxyError becomes its
-    HTTP status, a ValueError a 400."""
+def create_app(proxy: Proxy, bind: str = "127.0.0.1",
+               allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app serving the ttserver API through `proxy`, answering Host names of
+    this machine, `bind` and `allowed_hosts`, with the same body limits as a ttserver
+    (ttclient/guard.py); a ProxyError becomes its HTTP status, a ValueError a 400."""
     app = FastAPI(title="ttproxy", version=__version__,
                   description="one address for many ttservers; the ttserver API")
     app.add_middleware(CallerToken)
+    app.add_middleware(Guard, names=served_names(bind, allowed_hosts),
+                       upload_limit=MAX_UPLOAD)  # tokens: the servers check them
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(_req: Request, exc: ProxyError) -> JSONResponse:
@@ -106,10 +111,8 @@ def create_app(proxy: Proxy) -> FastAPI:
                    mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
                    vm: Annotated[list[str] | None, Query()] = None,
                    use_ssh: bool = False) -> dict:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_UPLOAD:
-            raise ProxyError(f"file of {size} bytes is over the {MAX_UPLOAD >> 20} MiB limit",
-                             413)
+        # the ENV's servers check the caller's token and ownership before the body is read
+        await run_in_threadpool(proxy.get, name)
         data = await request.body()
         results = await run_in_threadpool(proxy.push, name, path, data,
                                           int(mode, 8) if mode else None, vm, use_ssh)

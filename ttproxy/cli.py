@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the proxy's own (admin) token, for servers that require"
                         " tokens; clients' tokens are passed through (or $TTPROXY_TOKEN)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a DNS name clients use for this proxy, besides localhost and the"
+                        " machine's host name (other Host headers are refused: DNS"
+                        " rebinding); repeatable")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return p
 
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     proxy = Proxy(servers)
     servers.start()  # first round is synchronous: known ENVs are learnt before serving
     host, port = args.proxy_addr
-    serve(create_app(proxy), host, port, on_stop=servers.stop)
+    serve(create_app(proxy, host, tuple(args.allowed_host)), host, port,
+          on_stop=servers.stop)
     return 0
 
 

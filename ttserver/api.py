@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ttclient import __version__
 from ttclient.contract import MAX_UPLOAD, EnvCreate, EnvUpdate, RunRequest
+from ttclient.guard import Guard, served_names
 
 from .admission import EnvRequest
 from .auth import AuthError, Principal, TokenStore
@@ -27,22 +28,28 @@ log = logging.getLogger(__name__)
 def who(request: Request, authorization: Annotated[str | None, Header(
         description="Bearer API token, when the server has a tokens file")] = None,
         ) -> Principal:
-    """The caller, from its bearer token (everyone is an admin without a tokens file)."""
-    return request.app.state.tokens.principal(authorization)
+    """The caller, as the Guard middleware authenticated it from its bearer token before
+    the body was read (everyone is an admin without a tokens file)."""
+    principal = getattr(request.state, "principal", None)
+    return principal or request.app.state.tokens.principal(authorization)
 
 
 # module level: FastAPI resolves these annotations in the module's namespace
 Caller = Annotated[Principal, Depends(who)]
 
 
-def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI:
+def create_app(manager: EnvManager, tokens: TokenStore | None = None,
+               allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app serving the API over `manager`, authorising callers with `tokens`
-    (default: no tokens file, an open API); TTError and AuthError become their HTTP status,
-    ValueError a 400."""
+    (default: no tokens file, an open API) before their bodies are read, answering Host
+    names of this machine, its bind address and `allowed_hosts` (ttclient/guard.py);
+    TTError and AuthError become their HTTP status, ValueError a 400."""
     app = FastAPI(title="ttserver", version=__version__,
                   description="ttstack host daemon: ENVs of real VMs for test suites")
     tokens = tokens or TokenStore(None)
     app.state.tokens = tokens
+    app.add_middleware(Guard, names=served_names(manager.cfg.serv_addr, allowed_hosts),
+                       upload_limit=MAX_UPLOAD, authenticate=tokens.principal)
 
     def owned(name: str, caller: Principal) -> None:
         """403 unless the caller's token created the ENV (or is an admin token)."""
@@ -138,11 +145,7 @@ def create_app(manager: EnvManager, tokens: TokenStore | None = None) -> FastAPI
                    mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
                    vm: Annotated[list[str] | None, Query(description="only these VMs")] = None,
                    use_ssh: bool = False) -> dict:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_UPLOAD:
-            raise TTError(f"file of {size} bytes is over the {MAX_UPLOAD >> 20} MiB limit;"
-                          " copy big data from inside the VM instead", status=413)
-        await run_in_threadpool(owned, name, caller)
+        await run_in_threadpool(owned, name, caller)  # before the body (Guard caps its size)
         data = await request.body()
         results = await run_in_threadpool(manager.guest.push, name, path, data,
                                           int(mode, 8) if mode else None, vm, use_ssh)

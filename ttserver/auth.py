@@ -3,7 +3,10 @@
 The tokens file (`--tokens-file`) has one line per token, `NAME ROLE SHA256`, written by
 `ttserver token add`; the token itself is shown once and never stored, so a leaked file
 or backup does not leak access. The file is re-read when it changes (no restart to add or
-revoke a token). Without a tokens file the API is open, as on a single developer's host.
+revoke a token); a file that is deleted, emptied, made readable by others or broken
+accepts no token until it is fixed (fail closed). Without a tokens file the API is open,
+as on a single developer's host (loopback only, unless the operator says
+--insecure-no-auth: see cli.py).
 
 Each ENV is owned by the token name that created it; other tokens get 403 on it and do
 not see it in listings; `admin` tokens see and may do everything. Tokens are compared in
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -21,7 +25,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+log = logging.getLogger(__name__)
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch
 ROLES = ("user", "admin")
 
 
@@ -65,7 +70,7 @@ def parse(text: str, source: str = "tokens file") -> dict[str, tuple[str, str]]:
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if (len(parts) != 3 or not TOKEN_NAME.match(parts[0]) or parts[1] not in ROLES
+        if (len(parts) != 3 or not TOKEN_NAME.fullmatch(parts[0]) or parts[1] not in ROLES
                 or not re.fullmatch(r"[0-9a-f]{64}", parts[2])):
             raise ValueError(f"{source} line {n}: expected 'NAME user|admin SHA256'")
         if parts[0] in names:
@@ -114,8 +119,10 @@ class TokenStore:
             try:
                 if self.path.stat().st_mtime != self._mtime:
                     self._load()
-            except (OSError, ValueError):
-                pass  # keep the last good set; the operator sees the error on restart
+            except (OSError, ValueError) as exc:  # fail closed until the file is fixed
+                if self._tokens or self._mtime is not None:
+                    log.error("tokens file unusable, accepting no token: %s", exc)
+                self._tokens, self._mtime = {}, None
             wanted = digest(token.strip())
             for known, (name, role) in self._tokens.items():
                 if hmac.compare_digest(known, wanted):
@@ -125,7 +132,7 @@ class TokenStore:
 
 def add_token(path: Path, name: str, admin: bool) -> str:
     """Append a new token for `name`; return it (the only time it is shown)."""
-    if not TOKEN_NAME.match(name):
+    if not TOKEN_NAME.fullmatch(name):
         raise ValueError(f"token name {name!r}: 1-64 of letters, digits, '_.@-'")
     existing = parse(path.read_text(), str(path)) if path.exists() else {}
     if any(n == name for n, _ in existing.values()):

@@ -126,7 +126,16 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"VM addresses for --network bridge; the first is the host's"
                         f" (default {d['bridge_subnet']})")
     p.add_argument("--tokens-file", type=Path, default=None,
-                   help="API tokens ('ttserver token add'); without it the API is open")
+                   help=f"API tokens ('ttserver token add'; default {DEFAULT_TOKENS}, read"
+                        " when it exists); without tokens the API is open, which a server"
+                        " on a non-loopback address refuses unless --insecure-no-auth")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without API tokens even if a tokens file exists, on any"
+                        " address (anyone who reaches the port may run code in VMs)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a DNS name clients use for this server, besides localhost and the"
+                        " machine's host name (other Host headers are refused: DNS"
+                        " rebinding); repeatable")
     p.add_argument("--libvirt-uri", default=d["libvirt_uri"],
                    help=f"libvirt connection (default {d['libvirt_uri']})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
@@ -269,8 +278,15 @@ def serve_main(argv: list[str]) -> int:
         print(f"ttserver: --life-time must be 1..{cfg.max_life_time} seconds", file=sys.stderr)
         return 2
     from .auth import TokenStore
+    tokens_file = _tokens_file(args)
+    if tokens_file is None and not args.insecure_no_auth and not _loopback(cfg.serv_addr):
+        print(f"ttserver: --serv-addr {cfg.serv_addr} is reachable from other machines and"
+              f" there is no tokens file ({DEFAULT_TOKENS}, or --tokens-file): add one with"
+              " 'ttserver token add NAME --admin', or pass --insecure-no-auth",
+              file=sys.stderr)
+        return 2
     try:
-        tokens = TokenStore(args.tokens_file)
+        tokens = TokenStore(tokens_file)
         manager = EnvManager(cfg)
         manager.start_background()
     except Exception as exc:  # libvirt not running, unwritable state dir, ...
@@ -280,9 +296,32 @@ def serve_main(argv: list[str]) -> int:
         return 1
     # uvicorn turns SIGTERM/SIGINT into a clean stop; VMs stay on record and are adopted
     # (or reaped, if expired) on the next start.
-    serve(create_app(manager, tokens), cfg.serv_addr, cfg.serv_port,
+    if tokens_file is None:
+        logging.getLogger("ttserver").warning("no API tokens: the API is open to every"
+                                              " caller that reaches %s", cfg.serv_addr)
+    serve(create_app(manager, tokens, tuple(args.allowed_host)), cfg.serv_addr, cfg.serv_port,
           on_stop=manager.stop_background)
     return 0
+
+
+def _tokens_file(args: argparse.Namespace) -> Path | None:
+    """The tokens file the daemon uses: --tokens-file (it must exist: TokenStore fails at
+    start otherwise), else the default one when it exists; None with --insecure-no-auth."""
+    if args.insecure_no_auth:
+        return None
+    if args.tokens_file is not None:
+        return args.tokens_file
+    return Path(DEFAULT_TOKENS) if Path(DEFAULT_TOKENS).exists() else None
+
+
+def _loopback(addr: str) -> bool:
+    """True when `addr` (an IP or a name) only reaches this machine."""
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
