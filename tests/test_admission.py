@@ -22,6 +22,8 @@ CFG = ServerConfig(image_path=Path("/nonexistent"), cfgdb_path=Path("/state"),
 @pytest.mark.parametrize(("change", "words"), [
     ({"name": "-bad"}, "ENV name"),
     ({"name": "x" * 41}, "ENV name"),
+    ({"name": "ok\n"}, "ENV name"),  # "$" in a re.match let a trailing newline through
+    ({"ports": list(range(1000, 1033))}, "at most 32 forwarded ports"),
     ({"vm_number": 0}, "vm_number must be 1..64"),
     ({"vm_number": 65}, "vm_number must be 1..64"),
     ({"mem_size": 64}, "mem_size >= 128"),
@@ -77,3 +79,16 @@ def test_views_name_vms_and_show_outgoing():
     assert view["outgoing"] == "denied" and view["ports"] == [80]
     assert view["vms"][0]["name"] == "my-env-0" and view["vms"][0]["os"] == "debian-12"
     assert view["vms"][0]["ssh_host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("server_warm", "env_warm", "bridge", "wanted"), [
+    (True, None, None, True), (True, False, None, False), (True, True, None, True),
+    (False, None, None, False), (False, True, None, False),  # was True: a template kept
+    (True, True, object(), False),
+])
+def test_which_envs_boot_warm(server_warm, env_warm, bridge, wanted):
+    from ttserver.vmboot import VMBooter
+
+    booter = SimpleNamespace(bridge=bridge, cfg=SimpleNamespace(warm_clones=server_warm))
+    env = SimpleNamespace(spec={} if env_warm is None else {"warm": env_warm})
+    assert VMBooter._wants_warm(booter, env) is wanted  # type: ignore[arg-type]

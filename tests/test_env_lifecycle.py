@@ -136,6 +136,8 @@ def test_update_extends_expiry_and_changes_ports_live(ctx: Ctx):
                       (["--port", "8080"], "already forwarded"),
                       (["--port", "22"], "22 is always forwarded"),
                       (["--life-time", "99999999"], "life_time must be"),
+                      # renewals stop at creation + the server's maximum (7 days)
+                      (["--life-time", "604800"], "from its creation at most"),
                       ([], "give --life-time")):
         res = ctx.tt("env", "update", ENV, *args)
         assert res.returncode != 0 and msg in res.stderr, (args, res.stderr)

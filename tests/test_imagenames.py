@@ -50,7 +50,8 @@ def test_unknown_prefix_error_lists_available_images():
 
 
 @pytest.mark.parametrize("bad", ["qemu:../etc:x86_64", "qemu:debian-12", "xen:debian-12:x86_64",
-                                 "qemu:debian-12:sparc", "qemu:/abs:x86_64"])
+                                 "qemu:debian-12:sparc", "qemu:/abs:x86_64",
+                                 "qemu:debian-12\n:x86_64"])
 def test_bad_image_names_are_refused(bad):
     with pytest.raises(ImageNameError):
         parse_image_name(bad)

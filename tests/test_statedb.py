@@ -66,3 +66,16 @@ def test_a_newer_servers_db_is_refused_with_what_to_do(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("ttserver: cannot start: the "
                                                            "state DB")
+
+
+def test_the_state_db_is_private(tmp_path):
+    """ENV specs hold owners and users' keys: the DB and its WAL files are 0600, also when
+    an older server had left the file world-readable."""
+    old = tmp_path / "old.sqlite"
+    sqlite3.connect(old).close()
+    old.chmod(0o644)
+    for path in (tmp_path / "new.sqlite", old):
+        db = StateDB(path)
+        db.server_id()
+        for f in [path, *path.parent.glob(path.name + "-*")]:
+            assert oct(f.stat().st_mode & 0o777) == "0o600", f

@@ -323,6 +323,13 @@ def cmd_env_push(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _plain_file_name(name: str) -> bool:
+    """True for a name usable as one directory entry: not empty, '.', '..', and without
+    '/', NUL or control characters."""
+    return (name not in ("", ".", "..") and "/" not in name
+            and not any(ord(c) < 32 for c in name))
+
+
 def cmd_env_get(args: argparse.Namespace) -> int:
     """`tt env get`: copy a guest file from every running VM to LOCAL/<vm>/; 1 when any copy
     failed, else 0. CliError when no VM is running."""
@@ -334,11 +341,14 @@ def cmd_env_get(args: argparse.Namespace) -> int:
     out = Path(args.local)
 
     def fetch(vm: dict) -> str:
+        name = str(vm.get("name", ""))
+        if not _plain_file_name(name):  # the server's word: never a path out of LOCAL
+            return f"{name!r}: ERROR refusing a VM name that is not a plain file name"
         try:
             data = client.pull(args.name, vm["id"], args.remote, use_ssh=args.use_ssh)
         except ApiError as exc:
             return f"{vm['name']}: ERROR {exc}"
-        dest = out / vm["name"] / Path(args.remote).name
+        dest = out / name / (Path(args.remote).name or "root")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
         return f"{vm['name']}: {len(data)} bytes -> {dest}"

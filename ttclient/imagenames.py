@@ -21,7 +21,7 @@ ARCH_ALIASES = {
     "riscv64": "riscv64",
 }
 
-_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # fullmatch
 
 
 class ImageNameError(ValueError):
@@ -58,7 +58,7 @@ def parse_image_name(name: str) -> ImageName:
     engine, os_version, arch = (p.lower() for p in parts)
     if engine not in ENGINES:
         raise ImageNameError(f"image {name!r}: unknown engine {engine!r} (known: {ENGINES})")
-    if not _PART.match(os_version) or ".." in os_version:
+    if not _PART.fullmatch(os_version) or ".." in os_version:
         raise ImageNameError(f"image {name!r}: bad OS-VERSION {os_version!r}")
     if arch not in ARCH_ALIASES:
         raise ImageNameError(f"image {name!r}: unknown arch {arch!r}")

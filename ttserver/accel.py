@@ -4,14 +4,21 @@
 kernels hang or abort. So `auto` really boots an image's kernel under KVM for a few seconds
 and picks KVM only if it reaches its init; the verdict is cached per host kernel and guest
 kernel, because probing costs seconds.
+
+A probe that hangs under KVM (it does on PVM hosts) must not outlive the server: it runs
+in its own process group, named `ttstack-kvm-probe-<server pid>`, is killed with its group
+when the server stops, and a server that starts ends the probes of servers that are gone
+(and unnamed probes of older versions that were left to init).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import threading
 import time
@@ -23,6 +30,14 @@ from . import images
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 20.0
+PROBE_NAME = "ttstack-kvm-probe"  # QEMU -name of a probe: PROBE_NAME-<server pid>
+_probes: set[subprocess.Popen] = set()
+_probes_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+class ProbeInterrupted(Exception):
+    """The server stopped while the probe ran: no verdict (and nothing cached)."""
 MARKERS = ("Run /bin/true as init process", "Attempted to kill init", "Kernel panic")
 
 
@@ -44,18 +59,34 @@ def _kvm_usable() -> str | None:
 
 
 def probe_kvm_boot(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """Boot kernel+initrd under KVM until it starts init; True if it got there in time."""
-    cmd = ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults", "-nographic",
+    """Boot kernel+initrd under KVM until it starts init; True if it got there in time.
+    ProbeInterrupted when stop_probes() ended it."""
+    cmd = ["qemu-system-x86_64", "-name", f"{PROBE_NAME}-{os.getpid()}", "-accel", "kvm",
+           "-m", "256", "-nodefaults", "-nographic",
            "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
            "-append", "console=ttyS0 panic=-1 rdinit=/bin/true"]
     started = time.monotonic()
+    with _probes_lock:
+        if _stopping.is_set():
+            raise ProbeInterrupted()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        _probes.add(proc)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, errors="replace")
-        output = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or b""
-        output = out.decode(errors="replace") if isinstance(out, bytes) else out
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, _ = proc.communicate()
+            timed_out = True
+    finally:
+        with _probes_lock:
+            _probes.discard(proc)
+    if _stopping.is_set():
+        raise ProbeInterrupted()
+    output = out.decode(errors="replace")
+    if timed_out:
         if any(m in output for m in MARKERS):
             return True, f"guest kernel reached init under KVM in {timeout:.0f}s"
         return False, f"a guest kernel did not reach init under KVM within {timeout:.0f}s"
@@ -64,6 +95,52 @@ def probe_kvm_boot(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -
         return True, f"guest kernel reached init under KVM in {took:.1f}s"
     last = output.strip().splitlines()[-1:] or ["no output"]
     return False, f"guest kernel failed under KVM: {last[0]}"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop_probes() -> None:
+    """Server shutdown: kill every running probe (with its process group); later probes
+    do not start."""
+    with _probes_lock:
+        _stopping.set()
+        running = list(_probes)
+    for proc in running:
+        _kill_group(proc)
+
+
+def end_leftover_probes() -> list[int]:
+    """Kill probes of servers that are gone: named ones whose server pid no longer runs,
+    and unnamed ones (before probes had names) that were left to init. The pids killed."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if not argv or not argv[0].endswith(b"qemu-system-x86_64"):
+            continue
+        if b"rdinit=/bin/true" not in argv[-1] or b"kvm" not in argv:
+            continue
+        name = argv[argv.index(b"-name") + 1].decode() if b"-name" in argv else ""
+        if name.startswith(f"{PROBE_NAME}-"):
+            owner = name.rsplit("-", 1)[1]
+            if owner.isdigit() and Path(f"/proc/{owner}").exists():
+                continue  # a live server's probe
+        elif ppid != 1:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+    if killed:
+        log.warning("ended %d KVM probe(s) left by stopped servers: %s", len(killed), killed)
+    return killed
 
 
 def choose(requested: str, kernel: Path | None, initrd: Path | None,
@@ -88,7 +165,10 @@ def choose(requested: str, kernel: Path | None, initrd: Path | None,
                 return AccelChoice(cached["accel"], cached["reason"] + " (cached)")
         except (OSError, ValueError, KeyError):
             pass
-    ok, reason = probe_kvm_boot(kernel, initrd)
+    try:
+        ok, reason = probe_kvm_boot(kernel, initrd)
+    except ProbeInterrupted:
+        return AccelChoice("tcg", "the KVM probe was interrupted (server stopping)")
     choice = AccelChoice("kvm" if ok else "tcg", reason)
     log.info("accel auto -> %s: %s", choice.accel, choice.reason)
     if cache_file:

@@ -18,8 +18,9 @@ from .db import VMRow
 from .errors import BadRequest, InsufficientResources
 from .states import PENDING
 
-ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")  # fullmatch: "$" lets "\n" through
 MAX_VMS_PER_ENV = 64
+MAX_PORTS = 32  # forwarded guest ports per ENV (each VM gets them all), besides SSH
 
 
 @dataclass
@@ -48,7 +49,7 @@ class EnvRequest:
 def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     """The images the request's prefixes select; BadRequest (a message saying what to
     change) for any rule broken, NotFound for a prefix that matches no image."""
-    if not ENV_NAME.match(req.name):
+    if not ENV_NAME.fullmatch(req.name):
         raise BadRequest(f"ENV name {req.name!r}: use 1-40 letters, digits, '-' or '_',"
                          " starting with a letter or digit")
     if not 1 <= req.vm_number <= MAX_VMS_PER_ENV:
@@ -78,8 +79,13 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     return chosen
 
 
-def check_ports(ports: list[int]) -> None:
-    """BadRequest unless every port is a guest TCP port other than 22 (always forwarded)."""
+def check_ports(ports: list[int], already: int = 0) -> None:
+    """BadRequest unless every port is a guest TCP port other than 22 (always forwarded)
+    and the ENV forwards at most MAX_PORTS with the `already` forwarded ones (one VM must
+    not take the server's whole port range)."""
+    if len(set(ports)) + already > MAX_PORTS:
+        raise BadRequest(f"at most {MAX_PORTS} forwarded ports per ENV (besides SSH);"
+                         f" asked for {len(set(ports)) + already}")
     for port in ports:
         if not 1 <= port <= 65535 or port == 22:
             raise BadRequest(f"port {port}: give a guest TCP port 1-65535 (22 is always"

@@ -7,6 +7,7 @@ the thing is created, so a crash leaves a record to reconcile rather than an orp
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -117,6 +118,10 @@ class StateDB:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        # 0600: ENV specs hold users' SSH keys and owners; SQLite gives its -wal and -shm
+        # files the database file's mode
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(path, 0o600)
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")

@@ -121,6 +121,7 @@ class EnvManager:
             self.clones.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
                                  for i in images.scan(self.cfg.image_path)},
                                 {Path(vm.dir).name for vm in self.db.all_vms()})
+        accel_mod.end_leftover_probes()
         threading.Thread(target=self.accel.choice, name="accel-probe", daemon=True).start()
         self.keep_warm()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
@@ -129,6 +130,7 @@ class EnvManager:
     def stop_background(self) -> None:
         """Stop the reaper and the template builds, and close the bridge network."""
         self._stop.set()
+        accel_mod.stop_probes()
         self.templates.stop()
         if self.bridge:
             self.bridge.close()
@@ -343,8 +345,13 @@ class EnvManager:
                                " or stopped")
             if life_time is not None and not 1 <= life_time <= self.cfg.max_life_time:
                 raise BadRequest(f"life_time must be 1..{self.cfg.max_life_time} seconds")
+            ceiling = env.created_at + self.cfg.max_life_time
+            if life_time is not None and time.time() + life_time > ceiling:
+                raise BadRequest(f"ENV {name!r} may live {self.cfg.max_life_time} s from its"
+                                 f" creation at most: life_time <= "
+                                 f"{max(0, int(ceiling - time.time()))} now")
             current = set(env.spec.get("ports", []))
-            admission.check_ports(add_ports)
+            admission.check_ports(add_ports, already=len(current - set(remove_ports)))
             dup = sorted(current & set(add_ports))
             missing = sorted(set(remove_ports) - current)
             if dup:

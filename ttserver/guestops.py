@@ -20,7 +20,7 @@ from .guestio import GuestError, GuestIO
 from .states import FAILED, READY, RUNNING
 from .views import vm_ref, vm_refs
 
-GUEST_PATH = re.compile(r"^/[^\0]{0,4095}$")
+GUEST_PATH = re.compile(r"/[^\0]{0,4095}")  # fullmatch
 MAX_PARALLEL_RUNS = 16
 # File copies move whole files through one agent channel or SSH session each; a few at a
 # time keep the host responsive (and the agent channels from starving each other).
@@ -132,5 +132,5 @@ def _check_alive(vm: VMRow) -> None:
 
 
 def _check_guest_path(path: str) -> None:
-    if not GUEST_PATH.match(path):
+    if not GUEST_PATH.fullmatch(path):
         raise BadRequest(f"guest path {path!r} must be absolute")

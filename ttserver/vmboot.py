@@ -96,10 +96,13 @@ class VMBooter:
                 log.exception("unpublishing %s", vm.id)
 
     def _wants_warm(self, env: EnvRow) -> bool:
-        if self.bridge:  # a saved guest's NIC (and MAC) would be its template's
+        """Whether the ENV's new VMs start from templates: never in bridge mode (a saved
+        guest's NIC and MAC would be its template's) or with --no-warm-clones (an ENV's
+        `warm: true` must not make a server keep templates its operator turned off);
+        else as the ENV asks, by default yes."""
+        if self.bridge or not self.cfg.warm_clones:
             return False
-        warm = env.spec.get("warm")
-        return self.cfg.warm_clones if warm is None else bool(warm)
+        return env.spec.get("warm") is not False
 
     def boot(self, vm: VMRow, image: images.Image, env: EnvRow,
              cancel: threading.Event, fresh: bool) -> str:
