@@ -87,6 +87,30 @@ class VMBooter:
         self.bridge.publish(nic, host_ports(vm), bool(env.spec.get("deny_outgoing")))
         dom.resume()
 
+    def _wait_address(self, vm: VMRow, timeout: float, console: Path,
+                      cancel: threading.Event) -> None:
+        """Bridge mode: wait until the guest holds its DHCP address (the agent can answer
+        before the guest's DHCP client is done, and then SSH through the mapped port fails);
+        BootTimeout with the console tail after `timeout` seconds."""
+        want = lease(vm).addr
+        deadline = time.monotonic() + max(timeout, 5.0)
+        while True:
+            dom = self.engine.lookup(vm.domain)
+            try:
+                nics = agent.command(dom, "guest-network-get-interfaces") or []
+            except agent.AgentError:
+                nics = []
+            if any(a.get("ip-address") == want for nic in nics
+                   for a in nic.get("ip-addresses", [])):
+                return
+            if cancel.is_set():
+                raise BootTimeout(f"VM {vm.domain}: boot cancelled (ENV deleted)")
+            if time.monotonic() > deadline:
+                raise BootTimeout(f"VM {vm.domain} did not take its DHCP address {want} within"
+                                  f" {max(timeout, 5.0):.0f}s; console tail:\n"
+                                  f"{console_tail(console)}")
+            time.sleep(0.5)
+
     def unpublish(self, vm: VMRow) -> None:
         """Bridge mode: drop the VM's published ports and lease (errors are logged)."""
         if self.bridge and vm.net_addr:
@@ -141,6 +165,8 @@ class VMBooter:
             crash_point("boot.domain_started")
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
                                             cancel.is_set)
+            if self.bridge is not None:
+                self._wait_address(vm, self.cfg.boot_timeout - waited, console, cancel)
             if fresh:
                 self._personalize(vm, env)
             self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
