@@ -67,6 +67,7 @@ class _Plan:
     cached_venv: bytes | None  # the cached venv (a gzipped tar), if there is one
     bundle: bytes = b""  # gzipped tar
     scm: dict[str, str] = field(default_factory=dict)  # wheelhouse.scm_versions
+    pure: dict[str, Path] = field(default_factory=dict)  # wheelhouse.pure_wheels
     saved: bool = False
 
 
@@ -89,6 +90,8 @@ class Provisioner:
         self._lock = threading.Lock()
         self.masters: list[subprocess.Popen] = []  # one SSH master per VM; close() ends them
         self._scm: dict[tuple[str, ...], dict[str, str]] = {}  # local lines -> scm env
+        self._pure: dict[tuple[str, ...], dict[str, Path]] = {}  # local lines -> wheels
+        self._local_lock = threading.Lock()  # plans are made in parallel
         self.closed = threading.Event()  # set by close(): masters still opening give up
 
     def close(self) -> None:
@@ -126,6 +129,14 @@ class Provisioner:
                                f"shipped to the VMs")
         return (["-e"] if editable else []) + [guest + bracket + extras]
 
+    @staticmethod
+    def pure_wheel_arg(line: str, wheel: Path) -> str:
+        """pip argument in the guest for a local project built here into a pure wheel:
+        the shipped wheel, with the line's extras (`./sub[x]`)."""
+        _, bracket, extras = line.partition("[")
+        return f"{GUEST_WHEELS}/{wheel.name}" + (bracket + extras.split("]")[0] + "]"
+                                                  if bracket else "")
+
     def _fail(self, vm: dict, message: str) -> TTSetupError:
         tail = ""
         with contextlib.suppress(Exception):
@@ -161,12 +172,19 @@ class Provisioner:
             self.say(f"ttstack: native: gathering wheels for Python {guest.version} "
                      f"({guest.machine}): {len(res.pins)} pinned"
                      + (", cached venv found" if plan.cached_venv else ""))
-            wheelhouse.gather(res, guest, self.paths.rootdir, wheels, self.work,
-                              deps=plan.cached_venv is None)
             local = tuple(res.local)  # the same for every guest Python: computed once
-            if local not in self._scm:
-                self._scm[local] = wheelhouse.scm_versions(res, self.paths.rootdir)
-            plan.scm = self._scm[local]
+            with self._local_lock:
+                if local not in self._scm:
+                    self._scm[local] = wheelhouse.scm_versions(res, self.paths.rootdir)
+                    self._pure[local] = wheelhouse.pure_wheels(res, self.paths.rootdir,
+                                                               self.work / "local-wheels")
+                    if self._pure[local]:
+                        self.say("ttstack: native: pure-Python wheels built here for "
+                                 + ", ".join(self._pure[local]) + " (no build in the guests)")
+            plan.scm, plan.pure = self._scm[local], self._pure[local]
+            wheelhouse.gather(res, guest, self.paths.rootdir, wheels, self.work,
+                              deps=plan.cached_venv is None,
+                              built_in_guest=[ln for ln in res.local if ln not in plan.pure])
 
         def build(tar: tarfile.TarFile) -> None:
             project.add_files(tar, self.paths.rootdir, files, "project")
@@ -178,6 +196,8 @@ class Provisioner:
             if wheels.is_dir():
                 project.add_files(tar, wheels, sorted(p.name for p in wheels.iterdir()),
                                   "wheels")
+            for wheel in plan.pure.values():
+                tar.add(wheel, f"wheels/{wheel.name}")
 
         # gzipped: SSH to a TCG guest carries ~4 MB/s and gunzip there is cheaper than the
         # bytes it saves (a 13.7 MB venv: 7.0 s plain, 4.2 s gzipped, measured)
@@ -215,7 +235,9 @@ class Provisioner:
                            f"venv", timeout=self.timeout)
                 self._save_venv(target, plan)
             if plan.resolution.local:
-                words = [w for line in plan.resolution.local for w in self.local_args(line)]
+                words = [w for line in plan.resolution.local
+                         for w in ([self.pure_wheel_arg(line, plan.pure[line])]
+                                   if line in plan.pure else self.local_args(line))]
                 scm = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.scm.items())
                 target.run(f"cd {GUEST_PROJECT} && {scm} {PIP} -c {GUEST_ROOT}/pins.txt "
                            f"{shlex.join(words)}",
@@ -256,10 +278,14 @@ class Provisioner:
                                 *self.extra_files})
             except project.ShipError as exc:
                 raise TTSetupError(f"native mode: {exc}") from None
+            # one plan per guest Python, in parallel (each is a uv resolution and pip
+            # download on the host: ~9 s each, measured)
+            planned = {guest: pool.submit(self._plan, guest, files)
+                       for guest in dict.fromkeys(guests.values())}
             plans: dict[wheelhouse.GuestPython, _Plan] = {}
-            for guest in dict.fromkeys(guests.values()):
+            for guest, made in planned.items():
                 try:
-                    plans[guest] = self._plan(guest, files)
+                    plans[guest] = made.result()
                 except wheelhouse.InstallError as exc:
                     raise TTSetupError(f"native mode: --tt-native-install: {exc}") from None
             fresh = sum(p.cached_venv is None for p in plans.values())

@@ -225,14 +225,15 @@ def _download(pins: list[str], guest: GuestPython, dest: Path, rootdir: Path) ->
 
 
 def gather(res: Resolution, guest: GuestPython, rootdir: Path, dest: Path,
-           work: Path, deps: bool = True) -> None:
+           work: Path, deps: bool = True, built_in_guest: list[str] | None = None) -> None:
     """Fill `dest` with what the guest needs to install `res` offline: the pins (when
-    `deps`) and the build requirements of local projects and of sdists among them."""
+    `deps`) and the build requirements of the local projects built in the guest
+    (`built_in_guest`, default all of `res.local`) and of sdists among the pins."""
     dest.mkdir(parents=True, exist_ok=True)
     _download(["pip", *(res.pins if deps else [])], guest, dest, rootdir)  # pip: see provision
     seen_sdists: set[str] = set()
     build: set[str] = set()
-    for line in res.local:
+    for line in res.local if built_in_guest is None else built_in_guest:
         path = _local_path(line)
         pyproject = rootdir / path / "pyproject.toml"
         build.update(_build_requires(pyproject.read_bytes() if pyproject.is_file() else None))
@@ -281,6 +282,29 @@ def scm_versions(res: Resolution, rootdir: Path) -> dict[str, str]:
         env["SETUPTOOLS_SCM_PRETEND_VERSION_FOR_"
             + re.sub(r"[-_.]+", "_", name).upper()] = version
     return env
+
+
+def pure_wheels(res: Resolution, rootdir: Path, out: Path) -> dict[str, Path]:
+    """Local projects (not editable ones) built into wheels here with `uv build`: {line as
+    uv printed it: wheel} for those whose wheel is pure Python (`*-none-any.whl`), which
+    every guest Python installs as it is, with no build in the guest (a build there costs
+    about a minute per project and VM under TCG: pip's isolated build environment). A
+    project whose wheel is platform-specific, or that does not build here, is built in the
+    guest as before (whose error, if any, is the one the user sees)."""
+    found = {}
+    for i, line in enumerate(res.local):
+        if line.startswith("-e "):
+            continue
+        dest = out / f"local-{i}"
+        try:
+            _tool([_uv(), "build", "--wheel", "--quiet", "--out-dir", str(dest),
+                   str(rootdir / _local_path(line))], f"building {line}", rootdir)
+        except InstallError:
+            continue
+        wheels = list(dest.glob("*.whl"))
+        if len(wheels) == 1 and wheels[0].name.endswith("-none-any.whl"):
+            found[line] = wheels[0]
+    return found
 
 
 def venv_key(guest: GuestPython, res: Resolution) -> str:
