@@ -32,6 +32,12 @@ from . import project, wheelhouse
 from .project import GUEST_PROJECT, GUEST_ROOT, GUEST_VENV, GUEST_WHEELS, PathMap
 from .ssh import SSHError, SSHTarget
 
+# uv, from its wheel for the guest's platform (wheelhouse.guest_uv), installs whatever must
+# be installed or built in the guest; pip is the fallback where uv has no wheel.
+GUEST_UV_DIR = f"{GUEST_ROOT}/uv"
+UV_INSTALL = (f"UV_PYTHON_DOWNLOADS=never {GUEST_UV_DIR}/bin/uv pip install --quiet "
+              f"--python {GUEST_VENV}/bin/python --no-index --find-links {GUEST_WHEELS} "
+              "--compile-bytecode")  # as pip does: the cached venv keeps its .pyc files
 # pip runs from its wheel (pip documents `python pip.whl/pip`): the venv is made
 # --without-pip, which spares the slowest step under TCG (ensurepip) and keeps pip out of
 # the cached venv. The pins are installed with --no-deps: they are a whole resolution
@@ -68,7 +74,13 @@ class _Plan:
     bundle: bytes = b""  # gzipped tar
     scm: dict[str, str] = field(default_factory=dict)  # wheelhouse.scm_versions
     pure: dict[str, Path] = field(default_factory=dict)  # wheelhouse.pure_wheels
+    uv: Path | None = None  # wheelhouse.guest_uv, when something is installed in the guest
     saved: bool = False
+
+    @property
+    def installer(self) -> str:
+        """The guest's install command line, up to its arguments: uv's, else pip's."""
+        return UV_INSTALL if self.uv is not None else PIP
 
 
 class Provisioner:
@@ -176,15 +188,19 @@ class Provisioner:
             with self._local_lock:
                 if local not in self._scm:
                     self._scm[local] = wheelhouse.scm_versions(res, self.paths.rootdir)
-                    self._pure[local] = wheelhouse.pure_wheels(res, self.paths.rootdir,
-                                                               self.work / "local-wheels")
+                    self._pure[local] = wheelhouse.pure_wheels(
+                        res, self.paths.rootdir, self.work / "local-wheels", files,
+                        self._scm[local])
                     if self._pure[local]:
                         self.say("ttstack: native: pure-Python wheels built here for "
                                  + ", ".join(self._pure[local]) + " (no build in the guests)")
             plan.scm, plan.pure = self._scm[local], self._pure[local]
+            built_in_guest = [ln for ln in res.local if ln not in plan.pure]
             wheelhouse.gather(res, guest, self.paths.rootdir, wheels, self.work,
-                              deps=plan.cached_venv is None,
-                              built_in_guest=[ln for ln in res.local if ln not in plan.pure])
+                              deps=plan.cached_venv is None, built_in_guest=built_in_guest)
+            if plan.cached_venv is None or built_in_guest:
+                plan.uv = wheelhouse.guest_uv(guest, self.work / f"uv-{key}",
+                                              self.paths.rootdir)
 
         def build(tar: tarfile.TarFile) -> None:
             project.add_files(tar, self.paths.rootdir, files, "project")
@@ -198,6 +214,8 @@ class Provisioner:
                                   "wheels")
             for wheel in plan.pure.values():
                 tar.add(wheel, f"wheels/{wheel.name}")
+            if plan.uv is not None:
+                tar.add(plan.uv, "uv/uv.whl")
 
         # gzipped: SSH to a TCG guest carries ~4 MB/s and gunzip there is cheaper than the
         # bytes it saves (a 13.7 MB venv: 7.0 s plain, 4.2 s gzipped, measured)
@@ -228,9 +246,15 @@ class Provisioner:
             target.run(f"rm -rf {GUEST_ROOT} && mkdir -p {GUEST_ROOT} && "
                        f"gzip -dc | tar -xif - -C {GUEST_ROOT}", "unpacking the project",
                        input=data, timeout=self.timeout)
+            if plan.uv is not None:  # the wheel's scripts are uv's binaries
+                target.run(f"python3 -m zipfile -e {GUEST_UV_DIR}/uv.whl {GUEST_UV_DIR}/w && "
+                           f"mkdir -p {GUEST_UV_DIR}/bin && mv {GUEST_UV_DIR}/w/*.data/"
+                           f"scripts/uv {GUEST_UV_DIR}/bin/uv && chmod +x {GUEST_UV_DIR}/bin/uv"
+                           f" && rm -rf {GUEST_UV_DIR}/w {GUEST_UV_DIR}/uv.whl",
+                           "unpacking uv", timeout=self.timeout)
             if plan.cached_venv is None:
                 target.run(f"python3 -m venv --without-pip {GUEST_VENV} && "
-                           f"{PIP} --no-deps -r {GUEST_ROOT}/pins.txt",
+                           f"{plan.installer} --no-deps -r {GUEST_ROOT}/pins.txt",
                            f"installing {len(plan.resolution.pins)} distributions into the "
                            f"venv", timeout=self.timeout)
                 self._save_venv(target, plan)
@@ -239,9 +263,9 @@ class Provisioner:
                          for w in ([self.pure_wheel_arg(line, plan.pure[line])]
                                    if line in plan.pure else self.local_args(line))]
                 scm = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.scm.items())
-                target.run(f"cd {GUEST_PROJECT} && {scm} {PIP} -c {GUEST_ROOT}/pins.txt "
+                target.run(f"cd {GUEST_PROJECT} && {scm} {plan.installer} -c {GUEST_ROOT}/pins.txt "
                            f"{shlex.join(words)}",
-                           f"pip install {' '.join(plan.resolution.local)}",
+                           f"installing {' '.join(plan.resolution.local)}",
                            timeout=self.timeout)
         except SSHError as exc:
             raise self._fail(vm, str(exc)) from None
