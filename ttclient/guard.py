@@ -44,6 +44,15 @@ class _TooLarge(Exception):
     pass
 
 
+def add_allowed_host_option(parser: Any, what: str) -> None:
+    """`--allowed-host NAME` (repeatable, into `allowed_host`) on a daemon's argparse
+    parser; `what` names the daemon for the help text."""
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help=f"a DNS name clients use for this {what}, besides localhost and"
+                             " the machine's host name (other Host headers are refused: DNS"
+                             " rebinding); repeatable")
+
+
 def served_names(bind: str, extra: Iterable[str] = ()) -> frozenset[str]:
     """The host names a daemon bound to `bind` answers to (lower case): localhost, this
     machine's host name and FQDN, `bind` when it is a name, and `extra` (--allowed-host).

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ttclient.config import parse_server
+from ttclient.guard import add_allowed_host_option
 
 
 def _server_set(text: str) -> list[str]:
@@ -50,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the proxy's own (admin) token, for servers that require"
                         " tokens; clients' tokens are passed through (or $TTPROXY_TOKEN)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a DNS name clients use for this proxy, besides localhost and the"
-                        " machine's host name (other Host headers are refused: DNS"
-                        " rebinding); repeatable")
+    add_allowed_host_option(p, "proxy")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return p
 

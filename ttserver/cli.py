@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+from ttclient.guard import add_allowed_host_option
 from ttclient.units import parse_mib
 
 DEFAULT_IMAGES = "/var/lib/ttstack/images"
@@ -132,10 +133,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="serve without API tokens even if a tokens file exists, on any"
                         " address (anyone who reaches the port may run code in VMs)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a DNS name clients use for this server, besides localhost and the"
-                        " machine's host name (other Host headers are refused: DNS"
-                        " rebinding); repeatable")
+    add_allowed_host_option(p, "server")
     p.add_argument("--libvirt-uri", default=d["libvirt_uri"],
                    help=f"libvirt connection (default {d['libvirt_uri']})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
