@@ -68,7 +68,7 @@ def pytest_in(project: Path, srv: ServerProcess | None, *args: str, timeout: flo
 
 def native_leftovers() -> list[str]:
     """SSH master connections and session folders native mode must not leave behind."""
-    procs = subprocess.run(["pgrep", "-af", "ControlPath=/tmp/ttnative-"], capture_output=True,
+    procs = subprocess.run(["pgrep", "-af", 'ControlPath="?/tmp/ttnative-'], capture_output=True,
                            text=True).stdout.splitlines()
     return procs + [str(p) for p in Path("/tmp").glob("ttnative-*")]
 
@@ -166,3 +166,31 @@ def test_unresolvable_install_stops_before_any_test(native_server, tmp_path):
     assert " passed" not in proc.stdout
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
     assert native_leftovers() == []
+
+
+def test_paths_with_spaces(native_server, tmp_path):
+    """A Python and a project whose paths have spaces (a venv under "My Projects"): the
+    wrapper's shebang cut the interpreter's path at its first space, and execnet split
+    the wrapper's path in two."""
+    home = new_run_dir("native-spaces-") / "My Projects"
+    venv = home / "py env"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True, timeout=300)
+    project = home / "the project"
+    (project / "tests").mkdir(parents=True)
+    (project / "tests" / "test_where.py").write_text(
+        "import os\n\n\ndef test_in_the_guest():\n"
+        "    assert os.path.exists('/etc/debian_version')\n")
+    env = {**os.environ, "TT_CONFIG": str(project / "none.json"),
+           "TTSTACK_CACHE_DIR": str(native_server.cache)}
+    try:
+        proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-p",
+                               "no:cacheprovider", f"--tt-server={native_server.address}",
+                               "--tt-native", "--tt-os=debian-12", "-v"], cwd=project,
+                              capture_output=True, text=True, env=env, timeout=1500)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        assert "PASSED tests/test_where.py::test_in_the_guest[debian-12:x86_64]" in out, out
+        assert native_leftovers() == []
+    finally:
+        shutil.rmtree(home.parent, ignore_errors=True)

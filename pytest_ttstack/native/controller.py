@@ -155,7 +155,7 @@ class NativeSession:
             shutil.rmtree(self.work, ignore_errors=True)
             raise pytest.UsageError(f"--tt-native needs the OpenSSH client (ssh, ssh-keygen): "
                                     f"{exc}") from None
-        self.workers: dict[str, Worker] = {}  # by wrapper path (= the spec's python)
+        self.workers: dict[str, Worker] = {}  # by the spec's python (the quoted wrapper)
         self.os_ids: list[str] = []
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
         self._last_phase: dict[str, tuple[str, str]] = {}  # gateway id -> (nodeid, when)
@@ -184,7 +184,7 @@ class NativeSession:
             workers = self.provisioner.run()
         except (OSError, ApiError, ValueError) as exc:  # one line, not a traceback
             raise TTSetupError(f"native mode: preparing the VMs failed: {exc}") from exc
-        self.workers = {str(w.python): w for w in workers}
+        self.workers = {w.python_spec: w for w in workers}
         self.os_ids = sorted({w.os_id for w in workers})
         self.config.option.tx = [w.spec for w in workers]
 
@@ -207,7 +207,7 @@ class NativeSession:
 
     def worker_of(self, node: Any) -> Worker:
         """The provisioned Worker behind an xdist node (found by its gateway's python, the
-        wrapper path); KeyError for an unknown node."""
+        quoted wrapper path); KeyError for an unknown node."""
         return self.workers[str(node.gateway.spec.python)]
 
     # -- the worker's command line ---------------------------------------------------

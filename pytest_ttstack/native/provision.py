@@ -58,9 +58,15 @@ class Worker:
     python: Path  # the wrapper execnet starts as "python"
 
     @property
+    def python_spec(self) -> str:
+        """The wrapper as execnet's `python=` value: shell-quoted, since execnet splits it
+        with shlex (a path with spaces would be cut in two)."""
+        return shlex.quote(str(self.python))
+
+    @property
     def spec(self) -> str:
         """The execnet `--tx` spec that starts this VM's worker through its wrapper."""
-        return f"popen//python={self.python}"
+        return f"popen//python={self.python_spec}"
 
 
 @dataclass

@@ -23,6 +23,13 @@ from typing import Any
 CONNECT_TIMEOUT = 20
 
 
+def _ssh_value(value: object) -> str:
+    """An ssh_config value as `-o` takes it: double-quoted, so that a path with spaces
+    stays one value (ssh splits unquoted values at whitespace; UserKnownHostsFile even
+    takes several files)."""
+    return '"' + str(value).replace('"', '') + '"'
+
+
 class SSHError(Exception):
     """An ssh command failed; the message has the command's description and output.
     `returncode` is ssh's exit status: 255 when the connection itself failed."""
@@ -66,10 +73,10 @@ class SSHTarget:
         xdist starts its gateways one at a time."""
         return ["ssh", "-F", "none", "-q", "-p", str(self.port), "-i", str(self.key),
                 "-o", f"ControlMaster={'yes' if master else 'no'}",
-                "-o", f"ControlPath={self._control}",
+                "-o", f"ControlPath={_ssh_value(self._control)}",
                 "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                 "-o", "StrictHostKeyChecking=accept-new",
-                "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", f"UserKnownHostsFile={_ssh_value(self.known_hosts)}",
                 "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
                 # a VM that stops answering (panic, OOM) ends its worker within a minute
                 "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=6",
@@ -148,11 +155,15 @@ class SSHTarget:
         addopts = os.environ.get("PYTEST_ADDOPTS")  # ssh passes no environment
         env = f"PYTEST_ADDOPTS={shlex.quote(addopts)} " if addopts else ""
         prefix = f"cd {shlex.quote(cwd)} && {env}exec {shlex.quote(python)} "
-        path.write_text(
-            f"#!{sys.executable}\n"
+        # two files: a kernel reads a shebang line up to its first space, so the Python
+        # that runs the wrapper's code is named by a /bin/sh script, quoted
+        code = path.with_name(path.name + ".py")
+        code.write_text(
             "# ttstack native mode: execnet's 'python' for one VM (see ssh.py)\n"
             "import os, shlex, sys\n"
             f"argv = {[*self.options(), self.destination]!r}\n"
             f"os.execvp(argv[0], argv + [{prefix!r} + shlex.join(sys.argv[1:])])\n")
+        path.write_text("#!/bin/sh\n"
+                        f"exec {shlex.quote(sys.executable)} {shlex.quote(str(code))} \"$@\"\n")
         path.chmod(0o700)
         return path
