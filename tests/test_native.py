@@ -112,7 +112,8 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
             ran = tag(name, os_id)
             if ran != killed:
                 assert native[ran] == kind, f"{ran}: {native[ran]} natively, {kind} on host"
-    assert "died during its call on pytest-" in out and "(debian-12:x86_64)" in out
+    assert "died during its call: the test's worker process died on pytest-" in out
+    assert "(debian-12:x86_64)" in out
     assert "+ Linux" in out  # pytest's assertion explanation, made in the guest
     assert "console tail of pytest-" in out
     assert "making 2 venv(s) in the guests" in out
@@ -194,3 +195,34 @@ def test_paths_with_spaces(native_server, tmp_path):
         assert native_leftovers() == []
     finally:
         shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def test_a_vm_that_dies_fails_its_items_and_the_other_os_goes_on(native_server, tmp_path):
+    """A test that powers its VM off: that test fails naming the VM's death with the
+    console tail, the items that VM had not run are reported failed, the other OS runs
+    everything; it used to end the whole run in an xdist INTERNALERROR."""
+    project = tmp_path / "death"
+    (project / "tests").mkdir(parents=True)
+    (project / "tests" / "test_death.py").write_text(
+        "import os\nimport time\n\n\ndef test_before():\n    pass\n\n\n"
+        "def test_kills_the_vm_on_debian_12():\n"
+        "    if 'bookworm' in open('/etc/os-release').read():\n"
+        "        os.system('echo o > /proc/sysrq-trigger')  # power off at once\n"
+        "        time.sleep(60)\n\n\n"
+        "def test_after_1():\n    pass\n\n\ndef test_after_2():\n    pass\n")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    proc = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-v",
+                     f"--junitxml={tmp_path / 'death.xml'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "INTERNALERROR" not in out, out
+    d12, d13 = "[debian-12:x86_64]", "[debian-13:x86_64]"
+    names = ("test_before", "test_kills_the_vm_on_debian_12", "test_after_1", "test_after_2")
+    assert outcomes(tmp_path / "death.xml") == {
+        f"tests.test_death::test_before{d12}": "passed",
+        **{f"tests.test_death::{t}{d12}": "failure" for t in names[1:]},
+        **{f"tests.test_death::{t}{d13}": "passed" for t in names}}, out
+    assert "died during its call: the VM pytest-" in out and "reboot: Power down" in out
+    assert out.count("not run: its VM pytest-") == 2, out
+    assert requests.get(native_server.url + "/envs", timeout=10).json() == []
+    assert native_leftovers() == []

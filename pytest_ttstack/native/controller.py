@@ -159,6 +159,8 @@ class NativeSession:
         self.os_ids: list[str] = []
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
         self._last_phase: dict[str, tuple[str, str]] = {}  # gateway id -> (nodeid, when)
+        self.dead_vms: dict[str, str] = {}  # VM id -> console tail, for VMs that died
+        self._crashed: dict[str, str] = {}  # gateway id -> the item its worker died in
         self.env: SessionEnv | None = None
         self.session: pytest.Session | None = None
         self.provisioner: Provisioner | None = None
@@ -272,8 +274,53 @@ class NativeSession:
                                   self._count)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """Keep the session, to correct its collected-items count."""
+        """Keep the session, to correct its collected-items count, and stand between
+        xdist and the replacement of crashed workers (see _replace_worker)."""
         self.session = session
+        dsession = self.config.pluginmanager.getplugin("dsession")
+        if dsession is not None:
+            clone = dsession._clone_node
+            dsession._clone_node = lambda node: self._replace_worker(dsession, clone, node)
+
+    def _replace_worker(self, dsession: Any, clone: Any, node: Any) -> Any:
+        """xdist replaces a crashed worker with a new one on the same spec; when the VM
+        itself died, starting one fails inside xdist (INTERNALERROR, the whole run lost).
+        Then its OS is abandoned instead: the items it did not run are reported failed
+        with the VM's console tail, and the other OSes go on."""
+        worker = self.worker_of(node)
+        if worker.vm["id"] not in self.dead_vms:
+            return clone(node)
+        alive = [w for w in self.workers.values() if w.os_id == worker.os_id
+                 and w.vm["id"] not in self.dead_vms]
+        if alive:
+            return None  # its OS's other workers take over its items
+        for nodeid in dsession.sched.abandon(worker.os_id, self._crashed.get(node.gateway.id)):
+            self._report_not_run(nodeid, worker)
+        return None
+
+    def _report_not_run(self, nodeid: str, worker: Worker) -> None:
+        """A failed report for an item its VM's death kept from running."""
+        path, _, name = nodeid.partition("::")
+        report = pytest.TestReport(
+            nodeid, (path, None, name), {}, "failed",
+            f"{nodeid}: not run: its VM {worker.vm['name']} ({worker.os_id}) died earlier "
+            f"in the session\n---- console tail of {worker.vm['name']} ----\n"
+            f"{self.dead_vms[worker.vm['id']]}", "call")
+        hook = self.config.hook
+        hook.pytest_runtest_logstart(nodeid=nodeid, location=report.location)
+        hook.pytest_runtest_logreport(report=report)
+        hook.pytest_runtest_logfinish(nodeid=nodeid, location=report.location)
+
+    def _vm_died(self, worker: Worker) -> bool:
+        """True when the worker's VM no longer runs a command (not just its process)."""
+        assert self.env is not None
+        try:
+            reply = self.env.client.run(self.env.name, "true", vms=[worker.vm["id"]],
+                                        timeout=20)
+            result = reply["results"][0]
+            return bool(result.get("error")) or result.get("exit_code") != 0
+        except (ApiError, KeyError, IndexError):
+            return True
 
     def _count(self, total: int) -> None:
         """xdist sets `testscollected` to the last worker's count; one OS's is not the
@@ -293,6 +340,7 @@ class NativeSession:
         and the VM's console tail."""
         node = report.node
         worker = self.worker_of(node)
+        self._crashed[node.gateway.id] = crashitem
         last_id, last_when = self._last_phase.get(node.gateway.id, ("", ""))
         phase = "setup"
         if last_id == crashitem and last_when in PHASES[:2]:
@@ -301,13 +349,20 @@ class NativeSession:
         with contextlib.suppress(Exception):
             assert self.env is not None
             tail = self.env.client.console(self.env.name, worker.vm["id"], 30)
+        if self._vm_died(worker):
+            self.dead_vms[worker.vm["id"]] = tail
+            what = (f"the VM {worker.vm['name']} ({worker.os_id}) died (it no longer runs "
+                    "commands): the test powered it off, or its kernel crashed; the items "
+                    "it had not run yet are reported failed")
+        else:
+            what = (f"the test's worker process died on {worker.vm['name']} "
+                    f"({worker.os_id}) — the test killed its process, or the VM ran out of "
+                    "memory; xdist starts a new worker on the same VM for the rest of the "
+                    "suite")
         report.when = phase  # type: ignore[assignment]
         report.location = (crashitem.split("::")[0], None, crashitem.split("::", 1)[-1])
-        report.longrepr = (
-            f"{crashitem}: the test's worker process died during its {phase} on "
-            f"{worker.vm['name']} ({worker.os_id}) — the test killed its process, or the "
-            f"VM ran out of memory or crashed; xdist starts a new worker on the same VM for "
-            f"the rest of the suite\n---- console tail of {worker.vm['name']} ----\n{tail}")
+        report.longrepr = (f"{crashitem}: died during its {phase}: {what}\n"
+                           f"---- console tail of {worker.vm['name']} ----\n{tail}")
 
 
 def collect_only_items(items: list[pytest.Item], images: list[str]) -> list[pytest.Item]:

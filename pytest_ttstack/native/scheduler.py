@@ -6,6 +6,8 @@ too), sized to that group, so items are load-balanced over that OS's workers onl
 Each group's collection is that OS's truth: OSes may collect different items (a module
 skipped at import on one of them); workers of one OS must agree, as xdist requires.
 A group starts as soon as its own collection is in, without waiting for slower OSes.
+A group whose VMs all died is abandoned: its items not run are handed back (the
+controller reports them failed) and the rest of the run goes on without it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class OSMatrixScheduling:
         self.os_of = os_of
         self.on_count = on_count  # items over all OSes so far (progress shows N of total)
         self.counts: dict[str, int] = {}
+        self.done: dict[str, set[int]] = {}  # OS -> indices of its items run to the end
+        self.abandoned: set[str] = set()
         self.groups = {}
         for os_id, count in workers_per_os.items():
             group = kind(config, getattr(log, os_id.replace(":", "_")))
@@ -58,16 +62,27 @@ class OSMatrixScheduling:
         starts exactly the OSes that are complete (and later ones as they complete)."""
         return any(g.collection_is_completed for g in self.groups.values())
 
+    def _live(self):  # noqa: ANN202 - (OS, one of KINDS) pairs
+        return [(o, g) for o, g in self.groups.items() if o not in self.abandoned]
+
     @property
     def tests_finished(self) -> bool:
-        """True when every OS has collected and run all its items."""
-        return all(g.collection_is_completed and g.tests_finished
-                   for g in self.groups.values())
+        """True when every OS not abandoned has collected and run all its items."""
+        return all(g.collection_is_completed and g.tests_finished for _, g in self._live())
 
     @property
     def has_pending(self) -> bool:
-        """True while any collected OS has items not yet run."""
-        return any(g.collection_is_completed and g.has_pending for g in self.groups.values())
+        """True while any collected OS (not abandoned) has items not yet run."""
+        return any(g.collection_is_completed and g.has_pending for _, g in self._live())
+
+    def abandon(self, os_id: str, crashed: str | None) -> list[str]:
+        """Stop scheduling `os_id` (its VMs are gone); the ids of its collected items that
+        were neither run to the end nor `crashed` (reported already)."""
+        self.abandoned.add(os_id)
+        group = self.groups[os_id]
+        done = self.done.get(os_id, set())
+        return [nodeid for i, nodeid in enumerate(group.collection or [])
+                if i not in done and nodeid != crashed]
 
     def add_node(self, node: WorkerController) -> None:
         """Add the worker to its OS's scheduler."""
@@ -83,6 +98,7 @@ class OSMatrixScheduling:
     def mark_test_complete(self, node: WorkerController, item_index: int,
                            duration: float = 0) -> None:
         """Pass the completion on to the worker's OS's scheduler."""
+        self.done.setdefault(self.os_of(node), set()).add(item_index)
         self._group(node).mark_test_complete(node, item_index, duration)
 
     def mark_test_pending(self, item: str) -> None:
@@ -103,6 +119,6 @@ class OSMatrixScheduling:
 
     def schedule(self) -> None:
         """Schedule every OS whose collection is complete."""
-        for group in self.groups.values():
+        for _, group in self._live():
             if group.collection_is_completed:
                 group.schedule()
