@@ -7,11 +7,16 @@ body before it runs a route's dependencies, so a token check written as a depend
 comes after an unauthenticated caller's body is in memory (bad JSON answered 422, not
 401), and a size check on Content-Length alone lets a chunked upload grow without limit.
 Here the order is: Host (DNS rebinding: a browser page whose name resolves to 127.0.0.1
-must not reach a loopback server), then the token, then the body, counted as it arrives.
+must not reach a loopback server) and the browser's own word on where a request comes
+from (Origin, Sec-Fetch-Site: a cross-site form POST needs no preflight), then the token,
+then the body, its type and size checked as it arrives. WebSocket requests get the same
+Host, origin and token checks (the daemons have no WebSocket route yet; browsers apply
+no CORS to WebSockets).
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import socket
@@ -40,8 +45,12 @@ class Refused(Exception):
         self.headers = headers or {}
 
 
-class _TooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    """Raised inside the app's receive(): the body turned out unacceptable as it arrived."""
+
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.message)
+        self.refused = refused
 
 
 def add_allowed_host_option(parser: Any, what: str) -> None:
@@ -91,32 +100,51 @@ class Guard:
 
     def __init__(self, app: Any, *, names: frozenset[str], upload_limit: int,
                  authenticate: Callable[[str | None], Any] | None = None) -> None:
+        if authenticate is not None and inspect.iscoroutinefunction(authenticate):
+            raise TypeError("Guard: authenticate must be a plain function (an unawaited "
+                            "coroutine would pass for a principal)")
         self.app = app
         self.names = names
         self.upload_limit = upload_limit
         self.authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         try:
-            limit = self._check(scope, headers)
+            if sum(1 for k, _ in raw if k.lower() == b"host") > 1:
+                raise Refused(400, "more than one Host header")
+            self._check_caller(scope, headers)
+            if scope["type"] == "websocket":
+                await self.app(scope, receive, send)
+                return
+            upload, limit = self._check_body_headers(scope, headers)
         except Refused as exc:
-            await _answer(send, exc)
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await _answer(send, exc)
             return
-        await self._limited(scope, receive, send, limit)
+        await self._limited(scope, receive, send, headers, upload, limit)
 
-    def _check(self, scope: Scope, headers: dict[str, str]) -> int:
-        """Host, token and body type; the body limit for this request."""
-        if not host_allowed(headers.get("host", ""), self.names):
-            raise Refused(400, f"Host {headers.get('host')!r} is not served here (a guard"
-                               " against DNS rebinding); the operator can add the name with"
+    def _check_caller(self, scope: Scope, headers: dict[str, str]) -> None:
+        """Host, the browser's origin and the token; the principal into the scope."""
+        host = headers.get("host", "")
+        if not host_allowed(host, self.names):
+            raise Refused(400, f"Host {host!r} is not served here (a guard against DNS"
+                               " rebinding); the operator can add the name with"
                                " --allowed-host")
-        path = scope.get("path", "")
-        if self.authenticate is not None and path not in OPEN_PATHS:
+        site = headers.get("sec-fetch-site", "").lower()
+        origin = headers.get("origin", "")
+        if site in ("cross-site", "same-site") or (
+                origin and origin != "null" and origin.split("://", 1)[-1].lower()
+                != host.lower()):
+            raise Refused(403, "a browser page of another site may not call this API")
+        if self.authenticate is not None and scope.get("path", "") not in OPEN_PATHS:
             try:
                 principal = self.authenticate(headers.get("authorization"))
             except Exception as exc:  # AuthError and friends: they carry a status
@@ -126,60 +154,80 @@ class Guard:
                 extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
                 raise Refused(status, str(exc), extra) from exc
             scope.setdefault("state", {})["principal"] = principal
-        upload = scope["method"] == "PUT" and path.endswith("/files")
+
+    def _check_body_headers(self, scope: Scope, headers: dict[str, str]) -> tuple[bool, int]:
+        """The body as its headers announce it: (upload route?, its byte limit)."""
+        upload = scope["method"] == "PUT" and scope.get("path", "").endswith("/files")
         limit = self.upload_limit if upload else JSON_LIMIT
         if scope["method"] in BODY_METHODS:
             length = headers.get("content-length")
-            has_body = (length not in (None, "0")) or "transfer-encoding" in headers
-            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if has_body and not upload and ctype != "application/json":
-                raise Refused(415, f"the body must be JSON (Content-Type: application/json),"
-                                   f" not {ctype or 'untyped'}")
-            if length is not None and length.isdigit() and int(length) > limit:
+            length = length.strip() if length is not None else None  # HTTP's optional spaces
+            if length is not None and not (length.isascii() and length.isdigit()
+                                           and len(length) <= 19):
+                raise Refused(400, f"Content-Length {length[:40]!r} is not a byte count")
+            has_body = (length is not None and int(length) > 0) or (
+                "transfer-encoding" in headers)
+            if has_body and not upload and not _is_json(headers):
+                raise Refused(415, _not_json(headers))
+            if length is not None and int(length) > limit:
                 raise Refused(413, _too_large(limit, upload))
-        return limit
+        return upload, limit
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        """Run the app with the body counted: past `limit` it reads no more and the caller
-        gets 413 (whatever the app was about to answer)."""
+    async def _limited(self, scope: Scope, receive: Receive, send: Send,
+                       headers: dict[str, str], upload: bool, limit: int) -> None:
+        """Run the app with the body checked as it arrives: a JSON route's body must be
+        typed JSON whatever its headers announced, and past `limit` nothing more is read;
+        the caller then gets 415 or 413 (whatever the app was about to answer)."""
         seen = 0
-        over = False
+        refused: Refused | None = None
         started = False
 
-        async def counting_receive() -> Message:
-            nonlocal seen, over
+        async def checking_receive() -> Message:
+            nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                if chunk and not upload and not _is_json(headers):
+                    refused = Refused(415, _not_json(headers))
+                    raise _BodyRefused(refused)
+                seen += chunk
                 if seen > limit:
-                    over = True
-                    raise _TooLarge()
+                    refused = Refused(413, _too_large(limit, upload), {"Connection": "close"})
+                    raise _BodyRefused(refused)
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if over:
-                return  # the app's answer to a cut-off body; ours goes out below
+            if refused is not None:
+                return  # the app's answer to a refused body; ours goes out below
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        upload = scope["method"] == "PUT"
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, checking_receive, guarded_send)
         except Exception:
-            if not over:
+            if refused is None:
                 raise
-        if over and not started:
-            await _answer(send, Refused(413, _too_large(limit, upload),
-                                        {"Connection": "close"}))
+        if refused is not None and not started:
+            await _answer(send, refused)
+
+
+def _is_json(headers: dict[str, str]) -> bool:
+    return headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+
+def _not_json(headers: dict[str, str]) -> str:
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    return (f"the body must be JSON (Content-Type: application/json), not "
+            f"{ctype or 'untyped'}")
 
 
 def _too_large(limit: int, upload: bool) -> str:
+    size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
     if upload:
-        return (f"file over the {limit >> 20} MiB limit; copy big data from inside the VM"
-                " instead")
-    return f"request body over the {limit >> 10} KiB limit"
+        return f"file over the {size} limit; copy big data from inside the VM instead"
+    return f"request body over the {size} limit"
 
 
 async def _answer(send: Send, refused: Refused) -> None:
