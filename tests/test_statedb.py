@@ -79,3 +79,4 @@ def test_the_state_db_is_private(tmp_path):
         db.server_id()
         for f in [path, *path.parent.glob(path.name + "-*")]:
             assert oct(f.stat().st_mode & 0o777) == "0o600", f
+

@@ -9,10 +9,11 @@ installed offline, so it must be in the image; the seed only makes sure it runs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from pathlib import Path
+
+from . import storage
 
 SEED = "seed.img"
 SEED_KIB = 1024
@@ -48,5 +49,5 @@ def make_seed(vm_dir: Path, instance_id: str, hostname: str, keys: list[str], ui
         user.write_text(user_data(hostname, keys))
         subprocess.run(["mcopy", "-i", str(seed), str(meta), str(user), "::/"],
                        check=True, capture_output=True, timeout=60)
-    os.chown(seed, uid, gid)
+    storage.set_owner(seed, uid, gid)
     return seed

@@ -48,6 +48,22 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+def set_owner(path: Path, uid: int | None = None, gid: int | None = None,
+              mode: int | None = None) -> None:
+    """chown `path` to uid:gid and/or chmod it to `mode` — the file or directory itself,
+    never what a symlink there points to: VM directories are writable by QEMU's user,
+    and a QEMU that swapped a file for a link to a host file would otherwise have root
+    chown or chmod that host file. OSError (ELOOP) for a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def create_overlay(base: Path, overlay: Path, size_mib: int | None, uid: int, gid: int) -> None:
     """Create the qcow2 overlay `overlay` backed by `base` (virtual size `size_mib` MiB when
     given, else the base's), owned by uid:gid; StorageError."""
@@ -56,7 +72,7 @@ def create_overlay(base: Path, overlay: Path, size_mib: int | None, uid: int, gi
     if size_mib:
         cmd.append(f"{size_mib}M")
     _run(cmd)
-    os.chown(overlay, uid, gid)
+    set_owner(overlay, uid, gid)
 
 
 def backing_file(overlay: Path) -> str | None:
@@ -71,8 +87,7 @@ def backing_file(overlay: Path) -> str | None:
 def make_vm_dir(path: Path, uid: int, gid: int) -> None:
     """Create the VM directory `path` (and parents), owned by uid:gid, mode 0750."""
     path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, uid, gid)
-    path.chmod(0o750)
+    set_owner(path, uid, gid, 0o750)
 
 
 def fs_type(path: Path) -> str:
@@ -183,10 +198,8 @@ def _hand_over(vm_dir: Path, size_mib: int | None, uid: int, gid: int) -> None:
     disk = vm_dir / "disk.qcow2"
     if size_mib:
         _run(["qemu-img", "resize", "-q", str(disk), f"{size_mib}M"])
-    os.chown(vm_dir, uid, gid)
-    vm_dir.chmod(0o750)
-    os.chown(disk, uid, gid)
-    disk.chmod(0o640)
+    set_owner(vm_dir, uid, gid, 0o750)
+    set_owner(disk, uid, gid, 0o640)
 
 
 class CloneStore(Protocol):

@@ -277,8 +277,8 @@ class Templates:
                 agent.exec_argv(dom, ["/bin/sync"], timeout=60)
                 self.engine.save_memory(dom, tpl.state)
                 self.engine.destroy(domain)
-                tpl.disk.chmod(0o444)  # frozen: every clone's overlay reads it
-                tpl.state.chmod(0o444)
+                storage.set_owner(tpl.disk, mode=0o444)  # frozen: clones' overlays read it
+                storage.set_owner(tpl.state, mode=0o444)
                 meta = json.dumps({
                     "image": image.name.full, "cpu": cpu, "mem_mib": mem_mib,
                     "fingerprint": fingerprint(image), "created_at": time.time(), "helper": helper,
