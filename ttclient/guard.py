@@ -65,7 +65,7 @@ def add_allowed_host_option(parser: Any, what: str) -> None:
 def served_names(bind: str, extra: Iterable[str] = ()) -> frozenset[str]:
     """The host names a daemon bound to `bind` answers to (lower case): localhost, this
     machine's host name and FQDN, `bind` when it is a name, and `extra` (--allowed-host).
-    IP literals are always accepted (see HostCheck)."""
+    IP literals are always accepted (see host_allowed)."""
     names = {"localhost", socket.gethostname(), socket.getfqdn(), bind, *extra}
     return frozenset(n.lower().rstrip(".") for n in names if n)
 
@@ -213,14 +213,18 @@ class Guard:
             await _answer(send, refused)
 
 
+def _content_type(headers: dict[str, str]) -> str:
+    """The media type of the Content-Type header, lower case, without parameters."""
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _is_json(headers: dict[str, str]) -> bool:
-    return headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+    return _content_type(headers) == "application/json"
 
 
 def _not_json(headers: dict[str, str]) -> str:
-    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     return (f"the body must be JSON (Content-Type: application/json), not "
-            f"{ctype or 'untyped'}")
+            f"{_content_type(headers) or 'untyped'}")
 
 
 def _too_large(limit: int, upload: bool) -> str:

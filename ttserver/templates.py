@@ -46,6 +46,9 @@ MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is pl
 # (vCPUs, MiB): the size of a VM whose ENV asks for none (EnvRequest's defaults)
 DEFAULT_SHAPE = (1, 512)
 BUILD_NICE = 19  # template builds yield the CPU to everything else
+# what a finished build is, linked into or out of the cache; meta.json last: its presence
+# marks a build complete
+BUILD_FILES = ("disk.qcow2", "memory.bin", "meta.json")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ def fingerprint(image: images.Image) -> str:
     parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
              for p in (image.disk, image.kernel, image.initrd)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _link_build(src: Path, dst: Path) -> None:
+    """Hard-link a finished build's files from `src` into the directory `dst`."""
+    for name in BUILD_FILES:
+        os.link(src / name, dst / name)
 
 
 class Templates:
@@ -170,8 +179,7 @@ class Templates:
                     continue
                 try:
                     storage.make_vm_dir(mine, self.uid, self.gid)
-                    for name in ("disk.qcow2", "memory.bin", "meta.json"):  # meta: complete
-                        os.link(d / name, mine / name)
+                    _link_build(d, mine)
                 except OSError as exc:
                     log.warning("cannot import cached template %s (%s); building one",
                                 d.name, exc)
@@ -190,8 +198,7 @@ class Templates:
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             staging.mkdir()
-            for name in ("disk.qcow2", "memory.bin", "meta.json"):
-                os.link(tpl.dir / name, staging / name)
+            _link_build(tpl.dir, staging)
             staging.rename(self.cache / tpl.dir.name)
         except OSError as exc:
             log.warning("cannot publish template %s to the cache %s: %s", tpl.dir.name,

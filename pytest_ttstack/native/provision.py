@@ -107,8 +107,9 @@ class Provisioner:
         self.venvs = wheelhouse.cache_dir() / "native-venvs"
         self._lock = threading.Lock()
         self.masters: list[subprocess.Popen] = []  # one SSH master per VM; close() ends them
-        self._scm: dict[tuple[str, ...], dict[str, str]] = {}  # local lines -> scm env
-        self._pure: dict[tuple[str, ...], dict[str, Path]] = {}  # local lines -> wheels
+        # local lines -> (scm env, pure wheels): the same for every guest Python
+        self._local: dict[tuple[str, ...], tuple[dict[str, str], dict[str, Path]]] = {}
+        self._uv: dict[tuple[str, str], Path | None] = {}  # (machine, libc) -> uv's wheel
         self._local_lock = threading.Lock()  # plans are made in parallel
         self.closed = threading.Event()  # set by close(): masters still opening give up
 
@@ -190,23 +191,28 @@ class Provisioner:
             self.say(f"ttstack: native: gathering wheels for Python {guest.version} "
                      f"({guest.machine}): {len(res.pins)} pinned"
                      + (", cached venv found" if plan.cached_venv else ""))
-            local = tuple(res.local)  # the same for every guest Python: computed once
+            local = tuple(res.local)
             with self._local_lock:
-                if local not in self._scm:
-                    self._scm[local] = wheelhouse.scm_versions(res, self.paths.rootdir)
-                    self._pure[local] = wheelhouse.pure_wheels(
-                        res, self.paths.rootdir, self.work / "local-wheels", files,
-                        self._scm[local])
-                    if self._pure[local]:
+                if local not in self._local:
+                    scm = wheelhouse.scm_versions(res, self.paths.rootdir)
+                    pure = wheelhouse.pure_wheels(res, self.paths.rootdir,
+                                                  self.work / "local-wheels", files, scm)
+                    self._local[local] = scm, pure
+                    if pure:
                         self.say("ttstack: native: pure-Python wheels built here for "
-                                 + ", ".join(self._pure[local]) + " (no build in the guests)")
-            plan.scm, plan.pure = self._scm[local], self._pure[local]
+                                 + ", ".join(pure) + " (no build in the guests)")
+            plan.scm, plan.pure = self._local[local]
             built_in_guest = [ln for ln in res.local if ln not in plan.pure]
             wheelhouse.gather(res, guest, self.paths.rootdir, wheels, self.work,
                               deps=plan.cached_venv is None, built_in_guest=built_in_guest)
             if plan.cached_venv is None or built_in_guest:
-                plan.uv = wheelhouse.guest_uv(guest, self.work / f"uv-{key}",
-                                              self.paths.rootdir)
+                platform = (guest.machine, guest.libc)  # uv's wheel is not per Python
+                with self._local_lock:
+                    if platform not in self._uv:
+                        self._uv[platform] = wheelhouse.guest_uv(
+                            guest, self.work / f"uv-{guest.machine}-{guest.libc}",
+                            self.paths.rootdir)
+                plan.uv = self._uv[platform]
 
         def build(tar: tarfile.TarFile) -> None:
             project.add_files(tar, self.paths.rootdir, files, "project")
