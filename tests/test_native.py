@@ -66,11 +66,27 @@ def pytest_in(project: Path, srv: ServerProcess | None, *args: str, timeout: flo
                           timeout=timeout)
 
 
-def native_leftovers() -> list[str]:
-    """SSH master connections and session folders native mode must not leave behind."""
+def _native_things() -> set[str]:
     procs = subprocess.run(["pgrep", "-af", 'ControlPath="?/tmp/ttnative-'], capture_output=True,
                            text=True).stdout.splitlines()
-    return procs + [str(p) for p in Path("/tmp").glob("ttnative-*")]
+    return set(procs) | {str(p) for p in Path("/tmp").glob("ttnative-*")}
+
+
+_BEFORE: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _native_baseline():
+    """What was there before the test (a run killed earlier on this machine may have
+    left a session folder): the leak checks below count only what the test added."""
+    _BEFORE.clear()
+    _BEFORE.update(_native_things())
+    yield
+
+
+def native_leftovers() -> list[str]:
+    """SSH master connections and session folders the test's native runs left behind."""
+    return sorted(_native_things() - _BEFORE)
 
 
 def outcomes(junit: Path) -> dict[str, str]:

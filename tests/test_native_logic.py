@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_ttstack.native import project, wheelhouse
+from pytest_ttstack.native import project, wheelhouse, workdir
 from pytest_ttstack.native.controller import NativeSession, host_only_plugins
 from pytest_ttstack.native.ids import tag, untag
 from pytest_ttstack.native.provision import Provisioner
@@ -200,3 +201,34 @@ def test_a_host_only_plugin_is_a_usage_error_before_anything_boots(tmp_path):
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "-p timeout (pytest-timeout) is installed on this host only" in proc.stderr
     assert "--tt-native-install" in proc.stderr
+
+
+def test_stale_session_folders_are_removed_live_ones_kept(tmp_path):
+    """A session killed before its cleanup (SIGKILL, a CI time limit) left its folder,
+    private key included; the next session removes it — and only it."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folders = {name: tmp_path / f"{workdir.PREFIX}{name}" for name in
+               ("dead", "live", "reused-pid", "no-owner", "garbled")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "id_ed25519").write_text("key")
+    me = os.getpid()
+    (folders["dead"] / workdir.OWNER_FILE).write_text(f"{dead.pid} 1\n")
+    (folders["live"] / workdir.OWNER_FILE).write_text(f"{me} {workdir._start_time(me)}\n")
+    (folders["reused-pid"] / workdir.OWNER_FILE).write_text(f"{me} 1\n")  # pid now reused
+    (folders["garbled"] / workdir.OWNER_FILE).write_text("x\n")
+    removed = workdir.remove_stale(tmp_path)
+    assert sorted(removed) == sorted([folders["dead"], folders["reused-pid"]])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        folders[n].name for n in ("live", "no-owner", "garbled")}
+
+
+def test_a_new_session_folder_records_its_owner():
+    work = workdir.create()
+    try:
+        assert oct(work.stat().st_mode & 0o777) == "0o700"
+        assert not workdir.is_stale(work)
+        assert (work / workdir.OWNER_FILE).read_text().split()[0] == str(os.getpid())
+    finally:
+        shutil.rmtree(work)

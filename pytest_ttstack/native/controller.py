@@ -18,7 +18,6 @@ import copy
 import importlib.util
 import shutil
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +31,7 @@ from ttclient.api import ApiError
 
 from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
-from . import ids, remote, wheelhouse
+from . import ids, remote, wheelhouse, workdir
 from .project import GUEST_SITE, PathMap
 from .provision import Provisioner, Worker
 from .ssh import make_key
@@ -148,7 +147,7 @@ class NativeSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.work = Path(tempfile.mkdtemp(prefix="ttnative-"))
+        self.work = workdir.create()
         try:
             self.key, self.public_key = make_key(self.work)
         except (OSError, subprocess.CalledProcessError) as exc:
