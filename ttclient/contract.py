@@ -1,11 +1,14 @@
-"""The API contract both daemons serve (ttserver and ttproxy): request bodies as pydantic
-models, validated the same way by both.
+"""The API contract both daemons serve (ttserver and ttproxy): request bodies and answers
+as pydantic models, validated the same way by both, and published in their OpenAPI
+documents (`/openapi.json`), so a client or a fuzzer can check an answer's shape.
 
 Needs pydantic, which the `[server]` and `[proxy]` extras bring (FastAPI depends on it);
 the `tt` client does not import this module, so `pip install ttstack` stays light.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -14,6 +17,23 @@ from ttclient.units import parse_mib
 
 # Files pass through the server's memory (and the agent's base64), so uploads are bounded.
 MAX_UPLOAD = 1 << 30
+
+
+class ServiceError(Exception):
+    """An answer for the client: a one-line message and the HTTP status (400 unless
+    given); 401 answers also say `WWW-Authenticate: Bearer`."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+    @property
+    def message(self) -> str:
+        """The message, as given."""
+        return str(self.args[0])
 
 
 class EnvCreate(BaseModel):
@@ -71,3 +91,155 @@ class RunRequest(BaseModel):
     use_ssh: bool = False
     timeout: float = Field(600, ge=1, le=86400, description="seconds per VM")
     vms: list[str] | None = Field(None, description="only these VMs (ids, names or indexes)")
+
+
+# --- answers ---------------------------------------------------------------------------
+# Fields a ttproxy adds (where a part lives) are optional; the routes leave out what an
+# answer did not set, so a ttserver's answers carry no proxy fields. Keys a model does not
+# declare are dropped (a newer server behind an older proxy still answers);
+# tests/test_contract.py checks that the daemons' answers have no such keys.
+
+
+class VMInfo(BaseModel):
+    """A VM of an ENV (ttserver views.vm_view); sizes in MiB, `boot_seconds` from create
+    to a usable guest."""
+
+    id: str
+    name: str = Field(description="hostname: ENV-IDX")
+    idx: int
+    image: str = Field(description="ENGINE:OS-VERSION:ARCH")
+    os: str
+    arch: str
+    state: str = Field(description="creating, running, stopped, failed, deleting, ...")
+    cpu: int
+    mem_mib: int
+    disk_mib: int
+    ssh_host: str = Field(description="the address clients reach forwarded ports on")
+    ssh_port: int | None
+    address: str | None = Field(description="the VM's own address (bridge network)")
+    ports: dict[str, int] = Field(description="guest port -> host port")
+    error: str
+    boot_seconds: float | None
+    boot_mode: str | None = Field(description="warm or cold")
+    server: str | None = Field(None, description="ttproxy: the server holding the VM")
+
+
+class EnvInfo(BaseModel):
+    """An ENV and its VMs in index order; times are Unix seconds."""
+
+    name: str
+    state: str
+    owner: str
+    created_at: float
+    expires_at: float
+    error: str
+    server_id: str
+    ports: list[int] = Field(description="guest ports forwarded on every VM")
+    outgoing: str = Field(description="allowed or denied")
+    vms: list[VMInfo]
+    servers: list[str] | None = Field(None, description="ttproxy: servers holding parts")
+
+
+class CommandResult(BaseModel):
+    """One VM's outcome of POST /envs/{name}/run. `exit_code` is None when the command
+    did not finish (timed out, or `error` says why it could not run); seconds wall time."""
+
+    vm: str
+    id: str
+    image: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    seconds: float
+    error: str = Field(description="empty, or why the VM could not run it (console tail)")
+    server: str | None = Field(None, description="ttproxy: the server holding the VM")
+
+
+class FileResult(BaseModel):
+    """One VM's outcome of PUT /envs/{name}/files: bytes written, seconds, error."""
+
+    vm: str
+    id: str
+    image: str
+    bytes: int
+    seconds: float
+    error: str
+    server: str | None = Field(None, description="ttproxy: the server holding the VM")
+
+
+class RunAnswer(BaseModel):
+    """POST /envs/{name}/run: one result per selected VM."""
+
+    env: str
+    results: list[CommandResult]
+
+
+class PushAnswer(BaseModel):
+    """PUT /envs/{name}/files: one result per selected VM."""
+
+    env: str
+    results: list[FileResult]
+
+
+class Deleted(BaseModel):
+    """DELETE /envs/{name}."""
+
+    deleted: str
+
+
+class Health(BaseModel):
+    """GET /health (no token needed): the daemon answers. ttproxy adds how many of its
+    servers are up."""
+
+    ok: bool
+    server_id: str
+    servers_up: int | None = None
+    servers: int | None = None
+
+
+class WhoAmI(BaseModel):
+    """GET /whoami: the caller's token name ("" on an open API) and whether it is an
+    admin token; `auth`: whether the server checks tokens."""
+
+    name: str
+    admin: bool
+    auth: bool | None = None
+
+
+class ImageInfo(BaseModel):
+    """An image the server (or, behind ttproxy, some server) can boot; `servers`: which."""
+
+    name: str = Field(description="ENGINE:OS-VERSION:ARCH")
+    os: str
+    arch: str
+    engine: str
+    size_mib: int
+    warnings: list[str]
+    servers: list[str] | None = None
+
+
+class Status(BaseModel):
+    """GET /status: resources (CPUs; memory and disk in MiB) total and used, ENVs and
+    images. A ttserver adds its accelerator, warm templates, network and storage; a
+    ttproxy sums its servers and lists them (`servers`, each row a server's status plus
+    `address` and `health`)."""
+
+    cpu_total: int
+    cpu_used: int
+    mem_total_mib: int
+    mem_used_mib: int
+    disk_total_mib: int
+    disk_used_mib: int
+    env_count: int
+    images: list[ImageInfo]
+    server_id: str | None = None
+    accel: str | None = None
+    accel_reason: str | None = None
+    warm_clones: bool | None = None
+    templates: list[dict[str, Any]] | None = None
+    network: str | None = None
+    storage: str | None = None
+    proxy: bool | None = None
+    servers: list[dict[str, Any]] | None = None
+    servers_up: int | None = None

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from ttclient.serving import serve
 
-        from .api import create_app
         from .proxy import Proxy
         from .servers import ServerSet
+        from .service import create_app
     except ImportError as exc:
         print(f"ttproxy: missing dependency ({exc.name}); install with: "
               "pip install 'ttstack[proxy]'", file=sys.stderr)

@@ -19,6 +19,7 @@ from functools import partial
 from typing import TypeVar
 
 from ttclient.api import ApiError, Client
+from ttclient.contract import ServiceError
 from ttclient.imagenames import (
     ImageNameError,
     NoMatchingImage,
@@ -44,12 +45,8 @@ def _refs(vm: dict) -> set[str]:
     return {vm["id"], vm["name"], str(vm.get("idx"))}
 
 
-class ProxyError(Exception):
+class ProxyError(ServiceError):
     """An answer for the client: HTTP status and one line."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Proxy:

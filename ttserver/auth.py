@@ -25,18 +25,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttclient.contract import ServiceError
+
 log = logging.getLogger(__name__)
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # fullmatch
 ROLES = ("user", "admin")
 
 
-class AuthError(Exception):
+class AuthError(ServiceError):
     """The caller may not use the API: the message says why (never echoing the token),
     `status` is the HTTP status to answer (401)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

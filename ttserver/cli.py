@@ -249,9 +249,9 @@ def serve_main(argv: list[str]) -> int:
 
         from ttclient.serving import serve
 
-        from .api import create_app
         from .config import ServerConfig
         from .envs import EnvManager
+        from .service import create_app
     except ImportError as exc:
         print(f"ttserver: missing server dependency ({exc.name}); "
               "install with: pip install 'ttstack[server]'", file=sys.stderr)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
+from ttclient.contract import ServiceError
 
-class TTError(Exception):
+
+class TTError(ServiceError):
     """An error with a user-facing message and the HTTP status to answer (400 unless the
     subclass or `status` says otherwise)."""
 
-    status = 400
-
     def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-
-    @property
-    def message(self) -> str:
-        """The message, as given."""
-        return str(self.args[0])
+        super().__init__(message, status)
 
 
 class NotFound(TTError):

@@ -1,0 +1,190 @@
+"""The one route table of the ttstack API, served by both daemons over an `EnvService`:
+ttserver's `LocalService` (its own VMs) and ttproxy's `Proxy` (the VMs of many
+ttservers). A route checks the shapes (`contract`), asks the service and answers;
+who may do what and every other rule is the service's.
+
+Needs FastAPI (the `[server]`/`[proxy]` extras); the `tt` client never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from . import __version__
+from .contract import (
+    MAX_UPLOAD,
+    Deleted,
+    EnvCreate,
+    EnvInfo,
+    EnvUpdate,
+    Health,
+    ImageInfo,
+    PushAnswer,
+    RunAnswer,
+    RunRequest,
+    ServiceError,
+    Status,
+    WhoAmI,
+)
+from .guard import Guard
+
+
+class EnvService(Protocol):
+    """What the routes need from a daemon. `caller` is what `authenticate` returned for
+    the request's Authorization header (a ttserver's Principal; None for ttproxy, whose
+    servers check the token). Every method raises ServiceError (or ValueError, a 400)
+    for an answer that is not a success; dict shapes are those of `contract`."""
+
+    title: str
+    description: str
+    @property
+    def authenticate(self) -> Callable[[str | None], Any] | None:
+        """Guard's check of the Authorization header before any body byte is read: the
+        caller, or an exception with `status`; None: the daemon checks no token."""
+
+    def health(self) -> dict: ...
+    def whoami(self, caller: Any) -> dict: ...
+    def status(self, caller: Any) -> dict: ...
+    def list_envs(self, caller: Any, owner: str | None) -> list[dict]: ...
+    def create(self, caller: Any, body: EnvCreate) -> dict: ...
+    def get(self, caller: Any, name: str) -> dict: ...
+    def update(self, caller: Any, name: str, body: EnvUpdate) -> dict: ...
+    def stop(self, caller: Any, name: str) -> dict: ...
+    def start(self, caller: Any, name: str) -> dict: ...
+    def delete(self, caller: Any, name: str) -> dict: ...
+    def run(self, caller: Any, name: str, body: RunRequest) -> list[dict]: ...
+
+    def may_push(self, caller: Any, name: str) -> None:
+        """ServiceError unless the caller may write files into the ENV: asked before the
+        upload's body is read."""
+
+    def push(self, caller: Any, name: str, path: str, data: bytes, mode: int | None,
+             vms: list[str] | None, use_ssh: bool) -> list[dict]: ...
+    def pull(self, caller: Any, name: str, vm: str, path: str, use_ssh: bool) -> bytes: ...
+    def console(self, caller: Any, name: str, vm: str, lines: int) -> str: ...
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header(
+        description="Bearer API token, when the server has a tokens file")] = None) -> Any:
+    """The route's caller: what the Guard's `authenticate` returned before the body was
+    read, or (open paths) what it returns now; None when the daemon checks no token."""
+    state = request.scope.get("state") or {}
+    if "principal" in state:
+        return state["principal"]
+    service: EnvService = request.app.state.service
+    return service.authenticate(authorization) if service.authenticate else None
+
+
+# module level: FastAPI resolves the routes' annotations in the module's namespace
+Caller = Annotated[Any, Depends(caller)]
+
+
+def create_app(service: EnvService, names: frozenset[str],
+               upload_limit: int = MAX_UPLOAD,
+               middleware: tuple[Callable[[Any], Any], ...] = ()) -> FastAPI:
+    """The FastAPI app serving the API over `service`, answering the Host `names` only
+    (ttclient/guard.py), with `middleware` (ASGI app factories) inside the Guard;
+    ServiceError becomes its HTTP status, ValueError a 400."""
+    app = FastAPI(title=service.title, version=__version__, description=service.description)
+    app.state.service = service
+    for factory in middleware:
+        app.add_middleware(factory)
+    app.add_middleware(Guard, names=names, upload_limit=upload_limit,
+                       authenticate=service.authenticate)
+
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(status_code=exc.status, content={"detail": exc.message},
+                            headers=headers)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(_req: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    # answers leave out what they did not set (ttproxy fields on a ttserver)
+    @app.get("/health", response_model=Health, response_model_exclude_unset=True)
+    def health() -> dict:
+        return service.health()
+
+    @app.get("/whoami", response_model=WhoAmI, response_model_exclude_unset=True)
+    def whoami(who: Caller) -> dict:
+        return service.whoami(who)
+
+    @app.get("/status", response_model=Status, response_model_exclude_unset=True)
+    def status(who: Caller) -> dict:
+        return service.status(who)
+
+    @app.get("/images", response_model=list[ImageInfo], response_model_exclude_unset=True)
+    def list_images(who: Caller) -> list[dict]:
+        return service.status(who)["images"]
+
+    @app.get("/envs", response_model=list[EnvInfo], response_model_exclude_unset=True)
+    def list_envs(who: Caller, owner: Annotated[str | None, Query(
+            description="only this owner's ENVs; all of them without it")] = None,
+                  ) -> list[dict]:
+        return service.list_envs(who, owner)
+
+    @app.post("/envs", status_code=202, response_model=EnvInfo, response_model_exclude_unset=True)
+    def create_env(body: EnvCreate, who: Caller) -> dict:
+        return service.create(who, body)
+
+    @app.get("/envs/{name}", response_model=EnvInfo, response_model_exclude_unset=True)
+    def show_env(name: str, who: Caller) -> dict:
+        return service.get(who, name)
+
+    @app.patch("/envs/{name}", response_model=EnvInfo, response_model_exclude_unset=True)
+    def update_env(name: str, body: EnvUpdate, who: Caller) -> dict:
+        return service.update(who, name, body)
+
+    @app.post("/envs/{name}/stop", response_model=EnvInfo, response_model_exclude_unset=True)
+    def stop_env(name: str, who: Caller) -> dict:
+        return service.stop(who, name)
+
+    @app.post("/envs/{name}/start", status_code=202, response_model=EnvInfo,
+              response_model_exclude_unset=True)
+    def start_env(name: str, who: Caller) -> dict:
+        return service.start(who, name)
+
+    @app.delete("/envs/{name}", response_model=Deleted, response_model_exclude_unset=True)
+    def delete_env(name: str, who: Caller) -> dict:
+        return service.delete(who, name)
+
+    @app.post("/envs/{name}/run", response_model=RunAnswer, response_model_exclude_unset=True)
+    def run(name: str, body: RunRequest, who: Caller) -> dict:
+        return {"env": name, "results": service.run(who, name, body)}
+
+    @app.put("/envs/{name}/files", response_model=PushAnswer, response_model_exclude_unset=True)
+    async def push(name: str, request: Request, who: Caller,
+                   path: Annotated[str, Query(description="absolute path in each VM")],
+                   mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
+                   vm: Annotated[list[str] | None, Query(description="only these VMs")] = None,
+                   use_ssh: bool = False) -> dict:
+        await run_in_threadpool(service.may_push, who, name)  # before the body (Guard caps it)
+        data = await request.body()
+        results = await run_in_threadpool(service.push, who, name, path, data,
+                                          int(mode, 8) if mode else None, vm, use_ssh)
+        return {"env": name, "results": results}
+
+    @app.get("/envs/{name}/vms/{vm}/files", response_class=Response, responses={
+        200: {"content": {"application/octet-stream": {}},
+              "description": "the file's bytes"}})
+    def pull(name: str, vm: str, who: Caller,
+             path: Annotated[str, Query(description="absolute path in the VM")],
+             use_ssh: bool = False) -> Response:
+        return Response(service.pull(who, name, vm, path, use_ssh),
+                        media_type="application/octet-stream")
+
+    @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
+    def console(name: str, vm: str, who: Caller,
+                lines: Annotated[int, Query(ge=1, le=2000)] = 50) -> str:
+        return service.console(who, name, vm, lines)
+
+    return app
+
