@@ -15,7 +15,8 @@ def loaded_after(imports: str) -> set[str]:
 
 
 def test_ttproxy_imports_nothing_from_ttserver():
-    assert "ttserver" not in loaded_after("import ttproxy.service, ttproxy.cli, ttproxy.proxy")
+    assert "ttserver" not in loaded_after(
+        "import ttproxy.proxy_service, ttproxy.cli, ttproxy.proxy")
 
 
 def test_the_client_needs_no_daemon_and_no_pydantic():

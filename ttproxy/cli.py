@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         from ttclient.serving import serve
 
         from .proxy import Proxy
+        from .proxy_service import create_app
         from .servers import ServerSet
-        from .service import create_app
     except ImportError as exc:
         print(f"ttproxy: missing dependency ({exc.name}); install with: "
               "pip install 'ttstack[proxy]'", file=sys.stderr)

@@ -251,7 +251,7 @@ def serve_main(argv: list[str]) -> int:
 
         from .config import ServerConfig
         from .envs import EnvManager
-        from .service import create_app
+        from .local_service import create_app
     except ImportError as exc:
         print(f"ttserver: missing server dependency ({exc.name}); "
               "install with: pip install 'ttstack[server]'", file=sys.stderr)
