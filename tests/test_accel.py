@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ttserver import accel
+from ttserver.vm import accel
 
 from helpers import IMAGE_PATH, ServerProcess
 

@@ -87,7 +87,7 @@ def test_views_name_vms_and_show_outgoing():
     (True, True, object(), False),
 ])
 def test_which_envs_boot_warm(server_warm, env_warm, bridge, wanted):
-    from ttserver.vmboot import VMBooter
+    from ttserver.vm.boot import VMBooter
 
     booter = SimpleNamespace(bridge=bridge, cfg=SimpleNamespace(warm_clones=server_warm))
     env = SimpleNamespace(spec={} if env_warm is None else {"warm": env_warm})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ttserver import imagebuild
+from ttserver.images import build as imagebuild
 
 from helpers import NOTHING_LEFT, ServerProcess, leftovers, new_run_dir, wait_env
 

@@ -20,8 +20,8 @@ from ttclient.contract import (
 )
 from ttclient.routes import create_app
 from ttproxy.merge import Part, merge_env, merge_results
-from ttserver.agent import ExecResult
 from ttserver.db import EnvRow, VMRow
+from ttserver.guest.agent import ExecResult
 from ttserver.views import env_view, vm_ref
 
 PROXY_ONLY = {"server", "servers"}

@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from ttserver.domainxml import DomainSpec, render
+from ttserver.vm.domainxml import DomainSpec, render
 
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 

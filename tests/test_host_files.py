@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ttserver import storage
+from ttserver.host import storage
 
 
 def test_ownership_changes_never_follow_a_symlink(tmp_path):

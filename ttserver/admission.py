@@ -12,11 +12,12 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import domainxml, images
+from . import images
 from .config import ServerConfig
 from .db import VMRow
 from .errors import BadRequest, InsufficientResources
 from .states import PENDING
+from .vm import domainxml
 
 ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")  # fullmatch: "$" lets "\n" through
 MAX_VMS_PER_ENV = 64

@@ -216,8 +216,8 @@ def image_main(argv: list[str]) -> int:
     if args.action == "import":
         from ttclient.imagenames import ImageNameError
 
-        from .imagebuild import BuildError
-        from .imageimport import import_image
+        from .images.build import BuildError
+        from .images.importer import import_image
         try:
             target = import_image(args.file, args.name, args.image_path, force=args.force)
         except (BuildError, ImageNameError, OSError) as exc:  # BuildError: a failed step too
@@ -227,7 +227,7 @@ def image_main(argv: list[str]) -> int:
         return 0
     from ttclient.serving import exit_on_sigterm
 
-    from .imagebuild import BuildError, build
+    from .images.build import BuildError, build
     exit_on_sigterm()  # a stopped build still unmounts and removes its work tree
     try:
         build(args.os, args.arch, args.image_path, disk_mib=args.disk_size,

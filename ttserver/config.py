@@ -32,12 +32,12 @@ class ServerConfig:
     allow_outgoing: bool = False
     # ENVs boot from memory snapshots of their image unless they ask otherwise
     warm_clones: bool = True
-    # a directory shared with other servers' templates (hard links; see templates.py)
+    # a directory shared with other servers' templates (hard links; see warm/snapshots.py)
     template_cache: Path | None = None
     # user: QEMU user networking per VM (no host set-up, ports by QEMU hostfwd);
-    # bridge: a Linux bridge, TAPs, nftables port MAP and dnsmasq (see bridgenet.py)
+    # bridge: a Linux bridge, TAPs, nftables port MAP and dnsmasq (see host/bridge.py)
     network: str = "user"
-    storage: str = "auto"  # auto | qcow2 | btrfs | zfs (see storage.py)
+    storage: str = "auto"  # auto | qcow2 | btrfs | zfs (see host/storage.py)
     bridge_name: str = "ttbr0"
     bridge_subnet: str = "10.213.0.0/24"
 

@@ -1,6 +1,6 @@
 """ENV lifecycle: admission, parallel boot, stop/start/update, deletion, expiry,
-reconciliation. The rules of admission are in admission.py, one VM's boot in vmboot.py,
-guest access in guestops.py, response shapes in views.py.
+reconciliation. The rules of admission are in admission.py, one VM's boot in vm/boot.py,
+guest access in guest/ops.py, response shapes in views.py.
 
 The rules that keep a host clean:
 - admission (name, images, resources, ports) happens in one SQLite transaction, and the
@@ -20,19 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel as accel_mod
-from . import admission, images, sshexec, storage, views
+from . import admission, images, views
 from .admission import EnvRequest
-from .bridgenet import BridgeNetwork
-from .cleanup import Cleanup
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
-from .engine import Engine, qemu_user
 from .errors import BadRequest, Conflict, NotFound
 from .failpoints import crash_point
-from .guestio import GuestError, GuestIO
-from .guestops import GuestOps
-from .ports import PortPool
+from .guest import sshexec
+from .guest.ops import GuestOps
+from .guest.transport import GuestError, GuestIO
+from .host import storage
+from .host.bridge import BridgeNetwork
+from .host.ports import PortPool
 from .states import (
     CREATING,
     DELETING,
@@ -45,9 +44,12 @@ from .states import (
     STOPPED,
     STOPPING,
 )
-from .templates import Templates, fingerprint
-from .vmboot import VMBooter, host_ports, lease, restricted
-from .vmspec import DomainRenderer
+from .vm import accel as accel_mod
+from .vm.boot import VMBooter, host_ports, lease, restricted
+from .vm.cleanup import Cleanup
+from .vm.libvirt_domains import Engine, qemu_user
+from .vm.spec import DomainRenderer
+from .warm.snapshots import Templates, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +411,7 @@ class EnvManager:
 
     def keep_warm(self) -> None:
         """With warm clones on (and user networking: bridge-mode VMs boot cold), have
-        every image's default-shape template built (in the background; templates.py)."""
+        every image's default-shape template built (in the background; warm/snapshots.py)."""
         if self.cfg.warm_clones and not self.bridge:
             self.templates.keep_warm(images.scan(self.cfg.image_path))
 

@@ -6,7 +6,7 @@ boots every image the same way (direct kernel boot: no firmware, no GRUB menu â€
 under TCG), and the cloud image's kernel and initramfs already carry its drivers. They are
 read with `debugfs` straight from the disk file (`FILE?offset=N` for a partition), so
 nothing is mounted and no loop or nbd device is needed. The image is marked `cloud_init`:
-its VMs get a NoCloud seed disk (cloudseed.py) with hostname and SSH keys.
+its VMs get a NoCloud seed disk (guest/cloudseed.py) with hostname and SSH keys.
 
 An image file comes from whoever made it, so it is read as data, never as a pointer to
 other files: `qemu-img info` (which opens no backing file) says its format, images that
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ttclient.imagenames import parse_image_name
 
-from .imagebuild import BuildError, run_step
-from .images import DISK, INITRD, KERNEL, install
+from . import DISK, INITRD, KERNEL, install
+from .build import BuildError, run_step
 
 LINUX_TYPES = {"83", "0fc63daf-8483-4772-8e79-3d69d8477de4"}  # MBR, GPT Linux filesystem
 # formats whose image is one file (VMDK only as one sparse or stream-optimized file)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from .errors import Conflict
+from ..errors import Conflict
 
 
 def is_free(addr: str, port: int) -> bool:

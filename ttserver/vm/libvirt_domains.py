@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
-from . import agent
+from ..guest import agent
 
 MIGRATION_TIMEOUT = 120.0
 

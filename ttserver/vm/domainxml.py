@@ -55,7 +55,7 @@ class DomainSpec:
     cmdline: str
     console_log: str
     # the value of -netdev, e.g. "user,id=ttnet0,restrict=on,hostfwd=...", or "" for
-    # none: bridge mode plugs its NIC over QMP while the domain is paused (bridgenet.py)
+    # none: bridge mode plugs its NIC over QMP while the domain is paused (host/bridge.py)
     netdev: str
     uid: int
     gid: int

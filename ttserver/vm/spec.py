@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import domainxml, images
+from .. import images
+from . import domainxml
 from .accel import Accelerator
 
 

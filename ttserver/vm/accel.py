@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import images
+from .. import images
 
 log = logging.getLogger(__name__)
 

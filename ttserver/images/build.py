@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ttclient.imagenames import ImageName, parse_image_name
 
-from . import binfmt
-from .images import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install, read_meta
+from ..host import binfmt
+from . import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install, read_meta
 
 SUITES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie",
           "debian-sid": "sid"}

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import storage
+from ..host import storage
 
 SEED = "seed.img"
 SEED_KIB = 1024

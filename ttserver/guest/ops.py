@@ -13,12 +13,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .db import StateDB, VMRow
-from .engine import console_tail
-from .errors import BadRequest, Conflict, NotFound, TTError
-from .guestio import GuestError, GuestIO
-from .states import FAILED, READY, RUNNING
-from .views import vm_ref, vm_refs
+from ..db import StateDB, VMRow
+from ..errors import BadRequest, Conflict, NotFound, TTError
+from ..states import FAILED, READY, RUNNING
+from ..views import vm_ref, vm_refs
+from ..vm.libvirt_domains import console_tail
+from .transport import GuestError, GuestIO
 
 GUEST_PATH = re.compile(r"/[^\0]{0,4095}")  # fullmatch
 MAX_PARALLEL_RUNS = 16

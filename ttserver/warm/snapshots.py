@@ -37,9 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import agent, identity, images, storage
-from .engine import Engine
-from .vmspec import DomainRenderer
+from .. import images
+from ..guest import agent, identity
+from ..host import storage
+from ..vm.libvirt_domains import Engine
+from ..vm.spec import DomainRenderer
 
 log = logging.getLogger(__name__)
 MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is plenty
@@ -57,7 +59,7 @@ class Template:
     helper."""
 
     dir: Path
-    helper: bool = False  # the saved guest runs identity's helper (see identity.py)
+    helper: bool = False  # the saved guest runs identity's helper (see guest/identity.py)
 
     @property
     def disk(self) -> Path:

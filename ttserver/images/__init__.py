@@ -24,7 +24,7 @@ from ttclient.imagenames import (
     parse_image_name,
 )
 
-from .errors import BadRequest, NotFound
+from ..errors import BadRequest, NotFound
 
 log = logging.getLogger(__name__)
 

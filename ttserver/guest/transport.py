@@ -13,11 +13,11 @@ import time
 import libvirt
 import libvirt_qemu
 
+from ..config import ServerConfig
+from ..db import VMRow
+from ..host.bridge import BridgeNetwork, NetworkError
+from ..vm.libvirt_domains import Engine
 from . import agent, sshexec
-from .bridgenet import BridgeNetwork, NetworkError
-from .config import ServerConfig
-from .db import VMRow
-from .engine import Engine
 
 # Generous per-file limit for copies; agent writes go in WRITE_CHUNK pieces.
 COPY_TIMEOUT = 900.0

@@ -10,11 +10,11 @@ import logging
 import time
 from pathlib import Path
 
-from . import storage, views
-from .config import ServerConfig
-from .db import StateDB, VMRow
-from .engine import Engine
-from .states import (
+from .. import views
+from ..config import ServerConfig
+from ..db import StateDB, VMRow
+from ..host import storage
+from ..states import (
     CREATING,
     DELETING,
     ENV_STOPPED,
@@ -24,7 +24,8 @@ from .states import (
     STOPPED,
     STOPPING,
 )
-from .vmboot import VMBooter
+from .boot import VMBooter
+from .libvirt_domains import Engine
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import agent, cloudseed, domainxml, identity, images, storage, views
-from .bridgenet import BridgeNetwork, Lease
-from .config import ServerConfig
-from .db import EnvRow, StateDB, VMRow
-from .engine import BootTimeout, Engine, console_tail
-from .failpoints import crash_point
-from .states import BOOTING, FAILED, RUNNING
-from .templates import Template, Templates, fingerprint
-from .vmspec import DomainRenderer
+from .. import images, views
+from ..config import ServerConfig
+from ..db import EnvRow, StateDB, VMRow
+from ..failpoints import crash_point
+from ..guest import agent, cloudseed, identity
+from ..host import storage
+from ..host.bridge import BridgeNetwork, Lease
+from ..states import BOOTING, FAILED, RUNNING
+from ..warm.snapshots import Template, Templates, fingerprint
+from . import domainxml
+from .libvirt_domains import BootTimeout, Engine, console_tail
+from .spec import DomainRenderer
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +245,7 @@ class VMBooter:
     def _personalize(self, vm: VMRow, env: EnvRow,
                      warm_template: Template | None = None) -> None:
         """Give the VM its hostname and authorized keys (server key + the user's); a warm
-        clone also its own machine-id, SSH host key, clock and RNG (see identity.py)."""
+        clone also its own machine-id, SSH host key, clock and RNG (see guest/identity.py)."""
         dom = self.engine.lookup(vm.domain)
         keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
         hostname = views.hostname(env.name, vm.idx)

@@ -1,0 +1,1 @@
+"""Warm clones: memory snapshots (templates) VMs are restored from."""
