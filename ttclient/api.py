@@ -5,7 +5,6 @@ own message, so callers can print one clear line.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ import requests
 
 from . import config as cfgmod
 from .config import owner
+from .waiting import WaitTimeout, wait_for
 
 FROM_CONFIG = object()  # Client(token=...) default: $TT_TOKEN or the config file
 DEFAULT_TIMEOUT = 30.0
@@ -143,19 +143,21 @@ class Client:
                  on_change: Callable[[dict], None] | None = None,
                  interval: float = 1.0) -> dict:
         """Poll until the ENV leaves `creating`/`starting`; on_change sees every new view."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            env = self.get_env(name)
+        seen: dict[str, Any] = {"key": None, "env": None}
+
+        def settled() -> dict | None:
+            env = seen["env"] = self.get_env(name)
             key = [(v["state"], v.get("error", "")) for v in env["vms"]] + [env["state"]]
-            if key != last and on_change:
+            if key != seen["key"] and on_change:
                 on_change(env)
-            last = key
-            if env["state"] not in TRANSIENT_STATES:
-                return env
-            if time.monotonic() > deadline:
-                raise ApiError(f"ENV {name!r} was still {env['state']} after {timeout:.0f}s")
-            time.sleep(interval)
+            seen["key"] = key
+            return env if env["state"] not in TRANSIENT_STATES else None
+
+        try:
+            return wait_for(settled, timeout, interval=interval, what=f"ENV {name!r}")
+        except WaitTimeout:
+            raise ApiError(f"ENV {name!r} was still {seen['env']['state']} after "
+                           f"{timeout:.0f}s") from None
 
     def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600,
             vms: list[str] | None = None) -> dict:

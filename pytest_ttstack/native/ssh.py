@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
+
 CONNECT_TIMEOUT = 20
 
 
@@ -28,6 +30,10 @@ def _ssh_value(value: object) -> str:
     stays one value (ssh splits unquoted values at whitespace; UserKnownHostsFile even
     takes several files)."""
     return '"' + str(value).replace('"', '') + '"'
+
+
+class _MasterEnded(Exception):
+    """The master connection's ssh exited before it was up (sshd not listening yet)."""
 
 
 class SSHError(Exception):
@@ -121,33 +127,44 @@ class SSHTarget:
         deadline = time.monotonic() + timeout
         stop = stop or threading.Event()
         check = [*self.options(), "-O", "check", self.destination]
-        while True:
+        where = f"ssh to root@{self.host}:{self.port}"
+
+        def connected(master: subprocess.Popen) -> bool | None:
+            if master.poll() is not None:
+                raise _MasterEnded  # sshd refused or is not up yet: start another
+            try:
+                return True if subprocess.run(check, capture_output=True,
+                                              timeout=30).returncode == 0 else None
+            except subprocess.TimeoutExpired:
+                return None
+
+        def one_master() -> subprocess.Popen | None:
             try:
                 master = subprocess.Popen([*self.options(master=True), "-N", self.destination],
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
             except FileNotFoundError as exc:
                 raise SSHError("the OpenSSH client (ssh) is not installed") from exc
-            while master.poll() is None and time.monotonic() < deadline \
-                    and not stop.is_set():
-                try:
-                    if subprocess.run(check, capture_output=True, timeout=30).returncode == 0:
-                        return master
-                except subprocess.TimeoutExpired:
-                    pass
-                except BaseException:
-                    master.kill()
-                    master.wait()
-                    raise
-                time.sleep(0.2)
+            try:
+                wait_for(lambda: connected(master), deadline - time.monotonic(),
+                         interval=0.2, cancel=stop, what=where)
+                return master
+            except _MasterEnded:
+                pass
+            except BaseException:
+                master.kill()
+                master.wait()
+                raise
             master.kill()
             master.wait()
-            if stop.is_set():
-                raise SSHError(f"ssh to root@{self.host}:{self.port}: given up", 255)
-            if time.monotonic() > deadline:
-                raise SSHError(f"ssh to root@{self.host}:{self.port}: no connection within "
-                               f"{timeout:.0f}s", 255)
-            stop.wait(1)
+            return None
+
+        try:
+            return wait_for(one_master, timeout, interval=1, cancel=stop, what=where)
+        except WaitCancelled:
+            raise SSHError(f"{where}: given up", 255) from None
+        except WaitTimeout:
+            raise SSHError(f"{where}: no connection within {timeout:.0f}s", 255) from None
 
     def write_python_wrapper(self, path: Path, python: str, cwd: str) -> Path:
         """A script that behaves like `python` for execnet's popen gateway: it runs

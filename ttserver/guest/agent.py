@@ -15,6 +15,8 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from ttclient.waiting import WaitTimeout, wait_for
+
 # Bytes per guest-file-write: larger messages (~200 KiB+ of base64) to the guest make the
 # agent channel stall under libvirt 9 / qemu-ga 7 (measured), so writes go in small chunks.
 WRITE_CHUNK = 96 * 1024
@@ -78,18 +80,20 @@ def exec_argv(dom: libvirt.virDomain, argv: list[str], *, timeout: float,
         args["input-data"] = base64.b64encode(stdin).decode()
     started = time.monotonic()
     pid = command(dom, "guest-exec", args)["pid"]
-    delay = 0.005  # most commands take milliseconds in the guest: poll fast, then back off
-    while True:
+
+    def exited() -> ExecResult | None:
         status = command(dom, "guest-exec-status", {"pid": pid})
-        elapsed = time.monotonic() - started
-        if status.get("exited"):
-            return ExecResult(status.get("exitcode", status.get("signal")),
-                              _decode(status.get("out-data")), _decode(status.get("err-data")),
-                              False, elapsed)
-        if elapsed > timeout:
-            return ExecResult(None, "", "", True, elapsed)
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.1)
+        if not status.get("exited"):
+            return None
+        return ExecResult(status.get("exitcode", status.get("signal")),
+                          _decode(status.get("out-data")), _decode(status.get("err-data")),
+                          False, time.monotonic() - started)
+
+    try:  # most commands take milliseconds in the guest: poll fast, then back off
+        return wait_for(exited, timeout, interval=0.005, backoff=1.5, max_interval=0.1,
+                        what=f"{argv[0]} in the guest")
+    except WaitTimeout:
+        return ExecResult(None, "", "", True, time.monotonic() - started)
 
 
 def run_shell(dom: libvirt.virDomain, cmd: str, timeout: float) -> ExecResult:

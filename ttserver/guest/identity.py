@@ -25,6 +25,8 @@ import uuid
 
 import libvirt
 
+from ttclient.waiting import WaitTimeout, wait_for
+
 from . import agent, sshexec
 
 HELPER_DIR = "/run/ttstack"
@@ -118,13 +120,12 @@ def start_helper(dom: libvirt.virDomain, arch: str) -> bool:
     agent.command(dom, "guest-exec", {
         "path": "/usr/bin/perl",
         "arg": ["-e", HELPER, HELPER_DIR, FIFO, ANSWER, str(SETTIMEOFDAY[arch])]})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        res = agent.exec_argv(dom, ["/usr/bin/test", "-p", FIFO], timeout=30)
-        if res.exit_code == 0:
-            return True
-        time.sleep(0.2)
-    return False
+    try:
+        return wait_for(lambda: True if agent.exec_argv(
+            dom, ["/usr/bin/test", "-p", FIFO], timeout=30).exit_code == 0 else None,
+            30, interval=0.2, what="the identity helper's FIFO")
+    except WaitTimeout:
+        return False
 
 
 def personalize(dom: libvirt.virDomain, hostname: str, keys: str) -> None:
@@ -153,19 +154,23 @@ def _ask_helper(dom: libvirt.virDomain, hostname: str, keys: str, machine_id: st
               keys.encode().hex(), machine_id.encode().hex(), seed, private.hex(),
               (public + "\n").encode().hex()]
     agent.write_file(dom, FIFO, (" ".join(fields) + "\n").encode(), mode="a")
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answered() -> bool | None:
         try:
             answer = agent.read_file(dom, ANSWER).decode(errors="replace").strip()
         except agent.AgentError:
-            answer = ""
-        if answer.startswith(nonce + " "):
-            if answer == f"{nonce} ok":
-                return
+            return None
+        if not answer.startswith(nonce + " "):
+            return None
+        if answer != f"{nonce} ok":
             raise IdentityError(f"guest set-up failed: {answer.split(' ', 1)[1]}")
-        if time.monotonic() > deadline:
-            raise IdentityError(f"guest set-up: no answer from the helper in {timeout:.0f}s")
-        time.sleep(HELPER_POLL)
+        return True
+
+    try:
+        wait_for(answered, timeout, interval=HELPER_POLL, what="guest set-up")
+    except WaitTimeout:
+        raise IdentityError(f"guest set-up: no answer from the helper in {timeout:.0f}s"
+                            ) from None
 
 
 def _script(dom: libvirt.virDomain, script: str, args: list[str], timeout: float) -> None:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttclient.waiting import wait_for
+
 from .agent import ExecResult, bounded, settle_timeout
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -77,16 +79,16 @@ def _once(t: Target, cmd: str, timeout: float, stdin: bytes | None) -> _Raw:
 def _with_retry(t: Target, cmd: str, timeout: float, stdin: bytes | None = None) -> _Raw:
     """Run once, retrying while sshd in a fresh VM is not listening yet."""
     started = time.monotonic()
-    while True:
+
+    def attempt() -> _Raw | None:
         res = _once(t, cmd, timeout - (time.monotonic() - started), stdin)
-        waited = time.monotonic() - started
-        if (res.exit_code == 255 and any(m in res.stderr.decode(errors="replace")
-                                         for m in NOT_YET_UP)
-                and waited < min(SSHD_GRACE, timeout - 1)):
-            time.sleep(1)
-            continue
-        res.seconds = waited
-        return res
+        res.seconds = waited = time.monotonic() - started
+        not_up = res.exit_code == 255 and any(m in res.stderr.decode(errors="replace")
+                                              for m in NOT_YET_UP)
+        return None if not_up and waited < min(SSHD_GRACE, timeout - 1) else res
+
+    # the attempt itself says when the grace is over: the timeout is only a backstop
+    return wait_for(attempt, timeout + SSHD_GRACE, interval=1, what="sshd answering")
 
 
 def run(t: Target, cmd: str, timeout: float) -> ExecResult:

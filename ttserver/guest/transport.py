@@ -8,10 +8,11 @@ path users take). Both raise GuestError with a message fit for users.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import libvirt
 import libvirt_qemu
+
+from ttclient.waiting import WaitTimeout, wait_for
 
 from ..config import ServerConfig
 from ..db import VMRow
@@ -101,14 +102,14 @@ class GuestIO:
             agent.command(dom, "guest-exec", {
                 "path": "/bin/sh",
                 "arg": ["-c", "sync; systemctl poweroff --no-block || poweroff -f"]})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.engine.is_running(vm.domain):
-                self.engine.destroy(vm.domain)  # transient: usually already gone
-                return True
-            time.sleep(0.5)
-        self.engine.destroy(vm.domain)
-        return False
+        try:
+            wait_for(lambda: None if self.engine.is_running(vm.domain) else True, timeout,
+                     what=f"VM {vm.domain} powering off")
+            clean = True
+        except WaitTimeout:
+            clean = False
+        self.engine.destroy(vm.domain)  # transient: usually already gone after a power-off
+        return clean
 
     def _monitor(self, vm: VMRow, command: str, ok: tuple[str, ...] = ()) -> None:
         """An HMP command; success is silence or one of the `ok` phrases."""

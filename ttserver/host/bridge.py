@@ -32,11 +32,12 @@ import signal
 import struct
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
+
+from ttclient.waiting import WaitTimeout, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +283,23 @@ table ip {self.table} {{
                                ) from exc
         finally:
             log_file.close()
-        deadline = time.monotonic() + DNSMASQ_START_TIMEOUT
-        while not self.pid_file.is_file():
-            if self._dnsmasq.poll() is not None or time.monotonic() > deadline:
-                tail = (self.state_dir / "dnsmasq.log").read_text(errors="replace")[-500:]
-                raise NetworkError(f"dnsmasq did not start: {tail}")
-            time.sleep(0.05)
+        dnsmasq = self._dnsmasq
+
+        def started() -> bool | None:
+            if self.pid_file.is_file():
+                return True
+            if dnsmasq.poll() is not None:
+                raise NetworkError(f"dnsmasq did not start: {self._dnsmasq_log()}")
+            return None
+
+        try:
+            wait_for(started, DNSMASQ_START_TIMEOUT, interval=0.05, what="dnsmasq starting")
+        except WaitTimeout:
+            raise NetworkError(f"dnsmasq did not start: {self._dnsmasq_log()}") from None
+
+    def _dnsmasq_log(self) -> str:
+        """The tail (500 characters) of dnsmasq's log."""
+        return (self.state_dir / "dnsmasq.log").read_text(errors="replace")[-500:]
 
     def _reload_dnsmasq(self) -> None:
         if self._dnsmasq and self._dnsmasq.poll() is None:
@@ -312,8 +324,7 @@ table ip {self.table} {{
         with contextlib.suppress(OSError):
             if "dnsmasq" in Path(f"/proc/{pid}/comm").read_text():
                 os.kill(pid, signal.SIGTERM)
-                for _ in range(100):
-                    if not Path(f"/proc/{pid}").exists():
-                        break
-                    time.sleep(0.05)
+                with contextlib.suppress(WaitTimeout):
+                    wait_for(lambda: None if Path(f"/proc/{pid}").exists() else True, 5,
+                             interval=0.05, what=f"dnsmasq {pid} ending")
         self.pid_file.unlink(missing_ok=True)

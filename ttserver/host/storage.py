@@ -19,14 +19,16 @@ stay frozen while clones run, which is exactly what a backing file is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Protocol
+
+from ttclient.waiting import WaitTimeout, wait_for
 
 CMD_TIMEOUT = 120
 BTRFS_MAGIC = "btrfs"
@@ -138,20 +140,23 @@ def remove_vm_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _destroy_zfs(dataset: str, attempts: int = 40) -> None:
-    """`zfs destroy -f`, retried for up to ~10 s: when a VM's QEMU has just ended, the
-    kernel drops its mount namespace's copy of the clone lazily, and until then ZFS says
-    "dataset is busy" (measured: the first attempt right after destroy fails, the second,
-    0.25 s later, succeeds)."""
-    for _ in range(attempts - 1):
+def _destroy_zfs(dataset: str, busy_for: float = 10.0) -> None:
+    """`zfs destroy -f`, retried for up to `busy_for` seconds: when a VM's QEMU has just
+    ended, the kernel drops its mount namespace's copy of the clone lazily, and until then
+    ZFS says "dataset is busy" (measured: the first attempt right after destroy fails, the
+    second, 0.25 s later, succeeds). StorageError with ZFS's message otherwise."""
+
+    def destroyed() -> bool | None:
         proc = subprocess.run(["zfs", "destroy", "-f", dataset], capture_output=True,
                               text=True, timeout=CMD_TIMEOUT)
         if proc.returncode == 0:
+            return True
+        return None if "busy" in proc.stderr else False
+
+    with contextlib.suppress(WaitTimeout):
+        if wait_for(destroyed, busy_for, interval=0.25, what=f"destroying {dataset}"):
             return
-        if "busy" not in proc.stderr:
-            break
-        time.sleep(0.25)
-    _run(["zfs", "destroy", "-f", dataset])
+    _run(["zfs", "destroy", "-f", dataset])  # the error, as ZFS words it
 
 
 def choose(requested: str, image_path: Path, state_path: Path) -> str:

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
+
 from .. import images, views
 from ..config import ServerConfig
 from ..db import EnvRow, StateDB, VMRow
@@ -96,23 +98,23 @@ class VMBooter:
         before the guest's DHCP client is done, and then SSH through the mapped port fails);
         BootTimeout with the console tail after `timeout` seconds."""
         want = lease(vm).addr
-        deadline = time.monotonic() + max(timeout, 5.0)
-        while True:
-            dom = self.engine.lookup(vm.domain)
+
+        def holds_address() -> bool | None:
             try:
-                nics = agent.command(dom, "guest-network-get-interfaces") or []
+                nics = agent.command(self.engine.lookup(vm.domain),
+                                     "guest-network-get-interfaces") or []
             except agent.AgentError:
                 nics = []
-            if any(a.get("ip-address") == want for nic in nics
-                   for a in nic.get("ip-addresses", [])):
-                return
-            if cancel.is_set():
-                raise BootTimeout(f"VM {vm.domain}: boot cancelled (ENV deleted)")
-            if time.monotonic() > deadline:
-                raise BootTimeout(f"VM {vm.domain} did not take its DHCP address {want} within"
-                                  f" {max(timeout, 5.0):.0f}s; console tail:\n"
-                                  f"{console_tail(console)}")
-            time.sleep(0.5)
+            return True if any(a.get("ip-address") == want for nic in nics
+                               for a in nic.get("ip-addresses", [])) else None
+
+        try:
+            wait_for(holds_address, max(timeout, 5.0), cancel=cancel,
+                     what=f"VM {vm.domain} taking its DHCP address {want}")
+        except WaitCancelled:
+            raise BootTimeout(f"VM {vm.domain}: boot cancelled (ENV deleted)") from None
+        except WaitTimeout as exc:
+            raise BootTimeout(f"{exc}; console tail:\n{console_tail(console)}") from None
 
     def unpublish(self, vm: VMRow) -> None:
         """Bridge mode: drop the VM's published ports and lease (errors are logged)."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
+from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
+
 from ..guest import agent
 
 MIGRATION_TIMEOUT = 120.0
@@ -122,17 +124,17 @@ class Engine:
         return out.get("return", {})
 
     def _migration(self, dom: libvirt.virDomain, what: str) -> None:
-        deadline = time.monotonic() + MIGRATION_TIMEOUT
-        while True:
+        def finished() -> bool | None:
             status = self.qmp(dom, "query-migrate")
             state = status.get("status")
-            if state == "completed":
-                return
             if state in ("failed", "cancelled"):
                 raise RuntimeError(f"{what} failed: {status.get('error-desc', state)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not finish in {MIGRATION_TIMEOUT:.0f}s")
-            time.sleep(0.02)
+            return True if state == "completed" else None
+
+        try:
+            wait_for(finished, MIGRATION_TIMEOUT, interval=0.02, what=what)
+        except WaitTimeout as exc:
+            raise RuntimeError(str(exc)) from None
 
     def _hand_file(self, dom: libvirt.virDomain, path: Path, flags: int, name: str) -> None:
         """Open `path` here and give QEMU the descriptor under `name` (QMP getfd)."""
@@ -222,16 +224,18 @@ class Engine:
         Fails early (with the console tail) if the domain dies, and at `timeout` at most.
         """
         started = time.monotonic()
-        while True:
+
+        def answers() -> float | None:
             dom = self.lookup(name)
             if dom is None or not dom.isActive():
                 raise BootTimeout(f"VM {name} stopped while booting; console tail:\n"
                                   f"{console_tail(console)}")
-            if agent.ping(dom, timeout=2):
-                return time.monotonic() - started
-            if cancelled():
-                raise BootTimeout(f"VM {name}: boot cancelled (ENV deleted)")
-            if time.monotonic() - started > timeout:
-                raise BootTimeout(f"VM {name}: guest agent did not answer within {timeout:.0f}s;"
-                                  f" console tail:\n{console_tail(console)}")
-            time.sleep(interval)
+            return time.monotonic() - started if agent.ping(dom, timeout=2) else None
+
+        try:
+            return wait_for(answers, timeout, interval=interval, cancel=cancelled,
+                            what=f"VM {name}: the guest agent answering")
+        except WaitCancelled:
+            raise BootTimeout(f"VM {name}: boot cancelled (ENV deleted)") from None
+        except WaitTimeout as exc:
+            raise BootTimeout(f"{exc}; console tail:\n{console_tail(console)}") from None
