@@ -48,7 +48,7 @@ def test_backoff_grows_the_interval_up_to_its_cap():
     with pytest.raises(WaitTimeout):
         wait_for(lambda: stamps.append(time.monotonic()), 1.0, interval=0.01, backoff=2,
                  max_interval=0.16, what="x")
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert gaps[0] < 0.1
     assert max(gaps) < 0.4  # capped (0.16 s + scheduling slack), never 0.01 * 2**n
     assert len(stamps) < 20

@@ -42,31 +42,61 @@ class EnvService(Protocol):
 
     title: str
     description: str
+
     @property
     def authenticate(self) -> Callable[[str | None], Any] | None:
         """Guard's check of the Authorization header before any body byte is read: the
         caller, or an exception with `status`; None: the daemon checks no token."""
 
-    def health(self) -> dict: ...
-    def whoami(self, caller: Any) -> dict: ...
-    def status(self, caller: Any) -> dict: ...
-    def list_envs(self, caller: Any, owner: str | None) -> list[dict]: ...
-    def create(self, caller: Any, body: EnvCreate) -> dict: ...
-    def get(self, caller: Any, name: str) -> dict: ...
-    def update(self, caller: Any, name: str, body: EnvUpdate) -> dict: ...
-    def stop(self, caller: Any, name: str) -> dict: ...
-    def start(self, caller: Any, name: str) -> dict: ...
-    def delete(self, caller: Any, name: str) -> dict: ...
-    def run(self, caller: Any, name: str, body: RunRequest) -> list[dict]: ...
+    def health(self) -> dict:
+        """GET /health (no token): a `Health` dict."""
+
+    def whoami(self, caller: Any) -> dict:
+        """GET /whoami: a `WhoAmI` dict for the caller."""
+
+    def status(self, caller: Any) -> dict:
+        """GET /status: a `Status` dict (its `images` answer GET /images too)."""
+
+    def list_envs(self, caller: Any, owner: str | None) -> list[dict]:
+        """GET /envs: `EnvInfo` dicts the caller may see, `owner`'s only when given."""
+
+    def create(self, caller: Any, body: EnvCreate) -> dict:
+        """POST /envs: the new ENV's `EnvInfo` (state `creating`; the VMs boot after the
+        answer). 404 for an OS prefix no image matches, 409 for a name in use or no room."""
+
+    def get(self, caller: Any, name: str) -> dict:
+        """GET /envs/{name}: its `EnvInfo`; 404 unknown, 403 another token's."""
+
+    def update(self, caller: Any, name: str, body: EnvUpdate) -> dict:
+        """PATCH /envs/{name}: new life time and ports; the `EnvInfo` after."""
+
+    def stop(self, caller: Any, name: str) -> dict:
+        """POST /envs/{name}/stop: power the VMs off (disks kept); the `EnvInfo` after."""
+
+    def start(self, caller: Any, name: str) -> dict:
+        """POST /envs/{name}/start: boot a stopped ENV again; the `EnvInfo` (starting)."""
+
+    def delete(self, caller: Any, name: str) -> dict:
+        """DELETE /envs/{name}: everything of the ENV gone when it returns; `Deleted`."""
+
+    def run(self, caller: Any, name: str, body: RunRequest) -> list[dict]:
+        """POST /envs/{name}/run: one `CommandResult` dict per selected running VM."""
 
     def may_push(self, caller: Any, name: str) -> None:
         """ServiceError unless the caller may write files into the ENV: asked before the
         upload's body is read."""
 
     def push(self, caller: Any, name: str, path: str, data: bytes, mode: int | None,
-             vms: list[str] | None, use_ssh: bool) -> list[dict]: ...
-    def pull(self, caller: Any, name: str, vm: str, path: str, use_ssh: bool) -> bytes: ...
-    def console(self, caller: Any, name: str, vm: str, lines: int) -> str: ...
+             vms: list[str] | None, use_ssh: bool) -> list[dict]:
+        """PUT /envs/{name}/files: `data` to the absolute guest `path` (octal `mode`) of
+        each selected VM; one `FileResult` dict per VM."""
+
+    def pull(self, caller: Any, name: str, vm: str, path: str, use_ssh: bool) -> bytes:
+        """GET /envs/{name}/vms/{vm}/files: the bytes of one VM's guest `path`."""
+
+    def console(self, caller: Any, name: str, vm: str, lines: int) -> str:
+        """GET /envs/{name}/vms/{vm}/console: the last `lines` lines of its serial
+        console."""
 
 
 def caller(request: Request, authorization: Annotated[str | None, Header(
