@@ -11,12 +11,14 @@ from ttclient.api import Client
 @dataclass(frozen=True)
 class RunResult:
     """A command's outcome in one VM: exit code (None when it did not finish), output as
-    text, and whether it timed out."""
+    text, whether it timed out, and its seconds — the fields of the API's CommandResult
+    (ttclient/contract.py) a test needs, with the same names."""
 
     exit_code: int | None
     stdout: str
     stderr: str
     timed_out: bool = False
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -66,7 +68,8 @@ class VM:
         r = reply["results"][0]
         if r.get("error"):
             raise RuntimeError(f"{self.name}: {r['error']}")
-        result = RunResult(r["exit_code"], r["stdout"], r["stderr"], r["timed_out"])
+        result = RunResult(r["exit_code"], r["stdout"], r["stderr"], r["timed_out"],
+                           r["seconds"])
         return result.check() if check else result
 
     def put(self, local: str | Path, remote: str, mode: int | None = None) -> None:

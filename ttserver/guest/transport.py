@@ -1,13 +1,14 @@
 """One VM's way in: commands, files, clean shutdown and live port forwards.
 
-Two transports, chosen per request: the guest agent (default: no network needed, answers
+Two Transports, chosen per request: the guest agent (default: no network needed, answers
 before sshd) and SSH with the server's key (`use_ssh`: faster for big files, and the same
-path users take). Both raise GuestError with a message fit for users.
+path users take). GuestIO raises GuestError with a message fit for users.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol
 
 import libvirt
 import libvirt_qemu
@@ -31,15 +32,25 @@ class GuestError(RuntimeError):
     pass
 
 
-class GuestIO:
-    """Commands, files, shutdown and port forwards for one VM at a time, through the guest
-    agent or SSH; every failure raises GuestError."""
+class Transport(Protocol):
+    """One way into a running guest. Each method raises agent.AgentError,
+    sshexec.CopyError or OSError on failure (GuestIO words them as GuestError)."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig,
-                 bridge: BridgeNetwork | None = None) -> None:
+    def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
+        """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds."""
+
+    def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
+        """`data` to the guest's absolute `path`, file mode `mode`."""
+
+    def read(self, vm: VMRow, path: str) -> bytes:
+        """The bytes of the guest's file at `path`."""
+
+
+class AgentTransport:
+    """The QEMU guest agent over virtio-serial: no network needed, up before sshd."""
+
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.cfg = cfg
-        self.bridge = bridge
 
     def _dom(self, vm: VMRow) -> libvirt.virDomain:
         dom = self.engine.lookup(vm.domain)
@@ -47,18 +58,66 @@ class GuestIO:
             raise GuestError("VM is not running")
         return dom
 
+    def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
+        return agent.run_shell(self._dom(vm), cmd, timeout)
+
+    def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
+        dom = self._dom(vm)
+        agent.write_file(dom, path, data)
+        # qemu-ga creates files 0666; give them what `cat >` over SSH would
+        res = agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
+        if res.exit_code != 0:
+            raise GuestError(f"chmod {mode:o} {path}: {res.stderr.strip()}")
+
+    def read(self, vm: VMRow, path: str) -> bytes:
+        return agent.read_file(self._dom(vm), path)
+
+
+class SSHTransport:
+    """OpenSSH with the server's key: the path users take, faster for big files. On the
+    bridge straight to the VM's address; otherwise through its forwarded SSH port."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+
     def _target(self, vm: VMRow) -> sshexec.Target:
-        if vm.net_addr:  # on the bridge: straight to the VM, no port mapping in between
+        if vm.net_addr:  # on the bridge: no port mapping in between
             return sshexec.Target(self.cfg.ssh_key, vm.net_addr, 22)
         return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port)
+
+    def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
+        return sshexec.run(self._target(vm), cmd, timeout)
+
+    def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
+        sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
+
+    def read(self, vm: VMRow, path: str) -> bytes:
+        return sshexec.read_file(self._target(vm), path, COPY_TIMEOUT)
+
+
+class GuestIO:
+    """Commands, files, shutdown and port forwards for one VM at a time, through a
+    Transport (the agent by default, SSH on request); every failure raises GuestError."""
+
+    def __init__(self, engine: Engine, cfg: ServerConfig,
+                 bridge: BridgeNetwork | None = None) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.bridge = bridge
+        self.agent: Transport = AgentTransport(engine)
+        self.ssh: Transport = SSHTransport(cfg)
+
+    def _dom(self, vm: VMRow) -> libvirt.virDomain:
+        dom = self.engine.lookup(vm.domain)
+        if dom is None:
+            raise GuestError("VM is not running")
+        return dom
 
     def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool) -> agent.ExecResult:
         """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds: an
         agent.ExecResult. GuestError when the VM cannot be reached or the agent fails."""
         try:
-            if use_ssh:
-                return sshexec.run(self._target(vm), cmd, timeout)
-            return agent.run_shell(self._dom(vm), cmd, timeout)
+            return (self.ssh if use_ssh else self.agent).run(vm, cmd, timeout)
         except (agent.AgentError, OSError) as exc:
             raise GuestError(str(exc)) from exc
 
@@ -68,24 +127,14 @@ class GuestIO:
         GuestError when it cannot be written."""
         mode = DEFAULT_FILE_MODE if mode is None else mode
         try:
-            if use_ssh:
-                sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
-                return
-            dom = self._dom(vm)
-            agent.write_file(dom, path, data)
-            # qemu-ga creates files 0666; give them what `cat >` over SSH would
-            res = agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
-            if res.exit_code != 0:
-                raise GuestError(f"chmod {mode:o} {path}: {res.stderr.strip()}")
+            (self.ssh if use_ssh else self.agent).write(vm, path, data, mode)
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
             raise GuestError(str(exc)) from exc
 
     def read(self, vm: VMRow, path: str, use_ssh: bool) -> bytes:
         """The bytes of the guest's file at `path`; GuestError when it cannot be read."""
         try:
-            if use_ssh:
-                return sshexec.read_file(self._target(vm), path, COPY_TIMEOUT)
-            return agent.read_file(self._dom(vm), path)
+            return (self.ssh if use_ssh else self.agent).read(vm, path)
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
             raise GuestError(str(exc)) from exc
 
