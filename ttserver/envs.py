@@ -31,6 +31,7 @@ from .guest.ops import GuestOps
 from .guest.transport import GuestError, GuestIO
 from .host import storage
 from .host.bridge import BridgeNetwork
+from .host.local_guard import LocalAddressGuard
 from .host.ports import PortPool
 from .states import (
     CREATING,
@@ -77,6 +78,10 @@ class EnvManager:
         self.bridge = (BridgeNetwork(cfg.cfgdb_path / "bridge", cfg.bridge_name,
                                      cfg.bridge_subnet, cfg.allow_outgoing)
                        if cfg.network == "bridge" else None)
+        # user networking with outgoing allowed: QEMU's connections to host-local
+        # addresses are refused (the guest's 10.0.2.2 is the host's loopback)
+        self.local_guard = (LocalAddressGuard(self.server_id, self.uid)
+                            if cfg.network == "user" and cfg.allow_outgoing else None)
         self.io = GuestIO(self.engine, cfg, self.bridge)
         self.guest = GuestOps(self.db, self.io)  # run, push, pull, console
         self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
@@ -110,7 +115,10 @@ class EnvManager:
     def start_background(self) -> None:
         """Clean up after a previous run (partial templates, unrecorded domains and
         directories, stale clones), set up the bridge, and start the accelerator probe and
-        the expiry reaper threads."""
+        the expiry reaper threads. The local-address guard comes first: VMs of an earlier
+        run may be running already."""
+        if self.local_guard:
+            self.local_guard.setup()
         self.templates.clean_partial()
         self.cleanup.reconcile()
         if self.bridge:
@@ -130,12 +138,16 @@ class EnvManager:
         self._reaper.start()
 
     def stop_background(self) -> None:
-        """Stop the reaper and the template builds, and close the bridge network."""
+        """Stop the reaper and the template builds, and close the bridge network (and the
+        local-address guard, unless VMs of this server still run)."""
         self._stop.set()
         accel_mod.stop_probes()
         self.templates.stop()
         if self.bridge:
             self.bridge.close()
+        if self.local_guard:
+            self.local_guard.close(sum(self.engine.is_running(vm.domain)
+                                       for vm in self.db.all_vms()))
 
     def _env_lock(self, name: str) -> threading.Lock:
         """Serialises the transitions of one ENV (stop, start, update, delete)."""
