@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +128,57 @@ def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
         assert res.returncode == 0, res.stderr
     finally:
         proxy.stop()
+
+
+def test_the_proxy_never_shows_cached_views_or_hides_a_refusal(secured, tmp_path: Path):
+    """Through ttproxy: another token's delete is the server's 403 (it was reported as a
+    503 'down'); while the ENV's only server is down, its last-seen view is shown to no
+    caller the proxy cannot vouch for (it was shown to callers without a token)."""
+    srv, tokens_file, tokens = secured
+    token_file = tmp_path / "proxy-token"
+    token_file.write_text(tokens["root"] + "\n")
+    other = ServerProcess(tmp_path / "state", port_range="47500-47999",
+                          extra=("--tokens-file", str(tokens_file))).start()
+    proxy = ProxyProcess([other.address], tmp_path, extra=("--token-file", str(token_file)))
+    proxy.start()
+    try:
+        resp = requests.post(proxy.url + "/envs", headers=h(tokens["alice"]),
+                             json={"name": "cached", "os_prefix": ["debian-12"]}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        resp = requests.delete(proxy.url + "/envs/cached", headers=h(tokens["bob"]),
+                               timeout=60)
+        assert resp.status_code == 403, resp.text
+        assert "belongs to another token" in resp.json()["detail"]
+        assert requests.get(proxy.url + "/envs/cached", headers=h(tokens["alice"]),
+                            timeout=10).status_code == 200  # seen (and cached) by the proxy
+
+        other.proc.send_signal(signal.SIGSTOP)  # the ENV's only server stops answering
+        try:
+            deadline = time.monotonic() + 30
+            while requests.get(proxy.url + "/status", timeout=30).json()["servers_up"]:
+                assert time.monotonic() < deadline, "the proxy did not notice"
+                time.sleep(0.5)
+            for headers in ({}, h(tokens["bob"]), h("not-a-token")):
+                resp = requests.get(proxy.url + "/envs/cached", headers=headers, timeout=30)
+                assert resp.status_code == 503, resp.text
+                assert "alice" not in resp.text and "vms" not in resp.text
+        finally:
+            other.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while requests.get(proxy.url + "/envs/cached", headers=h(tokens["alice"]),
+                           timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the server did not come back"
+            time.sleep(0.5)
+        resp = requests.delete(proxy.url + "/envs/cached", headers=h(tokens["alice"]),
+                               timeout=120)
+        assert resp.status_code == 200, resp.text
+    finally:
+        proxy.stop()
+        for env in requests.get(other.url + "/envs", headers=h(tokens["root"]),
+                                timeout=10).json():
+            requests.delete(f"{other.url}/envs/{env['name']}", headers=h(tokens["root"]),
+                            timeout=120)
+        other.stop(clean=False)
 
 
 def test_revoking_a_token_takes_effect_without_a_restart(secured):

@@ -90,3 +90,94 @@ def test_results_of_a_down_server_are_reported_not_dropped():
     out = merge_results(replies, down, "run")
     assert [(r["vm"], r["server"]) for r in out] == [("e-0", "a"), ("e-1", "b")]
     assert out[1]["exit_code"] is None and "server b is down" in out[1]["error"]
+
+
+class FakeServer:
+    """A ttserver stand-in on loopback for the proxy's rollback logic: it answers health,
+    status and listings, takes POST /envs but answers only after `post_delay` seconds (the
+    proxy gives up first), and answers DELETE with `delete_status`."""
+
+    def __init__(self, post_delay: float, delete_status: int) -> None:
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        fake = self
+        self.posted: list[str] = []
+        self.deleted: list[str] = []
+        status = {"cpu_total": 4, "cpu_used": 0, "mem_total_mib": 4096, "mem_used_mib": 0,
+                  "disk_total_mib": 40960, "disk_used_mib": 0, "env_count": 0,
+                  "images": [{"name": "qemu:debian-12:x86_64", "os": "debian-12",
+                              "arch": "x86_64", "engine": "qemu", "size_mib": 1024,
+                              "warnings": []}]}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def answer(self, code: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self.answer(200, {"ok": True, "server_id": "fake"})
+                elif self.path == "/status":
+                    self.answer(200, status)
+                elif self.path.startswith("/envs"):
+                    self.answer(200, [])
+                else:
+                    self.answer(404, {"detail": "no"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.posted.append(body["name"])
+                time.sleep(post_delay)  # admitted, but the answer comes too late
+                self.answer(202, {"name": body["name"]})
+
+            def do_DELETE(self) -> None:
+                fake.deleted.append(self.path)
+                self.answer(delete_status, {"deleted": self.path.rsplit("/", 1)[-1]}
+                            if delete_status == 200 else {"detail": "busy"})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("delete_status", [200, 503])
+def test_a_create_that_timed_out_is_rolled_back_or_said_to_be_left(delete_status):
+    """A server that does not answer a create in time may have made its part anyway: the
+    proxy deletes it there too, and says so when it cannot (it said 'nothing was left'
+    and never asked that server)."""
+    from ttproxy.proxy import Proxy, ProxyError
+    from ttproxy.servers import ServerSet
+
+    fake = FakeServer(post_delay=3, delete_status=delete_status)
+    servers = ServerSet([fake.address], request_timeout=1)
+    try:
+        servers.get(fake.address).up = True  # no health probing thread: marked by hand
+        proxy = Proxy(servers)
+        with pytest.raises(ProxyError) as info:
+            proxy.create({"name": "slow", "os_prefix": ["debian-12"], "vm_number": 1,
+                          "cpu_num": 1, "mem_size": 512, "disk_size": None})
+        assert fake.posted == ["slow"]
+        assert fake.deleted == ["/envs/slow"]
+        message = str(info.value)
+        if delete_status == 200:
+            assert "nothing was left on any server" in message, message
+        else:
+            assert "nothing was left" not in message, message
+            assert f"may be left on {fake.address}" in message, message
+            assert "tt env del slow" in message, message
+    finally:
+        fake.close()

@@ -75,7 +75,8 @@ class Proxy:
             if key not in self._clients:
                 if len(self._clients) > 1000:
                     self._clients.clear()
-                self._clients[key] = Client(f"http://{m.address}", token=token)
+                self._clients[key] = Client(f"http://{m.address}", timeout=m.client.timeout,
+                                            token=token)
             return self._clients[key]
 
     def whoami(self) -> dict:
@@ -196,10 +197,22 @@ class Proxy:
         if not parts:
             self._forget(name)
             raise ProxyError(f"ENV {name!r} does not exist", 404)
-        if all(p.view is None for p in parts):
+        if all(p.view is None for p in parts) or not self._may_see_cached(parts):
             raise ProxyError(f"ENV {name!r}: every server holding it is down: "
                              + "; ".join(f"{p.address}: {p.down_error}" for p in parts), 503)
         return parts
+
+    def _may_see_cached(self, parts: list[Part]) -> bool:
+        """Whether the caller may see an ENV of which no live server answered (only
+        last-seen views): a live holder's answer authorised the caller already; without
+        one, a server that is up must vouch for the caller (whoami) as its owner or an
+        admin. No server up: nobody can, and a cached view is nobody's to see."""
+        if any(not p.down_error for p in parts):
+            return True
+        who = self.whoami()
+        return bool(who.get("admin")) or any(
+            p.view is not None and p.view.get("owner") == who.get("name") and who.get("name")
+            for p in parts)
 
     def get(self, name: str) -> dict:
         """The merged ENV view (merge.merge_env: a ttserver's shape plus `servers`);
@@ -301,20 +314,33 @@ class Proxy:
                     created.append(address)
                     self._remember(name, address, view)
             except ProxyError as exc:
-                self._rollback(name, created)
+                # a server that did not answer (a timeout) may have made its part anyway
+                unsure = [address] if exc.status == 503 else []
+                left = self._rollback(name, created + unsure)
                 where = f" (on {address})" if len(plan.parts) > 1 else ""
+                if left:
+                    raise ProxyError(
+                        f"{exc}{where}; a part of ENV {name!r} may be left on "
+                        f"{', '.join(left)}: run 'tt env del {name}' when it answers again "
+                        "(it also goes when its life time ends)", exc.status) from exc
                 raise ProxyError(f"{exc}{where}; nothing was left on any server",
                                  exc.status) from exc
             log.info("ENV %s placed: %s", name, plan.parts)
         return self.get(name)
 
-    def _rollback(self, name: str, created: list[str]) -> None:
+    def _rollback(self, name: str, created: list[str]) -> list[str]:
+        """Delete the ENV's parts on `created`; the addresses where that failed (a part
+        not found is gone: fine). Their own reapers delete them at expiry at the latest."""
+        left = []
         for address in created:
             try:
                 self._c(self.servers.get(address)).delete_env(name)
-            except ApiError as exc:  # its own reaper deletes it at expiry at the latest
-                log.error("rollback of ENV %s on %s failed: %s", name, address, exc)
+            except ApiError as exc:
+                if exc.status != 404:
+                    log.error("rollback of ENV %s on %s failed: %s", name, address, exc)
+                    left.append(address)
         self._forget(name)
+        return left
 
     def delete(self, name: str) -> dict:
         """Delete the ENV on every server holding it: {"deleted": name}. ProxyError 404 for
@@ -323,6 +349,10 @@ class Proxy:
         members = [self.servers.get(a) for a in holders]
         results = self._fan([m for m in members if m.up],
                             lambda m: self._c(m).delete_env(name))
+        refused = [r for _, r in results
+                   if isinstance(r, ProxyError) and r.status not in (404, 503)]
+        if refused:  # the server's answer (403: another token's ENV), not a dead server
+            raise refused[0]
         deleted = [m.address for m, r in results
                    if not isinstance(r, ProxyError) or r.status == 404]
         for address in deleted:
