@@ -155,10 +155,10 @@ class ServerProcess(DaemonProcess):
         return requests.get(self.url + "/health", timeout=5).json()["server_id"]
 
 
-def wait_env(url: str, name: str, timeout: float = 600) -> dict:
+def wait_env(url: str, name: str, timeout: float = 600, headers: dict | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        env = requests.get(f"{url}/envs/{name}", timeout=10).json()
+        env = requests.get(f"{url}/envs/{name}", timeout=10, headers=headers).json()
         if env["state"] not in ("creating", "starting"):
             return env
         time.sleep(1)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ProxyProcess, ServerProcess, new_run_dir, tt
+from helpers import ProxyProcess, ServerProcess, new_run_dir, tt, wait_env
 
 pytestmark = pytest.mark.vm
 
@@ -107,6 +108,49 @@ def test_an_env_belongs_to_its_token(secured):
     assert whoami == {"name": "root", "admin": True, "auth": True}
     res = tt(srv.address, "env", "del", "mine", token=tokens["root"])
     assert res.returncode == 0, res.stderr
+
+
+def test_an_upload_lands_only_in_the_env_it_was_allowed_for(secured):
+    """Ownership is checked before the body (no unauthorised bytes are read) and again
+    once it is in: alice's slow upload to her ENV must not land in bob's ENV of the same
+    name, made while the body was on its way (it was written into bob's VM)."""
+    srv, _, tokens = secured
+    alice, bob, root = h(tokens["alice"]), h(tokens["bob"]), h(tokens["root"])
+    resp = requests.post(srv.url + "/envs", headers=alice, timeout=30,
+                         json={"name": "race", "os_prefix": ["debian-12"]})
+    assert resp.status_code == 202, resp.text
+    release = threading.Event()
+    answer: dict = {}
+
+    def body():
+        yield b"from alice\n"
+        release.wait(300)
+        yield b"the end\n"
+
+    def upload() -> None:
+        answer["resp"] = requests.put(srv.url + "/envs/race/files", headers=alice,
+                                      params={"path": "/root/alice.txt"}, data=body(),
+                                      timeout=600)
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    try:
+        time.sleep(2)  # the first chunk is in; the route waits for the rest
+        assert requests.delete(srv.url + "/envs/race", headers=root, timeout=120).ok
+        resp = requests.post(srv.url + "/envs", headers=bob, timeout=30,
+                             json={"name": "race", "os_prefix": ["debian-12"]})
+        assert resp.status_code == 202, resp.text
+        assert wait_env(srv.url, "race", headers=bob)["state"] == "running"
+    finally:
+        release.set()
+        sender.join(600)
+    resp = answer["resp"]
+    assert resp.status_code == 403, resp.text
+    assert "belongs to another token" in resp.json()["detail"]
+    check = requests.post(srv.url + "/envs/race/run", headers=bob, timeout=120,
+                          json={"cmd": "test -e /root/alice.txt && echo LANDED || echo absent"})
+    assert check.json()["results"][0]["stdout"].strip() == "absent", check.text
+    assert requests.delete(srv.url + "/envs/race", headers=bob, timeout=120).ok
 
 
 def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
