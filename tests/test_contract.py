@@ -189,3 +189,64 @@ def test_both_daemons_publish_answer_schemas():
     assert answer["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/EnvInfo"}
     assert "CommandResult" in spec["components"]["schemas"]
+
+
+def test_one_caller_cannot_take_every_thread_and_health_needs_none():
+    """A caller may have IN_FLIGHT long requests (run, files) in progress; more are 429 at
+    once. Two callers that fill the whole thread pool still leave /health answering (it
+    waited for a free thread: 40 long runs stalled the server)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    import uvicorn
+
+    from ttclient import routes
+
+    service = Service()
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def slow_run(caller, name, body):
+        entered.release()
+        release.wait(60)
+        return []
+
+    service.run = slow_run  # type: ignore[method-assign]
+    app = create_app(service, frozenset({"127.0.0.1"}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+
+    def run(token: str) -> int:
+        return requests.post(f"{url}/envs/e1/run", json={"cmd": "sleep"}, timeout=60,
+                             headers={"Authorization": f"Bearer {token}"}).status_code
+
+    limit = routes.IN_FLIGHT
+    try:
+        with ThreadPoolExecutor(max_workers=3 * limit) as pool:
+            first = [pool.submit(run, "alice") for _ in range(limit + 5)]
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in first) < 5:
+                assert time.monotonic() < deadline, "the extra requests were not refused"
+                time.sleep(0.05)
+            refused = [f.result() for f in first if f.done()]
+            assert refused == [429] * 5
+            second = [pool.submit(run, "bob") for _ in range(limit)]  # bob is not alice
+            for _ in range(2 * limit):
+                assert entered.acquire(timeout=30), "a run did not start"
+            started = time.monotonic()
+            health = requests.get(url + "/health", timeout=10)
+            assert health.status_code == 200 and time.monotonic() - started < 2
+            release.set()
+            assert sorted(f.result(60) for f in first + second) == (
+                [200] * (2 * limit) + [429] * 5)
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)

@@ -8,9 +8,13 @@ Needs FastAPI (the `[server]`/`[proxy]` extras); the `tt` client never imports i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Protocol
 
+import anyio
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -113,6 +117,53 @@ def caller(request: Request, authorization: Annotated[str | None, Header(
 # module level: FastAPI resolves the routes' annotations in the module's namespace
 Caller = Annotated[Any, Depends(caller)]
 
+# Worker threads for the routes (Starlette runs sync routes in anyio's pool, 40 by
+# default): one caller may hold at most IN_FLIGHT of them in the routes that can take long
+# (run, files), so others, and /health (async, no thread), always get through.
+THREADS = 64
+IN_FLIGHT = 32
+
+
+class InFlight:
+    """Counts one caller's requests in progress; ServiceError 429 past `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._count: dict[str, int] = {}
+
+    @staticmethod
+    def key(request: Request) -> str:
+        """The caller: its bearer token (hashed; never kept) or, without one, its
+        address."""
+        header = request.headers.get("authorization")
+        if header:
+            return "token:" + hashlib.sha256(header.encode()).hexdigest()
+        return "host:" + (request.client.host if request.client else "")
+
+    @contextlib.contextmanager
+    def hold(self, request: Request) -> Iterator[None]:
+        """One more request of this caller for the duration of the block."""
+        key = self.key(request)
+        with self._lock:
+            if self._count.get(key, 0) >= self.limit:
+                raise ServiceError(f"{self.limit} requests of this caller are in progress "
+                                   "already; wait for some to finish", 429)
+            self._count[key] = self._count.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count[key] -= 1
+                if not self._count[key]:
+                    del self._count[key]
+
+
+@contextlib.asynccontextmanager
+async def _more_threads(_app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+    yield
+
 
 def create_app(service: EnvService, names: frozenset[str],
                upload_limit: int = MAX_UPLOAD,
@@ -120,8 +171,10 @@ def create_app(service: EnvService, names: frozenset[str],
     """The FastAPI app serving the API over `service`, answering the Host `names` only
     (ttclient/guard.py), with `middleware` (ASGI app factories) inside the Guard;
     ServiceError becomes its HTTP status, ValueError a 400."""
-    app = FastAPI(title=service.title, version=__version__, description=service.description)
+    app = FastAPI(title=service.title, version=__version__, description=service.description,
+                  lifespan=_more_threads)
     app.state.service = service
+    busy = InFlight(IN_FLIGHT)
     for factory in middleware:
         app.add_middleware(factory)
     app.add_middleware(Guard, names=names, upload_limit=upload_limit,
@@ -140,7 +193,7 @@ def create_app(service: EnvService, names: frozenset[str],
 
     # answers leave out what they did not set (ttproxy fields on a ttserver)
     @app.get("/health", response_model=Health, response_model_exclude_unset=True)
-    def health() -> dict:
+    async def health() -> dict:  # in the event loop: no worker thread needed
         return service.health()
 
     @app.get("/whoami", response_model=WhoAmI, response_model_exclude_unset=True)
@@ -187,8 +240,9 @@ def create_app(service: EnvService, names: frozenset[str],
         return service.delete(who, name)
 
     @app.post("/envs/{name}/run", response_model=RunAnswer, response_model_exclude_unset=True)
-    def run(name: str, body: RunRequest, who: Caller) -> dict:
-        return {"env": name, "results": service.run(who, name, body)}
+    def run(name: str, body: RunRequest, who: Caller, request: Request) -> dict:
+        with busy.hold(request):
+            return {"env": name, "results": service.run(who, name, body)}
 
     @app.put("/envs/{name}/files", response_model=PushAnswer, response_model_exclude_unset=True)
     async def push(name: str, request: Request, who: Caller,
@@ -196,20 +250,22 @@ def create_app(service: EnvService, names: frozenset[str],
                    mode: Annotated[str | None, Query(pattern="^[0-7]{3,4}$")] = None,
                    vm: Annotated[list[str] | None, Query(description="only these VMs")] = None,
                    use_ssh: bool = False) -> dict:
-        await run_in_threadpool(service.may_push, who, name)  # before the body (Guard caps it)
-        data = await request.body()
-        results = await run_in_threadpool(service.push, who, name, path, data,
-                                          int(mode, 8) if mode else None, vm, use_ssh)
+        with busy.hold(request):
+            await run_in_threadpool(service.may_push, who, name)  # before the body
+            data = await request.body()  # (the Guard caps its size)
+            results = await run_in_threadpool(service.push, who, name, path, data,
+                                              int(mode, 8) if mode else None, vm, use_ssh)
         return {"env": name, "results": results}
 
     @app.get("/envs/{name}/vms/{vm}/files", response_class=Response, responses={
         200: {"content": {"application/octet-stream": {}},
               "description": "the file's bytes"}})
-    def pull(name: str, vm: str, who: Caller,
+    def pull(name: str, vm: str, who: Caller, request: Request,
              path: Annotated[str, Query(description="absolute path in the VM")],
              use_ssh: bool = False) -> Response:
-        return Response(service.pull(who, name, vm, path, use_ssh),
-                        media_type="application/octet-stream")
+        with busy.hold(request):
+            return Response(service.pull(who, name, vm, path, use_ssh),
+                            media_type="application/octet-stream")
 
     @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
     def console(name: str, vm: str, who: Caller,
