@@ -107,6 +107,20 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         bad = requests.put(srv.url + "/envs/e2e/files", params={"path": "relative"}, data=b"x")
         assert bad.status_code == 400
 
+        # the console log is rotated (by virtlogd, 2 MiB x 3 by default), not unbounded:
+        # a VM printing 5 MB on its console leaves at most ~8 MiB, and `console` still
+        # gives the latest lines
+        res = run(srv, "e2e", "head -c 5000000 /dev/zero | tr '\\0' x | fold -w 99 "
+                  "> /dev/ttyS0; echo last-line-$((6*7)) > /dev/ttyS0", timeout=300)
+        assert all(r["exit_code"] == 0 for r in res), res
+        logs = sorted((run_dir / "state" / "vms" / vms[0]["id"]).glob("console.log*"))
+        sizes = [p.stat().st_size for p in logs]
+        assert len(logs) >= 2 and max(sizes) <= 2 * 1024 * 1024 + 4096, (logs, sizes)
+        assert sum(sizes) <= 8 * 1024 * 1024 + 16384, sizes
+        tail = requests.get(f"{srv.url}/envs/e2e/vms/{vms[0]['id']}/console",
+                            params={"lines": 5}, timeout=30).text
+        assert "last-line-42" in tail, tail
+
         # crash and restart: the running ENV is adopted and still answers
         srv.stop(signal.SIGKILL)
         srv = ServerProcess(run_dir / "state", port=srv.port).start()

@@ -113,11 +113,13 @@ def render(spec: DomainSpec) -> str:
         _sub(seed, "source", file=spec.seed)
         _sub(seed, "target", dev="vdb", bus="virtio")
         _sub(seed, "readonly")
-    serial = _sub(devices, "serial", type="file")
-    _sub(serial, "source", path=spec.console_log)
+    # the console goes to its log through virtlogd, which rotates it (virtlogd.conf's
+    # max_size and max_backups: 2 MiB and 3 by default); a file chardev grew without limit
+    serial = _sub(devices, "serial", type="null")
+    _sub(serial, "log", file=spec.console_log, append="off")
     _sub(serial, "target", port="0")
-    console = _sub(devices, "console", type="file")
-    _sub(console, "source", path=spec.console_log)
+    console = _sub(devices, "console", type="null")
+    _sub(console, "log", file=spec.console_log, append="off")
     _sub(console, "target", type="serial", port="0")
     _sub(_sub(devices, "channel", type="unix"), "target", type="virtio",
          name="org.qemu.guest_agent.0")
