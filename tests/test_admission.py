@@ -12,7 +12,7 @@ from ttserver import admission, views
 from ttserver.admission import EnvRequest
 from ttserver.config import ServerConfig
 from ttserver.db import EnvRow
-from ttserver.errors import BadRequest, InsufficientResources
+from ttserver.errors import BadRequest, InsufficientResources, TTError
 
 CFG = ServerConfig(image_path=Path("/nonexistent"), cfgdb_path=Path("/state"),
                    cpu_total=4, mem_total_mib=4096, disk_total_mib=10240,
@@ -66,6 +66,40 @@ def test_check_room_names_what_is_short_with_numbers():
         admission.check_room(used, CFG, {"cpu": 2, "mem_mib": 512, "disk_mib": 1}, "for ENV 'x'")
     assert str(exc.value.args[0]) == ("not enough resources for ENV 'x' "
                                       "(cpu: need 2, free 1 of 4)")
+
+
+def test_token_limits_count_every_vm_on_record_of_that_owner(tmp_path):
+    """--token-max-vms/--token-max-mem: what a token's ENVs hold (stopped VMs too) plus
+    the new VMs; 403 naming the numbers and the flag."""
+    from dataclasses import replace
+
+    from ttserver.db import StateDB
+
+    db = StateDB(tmp_path / "db.sqlite")
+    chosen = [image("qemu:debian-12:x86_64", 1024)]
+    for name, owner, state in (("a1", "alice", "running"), ("a2", "alice", "stopped"),
+                               ("b1", "bob", "running")):
+        vms = admission.plan_vms(EnvRequest(name=name, os_prefix=["debian-12"]), chosen,
+                                 "s", tmp_path)  # type: ignore[arg-type]
+        with db.transaction() as c:
+            db.insert_env(c, EnvRow(name=name, owner=owner, state=state, created_at=0,
+                                    expires_at=1, spec={}))
+            for vm in vms:
+                db.insert_vm(c, replace(vm, state=state))
+    assert db.held_by("alice") == {"vms": 2, "mem_mib": 1024}
+    assert db.held_by("nobody") == {"vms": 0, "mem_mib": 0}
+    new = admission.plan_vms(EnvRequest(name="n", os_prefix=["debian-12"], vm_number=2),
+                             chosen, "s", tmp_path)  # type: ignore[arg-type]
+    admission.check_token_limits(db.held_by("alice"), CFG, new, "alice")  # no limits set
+    limited = replace(CFG, token_max_vms=3, token_max_mem_mib=4096)
+    with pytest.raises(TTError) as exc:
+        admission.check_token_limits(db.held_by("alice"), limited, new, "alice")
+    assert exc.value.status == 403
+    assert "2 VM(s) on record + 2 > --token-max-vms 3" in exc.value.message
+    admission.check_token_limits(db.held_by("bob"), limited, new, "bob")
+    with pytest.raises(TTError, match=r"512 MiB on record \+ 1024 MiB > --token-max-mem 1024"):
+        admission.check_token_limits(db.held_by("bob"), replace(limited, token_max_mem_mib=1024),
+                                     new, "bob")
 
 
 def test_views_name_vms_and_show_outgoing():

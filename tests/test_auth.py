@@ -153,6 +153,36 @@ def test_an_upload_lands_only_in_the_env_it_was_allowed_for(secured):
     assert requests.delete(srv.url + "/envs/race", headers=bob, timeout=120).ok
 
 
+def test_a_token_is_held_to_its_limits_and_an_admin_is_not(secured, tmp_path: Path):
+    """--token-max-vms: a second ENV over the limit is a 403 that says why, before
+    anything is made; admin tokens are not limited; deleting makes room again."""
+    _, tokens_file, tokens = secured
+    srv = ServerProcess(tmp_path / "state", port_range="47500-47999",
+                        extra=("--tokens-file", str(tokens_file), "--token-max-vms", "1",
+                               "--token-max-mem", "1G")).start()
+    alice, root = h(tokens["alice"]), h(tokens["root"])
+
+    def create(name: str, who: dict, **extra: object) -> requests.Response:
+        return requests.post(srv.url + "/envs", headers=who, timeout=30,
+                             json={"name": name, "os_prefix": ["debian-12"], **extra})
+
+    try:
+        assert create("one", alice).status_code == 202
+        resp = create("two", alice)
+        assert resp.status_code == 403, resp.text
+        assert "1 VM(s) on record + 1 > --token-max-vms 1" in resp.json()["detail"]
+        assert requests.get(srv.url + "/envs/two", headers=alice, timeout=10).status_code == 404
+        resp = create("big", h(tokens["bob"]), vm_number=1, mem_size="2G")
+        assert resp.status_code == 403 and "--token-max-mem 1024 MiB" in resp.text
+        assert create("admins", root, vm_number=2).status_code == 202  # not limited
+        assert requests.delete(srv.url + "/envs/one", headers=alice, timeout=120).ok
+        assert create("two", alice).status_code == 202
+    finally:
+        for env in requests.get(srv.url + "/envs", headers=root, timeout=10).json():
+            requests.delete(f"{srv.url}/envs/{env['name']}", headers=root, timeout=120)
+        srv.stop(clean=False)
+
+
 def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
     srv, _, tokens = secured
     token_file = tmp_path / "proxy-token"

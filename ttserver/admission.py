@@ -15,7 +15,7 @@ from pathlib import Path
 from . import images
 from .config import ServerConfig
 from .db import VMRow
-from .errors import BadRequest, InsufficientResources
+from .errors import BadRequest, InsufficientResources, TTError
 from .states import PENDING
 from .vm import domainxml
 
@@ -45,6 +45,8 @@ class EnvRequest:
     counts: dict[str, int] | None = None
     first_index: int = 0
     warm: bool | None = None  # None: the server's --warm-clones
+    # the owner's --token-max-* limits apply (a non-admin token's request)
+    limited: bool = False
 
 
 def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
@@ -115,6 +117,23 @@ def needs(vms: list[VMRow]) -> dict[str, int]:
     """What the VMs reserve: {"cpu": vCPUs, "mem_mib": MiB, "disk_mib": MiB}."""
     return {"cpu": sum(v.cpu for v in vms), "mem_mib": sum(v.mem_mib for v in vms),
             "disk_mib": sum(v.disk_mib for v in vms)}
+
+
+def check_token_limits(held: dict[str, int], cfg: ServerConfig, vms: list[VMRow],
+                       owner: str) -> None:
+    """TTError 403 (with numbers) unless `owner`'s token may add `vms` to what it `held`
+    (StateDB.held_by: {"vms", "mem_mib"}) within --token-max-vms and --token-max-mem."""
+    over = []
+    if cfg.token_max_vms is not None and held["vms"] + len(vms) > cfg.token_max_vms:
+        over.append(f"{held['vms']} VM(s) on record + {len(vms)} > --token-max-vms "
+                    f"{cfg.token_max_vms}")
+    mem = sum(v.mem_mib for v in vms)
+    if cfg.token_max_mem_mib is not None and held["mem_mib"] + mem > cfg.token_max_mem_mib:
+        over.append(f"{held['mem_mib']} MiB on record + {mem} MiB > --token-max-mem "
+                    f"{cfg.token_max_mem_mib} MiB")
+    if over:
+        raise TTError(f"token {owner!r} is over its limit ({'; '.join(over)}): delete an ENV"
+                      " first, or ask the operator", status=403)
 
 
 def check_room(used: dict[str, int], cfg: ServerConfig, need: dict[str, int],

@@ -102,6 +102,12 @@ def serve_parser() -> argparse.ArgumentParser:
                         f"{d['boot_timeout']:.0f})")
     p.add_argument("--life-time", type=int, default=d["default_life_time"],
                    help=f"default ENV lifetime in seconds (default {d['default_life_time']})")
+    p.add_argument("--token-max-vms", type=int, default=d["token_max_vms"], metavar="N",
+                   help="VMs one (non-admin) API token may have on record, stopped ones too"
+                        " (default: only the server's totals limit it)")
+    p.add_argument("--token-max-mem", type=_mib, default=d["token_max_mem_mib"],
+                   metavar="SIZE", help="guest memory one (non-admin) API token may have on"
+                                        " record, e.g. 8G (default: the server's totals)")
     p.add_argument("--allow-outgoing", action="store_true",
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
@@ -266,7 +272,8 @@ def serve_main(argv: list[str]) -> int:
                        warm_clones=args.warm_clones, network=args.network,
                        template_cache=(args.template_cache.resolve()
                                        if args.template_cache else None),
-                       storage=args.storage,
+                       storage=args.storage, token_max_vms=args.token_max_vms,
+                       token_max_mem_mib=args.token_max_mem,
                        bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"

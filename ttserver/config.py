@@ -39,6 +39,10 @@ class ServerConfig:
     network: str = "user"
     storage: str = "auto"  # auto | qcow2 | btrfs | zfs (see host/storage.py)
     bridge_name: str = "ttbr0"
+    # per-token limits (tokens that are not admin tokens; None: only the server's totals):
+    # VMs and memory (MiB) of every ENV on record that the token created, stopped included
+    token_max_vms: int | None = None
+    token_max_mem_mib: int | None = None
     bridge_subnet: str = "10.213.0.0/24"
 
     @property

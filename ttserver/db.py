@@ -266,6 +266,14 @@ class StateDB:
                 " COALESCE(SUM(disk_mib),0) disk FROM vms").fetchone()
         return {"cpu": row["cpu"], "mem_mib": row["mem"], "disk_mib": row["disk"]}
 
+    def held_by(self, owner: str) -> dict[str, int]:
+        """What the ENVs of `owner` hold, stopped VMs included: {"vms", "mem_mib"}."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT COUNT(*) vms, COALESCE(SUM(mem_mib),0) mem FROM vms"
+                " WHERE env IN (SELECT name FROM envs WHERE owner=?)", (owner,)).fetchone()
+        return {"vms": row["vms"], "mem_mib": row["mem"]}
+
     def used_ports(self) -> set[int]:
         """Every host port a VM on record holds: SSH ports and forwards."""
         ports: set[int] = set()

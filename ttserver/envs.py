@@ -206,6 +206,9 @@ class EnvManager:
         with self._admit_lock, self.db.transaction() as c:
             if self.db.get_env(req.name) is not None:
                 raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name")
+            if req.limited:
+                admission.check_token_limits(self.db.held_by(req.owner), self.cfg, vms,
+                                             req.owner)
             admission.check_room(self.db.used(), self.cfg, need, f"for ENV {req.name!r}")
             ports = self.ports.take(len(vms) * (1 + len(req.ports)), self.db.used_ports())
             for vm in vms:

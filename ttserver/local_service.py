@@ -59,7 +59,8 @@ class LocalService:
                          life_time=body.life_time, ports=body.ports, ssh_keys=body.ssh_keys,
                          owner=caller.name if self.tokens.enabled else body.owner,
                          deny_outgoing=body.deny_outgoing, counts=body.counts,
-                         warm=body.warm, first_index=body.first_index)
+                         warm=body.warm, first_index=body.first_index,
+                         limited=self.tokens.enabled and not caller.admin)
         return self.manager.create(req)
 
     def get(self, caller: Principal, name: str) -> dict:
