@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, leftovers, tt, wait_env
+from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, all_domains, leftovers, tt, wait_env
 
 pytestmark = pytest.mark.vm
 BASE = IMAGE_PATH / "qemu:debian-12:x86_64"
@@ -212,5 +212,35 @@ def test_image_path_is_rescanned_without_restart(run_dir: Path):
         shutil.copytree(BASE, images / "qemu:debian-12:x86_64", symlinks=True)
         names = [i["name"] for i in requests.get(srv.url + "/images", timeout=10).json()]
         assert names == ["qemu:debian-12:x86_64"]
+    finally:
+        srv.stop()
+
+
+def test_a_vm_that_cannot_be_destroyed_keeps_its_env_until_it_is(run_dir: Path):
+    """A delete whose VM could not be ended (libvirt failed) dropped the records anyway: a
+    running QEMU nobody accounted for. Now the ENV stays `deleting` with the error, the
+    VM keeps its resources and ports, and the reaper finishes the delete."""
+    srv = ServerProcess(run_dir / "state", env={"TTSERVER_FAIL_AT": "teardown.destroy:1"})
+    srv.start()
+    try:
+        sid = srv.server_id()
+        resp = requests.post(srv.url + "/envs", json={"name": "stuck",
+                                                      "os_prefix": ["debian-12"]}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        env = wait_env(srv.url, "stuck")
+        assert env["state"] == "running", env["error"]
+        vm = env["vms"][0]
+        resp = requests.delete(srv.url + "/envs/stuck", timeout=120)
+        assert resp.status_code == 503, resp.text
+        assert "could not be stopped" in resp.json()["detail"]
+        kept = requests.get(srv.url + "/envs/stuck", timeout=10).json()
+        assert kept["state"] == "deleting" and "injected failure" in kept["error"], kept
+        assert requests.get(srv.url + "/status", timeout=10).json()["cpu_used"] == 1
+        assert f"tt-{vm['id']}" in all_domains()
+        deadline = time.monotonic() + 60
+        while requests.get(srv.url + "/envs/stuck", timeout=10).status_code != 404:
+            assert time.monotonic() < deadline, "the reaper did not finish the delete"
+            time.sleep(1)
+        assert leftovers(sid, run_dir / "state", [vm["ssh_port"]]) == NOTHING_LEFT
     finally:
         srv.stop()

@@ -250,6 +250,11 @@ class StateDB:
             self._conn.execute(f"UPDATE {table} SET {cols} WHERE {key}=?",
                                (*fields.values(), value))
 
+    def delete_vm(self, vm_id: str) -> None:
+        """Delete one VM's row (its ENV stays)."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+
     def delete_env(self, name: str) -> None:
         """Delete the ENV's row and its VMs' rows, in one transaction."""
         with self.transaction() as c:

@@ -24,7 +24,7 @@ from . import admission, images, views
 from .admission import EnvRequest
 from .config import ServerConfig
 from .db import EnvRow, StateDB, VMRow
-from .errors import BadRequest, Conflict, NotFound
+from .errors import BadRequest, Conflict, NotFound, TTError
 from .failpoints import crash_point
 from .guest import sshexec
 from .guest.ops import GuestOps
@@ -280,7 +280,9 @@ class EnvManager:
     # --- delete ----------------------------------------------------------------------
     def delete(self, name: str) -> None:
         """Cancel any boot in flight, tear down every VM of the ENV and drop its records;
-        NotFound when there is no such ENV."""
+        NotFound when there is no such ENV. TTError 503 when a VM's QEMU could not be
+        ended: the ENV stays (`deleting`, with the error) holding that VM, and the reaper
+        tries again."""
         env = self._env(name)
         self.db.set_env(name, state=DELETING)
         crash_point("delete.marked")
@@ -290,7 +292,12 @@ class EnvManager:
             boot.cancel.set()
             boot.thread.join(timeout=60)
         with self._env_lock(name):  # a stop or update in flight finishes first
-            self.cleanup.teardown_vms(self.db.vms_of(env.name), keep_rows=False)
+            stuck = self.cleanup.teardown_vms(self.db.vms_of(env.name), keep_rows=False)
+            if stuck:
+                error = "; ".join(stuck)
+                self.db.set_env(name, state=DELETING, error=error)
+                raise TTError(f"ENV {name!r} is not deleted yet: {error}; the server tries "
+                              "again every few seconds", status=503)
             crash_point("delete.torn_down")
             self.db.delete_env(name)
         with self._env_locks_lock:
@@ -435,15 +442,20 @@ class EnvManager:
         return self.templates.collect([Path(vm.dir) for vm in self.db.all_vms()])
 
     def reap_expired(self) -> list[str]:
-        """Delete every ENV past its expiry; the names deleted."""
+        """Delete every ENV past its expiry, and retry deletes that could not end a VM;
+        the names deleted."""
         now = time.time()
         gone = []
         for env in self.db.list_envs():
-            if env.expires_at <= now and env.state != DELETING:
-                log.info("ENV %s expired; deleting", env.name)
+            stuck = env.state == DELETING and env.error and not self._env_lock(
+                env.name).locked()  # a delete that could not end a VM: try again
+            if (env.expires_at <= now and env.state != DELETING) or stuck:
+                log.info("ENV %s %s; deleting", env.name, "expired" if not stuck else
+                         "still holds a VM")
                 try:
                     self.delete(env.name)
                     gone.append(env.name)
-                except NotFound:
-                    pass
+                except (NotFound, TTError) as exc:
+                    if not isinstance(exc, NotFound):
+                        log.warning("%s", exc)
         return gone

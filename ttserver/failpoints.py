@@ -1,5 +1,8 @@
 """Named crash points, so tests can kill the server at the worst moments on purpose.
 
+`TTSERVER_FAIL_AT=teardown.destroy:2` makes the first two passes through a fail point raise
+(an operation that fails, the server lives on).
+
 `TTSERVER_CRASH_AT=create.admitted,delete.marked ttserver ...` makes the process exit at
 once (status 70, no clean-up, like `kill -9`) when it reaches one of those points. Unset —
 always, outside tests — a crash point is a set lookup. The points sit where a crash leaves
@@ -17,6 +20,31 @@ EXIT_STATUS = 70
 ARMED = frozenset(filter(None, os.environ.get("TTSERVER_CRASH_AT", "").split(",")))
 POINTS = ("create.admitted", "boot.overlay_created", "boot.domain_started",
           "boot.vm_running", "delete.marked", "delete.torn_down", "stop.marked")
+
+
+def _fail_counts() -> dict[str, int]:
+    counts = {}
+    for item in filter(None, os.environ.get("TTSERVER_FAIL_AT", "").split(",")):
+        name, _, times = item.partition(":")
+        counts[name] = int(times or 1)
+    return counts
+
+
+FAILING = _fail_counts()
+FAIL_POINTS = ("teardown.destroy",)
+
+
+class InjectedFailure(RuntimeError):
+    """A failure a test asked for ($TTSERVER_FAIL_AT)."""
+
+
+def fail_point(name: str) -> None:
+    """Raise InjectedFailure the first N times `name` is reached when it is armed as
+    `name:N` in $TTSERVER_FAIL_AT (N defaults to 1); otherwise nothing."""
+    if FAILING.get(name, 0) > 0:
+        FAILING[name] -= 1
+        log.warning("fail point %s reached: failing (TTSERVER_FAIL_AT)", name)
+        raise InjectedFailure(f"{name}: injected failure (TTSERVER_FAIL_AT)")
 
 
 def crash_point(name: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import views
 from ..config import ServerConfig
 from ..db import StateDB, VMRow
+from ..failpoints import fail_point
 from ..host import storage
 from ..states import (
     CREATING,
@@ -51,15 +52,23 @@ class Cleanup:
         self.db.set_env(name, state=ENV_STOPPED, error=error)
 
 
-    def teardown_vms(self, vms: list[VMRow], keep_rows: bool) -> None:
+    def teardown_vms(self, vms: list[VMRow], keep_rows: bool) -> list[str]:
         """Destroy each VM's domain, unpublish its ports, remove its directory (errors
         are logged, the rest goes on); `keep_rows`: keep the rows as `failed`, holding
-        nothing (no resources, no ports)."""
+        nothing (no resources, no ports). Returns why, for each VM whose QEMU could not
+        be ended: such a VM keeps its row, disk and ports (a QEMU nobody accounts for
+        must not exist), and the caller keeps its ENV to try again."""
+        stuck = []
         for vm in vms:
             try:
+                fail_point("teardown.destroy")
                 self.engine.destroy(vm.domain)
-            except Exception:  # keep going: the disk and the rest must still go
+            except Exception as exc:  # the other VMs still go
                 log.exception("destroying %s", vm.domain)
+                if self.engine.is_running(vm.domain):
+                    stuck.append(f"VM {views.hostname(vm.env, vm.idx)} could not be "
+                                 f"stopped: {exc}")
+                    continue
             self.booter.unpublish(vm)
             try:
                 storage.remove_vm_dir(Path(vm.dir))
@@ -69,6 +78,9 @@ class Cleanup:
                 # a failed VM holds nothing: zero its resources and ports in the record
                 self.db.set_vm(vm.id, cpu=0, mem_mib=0, disk_mib=0, ssh_port=0, forwards={},
                                state=FAILED)
+            else:
+                self.db.delete_vm(vm.id)
+        return stuck
 
 
     def reconcile(self) -> dict:
@@ -78,7 +90,10 @@ class Cleanup:
                                         "lost_vms": []}
         for env in self.db.list_envs():
             if env.state in (CREATING, DELETING) or env.expires_at <= time.time():
-                self.teardown_vms(env.vms, keep_rows=False)
+                stuck = self.teardown_vms(env.vms, keep_rows=False)
+                if stuck:  # kept as `deleting`: the reaper tries again
+                    self.db.set_env(env.name, state=DELETING, error="; ".join(stuck))
+                    continue
                 self.db.delete_env(env.name)
                 report["cleaned_envs"].append(env.name)
             elif env.state in (STOPPING, STARTING):  # interrupted: settle on `stopped`

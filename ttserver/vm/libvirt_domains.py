@@ -182,7 +182,8 @@ class Engine:
             return False
 
     def destroy(self, name: str) -> None:
-        """Kill the domain now (throwaway VMs need no clean shutdown); idempotent."""
+        """Kill the domain now (throwaway VMs need no clean shutdown); idempotent.
+        libvirt.libvirtError when it cannot be killed."""
         dom = self.lookup(name)
         if dom is None:
             return
