@@ -6,6 +6,7 @@ work; deny-outgoing ENVs reach nothing; the guard's nft table goes with the serv
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -117,16 +118,17 @@ def test_outgoing_allowed_but_never_to_the_host(outside: str):
 
 
 def test_allow_outgoing_refuses_a_server_that_cannot_guard(tmp_path):
-    """No nft on PATH: the server does not start (VMs would reach the host), and says why."""
+    """nft fails (here: an nft that refuses, first on PATH): the server does not start (VMs
+    would reach the host), and says why."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("virsh", "qemu-img", "ssh-keygen", "ip"):  # everything but nft
-        found = shutil.which(tool)
-        if found:
-            (bin_dir / tool).symlink_to(found)
+    fake = bin_dir / "nft"
+    fake.write_text("#!/bin/sh\necho 'Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
     before = guard_tables()
     srv = ServerProcess(tmp_path / "state", port_range="42500-42999",
-                        extra=("--allow-outgoing",), env={"PATH": str(bin_dir)})
+                        extra=("--allow-outgoing",),
+                        env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     with pytest.raises(RuntimeError, match="--allow-outgoing: cannot keep VMs off the host"):
         srv.start(timeout=60)
     assert guard_tables() == before

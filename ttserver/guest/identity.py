@@ -177,3 +177,25 @@ def _script(dom: libvirt.virDomain, script: str, args: list[str], timeout: float
     res = agent.exec_argv(dom, ["/bin/sh", "-c", script, "sh", *args], timeout=timeout)
     if res.exit_code != 0:
         raise IdentityError(f"guest set-up failed ({res.exit_code}): {res.stderr.strip()}")
+
+
+# systemd-networkd renews on request; then wait until the lease's default route is in
+RENEW_LEASE = """set -e
+for link in /sys/class/net/*; do
+    name=${link##*/}
+    [ "$name" = lo ] || networkctl renew "$name"
+done
+for i in $(seq 100); do
+    ip -4 route show default | grep -q . && exit 0
+    sleep 0.1
+done
+echo "no default route after renewing the DHCP lease" >&2
+exit 1
+"""
+
+
+def renew_lease(dom: libvirt.virDomain, timeout: float) -> None:
+    """A warm clone's network: renew its DHCP lease (QEMU user networking announces a
+    router only when not restricted, and the template was made restricted) and wait for
+    its default route; IdentityError when none comes."""
+    _script(dom, RENEW_LEASE, [], timeout)

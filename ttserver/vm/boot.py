@@ -256,3 +256,7 @@ class VMBooter:
         else:  # many clones at once share the host's CPUs: the boot timeout applies
             identity.take_new(dom, hostname, keys, helper=warm_template.helper,
                               timeout=self.cfg.boot_timeout)
+            if not self.bridge and not restricted(env, self.cfg.allow_outgoing):
+                # the template's DHCP lease came from a restricted network, which
+                # announces no router: a clone allowed out needs a lease with one
+                identity.renew_lease(dom, timeout=self.cfg.boot_timeout)
