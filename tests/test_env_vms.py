@@ -244,3 +244,27 @@ def test_a_vm_that_cannot_be_destroyed_keeps_its_env_until_it_is(run_dir: Path):
         assert leftovers(sid, run_dir / "state", [vm["ssh_port"]]) == NOTHING_LEFT
     finally:
         srv.stop()
+
+
+def test_the_servers_ssh_accepts_only_the_vms_pinned_host_key(run_dir: Path):
+    """`use_ssh` goes to whatever answers on the VM's forwarded port: the server pins the
+    guest's host key (read through the agent) and refuses any other (it accepted every
+    key: StrictHostKeyChecking=no)."""
+    srv = ServerProcess(run_dir / "state").start()
+    try:
+        resp = requests.post(srv.url + "/envs", json={"name": "pin",
+                                                      "os_prefix": ["debian-12"]}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        assert wait_env(srv.url, "pin")["state"] == "running"
+        res = run(srv, "pin", "hostname", use_ssh=True)
+        assert [r["stdout"] for r in res] == ["pin-0\n"], res
+        # someone else's sshd on the VM's port (here: the VM's own, with a new key)
+        res = run(srv, "pin", "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t "
+                  "ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh")
+        assert res[0]["exit_code"] == 0, res
+        res = run(srv, "pin", "echo reached", use_ssh=True)
+        assert res[0]["stdout"] == "" and res[0]["exit_code"] == 255, res
+        assert "Host key verification failed" in res[0]["stderr"], res
+        assert run(srv, "pin", "echo via-agent")[0]["stdout"] == "via-agent\n"
+    finally:
+        srv.stop()

@@ -18,8 +18,9 @@ from ttclient.waiting import wait_for
 
 from .agent import ExecResult, bounded, settle_timeout
 
-SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+SSH_OPTS = ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+# the guest's SSH host key, pinned (read through the guest agent, or made by the server)
+HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
 
 
 def ensure_key(key: Path) -> str:
@@ -57,15 +58,35 @@ class _Raw:
 
 @dataclass
 class Target:
-    """Where SSH goes: the private key, host and TCP port of a guest's sshd (as root)."""
+    """Where SSH goes: the private key, host and TCP port of a guest's sshd (as root),
+    and the known_hosts file that pins its ed25519 host key under the name `alias`."""
 
     key: Path
     host: str
     port: int
+    known_hosts: Path
+    alias: str
+
+    def options(self) -> list[str]:
+        """ssh's arguments up to the destination: only the pinned host key is accepted
+        (values double-quoted: ssh splits them at whitespace)."""
+        return ["ssh", "-i", str(self.key), *SSH_OPTS, "-o", "StrictHostKeyChecking=yes",
+                "-o", f'UserKnownHostsFile="{self.known_hosts}"',
+                "-o", f"HostKeyAlias={self.alias}", "-o", "HostKeyAlgorithms=ssh-ed25519",
+                "-p", str(self.port)]
+
+
+def known_hosts_line(alias: str, public_key: str) -> str:
+    """The known_hosts line pinning `public_key` (an OpenSSH public key line: type, key,
+    comment) under `alias`; ValueError for anything that is not one ed25519 key."""
+    parts = public_key.split()
+    if len(parts) < 2 or parts[0] != "ssh-ed25519" or "\n" in public_key.strip():
+        raise ValueError(f"not an ed25519 host key: {public_key[:80]!r}")
+    return f"{alias} {parts[0]} {parts[1]}\n"
 
 
 def _once(t: Target, cmd: str, timeout: float, stdin: bytes | None) -> _Raw:
-    argv = ["ssh", "-i", str(t.key), *SSH_OPTS, "-p", str(t.port), "root@" + t.host, cmd]
+    argv = [*t.options(), "root@" + t.host, cmd]
     started = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=max(timeout, 1.0),

@@ -8,6 +8,8 @@ path users take). GuestIO raises GuestError with a message fit for users.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Protocol
 
 import libvirt
@@ -75,15 +77,38 @@ class AgentTransport:
 
 class SSHTransport:
     """OpenSSH with the server's key: the path users take, faster for big files. On the
-    bridge straight to the VM's address; otherwise through its forwarded SSH port."""
+    bridge straight to the VM's address; otherwise through its forwarded SSH port.
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    The guest's host key is pinned: read once through the guest agent (a channel no one
+    on the network can sit in) into `known_hosts` in the VM's directory, and ssh accepts
+    no other key — whoever holds the forwarded port or the VM's address cannot pose as
+    the VM."""
+
+    def __init__(self, cfg: ServerConfig, agent_io: AgentTransport) -> None:
         self.cfg = cfg
+        self.agent_io = agent_io
+
+    def _known_hosts(self, vm: VMRow) -> Path:
+        known = Path(vm.dir) / "known_hosts"
+        if not known.is_file():
+            try:
+                line = sshexec.known_hosts_line(vm.id, self.agent_io.read(
+                    vm, sshexec.HOST_KEY).decode(errors="replace"))
+            except ValueError as exc:
+                raise GuestError(f"cannot pin the VM's SSH host key: {exc}") from exc
+            # the VM's directory is writable by QEMU's user: never follow a link there
+            fd = os.open(known, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(line)
+        return known
 
     def _target(self, vm: VMRow) -> sshexec.Target:
+        known = self._known_hosts(vm)
         if vm.net_addr:  # on the bridge: no port mapping in between
-            return sshexec.Target(self.cfg.ssh_key, vm.net_addr, 22)
-        return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port)
+            return sshexec.Target(self.cfg.ssh_key, vm.net_addr, 22, known, vm.id)
+        return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port, known,
+                              vm.id)
 
     def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
         return sshexec.run(self._target(vm), cmd, timeout)
@@ -104,8 +129,9 @@ class GuestIO:
         self.engine = engine
         self.cfg = cfg
         self.bridge = bridge
-        self.agent: Transport = AgentTransport(engine)
-        self.ssh: Transport = SSHTransport(cfg)
+        agent_io = AgentTransport(engine)
+        self.agent: Transport = agent_io
+        self.ssh: Transport = SSHTransport(cfg, agent_io)
 
     def _dom(self, vm: VMRow) -> libvirt.virDomain:
         dom = self.engine.lookup(vm.domain)
