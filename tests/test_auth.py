@@ -229,7 +229,7 @@ def test_the_proxy_never_shows_cached_views_or_hides_a_refusal(secured, tmp_path
         other.proc.send_signal(signal.SIGSTOP)  # the ENV's only server stops answering
         try:
             deadline = time.monotonic() + 30
-            while requests.get(proxy.url + "/status", timeout=30).json()["servers_up"]:
+            while requests.get(proxy.url + "/health", timeout=30).json()["servers_up"]:
                 assert time.monotonic() < deadline, "the proxy did not notice"
                 time.sleep(0.5)
             for headers in ({}, h(tokens["bob"]), h("not-a-token")):
