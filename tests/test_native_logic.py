@@ -232,3 +232,27 @@ def test_a_new_session_folder_records_its_owner():
         assert (work / workdir.OWNER_FILE).read_text().split()[0] == str(os.getpid())
     finally:
         shutil.rmtree(work)
+
+
+def test_requirements_resolved_recently_are_resolved_offline(tmp_path, monkeypatch):
+    """The index is asked once per RESOLVE_TTL for the same requirements (it cost ~9 s of
+    every session); after that uv resolves from its cache, and an offline miss goes
+    online again."""
+    monkeypatch.setenv("TTSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[list[str]] = []
+
+    def fake_tool(args, what, cwd, timeout=600, env=None):
+        calls.append(args)
+        if "--offline" in args and "miss" in Path(args[-1]).read_text():
+            raise wheelhouse.InstallError("not in the cache")
+        return "pytest==9.0.3\n"
+
+    monkeypatch.setattr(wheelhouse, "_tool", fake_tool)
+    guest = wheelhouse.GuestPython.from_probe(
+        '{"version": "3.11", "machine": "x86_64", "libc": "2.36", "abi": "cp311"}')
+    for specs in ([], [], ["miss"], ["miss"]):
+        res = wheelhouse.resolve(specs, guest, tmp_path, tmp_path)
+        assert res.pins == ["pytest==9.0.3"]
+    modes = ["--offline" in c for c in calls]
+    # first: online; again: offline; new specs: online; again: offline misses, then online
+    assert modes == [False, True, False, True, False], modes
