@@ -95,6 +95,14 @@ def run(h: Host, name: str, cmd: str) -> list[dict]:
     return resp.json()["results"]
 
 
+def guest_connect(family: str, host: str, port: int, source: str = "") -> str:
+    """A guest shell command: a TCP connect from the VM, printing what became of it."""
+    src = f"s.bind(('{source}', 0)); " if source else ""
+    return (f"python3 -c \"import socket; s = socket.socket(socket.{family}); "
+            f"s.settimeout(4); {src}s.connect(('{host}', {port})); print('connected')\" 2>&1 "
+            f"| tail -1")
+
+
 def ssh(h: Host, port: int, cmd: str) -> subprocess.CompletedProcess:
     """From this namespace, through the mapped port, with the server's key."""
     return subprocess.run(
@@ -171,6 +179,23 @@ def test_bridge_network_end_to_end(host: Host):
     assert run(h, "open", probe)[0]["stdout"] == "0\n"
     assert run(h, "closed", probe)[0]["stdout"] != "0\n"
     assert ssh_until_up(h, vm_closed["ssh_port"], "hostname") == "closed-0\n"
+
+    # anti-spoofing: the closed VM takes another address; what it sends from there is
+    # dropped at its bridge port (deny-outgoing only knew its leased address), and no
+    # IPv6 of a VM reaches the host (rogue router advertisements, neighbour spoofing).
+    # "timed out": dropped; "refused"/"connected": it got through
+    iface = "$(ls /sys/class/net | grep -v '^lo$' | head -1)"
+    spoof = "10.232.7.200"
+    assert run(h, "closed", f"ip addr add {spoof}/24 dev {iface}")[0]["exit_code"] == 0
+    out = run(h, "closed", guest_connect("AF_INET", INNER, h.srv.port, spoof))[0]["stdout"]
+    assert "timed out" in out, out
+    run(h, "closed", f"ip addr del {spoof}/24 dev {iface}")
+    host_ll = [a["local"] for a in json.loads(h.sh("ip", "-6", "-j", "addr", "show", "dev",
+                                                   h.bridge))[0]["addr_info"]
+               if a["local"].startswith("fe80")]
+    assert host_ll, "the bridge has no IPv6 link-local address"
+    out = run(h, "open", guest_connect("AF_INET6", f"{host_ll[0]}%{iface}", 9))[0]["stdout"]
+    assert "timed out" in out, out
 
     # a server restart removes and rebuilds bridge, rules and DHCP; VMs stay reachable
     h.srv.stop(clean=False)

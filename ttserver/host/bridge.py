@@ -11,6 +11,10 @@ What is created, and by whom:
 - one nftables table holding a MAP `host port → VM address . VM port`, a SET of mapped
   host ports and a SET of VMs whose ENV denies outgoing traffic. A VM's entries are added
   and removed in one nft transaction each; the rules never change;
+- one nftables table of the bridge family binding each TAP to its VM's MAC and leased
+  IPv4 address: a frame a VM sends with another source MAC or address (IPv4 or ARP), or
+  any IPv6 (no rogue router advertisements), is dropped at its bridge port, so
+  deny-outgoing cannot be bypassed by taking another address;
 - one dnsmasq answering DHCP only (no DNS), with a static lease per VM (MAC → address)
   from a hosts file it re-reads on SIGHUP.
 
@@ -128,8 +132,9 @@ class BridgeNetwork:
                 else:
                     log.warning("VM %s has no TAP %s any more", vm_id, lease.tap)
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        nft(self._ruleset())
-        nft("".join(self._add(lease.addr, ports, deny) for lease, ports, deny in live.values()))
+        nft(self._ruleset() + self._port_ruleset())
+        nft("".join(self._add(lease.addr, ports, deny) + self._bind(lease)
+                    for lease, ports, deny in live.values()))
         self.hosts_file.write_text("".join(f"{lease.mac},{lease.addr}\n"
                                            for lease, _, _ in live.values()))
         self._start_dnsmasq()
@@ -139,6 +144,7 @@ class BridgeNetwork:
         until the next start."""
         self._kill_dnsmasq()
         nft(f"delete table ip {self.table}\n", check=False)
+        nft(f"delete table bridge {self.table}\n", check=False)
         with IPRoute() as ipr:
             for idx in ipr.link_lookup(ifname=self.bridge):
                 ipr.link("del", index=idx)
@@ -185,6 +191,39 @@ table ip {self.table} {{
 }}
 """
 
+    def _port_ruleset(self) -> str:
+        """The bridge-family table: what may enter the bridge from a VM's TAP."""
+        return f"""table bridge {self.table}
+delete table bridge {self.table}
+table bridge {self.table} {{
+  set taps {{ type ifname; }}
+  set macs {{ type ifname . ether_addr; }}
+  set bound {{ type ifname . ether_addr . ipv4_addr; }}
+  chain from_vms {{
+    type filter hook prerouting priority filter; policy accept;
+    iifname != @taps accept
+    ether type ip iifname . ether saddr . ip saddr @bound accept
+    ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 iifname . ether saddr @macs accept
+    ether type arp iifname . ether saddr . arp saddr ip @bound accept
+    ether type arp arp saddr ip 0.0.0.0 iifname . ether saddr @macs accept
+    counter drop
+  }}
+}}
+"""
+
+    def _bind(self, lease: Lease) -> str:
+        """nft element additions binding the VM's TAP to its MAC and address."""
+        t, tap = self.table, f'"{lease.tap}"'
+        return (f"add element bridge {t} taps {{ {tap} }}\n"
+                f"add element bridge {t} macs {{ {tap} . {lease.mac} }}\n"
+                f"add element bridge {t} bound {{ {tap} . {lease.mac} . {lease.addr} }}\n")
+
+    def _unbind(self, lease: Lease) -> list[str]:
+        t, tap = self.table, f'"{lease.tap}"'
+        return [f"delete element bridge {t} bound {{ {tap} . {lease.mac} . {lease.addr} }}\n",
+                f"delete element bridge {t} macs {{ {tap} . {lease.mac} }}\n",
+                f"delete element bridge {t} taps {{ {tap} }}\n"]
+
     # --- per VM ----------------------------------------------------------------------
     def lease(self, vm_id: str, taken: set[str]) -> Lease:
         """A free address (not the gateway, not `taken`) for a new VM."""
@@ -215,7 +254,7 @@ table ip {self.table} {{
     def publish(self, lease: Lease, ports: dict[int, int], deny: bool) -> None:
         """Map the VM's host ports (host → guest) and give it its DHCP lease."""
         with self._lock:
-            nft(self._add(lease.addr, ports, deny))
+            nft(self._add(lease.addr, ports, deny) + self._bind(lease))
             self._set_dhcp_host(lease, present=True)
 
     def unpublish(self, lease: Lease, ports: dict[int, int]) -> None:
@@ -224,6 +263,8 @@ table ip {self.table} {{
             for host in ports:  # one transaction each: a missing element fails its own
                 nft(self._unmap(host), check=False)
             nft(f"delete element ip {self.table} denied {{ {lease.addr} }}\n", check=False)
+            for unbind in self._unbind(lease):
+                nft(unbind, check=False)
             self._set_dhcp_host(lease, present=False)
 
     def map_port(self, addr: str, host: int, guest: int) -> None:
