@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -266,3 +269,30 @@ class ProxyProcess(DaemonProcess):
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         self._signal(sig, 15)
+
+
+def ip(*argv: str) -> None:
+    """`ip ARGV...`, checked."""
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def veth_namespace(prefix: str, outer_addr: str, inner_addr: str) -> Iterator[tuple[str, str, str]]:
+    """A network namespace made for the test, linked to this one by a veth pair (/24
+    addresses `outer_addr` here, `inner_addr` there): yields (namespace, outer link, inner
+    link); both go afterwards."""
+    tag = secrets.token_hex(3)
+    ns, outer, inner = f"{prefix}{tag}", f"{prefix}o{tag}", f"{prefix}i{tag}"
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        ip("link", "set", inner, "netns", ns)
+        ip("addr", "add", f"{outer_addr}/24", "dev", outer)
+        ip("link", "set", outer, "up")
+        ip("-n", ns, "addr", "add", f"{inner_addr}/24", "dev", inner)
+        ip("-n", ns, "link", "set", inner, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, outer, inner
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=30)

@@ -7,7 +7,6 @@ reachable, and bridge, TAPs, rules and dnsmasq are gone afterwards."""
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ServerProcess, new_run_dir, wait_env
+from helpers import ServerProcess, new_run_dir, veth_namespace, wait_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
     not all(shutil.which(t) for t in ("nsenter", "nft", "dnsmasq", "ip")),
@@ -57,36 +56,20 @@ class Host:
         return found
 
 
-def ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def host() -> Iterator[Host]:
-    tag = secrets.token_hex(3)
-    ns, outer, inner, bridge = f"ttb{tag}", f"ttvo{tag}", f"ttvi{tag}", f"ttbr{tag}"
-    ip("netns", "add", ns)
-    run_dir = new_run_dir("bridge-")
-    srv = None
-    try:
-        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        ip("link", "set", inner, "netns", ns)
-        ip("addr", "add", f"{OUTER}/24", "dev", outer)
-        ip("link", "set", outer, "up")
-        ip("-n", ns, "addr", "add", f"{INNER}/24", "dev", inner)
-        ip("-n", ns, "link", "set", inner, "up")
-        ip("-n", ns, "link", "set", "lo", "up")
+    with veth_namespace("ttb", OUTER, INNER) as (ns, _, inner):
+        bridge = f"ttbr{ns[3:]}"
+        run_dir = new_run_dir("bridge-")
         srv = ServerProcess(run_dir / "state", host=INNER, port_range="43000-43499",
                             prefix=("nsenter", f"--net=/run/netns/{ns}"),
                             extra=("--network", "bridge", "--bridge-name", bridge,
                                    "--bridge-subnet", SUBNET))
-        yield Host(ns, bridge, inner, srv.start(), run_dir)
-    finally:
-        if srv:
+        try:
+            yield Host(ns, bridge, inner, srv.start(), run_dir)
+        finally:
             srv.stop()
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=30)
-        shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run(h: Host, name: str, cmd: str) -> list[dict]:

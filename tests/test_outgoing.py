@@ -7,7 +7,6 @@ work; deny-outgoing ENVs reach nothing; the guard's nft table goes with the serv
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from helpers import ServerProcess, new_run_dir, wait_env
+from helpers import ServerProcess, new_run_dir, veth_namespace, wait_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
     not all(shutil.which(t) for t in ("nsenter", "nft", "ip")),
@@ -26,38 +25,21 @@ LISTENER = 8080
 REPLY = "outside-listener"
 
 
-def ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def outside() -> Iterator[str]:
     """A namespace with a TCP listener that answers REPLY: the "outside" a VM with
     outgoing allowed may reach."""
-    tag = secrets.token_hex(3)
-    ns, outer, inner = f"tto{tag}", f"ttoo{tag}", f"ttoi{tag}"
-    ip("netns", "add", ns)
-    listener = None
-    try:
-        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        ip("link", "set", inner, "netns", ns)
-        ip("addr", "add", f"{OUTER}/24", "dev", outer)
-        ip("link", "set", outer, "up")
-        ip("-n", ns, "addr", "add", f"{INNER}/24", "dev", inner)
-        ip("-n", ns, "link", "set", inner, "up")
-        ip("-n", ns, "link", "set", "lo", "up")
+    with veth_namespace("tto", OUTER, INNER) as (ns, _, _):
         serve = (f"import socket\ns = socket.create_server(('0.0.0.0', {LISTENER}))\n"
                  f"while True:\n    c, _ = s.accept()\n    c.sendall(b'{REPLY}\\n')\n"
                  f"    c.close()\n")
         listener = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "python3", "-c",
                                      serve])
-        yield INNER
-    finally:
-        if listener:
+        try:
+            yield INNER
+        finally:
             listener.kill()
             listener.wait()
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=30)
 
 
 def guard_tables() -> list[str]:

@@ -12,11 +12,13 @@ It also batches what the worker writes. A worker sends six messages per test (lo
 three reports, logfinish, protocol-complete) and execnet writes each to its pipe at once;
 here that pipe is sshd's, and under TCG one write, wake-up and SSH packet cost about 3 ms:
 half the worker's time with trivial tests (sampled in a Debian 12 guest). The messages
-that only mark a test's start and end (`KEPT`) are kept and written with the next other
-message. Reports are written at once: a test that kills its worker then still has every
-earlier phase's report sent, which is how the controller names the phase it died in
-(xdist's crash attribution needs the earlier tests' results too), and a test that runs
-long has its start shown after at most `KEEP_AT_MOST` seconds.
+that only mark a test's start and end (`KEPT`), and the teardown report (no test code runs
+between it and the protocol-complete message), are kept and written with the next other
+message: three writes per test. The setup and call reports are written at once: a test
+that kills its worker then still has every earlier phase's report sent, which is how the
+controller names the phase it died in (xdist's crash attribution needs the earlier tests'
+results too), and a test that runs long has its start shown after at most
+`KEEP_AT_MOST` seconds.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ if __name__ == "__channelexec__":
             self._writes = _BatchedWrites(channel.gateway._io)  # type: ignore[attr-defined]
 
         def send(self, item: object) -> None:
-            if isinstance(item, tuple) and item and item[0] in KEPT:
+            if isinstance(item, tuple) and item and (item[0] in KEPT or (
+                    item[0] == "testreport" and item[1]["data"].get("when") == "teardown")):
                 with self._writes.keeping():
                     self._channel.send(item)  # type: ignore[attr-defined]
             else:
