@@ -186,7 +186,7 @@ table ip {self.table} {{
     type filter hook input priority filter; policy accept;
     ct state established,related accept
     iifname "{br}" udp dport 67 accept
-    iifname "{br}" ip saddr @denied drop
+    iifname "{br}" drop
   }}
 }}
 """
