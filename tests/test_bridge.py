@@ -7,6 +7,7 @@ reachable, and bridge, TAPs, rules and dnsmasq are gone afterwards."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -164,15 +165,24 @@ def test_bridge_network_end_to_end(host: Host):
             assert "timed out" in out, (name, addr, out)
     assert ssh_until_up(h, vm_closed["ssh_port"], "hostname") == "closed-0\n"
 
-    # anti-spoofing: the closed VM takes another address; what it sends from there is
-    # dropped at its bridge port (deny-outgoing only knew its leased address), and no
-    # IPv6 of a VM reaches the host (rogue router advertisements, neighbour spoofing).
-    # "timed out": dropped; "refused"/"connected": it got through
+    # anti-spoofing: what a VM sends from another address than its lease is dropped at
+    # its bridge port (here: UDP to the other VM, which hears the VM's own address), and
+    # no IPv6 of a VM reaches the host (rogue router advertisements, neighbour spoofing).
     iface = "$(ls /sys/class/net | grep -v '^lo$' | head -1)"
     spoof = "10.232.7.200"
     assert run(h, "closed", f"ip addr add {spoof}/24 dev {iface}")[0]["exit_code"] == 0
-    out = run(h, "closed", guest_connect("AF_INET", INNER, h.srv.port, spoof))[0]["stdout"]
-    assert "timed out" in out, out
+    listen = ("python3 -c \"import socket, itertools; s = socket.socket(socket.AF_INET, "
+              "socket.SOCK_DGRAM); s.bind(('0.0.0.0', 5555)); s.settimeout(15); "
+              "[print(s.recvfrom(64)[1][0], flush=True) for _ in itertools.count()]\" "
+              "> /tmp/heard 2>&1")
+    run(h, "open", f"(setsid sh -c {shlex.quote(listen)} &)")
+    for source in (vm_closed["address"], spoof):
+        send = (f"python3 -c \"import socket; s = socket.socket(socket.AF_INET, "
+                f"socket.SOCK_DGRAM); s.bind(('{source}', 0)); "
+                f"[s.sendto(b'x', ('{vm_open['address']}', 5555)) for _ in range(3)]\"")
+        run(h, "closed", f"{send}; sleep 3")
+    heard = run(h, "open", "sleep 2; cat /tmp/heard")[0]["stdout"]
+    assert vm_closed["address"] in heard and spoof not in heard, heard
     run(h, "closed", f"ip addr del {spoof}/24 dev {iface}")
     host_ll = [a["local"] for a in json.loads(h.sh("ip", "-6", "-j", "addr", "show", "dev",
                                                    h.bridge))[0]["addr_info"]
