@@ -106,6 +106,7 @@ class FakeServer:
         fake = self
         self.posted: list[str] = []
         self.deleted: list[str] = []
+        self.listed = 0
         status = {"cpu_total": 4, "cpu_used": 0, "mem_total_mib": 4096, "mem_used_mib": 0,
                   "disk_total_mib": 40960, "disk_used_mib": 0, "env_count": 0,
                   "images": [{"name": "qemu:debian-12:x86_64", "os": "debian-12",
@@ -130,6 +131,7 @@ class FakeServer:
                 elif self.path == "/status":
                     self.answer(200, status)
                 elif self.path.startswith("/envs"):
+                    fake.listed += 1
                     self.answer(200, [])
                 else:
                     self.answer(404, {"detail": "no"})
@@ -179,5 +181,25 @@ def test_a_create_that_timed_out_is_rolled_back_or_said_to_be_left(delete_status
             assert "nothing was left" not in message, message
             assert f"may be left on {fake.address}" in message, message
             assert "tt env del slow" in message, message
+    finally:
+        fake.close()
+
+
+def test_made_up_names_do_not_fan_out_to_every_server_each_time():
+    """An unknown name makes the proxy re-learn every server's ENVs with its own (admin)
+    token; 30 requests for made-up names made 30 rounds of that (one per server each)."""
+    from ttproxy.proxy import Proxy, ProxyError
+    from ttproxy.servers import ServerSet
+
+    fake = FakeServer(post_delay=0, delete_status=200)
+    servers = ServerSet([fake.address], request_timeout=5)
+    try:
+        servers.get(fake.address).up = True
+        proxy = Proxy(servers)
+        for i in range(30):
+            with pytest.raises(ProxyError) as info:
+                proxy.get(f"made-up-{i}")
+            assert info.value.status == 404
+        assert 1 <= fake.listed <= 3, fake.listed
     finally:
         fake.close()

@@ -38,6 +38,7 @@ T = TypeVar("T")
 CALLER_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller_token",
                                                                           default=None)
 PRINCIPAL_TTL = 30.0
+UNKNOWN_REFRESH = 1.0  # seconds between re-learning all servers for an unknown name
 
 
 def _refs(vm: dict) -> set[str]:
@@ -62,6 +63,8 @@ class Proxy:
         self._create_lock = threading.Lock()
         self._clients: dict[tuple[str, str | None], Client] = {}
         self._principals: dict[str | None, tuple[float, dict]] = {}
+        self._refresh_lock = threading.Lock()
+        self._refreshed_at = -UNKNOWN_REFRESH
         servers.on_up = self._learn_from
 
     def _post_part(self, m: Member, part: dict) -> dict:
@@ -147,11 +150,22 @@ class Proxy:
         for m in self.servers.up():
             self._learn_from(m.address)
 
+    def _refresh_unknown(self) -> None:
+        """refresh() for a name nobody knows, at most once per UNKNOWN_REFRESH seconds
+        (callers meanwhile wait for the one in flight): each is a `GET /envs` with the
+        proxy's own token on every server, and asking for made-up names must not turn
+        one request into one per server."""
+        with self._refresh_lock:
+            if time.monotonic() - self._refreshed_at < UNKNOWN_REFRESH:
+                return
+            self.refresh()
+            self._refreshed_at = time.monotonic()
+
     def _holders(self, name: str) -> list[str]:
         with self._lock:
             holders = list(self._where.get(name, []))
         if not holders:  # made directly on a server, or we have not looked yet
-            self.refresh()
+            self._refresh_unknown()
             with self._lock:
                 holders = list(self._where.get(name, []))
         if not holders:
