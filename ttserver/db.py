@@ -6,6 +6,7 @@ the thing is created, so a crash leaves a record to reconcile rather than an orp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import DiskFull
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -157,14 +160,26 @@ class StateDB:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A connection inside one `BEGIN IMMEDIATE` transaction, holding the DB's lock:
         committed on exit, rolled back (and the exception re-raised) on any error."""
-        with self._lock:
+        with self._lock, self._full_disk():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _full_disk(self) -> Iterator[None]:
+        """SQLite's "database or disk is full" as DiskFull (507) naming the directory."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):
+                raise
+            raise DiskFull(f"the server's disk is full ({self.path.parent}): nothing can be "
+                           "recorded; the operator must free space there") from exc
 
     def server_id(self) -> str:
         """A short id unique to this state DB; prefixes every libvirt domain we create, so

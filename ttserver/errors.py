@@ -44,3 +44,9 @@ class VMError(TTError):
     """A VM failed to boot or answer; the message includes its console tail."""
 
     status = 502
+
+
+class DiskFull(TTError):
+    """The server's state directory has no space left (507); the message names it."""
+
+    status = 507
