@@ -19,6 +19,8 @@ def test_runs_on_every_os(tt_vm):
 
 
 def test_fails_on_purpose(tt_vm):
+    # something on the VM's console, so its tail in the failure report has a known line
+    tt_vm.run("echo sample-console-line > /dev/console")
     assert tt_vm.run("echo $((6*7))").stdout == "41\n"
 
 
