@@ -54,17 +54,18 @@ class AgentTransport:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _dom(self, vm: VMRow) -> libvirt.virDomain:
+    def domain(self, vm: VMRow) -> libvirt.virDomain:
+        """The VM's running libvirt domain; GuestError when it is not running."""
         dom = self.engine.lookup(vm.domain)
         if dom is None:
             raise GuestError("VM is not running")
         return dom
 
     def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
-        return agent.run_shell(self._dom(vm), cmd, timeout)
+        return agent.run_shell(self.domain(vm), cmd, timeout)
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
-        dom = self._dom(vm)
+        dom = self.domain(vm)
         agent.write_file(dom, path, data)
         # qemu-ga creates files 0666; give them what `cat >` over SSH would
         res = agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
@@ -72,7 +73,7 @@ class AgentTransport:
             raise GuestError(f"chmod {mode:o} {path}: {res.stderr.strip()}")
 
     def read(self, vm: VMRow, path: str) -> bytes:
-        return agent.read_file(self._dom(vm), path)
+        return agent.read_file(self.domain(vm), path)
 
 
 class SSHTransport:
@@ -129,15 +130,9 @@ class GuestIO:
         self.engine = engine
         self.cfg = cfg
         self.bridge = bridge
-        agent_io = AgentTransport(engine)
-        self.agent: Transport = agent_io
-        self.ssh: Transport = SSHTransport(cfg, agent_io)
-
-    def _dom(self, vm: VMRow) -> libvirt.virDomain:
-        dom = self.engine.lookup(vm.domain)
-        if dom is None:
-            raise GuestError("VM is not running")
-        return dom
+        self._agent_io = AgentTransport(engine)
+        self.agent: Transport = self._agent_io
+        self.ssh: Transport = SSHTransport(cfg, self._agent_io)
 
     def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool) -> agent.ExecResult:
         """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds: an
@@ -190,7 +185,8 @@ class GuestIO:
         """An HMP command; success is silence or one of the `ok` phrases."""
         try:
             out = libvirt_qemu.qemuMonitorCommand(
-                self._dom(vm), command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+                self._agent_io.domain(vm), command,
+                libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
         except libvirt.libvirtError as exc:
             raise GuestError(f"{command}: {exc.get_error_message()}") from exc
         if out.strip() and not any(phrase in out for phrase in ok):
