@@ -23,6 +23,23 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(
 OUTER, INNER = "10.233.7.1", "10.233.7.2"  # veth ends: this namespace / the test's one
 LISTENER = 8080
 REPLY = "outside-listener"
+# reads the request before answering: closing a socket with unread data sends a RST,
+# which can reach the guest before the answer (a flaky FAILED)
+SERVE = """
+import socket, sys
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+while True:
+    conn, _ = server.accept()
+    conn.settimeout(10)
+    got = b""
+    try:
+        while b"\\r\\n\\r\\n" not in got and (chunk := conn.recv(4096)):
+            got += chunk
+        conn.sendall(sys.argv[2].encode() + b"\\n")
+    except OSError:
+        pass
+    conn.close()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +47,8 @@ def outside() -> Iterator[str]:
     """A namespace with a TCP listener that answers REPLY: the "outside" a VM with
     outgoing allowed may reach."""
     with veth_namespace("tto", OUTER, INNER) as (ns, _, _):
-        serve = (f"import socket\ns = socket.create_server(('0.0.0.0', {LISTENER}))\n"
-                 f"while True:\n    c, _ = s.accept()\n    c.sendall(b'{REPLY}\\n')\n"
-                 f"    c.close()\n")
         listener = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "python3", "-c",
-                                     serve])
+                                     SERVE, str(LISTENER), REPLY])
         try:
             yield INNER
         finally:
