@@ -96,6 +96,14 @@ def failure_texts(junit: Path) -> dict[str, str]:
             for f in case if f.tag == "failure"}
 
 
+def properties(junit: Path, prefix: str) -> dict[str, dict[str, str]]:
+    """Test name -> its JUnit properties, for the tests whose name starts with `prefix`."""
+    return {case.get("name", ""): {p.get("name", ""): p.get("value", "")
+                                   for p in case.iter("property")}
+            for case in ET.parse(junit).getroot().iter("testcase")
+            if case.get("name", "").startswith(prefix)}
+
+
 def outcomes(junit: Path) -> dict[str, str]:
     """nodeid-like 'classname::name' -> passed/failed/skipped/error."""
     found = {}
@@ -114,7 +122,7 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     host = pytest_in(project, None, f"--junitxml={tmp_path / 'host.xml'}")
     assert host.returncode == 1, host.stdout + host.stderr
     on_host = outcomes(tmp_path / "host.xml")
-    assert len(on_host) == 17, on_host
+    assert len(on_host) == 18, on_host
 
     listed = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-q",
                        "--collect-only")
@@ -141,6 +149,9 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     assert "console tail of pytest-" in out
     assert "making 2 venv(s) in the guests" in out
     assert len(list(native_server.cache.glob("native-venvs/*.tar.gz"))) == 2
+    props = properties(tmp_path / "native.xml", "test_record_property")
+    assert props == {tag("test_record_property", os_id): {
+        "os": os_id.split(":")[0].split("-")[1], "raw": str(b"\x00bytes")} for os_id in OSES}
     ran_ids = {m.group(2) for m in RESULT.finditer(proc.stdout)}
     assert ran_ids == collected, "--collect-only must list exactly the ids a run reports"
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
@@ -248,7 +259,8 @@ def test_a_vm_that_dies_fails_its_items_and_the_other_os_goes_on(native_server, 
     # each failure names what happened, with the console tail (read from the JUnit file:
     # the terminal's short summary repeats messages or not depending on its width)
     texts = failure_texts(tmp_path / "death.xml")
-    assert "died during its call: the VM pytest-" in texts[f"test_kills_the_vm_on_debian_12{d12}"]
+    assert ("died while it ran (in which phase is not known: the VM is gone): the VM pytest-"
+            in texts[f"test_kills_the_vm_on_debian_12{d12}"])
     for name in (f"test_after_1{d12}", f"test_after_2{d12}"):
         assert "not run: its VM pytest-" in texts[name], texts
     assert all("reboot: Power down" in text for text in texts.values()), texts

@@ -14,7 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_ttstack.native import project, wheelhouse, workdir
-from pytest_ttstack.native.controller import NativeSession, host_only_plugins
+from pytest_ttstack.native.controller import (
+    NativeSession,
+    host_only_plugins,
+    phase_after,
+    unbatching,
+)
 from pytest_ttstack.native.ids import tag, untag
 from pytest_ttstack.native.provision import Provisioner
 from pytest_ttstack.session import TTSetupError
@@ -256,3 +261,35 @@ def test_requirements_resolved_recently_are_resolved_offline(tmp_path, monkeypat
     modes = ["--offline" in c for c in calls]
     # first: online; again: offline; new specs: online; again: offline misses, then online
     assert modes == [False, True, False, True, False], modes
+
+
+@pytest.mark.parametrize(("ledger", "phase"), [
+    ("t.py::test_a[debian-12:x86_64]\tlogstart", "setup"),
+    ("t.py::test_a[debian-12:x86_64]\tsetup", "call"),
+    ("t.py::test_a[debian-12:x86_64]\tcall", "teardown"),
+    ("t.py::test_before[debian-12:x86_64]\truntest_protocol_complete", "setup"),
+    ("", "setup"),  # the worker died before its first event
+])
+def test_the_phase_of_a_crash_comes_from_the_workers_ledger(ledger, phase):
+    assert phase_after("t.py::test_a[debian-12:x86_64]", ledger) == phase
+
+
+def test_a_batch_of_worker_events_is_handed_on_in_order():
+    """remote.py sends one test's events as one JSON message; the controller's receiver
+    gets them one by one, as xdist sent them (location a tuple again); anything else
+    passes unchanged; an unreadable batch is an xdist internal error, not a lost test."""
+    got: list = []
+    receive = unbatching(got.append)
+    events = [("logstart", {"nodeid": "t.py::a", "location": ("t.py", 3, "a")}),
+              ("testreport", {"data": {"nodeid": "t.py::a", "when": "call",
+                                       "location": ("t.py", 3, "a"),
+                                       "longrepr": ("t.py", 4, "Skipped: no"),
+                                       "sections": [("Captured stdout call", "hi\n")]}}),
+              ("runtest_protocol_complete", {"item_index": 0, "duration": 0.1})]
+    receive(("tt_events", {"json": json.dumps(events)}))
+    receive(("workerfinished", {"workeroutput": {}}))
+    assert got == [*events, ("workerfinished", {"workeroutput": {}})]
+    got.clear()
+    receive(("tt_events", {"json": "[not json"}))
+    assert [name for name, _ in got] == ["internal_error"]
+    assert "unreadable" in got[0][1]["formatted_error"]

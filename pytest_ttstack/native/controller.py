@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +34,7 @@ from ttclient.api import ApiError
 from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
 from . import ids, remote, wheelhouse, workdir
-from .project import GUEST_SITE, PathMap
+from .project import GUEST_ROOT, GUEST_SITE, PathMap
 from .provision import Provisioner, Worker
 from .ssh import make_key
 
@@ -157,7 +159,6 @@ class NativeSession:
         self.workers: dict[str, Worker] = {}  # by the spec's python (the quoted wrapper)
         self.os_ids: list[str] = []
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
-        self._last_phase: dict[str, tuple[str, str]] = {}  # gateway id -> (nodeid, when)
         self.dead_vms: dict[str, str] = {}  # VM id -> console tail, for VMs that died
         self._crashed: dict[str, str] = {}  # gateway id -> the item its worker died in
         self.env: SessionEnv | None = None
@@ -254,7 +255,9 @@ class NativeSession:
         worker = self.worker_of(node)
         args, run_nothing = self.worker_args(worker.os_id)
         node.workerinput.update(tt_os_id=worker.os_id, tt_vm=worker.vm["name"],
-                                tt_args=args, tt_run_nothing=run_nothing, tt_site=GUEST_SITE)
+                                tt_args=args, tt_run_nothing=run_nothing, tt_site=GUEST_SITE,
+                                tt_ledger=ledger_path(node.gateway.id))
+        node.process_from_remote = unbatching(node.process_from_remote)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_xdist_getremotemodule(self) -> ModuleType:
@@ -310,16 +313,19 @@ class NativeSession:
         hook.pytest_runtest_logreport(report=report)
         hook.pytest_runtest_logfinish(nodeid=nodeid, location=report.location)
 
-    def _vm_died(self, worker: Worker) -> bool:
-        """True when the worker's VM no longer runs a command (not just its process)."""
+    def _ledger(self, worker: Worker, gateway_id: str) -> str | None:
+        """The worker's ledger (see remote.py): its last event's "nodeid\twhen" line, or
+        None when its VM no longer runs commands (it died)."""
         assert self.env is not None
         try:
-            reply = self.env.client.run(self.env.name, "true", vms=[worker.vm["id"]],
-                                        timeout=20)
+            reply = self.env.client.run(self.env.name, f"cat {ledger_path(gateway_id)}",
+                                        vms=[worker.vm["id"]], timeout=20)
             result = reply["results"][0]
-            return bool(result.get("error")) or result.get("exit_code") != 0
         except (ApiError, KeyError, IndexError):
-            return True
+            return None
+        if result.get("error") or result.get("exit_code") not in (0, 1):  # 1: no ledger yet
+            return None
+        return str(result.get("stdout", "")).partition("\n")[0]
 
     def _count(self, total: int) -> None:
         """xdist sets `testscollected` to the last worker's count; one OS's is not the
@@ -327,41 +333,88 @@ class NativeSession:
         if self.session is not None:
             self.session.testscollected = total
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Remember each worker's last test and phase, to name the phase of a crash."""
-        node = getattr(report, "node", None)
-        if node is not None:
-            self._last_phase[node.gateway.id] = (report.nodeid, report.when)
-
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
                                sched: Any) -> None:
-        """Turn a dead worker's report into one naming the test, its phase, the OS, the VM
-        and the VM's console tail."""
+        """Turn a dead worker's report into one naming the test, its phase (from the
+        worker's ledger in the VM), the OS, the VM and the VM's console tail."""
         node = report.node
         worker = self.worker_of(node)
         self._crashed[node.gateway.id] = crashitem
-        last_id, last_when = self._last_phase.get(node.gateway.id, ("", ""))
-        phase = "setup"
-        if last_id == crashitem and last_when in PHASES[:2]:
-            phase = PHASES[PHASES.index(last_when) + 1]
         tail = "(console tail unavailable)"
         with contextlib.suppress(Exception):
             assert self.env is not None
             tail = self.env.client.console(self.env.name, worker.vm["id"], 30)
-        if self._vm_died(worker):
+        ledger = self._ledger(worker, node.gateway.id)
+        if ledger is None:
             self.dead_vms[worker.vm["id"]] = tail
+            phase = "call"
+            died = "died while it ran (in which phase is not known: the VM is gone)"
             what = (f"the VM {worker.vm['name']} ({worker.os_id}) died (it no longer runs "
                     "commands): the test powered it off, or its kernel crashed; the items "
                     "it had not run yet are reported failed")
         else:
+            phase = phase_after(crashitem, ledger)
+            died = f"died during its {phase}"
             what = (f"the test's worker process died on {worker.vm['name']} "
                     f"({worker.os_id}) — the test killed its process, or the VM ran out of "
                     "memory; xdist starts a new worker on the same VM for the rest of the "
                     "suite")
         report.when = phase  # type: ignore[assignment]
         report.location = (crashitem.split("::")[0], None, crashitem.split("::", 1)[-1])
-        report.longrepr = (f"{crashitem}: died during its {phase}: {what}\n"
+        report.longrepr = (f"{crashitem}: {died}: {what}\n"
                            f"---- console tail of {worker.vm['name']} ----\n{tail}")
+
+
+def ledger_path(gateway_id: str) -> str:
+    """The guest file where worker `gateway_id` notes its last event (see remote.py)."""
+    return f"{GUEST_ROOT}/ledger-{gateway_id}"
+
+
+def phase_after(crashitem: str, ledger: str) -> str:
+    """The phase `crashitem` was in when its worker died, from the worker's ledger line
+    ("nodeid\twhen" of its last event): the one after the last report of that item
+    (setup when the line is of another item, or the item's logstart)."""
+    nodeid, _, when = ledger.partition("\t")
+    if nodeid == crashitem and when in PHASES[:2]:
+        return PHASES[PHASES.index(when) + 1]
+    return "setup"
+
+
+def unbatching(process_from_remote: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap a WorkerController's receiver: a `tt_events` message (one test's events, sent
+    as one by remote.py) is handed on as the events it holds, in order."""
+
+    def receive(eventcall: Any) -> None:
+        if not (isinstance(eventcall, tuple) and eventcall[0] == "tt_events"):
+            process_from_remote(eventcall)
+            return
+        try:
+            events = json.loads(eventcall[1]["json"])
+        except (ValueError, KeyError, TypeError) as exc:
+            process_from_remote(("internal_error", {
+                "formatted_error": f"native mode: a batch of worker events is unreadable: "
+                                   f"{exc!r}"}))
+            return
+        for name, kwargs in events:
+            process_from_remote((name, retupled(kwargs)))
+
+    return receive
+
+
+def retupled(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An event's arguments as xdist sent them, from their JSON form: the tuples JSON made
+    lists (`location`; a report's `location`, `sections` and skip `longrepr`, which
+    pytest's JUnit and terminal reporters check for) tuples again."""
+    if "location" in kwargs:
+        kwargs["location"] = tuple(kwargs["location"])
+    data = kwargs.get("data")
+    if isinstance(data, dict):
+        for key in ("location", "longrepr"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        if isinstance(data.get("sections"), list):
+            data["sections"] = [tuple(section) for section in data["sections"]]
+    return kwargs
 
 
 def collect_only_items(items: list[pytest.Item], images: list[str]) -> list[pytest.Item]:

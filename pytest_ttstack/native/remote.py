@@ -8,100 +8,97 @@ name the shipped copy. This shim takes the first message, keeps the guest's own
 puts in the command line the controller prepared for this VM (`workerinput["tt_args"]`),
 and then runs the guest's own `xdist.remote` unchanged. Standard library only.
 
-It also batches what the worker writes. A worker sends six messages per test (logstart,
-three reports, logfinish, protocol-complete) and execnet writes each to its pipe at once;
-here that pipe is sshd's, and under TCG one write, wake-up and SSH packet cost about 3 ms:
-half the worker's time with trivial tests (sampled in a Debian 12 guest). The messages
-that only mark a test's start and end (`KEPT`), and the teardown report (no test code runs
-between it and the protocol-complete message), are kept and written with the next other
-message: three writes per test. The setup and call reports are written at once: a test
-that kills its worker then still has every earlier phase's report sent, which is how the
-controller names the phase it died in (xdist's crash attribution needs the earlier tests'
-results too), and a test that runs long has its start shown after at most
-`KEEP_AT_MOST` seconds.
+It also sends one message per test instead of six. A worker sends logstart, three
+reports, logfinish and protocol-complete for each test, and execnet writes each to its
+pipe at once; here that pipe is sshd's, and under TCG each write, sshd's wake-up and its
+SSH packet cost about 3.5 ms, and execnet's pure-Python encoding of a report about 1 ms
+(sampled in a Debian 12 guest). Here a test's events (`BATCHED`) are kept and sent as one
+`tt_events` message, JSON-encoded (C-accelerated; reports are JSON-safe by pytest's
+contract, as pytest-reportlog relies on), when the test is complete: before the next
+test's code runs, so a test that kills its worker never takes an earlier test's results
+with it. Any other event sends the kept ones first; a test that runs long has its start
+sent after at most `KEEP_AT_MOST` seconds. Reports with `record_property` values (any
+Python value) go as they are, through execnet.
+
+What a worker that dies loses is the events of the test it was running; the phase it
+was in is written to `ledger` (a file in the VM: one short write per event, no SSH) for
+the controller to read after the crash (`controller.NativeController.phase_of`).
 """
 
 from __future__ import annotations
 
-KEPT = ("logstart", "logfinish")  # xdist worker events that may wait
+from typing import Any
+
+BATCHED = ("logstart", "testreport", "logfinish", "runtest_protocol_complete")
 KEEP_AT_MOST = 0.5  # seconds
 
 if __name__ == "__channelexec__":
-    import contextlib
+    import json
+    import os
     import sys
     import threading
-    import time
 
-    class _BatchedWrites:
-        """Stands in for the write side of execnet's IO (`gateway._io`): a write made
-        inside `keeping()` is kept; any other write goes out at once, after the kept ones,
-        in one call."""
+    class _BatchingChannel:
+        """The channel, but its first receive() gives the rewritten set-up message, and the
+        events of one test go out as one message (see the module docstring)."""
 
-        def __init__(self, io: object) -> None:
-            self._write = io.write  # type: ignore[attr-defined]
-            self._close_write = io.close_write  # type: ignore[attr-defined]
-            self._kept: list[bytes] = []
-            self._lock = threading.Lock()
-            self._keeper: int | None = None  # the thread whose writes are kept now
-            self._kept_some = threading.Event()
-            io.write = self.write  # type: ignore[attr-defined]
-            io.close_write = self.close_write  # type: ignore[attr-defined]
-            threading.Thread(target=self._flush_late, name="tt-flush", daemon=True).start()
-
-        @contextlib.contextmanager
-        def keeping(self):
-            self._keeper = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._keeper = None
-
-        def write(self, data: bytes) -> None:
-            with self._lock:  # held while writing: two writes never interleave
-                self._kept.append(data)
-                if self._keeper == threading.get_ident():
-                    self._kept_some.set()
-                else:
-                    self._flush()
-
-        def _flush(self) -> None:
-            if self._kept:
-                data = b"".join(self._kept)
-                self._kept.clear()
-                self._write(data)
-
-        def close_write(self) -> None:
-            with self._lock:
-                self._flush()
-            self._close_write()
-
-        def _flush_late(self) -> None:
-            while True:
-                self._kept_some.wait()
-                time.sleep(KEEP_AT_MOST)
-                self._kept_some.clear()
-                try:
-                    with self._lock:
-                        self._flush()
-                except (OSError, ValueError):  # closed: the gateway is going away
-                    return
-
-    class _FirstMessage:
-        """The channel, but its first receive() gives the rewritten set-up message, and
-        the events in `KEPT` wait for the next other one."""
-
-        def __init__(self, channel: object, first: object) -> None:
+        def __init__(self, channel: object, first: object, ledger: str) -> None:
             self._channel = channel
             self._first: list = [first]
-            self._writes = _BatchedWrites(channel.gateway._io)  # type: ignore[attr-defined]
+            self._kept: list = []
+            self._lock = threading.Lock()
+            self._wake = threading.Condition(self._lock)
+            self._ledger = os.open(ledger, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            threading.Thread(target=self._flush_late, name="tt-flush", daemon=True).start()
 
         def send(self, item: object) -> None:
-            if isinstance(item, tuple) and item and (item[0] in KEPT or (
-                    item[0] == "testreport" and item[1]["data"].get("when") == "teardown")):
-                with self._writes.keeping():
+            with self._lock:
+                name = item[0] if isinstance(item, tuple) and item else None
+                if name in BATCHED:
+                    self._note(item)
+                    self._kept.append(item)
+                    if len(self._kept) == 1:
+                        self._wake.notify()
+                    if name == "runtest_protocol_complete":
+                        self._flush()
+                else:
+                    self._flush()
+                    self._channel.send(item)  # type: ignore[attr-defined]
+
+        def _note(self, item: Any) -> None:
+            """The ledger: the last event's test id and phase (`logstart` for none yet)."""
+            kwargs = item[1]
+            if item[0] == "testreport":
+                line = f"{kwargs['data'].get('nodeid', '')}\t{kwargs['data'].get('when', '')}"
+            else:
+                line = f"{kwargs.get('nodeid', '')}\t{item[0]}"
+            os.pwrite(self._ledger, line.encode("utf-8", "replace") + b"\n", 0)
+
+        def _flush(self) -> None:
+            if not self._kept:
+                return
+            kept, self._kept = self._kept, []
+            try:  # user_properties may hold anything: those reports go as they are
+                text = None if any(e[1].get("data", {}).get("user_properties")
+                                   for e in kept) else json.dumps(kept)
+            except (TypeError, ValueError):
+                text = None
+            if text is None:
+                for item in kept:
                     self._channel.send(item)  # type: ignore[attr-defined]
             else:
-                self._channel.send(item)  # type: ignore[attr-defined]
+                self._channel.send(("tt_events", {"json": text}))  # type: ignore[attr-defined]
+
+        def _flush_late(self) -> None:
+            with self._lock:
+                while True:
+                    while not self._kept:
+                        self._wake.wait()
+                    if not self._wake.wait_for(lambda: not self._kept, KEEP_AT_MOST):
+                        try:
+                            self._flush()
+                        except (OSError, ValueError):  # closed: the gateway is going away
+                            return
 
         def receive(self, *args: object, **kwargs: object) -> object:
             if self._first:
@@ -115,7 +112,6 @@ if __name__ == "__channelexec__":
     sys.path.insert(0, workerinput["tt_site"])
     args = workerinput["tt_args"]
     import importlib.util
-    import os
 
     # found, not imported: importing the xdist package here, before pytest loads it as a
     # plugin, would keep pytest from rewriting its asserts (a warning in every run)
@@ -126,5 +122,6 @@ if __name__ == "__channelexec__":
     # xdist names a basetemp under the *host's* temp dir; the guest's default is right
     option_dict.pop("basetemp", None)
     first = (workerinput, args, option_dict, None)  # None: keep sys.path, add the cwd
+    batching = _BatchingChannel(channel, first, workerinput["tt_ledger"])  # type: ignore[name-defined]  # noqa: F821
     exec(code, {"__name__": "__channelexec__",  # noqa: S102 - xdist's own worker code
-                "channel": _FirstMessage(channel, first)})  # type: ignore[name-defined]  # noqa: F821
+                "channel": batching})

@@ -59,3 +59,10 @@ def test_killed_worker():
     and the rest of the suite still runs there."""
     if IN_VM and "bookworm" in Path("/etc/os-release").read_text():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_record_property(record_property):
+    """Properties of any type reach the controller's JUnit file (native mode sends most
+    reports JSON-encoded; these go another way)."""
+    record_property("os", platform.freedesktop_os_release()["VERSION_ID"])
+    record_property("raw", b"\x00bytes")
