@@ -34,7 +34,7 @@ from ttclient.api import ApiError
 from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
 from . import ids, remote, wheelhouse, workdir
-from .project import GUEST_ROOT, GUEST_SITE, PathMap
+from .project import GUEST_SITE, PathMap
 from .provision import Provisioner, Worker
 from .ssh import make_key
 
@@ -325,7 +325,7 @@ class NativeSession:
             return None
         if result.get("error") or result.get("exit_code") not in (0, 1):  # 1: no ledger yet
             return None
-        return str(result.get("stdout", "")).partition("\n")[0]
+        return str(result.get("stdout", "")).partition("\n")[0].strip("\0")
 
     def _count(self, total: int) -> None:
         """xdist sets `testscollected` to the last worker's count; one OS's is not the
@@ -367,7 +367,7 @@ class NativeSession:
 
 def ledger_path(gateway_id: str) -> str:
     """The guest file where worker `gateway_id` notes its last event (see remote.py)."""
-    return f"{GUEST_ROOT}/ledger-{gateway_id}"
+    return f"/run/ttnative-ledger-{gateway_id}"
 
 
 def phase_after(crashitem: str, ledger: str) -> str:
