@@ -3,6 +3,7 @@ server, no VM, no libvirt; milliseconds."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,6 +101,24 @@ def test_token_limits_count_every_vm_on_record_of_that_owner(tmp_path):
     with pytest.raises(TTError, match=r"512 MiB on record \+ 1024 MiB > --token-max-mem 1024"):
         admission.check_token_limits(db.held_by("bob"), replace(limited, token_max_mem_mib=1024),
                                      new, "bob")
+
+
+@pytest.mark.parametrize(("life_time", "add", "remove", "words"), [
+    (0, [], [], "life_time must be 1..3600"),
+    (3600, [], [], "may live 3600 s from its creation at most: life_time <= 2600 now"),
+    (None, [8080], [], "port(s) [8080] are already forwarded"),
+    (None, [], [9090], "port(s) [9090] are not forwarded by ENV 'e'"),
+    (None, [22], [], "22 is always forwarded"),
+    (None, list(range(2000, 2032)), [], "at most 32 forwarded ports"),
+])
+def test_an_update_is_checked_against_the_env_and_the_limits(life_time, add, remove, words):
+    """Created at t=0, now t=1000, max_life_time 3600, forwarding 8080."""
+    env = EnvRow(name="e", owner="", state="running", created_at=0.0, expires_at=600.0,
+                 spec={"ports": [8080]})
+    with pytest.raises(BadRequest, match=re.escape(words)):
+        admission.check_update(env, CFG, life_time, add, remove, now=1000.0)
+    # within the limits: no error (removing 8080 frees a place for a 32nd port)
+    admission.check_update(env, CFG, 2600, list(range(2000, 2032)), [8080], now=1000.0)
 
 
 def test_views_name_vms_and_show_outgoing():

@@ -1,10 +1,12 @@
-"""ttproxy's pure logic: placement policy and how parts of an ENV merge into one view."""
+"""ttproxy's pure logic: placement policy, how parts of an ENV (and the members' statuses)
+merge into one view, who may see what the proxy remembers, and where it remembers ENVs."""
 
 from __future__ import annotations
 
 import pytest
 
-from ttproxy.merge import Part, merge_env, merge_results
+from ttproxy.directory import EnvDirectory
+from ttproxy.merge import Part, may_see, merge_env, merge_results, merge_status
 from ttproxy.placement import Capacity, PlacementError, place
 
 D12, D13 = "qemu:debian-12:x86_64", "qemu:debian-13:x86_64"
@@ -90,6 +92,45 @@ def test_results_of_a_down_server_are_reported_not_dropped():
     out = merge_results(replies, down, "run")
     assert [(r["vm"], r["server"]) for r in out] == [("e-0", "a"), ("e-1", "b")]
     assert out[1]["exit_code"] is None and "server b is down" in out[1]["error"]
+
+
+def test_remembered_views_are_for_admins_and_owners_only():
+    """A part on a server that is down is shown from memory: to an admin or the ENV's
+    owner; never to a caller without a name (no live server vouched for anybody), even for
+    an ENV made without a token (owner "")."""
+    mine, anonymous = {"owner": "alice"}, {"owner": ""}
+    assert may_see(mine, {"name": "alice", "admin": False})
+    assert may_see(mine, {"name": "root", "admin": True})
+    assert not may_see(mine, {"name": "bob", "admin": False})
+    assert not may_see(anonymous, {"name": "", "admin": False})
+
+
+def test_status_sums_the_servers_that_answered_and_names_the_rest():
+    def st(cpu: int, image: str) -> dict:
+        return {"cpu_total": cpu, "cpu_used": 1, "mem_total_mib": 1024, "mem_used_mib": 0,
+                "disk_total_mib": 10, "disk_used_mib": 0, "env_count": 5,
+                "images": [{"name": image}]}
+
+    got = merge_status([("a:1", st(4, D12)), ("b:2", "timed out"), ("c:3", st(2, D12))],
+                       env_count=3)
+    assert (got["cpu_total"], got["cpu_used"], got["env_count"]) == (6, 2, 3)
+    assert [(r["address"], r["health"]) for r in got["servers"]] == [
+        ("a:1", "up"), ("b:2", "down"), ("c:3", "up")]
+    assert got["servers"][1]["error"] == "timed out" and got["servers_up"] == 2
+    assert got["images"] == [{"name": D12, "servers": ["a:1", "c:3"]}]
+
+
+def test_the_directory_keeps_holders_in_vm_order_and_forgets_parts():
+    d = EnvDirectory()
+    d.remember("e", "a:1", {"v": 1})
+    d.remember("e", "b:2", {"v": 2})
+    d.remember("e", "a:1", {"v": 3})  # a newer view, same place in the order
+    assert d.holders("e") == ["a:1", "b:2"] and d.last("e", "a:1") == {"v": 3}
+    assert "e" in d and len(d) == 1
+    d.forget("e", "a:1")
+    assert d.parts() == [("e", "b:2", {"v": 2})]
+    d.forget("e", "b:2")  # the last holder gone: the ENV is unknown
+    assert "e" not in d and d.holders("e") == [] and d.last("e", "b:2") is None
 
 
 class FakeServer:

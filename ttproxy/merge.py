@@ -91,6 +91,37 @@ def merge_results(replies: list[tuple[str, dict]], down: dict[str, list[dict]],
     return sorted(out, key=lambda r: _idx(r["vm"]))
 
 
+def merge_status(members: list[tuple[str, dict | str]], env_count: int) -> dict:
+    """The proxy's /status from its members' (address, their /status, or why they did not
+    answer), in the members' order: resources summed over the servers that answered, a row
+    per member (`address`, `health` up/down, its status or `error`), `servers_up`, the
+    images of all (each with the `servers` having it) and `env_count` (ENVs the proxy
+    knows, spanning ones counted once)."""
+    rows: list[dict] = []
+    images: dict[str, dict] = {}
+    totals = dict.fromkeys(("cpu_total", "cpu_used", "mem_total_mib", "mem_used_mib",
+                            "disk_total_mib", "disk_used_mib"), 0)
+    for address, st in members:
+        if not isinstance(st, dict):
+            rows.append({"address": address, "health": "down", "error": st})
+            continue
+        rows.append({"address": address, "health": "up", **st})
+        for key in totals:
+            totals[key] += st[key]
+        for img in st["images"]:
+            images.setdefault(img["name"], {**img, "servers": []})["servers"].append(address)
+    return {"proxy": True, **totals, "env_count": env_count, "servers": rows,
+            "servers_up": sum(r["health"] == "up" for r in rows),
+            "images": [images[k] for k in sorted(images)]}
+
+
+def may_see(view: dict, who: dict) -> bool:
+    """Whether the caller `who` ({name, admin}, a server's whoami) may see an ENV part
+    from the proxy's memory (its server is down, so no server decided): admins and the
+    ENV's owner only; nobody when the caller has no name."""
+    return bool(who.get("admin")) or bool(who.get("name")) and view.get("owner") == who["name"]
+
+
 def _idx(vm_name: str) -> int:
     tail = vm_name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else 0

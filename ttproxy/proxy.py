@@ -27,7 +27,8 @@ from ttclient.imagenames import (
     parse_image_name,
 )
 
-from .merge import Part, merge_env, merge_results
+from .directory import EnvDirectory
+from .merge import Part, may_see, merge_env, merge_results, merge_status
 from .placement import Capacity, PlacementError, place
 from .servers import Member, ServerSet, is_unreachable
 
@@ -57,8 +58,7 @@ class Proxy:
 
     def __init__(self, servers: ServerSet) -> None:
         self.servers = servers
-        self._where: dict[str, list[str]] = {}  # ENV name -> server addresses, in VM order
-        self._last: dict[tuple[str, str], dict] = {}  # (ENV, server) -> last view seen
+        self.directory = EnvDirectory()
         self._lock = threading.RLock()
         self._create_lock = threading.Lock()
         self._clients: dict[tuple[str, str | None], Client] = {}
@@ -134,15 +134,7 @@ class Proxy:
             log.warning("cannot list ENVs on %s: %s", address, exc)
             return
         for env in envs:
-            self._remember(env["name"], address, env)
-
-    def _remember(self, name: str, address: str, view: dict) -> None:
-        """`address` holds part of ENV `name`; `view` is that part as last seen."""
-        with self._lock:
-            holders = self._where.setdefault(name, [])
-            if address not in holders:
-                holders.append(address)
-            self._last[(name, address)] = view
+            self.directory.remember(env["name"], address, env)
 
     def refresh(self) -> None:
         """Re-learn which ENVs live on each server that is up (`GET /envs`); a server that
@@ -162,29 +154,13 @@ class Proxy:
             self._refreshed_at = time.monotonic()
 
     def _holders(self, name: str) -> list[str]:
-        with self._lock:
-            holders = list(self._where.get(name, []))
+        holders = self.directory.holders(name)
         if not holders:  # made directly on a server, or we have not looked yet
             self._refresh_unknown()
-            with self._lock:
-                holders = list(self._where.get(name, []))
+            holders = self.directory.holders(name)
         if not holders:
             raise ProxyError(f"ENV {name!r} does not exist", 404)
         return holders
-
-    def _forget(self, name: str, address: str | None = None) -> None:
-        with self._lock:
-            if address is None:
-                self._where.pop(name, None)
-                for key in [k for k in self._last if k[0] == name]:
-                    del self._last[key]
-                return
-            holders = self._where.get(name, [])
-            if address in holders:
-                holders.remove(address)
-            self._last.pop((name, address), None)
-            if not holders:
-                self._where.pop(name, None)
 
     # --- views --------------------------------------------------------------------------
     def _parts(self, name: str, fn: Callable[[Member], dict]) -> list[Part]:
@@ -197,19 +173,18 @@ class Proxy:
         for m in members:
             got = answers.get(m.address)
             if isinstance(got, dict):
-                with self._lock:
-                    self._last[(name, m.address)] = got
+                self.directory.remember(name, m.address, got)
                 parts.append(Part(m.address, got))
             elif isinstance(got, ProxyError) and got.status == 404:
-                self._forget(name, m.address)  # deleted there (expired, or by hand)
+                self.directory.forget(name, m.address)  # deleted there (expired, by hand)
             elif isinstance(got, ProxyError) and got.status != 503:
                 raise got  # the server's answer (403, ...), not a dead server
             else:
                 err = str(got) if got is not None else m.error
-                parts.append(Part(m.address, self._last.get((name, m.address)),
+                parts.append(Part(m.address, self.directory.last(name, m.address),
                                   err or "not answering"))
         if not parts:
-            self._forget(name)
+            self.directory.forget(name)
             raise ProxyError(f"ENV {name!r} does not exist", 404)
         if all(p.view is None for p in parts) or not self._may_see_cached(parts):
             raise ProxyError(f"ENV {name!r}: every server holding it is down: "
@@ -224,9 +199,7 @@ class Proxy:
         if any(not p.down_error for p in parts):
             return True
         who = self.whoami()
-        return bool(who.get("admin")) or any(
-            p.view is not None and p.view.get("owner") == who.get("name") and who.get("name")
-            for p in parts)
+        return any(p.view is not None and may_see(p.view, who) for p in parts)
 
     def get(self, name: str) -> dict:
         """The merged ENV view (merge.merge_env: a ttserver's shape plus `servers`);
@@ -242,20 +215,16 @@ class Proxy:
             if isinstance(reply, ProxyError):
                 continue
             for env in reply:
-                self._remember(env["name"], m.address, env)
+                self.directory.remember(env["name"], m.address, env)
                 seen.setdefault(env["name"], []).append(Part(m.address, env))
         down = [m for m in self.servers if not m.up]
         who = self.whoami() if down else {"admin": True}
-        with self._lock:  # parts on servers that are down: their last views (if the
-            for name, holders in self._where.items():  # caller may see them)
-                for address in holders:
-                    member = self.servers.get(address)
-                    view = self._last.get((name, address))
-                    if not member.up and view is not None and (
-                            owner is None or view.get("owner") == owner) and (
-                            who.get("admin") or view.get("owner") == who.get("name")):
-                        seen.setdefault(name, []).append(
-                            Part(address, view, member.error or "not answering"))
+        for name, address, view in self.directory.parts():  # parts on servers that are
+            member = self.servers.get(address)              # down: their last views, if
+            if not member.up and view is not None and (     # the caller may see them
+                    owner is None or view.get("owner") == owner) and may_see(view, who):
+                seen.setdefault(name, []).append(
+                    Part(address, view, member.error or "not answering"))
         envs = [merge_env(parts) for parts in seen.values()]
         return sorted(envs, key=lambda e: e["created_at"])
 
@@ -264,27 +233,12 @@ class Proxy:
         address, health and its /status or error), `servers_up` and the images of all."""
         answers = dict((m.address, r) for m, r in self._fan(self.servers.up(),
                                                              lambda m: self._c(m).status()))
-        rows: list[dict] = []
-        images: dict[str, dict] = {}
-        totals = dict.fromkeys(("cpu_total", "cpu_used", "mem_total_mib", "mem_used_mib",
-                                "disk_total_mib", "disk_used_mib", "env_count"), 0)
+        members = []
         for m in self.servers:
             st = answers.get(m.address)
-            if not isinstance(st, dict):
-                rows.append({"address": m.address, "health": "down",
-                             "error": str(st) if st else m.error})
-                continue
-            rows.append({"address": m.address, "health": "up", **st})
-            for key in totals:
-                totals[key] += st[key]
-            for img in st["images"]:
-                entry = images.setdefault(img["name"], {**img, "servers": []})
-                entry["servers"].append(m.address)
-        with self._lock:
-            totals["env_count"] = len(self._where)
-        return {"proxy": True, **totals, "servers": rows,
-                "servers_up": sum(r["health"] == "up" for r in rows),
-                "images": [images[k] for k in sorted(images)]}
+            members.append((m.address, st) if isinstance(st, dict) else
+                           (m.address, str(st) if st else m.error))
+        return merge_status(members, len(self.directory))
 
     # --- create and delete --------------------------------------------------------------
     def create(self, body: dict) -> dict:
@@ -292,10 +246,9 @@ class Proxy:
         name = body["name"]
         with self._create_lock:  # two creates must not both see the same free resources
             self.refresh()
-            with self._lock:
-                if name in self._where:
-                    raise ProxyError(f"ENV {name!r} already exists; delete it or pick "
-                                     "another name", 409)
+            if name in self.directory:
+                raise ProxyError(f"ENV {name!r} already exists; delete it or pick "
+                                 "another name", 409)
             up = self.servers.up()
             if not up:
                 raise ProxyError("no ttserver is up behind this proxy: "
@@ -326,7 +279,7 @@ class Proxy:
                     m = self.servers.get(address)
                     view = self._call(m, partial(self._post_part, part=part))
                     created.append(address)
-                    self._remember(name, address, view)
+                    self.directory.remember(name, address, view)
             except ProxyError as exc:
                 # a server that did not answer (a timeout) may have made its part anyway
                 unsure = [address] if exc.status == 503 else []
@@ -353,7 +306,7 @@ class Proxy:
                 if exc.status != 404:
                     log.error("rollback of ENV %s on %s failed: %s", name, address, exc)
                     left.append(address)
-        self._forget(name)
+        self.directory.forget(name)
         return left
 
     def delete(self, name: str) -> dict:
@@ -370,7 +323,7 @@ class Proxy:
         deleted = [m.address for m, r in results
                    if not isinstance(r, ProxyError) or r.status == 404]
         for address in deleted:
-            self._forget(name, address)
+            self.directory.forget(name, address)
         left = [a for a in holders if a not in deleted]
         if left:
             raise ProxyError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import images
 from .config import ServerConfig
-from .db import VMRow
+from .db import EnvRow, VMRow
 from .errors import BadRequest, InsufficientResources, TTError
 from .states import PENDING
 from .vm import domainxml
@@ -93,6 +93,28 @@ def check_ports(ports: list[int], already: int = 0) -> None:
         if not 1 <= port <= 65535 or port == 22:
             raise BadRequest(f"port {port}: give a guest TCP port 1-65535 (22 is always"
                              " forwarded)")
+
+
+def check_update(env: EnvRow, cfg: ServerConfig, life_time: int | None,
+                 add_ports: list[int], remove_ports: list[int], now: float) -> None:
+    """BadRequest unless the update may apply to `env` at `now` (epoch seconds): a new
+    `life_time` (seconds from now) within 1..max_life_time and not past the ENV's
+    creation + max_life_time; ports to add valid (check_ports), not forwarded yet, and
+    ports to remove forwarded."""
+    if life_time is not None and not 1 <= life_time <= cfg.max_life_time:
+        raise BadRequest(f"life_time must be 1..{cfg.max_life_time} seconds")
+    ceiling = env.created_at + cfg.max_life_time
+    if life_time is not None and now + life_time > ceiling:
+        raise BadRequest(f"ENV {env.name!r} may live {cfg.max_life_time} s from its"
+                         f" creation at most: life_time <= {max(0, int(ceiling - now))} now")
+    current = set(env.spec.get("ports", []))
+    check_ports(add_ports, already=len(current - set(remove_ports)))
+    dup = sorted(current & set(add_ports))
+    missing = sorted(set(remove_ports) - current)
+    if dup:
+        raise BadRequest(f"port(s) {dup} are already forwarded")
+    if missing:
+        raise BadRequest(f"port(s) {missing} are not forwarded by ENV {env.name!r}")
 
 
 def plan_vms(req: EnvRequest, chosen: list[images.Image], server_id: str,

@@ -158,20 +158,9 @@ class EnvManager:
     def status(self) -> dict:
         """The server's view for GET /status: resources (CPUs, MiB) total and used, ENV
         count, images, accelerator, warm templates, network and storage."""
-        used = self.db.used()
-        choice = self.accel.known
-        return {
-            "server_id": self.server_id,
-            "accel": choice.accel if choice else "probing",
-            "accel_reason": choice.reason if choice else "",
-            "cpu_total": self.cfg.cpu_total, "cpu_used": used["cpu"],
-            "mem_total_mib": self.cfg.mem_total_mib, "mem_used_mib": used["mem_mib"],
-            "disk_total_mib": self.cfg.disk_total_mib, "disk_used_mib": used["disk_mib"],
-            "env_count": self.db.count_envs(),
-            "images": [i.to_dict() for i in images.scan(self.cfg.image_path)],
-            "warm_clones": self.cfg.warm_clones, "templates": self.templates.status(),
-            "network": self.cfg.network, "storage": self.storage,
-        }
+        return views.status_view(self.server_id, self.cfg, self.db.used(), self.db.count_envs(),
+                                 self.accel.known, images.scan(self.cfg.image_path),
+                                 self.templates.status(), self.storage)
 
     # --- views -----------------------------------------------------------------------
     def _env_view(self, env: EnvRow) -> dict:
@@ -367,21 +356,8 @@ class EnvManager:
             if env.state not in (READY, ENV_STOPPED):
                 raise Conflict(f"ENV {name!r} is {env.state}; update it when it is running"
                                " or stopped")
-            if life_time is not None and not 1 <= life_time <= self.cfg.max_life_time:
-                raise BadRequest(f"life_time must be 1..{self.cfg.max_life_time} seconds")
-            ceiling = env.created_at + self.cfg.max_life_time
-            if life_time is not None and time.time() + life_time > ceiling:
-                raise BadRequest(f"ENV {name!r} may live {self.cfg.max_life_time} s from its"
-                                 f" creation at most: life_time <= "
-                                 f"{max(0, int(ceiling - time.time()))} now")
-            current = set(env.spec.get("ports", []))
-            admission.check_ports(add_ports, already=len(current - set(remove_ports)))
-            dup = sorted(current & set(add_ports))
-            missing = sorted(set(remove_ports) - current)
-            if dup:
-                raise BadRequest(f"port(s) {dup} are already forwarded")
-            if missing:
-                raise BadRequest(f"port(s) {missing} are not forwarded by ENV {name!r}")
+            admission.check_update(env, self.cfg, life_time, add_ports, remove_ports,
+                                   time.time())
             if add_ports or remove_ports:
                 self._change_ports(env, sorted(set(add_ports)), set(remove_ports))
             if life_time is not None:

@@ -1,11 +1,14 @@
-"""The JSON shapes the API answers with for ENVs and VMs (pure functions of DB rows)."""
+"""The JSON shapes the API answers with for ENVs, VMs and the server's status (pure
+functions of DB rows and settings)."""
 
 from __future__ import annotations
 
 import re
 
 from . import images
+from .config import ServerConfig
 from .db import EnvRow, VMRow
+from .vm.accel import AccelChoice
 
 
 def hostname(env: str, idx: int) -> str:
@@ -45,3 +48,23 @@ def env_view(env: EnvRow, server_id: str, connect_addr: str, restricted: bool) -
             "ports": env.spec.get("ports", []),
             "outgoing": "denied" if restricted else "allowed",
             "vms": [vm_view(v, connect_addr) for v in env.vms]}
+
+
+def status_view(server_id: str, cfg: ServerConfig, used: dict[str, int], env_count: int,
+                accel: AccelChoice | None, scanned: list[images.Image], templates: list[dict],
+                storage: str) -> dict:
+    """The server's `Status` for GET /status: resources total and `used` (CPUs, MiB; from
+    StateDB.used), ENV count, images, the accelerator (`probing` while `accel` is None),
+    warm templates, network and storage."""
+    return {
+        "server_id": server_id,
+        "accel": accel.accel if accel else "probing",
+        "accel_reason": accel.reason if accel else "",
+        "cpu_total": cfg.cpu_total, "cpu_used": used["cpu"],
+        "mem_total_mib": cfg.mem_total_mib, "mem_used_mib": used["mem_mib"],
+        "disk_total_mib": cfg.disk_total_mib, "disk_used_mib": used["disk_mib"],
+        "env_count": env_count,
+        "images": [i.to_dict() for i in scanned],
+        "warm_clones": cfg.warm_clones, "templates": templates,
+        "network": cfg.network, "storage": storage,
+    }
