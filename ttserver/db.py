@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DiskFull
+from .host.ports import PortMap
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,7 +77,7 @@ class VMRow:
     domain: str
     dir: str
     ssh_port: int
-    forwards: dict[int, int]  # guest port -> host port
+    forwards: PortMap  # without SSH (ssh_port)
     error: str = ""
     boot_seconds: float | None = None
     boot_mode: str = ""  # cold | warm

@@ -46,7 +46,7 @@ from .states import (
     STOPPING,
 )
 from .vm import accel as accel_mod
-from .vm.boot import VMBooter, host_ports, lease, restricted
+from .vm.boot import VMBooter, lease, port_map, restricted
 from .vm.cleanup import Cleanup
 from .vm.libvirt_domains import Engine, qemu_user
 from .vm.spec import DomainRenderer
@@ -122,7 +122,7 @@ class EnvManager:
         self.templates.clean_partial()
         self.cleanup.reconcile()
         if self.bridge:
-            self.bridge.setup({vm.id: (lease(vm), host_ports(vm),
+            self.bridge.setup({vm.id: (lease(vm), port_map(vm),
                                        bool(env.spec.get("deny_outgoing")))
                                for env in self.db.list_envs() for vm in env.vms
                                if vm.state == RUNNING and vm.net_addr})

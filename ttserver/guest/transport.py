@@ -197,7 +197,7 @@ class GuestIO:
         or an element of the bridge's nftables map)."""
         if self.bridge and vm.net_addr:
             try:
-                self.bridge.map_port(vm.net_addr, host_port, guest_port)
+                self.bridge.map_port(vm.net_addr, guest_port, host_port)
             except NetworkError as exc:
                 raise GuestError(str(exc)) from exc
             return

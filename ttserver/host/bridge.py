@@ -43,6 +43,8 @@ from pyroute2 import IPRoute
 
 from ttclient.waiting import WaitTimeout, wait_for
 
+from .ports import PortMap
+
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
@@ -113,9 +115,9 @@ class BridgeNetwork:
         self._dnsmasq: subprocess.Popen | None = None
 
     # --- server start and stop -----------------------------------------------------------
-    def setup(self, live: dict[str, tuple[Lease, dict[int, int], bool]]) -> None:
+    def setup(self, live: dict[str, tuple[Lease, PortMap, bool]]) -> None:
         """Create bridge, rules and DHCP; re-attach and re-publish VMs that survived a
-        restart (`live`: VM id → lease, host → guest ports, deny_outgoing)."""
+        restart (`live`: VM id → lease, port map, deny_outgoing)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale_dnsmasq()
         with IPRoute() as ipr:
@@ -251,37 +253,37 @@ table bridge {self.table} {{
             raise
         return fd
 
-    def publish(self, lease: Lease, ports: dict[int, int], deny: bool) -> None:
-        """Map the VM's host ports (host → guest) and give it its DHCP lease."""
+    def publish(self, lease: Lease, ports: PortMap, deny: bool) -> None:
+        """Map the VM's forwarded ports and give it its DHCP lease."""
         with self._lock:
             nft(self._add(lease.addr, ports, deny) + self._bind(lease))
             self._set_dhcp_host(lease, present=True)
 
-    def unpublish(self, lease: Lease, ports: dict[int, int]) -> None:
+    def unpublish(self, lease: Lease, ports: PortMap) -> None:
         """Drop the VM's entries (missing ones are fine: this runs on every teardown)."""
         with self._lock:
-            for host in ports:  # one transaction each: a missing element fails its own
+            for host in ports.values():  # one transaction each: a missing one fails alone
                 nft(self._unmap(host), check=False)
             nft(f"delete element ip {self.table} denied {{ {lease.addr} }}\n", check=False)
             for unbind in self._unbind(lease):
                 nft(unbind, check=False)
             self._set_dhcp_host(lease, present=False)
 
-    def map_port(self, addr: str, host: int, guest: int) -> None:
+    def map_port(self, addr: str, guest: int, host: int) -> None:
         """A running VM's new forward (`tt env update --port`)."""
-        nft(self._add(addr, {host: guest}, deny=False))
+        nft(self._add(addr, {guest: host}, deny=False))
 
     def unmap_port(self, host: int) -> None:
         """Drop host port `host`'s mapping to its VM; NetworkError from nft (also when it is
         not mapped)."""
         nft(self._unmap(host))
 
-    def _add(self, addr: str, ports: dict[int, int], deny: bool) -> str:
-        """nft element additions: host ports (host -> guest) mapped to `addr`, and `addr`
-        in the denied set."""
+    def _add(self, addr: str, ports: PortMap, deny: bool) -> str:
+        """nft element additions: each host port of `ports` mapped to its guest port on
+        `addr`, and `addr` in the denied set."""
         t, out = self.table, ""
         if ports:
-            items = sorted(ports.items())
+            items = sorted((h, g) for g, h in ports.items())
             out += (f"add element ip {t} forwards {{ "
                     + ", ".join(f"{h} : {addr} . {g}" for h, g in items) + " }\n"
                     f"add element ip {t} host_ports {{ "

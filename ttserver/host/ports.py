@@ -10,6 +10,10 @@ import socket
 
 from ..errors import Conflict
 
+PortMap = dict[int, int]
+"""Forwarded ports of one VM: guest port -> host port (the only direction, everywhere:
+the state DB, QEMU's hostfwd, the bridge's nftables map)."""
+
 
 def is_free(addr: str, port: int) -> bool:
     """True when a TCP socket can bind `port` on `addr` now."""

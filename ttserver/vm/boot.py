@@ -22,6 +22,7 @@ from ..failpoints import crash_point
 from ..guest import agent, cloudseed, identity
 from ..host import storage
 from ..host.bridge import BridgeNetwork, Lease
+from ..host.ports import PortMap
 from ..states import BOOTING, FAILED, RUNNING
 from ..warm.snapshots import Template, Templates, fingerprint
 from . import domainxml
@@ -44,9 +45,9 @@ def lease(vm: VMRow) -> Lease:
     return Lease.of(vm.id, vm.net_addr)
 
 
-def host_ports(vm: VMRow) -> dict[int, int]:
-    """host port -> guest port, SSH included"""
-    return {vm.ssh_port: 22, **{h: g for g, h in vm.forwards.items()}}
+def port_map(vm: VMRow) -> PortMap:
+    """The VM's forwarded ports, SSH (guest 22) included."""
+    return {22: vm.ssh_port, **vm.forwards}
 
 
 @dataclass
@@ -89,7 +90,7 @@ class VMBooter:
             self.engine.plug_nic(dom, fd, nic.mac, domainxml.ARCHES[image.name.arch]["nic_slot"])
         finally:
             os.close(fd)
-        self.bridge.publish(nic, host_ports(vm), bool(env.spec.get("deny_outgoing")))
+        self.bridge.publish(nic, port_map(vm), bool(env.spec.get("deny_outgoing")))
         dom.resume()
 
     def _wait_address(self, vm: VMRow, timeout: float, console: Path,
@@ -120,7 +121,7 @@ class VMBooter:
         """Bridge mode: drop the VM's published ports and lease (errors are logged)."""
         if self.bridge and vm.net_addr:
             try:
-                self.bridge.unpublish(lease(vm), host_ports(vm))
+                self.bridge.unpublish(lease(vm), port_map(vm))
             except Exception:  # noqa: BLE001 - teardown goes on; setup() rebuilds the table
                 log.exception("unpublishing %s", vm.id)
 
