@@ -134,14 +134,17 @@ def test_views_name_vms_and_show_outgoing():
     assert view["vms"][0]["ssh_host"] == "127.0.0.1"
 
 
-@pytest.mark.parametrize(("server_warm", "env_warm", "bridge", "wanted"), [
-    (True, None, None, True), (True, False, None, False), (True, True, None, True),
-    (False, None, None, False), (False, True, None, False),  # was True: a template kept
-    (True, True, object(), False),
+@pytest.mark.parametrize(("server_warm", "env_warm", "network", "wanted"), [
+    ("warm", None, "user", True), ("warm", False, "user", False), ("warm", True, "user", True),
+    ("cold", None, "user", False), ("cold", True, "user", False),  # was True: a template kept
+    ("warm", True, "bridge", False),
 ])
-def test_which_envs_boot_warm(server_warm, env_warm, bridge, wanted):
+def test_which_envs_boot_warm(server_warm, env_warm, network, wanted):
     from ttserver.vm.boot import VMBooter
+    from ttserver.vm.network import BridgedNetwork, UserNetwork
 
-    booter = SimpleNamespace(bridge=bridge, cfg=SimpleNamespace(warm_clones=server_warm))
+    booter = SimpleNamespace(
+        network={"user": UserNetwork, "bridge": BridgedNetwork}[network],
+        cfg=SimpleNamespace(warm_clones=server_warm == "warm"))
     env = SimpleNamespace(spec={} if env_warm is None else {"warm": env_warm})
     assert VMBooter._wants_warm(booter, env) is wanted  # type: ignore[arg-type]

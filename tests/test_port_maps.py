@@ -10,7 +10,7 @@ import pytest
 from ttserver.db import VMRow
 from ttserver.host import bridge
 from ttserver.host.bridge import BridgeNetwork
-from ttserver.vm.boot import port_map
+from ttserver.vm.network import port_map
 
 
 def vm_row(ssh_port: int, forwards: dict[int, int]) -> VMRow:

@@ -30,8 +30,6 @@ from .guest import sshexec
 from .guest.ops import GuestOps
 from .guest.transport import GuestError, GuestIO
 from .host import storage
-from .host.bridge import BridgeNetwork
-from .host.local_guard import LocalAddressGuard
 from .host.ports import PortPool
 from .states import (
     CREATING,
@@ -46,7 +44,8 @@ from .states import (
     STOPPING,
 )
 from .vm import accel as accel_mod
-from .vm.boot import VMBooter, lease, port_map, restricted
+from .vm import network
+from .vm.boot import VMBooter, restricted
 from .vm.cleanup import Cleanup
 from .vm.libvirt_domains import Engine, qemu_user
 from .vm.spec import DomainRenderer
@@ -75,14 +74,9 @@ class EnvManager:
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
         self.uid, self.gid = qemu_user()
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
-        self.bridge = (BridgeNetwork(cfg.cfgdb_path / "bridge", cfg.bridge_name,
-                                     cfg.bridge_subnet, cfg.allow_outgoing)
-                       if cfg.network == "bridge" else None)
-        # user networking with outgoing allowed: QEMU's connections to host-local
-        # addresses are refused (the guest's 10.0.2.2 is the host's loopback)
-        self.local_guard = (LocalAddressGuard(self.server_id, self.uid)
-                            if cfg.network == "user" and cfg.allow_outgoing else None)
-        self.io = GuestIO(self.engine, cfg, self.bridge)
+        self.io = GuestIO(self.engine, cfg)
+        self.network = network.choose(cfg, self.engine, self.io.monitor, self.server_id,
+                                      self.uid)
         self.guest = GuestOps(self.db, self.io)  # run, push, pull, console
         self.storage = storage.choose(cfg.storage, cfg.image_path, cfg.cfgdb_path)
         # a filesystem clone per VM (btrfs snapshot, ZFS clone) instead of a qcow2 overlay
@@ -96,7 +90,8 @@ class EnvManager:
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
                                    self.renderer, cfg.template_cache)
         self.booter = VMBooter(cfg, self.db, self.engine, self.renderer, self.templates,
-                               self.clones, self.bridge, self.ssh_pubkey, self.uid, self.gid)
+                               self.clones, self.network, self.ssh_pubkey, self.uid,
+                               self.gid)
         self.cleanup = Cleanup(cfg, self.db, self.engine, self.booter, self.domain_prefix)
         self._admit_lock = threading.Lock()
         self._env_locks: dict[str, threading.Lock] = {}
@@ -117,15 +112,12 @@ class EnvManager:
         directories, stale clones), set up the bridge, and start the accelerator probe and
         the expiry reaper threads. The local-address guard comes first: VMs of an earlier
         run may be running already."""
-        if self.local_guard:
-            self.local_guard.setup()
+        self.network.contain()
         self.templates.clean_partial()
         self.cleanup.reconcile()
-        if self.bridge:
-            self.bridge.setup({vm.id: (lease(vm), port_map(vm),
-                                       bool(env.spec.get("deny_outgoing")))
-                               for env in self.db.list_envs() for vm in env.vms
-                               if vm.state == RUNNING and vm.net_addr})
+        self.network.setup([(vm, bool(env.spec.get("deny_outgoing")))
+                            for env in self.db.list_envs() for vm in env.vms
+                            if vm.state == RUNNING])
         self.collect_templates()
         if self.clones:
             self.clones.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
@@ -143,11 +135,8 @@ class EnvManager:
         self._stop.set()
         accel_mod.stop_probes()
         self.templates.stop()
-        if self.bridge:
-            self.bridge.close()
-        if self.local_guard:
-            self.local_guard.close(sum(self.engine.is_running(vm.domain)
-                                       for vm in self.db.all_vms()))
+        self.network.close(sum(self.engine.is_running(vm.domain)
+                               for vm in self.db.all_vms()))
 
     def _env_lock(self, name: str) -> threading.Lock:
         """Serialises the transitions of one ENV (stop, start, update, delete)."""
@@ -203,11 +192,7 @@ class EnvManager:
             for vm in vms:
                 vm.ssh_port = ports.pop()
                 vm.forwards = {p: ports.pop() for p in req.ports}
-            if self.bridge:
-                taken = {v.net_addr for v in self.db.all_vms() if v.net_addr}
-                for vm in vms:
-                    vm.net_addr = self.bridge.lease(vm.id, taken).addr
-                    taken.add(vm.net_addr)
+            self.network.assign(vms, {v.net_addr for v in self.db.all_vms() if v.net_addr})
             spec = {"os_prefix": req.os_prefix, "vm_number": req.vm_number,
                     "cpu_num": req.cpu_num, "mem_size": req.mem_size,
                     "disk_size": req.disk_size, "life_time": life, "ports": req.ports,
@@ -375,14 +360,14 @@ class EnvManager:
                 if vm.state != RUNNING:
                     continue
                 for guest, host in plans[vm.id].items():
-                    self.io.add_forward(vm, guest, host)
+                    self.network.add_forward(vm, guest, host)
                     done.append((vm, host))
                 for guest in remove:
-                    self.io.remove_forward(vm, vm.forwards[guest])
+                    self.network.remove_forward(vm, vm.forwards[guest])
         except GuestError as exc:  # undo what was added; nothing changes on record
             for vm, host in done:
                 try:
-                    self.io.remove_forward(vm, host)
+                    self.network.remove_forward(vm, host)
                 except GuestError:
                     log.exception("undo forward %s on %s", host, vm.id)
             raise Conflict(f"cannot change ports of ENV {env.name!r}: {exc}") from exc
@@ -410,7 +395,7 @@ class EnvManager:
     def keep_warm(self) -> None:
         """With warm clones on (and user networking: bridge-mode VMs boot cold), have
         every image's default-shape template built (in the background; warm/snapshots.py)."""
-        if self.cfg.warm_clones and not self.bridge:
+        if self.cfg.warm_clones and self.network.warm_clones:
             self.templates.keep_warm(images.scan(self.cfg.image_path))
 
     def collect_templates(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""One VM's way in: commands, files, clean shutdown and live port forwards.
+"""One VM's way in: commands, files, clean shutdown and HMP commands to its QEMU.
 
 Two Transports, chosen per request: the guest agent (default: no network needed, answers
 before sshd) and SSH with the server's key (`use_ssh`: faster for big files, and the same
@@ -19,13 +19,11 @@ from ttclient.waiting import WaitTimeout, wait_for
 
 from ..config import ServerConfig
 from ..db import VMRow
-from ..host.bridge import BridgeNetwork, NetworkError
 from ..vm.libvirt_domains import Engine
 from . import agent, sshexec
 
 # Generous per-file limit for copies; agent writes go in WRITE_CHUNK pieces.
 COPY_TIMEOUT = 900.0
-NETDEV_ID = "ttnet0"
 DEFAULT_FILE_MODE = 0o644
 
 
@@ -122,14 +120,13 @@ class SSHTransport:
 
 
 class GuestIO:
-    """Commands, files, shutdown and port forwards for one VM at a time, through a
-    Transport (the agent by default, SSH on request); every failure raises GuestError."""
+    """Commands, files, shutdown and HMP commands (the user network's live forwards) for
+    one VM at a time, through a Transport (the agent by default, SSH on request); every
+    failure raises GuestError."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig,
-                 bridge: BridgeNetwork | None = None) -> None:
+    def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
         self.engine = engine
         self.cfg = cfg
-        self.bridge = bridge
         self._agent_io = AgentTransport(engine)
         self.agent: Transport = self._agent_io
         self.ssh: Transport = SSHTransport(cfg, self._agent_io)
@@ -181,8 +178,9 @@ class GuestIO:
         self.engine.destroy(vm.domain)  # transient: usually already gone after a power-off
         return clean
 
-    def _monitor(self, vm: VMRow, command: str, ok: tuple[str, ...] = ()) -> None:
-        """An HMP command; success is silence or one of the `ok` phrases."""
+    def monitor(self, vm: VMRow, command: str, ok: tuple[str, ...] = ()) -> None:
+        """An HMP command to the VM's QEMU; success is silence or one of the `ok` phrases,
+        else GuestError with QEMU's or libvirt's answer."""
         try:
             out = libvirt_qemu.qemuMonitorCommand(
                 self._agent_io.domain(vm), command,
@@ -191,29 +189,3 @@ class GuestIO:
             raise GuestError(f"{command}: {exc.get_error_message()}") from exc
         if out.strip() and not any(phrase in out for phrase in ok):
             raise GuestError(f"{command}: {out.strip()}")
-
-    def add_forward(self, vm: VMRow, guest_port: int, host_port: int) -> None:
-        """Forward a host port to a running guest (QEMU user networking's hostfwd_add,
-        or an element of the bridge's nftables map)."""
-        if self.bridge and vm.net_addr:
-            try:
-                self.bridge.map_port(vm.net_addr, guest_port, host_port)
-            except NetworkError as exc:
-                raise GuestError(str(exc)) from exc
-            return
-        self._monitor(vm, f"hostfwd_add {NETDEV_ID} "
-                          f"tcp:{self.cfg.forward_addr}:{host_port}-:{guest_port}")
-
-    def remove_forward(self, vm: VMRow, host_port: int) -> None:
-        """Stop forwarding host port `host_port` to the guest (a forward that is already
-        gone is fine); GuestError otherwise."""
-        # "not found" is fine: the goal (no such forward) holds, e.g. after a retry
-        if self.bridge and vm.net_addr:
-            try:
-                self.bridge.unmap_port(host_port)
-            except NetworkError as exc:
-                if "No such file" not in str(exc):  # not mapped: fine, as above
-                    raise GuestError(str(exc)) from exc
-            return
-        self._monitor(vm, f"hostfwd_remove {NETDEV_ID} tcp:{self.cfg.forward_addr}:{host_port}",
-                      ok=("removed", "not found"))

@@ -7,13 +7,10 @@ transition; the ENV-level outcome is the manager's (envs.py).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
 
 from .. import images, views
 from ..config import ServerConfig
@@ -21,12 +18,11 @@ from ..db import EnvRow, StateDB, VMRow
 from ..failpoints import crash_point
 from ..guest import agent, cloudseed, identity
 from ..host import storage
-from ..host.bridge import BridgeNetwork, Lease
-from ..host.ports import PortMap
 from ..states import BOOTING, FAILED, RUNNING
 from ..warm.snapshots import Template, Templates, fingerprint
 from . import domainxml
 from .libvirt_domains import BootTimeout, Engine, console_tail
+from .network import VMNetwork
 from .spec import DomainRenderer
 
 log = logging.getLogger(__name__)
@@ -40,16 +36,6 @@ def restricted(env: EnvRow, allow_outgoing: bool) -> bool:
     return not allow_outgoing or bool(env.spec.get("deny_outgoing"))
 
 
-def lease(vm: VMRow) -> Lease:
-    """The VM's bridge-mode DHCP lease (MAC and address from its id)."""
-    return Lease.of(vm.id, vm.net_addr)
-
-
-def port_map(vm: VMRow) -> PortMap:
-    """The VM's forwarded ports, SSH (guest 22) included."""
-    return {22: vm.ssh_port, **vm.forwards}
-
-
 @dataclass
 class VMBooter:
     """Boots VMs recorded in `db` (see the module docstring), as uid:gid."""
@@ -60,7 +46,7 @@ class VMBooter:
     renderer: DomainRenderer
     templates: Templates
     clones: storage.CloneStore | None
-    bridge: BridgeNetwork | None
+    network: VMNetwork
     ssh_pubkey: str
     uid: int
     gid: int
@@ -68,69 +54,23 @@ class VMBooter:
     def vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
                incoming: bool) -> str:
         """The VM's domain XML: its forwards, network, title and seed (vmspec)."""
-        hostfwd = [f"tcp:{self.cfg.forward_addr}:{vm.ssh_port}-:22"]
-        hostfwd += [f"tcp:{self.cfg.forward_addr}:{h}-:{g}" for g, h in vm.forwards.items()]
         return self.renderer.render(
             vm.domain, image, vm.cpu, vm.mem_mib, disk, Path(vm.dir) / "console.log",
-            incoming, tuple(hostfwd), restricted(env, self.cfg.allow_outgoing),
-            f"ttstack {env.name}/{vm.idx}", user_net=self.bridge is None,
+            incoming, self.network.hostfwd(vm, self.cfg.forward_addr),
+            restricted(env, self.cfg.allow_outgoing),
+            f"ttstack {env.name}/{vm.idx}", user_net=self.network.name == "user",
             seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "")
 
-    # --- bridge networking (--network bridge) ------------------------------------------
-    def _start_domain(self, vm: VMRow, image: images.Image, env: EnvRow, xml: str) -> None:
-        """Start the VM's domain; in bridge mode paused, to plug its NIC and publish its
-        ports and DHCP lease before the guest looks for them."""
-        if self.bridge is None:
-            self.engine.start(xml)
-            return
-        dom = self.engine.start(xml, paused=True)
-        nic = lease(vm)
-        fd = self.bridge.open_tap(nic)
-        try:
-            self.engine.plug_nic(dom, fd, nic.mac, domainxml.ARCHES[image.name.arch]["nic_slot"])
-        finally:
-            os.close(fd)
-        self.bridge.publish(nic, port_map(vm), bool(env.spec.get("deny_outgoing")))
-        dom.resume()
-
-    def _wait_address(self, vm: VMRow, timeout: float, console: Path,
-                      cancel: threading.Event) -> None:
-        """Bridge mode: wait until the guest holds its DHCP address (the agent can answer
-        before the guest's DHCP client is done, and then SSH through the mapped port fails);
-        BootTimeout with the console tail after `timeout` seconds."""
-        want = lease(vm).addr
-
-        def holds_address() -> bool | None:
-            try:
-                nics = agent.command(self.engine.lookup(vm.domain),
-                                     "guest-network-get-interfaces") or []
-            except agent.AgentError:
-                nics = []
-            return True if any(a.get("ip-address") == want for nic in nics
-                               for a in nic.get("ip-addresses", [])) else None
-
-        try:
-            wait_for(holds_address, max(timeout, 5.0), cancel=cancel,
-                     what=f"VM {vm.domain} taking its DHCP address {want}")
-        except WaitCancelled:
-            raise BootTimeout(f"VM {vm.domain}: boot cancelled (ENV deleted)") from None
-        except WaitTimeout as exc:
-            raise BootTimeout(f"{exc}; console tail:\n{console_tail(console)}") from None
-
     def unpublish(self, vm: VMRow) -> None:
-        """Bridge mode: drop the VM's published ports and lease (errors are logged)."""
-        if self.bridge and vm.net_addr:
-            try:
-                self.bridge.unpublish(lease(vm), port_map(vm))
-            except Exception:  # noqa: BLE001 - teardown goes on; setup() rebuilds the table
-                log.exception("unpublishing %s", vm.id)
+        """Drop what the network publishes for the VM (errors are logged)."""
+        self.network.unpublish(vm)
 
     def _wants_warm(self, env: EnvRow) -> bool:
         """Whether the ENV's new VMs start from templates: never in bridge mode (a saved
         guest's NIC and MAC would be its template's) or with --no-warm-clones (an ENV's
         `warm: true` must not make a server keep templates its operator turned off);
         else as the ENV asks, by default yes."""
-        if self.bridge or not self.cfg.warm_clones:
+        if not self.network.warm_clones or not self.cfg.warm_clones:
             return False
         return env.spec.get("warm") is not False
 
@@ -166,13 +106,13 @@ class VMBooter:
             if cancel.is_set():
                 return "cancelled"
             self.db.set_vm(vm.id, state=BOOTING)
-            self._start_domain(vm, image, env,
-                               self.vm_xml(vm, image, env, overlay, incoming=False))
+            self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay, incoming=False),
+                                      domainxml.ARCHES[image.name.arch]["nic_slot"],
+                                      bool(env.spec.get("deny_outgoing")))
             crash_point("boot.domain_started")
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
                                             cancel.is_set)
-            if self.bridge is not None:
-                self._wait_address(vm, self.cfg.boot_timeout - waited, console, cancel)
+            self.network.wait_ready(vm, self.cfg.boot_timeout - waited, console, cancel)
             if fresh:
                 self._personalize(vm, env)
             self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
@@ -257,7 +197,7 @@ class VMBooter:
         else:  # many clones at once share the host's CPUs: the boot timeout applies
             identity.take_new(dom, hostname, keys, helper=warm_template.helper,
                               timeout=self.cfg.boot_timeout)
-            if not self.bridge and not restricted(env, self.cfg.allow_outgoing):
+            if self.network.needs_new_lease(restricted(env, self.cfg.allow_outgoing)):
                 # the template's DHCP lease came from a restricted network, which
                 # announces no router: a clone allowed out needs a lease with one
                 identity.renew_lease(dom, timeout=self.cfg.boot_timeout)
