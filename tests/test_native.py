@@ -3,6 +3,7 @@ pytest-xdist workers inside debian-12 and debian-13 VMs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -145,6 +146,10 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
                 assert native[ran] == kind, f"{ran}: {native[ran]} natively, {kind} on host"
     assert "died during its call: the test's worker process died on pytest-" in out
     assert "(debian-12:x86_64)" in out
+    # the counts per OS (xdist's own line shows one worker's); section headlines name it
+    assert "ttstack: native: 36 items: 18 on debian-12:x86_64, 18 on debian-13:x86_64" in out
+    for os_id in OSES:
+        assert re.search(rf"_ test_fails_everywhere\[{os_id}\] _", out), out
     assert "+ Linux" in out  # pytest's assertion explanation, made in the guest
     assert "console tail of pytest-" in out
     assert "making 2 venv(s) in the guests" in out
@@ -157,13 +162,19 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
     assert native_leftovers() == []
 
-    # --lf: the workers see the controller's lastfailed, whose ids carry the OS
-    again = pytest_in(project, native_server, "--tt-os=debian-12", "-v", "--lf",
+    # --lf: the workers see the controller's lastfailed, whose ids carry the OS; an OS
+    # none of whose tests failed runs nothing (its workers used to run everything)
+    failed = {n for n, kind in native_run_outcomes(proc.stdout).items() if kind == "FAILED"}
+    lastfailed = project / ".pytest_cache" / "v" / "cache" / "lastfailed"
+    assert {n for n in json.loads(lastfailed.read_text())} == failed
+    only_13 = {n for n in failed if "debian-13" in n}
+    assert only_13 and only_13 != failed
+    lastfailed.write_text(json.dumps(dict.fromkeys(sorted(only_13), True)))
+    again = pytest_in(project, native_server, "--tt-os=debian-12,debian-13", "-v", "--lf",
                       "--tt-native-install", "six", cache=True)
     assert "venvs from the cache" in again.stdout + again.stderr  # same pins as before
     ran = {m.group(2) for m in RESULT.finditer(again.stdout)}
-    assert ran == {n for n, kind in native_run_outcomes(proc.stdout).items()
-                   if kind == "FAILED" and "debian-12" in n}, again.stdout + again.stderr
+    assert ran == only_13, again.stdout + again.stderr
     assert native_leftovers() == []
 
 

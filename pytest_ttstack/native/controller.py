@@ -161,6 +161,8 @@ class NativeSession:
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
         self.dead_vms: dict[str, str] = {}  # VM id -> console tail, for VMs that died
         self._crashed: dict[str, str] = {}  # gateway id -> the item its worker died in
+        self._collected: dict[str, int] = {}  # OS -> items its first worker collected
+        self._said_count = False
         self.env: SessionEnv | None = None
         self.session: pytest.Session | None = None
         self.provisioner: Provisioner | None = None
@@ -214,6 +216,16 @@ class NativeSession:
 
     # -- the worker's command line ---------------------------------------------------
 
+    def no_failures_on(self, os_id: str) -> bool:
+        """`--lf` with failures on record, all of other OSes: this OS runs nothing (pytest
+        in its workers would find none of its items among them, and run them all)."""
+        cache = getattr(self.config, "cache", None)
+        if not getattr(self.config.option, "lf", False) or cache is None:
+            return False
+        failed = cache.get("cache/lastfailed", {})
+        tags = {ids.untag(nodeid, self.os_ids)[0] for nodeid in failed}
+        return bool(failed) and None not in tags and os_id not in tags
+
     def worker_args(self, os_id: str) -> tuple[list[str], bool]:
         """(this OS's worker argv, whether it must run nothing).
 
@@ -254,6 +266,7 @@ class NativeSession:
         """Hand the worker its VM's OS id, VM name, command line and guest site folder."""
         worker = self.worker_of(node)
         args, run_nothing = self.worker_args(worker.os_id)
+        run_nothing = run_nothing or self.no_failures_on(worker.os_id)
         node.workerinput.update(tt_os_id=worker.os_id, tt_vm=worker.vm["name"],
                                 tt_args=args, tt_run_nothing=run_nothing, tt_site=GUEST_SITE,
                                 tt_ledger=ledger_path(node.gateway.id))
@@ -332,6 +345,19 @@ class NativeSession:
         run's: the progress would pass 100%."""
         if self.session is not None:
             self.session.testscollected = total
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        """Once every OS has collected, say how many items each has (xdist's status line
+        shows the first worker's count as everybody's)."""
+        self._collected.setdefault(self.worker_of(node).os_id, len(ids))
+        if set(self._collected) != set(self.os_ids) or self._said_count:
+            return
+        self._said_count = True
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"ttstack: native: {sum(self._collected.values())} items: " + ", ".join(
+                    f"{self._collected[o]} on {o}" for o in self.os_ids))
 
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
                                sched: Any) -> None:

@@ -52,11 +52,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Tag the item's id and keywords with this VM's OS."""
+    """Tag the item's id, its keywords and the test name in its location (the headline
+    of its section under FAILURES and PASSES) with this VM's OS."""
     os_id = _os_id(item.config)
     if os_id:
         item._nodeid = tag(item.nodeid, os_id)
         item.extra_keyword_matches.add(os_id)
+        path, lineno, domain = item.location
+        item.__dict__["location"] = (path, lineno, tag(domain, os_id))  # a cached_property
 
 
 @pytest.hookimpl(tryfirst=True)

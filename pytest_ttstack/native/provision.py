@@ -310,8 +310,8 @@ class Provisioner:
             connected = {vm["id"]: pool.submit(self._connect, vm) for vm in self.env.vms}
             guests = self.probe()
             try:
-                files = sorted({*project.project_files(self.paths.rootdir),
-                                *self.extra_files})
+                files_of_project = project.project_files(self.paths.rootdir)
+                files = sorted({*files_of_project, *self.extra_files})
             except project.ShipError as exc:
                 raise TTSetupError(f"native mode: {exc}") from None
             # one plan per guest Python, in parallel (each is a uv resolution and pip
@@ -325,8 +325,10 @@ class Provisioner:
                 except wheelhouse.InstallError as exc:
                     raise TTSetupError(f"native mode: --tt-native-install: {exc}") from None
             fresh = sum(p.cached_venv is None for p in plans.values())
-            self.say(f"ttstack: native: shipping {len(files)} project files to "
-                     f"{len(self.env.vms)} VM(s)"
+            cached = len(set(self.extra_files) - set(files_of_project))
+            self.say(f"ttstack: native: shipping {len(files) - cached} project files"
+                     + (f" and {cached} of pytest's cache (--lf, --nf)" if cached else "")
+                     + f" to {len(self.env.vms)} VM(s)"
                      + (f"; making {fresh} venv(s) in the guests (cached for next time)"
                         if fresh else "; venvs from the cache"))
             futures = [pool.submit(self._ship, vm, plans[guests[vm["id"]]],
