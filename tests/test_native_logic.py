@@ -14,12 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_ttstack.native import project, wheelhouse, workdir
-from pytest_ttstack.native.controller import (
-    NativeSession,
-    host_only_plugins,
-    phase_after,
-    unbatching,
-)
+from pytest_ttstack.native.controller import NativeSession, host_only_plugins
+from pytest_ttstack.native.events import phase_after, unbatching
 from pytest_ttstack.native.ids import tag, untag
 from pytest_ttstack.native.provision import Provisioner
 from pytest_ttstack.session import TTSetupError

@@ -23,7 +23,7 @@ Python value) go as they are, through execnet.
 What a worker that dies loses is the events of the test it was running; the phase it
 was in is noted in `ledger`, a file in the VM's /run (tmpfs), mapped into memory: no
 system call per note (a `pwrite` per event on the root file system cost ~1 ms under
-TCG, sampled). The controller reads it after the crash (`controller.phase_after`).
+TCG, sampled). The controller reads it after the crash (`events.phase_after`).
 """
 
 from __future__ import annotations
