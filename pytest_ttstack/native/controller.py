@@ -159,7 +159,6 @@ class NativeSession:
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
         self.dead_vms: dict[str, str] = {}  # VM id -> console tail, for VMs that died
         self._crashed: dict[str, str] = {}  # gateway id -> the item its worker died in
-        self._collected: dict[str, int] = {}  # OS -> items its first worker collected
         self._said_count = False
         self.env: SessionEnv | None = None
         self.session: pytest.Session | None = None
@@ -338,24 +337,20 @@ class NativeSession:
             return None
         return str(result.get("stdout", "")).partition("\n")[0].strip("\0")
 
-    def _count(self, total: int) -> None:
-        """xdist sets `testscollected` to the last worker's count; one OS's is not the
-        run's: the progress would pass 100%."""
+    def _count(self, counts: dict[str, int]) -> None:
+        """The items of each OS collected so far (OS -> count). xdist sets
+        `testscollected` to the last worker's count; one OS's is not the run's: the
+        progress would pass 100%. Once every OS has collected, say how many each has
+        (xdist's status line shows the first worker's count as everybody's)."""
         if self.session is not None:
-            self.session.testscollected = total
-
-    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        """Once every OS has collected, say how many items each has (xdist's status line
-        shows the first worker's count as everybody's)."""
-        self._collected.setdefault(self.worker_of(node).os_id, len(ids))
-        if set(self._collected) != set(self.os_ids) or self._said_count:
+            self.session.testscollected = sum(counts.values())
+        if set(counts) != set(self.os_ids) or self._said_count:
             return
         self._said_count = True
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(
-                f"ttstack: native: {sum(self._collected.values())} items: " + ", ".join(
-                    f"{self._collected[o]} on {o}" for o in self.os_ids))
+            reporter.write_line(f"ttstack: native: {sum(counts.values())} items: "
+                                + ", ".join(f"{counts[o]} on {o}" for o in self.os_ids))
 
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
                                sched: Any) -> None:

@@ -35,10 +35,10 @@ class OSMatrixScheduling:
 
     def __init__(self, config: pytest.Config, log: Producer, workers_per_os: dict[str, int],
                  os_of: Callable[[WorkerController], str],
-                 on_count: Callable[[int], None] = lambda total: None) -> None:
+                 on_count: Callable[[dict[str, int]], None] = lambda counts: None) -> None:
         kind = KINDS[config.getvalue("dist") if config.getvalue("dist") in KINDS else "load"]
         self.os_of = os_of
-        self.on_count = on_count  # items over all OSes so far (progress shows N of total)
+        self.on_count = on_count  # OS -> its items, as each OS's collection comes in
         self.counts: dict[str, int] = {}
         self.done: dict[str, set[int]] = {}  # OS -> indices of its items run to the end
         self.abandoned: set[str] = set()
@@ -89,11 +89,11 @@ class OSMatrixScheduling:
         self._group(node).add_node(node)
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
-        """Hand the worker's collection to its OS's scheduler and report the item count over
-        all OSes to `on_count`."""
+        """Hand the worker's collection to its OS's scheduler and report the item count of
+        each OS collected so far to `on_count`."""
         self._group(node).add_node_collection(node, collection)
         self.counts.setdefault(self.os_of(node), len(collection))
-        self.on_count(sum(self.counts.values()))
+        self.on_count(dict(self.counts))
 
     def mark_test_complete(self, node: WorkerController, item_index: int,
                            duration: float = 0) -> None:
