@@ -15,6 +15,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TypedDict
 
+# the guest NIC's netdev id: in -netdev (user networking), in QMP netdev_add (bridge mode's
+# TAP) and in HMP hostfwd_add/remove on a running VM
+NETDEV_ID = "ttnet0"
+
 
 class Arch(TypedDict):
     """What the domain XML needs to know about a guest architecture."""
@@ -127,7 +131,7 @@ def render(spec: DomainSpec) -> str:
     _sub(_sub(devices, "rng", model="virtio"), "backend", "/dev/urandom", model="random")
     # the NIC's PCI slot: the same whether given here or plugged over QMP (bridge mode)
     slot = "".join(f",{k}={v}" for k, v in arch["nic_slot"].items())
-    qemu_args = (["-netdev", spec.netdev, "-device", f"virtio-net-pci,netdev=ttnet0{slot}"]
+    qemu_args = (["-netdev", spec.netdev, "-device", f"virtio-net-pci,netdev={NETDEV_ID}{slot}"]
                  if spec.netdev else [])
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate

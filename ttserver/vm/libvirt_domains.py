@@ -23,6 +23,7 @@ import libvirt_qemu
 from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
 
 from ..guest import agent
+from . import domainxml
 
 MIGRATION_TIMEOUT = 120.0
 
@@ -99,8 +100,8 @@ class Engine:
         """Give a paused domain its NIC on a TAP opened by us: the guest finds it at boot
         like any other device, and the TAP lives in *our* network namespace."""
         self.qmp(dom, "getfd", {"fdname": "tttap"}, tap_fd)
-        self.qmp(dom, "netdev_add", {"type": "tap", "id": "ttnet0", "fd": "tttap"})
-        self.qmp(dom, "device_add", {"driver": "virtio-net-pci", "netdev": "ttnet0",
+        self.qmp(dom, "netdev_add", {"type": "tap", "id": domainxml.NETDEV_ID, "fd": "tttap"})
+        self.qmp(dom, "device_add", {"driver": "virtio-net-pci", "netdev": domainxml.NETDEV_ID,
                                      "mac": mac, "id": "ttnic0", **slot})
 
     # --- memory snapshots (warm clones) --------------------------------------------------

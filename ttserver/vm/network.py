@@ -31,6 +31,7 @@ from ..guest.transport import GuestError
 from ..host.bridge import BridgeNetwork, Lease, NetworkError
 from ..host.local_guard import LocalAddressGuard
 from ..host.ports import PortMap
+from .domainxml import NETDEV_ID
 from .libvirt_domains import BootTimeout, Engine, console_tail
 
 log = logging.getLogger(__name__)
@@ -249,4 +250,3 @@ def choose(cfg: ServerConfig, engine: Engine, monitor: Monitor,
     return UserNetwork(cfg, engine, monitor, guard)
 
 
-NETDEV_ID = "ttnet0"  # the user-network netdev's id in the domain XML (vm/spec.py)

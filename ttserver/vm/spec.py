@@ -31,7 +31,7 @@ class DomainRenderer:
         ("tcp:ADDR:HOST-:GUEST"), `restrict`: no outgoing traffic; `user_net` False: no
         NIC (bridge mode plugs one). `seed`: a cloud-init seed image path or ""."""
         forwards = "".join(f",hostfwd={f}" for f in hostfwd)
-        netdev = f"user,id=ttnet0,restrict={'on' if restrict else 'off'}{forwards}"
+        netdev = f"user,id={domainxml.NETDEV_ID},restrict={'on' if restrict else 'off'}{forwards}"
         return domainxml.render(domainxml.DomainSpec(
             name=name, arch=image.name.arch, accel=self.accel.for_arch(image.name.arch),
             vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
