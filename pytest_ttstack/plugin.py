@@ -5,7 +5,9 @@ work happens in session.py (the ENV), matrix.py (parametrization) and vm.py (the
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -27,6 +29,7 @@ ENV_KEY = pytest.StashKey[SessionEnv | None]()
 OWNER_KEY = pytest.StashKey[EnvOwner | None]()
 FAILED_KEY = pytest.StashKey[bool]()
 NATIVE_KEY = pytest.StashKey[native.NativeSession | None]()
+SIGTERM_KEY = pytest.StashKey[object]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -55,6 +58,28 @@ def _is_worker(config: pytest.Config) -> bool:
 def _worker_index(config: pytest.Config) -> int:
     wid = getattr(config, "workerinput", {}).get("workerid", "gw0")
     return int(wid[2:]) if wid.startswith("gw") and wid[2:].isdigit() else 0
+
+
+def _sigterm_interrupts(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _catch_sigterm(config: pytest.Config) -> None:
+    """SIGTERM (what CI runners and `timeout` send to end a job) ends the session like
+    Ctrl-C, so that pytest_sessionfinish deletes the ENV: Python's default for SIGTERM
+    ends the process at once, running neither sessionfinish nor atexit hooks, and the
+    VMs stayed until their lifetime ran out. A handler the user's code installed stays."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        config.stash[SIGTERM_KEY] = signal.signal(signal.SIGTERM, _sigterm_interrupts)
+
+
+def _restore_sigterm(config: pytest.Config) -> None:
+    previous = config.stash.get(SIGTERM_KEY, None)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+        del config.stash[SIGTERM_KEY]
 
 
 def _say(config: pytest.Config, text: str) -> None:
@@ -108,6 +133,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         settings.extra_ssh_keys = [session_native.public_key]
     owner = EnvOwner(settings, lambda text: _say(config, text))
     config.stash[OWNER_KEY] = owner
+    _catch_sigterm(config)
     try:
         env = owner.create()
         config.stash[ENV_KEY] = env
@@ -130,6 +156,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session_native = config.stash.get(NATIVE_KEY, None)
     if session_native is not None:
         session_native.cleanup()
+    _restore_sigterm(config)
 
 
 @pytest.hookimpl(trylast=True)

@@ -97,7 +97,10 @@ def test_bad_os_prefix_is_a_usage_error(plugin_server, tmp_path):
     assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
 
 
-def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path, sig):
+    """Ctrl-C, and SIGTERM (a CI runner cancelling the job, `timeout`), while the ENV
+    boots: it is deleted (SIGTERM used to end pytest at once and leave the VMs running)."""
     env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(SAMPLE),
@@ -109,7 +112,7 @@ def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path):
         if "booting" in line:
             break
     assert requests.get(plugin_server.url + "/envs", timeout=10).json() != []
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "deleted ENV pytest-" in "".join(lines) + out

@@ -120,6 +120,41 @@ if __name__ == "__channelexec__":
         def __getattr__(self, name: str) -> object:
             return getattr(self._channel, name)
 
+    def _release_session_in_children(io: Any) -> None:
+        """A process a test forks (a daemon, a multiprocessing pool) inherits the
+        worker's ends of its SSH session: execnet's copies of stdin and stdout, and
+        pytest's saved copy of stderr while it captures. When one outlives a worker that
+        dies, sshd keeps the session open and the controller never learns of the death
+        (the run waited forever, as plain xdist does with a popen worker). In a forked
+        child every such descriptor above 2 is pointed at /dev/null; its own 0-2 stay
+        (with `-s` a child that keeps the worker's stderr still holds the session).
+        Children that exec do not inherit execnet's copies (they are close-on-exec)."""
+        def identity(fd: int) -> tuple[int, int] | None:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return None
+            return st.st_dev, st.st_ino
+
+        session = {identity(fd) for fd in (0, 1, 2, io.infile.fileno(), io.outfile.fileno())}
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        session -= {None, identity(null_fd)}  # execnet pointed 0 and 1 there
+        os.close(null_fd)
+
+        def release() -> None:
+            null = None
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                if fd > 2 and identity(fd) in session:
+                    if null is None:
+                        null = os.open(os.devnull, os.O_RDWR)
+                    os.dup2(null, fd, inheritable=os.get_inheritable(fd))
+            if null is not None:
+                os.close(null)
+
+        os.register_at_fork(after_in_child=release)
+
+    _release_session_in_children(channel.gateway._io)  # type: ignore[name-defined]  # noqa: F821
     workerinput, args, option_dict, _host_sys_path = channel.receive()  # type: ignore[name-defined]  # noqa: F821
     sys.path.insert(0, workerinput["tt_site"])
     args = workerinput["tt_args"]
