@@ -17,6 +17,23 @@ from helpers import IMAGE_PATH, ServerProcess, new_run_dir, warm_template_cache
 BASE_IMAGE = "qemu:debian-12:x86_64"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (long end-to-end scenarios; "
+                          "CI runs them after the default suite)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The default suite leaves out the `slow` tests (it must stay under 15 minutes on a
+    2-core TCG host): they run with --run-slow, or when -m names them (`-m slow`)."""
+    if config.getoption("--run-slow") or "slow" in (config.option.markexpr or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not (IMAGE_PATH / BASE_IMAGE / "disk.qcow2").is_file():
         pytest.exit(f"test image {BASE_IMAGE} is missing under {IMAGE_PATH}; build it with "

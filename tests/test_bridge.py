@@ -112,6 +112,7 @@ def ssh_until_up(h: Host, port: int, cmd: str, timeout: float = 90) -> str:
         time.sleep(2)
 
 
+@pytest.mark.slow
 def test_bridge_network_end_to_end(host: Host):
     h = host
     for name, extra in (("open", {"ports": [8080]}), ("closed", {"deny_outgoing": True})):

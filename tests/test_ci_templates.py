@@ -130,6 +130,7 @@ def check_report(work: Path, summary: str, tests: int) -> None:
     assert "`debian-12:x86_64`" in summary and f"{tests} passed" in summary
 
 
+@pytest.mark.slow
 @pytest.mark.vm
 def test_gitlab_component_script_runs_against_a_real_server(ci_host, tmp_path: Path):
     srv, venv = ci_host

@@ -97,6 +97,7 @@ def test_import_bad_input_is_a_clear_error(imported: Path):
     assert res.stderr.startswith("ttserver image import: reading the image failed"), res.stderr
 
 
+@pytest.mark.slow
 def test_cloud_image_vm_takes_its_identity_from_the_nocloud_seed(imported: Path):
     meta = json.loads((imported / "images" / NAME / "meta.json").read_text())
     assert meta["cloud_init"] and meta["cmdline"].startswith("root=/dev/vda1 ")

@@ -182,6 +182,7 @@ def native_run_outcomes(stdout: str) -> dict[str, str]:
     return {m.group(2): m.group(1) for m in RESULT.finditer(stdout)}
 
 
+@pytest.mark.slow
 def test_src_layout_c_extension_installed_in_guest(native_server, tmp_path):
     """`--tt-native-install=.`: the project's dependency comes from the host's wheels, its
     C extension is compiled in each guest, its version comes from the host's git tag
@@ -214,6 +215,7 @@ def test_unresolvable_install_stops_before_any_test(native_server, tmp_path):
     assert native_leftovers() == []
 
 
+@pytest.mark.slow
 def test_paths_with_spaces(native_server, tmp_path):
     """A Python and a project whose paths have spaces (a venv under "My Projects"): the
     wrapper's shebang cut the interpreter's path at its first space, and execnet split
@@ -242,6 +244,7 @@ def test_paths_with_spaces(native_server, tmp_path):
         shutil.rmtree(home.parent, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_vm_that_dies_fails_its_items_and_the_other_os_goes_on(native_server, tmp_path):
     """A test that powers its VM off: that test fails naming the VM's death with the
     console tail, the items that VM had not run are reported failed, the other OS runs

@@ -69,6 +69,7 @@ def tcp(host: str, port: int) -> str:
             f"timeout 5 cat <&3' 2>&1 || echo FAILED")
 
 
+@pytest.mark.slow
 def test_outgoing_allowed_but_never_to_the_host(outside: str):
     before = guard_tables()
     run_dir = new_run_dir("outgoing-")

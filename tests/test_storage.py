@@ -87,6 +87,7 @@ def check_vm_clones(state: Path, images: Path, backend: str,
         srv.stop()
 
 
+@pytest.mark.slow
 def test_btrfs_snapshots_per_vm_and_nothing_left(btrfs_mount: Path):
     mnt = btrfs_mount
 
@@ -132,6 +133,7 @@ def destroy_pool(pool: str, wait: float = 30) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_zfs_clones_per_vm_and_nothing_left(zfs_pool: tuple[str, Path]):
     pool, mnt = zfs_pool
 

@@ -172,6 +172,7 @@ def test_a_template_without_the_helper_gives_identity_by_script(warm_server):
         meta_path.write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 def test_a_broken_template_falls_back_to_a_cold_boot(warm_server):
     srv, run_dir = warm_server
     tpl = wait_template(srv)
