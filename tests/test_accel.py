@@ -29,6 +29,7 @@ def test_auto_without_an_image_falls_back_to_tcg(tmp_path):
     assert choice.accel == "tcg" and "no host-arch image" in choice.reason
 
 
+@pytest.mark.slow
 @pytest.mark.vm
 def test_auto_probes_a_real_boot_once_and_caches_it(tmp_path):
     if not os.path.exists("/dev/kvm"):

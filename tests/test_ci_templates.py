@@ -147,6 +147,7 @@ def test_gitlab_component_script_runs_against_a_real_server(ci_host, tmp_path: P
     check_report(work, summary, tests=5)  # 2 VM tests x 2 OS + 1 plain
 
 
+@pytest.mark.slow
 @pytest.mark.vm
 def test_github_action_steps_run_against_a_real_server(ci_host, tmp_path: Path):
     srv, venv = ci_host

@@ -66,6 +66,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["agent", "ssh"])
 def test_push_then_get_round_trips_50mb_byte_exact(ctx: Ctx, tmp_path: Path, transport: str):
     src = tmp_path / "blob.bin"
@@ -189,6 +190,7 @@ def _accept(sock: socket.socket) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_stop_start_keeps_disk_frees_resources_and_survives_a_crash(ctx: Ctx):
     ctx.sh("echo written-before-stop > /root/keep; sync")
     ssh_port = ctx.show()["vms"][0]["ssh_port"]

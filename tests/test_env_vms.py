@@ -162,6 +162,7 @@ def _broken_image(root: Path) -> Path:
     return images
 
 
+@pytest.mark.slow
 def test_boot_failure_reports_console_tail_and_frees_everything(run_dir: Path):
     images = _broken_image(run_dir)
     srv = ServerProcess(run_dir / "state", images, extra=("--boot-timeout", "40",

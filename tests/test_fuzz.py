@@ -85,12 +85,14 @@ def _check(case, who: str) -> None:
         f"{response.text[:500]}\nreproduce: {case.as_curl_command()}")
 
 
+@pytest.mark.slow
 @server_api.parametrize()
 @FUZZ
 def test_server_never_answers_5xx(case):
     _check(case, "server")
 
 
+@pytest.mark.slow
 @proxy_api.parametrize()
 @FUZZ
 def test_proxy_never_answers_5xx(case):
@@ -129,6 +131,7 @@ OPEN_PATHS = {"/health"}
 
 
 @secured_api.parametrize()
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_with_tokens_unauthenticated_calls_are_401_and_none_is_5xx(case, secured):

@@ -93,6 +93,7 @@ def run_dir() -> Iterator:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_twenty_clients_at_one_server(run_dir):
     srv = ServerProcess(run_dir / "state", port_range="49500-49699",
                         extra=("--cpu-total", "2", "--mem-total", "1G")).start()
@@ -105,6 +106,7 @@ def test_twenty_clients_at_one_server(run_dir):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_twenty_clients_through_a_proxy(run_dir):
     servers = [ServerProcess(run_dir / f"state{i}", port_range=r,
                              extra=("--cpu-total", "1", "--mem-total", "1G")).start()

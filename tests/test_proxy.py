@@ -162,6 +162,7 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
     proxy.stop()
 
 
+@pytest.mark.slow
 def test_pytest_plugin_plain_run_unchanged_through_the_proxy(tmp_path: Path):
     servers, proxy, run_dir = start_cluster(2)
     try:

@@ -72,6 +72,7 @@ def wait_template(srv: ServerProcess, timeout: float = 600) -> dict:
     raise AssertionError("template was not built")
 
 
+@pytest.mark.slow
 def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     srv, run_dir = warm_server
     sid = srv.server_id()
