@@ -153,11 +153,11 @@ def test_an_upload_lands_only_in_the_env_it_was_allowed_for(secured):
     assert requests.delete(srv.url + "/envs/race", headers=bob, timeout=120).ok
 
 
-def test_a_token_is_held_to_its_limits_and_an_admin_is_not(secured, tmp_path: Path):
+def test_a_token_is_held_to_its_limits_and_an_admin_is_not(secured, run_dir: Path):
     """--token-max-vms: a second ENV over the limit is a 403 that says why, before
     anything is made; admin tokens are not limited; deleting makes room again."""
     _, tokens_file, tokens = secured
-    srv = ServerProcess(tmp_path / "state", port_range="47500-47999",
+    srv = ServerProcess(run_dir / "state", port_range="47500-47999",
                         extra=("--tokens-file", str(tokens_file), "--token-max-vms", "1",
                                "--token-max-mem", "1G")).start()
     alice, root = h(tokens["alice"]), h(tokens["root"])
@@ -204,14 +204,15 @@ def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
         proxy.stop()
 
 
-def test_the_proxy_never_shows_cached_views_or_hides_a_refusal(secured, tmp_path: Path):
+def test_the_proxy_never_shows_cached_views_or_hides_a_refusal(secured, tmp_path: Path,
+                                                              run_dir: Path):
     """Through ttproxy: another token's delete is the server's 403 (it was reported as a
     503 'down'); while the ENV's only server is down, its last-seen view is shown to no
     caller the proxy cannot vouch for (it was shown to callers without a token)."""
     srv, tokens_file, tokens = secured
     token_file = tmp_path / "proxy-token"
     token_file.write_text(tokens["root"] + "\n")
-    other = ServerProcess(tmp_path / "state", port_range="47500-47999",
+    other = ServerProcess(run_dir / "state", port_range="47500-47999",
                           extra=("--tokens-file", str(tokens_file))).start()
     proxy = ProxyProcess([other.address], tmp_path, extra=("--token-file", str(token_file)))
     proxy.start()

@@ -122,3 +122,15 @@ def test_config_is_saved_private_and_used(server, cfg):
 def test_openapi_spec_is_served(server):
     spec = requests.get(server.url + "/openapi.json", timeout=10).json()
     assert {"/envs", "/envs/{name}", "/envs/{name}/run", "/status"} <= set(spec["paths"])
+
+
+def test_a_state_dir_qemu_cannot_reach_stops_the_server(tmp_path):
+    """--cfgdb-path under a directory QEMU's user may not enter (pytest's tmp dirs are
+    0700): the server does not start, and names the directory. It used to start, fail
+    each warm clone with libvirt's "Permission denied" and retire the image's good
+    template from the template cache shared with other servers."""
+    srv = ServerProcess(tmp_path / "state")
+    with pytest.raises(RuntimeError, match="QEMU runs as uid .* cannot enter "):
+        srv.start(timeout=60)
+    assert f"cannot enter {tmp_path.parent.parent}" in srv.log_tail() or \
+        "chmod o+x" in srv.log_tail()

@@ -114,7 +114,7 @@ def test_outgoing_allowed_but_never_to_the_host(outside: str):
     assert guard_tables() == before
 
 
-def test_allow_outgoing_refuses_a_server_that_cannot_guard(tmp_path):
+def test_allow_outgoing_refuses_a_server_that_cannot_guard(tmp_path, run_dir):
     """nft fails (here: an nft that refuses, first on PATH): the server does not start (VMs
     would reach the host), and says why."""
     bin_dir = tmp_path / "bin"
@@ -123,7 +123,7 @@ def test_allow_outgoing_refuses_a_server_that_cannot_guard(tmp_path):
     fake.write_text("#!/bin/sh\necho 'Operation not permitted' >&2\nexit 1\n")
     fake.chmod(0o755)
     before = guard_tables()
-    srv = ServerProcess(tmp_path / "state", port_range="42500-42999",
+    srv = ServerProcess(run_dir / "state", port_range="42500-42999",
                         extra=("--allow-outgoing",),
                         env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     with pytest.raises(RuntimeError, match="--allow-outgoing: cannot keep VMs off the host"):

@@ -29,7 +29,7 @@ from .failpoints import crash_point
 from .guest import sshexec
 from .guest.ops import GuestOps
 from .guest.transport import GuestError, GuestIO
-from .host import storage
+from .host import access, storage
 from .host.ports import PortPool
 from .states import (
     CREATING,
@@ -73,6 +73,7 @@ class EnvManager:
         self.engine = engine or Engine(cfg.libvirt_uri)
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
         self.uid, self.gid = qemu_user()
+        access.check_reachable(cfg.cfgdb_path, self.uid, self.gid, "--cfgdb-path")
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
         self.io = GuestIO(self.engine, cfg)
         self.network = network.choose(cfg, self.engine, self.io.monitor, self.server_id,
