@@ -158,11 +158,11 @@ def test_zfs_clones_per_vm_and_nothing_left(zfs_pool: tuple[str, Path]):
     assert clones() == set(), datasets()
 
 
-def test_storage_choices_are_checked(tmp_path: Path):
+def test_storage_choices_are_checked(run_dir: Path):
     """Asking for a backend the host cannot give is a clear start-up error."""
     for storage, why in (("btrfs", "on one btrfs filesystem"), ("zfs", "on a mounted ZFS dataset")):
         proc = subprocess.run(
             ["python3", "-m", "ttserver.cli", "--image-path", str(IMAGE_PATH),
-             "--cfgdb-path", str(tmp_path / storage), "--storage", storage,
+             "--cfgdb-path", str(run_dir / storage), "--storage", storage,
              "--serv-port", "1"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and why in proc.stderr, proc.stderr
