@@ -5,7 +5,9 @@ storage file ... Permission denied" at the first boot."""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -16,6 +18,7 @@ def blocking_dir(path: Path, uid: int, gid: int) -> Path | None:
     uid 0 passes everywhere. Parts of `path` that do not exist yet are not judged."""
     if uid == 0:
         return None
+    groups = {gid, *_groups_of(uid)}
     path = path.absolute()
     for part in [*reversed(path.parents), path]:
         try:
@@ -26,7 +29,7 @@ def blocking_dir(path: Path, uid: int, gid: int) -> Path | None:
             return None
         if st.st_uid == uid:
             bit = stat.S_IXUSR
-        elif st.st_gid == gid or st.st_gid in _groups_of(uid):
+        elif st.st_gid in groups:
             bit = stat.S_IXGRP
         else:
             bit = stat.S_IXOTH
@@ -36,8 +39,7 @@ def blocking_dir(path: Path, uid: int, gid: int) -> Path | None:
 
 
 def _groups_of(uid: int) -> set[int]:
-    import grp
-    import pwd
+    """The supplementary groups of user `uid` (from the group database)."""
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:

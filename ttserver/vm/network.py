@@ -248,5 +248,3 @@ def choose(cfg: ServerConfig, engine: Engine, monitor: Monitor,
     # are refused (the guest's 10.0.2.2 is the host's loopback)
     guard = LocalAddressGuard(server_id, qemu_uid) if cfg.allow_outgoing else None
     return UserNetwork(cfg, engine, monitor, guard)
-
-
