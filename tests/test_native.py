@@ -245,6 +245,33 @@ def test_paths_with_spaces(native_server, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_worker_loses_no_earlier_result(native_server, tmp_path):
+    """Workers send results in batches: a worker killed after many quick tests had some
+    finished tests' results not sent yet. They come from its ledger: every earlier test
+    is reported passed, the test that killed it fails (in its call), the rest runs."""
+    project = tmp_path / "batches"
+    (project / "tests").mkdir(parents=True)
+    quick = ("import pytest\n\n\n@pytest.mark.parametrize('i', range(150))\n"
+             "def test_quick(i):\n    assert i >= 0\n")
+    (project / "tests" / "test_a.py").write_text(quick)
+    (project / "tests" / "test_b.py").write_text(
+        "import os\n\n\ndef test_kills_its_worker():\n    os._exit(3)\n")
+    (project / "tests" / "test_c.py").write_text(quick)  # the worker's queue stays long
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    proc = pytest_in(project, native_server, "--tt-os=debian-12", "-q",
+                     f"--junitxml={tmp_path / 'batches.xml'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    found = outcomes(tmp_path / "batches.xml")
+    killer = f"tests.test_b::test_kills_its_worker[{OSES[0]}]"
+    assert found == {killer: "failure", **{f"tests.test_{m}::test_quick[{OSES[0]}-{i}]":
+                                           "passed" for m in "ac" for i in range(150)}}, out
+    text = failure_texts(tmp_path / "batches.xml")[killer.split("::")[1]]
+    assert "died during its call" in text, text
+    assert native_leftovers() == []
+
+
+@pytest.mark.slow
 def test_a_vm_that_dies_fails_its_items_and_the_other_os_goes_on(native_server, tmp_path):
     """A test that powers its VM off: that test fails naming the VM's death with the
     console tail, the items that VM had not run are reported failed, the other OS runs

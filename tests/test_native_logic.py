@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import execnet
 import pytest
 
-from pytest_ttstack.native import project, wheelhouse, workdir
+from pytest_ttstack.native import events, gateways, project, wheelhouse, workdir
 from pytest_ttstack.native.controller import NativeSession, host_only_plugins
 from pytest_ttstack.native.events import phase_after, unbatching
 from pytest_ttstack.native.ids import tag, untag
@@ -289,3 +290,78 @@ def test_a_batch_of_worker_events_is_handed_on_in_order():
     receive(("tt_events", {"json": "[not json"}))
     assert [name for name, _ in got] == ["internal_error"]
     assert "unreadable" in got[0][1]["formatted_error"]
+
+
+def test_worker_gateways_start_at_once(tmp_path):
+    """xdist makes its gateways one after another; under TCG each takes ~2 s to answer,
+    so native mode starts them all at once. Each gateway's Python here waits until every
+    one of them has been started: made one after another, the first never answers."""
+    count = 3
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"touch {tmp_path}/started-$$\n"
+        f"for i in $(seq 100); do [ $(ls {tmp_path} | grep -c started-) -ge {count} ] && "
+        f"exec {sys.executable} \"$@\"; sleep 0.1; done\n"
+        "echo 'not all gateways were started' >&2; exit 1\n")
+    wrapper.chmod(0o755)
+    group = execnet.Group()
+    try:
+        specs = [execnet.XSpec(f"popen//python={wrapper}") for _ in range(count)]
+        for spec in specs:
+            group.allocate_id(spec)
+        made = gateways.make_at_once(group.makegateway, specs, rinfo=True)
+        assert sorted(made) == sorted(str(s.id) for s in specs)
+        assert {gw._rinfo().executable for gw in made.values()} == {sys.executable}
+    finally:
+        group.terminate(10)
+
+
+def test_a_dead_workers_unsent_results_are_replayed_before_its_end():
+    """Results go in batches, so a worker that dies may have finished tests whose events
+    it never sent; they are in its ledger. Before xdist hears of the end (ENDMARK) they
+    are handed on, less any whose completion did come through, so xdist blames the test
+    that was running. A worker that finished (workerfinished) has nothing to replay."""
+    def test(index: int) -> list:
+        return [["logstart", {"nodeid": f"t.py::t{index}", "location": ["t.py", index, "t"]}],
+                ["runtest_protocol_complete", {"item_index": index, "duration": 0.0}]]
+
+    note = "t.py::t3\tcall"
+    text = (note + "\n" + events.SEPARATOR + json.dumps(test(1)) + "\n"
+            + json.dumps(test(2)) + "\n" + json.dumps(test(3))[:20])  # torn last line
+    assert events.parse_ledger(text) == (note, [test(1), test(2)])
+    got: list = []
+    receive = unbatching(got.append, lambda: events.parse_ledger(text)[1])
+    receive(("tt_events", {"json": json.dumps(test(1))}))  # t1 came through
+    end = -1  # the channel's end marker: xdist's Marker.END (-1), ENDMARK before 3.6
+    receive(end)
+    assert got == [(n, events.retupled(k)) for n, k in test(1) + test(2)] + [end]
+    assert got[-2][0] == "runtest_protocol_complete"
+    assert isinstance(got[-3][1]["location"], tuple)
+
+    got.clear()
+    receive = unbatching(got.append, lambda: pytest.fail("a finished worker's ledger was read"))
+    receive(("workerfinished", {"workeroutput": {}}))
+    receive(end)
+    assert got == [("workerfinished", {"workeroutput": {}}), end]
+
+
+def test_the_ledger_read_command_prints_what_parse_ledger_reads(tmp_path, monkeypatch):
+    """The guest command (head/tail/tr) against a ledger file laid out as remote.py
+    writes it: the NUL-padded note, then unsent lines, then NULs."""
+    gateway = "gw-test"
+    path = Path(events.ledger_path(gateway))
+    line = json.dumps([["runtest_protocol_complete", {"item_index": 7}]])
+    data = bytearray(events.NOTE_SIZE + events.UNSENT_SIZE)
+    note = "t.py::é[debian-12:x86_64]\tsetup\n".encode()
+    data[:len(note)] = note
+    data[events.NOTE_SIZE:events.NOTE_SIZE + len(line) + 1] = (line + "\n").encode()
+    path.write_bytes(bytes(data))
+    try:
+        out = subprocess.run(["sh", "-c", events.read_command(gateway)], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        path.unlink()
+    assert events.parse_ledger(out) == (note.decode().rstrip("\n"), [json.loads(line)])
+    missing = subprocess.run(["sh", "-c", events.read_command(gateway)], capture_output=True)
+    assert missing.returncode == 1

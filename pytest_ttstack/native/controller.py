@@ -31,7 +31,7 @@ from ttclient.api import ApiError
 
 from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
-from . import ids, remote, wheelhouse, workdir
+from . import events, gateways, ids, remote, wheelhouse, workdir
 from .events import ledger_path, phase_after, unbatching
 from .project import GUEST_SITE, PathMap
 from .provision import Provisioner, Worker
@@ -159,10 +159,12 @@ class NativeSession:
         self.paths = PathMap(config.rootpath, config.invocation_params.dir)
         self.dead_vms: dict[str, str] = {}  # VM id -> console tail, for VMs that died
         self._crashed: dict[str, str] = {}  # gateway id -> the item its worker died in
+        self._ledgers: dict[str, tuple[str, list] | None] = {}  # gateway id -> its ledger
         self._said_count = False
         self.env: SessionEnv | None = None
         self.session: pytest.Session | None = None
         self.provisioner: Provisioner | None = None
+        self._undo_gateways: Any = None
 
     def configure(self, os_prefixes: int) -> None:
         """Turn xdist's distributed session on (before xdist's trylast pytest_configure):
@@ -202,6 +204,9 @@ class NativeSession:
 
     def cleanup(self) -> None:
         """End the SSH master connections and remove the session's key and wrappers."""
+        if self._undo_gateways is not None:
+            self._undo_gateways()
+            self._undo_gateways = None
         if self.provisioner is not None:
             self.provisioner.close()
         shutil.rmtree(self.work, ignore_errors=True)
@@ -266,8 +271,10 @@ class NativeSession:
         run_nothing = run_nothing or self.no_failures_on(worker.os_id)
         node.workerinput.update(tt_os_id=worker.os_id, tt_vm=worker.vm["name"],
                                 tt_args=args, tt_run_nothing=run_nothing, tt_site=GUEST_SITE,
-                                tt_ledger=ledger_path(node.gateway.id))
-        node.process_from_remote = unbatching(node.process_from_remote)
+                                tt_ledger=ledger_path(node.gateway.id),
+                                tt_ledger_sizes=(events.NOTE_SIZE, events.UNSENT_SIZE))
+        node.process_from_remote = unbatching(node.process_from_remote,
+                                              lambda: self._unsent(worker, node.gateway.id))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_xdist_getremotemodule(self) -> ModuleType:
@@ -286,9 +293,11 @@ class NativeSession:
                                   self._count)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """Keep the session, to correct its collected-items count, and stand between
-        xdist and the replacement of crashed workers (see _replace_worker)."""
+        """Keep the session, to correct its collected-items count, have xdist start the
+        workers' gateways at once (gateways.py), and stand between xdist and the
+        replacement of crashed workers (see _replace_worker)."""
         self.session = session
+        self._undo_gateways = gateways.install()
         dsession = self.config.pluginmanager.getplugin("dsession")
         if dsession is not None:
             clone = dsession._clone_node
@@ -323,19 +332,30 @@ class NativeSession:
         hook.pytest_runtest_logreport(report=report)
         hook.pytest_runtest_logfinish(nodeid=nodeid, location=report.location)
 
-    def _ledger(self, worker: Worker, gateway_id: str) -> str | None:
-        """The worker's ledger (see remote.py): its last event's "nodeid\twhen" line, or
-        None when its VM no longer runs commands (it died)."""
+    def _read_ledger(self, worker: Worker, gateway_id: str) -> tuple[str, list] | None:
+        """The worker's ledger (see remote.py, events.parse_ledger): its last event's
+        "nodeid\twhen" note and its finished tests not sent yet; None when its VM no
+        longer runs commands (it died). Read once per worker, when it ended."""
+        if gateway_id in self._ledgers:
+            return self._ledgers[gateway_id]
         assert self.env is not None
+        found = None
         try:
-            reply = self.env.client.run(self.env.name, f"cat {ledger_path(gateway_id)}",
+            reply = self.env.client.run(self.env.name, events.read_command(gateway_id),
                                         vms=[worker.vm["id"]], timeout=20)
             result = reply["results"][0]
+            if not result.get("error") and result.get("exit_code") in (0, 1):  # 1: none yet
+                found = events.parse_ledger(str(result.get("stdout", "")))
         except (ApiError, KeyError, IndexError):
-            return None
-        if result.get("error") or result.get("exit_code") not in (0, 1):  # 1: no ledger yet
-            return None
-        return str(result.get("stdout", "")).partition("\n")[0].strip("\0")
+            pass
+        self._ledgers[gateway_id] = found
+        return found
+
+    def _unsent(self, worker: Worker, gateway_id: str) -> list:
+        """The finished tests whose events a worker that ended without finishing had not
+        sent (for events.unbatching); [] when its VM is gone."""
+        ledger = self._read_ledger(worker, gateway_id)
+        return ledger[1] if ledger else []
 
     def _count(self, counts: dict[str, int]) -> None:
         """The items of each OS collected so far (OS -> count). xdist sets
@@ -363,16 +383,18 @@ class NativeSession:
         with contextlib.suppress(Exception):
             assert self.env is not None
             tail = self.env.client.console(self.env.name, worker.vm["id"], 30)
-        ledger = self._ledger(worker, node.gateway.id)
+        ledger = self._read_ledger(worker, node.gateway.id)
         if ledger is None:
             self.dead_vms[worker.vm["id"]] = tail
             phase = "call"
             died = "died while it ran (in which phase is not known: the VM is gone)"
             what = (f"the VM {worker.vm['name']} ({worker.os_id}) died (it no longer runs "
                     "commands): the test powered it off, or its kernel crashed; the items "
-                    "it had not run yet are reported failed")
+                    "it had not run yet are reported failed. Results travel in batches "
+                    f"(at most {remote.KEEP_AT_MOST} s of tests): in a fast suite the test "
+                    "that did it may be one that ran shortly after this one")
         else:
-            phase = phase_after(crashitem, ledger)
+            phase = phase_after(crashitem, ledger[0])
             died = f"died during its {phase}"
             what = (f"the test's worker process died on {worker.vm['name']} "
                     f"({worker.os_id}) — the test killed its process, or the VM ran out of "

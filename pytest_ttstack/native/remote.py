@@ -8,22 +8,26 @@ name the shipped copy. This shim takes the first message, keeps the guest's own
 puts in the command line the controller prepared for this VM (`workerinput["tt_args"]`),
 and then runs the guest's own `xdist.remote` unchanged. Standard library only.
 
-It also sends one message per test instead of six. A worker sends logstart, three
-reports, logfinish and protocol-complete for each test, and execnet writes each to its
-pipe at once; here that pipe is sshd's, and under TCG each write, sshd's wake-up and its
-SSH packet cost about 3.5 ms, and execnet's pure-Python encoding of a report about 1 ms
-(sampled in a Debian 12 guest). Here a test's events (`BATCHED`) are kept and sent as one
-`tt_events` message, JSON-encoded (C-accelerated; reports are JSON-safe by pytest's
-contract, as pytest-reportlog relies on), when the test is complete: before the next
-test's code runs, so a test that kills its worker never takes an earlier test's results
-with it. Any other event sends the kept ones first; a test that runs long has its start
-sent after at most `KEEP_AT_MOST` seconds. Reports with `record_property` values (any
-Python value) go as they are, through execnet.
+It also sends a batch of events per message instead of one message per event. A worker
+sends logstart, three reports, logfinish and protocol-complete for each test, and execnet
+writes each to its pipe at once; here that pipe is sshd's, and under TCG each write,
+sshd's wake-up and its SSH packet cost about 3.5 ms, and execnet's pure-Python encoding
+of a report about 1 ms (sampled in a Debian 12 guest). Here events (`BATCHED`) are kept
+and sent as one `tt_events` message, JSON-encoded (C-accelerated; reports are JSON-safe
+by pytest's contract, as pytest-reportlog relies on): when the oldest kept event has
+waited `KEEP_AT_MOST` seconds, when the worker has fewer than `LOW_WATER` items left
+to run (the controller sends more as results come in), and before any other event.
+Reports with `record_property` values (any Python value) go as they are, through
+execnet.
 
-What a worker that dies loses is the events of the test it was running; the phase it
-was in is noted in `ledger`, a file in the VM's /run (tmpfs), mapped into memory: no
-system call per note (a `pwrite` per event on the root file system cost ~1 ms under
-TCG, sampled). The controller reads it after the crash (`events.phase_after`).
+The ledger keeps a dying worker's results: a file in the VM's /run (tmpfs), mapped into
+memory (no system call per note: a `pwrite` per event on the root file system cost ~1 ms
+under TCG, sampled). Its first part notes the last event that tells a test's phase; its
+second holds each finished test's events until they are sent, a JSON line per test.
+After a crash the controller reads both (`events.parse_ledger`): the finished tests'
+results are reported as if sent, and the phase of the test that was running is known.
+What a worker that dies loses is the events of the test it was running, unless its
+whole VM dies: then the unsent finished tests go with it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from __future__ import annotations
 from typing import Any
 
 BATCHED = ("logstart", "testreport", "logfinish", "runtest_protocol_complete")
-KEEP_AT_MOST = 0.5  # seconds
-LEDGER_SIZE = 4096  # bytes
+KEEP_AT_MOST = 0.25  # seconds
+LOW_WATER = 4  # items left to run
 
 if __name__ == "__channelexec__":
     import json
@@ -40,42 +44,64 @@ if __name__ == "__channelexec__":
     import os
     import sys
     import threading
+    import time
+
+    def _encoded(events: list) -> str | None:
+        """The events as one JSON array, or None when a report has user_properties (any
+        Python value) or is not JSON-safe: those go as they are."""
+        if any(e[1].get("data", {}).get("user_properties") for e in events):
+            return None
+        try:
+            return json.dumps(events)
+        except (TypeError, ValueError):
+            return None
 
     class _BatchingChannel:
-        """The channel, but its first receive() gives the rewritten set-up message, and the
-        events of one test go out as one message (see the module docstring)."""
+        """The channel, but its first receive() gives the rewritten set-up message, and
+        events go out in batches (see the module docstring)."""
 
-        def __init__(self, channel: object, first: object, ledger: str) -> None:
+        def __init__(self, channel: object, first: object, ledger: str,
+                     sizes: tuple[int, int]) -> None:
             self._channel = channel
             self._first: list = [first]
-            self._kept: list = []
+            self._current: list = []  # events of the test in progress, not sent
+            self._finished: list[str] = []  # JSON arrays of finished tests, not sent
+            self._since: float | None = None  # when the oldest unsent event came
+            self._queued = 0  # items received to run, less those finished or given back
+            self._no_more = False  # the controller said shutdown: no more items come
             self._lock = threading.Lock()
             self._wake = threading.Condition(self._lock)
+            self._note_size, unsent_size = sizes
             fd = os.open(ledger, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.ftruncate(fd, LEDGER_SIZE)
-                self._ledger = mmap.mmap(fd, LEDGER_SIZE)
+                os.ftruncate(fd, self._note_size + unsent_size)
+                self._ledger = mmap.mmap(fd, self._note_size + unsent_size)
             finally:
                 os.close(fd)
+            self._end = self._note_size  # where the next unsent test's line goes
             threading.Thread(target=self._flush_late, name="tt-flush", daemon=True).start()
 
         def send(self, item: object) -> None:
             with self._lock:
                 name = item[0] if isinstance(item, tuple) and item else None
-                if name in BATCHED:
-                    self._note(item)
-                    self._kept.append(item)
-                    if len(self._kept) == 1:
-                        self._wake.notify()
-                    if name == "runtest_protocol_complete":
-                        self._flush()
-                else:
+                if name not in BATCHED:
                     self._flush()
+                    if name == "unscheduled":  # worksteal: items given back
+                        self._queued -= len(item[1].get("indices", ()))  # type: ignore[index]
                     self._channel.send(item)  # type: ignore[attr-defined]
+                    return
+                self._note(item)
+                self._current.append(item)
+                self._kept()
+                if name == "runtest_protocol_complete":
+                    self._queued -= 1
+                    self._finish()
+                    if self._queued < LOW_WATER and not self._no_more:
+                        self._flush()
 
         def _note(self, item: Any) -> None:
-            """The ledger: "nodeid\twhen" of the last event that tells the phase of a test
-            (its logstart, its setup and call reports), as one line."""
+            """The ledger's note: "nodeid\twhen" of the last event that tells the phase
+            of a test (its logstart, its setup and call reports), as one line."""
             name, kwargs = item
             if name == "logstart":
                 line = f"{kwargs.get('nodeid', '')}\tlogstart"
@@ -83,34 +109,84 @@ if __name__ == "__channelexec__":
                 line = f"{kwargs['data'].get('nodeid', '')}\t{kwargs['data']['when']}"
             else:
                 return
-            data = line.encode("utf-8", "replace")[:LEDGER_SIZE - 1] + b"\n"
+            data = line.encode("utf-8", "replace")[:self._note_size - 1] + b"\n"
             self._ledger[:len(data)] = data
 
-        def _flush(self) -> None:
-            if not self._kept:
-                return
-            kept, self._kept = self._kept, []
-            try:  # user_properties may hold anything: those reports go as they are
-                text = None if any(e[1].get("data", {}).get("user_properties")
-                                   for e in kept) else json.dumps(kept)
-            except (TypeError, ValueError):
-                text = None
+        def _finish(self) -> None:
+            """The test in progress is complete: keep its events as one JSON line, in
+            the ledger too (sent at once when they are not JSON or do not fit)."""
+            events, self._current = self._current, []
+            text = _encoded(events)
             if text is None:
-                for item in kept:
-                    self._channel.send(item)  # type: ignore[attr-defined]
-            else:
+                self._flush()
+                for event in events:
+                    self._channel.send(event)  # type: ignore[attr-defined]
+                return
+            line = text.encode() + b"\n"
+            if self._end + len(line) > len(self._ledger):
+                self._flush()
+            if self._end + len(line) > len(self._ledger):
                 self._channel.send(("tt_events", {"json": text}))  # type: ignore[attr-defined]
+                return
+            self._ledger[self._end:self._end + len(line)] = line
+            self._end += len(line)
+            self._finished.append(text)
+            self._kept()
+
+        def _kept(self) -> None:
+            """Something is kept: the clock of KEEP_AT_MOST runs from its first event."""
+            if self._since is None:
+                self._since = time.monotonic()
+                self._wake.notify()
+
+        def _flush(self) -> None:
+            """Send every kept event as one message; empty the ledger's unsent part."""
+            self._since = None
+            current, self._current = self._current, []
+            raw = []
+            parts = [text[1:-1] for text in self._finished]
+            if current:
+                text = _encoded(current)
+                if text is None:
+                    raw = current
+                else:
+                    parts.append(text[1:-1])
+            if parts:
+                self._channel.send(  # type: ignore[attr-defined]
+                    ("tt_events", {"json": "[" + ",".join(parts) + "]"}))
+            for event in raw:
+                self._channel.send(event)  # type: ignore[attr-defined]
+            self._finished = []
+            if self._end > self._note_size:
+                self._ledger[self._note_size:self._end] = bytes(self._end - self._note_size)
+                self._end = self._note_size
 
         def _flush_late(self) -> None:
             with self._lock:
                 while True:
-                    while not self._kept:
+                    if self._since is None:
                         self._wake.wait()
-                    if not self._wake.wait_for(lambda: not self._kept, KEEP_AT_MOST):
-                        try:
-                            self._flush()
-                        except (OSError, ValueError):  # closed: the gateway is going away
-                            return
+                        continue
+                    wait = self._since + KEEP_AT_MOST - time.monotonic()
+                    if wait > 0:
+                        self._wake.wait(wait)
+                        continue
+                    try:
+                        self._flush()
+                    except (OSError, ValueError):  # closed: the gateway is going away
+                        return
+
+        def setcallback(self, callback: Any, **kwargs: Any) -> object:
+            """The channel's, counting the items the controller sends to run."""
+            def counted(command: object) -> None:
+                if isinstance(command, tuple) and len(command) == 2:
+                    with self._lock:
+                        if command[0] == "runtests":
+                            self._queued += len(command[1].get("indices", ()))
+                        elif command[0] in ("runtests_all", "shutdown"):  # all sent
+                            self._no_more = True
+                callback(command)
+            return self._channel.setcallback(counted, **kwargs)  # type: ignore[attr-defined]
 
         def receive(self, *args: object, **kwargs: object) -> object:
             if self._first:
@@ -169,6 +245,7 @@ if __name__ == "__channelexec__":
     # xdist names a basetemp under the *host's* temp dir; the guest's default is right
     option_dict.pop("basetemp", None)
     first = (workerinput, args, option_dict, None)  # None: keep sys.path, add the cwd
-    batching = _BatchingChannel(channel, first, workerinput["tt_ledger"])  # type: ignore[name-defined]  # noqa: F821
+    batching = _BatchingChannel(channel, first, workerinput["tt_ledger"],  # type: ignore[name-defined]  # noqa: F821
+                                tuple(workerinput["tt_ledger_sizes"]))
     exec(code, {"__name__": "__channelexec__",  # noqa: S102 - xdist's own worker code
                 "channel": batching})
