@@ -26,14 +26,43 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
-def serve(app: Any, host: str, port: int, on_stop: Callable[[], None]) -> None:
+def add_http_timeout_options(parser: Any) -> None:
+    """`--http-header-timeout` and `--http-body-timeout` (seconds; into
+    `http_header_timeout`, `http_body_timeout`) on a daemon's argparse parser."""
+    parser.add_argument("--http-header-timeout", type=_seconds, default=60.0, metavar="S",
+                        help="close a connection whose request headers are not complete S "
+                             "seconds after they began (slowloris; default 60, as nginx)")
+    parser.add_argument("--http-body-timeout", type=_seconds, default=60.0, metavar="S",
+                        help="close a connection whose request body sends nothing for S "
+                             "seconds (default 60, as nginx)")
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds, more than 0 and at most 86400, "
+                                         f"got {text!r}")
+    return value
+
+
+def serve(app: Any, host: str, port: int, on_stop: Callable[[], None],
+          header_timeout: float = 60.0, body_timeout: float = 60.0) -> None:
     """Serve the ASGI `app` with uvicorn on host:port until SIGTERM or Ctrl-C, then call
-    `on_stop`."""
+    `on_stop`. Connections whose request headers or body stall are closed after
+    `header_timeout` / `body_timeout` seconds (timed_h11.py)."""
     import uvicorn
+
+    from .timed_h11 import with_deadlines
 
     exit_on_sigterm()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    http=with_deadlines(header_timeout, body_timeout))
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:

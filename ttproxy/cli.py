@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ttclient.config import parse_server
 from ttclient.guard import add_allowed_host_option
+from ttclient.serving import add_http_timeout_options
 
 
 def _server_set(text: str) -> list[str]:
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file holding the proxy's own (admin) token, for servers that require"
                         " tokens; clients' tokens are passed through (or $TTPROXY_TOKEN)")
     add_allowed_host_option(p, "proxy")
+    add_http_timeout_options(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return p
 
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     servers.start()  # first round is synchronous: known ENVs are learnt before serving
     host, port = args.proxy_addr
     serve(create_app(proxy, host, tuple(args.allowed_host)), host, port,
-          on_stop=servers.stop)
+          on_stop=servers.stop, header_timeout=args.http_header_timeout,
+          body_timeout=args.http_body_timeout)
     return 0
 
 

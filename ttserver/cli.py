@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ttclient.guard import add_allowed_host_option
+from ttclient.serving import add_http_timeout_options
 from ttclient.units import parse_mib
 
 DEFAULT_IMAGES = "/var/lib/ttstack/images"
@@ -140,6 +141,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="serve without API tokens even if a tokens file exists, on any"
                         " address (anyone who reaches the port may run code in VMs)")
     add_allowed_host_option(p, "server")
+    add_http_timeout_options(p)
     p.add_argument("--libvirt-uri", default=d["libvirt_uri"],
                    help=f"libvirt connection (default {d['libvirt_uri']})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
@@ -305,7 +307,8 @@ def serve_main(argv: list[str]) -> int:
         logging.getLogger("ttserver").warning("no API tokens: the API is open to every"
                                               " caller that reaches %s", cfg.serv_addr)
     serve(create_app(manager, tokens, tuple(args.allowed_host)), cfg.serv_addr, cfg.serv_port,
-          on_stop=manager.stop_background)
+          on_stop=manager.stop_background, header_timeout=args.http_header_timeout,
+          body_timeout=args.http_body_timeout)
     return 0
 
 
