@@ -5,6 +5,7 @@ uvicorn alone kept such connections open for good (slowloris)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
         proc = ProxyProcess([f"127.0.0.1:{free_port()}"], run_dir, extra=timeouts).start()
     yield proc
     proc.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def connect(proc: DaemonProcess) -> socket.socket:
