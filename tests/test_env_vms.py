@@ -106,6 +106,23 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
             assert got.content == payload
         bad = requests.put(srv.url + "/envs/e2e/files", params={"path": "relative"}, data=b"x")
         assert bad.status_code == 400
+        # get refuses what is not a regular file (it read /dev/zero into the server's memory
+        # without end; a FIFO with no writer stuck the agent) and files over the 1 GiB a
+        # get may carry (a sparse file made them), by either way in
+        assert all(r["exit_code"] == 0 for r in run(
+            srv, "e2e", "mkfifo /root/fifo && truncate -s 3G /root/sparse"))
+        vm0 = f"{srv.url}/envs/e2e/vms/{vms[0]['id']}/files"
+        for use_ssh in (False, True):
+            for path, kind, status in (("/dev/zero", "character special file", 400),
+                                       ("/root/fifo", "fifo", 400), ("/root", "directory", 400),
+                                       ("/root/sparse", "3221225472 bytes", 413)):
+                got = requests.get(vm0, params={"path": path, "use_ssh": use_ssh}, timeout=60)
+                assert got.status_code == status and kind in got.text, (path, got.text)
+        got = requests.get(vm0, params={"path": "/root/none"}, timeout=60)
+        assert got.status_code == 404 and "No such file" in got.text, got.text
+        cli = tt(srv.address, "env", "get", "e2e", "--remote", "/dev/zero",
+                 "--local", str(run_dir / "zero"))
+        assert cli.returncode == 1 and "not a regular file" in cli.stdout + cli.stderr, cli
 
         # the console log is rotated (by virtlogd, 2 MiB x 3 by default), not unbounded:
         # a VM printing 5 MB on its console leaves at most ~8 MiB, and `console` still

@@ -8,10 +8,13 @@ failing the whole request, so a command never silently runs on fewer VMs than as
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from ttclient.contract import MAX_UPLOAD
 
 from ..db import StateDB, VMRow
 from ..errors import BadRequest, Conflict, NotFound, TTError
@@ -116,9 +119,30 @@ class GuestOps:
         row = self.running_vms(name, [vm])[0]
         try:
             _check_alive(row)
+            kind, size = self._file_kind(row, path, use_ssh)
+        except GuestError as exc:
+            raise TTError(f"cannot read {path} from {vm}: {exc}", status=404) from exc
+        if kind != "regular file":  # /dev/zero, a FIFO: read without end, or block
+            raise BadRequest(f"cannot get {path} from {vm}: it is a {kind}, not a regular "
+                             f"file (copy it to a file first, e.g. with 'tt env run')")
+        if size > MAX_UPLOAD:  # the whole file is held in memory, as a push's body is
+            raise TTError(f"cannot get {path} from {vm}: it is {size} bytes, over the "
+                          f"{MAX_UPLOAD} bytes a get may carry (split it in the guest, or "
+                          f"copy it with scp)", status=413)
+        try:
             return self.io.read(row, path, use_ssh)
         except GuestError as exc:
             raise TTError(f"cannot read {path} from {vm}: {exc}", status=404) from exc
+
+    def _file_kind(self, vm: VMRow, path: str, use_ssh: bool) -> tuple[str, int]:
+        """(stat's file type of the guest `path`, links followed — "regular file",
+        "directory", "character special file", "fifo", ... — and its size in bytes);
+        GuestError when it does not exist or cannot be examined."""
+        res = self.io.run(vm, f"stat -L -c '%F|%s' -- {shlex.quote(path)}", 30, use_ssh)
+        kind, _, size = res.stdout.strip().rpartition("|")
+        if res.exit_code != 0 or not size.isdigit():
+            raise GuestError(res.stderr.strip() or f"stat failed (exit {res.exit_code})")
+        return kind, int(size)
 
 
 def _fan_out(vms: list[VMRow], fn: Callable[[VMRow], dict], limit: int) -> list[dict]:
