@@ -135,3 +135,41 @@ def test_expired_env_goes_within_seconds_without_any_client(host: Host):
         assert time.monotonic() - started < 20, "expired ENV still there"
         time.sleep(0.5)
     assert leftovers(host.sid, host.state, ports)["ports"] == []
+
+
+@pytest.mark.slow
+def test_a_delete_waits_for_a_boot_stuck_in_a_step(host: Host):
+    """A boot in a step that cannot be interrupted (a slow disk, a libvirt call that
+    hangs; here a stall point) outlives the delete's 60 s wait for it. The delete used to
+    tear down then anyway, racing the boot (a disk or domain made after the teardown, with
+    no record); now it answers 503, the ENV stays `deleting`, and the server finishes the
+    delete once the boot has ended, leaving nothing behind."""
+    keeper = requests.get(host.srv.url + "/envs/keeper", timeout=10).json()
+    host.srv.stop(clean=False)  # the keeper stays, to be adopted
+    host.srv = ServerProcess(host.state, port=host.port, port_range=PORTS,
+                             env={"TTSERVER_STALL_AT": "boot.overlay_created:75"}).start()
+    try:
+        resp = host.post("/envs", json={"name": "stuck", "os_prefix": ["debian-12"]})
+        assert resp.status_code == 202, resp.text
+        ports = victim_ports(resp.json())
+        started = time.monotonic()
+        while "stall point boot.overlay_created" not in host.srv.log_tail(200):
+            assert time.monotonic() - started < 120, host.srv.log_tail()
+            time.sleep(0.5)
+        gone = requests.delete(host.srv.url + "/envs/stuck", timeout=180)
+        assert gone.status_code == 503, gone.text
+        assert "its boot has not stopped after 60s" in gone.text, gone.text
+        view = requests.get(host.srv.url + "/envs/stuck", timeout=10).json()
+        assert view["state"] == "deleting", view
+        while requests.get(host.srv.url + "/envs/stuck", timeout=10).status_code != 404:
+            assert time.monotonic() - started < 200, host.srv.log_tail()
+            time.sleep(1)
+        keeper_vm = keeper["vms"][0]
+        found = leftovers(host.sid, host.state, ports)
+        assert (found["domains"], found["dirs"], found["ports"]) == (
+            [f"tt-{keeper_vm['id']}"], [keeper_vm["id"]], []), found
+        assert len(found["processes"]) == 1, "only the keeper's QEMU may run"
+        assert host.keeper_answers()
+    finally:
+        host.srv.stop(clean=False)
+        host.restart()

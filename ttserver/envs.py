@@ -54,6 +54,7 @@ from .warm.snapshots import Templates, fingerprint
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 30.0
+BOOT_STOP_TIMEOUT = 60.0  # seconds a delete waits for a cancelled boot to stop
 
 
 @dataclass
@@ -256,8 +257,8 @@ class EnvManager:
     def delete(self, name: str) -> None:
         """Cancel any boot in flight, tear down every VM of the ENV and drop its records;
         NotFound when there is no such ENV. TTError 503 when a VM's QEMU could not be
-        ended: the ENV stays (`deleting`, with the error) holding that VM, and the reaper
-        tries again."""
+        ended, or the boot did not stop within BOOT_STOP_TIMEOUT: the ENV stays
+        (`deleting`, with the error), and the reaper tries again (after the boot ended)."""
         env = self._env(name)
         self.db.set_env(name, state=DELETING)
         crash_point("delete.marked")
@@ -265,7 +266,13 @@ class EnvManager:
             boot = self._boots.get(name)
         if boot:
             boot.cancel.set()
-            boot.thread.join(timeout=60)
+            boot.thread.join(timeout=BOOT_STOP_TIMEOUT)
+            if boot.thread.is_alive():  # in a step that cannot be interrupted: tearing
+                # down now would race it (a domain or disk made after the teardown)
+                error = (f"its boot has not stopped after {BOOT_STOP_TIMEOUT:.0f}s (a step "
+                         "that cannot be interrupted); the delete finishes once it has")
+                self.db.set_env(name, state=DELETING, error=error)
+                raise TTError(f"ENV {name!r} is not deleted yet: {error}", status=503)
         with self._env_lock(name):  # a stop or update in flight finishes first
             stuck = self.cleanup.teardown_vms(self.db.vms_of(env.name), keep_rows=False)
             if stuck:
@@ -403,6 +410,12 @@ class EnvManager:
         """Remove retired warm-clone templates that no VM disk is a clone of any more."""
         return self.templates.collect([Path(vm.dir) for vm in self.db.all_vms()])
 
+    def _booting(self, name: str) -> bool:
+        """True while a boot thread of the ENV runs (a delete waits for it to end)."""
+        with self._boots_lock:
+            boot = self._boots.get(name)
+        return boot is not None and boot.thread.is_alive()
+
     def reap_expired(self) -> list[str]:
         """Delete every ENV past its expiry, and retry deletes that could not end a VM;
         the names deleted."""
@@ -410,7 +423,8 @@ class EnvManager:
         gone = []
         for env in self.db.list_envs():
             stuck = env.state == DELETING and env.error and not self._env_lock(
-                env.name).locked()  # a delete that could not end a VM: try again
+                env.name).locked() and not self._booting(env.name)  # a delete that
+            # could not end a VM or waited for its boot: try again
             if (env.expires_at <= now and env.state != DELETING) or stuck:
                 log.info("ENV %s %s; deleting", env.name, "expired" if not stuck else
                          "still holds a VM")

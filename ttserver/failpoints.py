@@ -3,6 +3,9 @@
 `TTSERVER_FAIL_AT=teardown.destroy:2` makes the first two passes through a fail point raise
 (an operation that fails, the server lives on).
 
+`TTSERVER_STALL_AT=boot.overlay_created:75` makes a crash point wait 75 seconds instead
+(a step that takes long and cannot be interrupted: a slow disk, a libvirt call that hangs).
+
 `TTSERVER_CRASH_AT=create.admitted,delete.marked ttserver ...` makes the process exit at
 once (status 70, no clean-up, like `kill -9`) when it reaches one of those points. Unset —
 always, outside tests — a crash point is a set lookup. The points sit where a crash leaves
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 EXIT_STATUS = 70
@@ -31,6 +35,8 @@ def _fail_counts() -> dict[str, int]:
 
 
 FAILING = _fail_counts()
+STALLS = {name: float(seconds) for name, _, seconds in (
+    item.partition(":") for item in os.environ.get("TTSERVER_STALL_AT", "").split(",") if item)}
 FAIL_POINTS = ("teardown.destroy",)
 
 
@@ -49,7 +55,11 @@ def fail_point(name: str) -> None:
 
 def crash_point(name: str) -> None:
     """Exit the process at once (status 70, no clean-up) when `name` is armed in
-    $TTSERVER_CRASH_AT; otherwise nothing."""
+    $TTSERVER_CRASH_AT; wait when it is armed in $TTSERVER_STALL_AT; otherwise nothing."""
+    if name in STALLS:
+        log.warning("stall point %s reached: waiting %.0fs (TTSERVER_STALL_AT)", name,
+                    STALLS[name])
+        time.sleep(STALLS[name])
     if name in ARMED:
         log.warning("crash point %s reached: exiting now (TTSERVER_CRASH_AT)", name)
         logging.shutdown()

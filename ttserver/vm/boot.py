@@ -90,6 +90,8 @@ class VMBooter:
                 storage.make_vm_dir(vm_dir, self.uid, self.gid)
                 if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
                     return ""
+                if cancel.is_set():  # a warm clone given up because of it: no cold boot
+                    return "cancelled"
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
                 if self.clones:
                     base = self.clones.base_for(image.disk, fingerprint(image))
