@@ -26,6 +26,11 @@ from ..guest import agent
 from . import domainxml
 
 MIGRATION_TIMEOUT = 120.0
+# libvirt keepalive (virConnectSetKeepAlive): a ping after KEEPALIVE_INTERVAL s without
+# traffic; KEEPALIVE_COUNT unanswered pings close the connection, so a call to a libvirtd
+# that hangs fails after about interval * (count + 1) s instead of blocking its thread.
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,27 @@ def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_quiet_libvirt_errors, None)
+
+_event_loop_lock = threading.Lock()
+_event_loop: threading.Thread | None = None
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a daemon thread, once per
+    process. Keepalive needs it (libvirt's virConnectSetKeepAlive: "the client has to
+    implement and run an event loop"); it only applies to connections opened afterwards."""
+    global _event_loop
+    with _event_loop_lock:
+        if _event_loop is None:
+            libvirt.virEventRegisterDefaultImpl()
+            _event_loop = threading.Thread(target=_run_event_loop, name="libvirt-events",
+                                           daemon=True)
+            _event_loop.start()
 
 
 def qemu_user() -> tuple[int, int]:
@@ -74,13 +100,16 @@ class Engine:
     """VMs as transient libvirt domains on the hypervisor at `uri`; libvirt failures raise
     libvirt.libvirtError unless a method says otherwise."""
 
-    def __init__(self, uri: str = "qemu:///system") -> None:
+    def __init__(self, uri: str = "qemu:///system",
+                 keepalive: tuple[int, int] = (KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)) -> None:
         self.uri = uri
+        self.keepalive = keepalive
         self._lock = threading.Lock()
         self._conn: libvirt.virConnect | None = None
 
     def conn(self) -> libvirt.virConnect:
-        """One shared connection, reopened if libvirtd went away."""
+        """One shared connection with keepalive (`keepalive`: interval s, count), reopened
+        when libvirtd went away or stopped answering."""
         with self._lock:
             if self._conn is not None:
                 try:
@@ -88,8 +117,11 @@ class Engine:
                         return self._conn
                 except libvirt.libvirtError:
                     pass
-            self._conn = libvirt.open(self.uri)
-            return self._conn
+            ensure_event_loop()
+            conn = libvirt.open(self.uri)
+            conn.setKeepAlive(*self.keepalive)
+            self._conn = conn
+            return conn
 
     def start(self, xml: str, paused: bool = False) -> libvirt.virDomain:
         """Create and start a transient domain from its XML (`paused`: leave its CPUs
