@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,15 +11,19 @@ from ttclient.api import Client
 
 @dataclass(frozen=True)
 class RunResult:
-    """A command's outcome in one VM: exit code (None when it did not finish), output as
-    text, whether it timed out, and its seconds — the fields of the API's CommandResult
-    (ttclient/contract.py) a test needs, with the same names."""
+    """A command's outcome in one VM: exit code (None when it did not finish, 128+n when
+    signal n ended it), output as text (bytes when run with `binary=True`), whether it
+    timed out, its seconds, the signal, and whether the server's output cap cut a stream
+    — the fields of the API's CommandResult (ttclient/contract.py) a test needs, with
+    the same names."""
 
     exit_code: int | None
-    stdout: str
-    stderr: str
+    stdout: str | bytes
+    stderr: str | bytes
     timed_out: bool = False
     seconds: float = 0.0
+    signal: int | None = None
+    truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -37,8 +42,10 @@ class CommandFailed(AssertionError):
     (or timeout) and output, `result` the RunResult."""
 
     def __init__(self, result: RunResult) -> None:
-        what = "timed out" if result.timed_out else f"exited {result.exit_code}"
-        super().__init__(f"command {what}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        what = ("timed out" if result.timed_out else f"exited {result.exit_code}"
+                + (f" (signal {result.signal})" if result.signal else ""))
+        super().__init__(f"command {what}\nstdout:\n{result.stdout!s}\n"
+                         f"stderr:\n{result.stderr!s}")
         self.result = result
 
 
@@ -61,15 +68,21 @@ class VM:
         return f"<VM {self.name} {self.image} ssh={self.ssh_host}:{self.ssh_port}>"
 
     def run(self, cmd: str, timeout: float = 600, check: bool = False,
-            use_ssh: bool = False) -> RunResult:
-        """Run a shell command line in the VM (the guest's /bin/sh interprets it)."""
+            use_ssh: bool = False, binary: bool = False) -> RunResult:
+        """Run a shell command line in the VM (the guest's /bin/sh interprets it);
+        `binary`: stdout and stderr as the exact bytes printed. RuntimeError (with the
+        VM's console tail) when the VM cannot run it; CommandFailed with `check`."""
         reply = self._client.run(self.env_name, cmd, use_ssh=use_ssh, timeout=timeout,
-                                 vms=[self.id])
+                                 vms=[self.id], binary=binary)
         r = reply["results"][0]
         if r.get("error"):
             raise RuntimeError(f"{self.name}: {r['error']}")
-        result = RunResult(r["exit_code"], r["stdout"], r["stderr"], r["timed_out"],
-                           r["seconds"])
+        out: str | bytes = r["stdout"]
+        err: str | bytes = r["stderr"]
+        if binary:
+            out, err = (base64.b64decode(r.get(k) or "") for k in ("stdout_b64", "stderr_b64"))
+        result = RunResult(r["exit_code"], out, err, r["timed_out"], r["seconds"],
+                           r.get("signal"), r.get("truncated", False))
         return result.check() if check else result
 
     def put(self, local: str | Path, remote: str, mode: int | None = None) -> None:

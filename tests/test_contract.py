@@ -4,10 +4,13 @@ service's answers and errors to HTTP the same way for ttserver and ttproxy."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import BaseModel
 from starlette.testclient import TestClient
 
+from ttclient import jsonstream
 from ttclient.contract import (
     CommandResult,
     EnvCreate,
@@ -21,7 +24,7 @@ from ttclient.contract import (
 from ttclient.routes import create_app
 from ttproxy.merge import Part, merge_env, merge_results
 from ttserver.db import EnvRow, VMRow
-from ttserver.guest.agent import ExecResult
+from ttserver.guest.command import Outcome, Output
 from ttserver.views import env_view, vm_ref
 
 PROXY_ONLY = {"server", "servers"}
@@ -61,9 +64,13 @@ def test_a_proxys_merged_view_has_exactly_the_declared_fields():
 
 
 def test_command_and_file_results_have_one_shape_on_server_and_proxy():
-    on_server = {**vm_ref(vm_row()), **ExecResult(0, "out", "", False, 0.1234).to_dict(),
-                 "error": ""}
-    assert set(on_server) == fields(CommandResult, proxy=False)
+    outcome = Outcome(0, None, Output(b"out\xff", 4), Output(b"", 0), False, 0.1234)
+    for binary in (False, True):
+        on_server = json.loads(b"".join(jsonstream.dumps_iter(
+            {**vm_ref(vm_row()), **outcome.fields(binary), "error": ""})))
+        assert set(on_server) == fields(CommandResult, proxy=False)
+        CommandResult.model_validate(on_server)
+        assert on_server["escaped"] is not binary
     vms = [{"name": "e1-1", "id": "vm1", "image": "qemu:debian-12:x86_64"}]
     for kind, model in (("run", CommandResult), ("push", FileResult)):
         merged = merge_results([], {"127.0.0.1:2": vms}, kind)

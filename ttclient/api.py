@@ -160,10 +160,12 @@ class Client:
                            f"{timeout:.0f}s") from None
 
     def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600,
-            vms: list[str] | None = None) -> dict:
+            vms: list[str] | None = None, binary: bool = False) -> dict:
         """`cmd` in the ENV's VMs (all, or those named in `vms`), `timeout` seconds per VM:
-        {"env", "results": list of per-VM result dicts}."""
-        body = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout, "vms": vms}
+        {"env", "results": list of per-VM result dicts} (`binary`: output in base64)."""
+        body: dict = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout, "vms": vms}
+        if binary:
+            body["binary"] = True
         return self._call("POST", f"/envs/{name}/run", json=body, timeout=timeout + 30).json()
 
     def push(self, name: str, remote: str, data: bytes, mode: int | None = None,

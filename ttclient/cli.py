@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cmd", required=True, help="command line for the guest's /bin/sh")
     r.add_argument("--use-ssh", action="store_true", help="go through SSH, not the agent")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per VM")
+    r.add_argument("--binary", action="store_true",
+                   help="write each VM's output as the exact bytes it printed (stdout to "
+                        "stdout, stderr to stderr; the per-VM lines go to stderr)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_env_run)
 

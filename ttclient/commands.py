@@ -4,6 +4,7 @@ returning the exit code (cli.py has the parser and the exit-code rules)."""
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 import time
@@ -213,7 +214,9 @@ def cmd_env_show(args: argparse.Namespace) -> int:
 def cmd_env_run(args: argparse.Namespace) -> int:
     """`tt env run`: print each VM's output; 124 when any VM timed out, 1 when any command
     failed, else 0. CliError when no VM is running."""
-    reply = _client(args).run(args.name, args.cmd, use_ssh=args.use_ssh, timeout=args.timeout)
+    binary = getattr(args, "binary", False)
+    reply = _client(args).run(args.name, args.cmd, use_ssh=args.use_ssh, timeout=args.timeout,
+                              binary=binary)
     results = reply["results"]
     if args.json:
         _print_json(reply)
@@ -221,7 +224,22 @@ def cmd_env_run(args: argparse.Namespace) -> int:
         for r in results:
             status = ("TIMED OUT" if r["timed_out"] else
                       f"exit {r['exit_code']}" if not r.get("error") else "ERROR")
-            print(f"== {r['vm']} ({r['image']}): {status}, {r['seconds']:.2f}s")
+            if r.get("signal"):
+                status += f" (signal {r['signal']})"
+            header = f"== {r['vm']} ({r['image']}): {status}, {r['seconds']:.2f}s"
+            if r.get("truncated"):
+                header += (f" [output cut at the server's cap; printed: stdout "
+                           f"{r['stdout_bytes']} bytes, stderr {r['stderr_bytes']} bytes]")
+            if binary:
+                print(header, file=sys.stderr)
+                sys.stdout.buffer.write(base64.b64decode(r.get("stdout_b64") or ""))
+                sys.stdout.buffer.flush()
+                sys.stderr.buffer.write(base64.b64decode(r.get("stderr_b64") or ""))
+                sys.stderr.buffer.flush()
+                if r.get("error"):
+                    print("[error] " + r["error"], file=sys.stderr)
+                continue
+            print(header)
             if r["stdout"]:
                 sys.stdout.write(r["stdout"] if r["stdout"].endswith("\n") else r["stdout"] + "\n")
             if r["stderr"]:

@@ -17,6 +17,8 @@ from ttclient.units import parse_mib
 
 # Files pass through the server's memory (and the agent's base64), so uploads are bounded.
 MAX_UPLOAD = 1 << 30
+# Characters of a run's command: longer ones reach the guest as a script file, not argv.
+MAX_COMMAND = 1 << 20
 
 
 class ServiceError(Exception):
@@ -86,9 +88,11 @@ class RunRequest(BaseModel):
     """Body of POST /envs/{name}/run: a command for each VM's /bin/sh, with a per-VM timeout
     in seconds."""
 
-    cmd: str = Field(min_length=1, max_length=128 * 1024,
+    cmd: str = Field(min_length=1, max_length=MAX_COMMAND,
                      description="shell command line, run by the guest's /bin/sh")
     use_ssh: bool = False
+    binary: bool = Field(False, description="answer the exact output bytes in stdout_b64 "
+                         "and stderr_b64 (base64) instead of text")
     timeout: float = Field(600, ge=1, le=86400, description="seconds per VM")
     vms: list[str] | None = Field(None, description="only these VMs (ids, names or indexes)")
 
@@ -142,14 +146,24 @@ class EnvInfo(BaseModel):
 
 class CommandResult(BaseModel):
     """One VM's outcome of POST /envs/{name}/run. `exit_code` is None when the command
-    did not finish (timed out, or `error` says why it could not run); seconds wall time."""
+    did not finish (timed out, or `error` says why it could not run), 128+n when signal
+    n ended it; seconds wall time. Each output stream keeps at most the server's
+    --run-output-cap bytes (`truncated` when a stream printed more)."""
 
     vm: str
     id: str
     image: str
     exit_code: int | None
-    stdout: str
+    signal: int | None = Field(None, description="the signal that ended the command")
+    stdout: str = Field(description="UTF-8 text; empty with `binary`")
     stderr: str
+    escaped: bool = Field(False, description="bytes that are not UTF-8 are escaped as \\xNN "
+                          "in stdout/stderr (ask for `binary` for the exact bytes)")
+    stdout_b64: str | None = Field(None, description="with `binary`: the bytes, base64")
+    stderr_b64: str | None = None
+    stdout_bytes: int = Field(0, description="bytes the command printed on stdout, all")
+    stderr_bytes: int = 0
+    truncated: bool = Field(False, description="a stream printed more than was kept")
     timed_out: bool
     seconds: float
     error: str = Field(description="empty, or why the VM could not run it (console tail)")

@@ -28,7 +28,7 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-JSON_LIMIT = 1 << 20  # bytes of a JSON body (an ENV request is a few hundred)
+JSON_LIMIT = 8 << 20  # bytes of a JSON body: a run's 1 Mi-character command, escaped
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Protocol
 import anyio
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from . import __version__
+from . import __version__, jsonstream
 from .contract import (
     MAX_UPLOAD,
     Deleted,
@@ -240,9 +240,12 @@ def create_app(service: EnvService, names: frozenset[str],
         return service.delete(who, name)
 
     @app.post("/envs/{name}/run", response_model=RunAnswer, response_model_exclude_unset=True)
-    def run(name: str, body: RunRequest, who: Caller, request: Request) -> dict:
+    def run(name: str, body: RunRequest, who: Caller, request: Request) -> Response:
         with busy.hold(request):
-            return {"env": name, "results": service.run(who, name, body)}
+            results = service.run(who, name, body)
+        # written a piece at a time: the output a run keeps is held once (jsonstream)
+        return StreamingResponse(jsonstream.dumps_iter({"env": name, "results": results}),
+                                 media_type="application/json")
 
     @app.put("/envs/{name}/files", response_model=PushAnswer, response_model_exclude_unset=True)
     async def push(name: str, request: Request, who: Caller,

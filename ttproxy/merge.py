@@ -84,7 +84,9 @@ def merge_results(replies: list[tuple[str, dict]], down: dict[str, list[dict]],
             base = {"vm": vm["name"], "id": vm["id"], "image": vm["image"], "server": address,
                     "error": f"server {address} is down"}
             if kind == "run":
-                base.update(exit_code=None, stdout="", stderr="", timed_out=False, seconds=0.0)
+                base.update(exit_code=None, signal=None, stdout="", stderr="", escaped=False,
+                            stdout_b64=None, stderr_b64=None, stdout_bytes=0, stderr_bytes=0,
+                            truncated=False, timed_out=False, seconds=0.0)
             else:
                 base.update(bytes=0, seconds=0.0)
             out.append(base)

@@ -404,7 +404,8 @@ class Proxy:
         """Run a RunRequest body (dict) on the selected VMs: list of per-VM result dicts,
         sorted by VM index, with `server`; VMs on down servers get error results."""
         return self._fan_vms(name, body.get("vms"), "run", lambda m, vms: self._c(m).run(
-            name, body["cmd"], body.get("use_ssh", False), body.get("timeout", 600), vms))
+            name, body["cmd"], body.get("use_ssh", False), body.get("timeout", 600), vms,
+            body.get("binary", False)))
 
     def push(self, name: str, path: str, data: bytes, mode: int | None,
              only: list[str] | None, use_ssh: bool) -> list[dict]:

@@ -101,6 +101,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-timeout", type=float, default=d["boot_timeout"],
                    help=f"seconds a VM may take until its guest agent answers (default "
                         f"{d['boot_timeout']:.0f})")
+    p.add_argument("--run-output-cap", type=_mib, default=d["run_output_cap"] >> 20,
+                   metavar="SIZE", help="bytes of each output stream a run keeps; more is "
+                   f"cut and flagged truncated (MiB or a suffix; default "
+                   f"{d['run_output_cap'] >> 20} MiB)")
     p.add_argument("--life-time", type=int, default=d["default_life_time"],
                    help=f"default ENV lifetime in seconds (default {d['default_life_time']})")
     p.add_argument("--token-max-vms", type=int, default=d["token_max_vms"], metavar="N",
@@ -270,6 +274,7 @@ def serve_main(argv: list[str]) -> int:
                        serv_port=args.serv_port, accel=args.accel,
                        port_first=args.port_range[0], port_last=args.port_range[1],
                        boot_timeout=args.boot_timeout, default_life_time=args.life_time,
+                       run_output_cap=args.run_output_cap << 20,
                        libvirt_uri=args.libvirt_uri, allow_outgoing=args.allow_outgoing,
                        warm_clones=args.warm_clones, network=args.network,
                        template_cache=(args.template_cache.resolve()

@@ -23,6 +23,7 @@ class ServerConfig:
     port_first: int = 40000
     port_last: int = 49999
     boot_timeout: float = 300.0
+    run_output_cap: int = 64 << 20  # bytes kept of each output stream of a run
     default_life_time: int = 6 * 3600
     max_life_time: int = 7 * 24 * 3600
     libvirt_uri: str = "qemu:///system"

@@ -86,7 +86,8 @@ class LocalService:
 
     def run(self, caller: Principal, name: str, body: RunRequest) -> list[dict]:
         self._owned(caller, name)
-        return self.manager.guest.run(name, body.cmd, body.use_ssh, body.timeout, body.vms)
+        return self.manager.guest.run(name, body.cmd, body.use_ssh, body.timeout, body.vms,
+                                      body.binary)
 
     def may_push(self, caller: Principal, name: str) -> None:
         self._owned(caller, name)

@@ -11,6 +11,8 @@ import pytest
 
 def test_runs_on_every_os(tt_vm):
     assert tt_vm.run("uname -m").stdout == "x86_64\n"
+    raw = tt_vm.run(r"printf '\377\000'; kill -9 $$", binary=True)
+    assert (raw.stdout, raw.exit_code, raw.signal) == (b"\xff\x00", 137, 9)
     out = os.environ.get("SAMPLE_OUT")
     if out:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")

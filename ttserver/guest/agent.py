@@ -7,6 +7,7 @@ soon as the guest's userspace is up (seconds before sshd). Every call has a dead
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,10 +18,16 @@ import libvirt_qemu
 
 from ttclient.waiting import WaitTimeout, wait_for
 
+from . import command as cmdspec
+
 # Bytes per guest-file-write: larger messages (~200 KiB+ of base64) to the guest make the
 # agent channel stall under libvirt 9 / qemu-ga 7 (measured), so writes go in small chunks.
 WRITE_CHUNK = 96 * 1024
 READ_CHUNK = 1 << 20  # replies from the guest have no such limit
+# A run's output is read in smaller pieces: each piece passes through libvirt's reply, its
+# JSON and base64 (about 4x its size at once), and the output itself must stay the bulk
+# of what a run holds (tests/test_guest_io.py measures it).
+OUTPUT_PIECE = 256 * 1024
 
 
 class AgentError(RuntimeError):
@@ -30,14 +37,15 @@ class AgentError(RuntimeError):
 
 @dataclass
 class ExecResult:
-    """A command's outcome: exit code (the signal number when killed, None when it did not
-    finish), output as text, whether it timed out, and its seconds."""
+    """A command's outcome: exit code (128+n when signal n ended it, None when it did not
+    finish), output as text, whether it timed out, its seconds, and the signal."""
 
     exit_code: int | None
     stdout: str
     stderr: str
     timed_out: bool
     seconds: float
+    signal: int | None = None
 
     def to_dict(self) -> dict:
         """The fields as a dict, `seconds` rounded to milliseconds."""
@@ -85,9 +93,10 @@ def exec_argv(dom: libvirt.virDomain, argv: list[str], *, timeout: float,
         status = command(dom, "guest-exec-status", {"pid": pid})
         if not status.get("exited"):
             return None
-        return ExecResult(status.get("exitcode", status.get("signal")),
+        signal = status.get("signal")
+        return ExecResult(128 + signal if signal is not None else status.get("exitcode"),
                           _decode(status.get("out-data")), _decode(status.get("err-data")),
-                          False, time.monotonic() - started)
+                          False, time.monotonic() - started, signal)
 
     try:  # most commands take milliseconds in the guest: poll fast, then back off
         return wait_for(exited, timeout, interval=0.005, backoff=1.5, max_interval=0.1,
@@ -96,30 +105,75 @@ def exec_argv(dom: libvirt.virDomain, argv: list[str], *, timeout: float,
         return ExecResult(None, "", "", True, time.monotonic() - started)
 
 
-def run_shell(dom: libvirt.virDomain, cmd: str, timeout: float) -> ExecResult:
-    """Run a shell command line in the guest, as `tt env run --cmd` promises.
+def run_command(dom: libvirt.virDomain, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
+    """Run a user's command in the guest as guest/command.py describes: its outcome, with
+    at most `spec.cap` bytes of each stream; AgentError when the agent fails."""
+    started = time.monotonic()
+    if spec.cmd_file:
+        write_file(dom, spec.cmd_file, spec.cmd.encode())
+    res = exec_argv(dom, spec.argv(), timeout=spec.timeout + cmdspec.KILL_AFTER + 5)
+    exit_code, signal, timed_out = cmdspec.settle(
+        None if res.timed_out else res.exit_code, res.signal, res.seconds, spec.timeout)
+    if timed_out:
+        with contextlib.suppress(AgentError):
+            exec_argv(dom, spec.sweep_argv(), timeout=30)
+    try:
+        stdout = read_capped(dom, spec.out_path, spec.cap)
+        stderr = read_capped(dom, spec.err_path, spec.cap)
+    except AgentError:
+        if exit_code is None:
+            raise
+        # the shell could not open its files (it said why on the agent's own pipes)
+        stdout = cmdspec.Output(res.stdout.encode(), len(res.stdout.encode()))
+        stderr = cmdspec.Output(res.stderr.encode(), len(res.stderr.encode()))
+    return cmdspec.Outcome(exit_code, signal, stdout, stderr, timed_out,
+                           time.monotonic() - started)
 
-    The string goes to the *guest's* /bin/sh on purpose (pipes, globs and `cd` work as users
-    expect); it never touches a host shell. coreutils `timeout` in the guest kills it at the
-    deadline so nothing keeps running in the VM after we report a timeout.
-    """
-    return settle_timeout(exec_argv(dom, bounded(cmd, timeout), timeout=timeout + 5), timeout)
+
+def read_capped(dom: libvirt.virDomain, path: str, cap: int) -> cmdspec.Output:
+    """The first `cap` bytes of the guest file `path` (OUTPUT_PIECE at a time) and its size;
+    a file over cmdspec.TRIM_OVER bytes is emptied after. AgentError.
+
+    Past the first piece the file's size is asked first and the buffer made at its final
+    length: a buffer grown piece by piece may be copied whole when it moves."""
+    handle = command(dom, "guest-file-open", {"path": path, "mode": "rb"})
+
+    def read(count: int) -> tuple[bytes, bool]:
+        res = command(dom, "guest-file-read", {"handle": handle, "count": count}, timeout=60)
+        return (base64.b64decode(res.get("buf-b64", "")),
+                bool(res.get("eof")) or not res.get("count"))
+
+    def seek(offset: int, whence: str) -> int:
+        return command(dom, "guest-file-seek",
+                       {"handle": handle, "offset": offset, "whence": whence})["position"]
+
+    try:
+        first, eof = read(min(OUTPUT_PIECE, cap))
+        if eof or len(first) >= cap:
+            size = len(first) if eof else seek(0, "end")
+            return _trimmed(dom, path, cmdspec.Output(first, size))
+        size = seek(0, "end")
+        seek(len(first), "set")
+        data = bytearray(min(size, cap))
+        data[:len(first)] = first
+        got = len(first)
+        while got < len(data) and not eof:
+            piece, eof = read(min(OUTPUT_PIECE, len(data) - got))
+            data[got:got + len(piece)] = piece
+            got += len(piece)
+        del data[got:]  # a file that shrank meanwhile
+    finally:
+        command(dom, "guest-file-close", {"handle": handle})
+    return _trimmed(dom, path, cmdspec.Output(data, max(size, got)))
 
 
-def bounded(cmd: str, timeout: float) -> list[str]:
-    """argv running `cmd` in the guest's /bin/sh under coreutils `timeout`: the guest ends
-    it at the deadline itself, whatever becomes of the channel we started it through."""
-    return ["/usr/bin/timeout", "--kill-after=2", str(max(1, int(timeout))), "/bin/sh", "-c",
-            cmd]
+def _trimmed(dom: libvirt.virDomain, path: str, out: cmdspec.Output) -> cmdspec.Output:
+    """`out`, after emptying the guest file `path` when it is over cmdspec.TRIM_OVER."""
+    if out.size > cmdspec.TRIM_OVER:
+        command(dom, "guest-file-close",
+                {"handle": command(dom, "guest-file-open", {"path": path, "mode": "wb"})})
+    return out
 
-
-def settle_timeout(res: ExecResult, timeout: float) -> ExecResult:
-    """A `bounded` command that `timeout` ended (124 at the deadline) timed out."""
-    if res.exit_code == 124 and res.seconds >= timeout - 0.5:
-        res.timed_out = True
-    if res.timed_out:
-        res.exit_code = None  # the command never finished: it has no exit code
-    return res
 
 
 def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") -> None:

@@ -21,10 +21,12 @@ from ..errors import BadRequest, Conflict, NotFound, TTError
 from ..states import FAILED, READY, RUNNING
 from ..views import vm_ref, vm_refs
 from ..vm.libvirt_domains import console_tail
+from .command import Outcome, Output
 from .transport import GuestError, GuestIO
 
 GUEST_PATH = re.compile(r"/[^\0]{0,4095}")  # fullmatch
 MAX_PARALLEL_RUNS = 16
+NOT_RUN = Outcome(None, None, Output(b"", 0), Output(b"", 0), False, 0.0)
 # File copies move whole files through one agent channel or SSH session each; a few at a
 # time keep the host responsive (and the agent channels from starving each other).
 MAX_PARALLEL_COPIES = 4
@@ -70,10 +72,11 @@ class GuestOps:
         raise NotFound(f"ENV {name!r} has no VM {vm!r}")
 
     def run(self, name: str, cmd: str, use_ssh: bool, timeout: float,
-            only: list[str] | None = None) -> list[dict]:
-        """`cmd` through `sh -c` in each selected VM, in parallel: one result per VM
-        (views.vm_ref + exit_code, stdout, stderr, timed_out, seconds, error).
-        BadRequest for an empty command or a timeout outside 1..86400 s."""
+            only: list[str] | None = None, binary: bool = False) -> list[dict]:
+        """`cmd` in each selected VM's /bin/sh, in parallel: one result per VM
+        (views.vm_ref + the fields of ttclient.contract.CommandResult; `binary`: output
+        as base64 bytes). BadRequest for an empty command or a timeout outside
+        1..86400 s."""
         if not cmd.strip():
             raise BadRequest("cmd is empty")
         if not 1 <= timeout <= 24 * 3600:
@@ -84,11 +87,10 @@ class GuestOps:
             try:
                 _check_alive(vm)
                 res = self.io.run(vm, cmd, timeout, use_ssh)
-                return {**vm_ref(vm), **res.to_dict(), "error": ""}
+                return {**vm_ref(vm), **res.fields(binary), "error": ""}
             except GuestError as exc:
-                return {**vm_ref(vm), "exit_code": None, "stdout": "", "stderr": "",
-                        "timed_out": False, "seconds": 0.0, "error": f"{exc}\nconsole tail:\n"
-                        f"{console_tail(Path(vm.dir) / 'console.log')}"}
+                return {**vm_ref(vm), **NOT_RUN.fields(binary), "error": f"{exc}\n"
+                        f"console tail:\n{console_tail(Path(vm.dir) / 'console.log')}"}
 
         return _fan_out(vms, one, MAX_PARALLEL_RUNS)
 
@@ -138,10 +140,12 @@ class GuestOps:
         """(stat's file type of the guest `path`, links followed — "regular file",
         "directory", "character special file", "fifo", ... — and its size in bytes);
         GuestError when it does not exist or cannot be examined."""
-        res = self.io.run(vm, f"stat -L -c '%F|%s' -- {shlex.quote(path)}", 30, use_ssh)
-        kind, _, size = res.stdout.strip().rpartition("|")
+        res = self.io.run(vm, f"stat -L -c '%F|%s' -- {shlex.quote(path)}", 30, use_ssh,
+                          cap=64 * 1024)
+        kind, _, size = bytes(res.stdout.data).decode(errors="replace").strip().rpartition("|")
         if res.exit_code != 0 or not size.isdigit():
-            raise GuestError(res.stderr.strip() or f"stat failed (exit {res.exit_code})")
+            raise GuestError(bytes(res.stderr.data).decode(errors="replace").strip()
+                             or f"stat failed (exit {res.exit_code})")
         return kind, int(size)
 
 

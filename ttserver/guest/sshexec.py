@@ -7,16 +7,21 @@ needed in the guest), with paths quoted by shlex for the guest's shell.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import selectors
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from ttclient.waiting import wait_for
 
-from .agent import ExecResult, bounded, settle_timeout
+from . import command as cmdspec
 
 SSH_OPTS = ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 # the guest's SSH host key, pinned (read through the guest agent, or made by the server)
@@ -45,13 +50,14 @@ def host_key_pair(comment: str) -> tuple[bytes, str]:
 NOT_YET_UP = ("Connection refused", "Connection reset", "kex_exchange_identification",
               "Connection closed")
 SSHD_GRACE = 60.0
+READ_PIECE = 1 << 20
 
 
 @dataclass
 class _Raw:
     exit_code: int | None
-    stdout: bytes
-    stderr: bytes
+    stdout: bytes | bytearray
+    stderr: bytes | bytearray
     timed_out: bool
     seconds: float
 
@@ -86,15 +92,43 @@ def known_hosts_line(alias: str, public_key: str) -> str:
 
 
 def _once(t: Target, cmd: str, timeout: float, stdin: bytes | None) -> _Raw:
+    """One ssh session: its output read into growing buffers as it arrives, so what it
+    sends is held once (subprocess.communicate joins a list of pieces: twice, briefly)."""
     argv = [*t.options(), "root@" + t.host, cmd]
     started = time.monotonic()
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=max(timeout, 1.0),
-                              input=stdin if stdin is not None else b"")
-    except subprocess.TimeoutExpired as exc:
-        return _Raw(None, exc.stdout or b"", exc.stderr or b"", True,
-                    time.monotonic() - started)
-    return _Raw(proc.returncode, proc.stdout, proc.stderr, False, time.monotonic() - started)
+    deadline = started + max(timeout, 1.0)
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdin and proc.stdout and proc.stderr
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, stdin or b""), daemon=True)
+        feeder.start()
+        out, err = bytearray(), bytearray()
+        buffers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        with selectors.DefaultSelector() as sel:
+            for pipe in (proc.stdout, proc.stderr):
+                sel.register(pipe, selectors.EVENT_READ)
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    return _Raw(None, bytes(out), bytes(err), True, time.monotonic() - started)
+                for key, _ in sel.select(left):
+                    piece = os.read(key.fd, READ_PIECE)
+                    if piece:
+                        buffers[key.fd] += piece
+                    else:
+                        sel.unregister(key.fileobj)
+        try:
+            code = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return _Raw(None, out, err, True, time.monotonic() - started)
+    return _Raw(code, out, err, False, time.monotonic() - started)
+
+
+def _feed(pipe: IO[bytes], data: bytes) -> None:
+    with contextlib.suppress(OSError), pipe:  # ssh ended early: its error says why
+        pipe.write(data)
 
 
 def _with_retry(t: Target, cmd: str, timeout: float, stdin: bytes | None = None) -> _Raw:
@@ -112,13 +146,51 @@ def _with_retry(t: Target, cmd: str, timeout: float, stdin: bytes | None = None)
     return wait_for(attempt, timeout + SSHD_GRACE, interval=1, what="sshd answering")
 
 
-def run(t: Target, cmd: str, timeout: float) -> ExecResult:
-    """`cmd` under the guest's own `timeout` (as through the agent): without a TTY, sshd
-    leaves a command running when our ssh client gives up, so the guest must end it."""
-    res = _with_retry(t, shlex.join(bounded(cmd, timeout)), timeout + 5)
-    return settle_timeout(ExecResult(res.exit_code, res.stdout.decode(errors="replace"),
-                                     res.stderr.decode(errors="replace"), res.timed_out,
-                                     res.seconds), timeout)
+HEADER = b"ttstack-run"
+
+
+def run_command(t: Target, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
+    """Run a user's command in the guest as guest/command.py describes, in one SSH session
+    that also sends back at most `spec.cap` bytes of each stream; OSError when ssh fails.
+
+    The login shell of root runs the run, then prints `ttstack-run STATUS OUT ERR` (the
+    status and the sizes of both output files) and the files' first bytes. Without a TTY
+    sshd leaves a command running when our ssh client gives up, so the guest's `timeout`
+    ends it. The signal is inferred from a status over 128 (OpenSSH's client drops
+    exit-signal)."""
+    q = shlex.quote
+    out, err = q(spec.out_path), q(spec.err_path)
+    size = "{v}=$(stat -c %s -- {f} 2>/dev/null) || {v}=0; "
+    head = ('n=${v}; [ "$n" -gt {cap} ] && n={cap}; head -c "$n" -- {f} 2>/dev/null; ')
+    trim = '[ "${v}" -gt {over} ] && : > {f}; '
+    script = ((f"cat > {q(spec.cmd_file)} || exit 125; " if spec.cmd_file else "")
+              + shlex.join(spec.argv()) + "; s=$?; "
+              + size.format(v="o", f=out) + size.format(v="e", f=err)
+              + f"printf '{HEADER.decode()} %s %s %s\\n' \"$s\" \"$o\" \"$e\"; "
+              + head.format(v="o", f=out, cap=spec.cap) + head.format(v="e", f=err, cap=spec.cap)
+              + trim.format(v="o", f=out, over=cmdspec.TRIM_OVER)
+              + trim.format(v="e", f=err, over=cmdspec.TRIM_OVER) + "exit 0")
+    stdin = spec.cmd.encode() if spec.cmd_file else None
+    res = _with_retry(t, script, spec.timeout + cmdspec.KILL_AFTER + 60, stdin)
+    if res.timed_out:
+        return cmdspec.Outcome(None, None, cmdspec.Output(b"", 0), cmdspec.Output(b"", 0),
+                               True, res.seconds)
+    line, sep, _rest = bytes(res.stdout[:200]).partition(b"\n")
+    fields = line.split()
+    if not sep or len(fields) != 4 or fields[0] != HEADER or not all(
+            f.isdigit() for f in fields[1:]):
+        err_lines = res.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError(f"ssh: {err_lines[-1] if err_lines else f'exit {res.exit_code}'}")
+    status, out_size, err_size = (int(f) for f in fields[1:])
+    n_out = min(out_size, spec.cap)
+    body = memoryview(res.stdout)[len(line) + 1:]  # slices of the buffer, not copies
+    stdout = cmdspec.Output(body[:n_out], out_size)
+    stderr = cmdspec.Output(body[n_out:n_out + min(err_size, spec.cap)], err_size)
+    exit_code, signal, timed_out = cmdspec.settle(
+        status, status - 128 if 128 < status < 128 + 65 else None, res.seconds, spec.timeout)
+    if timed_out:
+        _with_retry(t, shlex.join(spec.sweep_argv()), 30)
+    return cmdspec.Outcome(exit_code, signal, stdout, stderr, timed_out, res.seconds)
 
 
 class CopyError(RuntimeError):
@@ -145,4 +217,4 @@ def read_file(t: Target, path: str, timeout: float) -> bytes:
     """The bytes of the guest's file at `path`, read within `timeout` seconds; CopyError."""
     res = _with_retry(t, f"cat -- {shlex.quote(path)}", timeout)
     _check(res, f"read {path}")
-    return res.stdout
+    return bytes(res.stdout)

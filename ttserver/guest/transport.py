@@ -20,7 +20,7 @@ from ttclient.waiting import WaitTimeout, wait_for
 from ..config import ServerConfig
 from ..db import VMRow
 from ..vm.libvirt_domains import Engine
-from . import agent, sshexec
+from . import agent, command, sshexec
 
 # Generous per-file limit for copies; agent writes go in WRITE_CHUNK pieces.
 COPY_TIMEOUT = 900.0
@@ -36,8 +36,8 @@ class Transport(Protocol):
     """One way into a running guest. Each method raises agent.AgentError,
     sshexec.CopyError or OSError on failure (GuestIO words them as GuestError)."""
 
-    def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
-        """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds."""
+    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
+        """A user's command in the guest, as guest/command.py describes."""
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         """`data` to the guest's absolute `path`, file mode `mode`."""
@@ -59,8 +59,8 @@ class AgentTransport:
             raise GuestError("VM is not running")
         return dom
 
-    def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
-        return agent.run_shell(self.domain(vm), cmd, timeout)
+    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
+        return agent.run_command(self.domain(vm), spec)
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         dom = self.domain(vm)
@@ -109,8 +109,8 @@ class SSHTransport:
         return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port, known,
                               vm.id)
 
-    def run(self, vm: VMRow, cmd: str, timeout: float) -> agent.ExecResult:
-        return sshexec.run(self._target(vm), cmd, timeout)
+    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
+        return sshexec.run_command(self._target(vm), spec)
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
@@ -130,14 +130,23 @@ class GuestIO:
         self._agent_io = AgentTransport(engine)
         self.agent: Transport = self._agent_io
         self.ssh: Transport = SSHTransport(cfg, self._agent_io)
+        self._slots = command.Slots()
 
-    def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool) -> agent.ExecResult:
-        """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds: an
-        agent.ExecResult. GuestError when the VM cannot be reached or the agent fails."""
+    def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool,
+            cap: int | None = None) -> command.Outcome:
+        """`cmd` in the guest's /bin/sh, ended by the guest at `timeout` seconds, keeping
+        at most `cap` bytes of each stream (the server's --run-output-cap when None), as
+        guest/command.py describes. GuestError when the VM cannot be reached or the agent
+        fails."""
+        slot, cookie = self._slots.acquire(vm)
+        spec = command.RunSpec(cmd, timeout, self.cfg.run_output_cap if cap is None else cap,
+                               slot, cookie)
         try:
-            return (self.ssh if use_ssh else self.agent).run(vm, cmd, timeout)
+            return (self.ssh if use_ssh else self.agent).run(vm, spec)
         except (agent.AgentError, OSError) as exc:
             raise GuestError(str(exc)) from exc
+        finally:
+            self._slots.release(vm, slot)
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int | None,
               use_ssh: bool) -> None:

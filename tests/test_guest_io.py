@@ -1,0 +1,141 @@
+"""`run` is exact and bounded for whatever a command does, through the agent and over SSH.
+
+One VM on a real ttserver with a small output cap (8 MiB). Each check failed before the
+run went through output files in the guest (ttserver/guest/command.py): big output came
+back as "VM unreachable", bytes as U+FFFD, `kill -9 $$` as 9 (agent) or 255 (SSH), a
+300 KB command as an unreachable VM, `sleep 300 & echo started` blocked until the
+timeout, a timed-out `setsid` child kept running, and a command that ignores TERM was
+reported as exit 9 rather than timed out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import ServerProcess, new_run_dir, tt, wait_env
+
+pytestmark = pytest.mark.vm
+CAP = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def vm_server() -> Iterator[ServerProcess]:
+    run_dir = new_run_dir()
+    srv = ServerProcess(run_dir / "state", port_range="49700-49899",
+                        extra=("--run-output-cap", f"{CAP >> 20}M")).start()
+    try:
+        resp = requests.post(srv.url + "/envs", json={"name": "io", "os_prefix": ["debian-12"]},
+                             timeout=30)
+        assert resp.status_code == 202, resp.text
+        env = wait_env(srv.url, "io")
+        assert env["state"] == "running", env["error"]
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(srv: ServerProcess, cmd: str, **kw) -> dict:
+    resp = requests.post(f"{srv.url}/envs/io/run", json={"cmd": cmd, **kw}, timeout=300)
+    assert resp.status_code == 200, resp.text
+    result = resp.json()["results"][0]
+    assert result["error"] == "", result["error"]
+    return result
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+def test_output_is_exact_and_bounded(vm_server: ServerProcess, use_ssh: bool):
+    srv = vm_server
+    # 5 MB arrives intact (a digest made in the guest of the very bytes printed)
+    r = run(srv, "head -c 3750000 /dev/urandom | base64 -w 0 > /root/five; "
+            "sha256sum < /root/five >&2; cat /root/five", use_ssh=use_ssh)
+    assert r["exit_code"] == 0 and len(r["stdout"]) == 5_000_000 and not r["truncated"]
+    assert hashlib.sha256(r["stdout"].encode()).hexdigest() == r["stderr"].split()[0]
+
+    # 100 MB: the first CAP bytes, flagged, the total counted; the server's peak memory
+    # grows by less than twice the cap
+    pid = srv.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM (proc(5))
+    before = rss_kib(pid, "VmRSS")
+    r = run(srv, "head -c 100000000 /dev/zero | tr '\\0' x; echo end >&2", use_ssh=use_ssh)
+    growth = (rss_kib(pid, "VmHWM") - before) * 1024
+    assert r["exit_code"] == 0 and r["truncated"] and r["stdout_bytes"] == 100_000_000
+    assert r["stdout"] == "x" * CAP and r["stderr"] == "end\n"
+    assert growth < 2 * CAP, f"server memory grew by {growth >> 20} MiB for a {CAP >> 20} MiB cap"
+
+    # bytes that are not UTF-8: escaped in text, exact with binary
+    r = run(srv, r"printf '\377\376\000ab'", use_ssh=use_ssh)
+    assert r["stdout"] == "\\xff\\xfe\x00ab" and r["escaped"]
+    r = run(srv, r"printf '\377\376\000ab'; printf '\001' >&2", use_ssh=use_ssh, binary=True)
+    assert base64.b64decode(r["stdout_b64"]) == b"\xff\xfe\x00ab"
+    assert base64.b64decode(r["stderr_b64"]) == b"\x01" and r["stdout"] == ""
+
+
+@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+def test_status_long_commands_and_what_a_command_leaves(vm_server: ServerProcess,
+                                                       use_ssh: bool):
+    srv = vm_server
+    r = run(srv, "kill -9 $$", use_ssh=use_ssh)
+    assert (r["exit_code"], r["signal"], r["timed_out"]) == (137, 9, False), r
+    r = run(srv, "exit 3", use_ssh=use_ssh)
+    assert (r["exit_code"], r["signal"]) == (3, None)
+
+    # a 300 KB command (over the 128 KiB one argv string may have) runs
+    long = "x=" + "y" * 300_000 + "; echo ${#x}"
+    r = run(srv, long, use_ssh=use_ssh)
+    assert (r["exit_code"], r["stdout"]) == (0, "300000\n"), r
+
+    # the run ends with its shell; the background child lives on
+    started = time.monotonic()
+    r = run(srv, "sleep 300 & echo started", use_ssh=use_ssh)
+    assert (r["exit_code"], r["stdout"]) == (0, "started\n")
+    assert time.monotonic() - started < 10
+    assert run(srv, "ps -eo args | grep -c '^sleep 300$'")["stdout"] == "1\n"
+    run(srv, "pkill -x sleep; true")
+
+    # a timed-out run: the output so far, and nothing of it left, setsid children too
+    r = run(srv, "setsid sleep 999 & (sleep 998 &); echo before; sleep 30", timeout=2,
+            use_ssh=use_ssh)
+    assert r["timed_out"] and r["exit_code"] is None and r["stdout"] == "before\n", r
+    assert run(srv, "ps -eo args | grep -c '^sleep 99[89]$'; true")["stdout"] == "0\n"
+
+    # a command that ignores TERM is killed 2 s later: still a timeout, not "exit 9"
+    r = run(srv, "trap '' TERM; sleep 30", timeout=2, use_ssh=use_ssh)
+    assert r["timed_out"] and r["exit_code"] is None, r
+
+
+def test_the_cli_writes_exact_bytes_and_says_what_was_cut(vm_server: ServerProcess):
+    env = {k: v for k, v in os.environ.items() if k not in ("TT_TOKEN",)}
+    env.update(TT_SERVER=vm_server.address, TT_CONFIG="/nonexistent/tt.json")
+    cli = subprocess.run([sys.executable, "-m", "ttclient.cli", "env", "run", "io", "--binary",
+                          "--cmd", r"printf '\377\000x'; printf '\376' >&2; kill -TERM $$"],
+                         capture_output=True, env=env, timeout=120)
+    assert cli.stdout == b"\xff\x00x" and cli.stderr.startswith(b"== io-0"), cli
+    assert b"exit 143 (signal 15)" in cli.stderr and b"\xfe" in cli.stderr, cli
+    assert cli.returncode == 1
+    cli = tt(vm_server.address, "env", "run", "io", "--cmd", "head -c 9000000 /dev/zero")
+    assert "output cut at the server's cap; printed: stdout 9000000 bytes" in cli.stdout, cli
+
+
+def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):
+    resp = requests.post(f"{vm_server.url}/envs/io/run", json={"cmd": "x" * (1 << 20) + "y"},
+                         timeout=60)
+    assert resp.status_code == 422 and "1048576" in resp.text, resp.text
