@@ -23,7 +23,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ServerProcess, new_run_dir, tt, wait_env
+from helpers import (
+    NOTHING_LEFT,
+    ServerProcess,
+    all_domains,
+    leftovers,
+    new_run_dir,
+    tt,
+    wait_env,
+)
 
 pytestmark = pytest.mark.vm
 CAP = 8 << 20
@@ -139,3 +147,44 @@ def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):
     resp = requests.post(f"{vm_server.url}/envs/io/run", json={"cmd": "x" * (1 << 20) + "y"},
                          timeout=60)
     assert resp.status_code == 422 and "1048576" in resp.text, resp.text
+
+
+def test_a_reboot_is_waited_for_and_a_power_off_is_noticed(vm_server: ServerProcess):
+    """Runs right after `reboot` failed as "VM unreachable" while the agent was away; a
+    guest that powered off stayed `running` on record, its CPU and memory counted."""
+    srv = vm_server
+    boot_id = run(srv, "cat /proc/sys/kernel/random/boot_id")["stdout"]
+    run(srv, "systemctl reboot")
+    deadline = time.monotonic() + 240
+    while True:  # runs wait for the agent to come back; one the guest's shutdown cut says so
+        resp = requests.post(f"{srv.url}/envs/io/run",
+                             json={"cmd": "cat /proc/sys/kernel/random/boot_id"}, timeout=300)
+        r = resp.json()["results"][0]
+        if r["error"]:
+            assert "went away while the command ran" in r["error"], r
+        else:
+            assert r["exit_code"] == 0, r
+            if r["stdout"] != boot_id:
+                break
+        assert time.monotonic() < deadline, "the guest never rebooted"
+        time.sleep(1)
+
+    env = requests.get(f"{srv.url}/envs/io", timeout=10).json()
+    domain = f"tt-{env['vms'][0]['id']}"
+    run(srv, "systemctl poweroff")
+    deadline = time.monotonic() + 120
+    while domain in all_domains():
+        assert time.monotonic() < deadline, "the guest never powered off"
+        time.sleep(0.5)
+    gone = time.monotonic()
+    while (env := requests.get(f"{srv.url}/envs/io", timeout=10).json())["state"] == "running":
+        assert time.monotonic() - gone < 10, env
+        time.sleep(0.5)
+    assert env["state"] == "stopped" and env["vms"][0]["state"] == "stopped", env
+    assert "powered off" in env["vms"][0]["error"] and "console tail" in env["vms"][0]["error"]
+    status = requests.get(f"{srv.url}/status", timeout=10).json()
+    assert (status["cpu_used"], status["mem_used_mib"]) == (0, 0), status
+    resp = requests.post(f"{srv.url}/envs/io/run", json={"cmd": "true"}, timeout=60)
+    assert resp.status_code == 409 and "stopped" in resp.json()["detail"], resp.text
+    assert requests.delete(f"{srv.url}/envs/io", timeout=120).status_code == 200
+    assert leftovers(srv.sid, srv.cfgdb, [env["vms"][0]["ssh_port"]]) == NOTHING_LEFT

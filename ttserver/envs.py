@@ -47,7 +47,7 @@ from .vm import accel as accel_mod
 from .vm import network
 from .vm.boot import VMBooter, restricted
 from .vm.cleanup import Cleanup
-from .vm.libvirt_domains import Engine, qemu_user
+from .vm.libvirt_domains import Engine, console_tail, qemu_user
 from .vm.spec import DomainRenderer
 from .warm.snapshots import Templates, fingerprint
 
@@ -393,6 +393,7 @@ class EnvManager:
             rounds += 1
             try:
                 self.reap_expired()
+                self.notice_powered_off()
                 if rounds % 15 == 0:
                     self.keep_warm()
                 if rounds % 30 == 0:
@@ -415,6 +416,50 @@ class EnvManager:
         with self._boots_lock:
             boot = self._boots.get(name)
         return boot is not None and boot.thread.is_alive()
+
+    def notice_powered_off(self) -> list[str]:
+        """VMs of running ENVs whose QEMU ended (the guest powered off, or QEMU died): each
+        becomes `stopped` with the reason and its console tail, gives its CPU and memory
+        back and keeps its disk and ports, as `stop` leaves a VM; an ENV with no running
+        VM left becomes `stopped` (a start boots it again). ENVs being changed or booted
+        are left to the next round. The VM ids."""
+        active = set(self.engine.active_domains(self.domain_prefix))
+        noticed: list[str] = []
+        for env in self.db.list_envs():
+            if env.state != READY or not any(vm.state == RUNNING and vm.domain not in active
+                                             for vm in env.vms):
+                continue
+            lock = self._env_lock(env.name)
+            if self._booting(env.name) or not lock.acquire(blocking=False):
+                continue
+            try:
+                noticed += self._settle_powered_off(env.name)
+            finally:
+                lock.release()
+        return noticed
+
+    def _settle_powered_off(self, name: str) -> list[str]:
+        env = self.db.get_env(name)  # again, under the ENV's lock
+        if env is None or env.state != READY:
+            return []
+        noticed, reason = [], ""
+        for vm in env.vms:
+            if vm.state != RUNNING or self.engine.is_running(vm.domain):
+                continue
+            reason = (f"VM {views.hostname(vm.env, vm.idx)} powered off at "
+                      f"{time.strftime('%H:%M:%S', time.gmtime())} UTC (its QEMU ended; "
+                      f"`tt env stop` + `start` boots it again); console tail:\n"
+                      f"{console_tail(Path(vm.dir) / 'console.log', 10)}")
+            log.warning("ENV %s: VM %s powered off", name, vm.id)
+            self.engine.destroy(vm.domain)  # transient: normally gone already
+            self.booter.unpublish(vm)
+            self.db.set_vm(vm.id, state=STOPPED, error=reason)
+            noticed.append(vm.id)
+        if noticed:
+            left = [vm for vm in env.vms if vm.state == RUNNING and vm.id not in noticed]
+            self.db.set_env(name, state=READY if left else ENV_STOPPED,
+                            error=reason.splitlines()[0])
+        return noticed
 
     def reap_expired(self) -> list[str]:
         """Delete every ENV past its expiry, and retry deletes that could not end a VM;

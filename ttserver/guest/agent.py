@@ -35,6 +35,11 @@ class AgentError(RuntimeError):
     pass
 
 
+class AgentUnavailable(AgentError):
+    """The agent did not take a command, so nothing of it ran (e.g. the guest reboots)."""
+    pass
+
+
 @dataclass
 class ExecResult:
     """A command's outcome: exit code (128+n when signal n ended it, None when it did not
@@ -87,7 +92,10 @@ def exec_argv(dom: libvirt.virDomain, argv: list[str], *, timeout: float,
     if stdin is not None:
         args["input-data"] = base64.b64encode(stdin).decode()
     started = time.monotonic()
-    pid = command(dom, "guest-exec", args)["pid"]
+    try:
+        pid = command(dom, "guest-exec", args)["pid"]
+    except AgentError as exc:
+        raise AgentUnavailable(str(exc)) from exc
 
     def exited() -> ExecResult | None:
         status = command(dom, "guest-exec-status", {"pid": pid})
@@ -110,8 +118,17 @@ def run_command(dom: libvirt.virDomain, spec: cmdspec.RunSpec) -> cmdspec.Outcom
     at most `spec.cap` bytes of each stream; AgentError when the agent fails."""
     started = time.monotonic()
     if spec.cmd_file:
-        write_file(dom, spec.cmd_file, spec.cmd.encode())
-    res = exec_argv(dom, spec.argv(), timeout=spec.timeout + cmdspec.KILL_AFTER + 5)
+        try:
+            write_file(dom, spec.cmd_file, spec.cmd.encode())
+        except AgentError as exc:
+            raise AgentUnavailable(str(exc)) from exc
+    try:
+        res = exec_argv(dom, spec.argv(), timeout=spec.timeout + cmdspec.KILL_AFTER + 5)
+    except AgentUnavailable:
+        raise
+    except AgentError as exc:  # it took the command, then went away
+        raise AgentError(f"the guest agent went away while the command ran (is the guest "
+                         f"rebooting or powering off?): {exc}") from exc
     exit_code, signal, timed_out = cmdspec.settle(
         None if res.timed_out else res.exit_code, res.signal, res.seconds, spec.timeout)
     if timed_out:

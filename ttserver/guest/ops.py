@@ -18,7 +18,7 @@ from ttclient.contract import MAX_UPLOAD
 
 from ..db import StateDB, VMRow
 from ..errors import BadRequest, Conflict, NotFound, TTError
-from ..states import FAILED, READY, RUNNING
+from ..states import FAILED, READY, RUNNING, STOPPED
 from ..views import vm_ref, vm_refs
 from ..vm.libvirt_domains import console_tail
 from .command import Outcome, Output
@@ -51,7 +51,8 @@ class GuestOps:
                            + (f": {env.error.splitlines()[0]}" if env.error else ""))
         # a running ENV's failed VMs were lost in a server restart: they get error rows,
         # so a command never silently runs on fewer VMs than the ENV has
-        vms = [vm for vm in env.vms if vm.state in (RUNNING, FAILED)]
+        # (and its stopped ones: their guest powered off while the ENV ran)
+        vms = [vm for vm in env.vms if vm.state in (RUNNING, FAILED, STOPPED)]
         if only:
             refs = set(only)
             picked = [vm for vm in vms if refs & vm_refs(vm)]

@@ -8,6 +8,7 @@ path users take). GuestIO raises GuestError with a message fit for users.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -19,12 +20,16 @@ from ttclient.waiting import WaitTimeout, wait_for
 
 from ..config import ServerConfig
 from ..db import VMRow
-from ..vm.libvirt_domains import Engine
+from ..vm.libvirt_domains import BootTimeout, Engine
 from . import agent, command, sshexec
 
 # Generous per-file limit for copies; agent writes go in WRITE_CHUNK pieces.
 COPY_TIMEOUT = 900.0
+# How long a run waits for an agent that did not take its command (a guest rebooting
+# under TCG is back in 15-30 s)
+REBOOT_WAIT = 120.0
 DEFAULT_FILE_MODE = 0o644
+log = logging.getLogger(__name__)
 
 
 class GuestError(RuntimeError):
@@ -60,7 +65,19 @@ class AgentTransport:
         return dom
 
     def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
-        return agent.run_command(self.domain(vm), spec)
+        """Once more after the agent answers again when it did not take the command (the
+        guest rebooting: up to REBOOT_WAIT seconds)."""
+        try:
+            return agent.run_command(self.domain(vm), spec)
+        except agent.AgentUnavailable as exc:
+            log.info("VM %s: agent did not take a command (%s); waiting for it", vm.id, exc)
+            try:
+                self.engine.wait_agent(vm.domain, REBOOT_WAIT, Path(vm.dir) / "console.log",
+                                       lambda: False)
+            except BootTimeout as late:
+                raise GuestError(f"the guest agent did not answer for {REBOOT_WAIT:.0f}s "
+                                 f"more (the guest may be rebooting or hung): {late}") from late
+            return agent.run_command(self.domain(vm), spec)
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         dom = self.domain(vm)

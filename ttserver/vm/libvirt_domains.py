@@ -247,6 +247,11 @@ class Engine:
         except (OSError, ValueError) as exc:
             log.warning("could not renice %s: %s", name, exc)
 
+    def active_domains(self, prefix: str) -> list[str]:
+        """Names of the running libvirt domains whose name starts with `prefix`."""
+        return [d.name() for d in self.conn().listAllDomains(
+            libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE) if d.name().startswith(prefix)]
+
     def domains_with_prefix(self, prefix: str) -> list[str]:
         """Names of every libvirt domain (of any state) whose name starts with `prefix`."""
         return [d.name() for d in self.conn().listAllDomains(0) if d.name().startswith(prefix)]
