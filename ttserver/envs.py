@@ -447,8 +447,8 @@ class EnvManager:
             if vm.state != RUNNING or self.engine.is_running(vm.domain):
                 continue
             reason = (f"VM {views.hostname(vm.env, vm.idx)} powered off at "
-                      f"{time.strftime('%H:%M:%S', time.gmtime())} UTC (its QEMU ended; "
-                      f"`tt env stop` + `start` boots it again); console tail:\n"
+                      f"{time.strftime('%H:%M:%S', time.gmtime())} UTC (its QEMU ended: "
+                      f"the guest shut down, or QEMU died); console tail:\n"
                       f"{console_tail(Path(vm.dir) / 'console.log', 10)}")
             log.warning("ENV %s: VM %s powered off", name, vm.id)
             self.engine.destroy(vm.domain)  # transient: normally gone already

@@ -40,6 +40,12 @@ class AgentUnavailable(AgentError):
     pass
 
 
+class AgentGone(AgentError):
+    """The agent took a command, then went away before it said how the command ended
+    (the command rebooted or powered off the guest, say)."""
+    pass
+
+
 @dataclass
 class ExecResult:
     """A command's outcome: exit code (128+n when signal n ended it, None when it did not
@@ -127,8 +133,7 @@ def run_command(dom: libvirt.virDomain, spec: cmdspec.RunSpec) -> cmdspec.Outcom
     except AgentUnavailable:
         raise
     except AgentError as exc:  # it took the command, then went away
-        raise AgentError(f"the guest agent went away while the command ran (is the guest "
-                         f"rebooting or powering off?): {exc}") from exc
+        raise AgentGone(str(exc)) from exc
     exit_code, signal, timed_out = cmdspec.settle(
         None if res.timed_out else res.exit_code, res.signal, res.seconds, spec.timeout)
     if timed_out:
@@ -145,6 +150,23 @@ def run_command(dom: libvirt.virDomain, spec: cmdspec.RunSpec) -> cmdspec.Outcom
         stderr = cmdspec.Output(res.stderr.encode(), len(res.stderr.encode()))
     return cmdspec.Outcome(exit_code, signal, stdout, stderr, timed_out,
                            time.monotonic() - started)
+
+
+def recovered(dom: libvirt.virDomain, spec: cmdspec.RunSpec,
+              seconds: float) -> cmdspec.Outcome | None:
+    """After AgentGone, once the agent answers again: the command's outcome from the
+    status its shell wrote at exit (signal inferred from a status over 128, as over SSH),
+    or None when it has none (the shell was killed, by the shutdown say). AgentError."""
+    try:
+        status = read_file(dom, spec.status_path).decode(errors="replace").strip()
+    except AgentError:
+        return None
+    if not status.isdigit():
+        return None
+    code = int(status)
+    return cmdspec.Outcome(code, code - 128 if 128 < code < 128 + 65 else None,
+                           read_capped(dom, spec.out_path, spec.cap),
+                           read_capped(dom, spec.err_path, spec.cap), False, seconds)
 
 
 def read_capped(dom: libvirt.virDomain, path: str, cap: int) -> cmdspec.Output:

@@ -44,7 +44,11 @@ TRIM_OVER = 1 << 20  # output files larger than this are emptied once read
 KILL_AFTER = 2  # seconds between timeout's TERM and KILL
 COOKIE = "TTSTACK_RUN"
 
-_PROLOGUE = f'exec >"$1" 2>"$2" </dev/null; export {COOKIE}="$3"; '
+# the shell's status also goes to <slot>.status at its exit: a run whose agent went away
+# (the command rebooted the guest) still learns how the command ended
+_PROLOGUE = (f'exec >"$1" 2>"$2" </dev/null; export {COOKIE}="$3"; '
+             "__tt_status=${1%.out}.status; : >\"$__tt_status\"; "
+             "trap 'echo $? >\"$__tt_status\"' EXIT; ")
 INLINE_SCRIPT = _PROLOGUE + 'eval "set --; $4"'
 FILE_SCRIPT = _PROLOGUE + '__tt_cmd_file=$4; set --; . "$__tt_cmd_file"'
 # every process whose environment holds the cookie, killed until none is left
@@ -72,6 +76,10 @@ class RunSpec:
     @property
     def err_path(self) -> str:
         return f"{RUN_DIR}/ttstack-run-{self.slot}.err"
+
+    @property
+    def status_path(self) -> str:
+        return f"{RUN_DIR}/ttstack-run-{self.slot}.status"
 
     @property
     def cmd_file(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -65,19 +66,34 @@ class AgentTransport:
         return dom
 
     def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
-        """Once more after the agent answers again when it did not take the command (the
-        guest rebooting: up to REBOOT_WAIT seconds)."""
+        """When the agent did not take the command (the guest rebooting), once more after
+        it answers again; when it went away during the command (the command rebooted the
+        guest), the outcome the command's shell left in the guest. Each wait for the agent
+        lasts REBOOT_WAIT seconds at most."""
+        started = time.monotonic()
         try:
             return agent.run_command(self.domain(vm), spec)
         except agent.AgentUnavailable as exc:
-            log.info("VM %s: agent did not take a command (%s); waiting for it", vm.id, exc)
-            try:
-                self.engine.wait_agent(vm.domain, REBOOT_WAIT, Path(vm.dir) / "console.log",
-                                       lambda: False)
-            except BootTimeout as late:
-                raise GuestError(f"the guest agent did not answer for {REBOOT_WAIT:.0f}s "
-                                 f"more (the guest may be rebooting or hung): {late}") from late
+            self._wait_agent(vm, f"did not take a command ({exc})")
             return agent.run_command(self.domain(vm), spec)
+        except agent.AgentGone as exc:
+            self._wait_agent(vm, f"went away while a command ran ({exc})")
+            outcome = agent.recovered(self.domain(vm), spec, time.monotonic() - started)
+            if outcome is None:
+                raise GuestError("the guest rebooted while the command ran, before it "
+                                 "finished (its agent went away)") from exc
+            return outcome
+
+    def _wait_agent(self, vm: VMRow, what: str) -> None:
+        log.info("VM %s: the guest agent %s; waiting for it", vm.id, what)
+        try:
+            self.engine.wait_agent(vm.domain, REBOOT_WAIT, Path(vm.dir) / "console.log",
+                                   lambda: False)
+        except BootTimeout as late:
+            if not self.engine.is_running(vm.domain):
+                raise GuestError(f"the guest powered off: its agent {what}") from late
+            raise GuestError(f"the guest agent {what} and did not answer for "
+                             f"{REBOOT_WAIT:.0f}s (the guest may be hung): {late}") from late
 
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         dom = self.domain(vm)
@@ -160,7 +176,7 @@ class GuestIO:
                                slot, cookie)
         try:
             return (self.ssh if use_ssh else self.agent).run(vm, spec)
-        except (agent.AgentError, OSError) as exc:
+        except (agent.AgentError, OSError, libvirt.libvirtError) as exc:
             raise GuestError(str(exc)) from exc
         finally:
             self._slots.release(vm, slot)

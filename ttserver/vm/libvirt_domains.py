@@ -265,11 +265,12 @@ class Engine:
         started = time.monotonic()
 
         def answers() -> float | None:
-            dom = self.lookup(name)
-            if dom is None or not dom.isActive():
+            if not self.is_running(name):
                 raise BootTimeout(f"VM {name} stopped while booting; console tail:\n"
                                   f"{console_tail(console)}")
-            return time.monotonic() - started if agent.ping(dom, timeout=2) else None
+            dom = self.lookup(name)
+            answered = dom is not None and agent.ping(dom, timeout=2)
+            return time.monotonic() - started if answered else None
 
         try:
             return wait_for(answers, timeout, interval=interval, cancel=cancelled,
