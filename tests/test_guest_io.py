@@ -143,6 +143,27 @@ def test_the_cli_writes_exact_bytes_and_says_what_was_cut(vm_server: ServerProce
     assert "output cut at the server's cap; printed: stdout 9000000 bytes" in cli.stdout, cli
 
 
+@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+def test_get_sends_a_big_file_a_piece_at_a_time(vm_server: ServerProcess, use_ssh: bool):
+    """A get held the whole file in the server's memory (up to 1 GiB), then its copy."""
+    srv = vm_server
+    r = run(srv, "head -c 64000000 /dev/urandom > /root/big; sha256sum < /root/big")
+    digest = r["stdout"].split()[0]
+    vm_id = requests.get(f"{srv.url}/envs/io", timeout=10).json()["vms"][0]["id"]
+    pid = srv.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = rss_kib(pid, "VmRSS")
+    got = hashlib.sha256()
+    with requests.get(f"{srv.url}/envs/io/vms/{vm_id}/files", stream=True, timeout=300,
+                      params={"path": "/root/big", "use_ssh": use_ssh}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-length"] == "64000000"
+        for piece in resp.iter_content(1 << 20):
+            got.update(piece)
+    growth = (rss_kib(pid, "VmHWM") - before) * 1024
+    assert got.hexdigest() == digest
+    assert growth < 16 << 20, f"the server grew by {growth >> 20} MiB sending 64 MB"
+
+
 def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):
     resp = requests.post(f"{vm_server.url}/envs/io/run", json={"cmd": "x" * (1 << 20) + "y"},
                          timeout=60)

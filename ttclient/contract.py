@@ -8,6 +8,8 @@ the `tt` client does not import this module, so `pip install ttstack` stays ligh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -19,6 +21,15 @@ from ttclient.units import parse_mib
 MAX_UPLOAD = 1 << 30
 # Characters of a run's command: longer ones reach the guest as a script file, not argv.
 MAX_COMMAND = 1 << 20
+
+
+@dataclass
+class Download:
+    """A file being sent: its size in bytes and its bytes, a piece at a time (the pieces
+    come from the guest as the answer is written, so a file is never held whole)."""
+
+    size: int
+    chunks: Iterator[bytes]
 
 
 class ServiceError(Exception):

@@ -23,6 +23,7 @@ from . import __version__, jsonstream
 from .contract import (
     MAX_UPLOAD,
     Deleted,
+    Download,
     EnvCreate,
     EnvInfo,
     EnvUpdate,
@@ -95,8 +96,9 @@ class EnvService(Protocol):
         """PUT /envs/{name}/files: `data` to the absolute guest `path` (octal `mode`) of
         each selected VM; one `FileResult` dict per VM."""
 
-    def pull(self, caller: Any, name: str, vm: str, path: str, use_ssh: bool) -> bytes:
-        """GET /envs/{name}/vms/{vm}/files: the bytes of one VM's guest `path`."""
+    def pull(self, caller: Any, name: str, vm: str, path: str, use_ssh: bool) -> Download:
+        """GET /envs/{name}/vms/{vm}/files: one VM's guest `path`, sent as it is read;
+        every refusal is raised before the first piece."""
 
     def console(self, caller: Any, name: str, vm: str, lines: int) -> str:
         """GET /envs/{name}/vms/{vm}/console: the last `lines` lines of its serial
@@ -267,8 +269,9 @@ def create_app(service: EnvService, names: frozenset[str],
              path: Annotated[str, Query(description="absolute path in the VM")],
              use_ssh: bool = False) -> Response:
         with busy.hold(request):
-            return Response(service.pull(who, name, vm, path, use_ssh),
-                            media_type="application/octet-stream")
+            download = service.pull(who, name, vm, path, use_ssh)
+        return StreamingResponse(download.chunks, media_type="application/octet-stream",
+                                 headers={"Content-Length": str(download.size)})
 
     @app.get("/envs/{name}/vms/{vm}/console", response_class=PlainTextResponse)
     def console(name: str, vm: str, who: Caller,

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from ttclient.contract import EnvCreate, EnvUpdate, RunRequest
+from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest
 from ttclient.guard import served_names
 from ttclient.routes import create_app as create_routes
 
@@ -88,8 +88,9 @@ class ProxyService:
              vms: list[str] | None, use_ssh: bool) -> list[dict]:
         return self.proxy.push(name, path, data, mode, vms, use_ssh)
 
-    def pull(self, caller: None, name: str, vm: str, path: str, use_ssh: bool) -> bytes:
-        return self.proxy.pull(name, vm, path, use_ssh)
+    def pull(self, caller: None, name: str, vm: str, path: str, use_ssh: bool) -> Download:
+        data = self.proxy.pull(name, vm, path, use_ssh)
+        return Download(len(data), iter([data]))
 
     def console(self, caller: None, name: str, vm: str, lines: int) -> str:
         return self.proxy.console(name, vm, lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from ttclient.contract import EnvCreate, EnvUpdate, RunRequest
+from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest
 from ttclient.guard import served_names
 from ttclient.routes import create_app as create_routes
 
@@ -97,7 +97,7 @@ class LocalService:
         self._owned(caller, name)
         return self.manager.guest.push(name, path, data, mode, vms, use_ssh)
 
-    def pull(self, caller: Principal, name: str, vm: str, path: str, use_ssh: bool) -> bytes:
+    def pull(self, caller: Principal, name: str, vm: str, path: str, use_ssh: bool) -> Download:
         self._owned(caller, name)
         return self.manager.guest.pull(name, vm, path, use_ssh)
 

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,6 +227,31 @@ def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") 
                     {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()}, timeout=60)
     finally:
         command(dom, "guest-file-close", {"handle": handle})
+
+
+def open_file(dom: libvirt.virDomain, path: str, size: int) -> Iterator[bytes]:
+    """The first `size` bytes of the guest file `path`, READ_CHUNK at a time: opened now
+    (AgentError), read and closed as the pieces are taken (AgentError then too)."""
+    handle = command(dom, "guest-file-open", {"path": path, "mode": "rb"})
+
+    def pieces() -> Iterator[bytes]:
+        got = 0
+        try:
+            while got < size:
+                res = command(dom, "guest-file-read",
+                              {"handle": handle, "count": min(READ_CHUNK, size - got)},
+                              timeout=60)
+                piece = base64.b64decode(res.get("buf-b64", ""))
+                if piece:
+                    got += len(piece)
+                    yield piece
+                if res.get("eof") or not res.get("count"):
+                    break
+        finally:
+            with contextlib.suppress(AgentError):
+                command(dom, "guest-file-close", {"handle": handle})
+
+    return pieces()
 
 
 def read_file(dom: libvirt.virDomain, path: str) -> bytes:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ttclient.contract import MAX_UPLOAD
+from ttclient.contract import MAX_UPLOAD, Download
 
 from ..db import StateDB, VMRow
 from ..errors import BadRequest, Conflict, NotFound, TTError
@@ -115,9 +115,10 @@ class GuestOps:
 
         return _fan_out(vms, one, MAX_PARALLEL_COPIES)
 
-    def pull(self, name: str, vm: str, path: str, use_ssh: bool = False) -> bytes:
-        """The bytes of the absolute guest `path` in one VM; TTError (404) when it cannot
-        be read."""
+    def pull(self, name: str, vm: str, path: str, use_ssh: bool = False) -> Download:
+        """The absolute guest `path` in one VM, read a piece at a time as it is sent (its
+        size as `stat` gave it, and at most that many bytes); TTError (404) when it cannot
+        be read, BadRequest when it is not a regular file, 413 over MAX_UPLOAD."""
         _check_guest_path(path)
         row = self.running_vms(name, [vm])[0]
         try:
@@ -133,7 +134,7 @@ class GuestOps:
                           f"{MAX_UPLOAD} bytes a get may carry (split it in the guest, or "
                           f"copy it with scp)", status=413)
         try:
-            return self.io.read(row, path, use_ssh)
+            return Download(size, self.io.open_read(row, path, size, use_ssh))
         except GuestError as exc:
             raise TTError(f"cannot read {path} from {vm}: {exc}", status=404) from exc
 

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -213,8 +214,34 @@ def write_file(t: Target, path: str, data: bytes, mode: int, timeout: float) -> 
     _check(_with_retry(t, cmd, timeout, data), f"write {path}")
 
 
-def read_file(t: Target, path: str, timeout: float) -> bytes:
-    """The bytes of the guest's file at `path`, read within `timeout` seconds; CopyError."""
-    res = _with_retry(t, f"cat -- {shlex.quote(path)}", timeout)
-    _check(res, f"read {path}")
-    return bytes(res.stdout)
+def open_file(t: Target, path: str, size: int, timeout: float) -> Iterator[bytes]:
+    """The first `size` bytes of the guest file `path` (`head -c`), READ_PIECE at a time
+    as they are taken, within `timeout` seconds; CopyError when ssh fails or ends short."""
+    argv = [*t.options(), "root@" + t.host, f"head -c {int(size)} -- {shlex.quote(path)}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+
+    def pieces() -> Iterator[bytes]:
+        got = 0
+        try:
+            assert proc.stdout and proc.stderr
+            while piece := proc.stdout.read(READ_PIECE):
+                got += len(piece)
+                yield piece
+            code = proc.wait()
+            if code != 0 or got < size:
+                err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                raise CopyError(f"read {path}: {err[-1] if err else f'exit {code}'} "
+                                f"after {got} of {size} bytes")
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe:
+                    pipe.close()
+
+    return pieces()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -48,8 +49,9 @@ class Transport(Protocol):
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         """`data` to the guest's absolute `path`, file mode `mode`."""
 
-    def read(self, vm: VMRow, path: str) -> bytes:
-        """The bytes of the guest's file at `path`."""
+    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
+        """The first `size` bytes of the guest's file at `path`, opened now and read a
+        piece at a time as they are taken."""
 
 
 class AgentTransport:
@@ -104,7 +106,11 @@ class AgentTransport:
             raise GuestError(f"chmod {mode:o} {path}: {res.stderr.strip()}")
 
     def read(self, vm: VMRow, path: str) -> bytes:
+        """The bytes of a small guest file (the agent's own: its host key)."""
         return agent.read_file(self.domain(vm), path)
+
+    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
+        return agent.open_file(self.domain(vm), path, size)
 
 
 class SSHTransport:
@@ -148,8 +154,8 @@ class SSHTransport:
     def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
         sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
 
-    def read(self, vm: VMRow, path: str) -> bytes:
-        return sshexec.read_file(self._target(vm), path, COPY_TIMEOUT)
+    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
+        return sshexec.open_file(self._target(vm), path, size, COPY_TIMEOUT)
 
 
 class GuestIO:
@@ -191,12 +197,15 @@ class GuestIO:
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
             raise GuestError(str(exc)) from exc
 
-    def read(self, vm: VMRow, path: str, use_ssh: bool) -> bytes:
-        """The bytes of the guest's file at `path`; GuestError when it cannot be read."""
+    def open_read(self, vm: VMRow, path: str, size: int, use_ssh: bool) -> Iterator[bytes]:
+        """The first `size` bytes of the guest's file at `path`, opened now and read a
+        piece at a time as they are taken; GuestError when it cannot be opened or read
+        (while reading: the answer then ends short of its Content-Length)."""
         try:
-            return (self.ssh if use_ssh else self.agent).read(vm, path)
+            pieces = (self.ssh if use_ssh else self.agent).open_read(vm, path, size)
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
             raise GuestError(str(exc)) from exc
+        return _guest_errors(pieces)
 
     def shutdown(self, vm: VMRow, timeout: float) -> bool:
         """Power the guest off through its agent (so it syncs its disk); force it off after
@@ -231,3 +240,10 @@ class GuestIO:
             raise GuestError(f"{command}: {exc.get_error_message()}") from exc
         if out.strip() and not any(phrase in out for phrase in ok):
             raise GuestError(f"{command}: {out.strip()}")
+
+
+def _guest_errors(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        yield from pieces
+    except (agent.AgentError, sshexec.CopyError, OSError) as exc:
+        raise GuestError(str(exc)) from exc
