@@ -164,6 +164,24 @@ def test_get_sends_a_big_file_a_piece_at_a_time(vm_server: ServerProcess, use_ss
     assert growth < 16 << 20, f"the server grew by {growth >> 20} MiB sending 64 MB"
 
 
+@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+def test_push_keeps_a_big_upload_out_of_memory(vm_server: ServerProcess, use_ssh: bool):
+    """A push held the whole body in the server's memory (up to 1 GiB)."""
+    srv = vm_server
+    payload = os.urandom(48_000_000)
+    pid = srv.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = rss_kib(pid, "VmRSS")
+    resp = requests.put(f"{srv.url}/envs/io/files", timeout=600, data=iter(
+        [payload[at:at + (1 << 20)] for at in range(0, len(payload), 1 << 20)]),
+        params={"path": "/root/up", "use_ssh": use_ssh})  # chunked, as a stream would be
+    growth = (rss_kib(pid, "VmHWM") - before) * 1024
+    assert resp.status_code == 200 and resp.json()["results"][0]["bytes"] == len(payload)
+    assert run(srv, "sha256sum < /root/up")["stdout"].split()[0] == \
+        hashlib.sha256(payload).hexdigest()
+    assert growth < 16 << 20, f"the server grew by {growth >> 20} MiB taking 48 MB"
+
+
 def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):
     resp = requests.post(f"{vm_server.url}/envs/io/run", json={"cmd": "x" * (1 << 20) + "y"},
                          timeout=60)

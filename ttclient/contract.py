@@ -8,9 +8,10 @@ the `tt` client does not import this module, so `pip install ttstack` stays ligh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -30,6 +31,26 @@ class Download:
 
     size: int
     chunks: Iterator[bytes]
+
+
+@dataclass
+class Upload:
+    """A file that arrived: `size` bytes kept in `file` (a temporary file on disk, so an
+    upload is never held whole in memory), read by position so that several VMs can be
+    written from it at once."""
+
+    file: BinaryIO
+    size: int
+
+    def pieces(self, length: int = 1 << 20) -> Iterator[bytes]:
+        """The bytes from the start, `length` at a time."""
+        fd = self.file.fileno()
+        for at in range(0, self.size, length):
+            yield os.pread(fd, min(length, self.size - at), at)
+
+    def read(self) -> bytes:
+        """All the bytes at once (ttproxy passes uploads on whole)."""
+        return b"".join(self.pieces())
 
 
 class ServiceError(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Protocol
@@ -34,6 +35,7 @@ from .contract import (
     RunRequest,
     ServiceError,
     Status,
+    Upload,
     WhoAmI,
 )
 from .guard import Guard
@@ -91,7 +93,7 @@ class EnvService(Protocol):
         """ServiceError unless the caller may write files into the ENV: asked before the
         upload's body is read."""
 
-    def push(self, caller: Any, name: str, path: str, data: bytes, mode: int | None,
+    def push(self, caller: Any, name: str, path: str, data: Upload, mode: int | None,
              vms: list[str] | None, use_ssh: bool) -> list[dict]:
         """PUT /envs/{name}/files: `data` to the absolute guest `path` (octal `mode`) of
         each selected VM; one `FileResult` dict per VM."""
@@ -123,6 +125,8 @@ Caller = Annotated[Any, Depends(caller)]
 # default): one caller may hold at most IN_FLIGHT of them in the routes that can take long
 # (run, files), so others, and /health (async, no thread), always get through.
 THREADS = 64
+# Where uploads wait while they are written into VMs: on disk (/tmp may be a tmpfs)
+SPOOL_DIR = "/var/tmp"
 IN_FLIGHT = 32
 
 
@@ -257,9 +261,13 @@ def create_app(service: EnvService, names: frozenset[str],
                    use_ssh: bool = False) -> dict:
         with busy.hold(request):
             await run_in_threadpool(service.may_push, who, name)  # before the body
-            data = await request.body()  # (the Guard caps its size)
-            results = await run_in_threadpool(service.push, who, name, path, data,
-                                              int(mode, 8) if mode else None, vm, use_ssh)
+            # the body goes to a temporary file as it arrives (the Guard caps its size)
+            with tempfile.TemporaryFile(dir=SPOOL_DIR) as spool:
+                async for piece in request.stream():
+                    spool.write(piece)
+                upload = Upload(spool, spool.tell())
+                results = await run_in_threadpool(service.push, who, name, path, upload,
+                                                  int(mode, 8) if mode else None, vm, use_ssh)
         return {"env": name, "results": results}
 
     @app.get("/envs/{name}/vms/{vm}/files", response_class=Response, responses={

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest
+from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest, Upload
 from ttclient.guard import served_names
 from ttclient.routes import create_app as create_routes
 
@@ -84,9 +84,9 @@ class ProxyService:
     def may_push(self, caller: None, name: str) -> None:
         self.proxy.get(name)  # the ENV's servers check the token and the owner
 
-    def push(self, caller: None, name: str, path: str, data: bytes, mode: int | None,
+    def push(self, caller: None, name: str, path: str, data: Upload, mode: int | None,
              vms: list[str] | None, use_ssh: bool) -> list[dict]:
-        return self.proxy.push(name, path, data, mode, vms, use_ssh)
+        return self.proxy.push(name, path, data.read(), mode, vms, use_ssh)
 
     def pull(self, caller: None, name: str, vm: str, path: str, use_ssh: bool) -> Download:
         data = self.proxy.pull(name, vm, path, use_ssh)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest
+from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest, Upload
 from ttclient.guard import served_names
 from ttclient.routes import create_app as create_routes
 
@@ -92,7 +92,7 @@ class LocalService:
     def may_push(self, caller: Principal, name: str) -> None:
         self._owned(caller, name)
 
-    def push(self, caller: Principal, name: str, path: str, data: bytes, mode: int | None,
+    def push(self, caller: Principal, name: str, path: str, data: Upload, mode: int | None,
              vms: list[str] | None, use_ssh: bool) -> list[dict]:
         self._owned(caller, name)
         return self.manager.guest.push(name, path, data, mode, vms, use_ssh)

@@ -10,7 +10,7 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,15 +216,19 @@ def _trimmed(dom: libvirt.virDomain, path: str, out: cmdspec.Output) -> cmdspec.
 
 
 
-def write_file(dom: libvirt.virDomain, path: str, data: bytes, mode: str = "w") -> None:
-    """Write `data` to the guest file `path` (opened in binary `mode`, default "w"), in
-    WRITE_CHUNK pieces; AgentError."""
+def write_file(dom: libvirt.virDomain, path: str, data: bytes | Iterable[bytes],
+               mode: str = "w") -> None:
+    """Write `data` (bytes, or pieces of them taken one at a time) to the guest file
+    `path` (opened in binary `mode`, default "w"), WRITE_CHUNK bytes per agent call;
+    AgentError."""
     handle = command(dom, "guest-file-open", {"path": path, "mode": mode + "b"})
     try:
-        for off in range(0, len(data), WRITE_CHUNK) or [0]:
-            chunk = data[off:off + WRITE_CHUNK]
-            command(dom, "guest-file-write",
-                    {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()}, timeout=60)
+        for piece in [data] if isinstance(data, bytes) else data:
+            for off in range(0, len(piece), WRITE_CHUNK):
+                chunk = piece[off:off + WRITE_CHUNK]
+                command(dom, "guest-file-write",
+                        {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()},
+                        timeout=60)
     finally:
         command(dom, "guest-file-close", {"handle": handle})
 

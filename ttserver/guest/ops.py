@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ttclient.contract import MAX_UPLOAD, Download
+from ttclient.contract import MAX_UPLOAD, Download, Upload
 
 from ..db import StateDB, VMRow
 from ..errors import BadRequest, Conflict, NotFound, TTError
@@ -95,7 +95,7 @@ class GuestOps:
 
         return _fan_out(vms, one, MAX_PARALLEL_RUNS)
 
-    def push(self, name: str, path: str, data: bytes, mode: int | None,
+    def push(self, name: str, path: str, data: Upload, mode: int | None,
              only: list[str] | None = None, use_ssh: bool = False) -> list[dict]:
         """Write `data` to the absolute guest `path` of each selected VM: one result per
         VM (views.vm_ref + bytes, seconds, error). BadRequest for a relative path."""
@@ -107,7 +107,7 @@ class GuestOps:
             try:
                 _check_alive(vm)
                 self.io.write(vm, path, data, mode, use_ssh)
-                return {**vm_ref(vm), "bytes": len(data), "error": "",
+                return {**vm_ref(vm), "bytes": data.size, "error": "",
                         "seconds": round(time.monotonic() - started, 3)}
             except GuestError as exc:
                 return {**vm_ref(vm), "bytes": 0, "error": str(exc),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ttclient.contract import Upload
 from ttclient.waiting import wait_for
 
 from . import command as cmdspec
@@ -92,7 +93,7 @@ def known_hosts_line(alias: str, public_key: str) -> str:
     return f"{alias} {parts[0]} {parts[1]}\n"
 
 
-def _once(t: Target, cmd: str, timeout: float, stdin: bytes | None) -> _Raw:
+def _once(t: Target, cmd: str, timeout: float, stdin: bytes | Upload | None) -> _Raw:
     """One ssh session: its output read into growing buffers as it arrives, so what it
     sends is held once (subprocess.communicate joins a list of pieces: twice, briefly)."""
     argv = [*t.options(), "root@" + t.host, cmd]
@@ -127,12 +128,14 @@ def _once(t: Target, cmd: str, timeout: float, stdin: bytes | None) -> _Raw:
     return _Raw(code, out, err, False, time.monotonic() - started)
 
 
-def _feed(pipe: IO[bytes], data: bytes) -> None:
+def _feed(pipe: IO[bytes], data: bytes | Upload) -> None:
     with contextlib.suppress(OSError), pipe:  # ssh ended early: its error says why
-        pipe.write(data)
+        for piece in [data] if isinstance(data, bytes) else data.pieces():
+            pipe.write(piece)
 
 
-def _with_retry(t: Target, cmd: str, timeout: float, stdin: bytes | None = None) -> _Raw:
+def _with_retry(t: Target, cmd: str, timeout: float,
+                stdin: bytes | Upload | None = None) -> _Raw:
     """Run once, retrying while sshd in a fresh VM is not listening yet."""
     started = time.monotonic()
 
@@ -207,9 +210,9 @@ def _check(res: _Raw, what: str) -> None:
         raise CopyError(f"{what}: {err[-1] if err else f'exit {res.exit_code}'}")
 
 
-def write_file(t: Target, path: str, data: bytes, mode: int, timeout: float) -> None:
-    """Write `data` to the guest's `path` and set its `mode`, within `timeout` seconds;
-    CopyError."""
+def write_file(t: Target, path: str, data: Upload, mode: int, timeout: float) -> None:
+    """Write `data` to the guest's `path` (from its file, a piece at a time) and set its
+    `mode`, within `timeout` seconds; CopyError."""
     cmd = f"cat > {shlex.quote(path)} && chmod {mode:o} {shlex.quote(path)}"
     _check(_with_retry(t, cmd, timeout, data), f"write {path}")
 

@@ -18,6 +18,7 @@ from typing import Protocol
 import libvirt
 import libvirt_qemu
 
+from ttclient.contract import Upload
 from ttclient.waiting import WaitTimeout, wait_for
 
 from ..config import ServerConfig
@@ -46,7 +47,7 @@ class Transport(Protocol):
     def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
         """A user's command in the guest, as guest/command.py describes."""
 
-    def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int) -> None:
         """`data` to the guest's absolute `path`, file mode `mode`."""
 
     def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
@@ -97,9 +98,9 @@ class AgentTransport:
             raise GuestError(f"the guest agent {what} and did not answer for "
                              f"{REBOOT_WAIT:.0f}s (the guest may be hung): {late}") from late
 
-    def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int) -> None:
         dom = self.domain(vm)
-        agent.write_file(dom, path, data)
+        agent.write_file(dom, path, data.pieces(agent.WRITE_CHUNK))
         # qemu-ga creates files 0666; give them what `cat >` over SSH would
         res = agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
         if res.exit_code != 0:
@@ -151,7 +152,7 @@ class SSHTransport:
     def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
         return sshexec.run_command(self._target(vm), spec)
 
-    def write(self, vm: VMRow, path: str, data: bytes, mode: int) -> None:
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int) -> None:
         sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
 
     def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
@@ -187,7 +188,7 @@ class GuestIO:
         finally:
             self._slots.release(vm, slot)
 
-    def write(self, vm: VMRow, path: str, data: bytes, mode: int | None,
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None,
               use_ssh: bool) -> None:
         """Write `data` to the guest's absolute `path` with file `mode` (0644 when None);
         GuestError when it cannot be written."""
