@@ -324,7 +324,7 @@ def test_nothing_is_read_before_the_caller_is_known(secured, tmp_path: Path):
     assert resp.status_code == 415 and "application/json" in resp.json()["detail"]
     resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]), timeout=30,
                          json={"name": "big", "os_prefix": ["debian-12"],
-                               "ssh_keys": ["x" * (2 << 20)]})
+                               "ssh_keys": ["x" * (9 << 20)]})  # JSON_LIMIT: 8 MiB
     assert resp.status_code == 413, resp.text
 
     resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]), timeout=30,

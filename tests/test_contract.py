@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from ttclient import jsonstream
 from ttclient.contract import (
     CommandResult,
+    Download,
     EnvCreate,
     EnvInfo,
     EnvUpdate,
@@ -132,11 +133,11 @@ class Service:
         self.get(caller, name)
 
     def push(self, caller, name, path, data, mode, vms, use_ssh) -> list[dict]:
-        self.calls.append(("push", caller, path, data, mode, vms, use_ssh))
+        self.calls.append(("push", caller, path, data.read(), mode, vms, use_ssh))
         return []
 
-    def pull(self, caller, name, vm, path, use_ssh) -> bytes:
-        return b"\x00bytes"
+    def pull(self, caller, name, vm, path, use_ssh) -> Download:
+        return Download(6, iter([b"\x00by", b"tes"]))
 
     def console(self, caller, name, vm, lines) -> str:
         return f"{lines} lines"

@@ -180,6 +180,10 @@ def test_push_keeps_a_big_upload_out_of_memory(vm_server: ServerProcess, use_ssh
     assert run(srv, "sha256sum < /root/up")["stdout"].split()[0] == \
         hashlib.sha256(payload).hexdigest()
     assert growth < 16 << 20, f"the server grew by {growth >> 20} MiB taking 48 MB"
+    resp = requests.put(f"{srv.url}/envs/io/files", data=b"hi", timeout=60,
+                        params={"path": "/root/small", "use_ssh": use_ssh})
+    assert resp.json()["results"][0]["bytes"] == 2, resp.text
+    assert run(srv, "cat /root/small")["stdout"] == "hi"  # (it once stayed in a buffer)
 
 
 def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):

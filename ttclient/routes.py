@@ -265,6 +265,7 @@ def create_app(service: EnvService, names: frozenset[str],
             with tempfile.TemporaryFile(dir=SPOOL_DIR) as spool:
                 async for piece in request.stream():
                     spool.write(piece)
+                spool.flush()  # Upload reads the file by position, past Python's buffer
                 upload = Upload(spool, spool.tell())
                 results = await run_in_threadpool(service.push, who, name, path, upload,
                                                   int(mode, 8) if mode else None, vm, use_ssh)
