@@ -186,6 +186,22 @@ def test_push_keeps_a_big_upload_out_of_memory(vm_server: ServerProcess, use_ssh
     assert run(srv, "cat /root/small")["stdout"] == "hi"  # (it once stayed in a buffer)
 
 
+def test_get_of_a_special_file_is_refused_at_once(vm_server: ServerProcess):
+    srv = vm_server
+    vm_id = requests.get(f"{srv.url}/envs/io", timeout=10).json()["vms"][0]["id"]
+    run(srv, "rm -f /root/fifo; mkfifo /root/fifo")
+    pid = srv.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = rss_kib(pid, "VmRSS")
+    for path, kind in (("/dev/zero", "character special file"), ("/root/fifo", "fifo")):
+        started = time.monotonic()
+        resp = requests.get(f"{srv.url}/envs/io/vms/{vm_id}/files", params={"path": path},
+                            timeout=60)
+        assert resp.status_code == 400 and kind in resp.text, resp.text
+        assert time.monotonic() - started < 1.0
+    assert (rss_kib(pid, "VmHWM") - before) * 1024 < 4 << 20
+
+
 def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):
     resp = requests.post(f"{vm_server.url}/envs/io/run", json={"cmd": "x" * (1 << 20) + "y"},
                          timeout=60)
