@@ -26,9 +26,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import ServerProcess, new_run_dir, wait_env  # noqa: E402
-
 from ttserver.guest import agent  # noqa: E402
+
+from helpers import ServerProcess, new_run_dir, wait_env  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], rounds: int) -> float:
