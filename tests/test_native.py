@@ -307,3 +307,71 @@ def test_a_vm_that_dies_fails_its_items_and_the_other_os_goes_on(native_server, 
     assert all("reboot: Power down" in text for text in texts.values()), texts
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []
     assert native_leftovers() == []
+
+
+ODD = '''import os
+import subprocess
+import unittest
+
+import pytest
+
+
+@pytest.mark.parametrize("i", range(40))
+def test_quick(i):
+    pass
+
+
+class Sub(unittest.TestCase):
+    def test_range_keyword(self):  # execnet cannot send a range: it ended the session
+        with self.subTest(r=range(2)):
+            pass
+
+
+def test_subtests_fixture(subtests):  # pytest 9 fails the parent in report_teststatus
+    with subtests.test(msg="bad", k=(3, 4)):
+        assert False
+    with subtests.test(msg="good"):
+        pass
+
+
+@pytest.mark.parametrize("x", ["y" * 5000])  # a node id over the ledger's 4 KiB note
+def test_long_id_dies(x):
+    os._exit(3)
+
+
+def test_fills_run():  # the ledger lives in /run: a full tmpfs killed workers (SIGBUS)
+    subprocess.run("head -c 300000000 /dev/zero > /run/fill", shell=True)
+
+
+@pytest.mark.parametrize("i", range(40))
+def test_quick_after(i):
+    pass
+'''
+
+
+@pytest.mark.slow
+def test_odd_tests_get_the_reports_the_host_would_give(native_server, tmp_path):
+    """Found by a hostile trial of batched results: each case ended the session, lost
+    results or reported a failed test as passed."""
+    project = tmp_path / "odd"
+    (project / "tests").mkdir(parents=True)
+    (project / "tests" / "test_odd.py").write_text(ODD)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    proc = pytest_in(project, native_server, "--tt-os=debian-12", "-q", "-rA",
+                     f"--junitxml={tmp_path / 'odd.xml'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "INTERNALERROR" not in out, out
+    found = outcomes(tmp_path / "odd.xml")
+    tag = OSES[0]
+    expected = {**{f"tests.test_odd::test_quick[{tag}-{i}]": "passed" for i in range(40)},
+                **{f"tests.test_odd::test_quick_after[{tag}-{i}]": "passed" for i in range(40)},
+                f"tests.test_odd.Sub::test_range_keyword[{tag}]": "passed",
+                f"tests.test_odd::test_fills_run[{tag}]": "passed",
+                f"tests.test_odd::test_subtests_fixture[{tag}]": "failure",
+                f"tests.test_odd::test_long_id_dies[{tag}-{'y' * 5000}]": "failure"}
+    assert {k: found.get(k) for k in expected} == expected, out
+    texts = failure_texts(tmp_path / "odd.xml")
+    assert "contains 1 failed subtest" in texts[f"test_subtests_fixture[{tag}]"]
+    assert "died during its call" in texts[f"test_long_id_dies[{tag}-{'y' * 5000}]"]
+    assert "k=(3, 4)" in out, out  # a subtest's keywords as the host shows them
+    assert native_leftovers() == []

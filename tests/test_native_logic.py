@@ -3,6 +3,7 @@ per-OS worker command line, and the probe's verdict on a guest without Python.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -260,15 +261,27 @@ def test_requirements_resolved_recently_are_resolved_offline(tmp_path, monkeypat
     assert modes == [False, True, False, True, False], modes
 
 
-@pytest.mark.parametrize(("ledger", "phase"), [
-    ("t.py::test_a[debian-12:x86_64]\tlogstart", "setup"),
-    ("t.py::test_a[debian-12:x86_64]\tsetup", "call"),
-    ("t.py::test_a[debian-12:x86_64]\tcall", "teardown"),
-    ("t.py::test_before[debian-12:x86_64]\truntest_protocol_complete", "setup"),
-    ("", "setup"),  # the worker died before its first event
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+LONG = "t.py::test_a[" + "x" * 5000 + "-debian-12:x86_64]"  # over the 4 KiB note
+
+
+@pytest.mark.parametrize(("item", "ledger", "phase"), [
+    ("t.py::test_a[debian-12:x86_64]", _sha1("t.py::test_a[debian-12:x86_64]") + "\tlogstart",
+     "setup"),
+    ("t.py::test_a[debian-12:x86_64]", _sha1("t.py::test_a[debian-12:x86_64]") + "\tsetup",
+     "call"),
+    ("t.py::test_a[debian-12:x86_64]", _sha1("t.py::test_a[debian-12:x86_64]") + "\tcall",
+     "teardown"),
+    ("t.py::test_a[debian-12:x86_64]", _sha1("t.py::test_before[debian-12:x86_64]")
+     + "\tcall", "setup"),
+    ("t.py::test_a[debian-12:x86_64]", "", "setup"),  # died before its first event
+    (LONG, _sha1(LONG) + "\tcall", "teardown"),  # was "setup": the note cut the id
 ])
-def test_the_phase_of_a_crash_comes_from_the_workers_ledger(ledger, phase):
-    assert phase_after("t.py::test_a[debian-12:x86_64]", ledger) == phase
+def test_the_phase_of_a_crash_comes_from_the_workers_ledger(item, ledger, phase):
+    assert phase_after(item, ledger) == phase
 
 
 def test_a_batch_of_worker_events_is_handed_on_in_order():

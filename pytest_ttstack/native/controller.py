@@ -334,7 +334,7 @@ class NativeSession:
 
     def _read_ledger(self, worker: Worker, gateway_id: str) -> tuple[str, list] | None:
         """The worker's ledger (see remote.py, events.parse_ledger): its last event's
-        "nodeid\twhen" note and its finished tests not sent yet; None when its VM no
+        "sha1(nodeid)\twhen" note and its finished tests not sent yet; None when its VM no
         longer runs commands (it died). Read once per worker, when it ended."""
         if gateway_id in self._ledgers:
             return self._ledgers[gateway_id]

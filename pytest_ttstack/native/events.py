@@ -6,12 +6,13 @@ Pure logic, no VM."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
 
 PHASES = ("setup", "call", "teardown")
-NOTE_SIZE = 4096  # bytes at the ledger's start: the "nodeid\twhen" note of the last event
+NOTE_SIZE = 4096  # bytes at the ledger's start: the "sha1(nodeid)\twhen" note of the last event
 UNSENT_SIZE = 256 * 1024  # bytes after it: finished tests' events not sent yet, a JSON
 # array per test and line; a test whose events are longer is sent at once
 SEPARATOR = "\x1e"  # between the two parts in what read_command prints (JSON escapes it)
@@ -60,10 +61,11 @@ def not_received(tests: list[list[Any]], received: set[int]) -> list[Any]:
 
 def phase_after(crashitem: str, ledger: str) -> str:
     """The phase `crashitem` was in when its worker died, from the worker's ledger line
-    ("nodeid\twhen" of its last event): the one after the last report of that item
+    ("sha1 of the nodeid\twhen" of its last event): the one after the last report of that item
     (setup when the line is of another item, or the item's logstart)."""
-    nodeid, _, when = ledger.partition("\t")
-    if nodeid == crashitem and when in PHASES[:2]:
+    digest, _, when = ledger.partition("\t")
+    mine = hashlib.sha1(crashitem.encode("utf-8", "surrogatepass")).hexdigest()
+    if digest == mine and when in PHASES[:2]:
         return PHASES[PHASES.index(when) + 1]
     return "setup"
 

@@ -44,10 +44,24 @@ def pytest_configure(config: pytest.Config) -> None:
     costs per item — much under TCG (-18% per item measured): the terminal reporter is
     replaced by a stand-in without hooks."""
     if _os_id(config):
+        _CONFIG["config"] = config
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             config.pluginmanager.unregister(reporter)
             config.pluginmanager.register(_SilentReporter(reporter), "terminalreporter")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Ask pytest_report_teststatus about each call report, as the terminal reporter would
+    have before xdist sends it: plugins change reports there (pytest 9's subtests fails a
+    test whose subtests failed), and without the reporter nothing asked them."""
+    config = _CONFIG.get("config")  # a native worker's, set at its pytest_configure
+    if report.when == "call" and config is not None:
+        config.hook.pytest_report_teststatus(report=report, config=config)
+
+
+_CONFIG: dict[str, pytest.Config] = {}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -13,14 +13,17 @@ sends logstart, three reports, logfinish and protocol-complete for each test, an
 writes each to its pipe at once; here that pipe is sshd's, and under TCG each write,
 sshd's wake-up and its SSH packet cost about 3.5 ms, and execnet's pure-Python encoding
 of a report about 1 ms (sampled in a Debian 12 guest). Here events (`BATCHED`) are kept
-and sent as one `tt_events` message, JSON-encoded (C-accelerated; reports are JSON-safe
-by pytest's contract, as pytest-reportlog relies on): when the oldest kept event has
-waited `KEEP_AT_MOST` seconds, when the worker has fewer than `LOW_WATER` items left
-to run (the controller sends more as results come in), and before any other event.
-Reports with `record_property` values (any Python value) go as they are, through
-execnet.
+and sent as one `tt_events` message, JSON-encoded (C-accelerated; pytest's own reports
+are JSON-safe, as pytest-reportlog relies on): when the oldest kept event has waited
+`KEEP_AT_MOST` seconds, when the worker has fewer than `LOW_WATER` items left to run
+(the controller sends more as results come in), and before any other event. Reports
+with Python values JSON would change or cannot hold (`record_property` values, a
+subtest's keywords) go as they are, through execnet, with what execnet cannot send
+either replaced by its repr(): such a report is sent after its test, where a failure
+to send would end the worker.
 
-The ledger keeps a dying worker's results: a file in the VM's /run (tmpfs), mapped into
+The ledger keeps a dying worker's results: a file in the VM's /run (tmpfs; its pages
+taken at the start, so a /run a test fills cannot fail a write to it), mapped into
 memory (no system call per note: a `pwrite` per event on the root file system cost ~1 ms
 under TCG, sampled). Its first part notes the last event that tells a test's phase; its
 second holds each finished test's events until they are sent, a JSON line per test.
@@ -39,22 +42,66 @@ KEEP_AT_MOST = 0.25  # seconds
 LOW_WATER = 4  # items left to run
 
 if __name__ == "__channelexec__":
+    import hashlib
     import json
     import mmap
     import os
     import sys
     import threading
     import time
+    import traceback
+
+    import execnet
 
     def _encoded(events: list) -> str | None:
-        """The events as one JSON array, or None when a report has user_properties (any
-        Python value) or is not JSON-safe: those go as they are."""
-        if any(e[1].get("data", {}).get("user_properties") for e in events):
+        """The events as one JSON array, or None when a report carries Python values that
+        JSON would change or cannot hold (user_properties; a subtest's keywords, whose
+        reprs name the subtest): those go as they are, through execnet."""
+        if any(e[1].get("data", {}).get("user_properties")
+               or any(key.startswith("_subtest.") for key in e[1].get("data", {}))
+               for e in events):
             return None
         try:
             return json.dumps(events)
         except (TypeError, ValueError):
             return None
+
+    def _sendable(event: object) -> object:
+        """The event as execnet can send it: values it cannot serialize (a subtest's
+        `range` keyword, an object in user_properties) become their repr(). With xdist's
+        own sending the test then fails; here the report is sent after the test, where
+        an error would end the worker."""
+        try:
+            execnet.dumps(event)
+            return event
+        except execnet.DumpError:
+            return _sanitized(event)
+
+    def _sanitized(value: object) -> object:
+        if isinstance(value, dict):
+            return {k if isinstance(k, (str, int, float, bool)) else repr(k): _sanitized(v)
+                    for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(_sanitized(v) for v in value)
+        if value is None or isinstance(value, (str, bytes, int, float, bool)):
+            return value
+        return repr(value)
+
+    def _mapped(path: str, size: int) -> mmap.mmap:
+        """`size` bytes of `path` mapped, its pages taken now (posix_fallocate): a write to
+        a page of a tmpfs that has filled up would kill the worker with SIGBUS. When they
+        cannot be taken, anonymous memory: no ledger, so no replay after a crash."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+            return mmap.mmap(fd, size)
+        except OSError as exc:
+            sys.stderr.write(f"ttstack: no ledger in {path} ({exc}); a crash of this "
+                             "worker loses its unsent results\n")
+            return mmap.mmap(-1, size)
+        finally:
+            os.close(fd)
 
     class _BatchingChannel:
         """The channel, but its first receive() gives the rewritten set-up message, and
@@ -72,12 +119,7 @@ if __name__ == "__channelexec__":
             self._lock = threading.Lock()
             self._wake = threading.Condition(self._lock)
             self._note_size, unsent_size = sizes
-            fd = os.open(ledger, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, self._note_size + unsent_size)
-                self._ledger = mmap.mmap(fd, self._note_size + unsent_size)
-            finally:
-                os.close(fd)
+            self._ledger = _mapped(ledger, self._note_size + unsent_size)
             self._end = self._note_size  # where the next unsent test's line goes
             threading.Thread(target=self._flush_late, name="tt-flush", daemon=True).start()
 
@@ -100,16 +142,18 @@ if __name__ == "__channelexec__":
                         self._flush()
 
         def _note(self, item: Any) -> None:
-            """The ledger's note: "nodeid\twhen" of the last event that tells the phase
-            of a test (its logstart, its setup and call reports), as one line."""
+            """The ledger's note: "sha1 of the nodeid\twhen" of the last event that tells
+            the phase of a test (its logstart, its setup and call reports), as one line (a
+            digest: node ids may be longer than the note)."""
             name, kwargs = item
             if name == "logstart":
-                line = f"{kwargs.get('nodeid', '')}\tlogstart"
+                nodeid, when = kwargs.get("nodeid", ""), "logstart"
             elif name == "testreport" and kwargs["data"].get("when") in ("setup", "call"):
-                line = f"{kwargs['data'].get('nodeid', '')}\t{kwargs['data']['when']}"
+                nodeid, when = kwargs["data"].get("nodeid", ""), kwargs["data"]["when"]
             else:
                 return
-            data = line.encode("utf-8", "replace")[:self._note_size - 1] + b"\n"
+            digest = hashlib.sha1(nodeid.encode("utf-8", "surrogatepass")).hexdigest()
+            data = f"{digest}\t{when}\n".encode()
             self._ledger[:len(data)] = data
 
         def _finish(self) -> None:
@@ -120,7 +164,7 @@ if __name__ == "__channelexec__":
             if text is None:
                 self._flush()
                 for event in events:
-                    self._channel.send(event)  # type: ignore[attr-defined]
+                    self._channel.send(_sendable(event))  # type: ignore[attr-defined]
                 return
             line = text.encode() + b"\n"
             if self._end + len(line) > len(self._ledger):
@@ -140,11 +184,13 @@ if __name__ == "__channelexec__":
                 self._wake.notify()
 
         def _flush(self) -> None:
-            """Send every kept event as one message; empty the ledger's unsent part."""
+            """Send every kept event as one message; empty the ledger's unsent part. What
+            is kept is taken first, so a send that fails never sends it twice."""
             self._since = None
             current, self._current = self._current, []
+            finished, self._finished = self._finished, []
             raw = []
-            parts = [text[1:-1] for text in self._finished]
+            parts = [text[1:-1] for text in finished]
             if current:
                 text = _encoded(current)
                 if text is None:
@@ -154,12 +200,11 @@ if __name__ == "__channelexec__":
             if parts:
                 self._channel.send(  # type: ignore[attr-defined]
                     ("tt_events", {"json": "[" + ",".join(parts) + "]"}))
-            for event in raw:
-                self._channel.send(event)  # type: ignore[attr-defined]
-            self._finished = []
             if self._end > self._note_size:
                 self._ledger[self._note_size:self._end] = bytes(self._end - self._note_size)
                 self._end = self._note_size
+            for event in raw:
+                self._channel.send(_sendable(event))  # type: ignore[attr-defined]
 
         def _flush_late(self) -> None:
             with self._lock:
@@ -175,6 +220,8 @@ if __name__ == "__channelexec__":
                         self._flush()
                     except (OSError, ValueError):  # closed: the gateway is going away
                         return
+                    except Exception:  # noqa: BLE001 - the thread must go on flushing
+                        traceback.print_exc()
 
         def setcallback(self, callback: Any, **kwargs: Any) -> object:
             """The channel's, counting the items the controller sends to run."""
