@@ -111,10 +111,22 @@ def unbatching(process_from_remote: Callable[[Any], None],
     return receive
 
 
+REPR_KEY = "__tt_repr__"  # remote.py sends a subtest's keyword values as {REPR_KEY: repr}
+
+
+class Repr(str):
+    """A value known by its repr() only (a subtest's keyword, sent from the worker): its
+    repr is that text, so a subtest's description reads as on the host."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def retupled(kwargs: dict[str, Any]) -> dict[str, Any]:
     """An event's arguments as xdist sent them, from their JSON form: the tuples JSON made
     lists (`location`; a report's `location`, `sections` and skip `longrepr`, which
-    pytest's JUnit and terminal reporters check for) tuples again."""
+    pytest's JUnit and terminal reporters check for) tuples again, and a subtest's
+    keywords objects with their repr."""
     if "location" in kwargs:
         kwargs["location"] = tuple(kwargs["location"])
     data = kwargs.get("data")
@@ -124,4 +136,8 @@ def retupled(kwargs: dict[str, Any]) -> dict[str, Any]:
                 data[key] = tuple(data[key])
         if isinstance(data.get("sections"), list):
             data["sections"] = [tuple(section) for section in data["sections"]]
+        context = data.get("_subtest.context")
+        if isinstance(context, dict) and isinstance(context.get("kwargs"), dict):
+            context["kwargs"] = {k: Repr(v[REPR_KEY]) if isinstance(v, dict) and REPR_KEY in v
+                                 else v for k, v in context["kwargs"].items()}
     return kwargs

@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 BATCHED = ("logstart", "testreport", "logfinish", "runtest_protocol_complete")
+REPR_KEY = "__tt_repr__"  # a value sent as its repr (events.REPR_KEY)
 KEEP_AT_MOST = 0.25  # seconds
 LOW_WATER = 4  # items left to run
 
@@ -54,13 +55,17 @@ if __name__ == "__channelexec__":
     import execnet
 
     def _encoded(events: list) -> str | None:
-        """The events as one JSON array, or None when a report carries Python values that
-        JSON would change or cannot hold (user_properties; a subtest's keywords, whose
-        reprs name the subtest): those go as they are, through execnet."""
-        if any(e[1].get("data", {}).get("user_properties")
-               or any(key.startswith("_subtest.") for key in e[1].get("data", {}))
-               for e in events):
+        """The events as one JSON array, or None when a report has user_properties (any
+        Python value, which JSON would change or cannot hold): those go as they are,
+        through execnet. A subtest's keywords, which only name it (by their repr), go as
+        {REPR_KEY: repr(value)} (events.retupled makes them objects with that repr)."""
+        if any(e[1].get("data", {}).get("user_properties") for e in events):
             return None
+        for event in events:
+            context = event[1].get("data", {}).get("_subtest.context")
+            if isinstance(context, dict) and context.get("kwargs"):
+                context["kwargs"] = {k: {REPR_KEY: repr(v)}
+                                     for k, v in context["kwargs"].items()}
         try:
             return json.dumps(events)
         except (TypeError, ValueError):
@@ -77,15 +82,19 @@ if __name__ == "__channelexec__":
         except execnet.DumpError:
             return _sanitized(event)
 
+    _PLAIN = (str, bytes, int, float, bool, type(None))
+
     def _sanitized(value: object) -> object:
+        """`value` in the plain types execnet sends (exact types: it refuses subclasses,
+        a namedtuple or a str enum); anything else as its repr()."""
         if isinstance(value, dict):
-            return {k if isinstance(k, (str, int, float, bool)) else repr(k): _sanitized(v)
+            return {k if type(k) in _PLAIN else repr(k): _sanitized(v)
                     for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(_sanitized(v) for v in value)
-        if value is None or isinstance(value, (str, bytes, int, float, bool)):
-            return value
-        return repr(value)
+        if isinstance(value, list):
+            return [_sanitized(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(_sanitized(v) for v in value)
+        return value if type(value) in _PLAIN else repr(value)
 
     def _mapped(path: str, size: int) -> mmap.mmap:
         """`size` bytes of `path` mapped, its pages taken now (posix_fallocate): a write to
