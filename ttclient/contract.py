@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, field_validator
 from ttclient.imagenames import split_prefixes
 from ttclient.units import parse_mib
 
-# Files pass through the server's memory (and the agent's base64), so uploads are bounded.
+# The largest file a push or a get carries (spooled to disk or streamed, never held whole).
 MAX_UPLOAD = 1 << 30
 # Characters of a run's command: longer ones reach the guest as a script file, not argv.
 MAX_COMMAND = 1 << 20

@@ -59,11 +59,6 @@ class ExecResult:
     seconds: float
     signal: int | None = None
 
-    def to_dict(self) -> dict:
-        """The fields as a dict, `seconds` rounded to milliseconds."""
-        return {"exit_code": self.exit_code, "stdout": self.stdout, "stderr": self.stderr,
-                "timed_out": self.timed_out, "seconds": round(self.seconds, 3)}
-
 
 def command(dom: libvirt.virDomain, execute: str, arguments: dict | None = None,
             timeout: int = 10) -> Any:
@@ -165,7 +160,7 @@ def recovered(dom: libvirt.virDomain, spec: cmdspec.RunSpec,
     if not status.isdigit():
         return None
     code = int(status)
-    return cmdspec.Outcome(code, code - 128 if 128 < code < 128 + 65 else None,
+    return cmdspec.Outcome(code, cmdspec.signal_of(code),
                            read_capped(dom, spec.out_path, spec.cap),
                            read_capped(dom, spec.err_path, spec.cap), False, seconds)
 
@@ -213,7 +208,6 @@ def _trimmed(dom: libvirt.virDomain, path: str, out: cmdspec.Output) -> cmdspec.
         command(dom, "guest-file-close",
                 {"handle": command(dom, "guest-file-open", {"path": path, "mode": "wb"})})
     return out
-
 
 
 def write_file(dom: libvirt.virDomain, path: str, data: bytes | Iterable[bytes],

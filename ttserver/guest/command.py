@@ -143,6 +143,12 @@ class Outcome:
                 "stdout": Text(self.stdout.data), "stderr": Text(self.stderr.data)}
 
 
+def signal_of(status: int) -> int | None:
+    """The signal a shell's exit status of 129..192 (128+n) stands for, else None: all
+    that can be known where only the status came back (over SSH; a status file)."""
+    return status - 128 if 128 < status <= 128 + 64 else None
+
+
 def settle(exit_code: int | None, signal: int | None, seconds: float,
            timeout: float) -> tuple[int | None, int | None, bool]:
     """(exit code, signal, timed out) of a run from what ended `timeout`: 124 when it

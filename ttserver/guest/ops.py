@@ -129,7 +129,7 @@ class GuestOps:
         if kind != "regular file":  # /dev/zero, a FIFO: read without end, or block
             raise BadRequest(f"cannot get {path} from {vm}: it is a {kind}, not a regular "
                              f"file (copy it to a file first, e.g. with 'tt env run')")
-        if size > MAX_UPLOAD:  # the whole file is held in memory, as a push's body is
+        if size > MAX_UPLOAD:  # the same ceiling as a push's body
             raise TTError(f"cannot get {path} from {vm}: it is {size} bytes, over the "
                           f"{MAX_UPLOAD} bytes a get may carry (split it in the guest, or "
                           f"copy it with scp)", status=413)

@@ -113,7 +113,7 @@ def _once(t: Target, cmd: str, timeout: float, stdin: bytes | Upload | None) -> 
                 left = deadline - time.monotonic()
                 if left <= 0:
                     proc.kill()
-                    return _Raw(None, bytes(out), bytes(err), True, time.monotonic() - started)
+                    return _Raw(None, out, err, True, time.monotonic() - started)
                 for key, _ in sel.select(left):
                     piece = os.read(key.fd, READ_PIECE)
                     if piece:
@@ -191,7 +191,7 @@ def run_command(t: Target, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
     stdout = cmdspec.Output(body[:n_out], out_size)
     stderr = cmdspec.Output(body[n_out:n_out + min(err_size, spec.cap)], err_size)
     exit_code, signal, timed_out = cmdspec.settle(
-        status, status - 128 if 128 < status < 128 + 65 else None, res.seconds, spec.timeout)
+        status, cmdspec.signal_of(status), res.seconds, spec.timeout)
     if timed_out:
         _with_retry(t, shlex.join(spec.sweep_argv()), 30)
     return cmdspec.Outcome(exit_code, signal, stdout, stderr, timed_out, res.seconds)
