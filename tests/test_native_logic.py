@@ -378,3 +378,18 @@ def test_the_ledger_read_command_prints_what_parse_ledger_reads(tmp_path, monkey
     assert events.parse_ledger(out) == (note.decode().rstrip("\n"), [json.loads(line)])
     missing = subprocess.run(["sh", "-c", events.read_command(gateway)], capture_output=True)
     assert missing.returncode == 1
+
+
+def test_a_subtests_keywords_read_as_their_repr_whichever_way_the_event_came():
+    """remote.py puts a subtest's keywords as reprs into the event before choosing JSON or
+    execnet; an event that fell back to execnet kept them as {"__tt_repr__": ...} dicts."""
+    got: list = []
+    receive = unbatching(got.append)
+    kwargs = {"data": {"_subtest.context": {"msg": None,
+                                            "kwargs": {"k": {"__tt_repr__": "(3, 4)"}}}}}
+    receive(("testreport", kwargs))
+    receive(("tt_events", {"json": json.dumps([["testreport", {
+        "data": {"_subtest.context": {"msg": None,
+                                      "kwargs": {"k": {"__tt_repr__": "range(0, 2)"}}}}}]])}))
+    shown = [repr(event[1]["data"]["_subtest.context"]["kwargs"]["k"]) for event in got]
+    assert shown == ["(3, 4)", "range(0, 2)"]

@@ -94,7 +94,9 @@ def unbatching(process_from_remote: Callable[[Any], None],
                 forward(name, retupled(kwargs))
         if not (isinstance(eventcall, tuple) and eventcall[0] == "tt_events"):
             if isinstance(eventcall, tuple) and len(eventcall) == 2:
-                forward(*eventcall)
+                # remote.py may have turned a subtest's keywords into reprs before an
+                # event fell back to execnet: the same restoring as for a batch
+                forward(eventcall[0], retupled(eventcall[1]))
             else:
                 process_from_remote(eventcall)
             return
