@@ -96,6 +96,10 @@ def test_invalid_create_fields(server, body, fragment):
 def test_cli_usage_errors_and_unreachable_server(server, cfg, tmp_path):
     res = run_tt(server, "env", "add", "x", "--mem-size", "lots", tmp_config=cfg)
     assert res.returncode == 2 and "mem-size" in res.stderr
+    for bad in ("0", "-5", "soon"):  # was a 422 from the server, exit 1
+        res = run_tt(server, "env", "run", "x", "--cmd", "true", "--timeout", bad,
+                     tmp_config=cfg)
+        assert res.returncode == 2 and "--timeout" in res.stderr, res.stderr
     env = {**os.environ, "TT_CONFIG": cfg, "TT_SERVER": "127.0.0.1:1"}
     res = subprocess.run([sys.executable, "-m", "ttclient.cli", "env", "list"],
                          capture_output=True, text=True, env=env, timeout=60)

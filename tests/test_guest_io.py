@@ -208,6 +208,72 @@ def test_a_command_over_the_limit_is_refused(vm_server: ServerProcess):
     assert resp.status_code == 422 and "1048576" in resp.text, resp.text
 
 
+@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+def test_what_a_hostile_trial_found_in_run(vm_server: ServerProcess, use_ssh: bool):
+    """A background child of one run wrote on into the next run's output (behind NULs,
+    the slot's file was truncated in place); a NUL in the command ran only what came
+    before it (agent) or was a raw ValueError (SSH); a quote-heavy 80 KB command hit
+    SSH's argv limit; the agent ran commands with no HOME, in /."""
+    srv = vm_server
+    r = run(srv, "(for i in 1 2 3 4 5 6; do echo bg$i; sleep 0.5; done) & echo started",
+            use_ssh=use_ssh)
+    assert r["stdout"].startswith("started\n"), r  # the child's first lines may come too
+    r = run(srv, "sleep 2; echo second", use_ssh=use_ssh)
+    assert r["stdout"] == "second\n", r
+    resp = requests.post(f"{srv.url}/envs/io/run", json={"cmd": "echo a\u0000; echo b",
+                                                         "use_ssh": use_ssh}, timeout=60)
+    assert resp.status_code == 422 and "NUL" in resp.text, resp.text
+    r = run(srv, "printf %s " + "'a' " * 20000 + "| wc -c", use_ssh=use_ssh)
+    assert r["stdout"].strip() == "20000", r
+    r = run(srv, 'echo "$HOME $(pwd)"; command -v ip', use_ssh=use_ssh)
+    assert r["stdout"] == "/root /root\n/usr/sbin/ip\n", r
+
+
+@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+def test_what_a_hostile_trial_found_in_files(vm_server: ServerProcess, use_ssh: bool):
+    """A push left its file world-readable while it was written (0666 by the agent, with
+    a 0600 mode asked for) and ran chmod on the target whatever it was: /dev/null became
+    0644 and unusable. A get of an empty file, or of any /proc file, was a 400 ("a
+    regular empty file, not a regular file"); one of /sys (4096 bytes said, 23 sent)
+    ended the answer short and the client showed a traceback."""
+    srv = vm_server
+    files = f"{srv.url}/envs/io/files"
+    resp = requests.put(files, params={"path": "/dev/null", "use_ssh": use_ssh}, data=b"x",
+                        timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert "character special file, not a regular file" in resp.json()["results"][0]["error"]
+    assert run(srv, "stat -c %a /dev/null", use_ssh=use_ssh)["stdout"] == "666\n"
+    # a mode asked for is the file's mode from its first byte: the push writes a 0600
+    # temporary file next to the target and renames it
+    run(srv, "rm -f /root/secret /root/secret.ttstack-*", use_ssh=use_ssh)
+    resp = requests.put(files, params={"path": "/root/secret", "mode": "600",
+                                       "use_ssh": use_ssh}, data=b"s" * (4 << 20), timeout=300)
+    assert resp.json()["results"][0]["error"] == "", resp.text
+    r = run(srv, "stat -c %a /root/secret; ls /root | grep -c ttstack-", use_ssh=use_ssh)
+    assert r["stdout"] == "600\n0\n", r
+    # no mode: the replaced file keeps its mode; a new file is 0644
+    run(srv, "chmod 640 /root/secret", use_ssh=use_ssh)
+    requests.put(files, params={"path": "/root/secret", "use_ssh": use_ssh}, data=b"t",
+                 timeout=60)
+    requests.put(files, params={"path": "/root/fresh", "use_ssh": use_ssh}, data=b"f",
+                 timeout=60)
+    r = run(srv, "stat -c %a /root/secret /root/fresh; cat /root/secret", use_ssh=use_ssh)
+    assert r["stdout"] == "640\n644\nt", r
+    resp = requests.put(files, params={"path": "/no/such/dir/f", "use_ssh": use_ssh},
+                        data=b"x", timeout=60)
+    assert "/no/such/dir" in resp.json()["results"][0]["error"], resp.text
+    vm = requests.get(f"{srv.url}/envs/io", timeout=10).json()["vms"][0]["id"]
+    get = f"{srv.url}/envs/io/vms/{vm}/files"
+    run(srv, ": > /root/empty", use_ssh=use_ssh)
+    for path, want in [("/root/empty", b""), ("/proc/sys/kernel/ostype", b"Linux\n")]:
+        resp = requests.get(get, params={"path": path, "use_ssh": use_ssh}, timeout=60)
+        assert (resp.status_code, resp.content) == (200, want), (path, resp.text)
+    sys_file = "/sys/kernel/mm/transparent_hugepage/enabled"
+    want = run(srv, f"cat {sys_file}")["stdout"].encode()
+    resp = requests.get(get, params={"path": sys_file, "use_ssh": use_ssh}, timeout=60)
+    assert (resp.status_code, resp.content) == (200, want), resp.text
+
+
 @pytest.mark.slow  # a reboot and a shutdown under TCG: about a minute
 def test_a_reboot_is_waited_for_and_a_power_off_is_noticed(vm_server: ServerProcess):
     """Runs right after `reboot` failed as "VM unreachable" while the agent was away; a

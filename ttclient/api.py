@@ -19,6 +19,9 @@ DEFAULT_TIMEOUT = 30.0
 # ENV states that end by themselves; wait_env polls through them
 TRANSIENT_STATES = ("creating", "starting")
 
+# seconds a run's answer may take beyond its own timeout: the server waits up to 120 s
+# for the agent of a rebooting guest and up to 60 s for sshd in a fresh one
+RUN_SLACK = 240
 
 class ApiError(RuntimeError):
     """A failed API call: the server's message (or why it could not be reached), and
@@ -76,6 +79,9 @@ class Client:
         except requests.Timeout as exc:
             raise ApiError(f"{self.base_url} did not answer {method} {path} within "
                            f"{timeout or self.timeout:.0f}s") from exc
+        except requests.RequestException as exc:  # e.g. an answer that ended early
+            raise ApiError(f"{self.base_url}: {method} {path}: the answer was cut short "
+                           f"({type(exc).__name__}: {exc})") from exc
         if resp.status_code >= 400:
             raise ApiError(_detail(resp), resp.status_code)
         return resp
@@ -166,7 +172,8 @@ class Client:
         body: dict = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout, "vms": vms}
         if binary:
             body["binary"] = True
-        return self._call("POST", f"/envs/{name}/run", json=body, timeout=timeout + 30).json()
+        return self._call("POST", f"/envs/{name}/run", json=body,
+                          timeout=timeout + RUN_SLACK).json()
 
     def push(self, name: str, remote: str, data: bytes, mode: int | None = None,
              vms: list[str] | None = None, use_ssh: bool = False) -> dict:

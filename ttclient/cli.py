@@ -44,6 +44,17 @@ def _mib(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _run_seconds(text: str) -> float:
+    """argparse type: a run's timeout, 1-86400 seconds (the API's range)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1-86400 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tt` argument parser; each command sets `func` to its cmd_* function."""
     p = argparse.ArgumentParser(prog="tt", description="ttstack client: ENVs of real VMs.")
@@ -106,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name")
     r.add_argument("--cmd", required=True, help="command line for the guest's /bin/sh")
     r.add_argument("--use-ssh", action="store_true", help="go through SSH, not the agent")
-    r.add_argument("--timeout", type=float, default=600.0, help="seconds per VM")
+    r.add_argument("--timeout", type=_run_seconds, default=600.0,
+                   help="seconds per VM, 1-86400 (default 600)")
     r.add_argument("--binary", action="store_true",
                    help="write each VM's output as the exact bytes it printed (stdout to "
                         "stdout, stderr to stderr; the per-VM lines go to stderr)")

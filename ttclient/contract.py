@@ -128,6 +128,15 @@ class RunRequest(BaseModel):
     timeout: float = Field(600, ge=1, le=86400, description="seconds per VM")
     vms: list[str] | None = Field(None, description="only these VMs (ids, names or indexes)")
 
+    @field_validator("cmd")
+    @classmethod
+    def _no_nul(cls, cmd: str) -> str:
+        # an argv string ends at a NUL: the agent ran only what came before it, in silence
+        if "\x00" in cmd:
+            raise ValueError("cmd holds a NUL character (\\0), which no shell command line "
+                             "can carry; pass binary data through a file (push) instead")
+        return cmd
+
 
 # --- answers ---------------------------------------------------------------------------
 # Fields a ttproxy adds (where a part lives) are optional; the routes leave out what an

@@ -16,8 +16,10 @@ The guest runs, with no process besides the two it always took (coreutils `timeo
 - On a timeout, `timeout` ends the shell's process group (TERM, then KILL 2 s later), and a
   sweep kills every process that still carries the run's `TTSTACK_RUN` cookie in its
   environment (`setsid` children included), the technique of Jenkins' ProcessTreeKiller.
-- A command longer than ARGV_SAFE bytes (Linux limits one argv string to 128 KiB,
-  MAX_ARG_STRLEN) is written to `<slot>.sh` first and read with the shell's `.`.
+- A command longer than ARGV_SAFE bytes once shell-quoted (Linux limits one argv string
+  to 128 KiB, MAX_ARG_STRLEN) is written to `<slot>.sh` first and read with the shell's `.`.
+- Through the agent the command gets root's HOME, PATH and working directory (/root), as
+  over SSH.
 - A command killed by signal n exits 128+n, as shells report it; through the agent the
   signal is known exactly (timeout re-raises it, qemu-ga reports it), over SSH it is
   inferred from a status above 128 (OpenSSH's client does not pass exit-signal on).
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import shlex
 import threading
 from dataclasses import dataclass
 
@@ -46,7 +49,15 @@ COOKIE = "TTSTACK_RUN"
 
 # the shell's status also goes to <slot>.status at its exit: a run whose agent went away
 # (the command rebooted the guest) still learns how the command ended
-_PROLOGUE = (f'exec >"$1" 2>"$2" </dev/null; export {COOKIE}="$3"; '
+# The files are removed first: a background child of an earlier run in the same slot
+# still holds the old ones open, and truncating them in place let it write on into the
+# new run's output (behind a run of NULs, at its old offset). The agent starts commands
+# with no HOME, cwd / and systemd's PATH; they get what an SSH login as root has.
+_PROLOGUE = ('rm -f "$1" "$2"; '
+             '[ -n "$HOME" ] || { export HOME=/root '
+             'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; '
+             'cd /root 2>/dev/null; }; '
+             f'exec >"$1" 2>"$2" </dev/null; export {COOKIE}="$3"; '
              "__tt_status=${1%.out}.status; : >\"$__tt_status\"; "
              "trap 'echo $? >\"$__tt_status\"' EXIT; ")
 INLINE_SCRIPT = _PROLOGUE + 'eval "set --; $4"'
@@ -84,7 +95,9 @@ class RunSpec:
     @property
     def cmd_file(self) -> str | None:
         """Where the command is written first when it is too long for an argv string."""
-        if len(self.cmd.encode()) <= ARGV_SAFE:
+        # measured as SSH sends it: shell-quoted inside one remote command line, where
+        # each ' takes four bytes
+        if len(shlex.quote(self.cmd).encode()) <= ARGV_SAFE:
             return None
         return f"{RUN_DIR}/ttstack-run-{self.slot}.sh"
 

@@ -31,6 +31,8 @@ NOT_RUN = Outcome(None, None, Output(b"", 0), Output(b"", 0), False, 0.0)
 # time keep the host responsive (and the agent channels from starving each other).
 MAX_PARALLEL_COPIES = 4
 
+# files stat says are this small are read whole before the answer (see GuestOps._small)
+SMALL_FILE = 1 << 20
 
 class GuestOps:
     """run / push / pull / console on the VMs of ENVs recorded in `db`, through `io`."""
@@ -126,7 +128,7 @@ class GuestOps:
             kind, size = self._file_kind(row, path, use_ssh)
         except GuestError as exc:
             raise TTError(f"cannot read {path} from {vm}: {exc}", status=404) from exc
-        if kind != "regular file":  # /dev/zero, a FIFO: read without end, or block
+        if kind not in ("regular file", "regular empty file"):  # /dev/zero, a FIFO:
             raise BadRequest(f"cannot get {path} from {vm}: it is a {kind}, not a regular "
                              f"file (copy it to a file first, e.g. with 'tt env run')")
         if size > MAX_UPLOAD:  # the same ceiling as a push's body
@@ -134,9 +136,27 @@ class GuestOps:
                           f"{MAX_UPLOAD} bytes a get may carry (split it in the guest, or "
                           f"copy it with scp)", status=413)
         try:
+            if size <= SMALL_FILE:
+                return self._small(row, vm, path, size, use_ssh)
             return Download(size, self.io.open_read(row, path, size, use_ssh))
         except GuestError as exc:
             raise TTError(f"cannot read {path} from {vm}: {exc}", status=404) from exc
+
+    def _small(self, row: VMRow, vm: str, path: str, size: int, use_ssh: bool) -> Download:
+        """A file stat says is at most SMALL_FILE bytes, read whole before the answer
+        starts: files of /proc say 0 and hold more, files of /sys say 4096 and hold less,
+        and a streamed answer has promised its length before the first byte."""
+        res = self.io.run(row, f"head -c {SMALL_FILE + 1} -- {shlex.quote(path)}", 60,
+                          use_ssh, cap=SMALL_FILE + 1)
+        if res.exit_code != 0:
+            raise GuestError(bytes(res.stderr.data).decode(errors="replace").strip()
+                             or f"head failed (exit {res.exit_code})")
+        data = bytes(res.stdout.data)
+        if len(data) > SMALL_FILE:
+            raise TTError(f"cannot get {path} from {vm}: it says it is {size} bytes but "
+                          f"holds more than {SMALL_FILE} (a file that grows, or a kernel "
+                          f"file): copy it to a file first", status=413)
+        return Download(len(data), iter([data]))
 
     def _file_kind(self, vm: VMRow, path: str, use_ssh: bool) -> tuple[str, int]:
         """(stat's file type of the guest `path`, links followed — "regular file",

@@ -24,6 +24,7 @@ from ttclient.contract import Upload
 from ttclient.waiting import wait_for
 
 from . import command as cmdspec
+from . import placing
 
 SSH_OPTS = ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 # the guest's SSH host key, pinned (read through the guest agent, or made by the server)
@@ -210,11 +211,15 @@ def _check(res: _Raw, what: str) -> None:
         raise CopyError(f"{what}: {err[-1] if err else f'exit {res.exit_code}'}")
 
 
-def write_file(t: Target, path: str, data: Upload, mode: int, timeout: float) -> None:
-    """Write `data` to the guest's `path` (from its file, a piece at a time) and set its
-    `mode`, within `timeout` seconds; CopyError."""
-    cmd = f"cat > {shlex.quote(path)} && chmod {mode:o} {shlex.quote(path)}"
-    _check(_with_retry(t, cmd, timeout, data), f"write {path}")
+def write_file(t: Target, path: str, data: Upload, mode: int | None,
+               timeout: float) -> None:
+    """Write `data` to the guest's `path` (from its file, a piece at a time) as
+    guest/placing.py describes, with `mode` (None: the replaced file's, else 0644),
+    within `timeout` seconds; CopyError."""
+    res = _with_retry(t, placing.ssh_command(path, mode), timeout, data)
+    if res.exit_code == placing.NOT_REGULAR:
+        raise CopyError(placing.refusal(path, res.stderr.decode(errors="replace")))
+    _check(res, f"write {path}")
 
 
 def open_file(t: Target, path: str, size: int, timeout: float) -> Iterator[bytes]:

@@ -24,14 +24,13 @@ from ttclient.waiting import WaitTimeout, wait_for
 from ..config import ServerConfig
 from ..db import VMRow
 from ..vm.libvirt_domains import BootTimeout, Engine
-from . import agent, command, sshexec
+from . import agent, command, placing, sshexec
 
 # Generous per-file limit for copies; agent writes go in WRITE_CHUNK pieces.
 COPY_TIMEOUT = 900.0
 # How long a run waits for an agent that did not take its command (a guest rebooting
 # under TCG is back in 15-30 s)
 REBOOT_WAIT = 120.0
-DEFAULT_FILE_MODE = 0o644
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +46,9 @@ class Transport(Protocol):
     def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
         """A user's command in the guest, as guest/command.py describes."""
 
-    def write(self, vm: VMRow, path: str, data: Upload, mode: int) -> None:
-        """`data` to the guest's absolute `path`, file mode `mode`."""
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
+        """`data` to the guest's absolute `path` as guest/placing.py describes, file mode
+        `mode` (None: the replaced file's, else 0644)."""
 
     def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
         """The first `size` bytes of the guest's file at `path`, opened now and read a
@@ -98,13 +98,25 @@ class AgentTransport:
             raise GuestError(f"the guest agent {what} and did not answer for "
                              f"{REBOOT_WAIT:.0f}s (the guest may be hung): {late}") from late
 
-    def write(self, vm: VMRow, path: str, data: Upload, mode: int) -> None:
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
         dom = self.domain(vm)
-        agent.write_file(dom, path, data.pieces(agent.WRITE_CHUNK))
-        # qemu-ga creates files 0666; give them what `cat >` over SSH would
-        res = agent.exec_argv(dom, ["chmod", f"{mode:o}", path], timeout=30)
-        if res.exit_code != 0:
-            raise GuestError(f"chmod {mode:o} {path}: {res.stderr.strip()}")
+        res = agent.exec_argv(dom, ["/bin/sh", "-c", placing.PREPARE, "sh", path],
+                              timeout=30)
+        if res.exit_code == placing.NOT_REGULAR:
+            raise GuestError(placing.refusal(path, res.stderr))
+        if res.exit_code != 0 or not res.stdout.strip():
+            raise GuestError(f"write {path}: {res.stderr.strip() or 'mktemp failed'}")
+        tmp = res.stdout.strip()
+        try:  # qemu-ga opens the 0600 file mktemp made ("w": truncate, mode kept)
+            agent.write_file(dom, tmp, data.pieces(agent.WRITE_CHUNK))
+            res = agent.exec_argv(dom, ["/bin/sh", "-c", placing.COMMIT, "sh", tmp, path,
+                                        placing.mode_arg(mode)], timeout=30)
+            if res.exit_code != 0:
+                raise GuestError(f"write {path}: {res.stderr.strip()}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                agent.exec_argv(dom, ["/bin/sh", "-c", placing.DISCARD, "sh", tmp], timeout=30)
+            raise
 
     def read(self, vm: VMRow, path: str) -> bytes:
         """The bytes of a small guest file (the agent's own: its host key)."""
@@ -152,7 +164,7 @@ class SSHTransport:
     def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
         return sshexec.run_command(self._target(vm), spec)
 
-    def write(self, vm: VMRow, path: str, data: Upload, mode: int) -> None:
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
         sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
 
     def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
@@ -190,9 +202,9 @@ class GuestIO:
 
     def write(self, vm: VMRow, path: str, data: Upload, mode: int | None,
               use_ssh: bool) -> None:
-        """Write `data` to the guest's absolute `path` with file `mode` (0644 when None);
-        GuestError when it cannot be written."""
-        mode = DEFAULT_FILE_MODE if mode is None else mode
+        """Write `data` to the guest's absolute `path` as guest/placing.py describes, with
+        file `mode` (None: the replaced file's, else 0644); GuestError when it cannot be
+        written."""
         try:
             (self.ssh if use_ssh else self.agent).write(vm, path, data, mode)
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
