@@ -372,6 +372,16 @@ class NativeSession:
             reporter.write_line(f"ttstack: native: {sum(counts.values())} items: "
                                 + ", ".join(f"{counts[o]} on {o}" for o in self.os_ids))
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Each report gets the user property `tt_os`, as `tt_vm` tests have it: junitxml
+        writes it into the testcase, the per-OS summary (tally.py) counts by it. Added
+        here, not in the worker, where any user property takes a report off the JSON
+        batch path (remote.py)."""
+        os_id = ids.untag(report.nodeid, self.os_ids)[0]
+        if os_id and ("tt_os", os_id) not in report.user_properties:
+            report.user_properties = [*report.user_properties, ("tt_os", os_id)]
+
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport,
                                sched: Any) -> None:
         """Turn a dead worker's report into one naming the test, its phase (from the

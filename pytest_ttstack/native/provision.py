@@ -308,15 +308,23 @@ class Provisioner:
         pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.env.vms)))
         try:
             connected = {vm["id"]: pool.submit(self._connect, vm) for vm in self.env.vms}
-            guests = self.probe()
             try:
                 files_of_project = project.project_files(self.paths.rootdir)
                 files = sorted({*files_of_project, *self.extra_files})
             except project.ShipError as exc:
                 raise TTSetupError(f"native mode: {exc}") from None
             # one plan per guest Python, in parallel (each is a uv resolution and pip
-            # download on the host: ~9 s each, measured)
-            planned = {guest: pool.submit(self._plan, guest, files)
+            # download on the host: ~9 s each, measured). Plans for the Pythons these
+            # images held last time start before the probe answers (a Python start on a
+            # fresh clone under TCG takes seconds); a plan the probe proves wrong is
+            # dropped and made again.
+            remembered = wheelhouse.remembered_guests()
+            planned = {guest: pool.submit(self._plan, guest, files) for guest in
+                       dict.fromkeys(remembered[vm["image"]] for vm in self.env.vms
+                                     if vm["image"] in remembered)}
+            guests = self.probe()
+            wheelhouse.remember_guests({vm["image"]: guests[vm["id"]] for vm in self.env.vms})
+            planned = {guest: planned.get(guest) or pool.submit(self._plan, guest, files)
                        for guest in dict.fromkeys(guests.values())}
             plans: dict[wheelhouse.GuestPython, _Plan] = {}
             for guest, made in planned.items():

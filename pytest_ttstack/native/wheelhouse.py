@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import tomllib
 import zipfile
@@ -110,6 +111,33 @@ class Resolution:
 def cache_dir() -> Path:
     """Where wheels and venvs are cached: $TTSTACK_CACHE_DIR, else the user cache dir."""
     return Path(os.environ.get("TTSTACK_CACHE_DIR") or platformdirs.user_cache_dir("ttstack"))
+
+
+def remembered_guests() -> dict[str, GuestPython]:
+    """The guest Python last probed in each image (by image name, e.g.
+    "qemu:debian-12:x86_64"), from the cache dir; {} when none is readable. A hint only:
+    an image rebuilt since may hold another Python, which the next probe shows."""
+    try:
+        data = json.loads((cache_dir() / "guest-pythons.json").read_text())
+        return {image: GuestPython(**fields) for image, fields in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def remember_guests(found: dict[str, GuestPython]) -> None:
+    """Adds `found` (image name -> probed Python) to the remembered guests; written whole
+    and renamed into place, so concurrent sessions never read half a file. OSError is
+    ignored: remembering only saves time."""
+    merged = {**remembered_guests(), **found}
+    path = cache_dir() / "guest-pythons.json"
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({k: asdict(v) for k, v in sorted(merged.items())},
+                                      indent=1))
+        partial.rename(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 def base_requirements() -> list[str]:
