@@ -26,6 +26,9 @@ def add_options(parser: pytest.Parser) -> None:
     both("tt_life_time", "seconds the session ENV may live (default 3600)")
     both("tt_mem", "MiB of memory per VM (default 512)")
     both("tt_cpu", "vCPUs per VM (default 1)")
+    both("tt_env", "use this existing ENV (made with 'tt env add', or kept by --tt-keep) "
+                   "instead of creating one; it is not deleted at the end. --tt-os, when "
+                   "given, narrows the run to the ENV's images matching it")
     group.addoption("--tt-keep", action="store_true", default=False,
                     help="keep the ENV when a test failed, and print how to reach it")
     group.addoption("--tt-native", action="store_true", default=False,

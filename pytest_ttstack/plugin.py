@@ -4,11 +4,13 @@ work happens in session.py (the ENV), matrix.py (parametrization) and vm.py (the
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
 import threading
 from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from .session import (
     default_server,
     resolve_images,
 )
+from .tally import OSTally
 from .vm import VM
 
 ENV_KEY = pytest.StashKey[SessionEnv | None]()
@@ -30,6 +33,9 @@ OWNER_KEY = pytest.StashKey[EnvOwner | None]()
 FAILED_KEY = pytest.StashKey[bool]()
 NATIVE_KEY = pytest.StashKey[native.NativeSession | None]()
 SIGTERM_KEY = pytest.StashKey[object]()
+TALLY_KEY = pytest.StashKey[OSTally]()
+IMAGES_KEY = pytest.StashKey[list[str]]()  # the images --tt-os selects, before an ENV exists
+LAZY_KEY = pytest.StashKey[EnvOwner]()  # an ENV to make once collection shows it is needed
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,12 +49,41 @@ def _opt(config: pytest.Config, name: str) -> str | None:
 
 
 def _workers(config: pytest.Config) -> int:
-    n = getattr(config.option, "numprocesses", None)
-    if isinstance(n, int):
-        return max(1, n)
-    if n in ("auto", "logical"):
-        return os.cpu_count() or 1
-    return 1
+    """How many xdist workers the session starts at once: the `--tx` specs xdist expands
+    (`-n N` became N of them, capped by `--maxprocesses`, in xdist's pytest_cmdline_main,
+    which ran before any session hook), when xdist distributes at all; else 1."""
+    if (not config.pluginmanager.hasplugin("xdist")
+            or config.getoption("dist", "no") == "no" or not config.getoption("tx", None)):
+        return 1
+    from xdist.workermanage import parse_tx_spec_config
+
+    return max(1, len(parse_tx_spec_config(config)))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` / `-n logical` with --tt-os: as many workers as the server has room for
+    (each takes one VM per requested image, --tt-cpu vCPUs and --tt-mem MiB each), at
+    least 1 and, unless --tt-native, at most this host's CPUs (the tests' own code runs
+    here); None (xdist's
+    own rule) without --tt-os, with $PYTEST_XDIST_AUTO_NUM_WORKERS set, or when the
+    server cannot be asked."""
+    prefixes = _opt(config, "tt_os")
+    if not prefixes or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    server = _opt(config, "tt_server") or default_server()
+    try:
+        client = EnvOwner.client_for(server)
+        images = len(resolve_images(client, [prefixes]))
+        status = client.status()
+    except Exception:  # the session start says what is wrong with the server
+        return None
+    cpu, mem = int(_opt(config, "tt_cpu") or 1), int(_opt(config, "tt_mem") or 512)
+    room = min((status["cpu_total"] - status["cpu_used"]) // max(1, images * cpu),
+               (status["mem_total_mib"] - status["mem_used_mib"]) // max(1, images * mem))
+    if not config.getoption("tt_native"):  # native tests run in the VMs, not here
+        room = min(room, os.cpu_count() or 1)
+    return max(1, room)
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -56,8 +91,8 @@ def _is_worker(config: pytest.Config) -> bool:
 
 
 def _worker_index(config: pytest.Config) -> int:
-    wid = getattr(config, "workerinput", {}).get("workerid", "gw0")
-    return int(wid[2:]) if wid.startswith("gw") and wid[2:].isdigit() else 0
+    """The VM slot the controller gave this worker (`_XdistHooks`); 0 outside xdist."""
+    return int(getattr(config, "workerinput", {}).get("tt_slot", 0))
 
 
 def _sigterm_interrupts(signum: int, frame: object) -> None:
@@ -106,6 +141,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[NATIVE_KEY] = None
     if config.getoption("tt_native") and not _opt(config, "tt_os"):
         raise pytest.UsageError("--tt-native needs --tt-os (the OSes to run the suite on)")
+    if config.getoption("tt_native") and _opt(config, "tt_env"):
+        raise pytest.UsageError("--tt-native makes its own ENV (its VMs need the session's "
+                                "SSH key); drop --tt-env")
     if (config.getoption("tt_native") and _opt(config, "tt_os") and not _is_worker(config)
             and not config.option.collectonly):
         native.check_usable(config)
@@ -115,15 +153,27 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(session, "ttstack-native")
 
 
+def _distributed(config: pytest.Config) -> bool:
+    """Whether xdist runs this session's tests in workers (its own rule)."""
+    return (config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") != "no"
+            and bool(config.getoption("tx", None)))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Create the ENV before xdist starts its workers, so they can be handed its name."""
+    """Create the ENV (or, --tt-env, take the existing one) before xdist starts its
+    workers, so they can be handed its name. Without xdist only the images are resolved
+    here (for the ids); the ENV is made once collection shows a selected test needs it
+    (pytest_collection_finish), so `-k` without VM tests boots nothing. Under
+    --collect-only nothing boots either."""
     config = session.config
     prefixes = _opt(config, "tt_os")
-    if _is_worker(config) or not prefixes or config.option.collectonly:
+    attach = _opt(config, "tt_env")
+    if _is_worker(config) or not (prefixes or attach):
         return
-    settings = Settings(os_prefixes=[prefixes], server=_opt(config, "tt_server") or
-                        default_server(), keep=config.getoption("tt_keep"),
+    server = _opt(config, "tt_server") or default_server()
+    settings = Settings(os_prefixes=[prefixes] if prefixes else [], server=server,
+                        keep=config.getoption("tt_keep"),
                         life_time=int(_opt(config, "tt_life_time") or 3600),
                         cpu=int(_opt(config, "tt_cpu") or 1),
                         mem=int(_opt(config, "tt_mem") or 512), workers=_workers(config))
@@ -132,11 +182,45 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         settings.workers = native.workers_per_os(config)
         settings.extra_ssh_keys = [session_native.public_key]
     owner = EnvOwner(settings, lambda text: _say(config, text))
+    lazy = not (session_native is not None or _distributed(config))
+    if prefixes and not attach and (lazy or config.option.collectonly):
+        try:
+            config.stash[IMAGES_KEY] = resolve_images(owner.client, [prefixes])
+        except TTSetupError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        if not config.option.collectonly:
+            config.stash[LAZY_KEY] = owner
+        return
+    _start_env(config, owner, attach)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Without xdist: make the ENV now, if a selected test uses `tt_vm` or `tt_env`."""
+    owner = session.config.stash.get(LAZY_KEY, None)
+    if owner is None:
+        return
+    del session.config.stash[LAZY_KEY]
+    needed = any({"tt_vm", "tt_env"} & set(getattr(item, "fixturenames", ()))
+                 for item in session.items)
+    if needed:
+        _start_env(session.config, owner, None)
+        tally = session.config.stash.get(TALLY_KEY, None)
+        for line in tally.header() if tally is not None else []:
+            _say(session.config, line)
+    else:
+        _say(session.config, "ttstack: no selected test uses a VM; nothing booted")
+
+
+def _start_env(config: pytest.Config, owner: EnvOwner, attach: str | None) -> None:
+    """Create the ENV (or take --tt-env's), register the tally and start native mode;
+    whatever goes wrong, nothing made outlives it (UsageError for a TTSetupError)."""
+    session_native = config.stash[NATIVE_KEY]
     config.stash[OWNER_KEY] = owner
     _catch_sigterm(config)
     try:
-        env = owner.create()
+        env = owner.attach(attach) if attach else owner.create()
         config.stash[ENV_KEY] = env
+        _tally(config, env, owner)
         if session_native is not None:
             if env.error:
                 raise TTSetupError(f"the session ENV {env.name} failed:\n{env.error}")
@@ -148,6 +232,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if isinstance(exc, TTSetupError):
             raise pytest.UsageError(str(exc)) from None
         raise
+
+
+def _tally(config: pytest.Config, env: SessionEnv, owner: EnvOwner) -> None:
+    """Register the per-OS header and summary (tally.py) on the controlling process."""
+    try:
+        status = owner.client.status()
+    except Exception:  # the header loses its accel word, the run goes on
+        status = None
+    tally = OSTally(env, status)
+    config.stash[TALLY_KEY] = tally
+    config.pluginmanager.register(tally, "ttstack-tally")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    """The server, the ENV, accel, and each image's VMs with how they booted."""
+    tally = config.stash.get(TALLY_KEY, None)
+    return tally.header() if tally is not None else None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -177,31 +278,49 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize tests that use `tt_vm` over the session's images."""
     env = metafunc.config.stash.get(ENV_KEY, None)
     if "tt_vm" in metafunc.fixturenames:
-        matrix.parametrize(metafunc, env.images if env else None)
+        collect_only = (None if metafunc.config.getoption("tt_native")  # tagged per OS later
+                        else metafunc.config.stash.get(IMAGES_KEY, None))
+        matrix.parametrize(metafunc, env.images if env else collect_only)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`--tt-native --collect-only`: list each item once per OS, with the run's ids (the
-    host collects; the images are resolved on the server, nothing boots)."""
-    prefixes = _opt(config, "tt_os")
-    if not (config.getoption("tt_native") and config.option.collectonly and prefixes):
-        return
-    server = _opt(config, "tt_server") or default_server()
-    try:
-        images = resolve_images(EnvOwner.client_for(server), [prefixes])
-    except TTSetupError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    items[:] = native.collect_only_items(items, images)
+    host collects; the images were resolved in pytest_sessionstart, nothing boots).
+    Every `tt_vm` item gets the JUnit property `tt_os` (its image's id)."""
+    images = config.stash.get(IMAGES_KEY, None)
+    if config.getoption("tt_native") and images is not None:
+        items[:] = native.collect_only_items(items, images)
+    for item in items:  # JUnit <property name="tt_os">: what the CI summary reads
+        callspec = getattr(item, "callspec", None)
+        image = callspec.params.get("tt_vm") if callspec is not None else None
+        if image:
+            item.user_properties.append(("tt_os", matrix.image_id(image)))
 
 
 class _XdistHooks:
-    """Registered only when pytest-xdist is installed (its hooks are unknown otherwise)."""
+    """Registered only when pytest-xdist is installed (its hooks are unknown otherwise).
 
-    def pytest_configure_node(self, node: object) -> None:
-        """Send the session's ENV to the worker, as a dict (None when there is none)."""
-        env = node.config.stash.get(ENV_KEY, None)  # type: ignore[attr-defined]
-        node.workerinput["tt_env"] = env.to_dict() if env else None  # type: ignore[attr-defined]
+    Each live worker gets a VM slot of its own: worker k of the session's VMs of each
+    image. A worker that went down frees its slot (xdist calls pytest_testnodedown before
+    it starts a crashed worker's replacement), and a new worker takes the lowest free one,
+    so no two live workers ever share a VM, replacements included."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}  # gateway id -> VM slot, for the live workers
+
+    def pytest_configure_node(self, node: Any) -> None:
+        """Send the session's ENV (a dict, or None) and the worker's VM slot."""
+        taken = set(self.slots.values())
+        slot = next(i for i in itertools.count() if i not in taken)
+        self.slots[node.gateway.id] = slot
+        env = node.config.stash.get(ENV_KEY, None)
+        node.workerinput["tt_env"] = env.to_dict() if env else None
+        node.workerinput["tt_slot"] = slot
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """The worker's VM slot is free again."""
+        self.slots.pop(node.gateway.id, None)
 
 
 @pytest.fixture(scope="session")
@@ -215,9 +334,11 @@ def tt_env(request: pytest.FixtureRequest) -> SessionEnv:
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv) -> Iterator[VM]:
-    """A VM of the current matrix OS, used by this worker only."""
+    """A VM of the current matrix OS, used by this worker only. Session-scoped (its
+    parametrization too), so fixtures of any scope can use it: a module fixture that
+    sets each VM up runs once per module and OS; pytest orders the tests OS by OS."""
     image = getattr(request, "param", None)
     if image is None:
         pytest.skip("ttstack: no --tt-os given")
@@ -240,10 +361,11 @@ def pytest_runtest_makereport(item: pytest.Item,
             except Exception as exc:  # the report matters more than the tail
                 tail = f"(console tail unavailable: {exc})"
             title = f"ttstack console tail of {vm.name} ({vm.image})"
-            report.sections.append((title, tail))
             addsection = getattr(report.longrepr, "addsection", None)
-            if addsection is not None:
+            if addsection is not None:  # in the failure text: terminal and JUnit
                 addsection(title, tail)
+            else:  # a string longrepr: a report section (shown once, after it)
+                report.sections.append((title, tail))
     return report
 
 

@@ -166,6 +166,38 @@ class EnvOwner:
             env.error = view.get("error") or f"ENV ended in state {view['state']}"
         return env
 
+    def attach(self, name: str) -> SessionEnv:
+        """The running ENV `name`, used as it is and never deleted (`self.name` stays
+        None): its images (narrowed by the settings' OS prefixes, when any) and VMs.
+        TTSetupError when it does not exist, is not running, or has fewer VMs of an image
+        than the session has workers (two workers would share a VM)."""
+        s = self.settings
+        try:
+            view = self.client.get_env(name)
+        except ApiError as exc:
+            raise TTSetupError(f"--tt-env {name}: {exc}") from exc
+        if view["state"] != "running":
+            raise TTSetupError(f"--tt-env {name}: the ENV is {view['state']}, not running "
+                               f"('tt env start {name}' starts a stopped one)")
+        images = list(dict.fromkeys(v["image"] for v in view["vms"]))
+        if s.os_prefixes:
+            try:
+                chosen = match_images(split_prefixes(s.os_prefixes),
+                                      [parse_image_name(i) for i in images])
+            except ImageNameError as exc:
+                raise TTSetupError(f"--tt-os with --tt-env {name}: {exc}") from exc
+            images = [i.full for i in chosen]
+        for image in images:
+            have = sum(v["image"] == image for v in view["vms"])
+            if have < s.workers:
+                raise TTSetupError(f"--tt-env {name}: it has {have} VM(s) of {image} and "
+                                   f"the session starts {s.workers} xdist workers; each "
+                                   f"needs a VM of its own (fewer workers, or an ENV made "
+                                   f"with 'tt env add ... --vm-number {s.workers}')")
+        self.say(f"ttstack: using ENV {name} on {s.server} (--tt-env; it is kept)")
+        return SessionEnv(server=s.server, name=name, images=images, workers=s.workers,
+                          vms=[v for v in view["vms"] if v["image"] in images])
+
     def delete(self, keep: bool = False) -> None:
         """Delete the ENV once (a 404 counts as deleted; other failures are printed, not
         raised); with `keep`, leave it and say how to reach and delete it."""

@@ -3,8 +3,12 @@ for an OS matrix (one row per test, one column per OS image).
 
     python -m pytest_ttstack.summary report.xml >> "$GITHUB_STEP_SUMMARY"
 
-Test ids carry the OS as their parameter (`test_x[debian-12:x86_64]`, see matrix.py);
-tests without one land in the `-` column. Exit code 0 always: the summary is information,
+A test's OS is its JUnit property `tt_os` (written by the plugin for `tt_vm` and native
+tests) and is taken out of its parameter id (`test_x[debian-12:x86_64-1]` is row
+`test_x[1]`); reports without the property (older plugins) are read by the id alone, when
+the OS is its only parameter. Rows are keyed on the JUnit classname (module path and
+class) and name, so tests of the same name in two modules stay two rows. Tests without
+an OS land in the `-` column. Exit code 0 always: the summary is information,
 the pytest step decides the job's status.
 """
 
@@ -25,7 +29,7 @@ class Outcome:
     """One test case of the report: test id without its OS parameter, OS id ("-" for none)
     and result."""
 
-    test: str  # classname::name without the OS parameter
+    test: str  # classname::name without the OS parameter: "tests.test_a.TestX::test_x"
     os: str  # "debian-12:x86_64", or "-" for tests without an OS
     result: str  # passed | failed | error | skipped
 
@@ -37,11 +41,16 @@ def outcomes(report: Path) -> list[Outcome]:
     out = []
     for case in root.iter("testcase"):
         name = case.get("name", "?")
-        match = OS_PARAM.match(name)
-        test, os_id = (match["test"], match["os"]) if match else (name, "-")
+        os_id = next((p.get("value", "") for p in case.iter("property")
+                      if p.get("name") == "tt_os"), None)
+        if os_id:
+            test = without_os(name, os_id)
+        else:
+            match = OS_PARAM.match(name)
+            test, os_id = (match["test"], match["os"]) if match else (name, "-")
         classname = case.get("classname", "")
         if classname:
-            test = f"{classname.rsplit('.', 1)[-1]}::{test}"
+            test = f"{classname}::{test}"
         result = "passed"
         for tag in ("failure", "error", "skipped"):
             if case.find(tag) is not None:
@@ -49,6 +58,25 @@ def outcomes(report: Path) -> list[Outcome]:
                 break
         out.append(Outcome(test, os_id, result))
     return out
+
+
+def without_os(name: str, os_id: str) -> str:
+    """`name` (a test's name with its parameter id) without the `os_id` part of that id:
+    `t[debian-12:x86_64]` -> `t`, `t[debian-12:x86_64-1]` and `t[1-debian-12:x86_64]` ->
+    `t[1]`; `name` unchanged when its id has no such part."""
+    head, bracket, params = name.partition("[")
+    if not bracket or not params.endswith("]"):
+        return name
+    params = params[:-1]
+    if params == os_id:
+        return head
+    if params.startswith(os_id + "-"):
+        return f"{head}[{params[len(os_id) + 1:]}]"
+    if params.endswith("-" + os_id):
+        return f"{head}[{params[:-len(os_id) - 1]}]"
+    if f"-{os_id}-" in params:
+        return f"{head}[{params.replace(f'-{os_id}-', '-', 1)}]"
+    return name
 
 
 def table(items: list[Outcome]) -> str:

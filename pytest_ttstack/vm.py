@@ -6,7 +6,8 @@ import base64
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttclient.api import Client
+from ttclient.api import ApiError, Client
+from ttclient.waiting import wait_for
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class VM:
         self.arch: str = view["arch"]
         self.ssh_host: str = view["ssh_host"]
         self.ssh_port: int = view["ssh_port"]
+        # guest port -> host port; port() adds to it
         self.ports: dict[int, int] = {int(k): v for k, v in view.get("ports", {}).items()}
 
     def __repr__(self) -> str:
@@ -84,6 +86,35 @@ class VM:
         result = RunResult(r["exit_code"], out, err, r["timed_out"], r["seconds"],
                            r.get("signal"), r.get("truncated", False))
         return result.check() if check else result
+
+    def port(self, guest_port: int) -> tuple[str, int]:
+        """(host, port) that reaches TCP `guest_port` of this VM from here. The first call
+        for a port asks the server to forward it (for every VM of the ENV: forwards are
+        per ENV); later calls answer from the handle. ApiError when the server refuses
+        (port 22, out of range, the ENV's 32-port limit)."""
+        if guest_port not in self.ports:
+            try:
+                view = self._client.update_env(self.env_name, add_ports=[guest_port])
+            except ApiError:  # another worker may have added it a moment ago
+                view = self._client.get_env(self.env_name)
+                if str(guest_port) not in next(v for v in view["vms"]
+                                               if v["id"] == self.id).get("ports", {}):
+                    raise
+            mine = next(v for v in view["vms"] if v["id"] == self.id)
+            self.ports = {int(k): v for k, v in mine.get("ports", {}).items()}
+        return self.ssh_host, self.ports[guest_port]
+
+    def wait_for_port(self, guest_port: int, timeout: float = 60) -> tuple[str, int]:
+        """Wait until a service listens on TCP `guest_port` in the guest (a LISTEN socket
+        in /proc/net/tcp or tcp6, polled through `run`), then `port(guest_port)`.
+        A connect from here alone proves nothing: QEMU's user networking accepts on the
+        host port whether or not anything listens in the guest. WaitTimeout after
+        `timeout` seconds."""
+        check = (f"awk '$4 == \"0A\" && $2 ~ /:{guest_port:04X}$/ {{ found = 1 }} "
+                 "END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null")
+        wait_for(lambda: True if self.run(check, timeout=30).ok else None, timeout,
+                 what=f"{self.name}: a service listening on guest port {guest_port}")
+        return self.port(guest_port)
 
     def put(self, local: str | Path, remote: str, mode: int | None = None) -> None:
         """Copy a local file to `remote` (an absolute path) in this VM."""

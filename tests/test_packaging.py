@@ -65,3 +65,18 @@ def test_ttserver_help_covers_every_flag_and_the_image_commands():
                  "--life-time", "--allow-outgoing", "--libvirt-uri", "--log-level",
                  "ttserver image build|list"):
         assert flag in out, flag
+
+
+def test_the_wheel_says_it_is_a_typed_pytest_plugin(tmp_path: Path):
+    """pytest's plugin list and PyPI's search find plugins by `Framework :: Pytest`;
+    type checkers read a package's annotations only with a py.typed (PEP 561)."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(root)], check=True, timeout=300)
+    wheel = zipfile.ZipFile(next(tmp_path.glob("ttstack-*.whl")))
+    names = wheel.namelist()
+    assert {"pytest_ttstack/py.typed", "ttclient/py.typed"} <= set(names)
+    meta = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Classifier: Framework :: Pytest" in meta

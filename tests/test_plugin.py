@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,8 +57,8 @@ def counts(root: ET.Element) -> dict[str, int]:
 
 def check_common(srv: ServerProcess, proc, root) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr  # 1 = some tests failed
-    assert "2 failed, 5 passed, 1 skipped" in proc.stdout, proc.stdout
-    assert counts(root) == {"tests": 8, "failures": 2, "errors": 0, "skipped": 1}
+    assert "2 failed, 7 passed, 1 skipped" in proc.stdout, proc.stdout
+    assert counts(root) == {"tests": 10, "failures": 2, "errors": 0, "skipped": 1}
     names = {tc.get("name") for tc in root.iter("testcase")}
     assert {"test_runs_on_every_os[debian-12:x86_64]",
             "test_runs_on_every_os[debian-13:x86_64]", "test_only_trixie[debian-13:x86_64]",
@@ -65,10 +66,20 @@ def check_common(srv: ServerProcess, proc, root) -> None:
     failures = [tc.find("failure") for tc in root.iter("testcase")
                 if tc.find("failure") is not None]
     assert all("ttstack console tail of" in (f.text or "") for f in failures)
+    assert proc.stdout.count("ttstack console tail of") == 2, proc.stdout  # once each
     # the failing test printed a line on its VM's console (the login prompt came too
     # late to count on: a warm clone's getty reprints it seconds after the VM runs)
     assert "sample-console-line" in "".join(f.text or "" for f in failures)
     assert "matches none of the requested OS images" in proc.stdout
+    # the header, the per-OS summary and the JUnit property the CI summary reads
+    assert "ttstack: server " in proc.stdout and "accel tcg" in proc.stdout, proc.stdout
+    assert "ttstack:   qemu:debian-13:x86_64: " in proc.stdout, proc.stdout
+    assert "debian-12:x86_64: 2 passed, 1 failed" in proc.stdout, proc.stdout
+    assert "debian-13:x86_64: 3 passed, 1 failed" in proc.stdout, proc.stdout
+    props = {(tc.get("name"), p.get("value")) for tc in root.iter("testcase")
+             for p in tc.iter("property") if p.get("name") == "tt_os"}
+    assert ("test_only_trixie[debian-13:x86_64]", "debian-13:x86_64") in props, props
+    assert len(props) == 7, props
     assert requests.get(srv.url + "/envs", timeout=10).json() == [], "the ENV must be deleted"
 
 
@@ -119,3 +130,120 @@ def test_ctrl_c_while_booting_deletes_the_env(plugin_server, tmp_path, sig):
     assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
     found = leftovers(plugin_server.server_id(), plugin_server.cfgdb, [])
     assert found == NOTHING_LEFT
+
+
+SHAPES = Path(__file__).parent / "sample_xdist"
+EXECUTED = re.compile(r"^(test_shapes\.py::\S+) (?:PASSED|FAILED|SKIPPED|ERROR)", re.M)
+
+
+def run_shapes(srv: ServerProcess, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "SAMPLE_OUT": str(out), "TT_CONFIG": str(tmp_path / "none.json")}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(SHAPES),
+         "-c", os.devnull, f"--tt-server={srv.address}", "--tt-os=debian-12", *extra,
+         str(SHAPES)], capture_output=True, text=True, env=env, timeout=1200, cwd=SHAPES)
+
+
+def test_collect_only_ids_are_the_ids_a_run_executes(plugin_server, tmp_path):
+    """--collect-only listed `test_x[no-tt-os]` (ids no run has), so `-k` previews, IDEs
+    and CI sharding asked for tests that do not exist."""
+    listed = run_shapes(plugin_server, tmp_path, "--collect-only", "-q")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    ids = {line for line in listed.stdout.splitlines() if line.startswith("test_shapes.py::")}
+    assert "test_shapes.py::test_param[debian-12:x86_64-1]" in ids, listed.stdout
+    assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []  # no boot
+    ran = run_shapes(plugin_server, tmp_path, "-v", "-p", "no:xdist")
+    assert ran.returncode == 0, ran.stdout + ran.stderr  # no xdist: no worker to kill
+    assert set(EXECUTED.findall(ran.stdout)) == ids, ran.stdout
+
+
+def test_workers_never_share_a_vm_whatever_sizes_the_pool(plugin_server, tmp_path):
+    """xdist sizes its pool from --tx (`-n` only fills --tx in): `--tx 2*popen` gave two
+    workers one VM; a crashed worker's replacement (gw2) took gw0's VM by its number, while
+    gw1 might be the one alive on it. A module fixture on tt_vm was a ScopeMismatch."""
+    proc = run_shapes(plugin_server, tmp_path, "-v", "--tx", "2*popen", "--dist", "load")
+    out = proc.stdout + proc.stderr
+    assert "1 OS x 2 worker VM(s)" in out, out
+    assert "replacing crashed worker" in out, out
+    assert proc.returncode == 1 and "1 failed, 9 passed" in out, out
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    vms_of = {}
+    for r in records:
+        vms_of.setdefault(r["worker"], set()).add(r["vm"])
+    assert all(len(v) == 1 for v in vms_of.values()), vms_of  # one VM per worker
+    assert "gw2" in vms_of, vms_of
+    crashed = next(w for w in ("gw0", "gw1") if f"[{w}] node down" in out)
+    survivor = {"gw0": "gw1", "gw1": "gw0"}[crashed]
+    if survivor in vms_of:  # both alive at the end: never one VM
+        assert vms_of["gw2"] != vms_of[survivor], vms_of
+    assert vms_of["gw2"] == vms_of.get(crashed, vms_of["gw2"]), vms_of
+    fixture_runs = [(r["worker"], r["vm"]) for r in records if r["kind"] == "module-fixture"]
+    assert len(fixture_runs) == len(set(fixture_runs)) >= 1, fixture_runs
+    assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []
+
+
+def test_n_auto_is_sized_by_the_servers_room(plugin_server, tmp_path):
+    """`-n auto` counted this host's CPUs (2): 2 workers × 2 OSes × 2 vCPUs would not fit
+    the server's 4 free vCPUs."""
+    (tmp_path / "conftest.py").write_text(
+        "def pytest_sessionstart(session):\n"
+        "    print('numprocesses=%s' % session.config.option.numprocesses)\n")
+    (tmp_path / "test_a.py").write_text("def test_a(tt_vm):\n    pass\n")
+    env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
+    env.pop("PYTEST_XDIST_AUTO_NUM_WORKERS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "--collect-only",
+         "-c", os.devnull, "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
+         "--tt-os=debian-12,debian-13", "--tt-cpu=2", "-n", "auto", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert "numprocesses=1" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_tt_env_runs_on_an_existing_env_and_keeps_it(plugin_server, tmp_path):
+    from ttclient.api import Client
+
+    client = Client(plugin_server.url)
+    client.create_env("attached", ["debian-12"], life_time=900)
+    try:
+        assert client.wait_env("attached", timeout=600)["state"] == "running"
+        (tmp_path / "test_a.py").write_text(
+            "def test_a(tt_vm, tt_env):\n"
+            "    assert tt_env.name == 'attached' and tt_vm.os == 'debian-12'\n"
+            "    tt_vm.run('touch /tmp/was-here', check=True)\n")
+        env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
+        base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-c",
+                os.devnull, "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
+                "--tt-env=attached", str(tmp_path)]
+        proc = subprocess.run(base, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "test_a[debian-12:x86_64] PASSED" in proc.stdout, proc.stdout
+        assert "using ENV attached" in proc.stdout and "deleted ENV" not in proc.stdout
+        assert client.run("attached", "test -e /tmp/was-here")["results"][0]["exit_code"] == 0
+        # two workers would share its one VM: refused before anything runs
+        proc = subprocess.run(base + ["-n", "2"], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 4, proc.stdout + proc.stderr
+        assert "it has 1 VM(s) of qemu:debian-12:x86_64" in proc.stderr, proc.stderr
+        proc = subprocess.run([*base[:-1], "--tt-os=debian-13", str(tmp_path)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 4 and "'debian-13' matches no image" in proc.stderr, \
+            proc.stdout + proc.stderr
+        assert [e["name"] for e in client.list_envs()] == ["attached"]
+    finally:
+        client.delete_env("attached")
+
+
+def test_nothing_boots_when_no_selected_test_needs_a_vm(plugin_server, tmp_path):
+    """`-k` deselecting every VM test still booted the whole ENV."""
+    env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(SAMPLE),
+         "-c", os.devnull, f"--tt-server={plugin_server.address}", "--tt-os=debian-12",
+         "-k", "without_vm", str(SAMPLE)], capture_output=True, text=True, env=env,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no selected test uses a VM; nothing booted" in proc.stdout, proc.stdout
+    assert "ENV pytest-" not in proc.stdout
+    assert "test_sample.py::test_without_vm" not in proc.stdout or "1 passed" in proc.stdout

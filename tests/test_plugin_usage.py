@@ -58,7 +58,8 @@ def test_native_usage_errors_come_before_anything_is_made(suite, tmp_path, args,
     assert not list(tmp_path.glob("ttnative-*"))
 
 
-@pytest.mark.parametrize("native", [[], ["--tt-native"], ["--tt-native", "--collect-only"]])
+@pytest.mark.parametrize("native", [[], ["--collect-only"], ["--tt-native"],
+                                    ["--tt-native", "--collect-only"]])
 def test_an_unreachable_server_is_one_usage_error_naming_it(suite, tmp_path, native):
     server = f"127.0.0.1:{closed_port()}"
     result = suite.runpytest_subprocess("--tt-os=debian-12", f"--tt-server={server}",
@@ -68,3 +69,23 @@ def test_an_unreachable_server_is_one_usage_error_naming_it(suite, tmp_path, nat
     assert server in out, out
     assert "Traceback" not in out, out
     assert not list(tmp_path.glob("ttnative-*"))
+
+
+@pytest.mark.parametrize("args, workers", [
+    (["-n", "4", "--maxprocesses", "1"], 1),
+    (["--tx", "3*popen", "--dist", "load"], 3),
+    (["--tx", "2*popen"], 1),  # --tx without --dist: xdist does not distribute
+    (["-n", "0"], 1),
+    (["-n", "2"], 2),
+])
+def test_vms_per_os_are_the_workers_xdist_starts(suite, args, workers):
+    """The VM count came from -n alone: `-n 4 --maxprocesses 1` booted 4 VMs per OS for
+    one worker, `--tx 3*popen` one VM for three workers."""
+    suite.makeconftest("""
+def pytest_sessionstart(session):
+    from pytest_ttstack import plugin
+    if not hasattr(session.config, "workerinput"):
+        print("tt-workers=%d" % plugin._workers(session.config))
+""")
+    result = suite.runpytest_subprocess("-s", "-p", "no:cacheprovider", *args)
+    result.stdout.fnmatch_lines([f"tt-workers={workers}"])

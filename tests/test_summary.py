@@ -25,15 +25,15 @@ def test_rows_are_tests_columns_are_os(tmp_path: Path):
     report.write_text(REPORT)
     items = outcomes(report)
     assert {(o.test, o.os, o.result) for o in items} == {
-        ("test_a::test_x", "debian-12:x86_64", "passed"),
-        ("test_a::test_x", "debian-13:aarch64", "failed"),
-        ("test_a::test_y", "debian-13:aarch64", "skipped"),
-        ("test_a::test_z", "debian-12:x86_64", "error"),
-        ("test_a::test_plain[3]", "-", "passed"),  # a non-OS parameter stays in the name
+        ("tests.test_a::test_x", "debian-12:x86_64", "passed"),
+        ("tests.test_a::test_x", "debian-13:aarch64", "failed"),
+        ("tests.test_a::test_y", "debian-13:aarch64", "skipped"),
+        ("tests.test_a::test_z", "debian-12:x86_64", "error"),
+        ("tests.test_a::test_plain[3]", "-", "passed"),  # a non-OS parameter stays
     }
     md = table(items)
     assert "| test | `debian-12:x86_64` | `debian-13:aarch64` | `-` |" in md
-    assert "| `test_a::test_x` | ✅ pass | ❌ fail |  |" in md
+    assert "| `tests.test_a::test_x` | ✅ pass | ❌ fail |  |" in md
     assert "2 passed, 1 failed, 1 error, 1 skipped" in md
 
 
@@ -41,3 +41,38 @@ def test_missing_report_still_prints_a_summary_and_exits_0(tmp_path: Path, capsy
     assert main([str(tmp_path / "none.xml")]) == 0
     assert "no JUnit report" in capsys.readouterr().out
     assert main([]) == 2
+
+
+PROPERTIES = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="6">
+<testcase classname="tests.test_a" name="test_x[debian-12:x86_64]">
+  <properties><property name="tt_os" value="debian-12:x86_64"/></properties></testcase>
+<testcase classname="tests.test_b" name="test_x[debian-12:x86_64]">
+  <properties><property name="tt_os" value="debian-12:x86_64"/></properties>
+  <failure message="boom"/></testcase>
+<testcase classname="tests.test_a.TestK" name="test_p[debian-12:x86_64-1]">
+  <properties><property name="tt_os" value="debian-12:x86_64"/></properties></testcase>
+<testcase classname="tests.test_a.TestK" name="test_p[7-debian-13:x86_64]">
+  <properties><property name="tt_os" value="debian-13:x86_64"/></properties></testcase>
+<testcase classname="tests.test_a.TestK" name="test_p[a-debian-13:x86_64-b]">
+  <properties><property name="tt_os" value="debian-13:x86_64"/></properties></testcase>
+<testcase classname="tests.test_a" name="test_q[debian-12:x86_64]"/>
+</testsuite></testsuites>
+"""
+
+
+def test_rows_key_on_the_whole_classname_and_os_comes_from_the_property(tmp_path: Path):
+    """Same-named tests of two modules merged into one row (a failure could show as a
+    pass), and an OS id next to a user's parameter made a bogus column."""
+    report = tmp_path / "r.xml"
+    report.write_text(PROPERTIES)
+    assert [(o.test, o.os, o.result) for o in outcomes(report)] == [
+        ("tests.test_a::test_x", "debian-12:x86_64", "passed"),
+        ("tests.test_b::test_x", "debian-12:x86_64", "failed"),
+        ("tests.test_a.TestK::test_p[1]", "debian-12:x86_64", "passed"),
+        ("tests.test_a.TestK::test_p[7]", "debian-13:x86_64", "passed"),
+        ("tests.test_a.TestK::test_p[a-b]", "debian-13:x86_64", "passed"),
+        ("tests.test_a::test_q", "debian-12:x86_64", "passed"),  # no property: by the id
+    ]
+    md = table(outcomes(report))
+    assert "| test | `debian-12:x86_64` | `debian-13:x86_64` |" in md

@@ -1,10 +1,11 @@
 """A sample user suite; tests/test_plugin.py runs it in a subprocess against a real server.
 
-Expected per run with two images: 5 passed, 2 failed, 1 skipped.
+Expected per run with two images: 7 passed, 2 failed, 1 skipped.
 """
 
 import json
 import os
+import urllib.request
 
 import pytest
 
@@ -42,3 +43,12 @@ def test_without_vm():
 
 def test_env_fixture(tt_env):
     assert tt_env.name.startswith("pytest-")
+
+
+def test_reaches_a_service_in_the_vm(tt_vm):
+    tt_vm.run("echo served-from-$(hostname) > /tmp/index.html; cd /tmp && "
+              "setsid python3 -m http.server 8000 >/dev/null 2>&1 &", check=True)
+    host, port = tt_vm.wait_for_port(8000, timeout=120)
+    with urllib.request.urlopen(f"http://{host}:{port}/index.html", timeout=30) as resp:
+        assert resp.read().decode() == f"served-from-{tt_vm.name}\n"
+    assert tt_vm.port(8000) == (host, port)
