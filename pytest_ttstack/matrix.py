@@ -39,7 +39,7 @@ def select(images: list[str], prefixes: list[str] | None) -> list[str]:
 
 
 def parametrize(metafunc: pytest.Metafunc, images: list[str] | None,
-                fixture: str = "tt_vm") -> None:
+                fixture: str = "tt_image") -> None:
     """Parametrize `fixture` (indirectly) over the images a test's tt_os markers select; a
     single skipped param when no --tt-os was given or none match."""
     if images is None:

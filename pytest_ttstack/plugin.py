@@ -200,7 +200,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if owner is None:
         return
     del session.config.stash[LAZY_KEY]
-    needed = any({"tt_vm", "tt_env"} & set(getattr(item, "fixturenames", ()))
+    needed = any({"tt_image", "tt_env"} & set(getattr(item, "fixturenames", ()))
                  for item in session.items)
     if needed:
         _start_env(session.config, owner, None)
@@ -275,9 +275,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize tests that use `tt_vm` over the session's images."""
+    """Parametrize tests that use `tt_vm` or `tt_fresh_vm` (through `tt_image`, the one
+    parameter both take their image from) over the session's images."""
     env = metafunc.config.stash.get(ENV_KEY, None)
-    if "tt_vm" in metafunc.fixturenames:
+    if "tt_image" in metafunc.fixturenames:
         collect_only = (None if metafunc.config.getoption("tt_native")  # tagged per OS later
                         else metafunc.config.stash.get(IMAGES_KEY, None))
         matrix.parametrize(metafunc, env.images if env else collect_only)
@@ -287,13 +288,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`--tt-native --collect-only`: list each item once per OS, with the run's ids (the
     host collects; the images were resolved in pytest_sessionstart, nothing boots).
-    Every `tt_vm` item gets the JUnit property `tt_os` (its image's id)."""
+    Every `tt_vm`/`tt_fresh_vm` item gets the JUnit property `tt_os` (its image's id)."""
     images = config.stash.get(IMAGES_KEY, None)
     if config.getoption("tt_native") and images is not None:
         items[:] = native.collect_only_items(items, images)
     for item in items:  # JUnit <property name="tt_os">: what the CI summary reads
         callspec = getattr(item, "callspec", None)
-        image = callspec.params.get("tt_vm") if callspec is not None else None
+        image = callspec.params.get("tt_image") if callspec is not None else None
         if image:
             item.user_properties.append(("tt_os", matrix.image_id(image)))
 
@@ -335,14 +336,43 @@ def tt_env(request: pytest.FixtureRequest) -> SessionEnv:
 
 
 @pytest.fixture(scope="session")
-def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv) -> Iterator[VM]:
-    """A VM of the current matrix OS, used by this worker only. Session-scoped (its
-    parametrization too), so fixtures of any scope can use it: a module fixture that
-    sets each VM up runs once per module and OS; pytest orders the tests OS by OS."""
+def tt_image(request: pytest.FixtureRequest) -> str:
+    """The current matrix OS: the full image name (`qemu:debian-12:x86_64`). Tests and
+    fixtures that use it, `tt_vm` or `tt_fresh_vm` run once per requested image."""
     image = getattr(request, "param", None)
     if image is None:
         pytest.skip("ttstack: no --tt-os given")
-    yield tt_env.vm_for(image, _worker_index(request.config))
+    return str(image)
+
+
+@pytest.fixture(scope="session")
+def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv, tt_image: str) -> VM:
+    """A VM of the current matrix OS, used by this worker only. Session-scoped (its
+    parametrization too), so fixtures of any scope can use it: a module fixture that
+    sets each VM up runs once per module and OS; pytest orders the tests OS by OS."""
+    return tt_env.vm_for(tt_image, _worker_index(request.config))
+
+
+@pytest.fixture(scope="session")
+def tt_host(tt_vm: VM) -> Any:
+    """A pytest-testinfra Host for `tt_vm` (`tt_host.package("openssh-server")
+    .is_installed`), its commands sent through ttstack's run API. UsageError-like
+    failure when pytest-testinfra is not installed."""
+    try:
+        from .testinfra_backend import host_for
+    except ImportError as exc:
+        pytest.fail(f"ttstack: tt_host needs pytest-testinfra ({exc}); "
+                    "pip install 'ttstack[testinfra]'", pytrace=False)
+    return host_for(tt_vm)
+
+
+@pytest.fixture
+def tt_fresh_vm(tt_env: SessionEnv, tt_image: str) -> Iterator[VM]:
+    """A VM of the current matrix OS made for this test alone and deleted after it (an
+    ENV of its own, a warm clone where the server has the template: seconds). A VM per
+    module: a module fixture doing `with tt_env.fresh_vm(tt_image) as vm: yield vm`."""
+    with tt_env.fresh_vm(tt_image) as vm:
+        yield vm
 
 
 @pytest.hookimpl(wrapper=True)
@@ -354,7 +384,8 @@ def pytest_runtest_makereport(item: pytest.Item,
     report = yield
     if report.failed:
         item.config.stash[FAILED_KEY] = True
-        vm = getattr(item, "funcargs", {}).get("tt_vm")
+        funcargs = getattr(item, "funcargs", {})
+        vm = funcargs.get("tt_fresh_vm") or funcargs.get("tt_vm")
         if isinstance(vm, VM):
             try:
                 tail = vm.console_tail(30)

@@ -2,19 +2,21 @@
 with workers, deleted at the end — also after Ctrl-C or an internal error.
 
 Design for xdist (documented in docs/plugin.md): the ENV holds one VM per image *per
-worker*, and worker `gwN` uses VM `N` of each image. No two workers ever share a VM, no
-locks are needed, and every test still runs on every requested OS.
+worker*, and each live worker uses the VM of its slot (handed out by the controller,
+plugin._XdistHooks). No two live workers ever share a VM, no locks are needed, and every
+test still runs on every requested OS.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import secrets
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -57,6 +59,9 @@ class SessionEnv:
     workers: int
     vms: list[dict] = field(default_factory=list)
     error: str = ""
+    cpu: int = 1  # vCPUs, MiB and lifetime (s) of each fresh VM (fresh_vm)
+    mem: int = 512
+    life_time: int = 3600
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (what xdist's workerinput carries)."""
@@ -73,12 +78,35 @@ class SessionEnv:
         return Client(f"http://{self.server}")
 
     def vm_for(self, image: str, worker: int) -> VM:
-        """The VM of `image` that worker number `worker` uses (modulo the VMs of that
-        image); TTSetupError when the ENV has none of that image."""
+        """The VM of `image` for VM slot `worker` (modulo the VMs of that image);
+        TTSetupError when the ENV has none of that image."""
         mine = [v for v in self.vms if v["image"] == image]
         if not mine:
             raise TTSetupError(f"the session ENV has no VM of {image}")
         return VM(self.client, self.name, mine[worker % len(mine)])
+
+
+    @contextlib.contextmanager
+    def fresh_vm(self, image: str, timeout: float = 900.0) -> Iterator[VM]:
+        """A VM of `image` for the caller alone: an ENV of its own named after the
+        session's, created, awaited, and deleted when the block ends (whatever ends it).
+        TTSetupError (with the server's reason and console tail) when it does not come up."""
+        name = f"{self.name[:32]}-{secrets.token_hex(3)}"
+        client = self.client
+        try:
+            client.create_env(name, [image], vm_number=1, cpu_num=self.cpu, mem_size=self.mem,
+                              life_time=self.life_time, ssh_keys=user_ssh_keys())
+        except ApiError as exc:
+            raise TTSetupError(f"cannot create a fresh VM of {image}: {exc}") from exc
+        try:
+            view = client.wait_env(name, timeout=timeout, interval=0.2)  # a warm clone: ~2 s
+            if view["state"] != "running":
+                raise TTSetupError(f"the fresh VM of {image} ({name}) did not come up:\n"
+                                   + (view.get("error") or view["state"]))
+            yield VM(client, name, view["vms"][0])
+        finally:
+            with contextlib.suppress(ApiError):
+                client.delete_env(name)
 
 
 def default_server() -> str:
@@ -161,7 +189,7 @@ class EnvOwner:
         except ApiError as exc:
             raise TTSetupError(f"ENV {name}: {exc}") from exc
         env = SessionEnv(server=s.server, name=name, images=images, workers=s.workers,
-                         vms=view["vms"])
+                         vms=view["vms"], cpu=s.cpu, mem=s.mem, life_time=s.life_time)
         if view["state"] != "running":
             env.error = view.get("error") or f"ENV ended in state {view['state']}"
         return env
@@ -196,7 +224,8 @@ class EnvOwner:
                                    f"with 'tt env add ... --vm-number {s.workers}')")
         self.say(f"ttstack: using ENV {name} on {s.server} (--tt-env; it is kept)")
         return SessionEnv(server=s.server, name=name, images=images, workers=s.workers,
-                          vms=[v for v in view["vms"] if v["image"] in images])
+                          vms=[v for v in view["vms"] if v["image"] in images], cpu=s.cpu,
+                          mem=s.mem, life_time=s.life_time)
 
     def delete(self, keep: bool = False) -> None:
         """Delete the ENV once (a 404 counts as deleted; other failures are printed, not

@@ -57,8 +57,8 @@ def counts(root: ET.Element) -> dict[str, int]:
 
 def check_common(srv: ServerProcess, proc, root) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr  # 1 = some tests failed
-    assert "2 failed, 7 passed, 1 skipped" in proc.stdout, proc.stdout
-    assert counts(root) == {"tests": 10, "failures": 2, "errors": 0, "skipped": 1}
+    assert "2 failed, 11 passed, 1 skipped" in proc.stdout, proc.stdout
+    assert counts(root) == {"tests": 14, "failures": 2, "errors": 0, "skipped": 1}
     names = {tc.get("name") for tc in root.iter("testcase")}
     assert {"test_runs_on_every_os[debian-12:x86_64]",
             "test_runs_on_every_os[debian-13:x86_64]", "test_only_trixie[debian-13:x86_64]",
@@ -74,12 +74,12 @@ def check_common(srv: ServerProcess, proc, root) -> None:
     # the header, the per-OS summary and the JUnit property the CI summary reads
     assert "ttstack: server " in proc.stdout and "accel tcg" in proc.stdout, proc.stdout
     assert "ttstack:   qemu:debian-13:x86_64: " in proc.stdout, proc.stdout
-    assert "debian-12:x86_64: 2 passed, 1 failed" in proc.stdout, proc.stdout
-    assert "debian-13:x86_64: 3 passed, 1 failed" in proc.stdout, proc.stdout
+    assert "debian-12:x86_64: 4 passed, 1 failed" in proc.stdout, proc.stdout
+    assert "debian-13:x86_64: 5 passed, 1 failed" in proc.stdout, proc.stdout
     props = {(tc.get("name"), p.get("value")) for tc in root.iter("testcase")
              for p in tc.iter("property") if p.get("name") == "tt_os"}
     assert ("test_only_trixie[debian-13:x86_64]", "debian-13:x86_64") in props, props
-    assert len(props) == 7, props
+    assert len(props) == 11, props
     assert requests.get(srv.url + "/envs", timeout=10).json() == [], "the ENV must be deleted"
 
 

@@ -1,6 +1,6 @@
 """A sample user suite; tests/test_plugin.py runs it in a subprocess against a real server.
 
-Expected per run with two images: 7 passed, 2 failed, 1 skipped.
+Expected per run with two images: 11 passed, 2 failed, 1 skipped.
 """
 
 import json
@@ -52,3 +52,19 @@ def test_reaches_a_service_in_the_vm(tt_vm):
     with urllib.request.urlopen(f"http://{host}:{port}/index.html", timeout=30) as resp:
         assert resp.read().decode() == f"served-from-{tt_vm.name}\n"
     assert tt_vm.port(8000) == (host, port)
+
+
+def test_gets_a_vm_of_its_own(tt_fresh_vm, tt_vm, tt_image):
+    assert tt_fresh_vm.image == tt_vm.image == tt_image
+    assert tt_fresh_vm.name != tt_vm.name
+    assert tt_fresh_vm.run("hostname").stdout == f"{tt_fresh_vm.name}\n"
+    tt_vm.run("touch /tmp/shared-mark", check=True)
+    assert tt_fresh_vm.run("test -e /tmp/shared-mark").exit_code == 1
+
+
+def test_testinfra_host(tt_host, tt_vm):
+    assert tt_host.backend.get_pytest_id() == f"ttstack://{tt_vm.name}"
+    assert tt_host.package("openssh-server").is_installed
+    assert tt_host.file("/etc/os-release").contains("Debian")
+    assert tt_host.system_info.distribution == "debian"
+    assert tt_host.run("printf '\\377'").stdout_bytes == b"\xff"
