@@ -26,6 +26,8 @@ def add_options(parser: pytest.Parser) -> None:
     both("tt_life_time", "seconds the session ENV may live (default 3600)")
     both("tt_mem", "MiB of memory per VM (default 512)")
     both("tt_cpu", "vCPUs per VM (default 1)")
+    both("tt_port", "comma list of guest TCP ports every session VM forwards from the "
+                    "start (tt_vm.ports / tt_vm.port(); more on demand with tt_vm.port())")
     both("tt_env", "use this existing ENV (made with 'tt env add', or kept by --tt-keep) "
                    "instead of creating one; it is not deleted at the end. --tt-os, when "
                    "given, narrows the run to the ENV's images matching it")

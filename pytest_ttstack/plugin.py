@@ -153,6 +153,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(session, "ttstack-native")
 
 
+def _ports(text: str | None) -> list[int]:
+    """--tt-port's ports; UsageError for anything but a comma list of numbers (the
+    server checks the range and port 22)."""
+    try:
+        return [int(p) for p in (text or "").split(",") if p.strip()]
+    except ValueError:
+        raise pytest.UsageError(f"--tt-port {text!r}: give guest TCP ports as a comma "
+                                "list, e.g. --tt-port=8000,5432") from None
+
+
 def _distributed(config: pytest.Config) -> bool:
     """Whether xdist runs this session's tests in workers (its own rule)."""
     return (config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") != "no"
@@ -176,7 +186,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                         keep=config.getoption("tt_keep"),
                         life_time=int(_opt(config, "tt_life_time") or 3600),
                         cpu=int(_opt(config, "tt_cpu") or 1),
-                        mem=int(_opt(config, "tt_mem") or 512), workers=_workers(config))
+                        mem=int(_opt(config, "tt_mem") or 512), workers=_workers(config),
+                        ports=_ports(_opt(config, "tt_port")))
     session_native = config.stash[NATIVE_KEY]
     if session_native is not None:
         settings.workers = native.workers_per_os(config)

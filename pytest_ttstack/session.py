@@ -47,6 +47,7 @@ class Settings:
     boot_timeout: float = 900.0
     workers: int = 1
     extra_ssh_keys: list[str] = field(default_factory=list)  # e.g. native mode's own key
+    ports: list[int] = field(default_factory=list)  # guest TCP ports forwarded from the start
 
 
 @dataclass
@@ -170,7 +171,8 @@ class EnvOwner:
         try:
             self.client.create_env(name, images, vm_number=s.workers, cpu_num=s.cpu,
                                    mem_size=s.mem, life_time=s.life_time,
-                                   ssh_keys=user_ssh_keys() + s.extra_ssh_keys)
+                                   ssh_keys=user_ssh_keys() + s.extra_ssh_keys,
+                                   ports=s.ports or None)
         except ApiError as exc:
             raise TTSetupError(f"cannot create the test ENV on {s.server}: {exc}") from exc
         self.name = name

@@ -84,7 +84,7 @@ def check_common(srv: ServerProcess, proc, root) -> None:
 
 
 def test_xdist_run_gives_each_worker_its_own_vms(plugin_server, tmp_path):
-    proc, root = run_sample(plugin_server, tmp_path, "-n", "2")
+    proc, root = run_sample(plugin_server, tmp_path, "-n", "2", "--tt-port=8000")
     check_common(plugin_server, proc, root)
     used = [json.loads(p.read_text()) for p in (tmp_path / "out").iterdir()]
     by_worker: dict[str, set] = {}

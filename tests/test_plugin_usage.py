@@ -89,3 +89,9 @@ def pytest_sessionstart(session):
 """)
     result = suite.runpytest_subprocess("-s", "-p", "no:cacheprovider", *args)
     result.stdout.fnmatch_lines([f"tt-workers={workers}"])
+
+
+def test_a_bad_tt_port_is_a_usage_error(suite):
+    result = suite.runpytest_subprocess("--tt-os=debian-12", "--tt-port=80,http")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--tt-port '80,http': give guest TCP ports as a comma list*"])
