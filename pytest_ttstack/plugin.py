@@ -360,7 +360,7 @@ def tt_image(request: pytest.FixtureRequest) -> str:
 def tt_vm(request: pytest.FixtureRequest, tt_env: SessionEnv, tt_image: str) -> VM:
     """A VM of the current matrix OS, used by this worker only. Session-scoped (its
     parametrization too), so fixtures of any scope can use it: a module fixture that
-    sets each VM up runs once per module and OS; pytest orders the tests OS by OS."""
+    sets each VM up runs once per module and OS; pytest groups the tests by OS."""
     return tt_env.vm_for(tt_image, _worker_index(request.config))
 
 

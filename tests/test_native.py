@@ -156,7 +156,9 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     assert len(list(native_server.cache.glob("native-venvs/*.tar.gz"))) == 2
     props = properties(tmp_path / "native.xml", "test_record_property")
     assert props == {tag("test_record_property", os_id): {
-        "os": os_id.split(":")[0].split("-")[1], "raw": str(b"\x00bytes")} for os_id in OSES}
+        "os": os_id.split(":")[0].split("-")[1], "raw": str(b"\x00bytes"),
+        "tt_os": os_id} for os_id in OSES}  # the test's own properties, and the plugin's
+    assert "ttstack: results per OS" in out and f"\n{OSES[0]}: " in out, out
     ran_ids = {m.group(2) for m in RESULT.finditer(proc.stdout)}
     assert ran_ids == collected, "--collect-only must list exactly the ids a run reports"
     assert requests.get(native_server.url + "/envs", timeout=10).json() == []

@@ -112,6 +112,20 @@ def _session(tmp_path, args: list[str], positional: list[str]) -> NativeSession:
     return session
 
 
+def test_the_probe_says_what_platform_would_say():
+    """The probe dropped `platform` and `json` (a second of imports on a fresh TCG
+    clone); what it prints must still be what they gave."""
+    import platform
+    import subprocess
+
+    line = subprocess.run(["sh", "-c", wheelhouse.PROBE], capture_output=True, text=True,
+                          check=True).stdout
+    found = wheelhouse.GuestPython.from_probe(line.strip())
+    assert found == wheelhouse.GuestPython(
+        "{}.{}".format(*sys.version_info[:2]), platform.python_version(), platform.machine(),
+        platform.libc_ver()[1])
+
+
 def test_guest_pythons_are_remembered_per_image(tmp_path, monkeypatch):
     monkeypatch.setenv("TTSTACK_CACHE_DIR", str(tmp_path))
     assert wheelhouse.remembered_guests() == {}

@@ -43,12 +43,19 @@ UV_GLIBC = range(17, 41)  # manylinux_2_X values `uv pip compile --python-platfo
 DEFAULT_BUILD_REQUIRES = ["setuptools>=40.8.0", "wheel"]  # PEP 517's legacy default
 # requirements resolved online this recently are resolved from uv's cache (seconds)
 RESOLVE_TTL = 6 * 3600
-# Shell line run in every VM: one JSON line with what the wheel tags depend on.
+# Shell line run in every VM: one JSON line with what the wheel tags depend on. No `site`
+# (-S), no environment (-E) and no imports beyond the built-in os and sys: `platform` and
+# `json` cost a fresh TCG clone about a second of imports. `os.confstr` is what
+# platform.libc_ver() reads for a running interpreter ("glibc 2.36").
 PROBE = ("command -v python3 >/dev/null 2>&1 || { echo 'python3 not found' >&2; exit 127; }; "
-         "python3 -c 'import json, platform, sys; "
-         "print(json.dumps({\"version\": \"%d.%d\" % sys.version_info[:2], "
-         "\"full_version\": platform.python_version(), \"machine\": platform.machine(), "
-         "\"libc\": platform.libc_ver()[1]}))'")
+         "python3 -S -E -c '"
+         "import os, sys\n"
+         "try:\n    libc = os.confstr(\"CS_GNU_LIBC_VERSION\") or \"\"\n"
+         "except (ValueError, OSError):\n    libc = \"\"\n"
+         "print(\"{\\\"version\\\": \\\"%d.%d\\\", \\\"full_version\\\": \\\"%s\\\", "
+         "\\\"machine\\\": \\\"%s\\\", \\\"libc\\\": \\\"%s\\\"}\" % (sys.version_info[0], "
+         "sys.version_info[1], sys.version.split()[0], os.uname().machine, "
+         "libc.split()[-1] if libc.startswith(\"glibc \") else \"\"))'")
 
 
 class InstallError(Exception):

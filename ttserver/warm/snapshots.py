@@ -245,9 +245,18 @@ class Templates:
         gone = []
         if self.root.is_dir():
             for d in self.root.iterdir():
-                if (d.is_dir() and self._retired(d)
-                        and str(Template(d).disk) not in used_backings):
+                if d.name.startswith(".") and d.name.endswith(".gone"):  # a crash mid-way
                     shutil.rmtree(d, ignore_errors=True)
+                elif (d.is_dir() and self._retired(d)
+                        and str(Template(d).disk) not in used_backings):
+                    # renamed first: a template is never seen (nor left by a crash) half
+                    # removed, without its `retired` mark
+                    doomed = d.with_name(f".{d.name}.gone")
+                    try:
+                        d.rename(doomed)
+                    except OSError:
+                        continue
+                    shutil.rmtree(doomed, ignore_errors=True)
                     gone.append(d.name)
         return gone
 
