@@ -29,7 +29,9 @@ def plugin_server() -> ServerProcess:
         pytest.fail(f"images missing: {missing}; TTSTACK_IMAGES='debian-12 debian-13' "
                     "bash scripts/setup-host.sh builds them")
     state = new_run_dir("plugin-")
-    srv = ServerProcess(state / "state", port_range="43000-43999").start()
+    # 8 vCPUs: 2 workers x 2 OSes, and a fresh VM per test next to them
+    srv = ServerProcess(state / "state", port_range="43000-43999",
+                        extra=("--cpu-total", "8")).start()
     yield srv
     srv.stop()
     shutil.rmtree(state, ignore_errors=True)
@@ -168,7 +170,7 @@ def test_workers_never_share_a_vm_whatever_sizes_the_pool(plugin_server, tmp_pat
     out = proc.stdout + proc.stderr
     assert "1 OS x 2 worker VM(s)" in out, out
     assert "replacing crashed worker" in out, out
-    assert proc.returncode == 1 and "1 failed, 9 passed" in out, out
+    assert proc.returncode == 1 and "1 failed, 17 passed" in out, out
     records = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
     vms_of = {}
     for r in records:
@@ -186,8 +188,8 @@ def test_workers_never_share_a_vm_whatever_sizes_the_pool(plugin_server, tmp_pat
 
 
 def test_n_auto_is_sized_by_the_servers_room(plugin_server, tmp_path):
-    """`-n auto` counted this host's CPUs (2): 2 workers × 2 OSes × 2 vCPUs would not fit
-    the server's 4 free vCPUs."""
+    """`-n auto` counted this host's CPUs (2): 2 workers × 2 OSes × 4 vCPUs would not fit
+    the server's 8 free vCPUs."""
     (tmp_path / "conftest.py").write_text(
         "def pytest_sessionstart(session):\n"
         "    print('numprocesses=%s' % session.config.option.numprocesses)\n")
@@ -197,7 +199,7 @@ def test_n_auto_is_sized_by_the_servers_room(plugin_server, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "--collect-only",
          "-c", os.devnull, "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
-         "--tt-os=debian-12,debian-13", "--tt-cpu=2", "-n", "auto", str(tmp_path)],
+         "--tt-os=debian-12,debian-13", "--tt-cpu=4", "-n", "auto", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert "numprocesses=1" in proc.stdout, proc.stdout + proc.stderr
 
