@@ -23,6 +23,7 @@ from .session import (
     Settings,
     TTSetupError,
     default_server,
+    finish_deletes,
     resolve_images,
 )
 from .tally import OSTally
@@ -274,7 +275,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """After xdist has torn its workers down: end native mode's SSH connections, delete
-    the ENV (or keep it, --tt-keep)."""
+    the ENV (or keep it, --tt-keep); in every process, wait for the fresh VMs'
+    deletions still under way."""
+    finish_deletes()
     session_native = session.config.stash.get(NATIVE_KEY, None)
     if session_native is not None:
         session_native.cleanup()

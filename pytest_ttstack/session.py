@@ -17,6 +17,7 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -94,9 +95,18 @@ class SessionEnv:
         TTSetupError (with the server's reason and console tail) when it does not come up."""
         name = f"{self.name[:32]}-{secrets.token_hex(3)}"
         client = self.client
-        try:
+
+        def create() -> None:
             client.create_env(name, [image], vm_number=1, cpu_num=self.cpu, mem_size=self.mem,
                               life_time=self.life_time, ssh_keys=user_ssh_keys())
+
+        try:
+            try:
+                create()
+            except ApiError as exc:  # the room the last ones held may still be in use
+                if exc.status != 409 or not finish_deletes():
+                    raise
+                create()
         except ApiError as exc:
             raise TTSetupError(f"cannot create a fresh VM of {image}: {exc}") from exc
         try:
@@ -105,9 +115,36 @@ class SessionEnv:
                 raise TTSetupError(f"the fresh VM of {image} ({name}) did not come up:\n"
                                    + (view.get("error") or view["state"]))
             yield VM(client, name, view["vms"][0])
-        finally:
-            with contextlib.suppress(ApiError):
-                client.delete_env(name)
+        finally:  # deleted behind the next test's back; finish_deletes() waits for it
+            _delete_later(client, name)
+
+
+_DELETES: list[Future] = []
+_DELETER: ThreadPoolExecutor | None = None
+
+
+def _delete_later(client: Client, name: str) -> None:
+    """Delete the ENV `name` in a background thread (a 404 or a failure is ignored: its
+    lifetime ends it anyway)."""
+    global _DELETER
+    if _DELETER is None:
+        _DELETER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ttstack-delete")
+        atexit.register(finish_deletes)
+
+    def delete() -> None:
+        with contextlib.suppress(ApiError):
+            client.delete_env(name)
+
+    _DELETES.append(_DELETER.submit(delete))
+
+
+def finish_deletes() -> bool:
+    """Wait for the fresh VMs' deletions still under way; whether there were any."""
+    pending = [f for f in _DELETES if not f.done()]
+    for future in _DELETES:
+        future.result()
+    _DELETES.clear()
+    return bool(pending)
 
 
 def default_server() -> str:
