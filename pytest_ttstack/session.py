@@ -103,8 +103,8 @@ class SessionEnv:
         try:
             try:
                 create()
-            except ApiError as exc:  # the room the last ones held may still be in use
-                if exc.status != 409 or not finish_deletes():
+            except ApiError:  # the room the last ones held may still be in use
+                if not finish_deletes():
                     raise
                 create()
         except ApiError as exc:

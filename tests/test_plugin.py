@@ -42,7 +42,8 @@ def run_sample(srv: ServerProcess, tmp_path: Path,
     junit = tmp_path / "report.xml"
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "SAMPLE_OUT": str(out), "TT_CONFIG": str(tmp_path / "none.json")}
+    env = {**os.environ, "SAMPLE_OUT": str(out), "TT_CONFIG": str(tmp_path / "none.json"),
+           "SAMPLE_TT_PORT": "1" if any(a.startswith("--tt-port") for a in extra) else ""}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs",
          "--rootdir", str(SAMPLE), "-c", os.devnull, f"--junitxml={junit}",

@@ -164,7 +164,7 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
 
 @pytest.mark.slow
 def test_pytest_plugin_plain_run_unchanged_through_the_proxy(tmp_path: Path):
-    servers, proxy, run_dir = start_cluster(2)
+    servers, proxy, run_dir = start_cluster(3)  # the third for the fresh VMs
     try:
         # the plain (no xdist) plugin run: test_plugin.py runs it under xdist
         proc, root = run_sample(proxy, tmp_path)
