@@ -53,8 +53,7 @@ def _workers(config: pytest.Config) -> int:
     """How many xdist workers the session starts at once: the `--tx` specs xdist expands
     (`-n N` became N of them, capped by `--maxprocesses`, in xdist's pytest_cmdline_main,
     which ran before any session hook), when xdist distributes at all; else 1."""
-    if (not config.pluginmanager.hasplugin("xdist")
-            or config.getoption("dist", "no") == "no" or not config.getoption("tx", None)):
+    if not _distributed(config):
         return 1
     from xdist.workermanage import parse_tx_spec_config
 
