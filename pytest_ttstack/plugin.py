@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+from ttclient.config import parse_server
+from ttclient.units import parse_mib
+
 from . import matrix
 from .native import controller as native
 from .options import add_options
@@ -65,20 +68,19 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto` / `-n logical` with --tt-os: as many workers as the server has room for
     (each takes one VM per requested image, --tt-cpu vCPUs and --tt-mem MiB each), at
     least 1 and, unless --tt-native, at most this host's CPUs (the tests' own code runs
-    here); None (xdist's
-    own rule) without --tt-os, with $PYTEST_XDIST_AUTO_NUM_WORKERS set, or when the
-    server cannot be asked."""
+    here); None (xdist's own rule) without --tt-os, with $PYTEST_XDIST_AUTO_NUM_WORKERS
+    set, or when the server cannot be asked."""
     prefixes = _opt(config, "tt_os")
     if not prefixes or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    server = _opt(config, "tt_server") or default_server()
     try:
-        client = EnvOwner.client_for(server)
+        client = EnvOwner.client_for(_server(config))
+        cpu = _number(config, "tt_cpu", 1, "")
+        mem = _number(config, "tt_mem", 512, "", parse=parse_mib)
         images = len(resolve_images(client, [prefixes]))
         status = client.status()
-    except Exception:  # the session start says what is wrong with the server
+    except Exception:  # the session start says what is wrong (a bad option, the server)
         return None
-    cpu, mem = int(_opt(config, "tt_cpu") or 1), int(_opt(config, "tt_mem") or 512)
     room = min((status["cpu_total"] - status["cpu_used"]) // max(1, images * cpu),
                (status["mem_total_mib"] - status["mem_used_mib"]) // max(1, images * mem))
     if not config.getoption("tt_native"):  # native tests run in the VMs, not here
@@ -139,6 +141,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "ttstack-xdist")
     config.stash[NATIVE_KEY] = None
+    given = config.getoption("tt_os")
+    if given is not None and not given.strip() and not _is_worker(config):
+        raise pytest.UsageError("--tt-os is empty: give OS prefixes, e.g. "
+                                "--tt-os=debian-12,debian-13 (an unset variable in "
+                                "--tt-os=$VAR gives this)")
     if config.getoption("tt_native") and not _opt(config, "tt_os"):
         raise pytest.UsageError("--tt-native needs --tt-os (the OSes to run the suite on)")
     if config.getoption("tt_native") and _opt(config, "tt_env"):
@@ -163,6 +170,54 @@ def _ports(text: str | None) -> list[int]:
                                 "list, e.g. --tt-port=8000,5432") from None
 
 
+def _server(config: pytest.Config) -> str:
+    """HOST:PORT of the server: --tt-server, else the ini's tt_server, else $TT_SERVER or
+    the `tt config` file (session.default_server); an `http://` URL is taken too.
+    UsageError naming where a bad value came from."""
+    given, source = config.getoption("tt_server"), "--tt-server"
+    if given is None:
+        given, source = config.getini("tt_server") or None, "the ini setting tt_server"
+    try:
+        if given is None:
+            source = "$TT_SERVER" if os.environ.get("TT_SERVER") else "the 'tt config' file"
+            return default_server()
+        host, port = parse_server(str(given))
+    except ValueError as exc:
+        raise pytest.UsageError(f"{source}: {exc}; give HOST:PORT, e.g. 127.0.0.1:20000"
+                                ) from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _number(config: pytest.Config, name: str, default: int, what: str,
+            parse: Any = int) -> int:
+    """The positive whole number option/ini `name` gives (`parse` reads it), else
+    `default`; UsageError saying what to give."""
+    raw = _opt(config, name)
+    if raw is None or str(raw).strip() == "":
+        return default
+    try:
+        value = parse(str(raw).strip())
+    except ValueError:
+        value = 0
+    if not isinstance(value, int) or value < 1:
+        flag = "--" + name.replace("_", "-")
+        raise pytest.UsageError(f"{flag} {raw!r}: give {what}")
+    return value
+
+
+def _settings(config: pytest.Config, prefixes: str | None) -> Settings:
+    """The session's Settings from the `--tt-*` options and ini keys; UsageError for a
+    bad value (before anything is created)."""
+    return Settings(os_prefixes=[prefixes] if prefixes else [], server=_server(config),
+                    keep=config.getoption("tt_keep"),
+                    life_time=_number(config, "tt_life_time", 3600, "a number of seconds, "
+                                      "e.g. --tt-life-time=7200"),
+                    cpu=_number(config, "tt_cpu", 1, "a number of vCPUs, e.g. --tt-cpu=2"),
+                    mem=_number(config, "tt_mem", 512, "MiB or a size like 512M or 2G",
+                                parse=parse_mib),
+                    workers=_workers(config), ports=_ports(_opt(config, "tt_port")))
+
+
 def _distributed(config: pytest.Config) -> bool:
     """Whether xdist runs this session's tests in workers (its own rule)."""
     return (config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") != "no"
@@ -181,13 +236,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     attach = _opt(config, "tt_env")
     if _is_worker(config) or not (prefixes or attach):
         return
-    server = _opt(config, "tt_server") or default_server()
-    settings = Settings(os_prefixes=[prefixes] if prefixes else [], server=server,
-                        keep=config.getoption("tt_keep"),
-                        life_time=int(_opt(config, "tt_life_time") or 3600),
-                        cpu=int(_opt(config, "tt_cpu") or 1),
-                        mem=int(_opt(config, "tt_mem") or 512), workers=_workers(config),
-                        ports=_ports(_opt(config, "tt_port")))
+    settings = _settings(config, prefixes)
     session_native = config.stash[NATIVE_KEY]
     if session_native is not None:
         settings.workers = native.workers_per_os(config)
@@ -206,20 +255,38 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Without xdist: make the ENV now, if a selected test uses `tt_vm` or `tt_env`."""
+    """Without xdist: make the ENV now, of the images the selected tests use (a `tt_vm`
+    or `tt_fresh_vm` item needs its image; one that uses `tt_env` otherwise needs them
+    all); nothing when no selected test needs a VM."""
     owner = session.config.stash.get(LAZY_KEY, None)
     if owner is None:
         return
     del session.config.stash[LAZY_KEY]
-    needed = any({"tt_image", "tt_env"} & set(getattr(item, "fixturenames", ()))
-                 for item in session.items)
+    images = session.config.stash.get(IMAGES_KEY, [])
+    needed = _images_needed(session.items, images)
     if needed:
+        owner.settings.images = needed
         _start_env(session.config, owner, None)
         tally = session.config.stash.get(TALLY_KEY, None)
         for line in tally.header() if tally is not None else []:
             _say(session.config, line)
     else:
         _say(session.config, "ttstack: no selected test uses a VM; nothing booted")
+
+
+def _images_needed(items: list[pytest.Item], images: list[str]) -> list[str]:
+    """The images (of `images`, in their order) the items need a VM of."""
+    needed: set[str] = set()
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if "tt_image" in names:
+            image = callspec.params.get("tt_image") if callspec is not None else None
+            if image:  # None: skipped (no image of its tt_os marker was requested)
+                needed.add(str(image))
+        elif "tt_env" in names:
+            return list(images)
+    return [i for i in images if i in needed]
 
 
 def _start_env(config: pytest.Config, owner: EnvOwner, attach: str | None) -> None:

@@ -16,6 +16,7 @@ import re
 import secrets
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ class Settings:
     workers: int = 1
     extra_ssh_keys: list[str] = field(default_factory=list)  # e.g. native mode's own key
     ports: list[int] = field(default_factory=list)  # guest TCP ports forwarded from the start
+    images: list[str] | None = None  # full image names, when known: instead of os_prefixes
 
 
 @dataclass
@@ -64,6 +66,7 @@ class SessionEnv:
     cpu: int = 1  # vCPUs, MiB and lifetime (s) of each fresh VM (fresh_vm)
     mem: int = 512
     life_time: int = 3600
+    fresh_prefix: str = ""  # fresh VMs' ENVs are named FRESH_PREFIX-XXXXXX (fresh_name)
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (what xdist's workerinput carries)."""
@@ -93,7 +96,7 @@ class SessionEnv:
         """A VM of `image` for the caller alone: an ENV of its own named after the
         session's, created, awaited, and deleted when the block ends (whatever ends it).
         TTSetupError (with the server's reason and console tail) when it does not come up."""
-        name = f"{self.name[:32]}-{secrets.token_hex(3)}"
+        name = fresh_name(self.fresh_prefix or self.name)
         client = self.client
 
         def create() -> None:
@@ -117,6 +120,17 @@ class SessionEnv:
             yield VM(client, name, view["vms"][0])
         finally:  # deleted behind the next test's back; finish_deletes() waits for it
             _delete_later(client, name)
+
+
+def fresh_name(prefix: str) -> str:
+    """A fresh VM's ENV name: the session's prefix (at most 32 characters) and 6 hex
+    digits; is_fresh_of() recognises it."""
+    return f"{prefix[:32]}-{secrets.token_hex(3)}"
+
+
+def is_fresh_of(name: str, prefix: str) -> bool:
+    """Whether ENV `name` is a fresh VM's ENV fresh_name(prefix) made."""
+    return re.fullmatch(re.escape(prefix[:32]) + r"-[0-9a-f]{6}", name) is not None
 
 
 _DELETES: list[Future] = []
@@ -151,7 +165,8 @@ def default_server() -> str:
     """HOST:PORT of the configured server ($TT_SERVER, else the `tt config` file, else the
     default); ValueError for an unreadable config file."""
     cfg = cfgmod.load()
-    return f"{cfg.serv_addr}:{cfg.serv_port}"
+    host = f"[{cfg.serv_addr}]" if ":" in cfg.serv_addr else cfg.serv_addr
+    return f"{host}:{cfg.serv_port}"
 
 
 def user_ssh_keys() -> list[str]:
@@ -192,6 +207,8 @@ class EnvOwner:
         self.client = self.client_for(settings.server)
         self.name: str | None = None
         self.deleted = False
+        self.fresh_prefix = ""  # the session's fresh VMs' name prefix, once known
+        self._stop_renewing = threading.Event()
 
     @staticmethod
     def client_for(server: str) -> Client:
@@ -203,7 +220,7 @@ class EnvOwner:
         `say` and wait for it; the SessionEnv, with `error` set when it did not come up.
         TTSetupError when it cannot be created or waited for."""
         s = self.settings
-        images = resolve_images(self.client, s.os_prefixes)
+        images = s.images or resolve_images(self.client, s.os_prefixes)
         name = env_name()
         try:
             self.client.create_env(name, images, vm_number=s.workers, cpu_num=s.cpu,
@@ -212,8 +229,9 @@ class EnvOwner:
                                    ports=s.ports or None)
         except ApiError as exc:
             raise TTSetupError(f"cannot create the test ENV on {s.server}: {exc}") from exc
-        self.name = name
+        self.name = self.fresh_prefix = name
         atexit.register(self.delete)  # last resort if the session dies without finishing
+        self._renew(name)
         self.say(f"ttstack: ENV {name} on {s.server}: {len(images)} OS x {s.workers} "
                  f"worker VM(s), booting in parallel")
         seen: dict[str, str] = {}
@@ -228,7 +246,8 @@ class EnvOwner:
         except ApiError as exc:
             raise TTSetupError(f"ENV {name}: {exc}") from exc
         env = SessionEnv(server=s.server, name=name, images=images, workers=s.workers,
-                         vms=view["vms"], cpu=s.cpu, mem=s.mem, life_time=s.life_time)
+                         vms=view["vms"], cpu=s.cpu, mem=s.mem, life_time=s.life_time,
+                         fresh_prefix=name)
         if view["state"] != "running":
             env.error = view.get("error") or f"ENV ended in state {view['state']}"
         return env
@@ -261,14 +280,56 @@ class EnvOwner:
                                    f"the session starts {s.workers} xdist workers; each "
                                    f"needs a VM of its own (fewer workers, or an ENV made "
                                    f"with 'tt env add ... --vm-number {s.workers}')")
+        missing = [p for p in s.ports if any(str(p) not in v.get("ports", {})
+                                             for v in view["vms"])]
+        if missing:  # --tt-port: forwarded on the ENV, which keeps them
+            try:
+                view = self.client.update_env(name, add_ports=missing)
+            except ApiError as exc:
+                raise TTSetupError(f"--tt-port with --tt-env {name}: {exc}") from exc
         self.say(f"ttstack: using ENV {name} on {s.server} (--tt-env; it is kept)")
+        self.fresh_prefix = env_name()  # this session's own: its fresh VMs are its to reap
         return SessionEnv(server=s.server, name=name, images=images, workers=s.workers,
                           vms=[v for v in view["vms"] if v["image"] in images], cpu=s.cpu,
-                          mem=s.mem, life_time=s.life_time)
+                          mem=s.mem, life_time=s.life_time, fresh_prefix=self.fresh_prefix)
+
+    def _renew(self, name: str) -> None:
+        """Renew the ENV's lifetime every third of it while the session runs (a thread,
+        ended by delete()): --tt-life-time bounds how long VMs outlive a session that
+        died, not how long a live session may run. A failed renewal is retried at the
+        next turn; the server stops renewals at its maximum lifetime."""
+        life = self.settings.life_time
+        client = self.client_for(self.settings.server)  # requests' Session per thread
+
+        def renew() -> None:
+            while not self._stop_renewing.wait(min(max(life / 3, 1.0), 600.0)):
+                with contextlib.suppress(ApiError):
+                    client.update_env(name, life_time=life)
+
+        threading.Thread(target=renew, name="ttstack-renew", daemon=True).start()
+
+    def _reap_fresh(self) -> None:
+        """Delete the fresh VMs' ENVs of this session still there: a worker that died
+        in a test (killed, crashed) never deleted its own."""
+        if not self.fresh_prefix:
+            return
+        try:
+            names = [e["name"] for e in self.client.list_envs()]
+        except ApiError:
+            return
+        for name in names:
+            if is_fresh_of(name, self.fresh_prefix):
+                with contextlib.suppress(ApiError):
+                    self.client.delete_env(name)
+                    self.say(f"ttstack: deleted ENV {name} (a fresh VM its test left)")
 
     def delete(self, keep: bool = False) -> None:
         """Delete the ENV once (a 404 counts as deleted; other failures are printed, not
-        raised); with `keep`, leave it and say how to reach and delete it."""
+        raised); with `keep`, leave it and say how to reach and delete it. Fresh VMs'
+        ENVs that their tests left (a worker died) are deleted either way."""
+        self._stop_renewing.set()
+        self._reap_fresh()
+        self.fresh_prefix = ""
         if not self.name or self.deleted:
             return
         if keep:

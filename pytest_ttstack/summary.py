@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table of the report named in `argv`; 0 (a line saying so when the report
     cannot be read), 2 for bad usage."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pytest_ttstack.summary REPORT.xml", file=sys.stderr)
+    usage = "usage: python -m pytest_ttstack.summary REPORT.xml"
+    if args in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__.strip()}")
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        print(usage, file=sys.stderr)
         return 2
     try:
         print(table(outcomes(Path(args[0]))), end="")

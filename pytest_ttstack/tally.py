@@ -4,11 +4,13 @@ controlling process only (the only process, or the xdist controller)."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from .matrix import image_id
 from .session import SessionEnv
 
 ORDER = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
@@ -20,10 +22,22 @@ def os_of(report: pytest.TestReport) -> str | None:
     return next((str(v) for k, v in report.user_properties if k == "tt_os"), None)
 
 
+def os_in_nodeid(nodeid: str, os_ids: list[str]) -> str | None:
+    """The OS id (`debian-12:x86_64`) among `os_ids` that a node id's parameters hold as
+    one of its dash-joined parts (`test[debian-12:x86_64]`, `test[7-debian-12:x86_64-a]`),
+    the longest when several match; None when none does."""
+    start = nodeid.find("[", max(0, nodeid.find("::")))  # as native/ids.py splits ids
+    params = nodeid[start + 1:] if start >= 0 and nodeid.endswith("]") else ""
+    found = [o for o in os_ids
+             if re.search(r"(?:^|-)" + re.escape(o) + r"(?:-|\]$)", params)]
+    return max(found, key=len) if found else None
+
+
 def outcome(report: pytest.TestReport) -> str | None:
     """The test's outcome this report settles, in the terminal reporter's words
     (`pytest_report_teststatus`'s categories): a call's result, a setup that did not
-    pass, a teardown error; None for reports that settle nothing."""
+    pass, a teardown error, a failure in no known phase (a crashed xdist worker's
+    test); None for reports that settle nothing."""
     if report.when == "call":
         if hasattr(report, "wasxfail"):
             return "xpassed" if report.passed else "xfailed"
@@ -32,6 +46,8 @@ def outcome(report: pytest.TestReport) -> str | None:
         return "skipped" if report.skipped else "error"
     if report.when == "teardown" and report.failed:
         return "error"
+    if report.when not in ("setup", "call", "teardown") and report.failed:
+        return "failed"  # xdist's report of a test whose worker died ("???")
     return None
 
 
@@ -56,10 +72,18 @@ class OSTally:
                          + ", ".join(f"{n} {m}" for m, n in sorted(modes.items())))
         return lines
 
-    @pytest.hookimpl(trylast=True)
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Count the outcome the report settles under its OS."""
-        os_id, result = os_of(report), outcome(report)
+        """Count the outcome the report settles under its OS. A report without the
+        `tt_os` property (xdist makes a crashed worker's test's report on the controller,
+        from its node id alone) first gets it from the OS id in the node id's parameters:
+        tryfirst, so that junitxml writes it too."""
+        os_id = os_of(report)
+        if os_id is None:
+            os_id = os_in_nodeid(report.nodeid, [image_id(i) for i in self.env.images])
+            if os_id:
+                report.user_properties = [*report.user_properties, ("tt_os", os_id)]
+        result = outcome(report)
         if os_id and result:
             self.counts.setdefault(os_id, Counter())[result] += 1
 

@@ -7,7 +7,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttclient.api import ApiError, Client
-from ttclient.waiting import wait_for
+from ttclient.waiting import WaitTimeout, wait_for
+
+SSH_PORT = 22
+_V6_LOOPBACK = "0" * 24 + "01000000"  # ::1 as /proc/net/tcp6 writes it
+_V4_MAPPED = "0000000000000000FFFF0000"  # ::ffff:a.b.c.d
+
+
+def listener(proc_net_tcp: str, port: int) -> str | None:
+    """What listens on TCP `port`, from the text of the guest's /proc/net/tcp and tcp6:
+    "reachable" (a LISTEN socket on an address other than loopback: the wildcard or the
+    guest's own), "loopback" (only 127.0.0.0/8 or ::1, which a forwarded port cannot
+    reach: QEMU's user networking and the bridge both connect to the guest's address),
+    or None. Source: the kernel's proc(5) format, addresses as hex words in host byte
+    order (little-endian here: 127.0.0.1 is 0100007F)."""
+    found = None
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[3] != "0A" or ":" not in fields[1]:
+            continue
+        addr, _, hexport = fields[1].partition(":")
+        if not all(c in "0123456789ABCDEFabcdef" for c in hexport) or int(hexport, 16) != port:
+            continue
+        addr = addr.upper()
+        v4 = addr if len(addr) == 8 else addr[24:] if addr.startswith(_V4_MAPPED) else None
+        if (v4 is not None and v4.endswith("7F")) or addr == _V6_LOOPBACK:
+            found = found or "loopback"
+        else:
+            return "reachable"
+    return found
 
 
 @dataclass(frozen=True)
@@ -87,34 +115,55 @@ class VM:
                            r.get("signal"), r.get("truncated", False))
         return result.check() if check else result
 
-    def port(self, guest_port: int) -> tuple[str, int]:
-        """(host, port) that reaches TCP `guest_port` of this VM from here. The first call
-        for a port asks the server to forward it (for every VM of the ENV: forwards are
-        per ENV); later calls answer from the handle. ApiError when the server refuses
-        (port 22, out of range, the ENV's 32-port limit)."""
-        if guest_port not in self.ports:
+    def port(self, guest_port: int | str) -> tuple[str, int]:
+        """(host, port) that reaches TCP `guest_port` (1-65535, an int or its digits) of
+        this VM from here: for 22, the SSH forward every VM has; for another port the
+        first call asks the server to forward it (for every VM of the ENV: forwards are
+        per ENV), later calls answer from the handle. ValueError for a port that is not a
+        number; ApiError when the server refuses (out of range, the ENV's 32-port limit)."""
+        try:
+            port = int(guest_port)
+        except (TypeError, ValueError):
+            raise ValueError(f"port {guest_port!r}: give a guest TCP port number") from None
+        if port == SSH_PORT:
+            return self.ssh_host, self.ssh_port
+        if port not in self.ports:
             try:
-                view = self._client.update_env(self.env_name, add_ports=[guest_port])
+                view = self._client.update_env(self.env_name, add_ports=[port])
             except ApiError:  # another worker may have added it a moment ago
                 view = self._client.get_env(self.env_name)
-                if str(guest_port) not in next(v for v in view["vms"]
-                                               if v["id"] == self.id).get("ports", {}):
+                if str(port) not in next(v for v in view["vms"]
+                                         if v["id"] == self.id).get("ports", {}):
                     raise
             mine = next(v for v in view["vms"] if v["id"] == self.id)
             self.ports = {int(k): v for k, v in mine.get("ports", {}).items()}
-        return self.ssh_host, self.ports[guest_port]
+        return self.ssh_host, self.ports[port]
 
-    def wait_for_port(self, guest_port: int, timeout: float = 60) -> tuple[str, int]:
-        """Wait until a service listens on TCP `guest_port` in the guest (a LISTEN socket
-        in /proc/net/tcp or tcp6, polled through `run`), then `port(guest_port)`.
-        A connect from here alone proves nothing: QEMU's user networking accepts on the
-        host port whether or not anything listens in the guest. WaitTimeout after
-        `timeout` seconds."""
-        check = (f"awk '$4 == \"0A\" && $2 ~ /:{guest_port:04X}$/ {{ found = 1 }} "
-                 "END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null")
-        wait_for(lambda: True if self.run(check, timeout=30).ok else None, timeout,
-                 what=f"{self.name}: a service listening on guest port {guest_port}")
-        return self.port(guest_port)
+    def wait_for_port(self, guest_port: int | str, timeout: float = 60) -> tuple[str, int]:
+        """Wait until a service listens on TCP `guest_port` in the guest on an address a
+        forwarded port reaches (see `listener`; read from /proc/net/tcp and tcp6 through
+        `run`), then `port(guest_port)`. A connect from here alone proves nothing: QEMU's
+        user networking accepts on the host port whether or not anything listens in the
+        guest. WaitTimeout after `timeout` seconds; its message says when the service
+        listens on loopback only (bind it to 0.0.0.0 or ::)."""
+        port = int(guest_port)
+        seen: list[str | None] = [None]
+
+        def check() -> bool | None:
+            result = self.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", timeout=30)
+            seen[0] = listener(str(result.stdout), port)
+            return True if seen[0] == "reachable" else None
+
+        what = f"{self.name}: a service listening on guest port {port}"
+        try:
+            wait_for(check, timeout, what=what)
+        except WaitTimeout:
+            if seen[0] != "loopback":
+                raise
+            raise WaitTimeout(f"{what} (it listens on loopback only, 127.0.0.1 or ::1, "
+                              "which forwarded ports cannot reach: bind it to 0.0.0.0 or ::)",
+                              timeout) from None
+        return self.port(port)
 
     def put(self, local: str | Path, remote: str, mode: int | None = None) -> None:
         """Copy a local file to `remote` (an absolute path) in this VM."""

@@ -171,10 +171,14 @@ def test_workers_never_share_a_vm_whatever_sizes_the_pool(plugin_server, tmp_pat
     out = proc.stdout + proc.stderr
     assert "1 OS x 2 worker VM(s)" in out, out
     assert "replacing crashed worker" in out, out
-    assert proc.returncode == 1 and "1 failed, 17 passed" in out, out
+    assert proc.returncode == 1 and "2 failed, 17 passed" in out, out
+    # the crashed tests count under their OS (xdist's report of them had no tt_os)
+    assert "debian-12:x86_64: 16 passed, 2 failed" in out, out  # test_plain has no OS
     records = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
     vms_of = {}
     for r in records:
+        if r["kind"] == "fresh":  # a fresh VM's own ENV, not the worker's slot
+            continue
         vms_of.setdefault(r["worker"], set()).add(r["vm"])
     assert all(len(v) == 1 for v in vms_of.values()), vms_of  # one VM per worker
     assert "gw2" in vms_of, vms_of
@@ -215,11 +219,12 @@ def test_tt_env_runs_on_an_existing_env_and_keeps_it(plugin_server, tmp_path):
         (tmp_path / "test_a.py").write_text(
             "def test_a(tt_vm, tt_env):\n"
             "    assert tt_env.name == 'attached' and tt_vm.os == 'debian-12'\n"
+            "    assert 8000 in tt_vm.ports, tt_vm.ports\n"
             "    tt_vm.run('touch /tmp/was-here', check=True)\n")
         env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
         base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-c",
                 os.devnull, "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
-                "--tt-env=attached", str(tmp_path)]
+                "--tt-env=attached", "--tt-port=8000", str(tmp_path)]
         proc = subprocess.run(base, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "test_a[debian-12:x86_64] PASSED" in proc.stdout, proc.stdout
@@ -251,3 +256,25 @@ def test_nothing_boots_when_no_selected_test_needs_a_vm(plugin_server, tmp_path)
     assert "no selected test uses a VM; nothing booted" in proc.stdout, proc.stdout
     assert "ENV pytest-" not in proc.stdout
     assert "test_sample.py::test_without_vm" not in proc.stdout or "1 passed" in proc.stdout
+
+
+def test_a_session_outlives_its_life_time_and_boots_only_the_oses_selected(plugin_server,
+                                                                          tmp_path):
+    """--tt-life-time was a hard limit on a live session (its ENV expired under its
+    tests: "ENV ... does not exist"); selecting one OS's test booted every --tt-os OS."""
+    (tmp_path / "test_a.py").write_text(
+        "import time\n"
+        "def test_long(tt_vm):\n"
+        "    time.sleep(25)\n"
+        "    tt_vm.run('true', check=True)\n")
+    env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-c", os.devnull,
+         "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
+         "--tt-os=debian-12,debian-13", "--tt-life-time=10",
+         "test_a.py::test_long[debian-12:x86_64]"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 OS x 1 worker VM(s)" in proc.stdout, proc.stdout
+    assert "qemu:debian-13:x86_64" not in proc.stdout, proc.stdout
+    assert requests.get(plugin_server.url + "/envs", timeout=10).json() == []

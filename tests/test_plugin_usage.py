@@ -95,3 +95,43 @@ def test_a_bad_tt_port_is_a_usage_error(suite):
     result = suite.runpytest_subprocess("--tt-os=debian-12", "--tt-port=80,http")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--tt-port '80,http': give guest TCP ports as a comma list*"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tt-mem=1G", "--tt-cpu=abc"], "*--tt-cpu 'abc': give a number of vCPUs*"),
+    (["--tt-mem=lots"], "*--tt-mem 'lots': give MiB or a size like 512M or 2G*"),
+    (["--tt-life-time=1e9"], "*--tt-life-time '1e9': give a number of seconds*"),
+    (["--tt-life-time=0", "--collect-only"], "*--tt-life-time '0': give a number of seconds*"),
+    (["--tt-server=nowhere"], "*--tt-server: server 'nowhere' is not HOST:PORT*"),
+])
+def test_bad_sizes_and_servers_are_usage_errors(suite, args, message):
+    """--tt-mem=1G (sizes take suffixes everywhere else) and --tt-cpu=abc were an
+    INTERNALERROR with a ValueError traceback."""
+    result = suite.runpytest_subprocess("--tt-os=debian-12", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines([message])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_an_empty_tt_os_is_a_usage_error(suite):
+    """`--tt-os=$TT_OS` with the variable unset skipped every VM test and exited 0."""
+    result = suite.runpytest_subprocess("--tt-os=")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--tt-os is empty: give OS prefixes*"])
+    result = suite.runpytest_subprocess("--tt-os=,", f"--tt-server=127.0.0.1:{closed_port()}")
+    assert "--os-prefix" not in result.stdout.str() + result.stderr.str()
+
+
+def test_a_server_url_is_taken_and_a_bad_tt_server_variable_is_named(suite, monkeypatch):
+    """`--tt-server=http://HOST:PORT` said 'cannot reach ttserver at http://http://...';
+    a bad $TT_SERVER was blamed on --tt-server."""
+    port = closed_port()
+    result = suite.runpytest_subprocess("--tt-os=debian-12",
+                                        f"--tt-server=http://127.0.0.1:{port}/")
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and f"127.0.0.1:{port}" in out, out
+    assert "http://http://" not in out, out
+    monkeypatch.setenv("TT_SERVER", "localhost")
+    result = suite.runpytest_subprocess("--tt-os=debian-12")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*$TT_SERVER: server 'localhost' is not HOST:PORT*"])

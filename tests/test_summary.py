@@ -76,3 +76,24 @@ def test_rows_key_on_the_whole_classname_and_os_comes_from_the_property(tmp_path
     ]
     md = table(outcomes(report))
     assert "| test | `debian-12:x86_64` | `debian-13:x86_64` |" in md
+
+
+def test_a_report_without_the_os_property_gets_it_from_its_node_id():
+    """xdist makes a crashed worker's report on the controller from the node id alone: it
+    had no tt_os property, so the per-OS line and the CI summary left the failure out."""
+    from pytest_ttstack.tally import os_in_nodeid
+
+    ids = ["debian-12:x86_64", "debian-13:x86_64", "debian-13:x86_64-lts"]
+    assert os_in_nodeid("t.py::test_z[debian-12:x86_64]", ids) == "debian-12:x86_64"
+    assert os_in_nodeid("t.py::C::test[7-debian-13:x86_64]", ids) == "debian-13:x86_64"
+    assert os_in_nodeid("t.py::test[debian-12:x86_64-1]", ids) == "debian-12:x86_64"
+    assert os_in_nodeid("t.py::test[debian-13:x86_64-lts]", ids) == "debian-13:x86_64-lts"
+    assert os_in_nodeid("t.py::test[xdebian-12:x86_64]", ids) is None
+    assert os_in_nodeid("t.py::test_plain", ids) is None
+
+
+def test_help_is_help_not_a_file_name(capsys):
+    """`--help` was read as a report's file name."""
+    assert main(["--help"]) == 0
+    assert "usage: python -m pytest_ttstack.summary REPORT.xml" in capsys.readouterr().out
+    assert main(["--junit"]) == 2

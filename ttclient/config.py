@@ -42,8 +42,12 @@ def config_path() -> Path:
 
 
 def parse_server(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[v6]:PORT`) -> (host, port); ValueError says what is wrong."""
-    host, sep, port = text.strip().rpartition(":")
+    """`HOST:PORT` (or `[v6]:PORT`, or either as an `http://` URL with no path) ->
+    (host, port); ValueError says what is wrong."""
+    bare = text.strip()
+    if bare.lower().startswith("http://"):
+        bare = bare[len("http://"):].rstrip("/")
+    host, sep, port = bare.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"server {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)

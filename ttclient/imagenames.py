@@ -132,7 +132,7 @@ def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageN
     "no such image" without the list sends users hunting.
     """
     if not prefixes:
-        raise ImageNameError("no OS prefix given (e.g. --os-prefix=debian-12)")
+        raise ImageNameError("no OS prefix given (e.g. debian-12)")
     chosen: list[ImageName] = []
     for text in prefixes:
         prefix = parse_os_prefix(text)

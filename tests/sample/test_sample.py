@@ -14,6 +14,9 @@ def test_runs_on_every_os(tt_vm):
     assert tt_vm.run("uname -m").stdout == "x86_64\n"
     raw = tt_vm.run(r"printf '\377\000'; kill -9 $$", binary=True)
     assert (raw.stdout, raw.exit_code, raw.signal) == (b"\xff\x00", 137, 9)
+    # over SSH too: a warm clone's sshd serves the clone's host key, which the server
+    # pins (debian-13's OpenSSH 10 kept serving the template's: "Host key verification")
+    assert tt_vm.run("echo over-ssh", use_ssh=True).stdout == "over-ssh\n"
     out = os.environ.get("SAMPLE_OUT")
     if out:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")

@@ -27,6 +27,15 @@ def test_kills_its_worker_once(tt_vm):
         os._exit(9)  # as a segfault or the OOM killer would end it
 
 
+def test_kills_its_worker_in_a_fresh_vm(tt_fresh_vm):
+    """The worker dies with a fresh VM's ENV in hand: the session must still delete it."""
+    record("fresh", tt_fresh_vm)
+    flag = os.path.join(OUT, "killed-fresh")
+    if WORKER != "main" and not os.path.exists(flag):
+        open(flag, "w").close()
+        os._exit(9)
+
+
 @pytest.fixture(scope="module")
 def prepared(tt_vm):
     """Set each VM up once per module (a ScopeMismatch when tt_vm was function-scoped)."""

@@ -9,8 +9,13 @@ every clone inherits it, already loaded and waiting on a FIFO. The host writes o
 into that FIFO through the agent's file calls (no exec at all) and polls for the answer
 file: the whole step is the re-translation of one short perl loop (2.1 s → 0.6 s,
 measured). The helper exits after it answered: nothing of it stays in the user's VM.
-sshd needs no restart: OpenSSH 9.2 re-executes itself per connection and reads the new
-host key then (the warm tests compare the key sshd serves with the file).
+sshd: OpenSSH 9.2 (bookworm) re-executes itself per connection and reads the new host
+key then. From OpenSSH 9.8 (trixie has 10.0) the listener loads the host keys once and
+hands them to each `sshd-session`, so it kept serving the template's key (clients that
+pin the clone's key: "Host key verification failed"). Where `sshd-session` exists the
+helper sends the listener SIGHUP (sshd(8): it re-executes itself and reloads its keys)
+and waits until a new socket listens on port 22, before the clone is reported running.
+The tests compare the key sshd serves with the file.
 
 Templates built before the helper existed, or a helper that died, fall back to the shell
 script (`NEW_IDENTITY`) — slower, same result.
@@ -48,6 +53,19 @@ sub put { my ($path, $data, $mode) = @_;
   open(my $f, ">", "$path.tt") or die "$path: $!"; print $f $data; close $f or die "$path: $!";
   chmod $mode, "$path.tt"; rename "$path.tt", $path or die "$path: $!"; }
 sub hx { pack("H*", $_[0]) }
+sub listener {  # the inode of the socket listening on port 22, if any
+  for my $t ("/proc/net/tcp", "/proc/net/tcp6") { open(my $f, "<", $t) or next;
+    while (<$f>) { my @c = split; return $c[9] if @c > 9 && $c[3] eq "0A"
+      && $c[1] =~ /:0016$/ } }
+  return "" }
+sub reload_sshd {  # OpenSSH >= 9.8 holds host keys in its listener: HUP, await new socket
+  -e "/usr/lib/openssh/sshd-session" or return;
+  open(my $p, "<", "/run/sshd.pid") or return; my $pid = <$p>; close $p;
+  defined $pid && $pid =~ /^(\d+)/ or return; $pid = $1;
+  my $old = listener(); kill("HUP", $pid) or return;
+  for (1 .. 400) { my $now = listener(); return if $now ne "" && $now ne $old;
+    select(undef, undef, undef, 0.025) }
+  die "sshd did not listen again within 10 s of SIGHUP" }
 open(my $in, "+<", $fifo) or die "$fifo: $!";
 while (defined(my $line = <$in>)) {
   chomp $line;
@@ -71,6 +89,7 @@ while (defined(my $line = <$in>)) {
       && $_ ne "ssh_host_ed25519_key" && $_ ne "ssh_host_ed25519_key.pub" } readdir $d;
     put($k, hx($key), 0600); put("$k.pub", hx($pub), 0644);
     mkdir "/root/.ssh", 0700; put("/root/.ssh/authorized_keys", hx($keys), 0600);
+    reload_sshd();
     1 };
   my $why = $@ || "unknown"; $why =~ s/\s+/ /g;
   put($answer, $ok ? "$nonce ok\n" : "$nonce error: $why\n", 0600);
@@ -104,6 +123,13 @@ for f in /etc/ssh/ssh_host_*; do
   case "$f" in "$k"|"$k.pub") ;; *) rm -f /etc/ssh/ssh_host_*; break;; esac
 done
 (umask 077; printf '%s\n' "$4" > "$k"); printf '%s\n' "$5" > "$k.pub"
+if [ -e /usr/lib/openssh/sshd-session ] && [ -s /run/sshd.pid ]; then
+  lsn() { awk '$4 == "0A" && $2 ~ /:0016$/ { print $10; exit }' /proc/net/tcp /proc/net/tcp6; }
+  old=$(lsn); kill -HUP "$(cat /run/sshd.pid)"
+  for i in $(seq 200); do
+    now=$(lsn); [ -n "$now" ] && [ "$now" != "$old" ] && break; sleep 0.05
+  done
+fi
 """
 
 
