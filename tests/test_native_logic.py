@@ -421,3 +421,26 @@ def test_a_subtests_keywords_read_as_their_repr_whichever_way_the_event_came():
                                       "kwargs": {"k": {"__tt_repr__": "range(0, 2)"}}}}}]])}))
     shown = [repr(event[1]["data"]["_subtest.context"]["kwargs"]["k"]) for event in got]
     assert shown == ["(3, 4)", "range(0, 2)"]
+
+
+def test_the_guest_site_imports_with_the_standard_library_and_pytest_alone(tmp_path):
+    """The guest plugin's package is shipped without ttclient: an import of it in
+    pytest_ttstack/__init__.py crashed every native worker at start ("No module named
+    'ttclient'"; xdist: maximum crashed workers reached)."""
+    import tarfile
+
+    with tarfile.open(fileobj=__import__("io").BytesIO(project.tar_bytes(project.guest_site_tar))
+                      ) as tar:
+        tar.extractall(tmp_path, filter="data")
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('ttclient', 'requests', 'ttserver'):\n"
+            "            raise ImportError('not in the guest: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import pytest_ttstack.native.guest, pytest_ttstack.native.remote\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"),
+                                                              *sys.path[1:]])})
+    assert proc.stdout.strip() == "ok", proc.stderr
