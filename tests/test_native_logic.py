@@ -131,10 +131,10 @@ def test_guest_pythons_are_remembered_per_image(tmp_path, monkeypatch):
     assert wheelhouse.remembered_guests() == {}
     bookworm = wheelhouse.GuestPython("3.11", "3.11.2", "x86_64", "2.36")
     trixie = wheelhouse.GuestPython("3.13", "3.13.5", "x86_64", "2.41")
-    wheelhouse.remember_guests({"qemu:debian-12:x86_64": bookworm})
-    wheelhouse.remember_guests({"qemu:debian-13:x86_64": trixie})
-    assert wheelhouse.remembered_guests() == {"qemu:debian-12:x86_64": bookworm,
-                                              "qemu:debian-13:x86_64": trixie}
+    wheelhouse.remember_guests({"qemu:debian-12:x86_64": (bookworm, "d12")})
+    wheelhouse.remember_guests({"qemu:debian-13:x86_64": (trixie, "")})
+    assert wheelhouse.remembered_guests() == {"qemu:debian-12:x86_64": (bookworm, "d12"),
+                                              "qemu:debian-13:x86_64": (trixie, "")}
     assert [p.name for p in tmp_path.iterdir()] == ["guest-pythons.json"]
     (tmp_path / "guest-pythons.json").write_text('{"qemu:debian-12:x86_64": {"nope": 1}}')
     assert wheelhouse.remembered_guests() == {}  # a hint: unreadable means unknown

@@ -271,6 +271,8 @@ class ImageInfo(BaseModel):
     engine: str
     size_mib: int
     warnings: list[str]
+    digest: str | None = Field(None, description="changes whenever the image's files "
+                               "change; behind ttproxy, absent when its servers' differ")
     servers: list[str] | None = None
 
 

@@ -111,7 +111,10 @@ def merge_status(members: list[tuple[str, dict | str]], env_count: int) -> dict:
         for key in totals:
             totals[key] += st[key]
         for img in st["images"]:
-            images.setdefault(img["name"], {**img, "servers": []})["servers"].append(address)
+            merged = images.setdefault(img["name"], {**img, "servers": []})
+            merged["servers"].append(address)
+            if merged.get("digest") != img.get("digest"):  # builds differ: no one digest
+                merged.pop("digest", None)
     return {"proxy": True, **totals, "env_count": env_count, "servers": rows,
             "servers_up": sum(r["health"] == "up" for r in rows),
             "images": [images[k] for k in sorted(images)]}

@@ -49,7 +49,7 @@ from .vm.boot import VMBooter, restricted
 from .vm.cleanup import Cleanup
 from .vm.libvirt_domains import Engine, console_tail, qemu_user
 from .vm.spec import DomainRenderer
-from .warm.snapshots import Templates, fingerprint
+from .warm.snapshots import Templates
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class EnvManager:
                             if vm.state == RUNNING])
         self.collect_templates()
         if self.clones:
-            self.clones.collect({f"{i.disk.parent.name}@{fingerprint(i)}"
+            self.clones.collect({f"{i.disk.parent.name}@{i.digest()}"
                                  for i in images.scan(self.cfg.image_path)},
                                 {Path(vm.dir).name for vm in self.db.all_vms()})
         accel_mod.end_leftover_probes()

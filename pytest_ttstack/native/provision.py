@@ -1,10 +1,11 @@
 """Make every VM of the session ENV ready to host an xdist worker.
 
-Per VM, in parallel: open the SSH master connection (while the host resolves and
-packs), unpack one archive (project, guest plugin, pins,
-wheels when needed, and the cached venv when there is one) into /root/ttnative, make and
-fill the venv if it was not cached (the first VM of each guest Python then sends it back
-to the host cache), install local projects (`.`: built in the guest, C extensions
+Per VM, in parallel: open the SSH master connection (while the host resolves and packs;
+the guest's Python is probed only when its image's build, by the server's digest, is not
+the one remembered from an earlier session), unpack one archive (project, guest plugin,
+pins, wheels when needed, and the cached venv when there is one) into /root/ttnative,
+make and fill the venv if it was not cached (the first VM of each guest Python then sends
+it back to the host cache), install local projects (`.`: built in the guest, C extensions
 included), and write the execnet wrapper. Progress goes through `say`; any failure is a
 TTSetupError naming the VM, with the tool's output and the VM's console tail.
 """
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ttclient.api import ApiError
 
 from ..matrix import image_id
 from ..session import SessionEnv, TTSetupError
@@ -181,6 +184,14 @@ class Provisioner:
             found[vm["id"]] = wheelhouse.GuestPython.from_probe(r["stdout"].strip())
         return found
 
+    def _digests(self) -> dict[str, str]:
+        """Image name -> the server's digest of that build ({} when it cannot say: a
+        server without digests, or a proxy whose servers hold different builds)."""
+        try:
+            return {i["name"]: str(i.get("digest") or "") for i in self.env.client.images()}
+        except (ApiError, KeyError, TypeError):
+            return {}
+
     def _plan(self, guest: wheelhouse.GuestPython, files: list[str]) -> _Plan:
         res = wheelhouse.resolve(self.specs, guest, self.paths.rootdir, self.work)
         key = wheelhouse.venv_key(guest, res)
@@ -320,10 +331,19 @@ class Provisioner:
             # dropped and made again.
             remembered = wheelhouse.remembered_guests()
             planned = {guest: pool.submit(self._plan, guest, files) for guest in
-                       dict.fromkeys(remembered[vm["image"]] for vm in self.env.vms
+                       dict.fromkeys(remembered[vm["image"]][0] for vm in self.env.vms
                                      if vm["image"] in remembered)}
-            guests = self.probe()
-            wheelhouse.remember_guests({vm["image"]: guests[vm["id"]] for vm in self.env.vms})
+            digests = self._digests()
+            known = {vm["id"]: remembered[vm["image"]][0] for vm in self.env.vms
+                     if digests.get(vm["image"]) and vm["image"] in remembered
+                     and remembered[vm["image"]][1] == digests[vm["image"]]}
+            if len(known) == len(self.env.vms):  # the same builds as last time
+                guests = known
+            else:
+                guests = self.probe()
+                wheelhouse.remember_guests({vm["image"]: (guests[vm["id"]],
+                                                          digests.get(vm["image"], ""))
+                                            for vm in self.env.vms})
             planned = {guest: planned.get(guest) or pool.submit(self._plan, guest, files)
                        for guest in dict.fromkeys(guests.values())}
             plans: dict[wheelhouse.GuestPython, _Plan] = {}

@@ -120,28 +120,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TTSTACK_CACHE_DIR") or platformdirs.user_cache_dir("ttstack"))
 
 
-def remembered_guests() -> dict[str, GuestPython]:
-    """The guest Python last probed in each image (by image name, e.g.
-    "qemu:debian-12:x86_64"), from the cache dir; {} when none is readable. A hint only:
-    an image rebuilt since may hold another Python, which the next probe shows."""
+def remembered_guests() -> dict[str, tuple[GuestPython, str]]:
+    """The guest Python last probed in each image, with the image's digest then (the
+    server's ImageInfo.digest, "" when it gave none), by image name (e.g.
+    "qemu:debian-12:x86_64"), from the cache dir; {} when none is readable. With the same
+    digest now, the image is the same build: the probe can be skipped."""
     try:
         data = json.loads((cache_dir() / "guest-pythons.json").read_text())
-        return {image: GuestPython(**fields) for image, fields in data.items()}
-    except (OSError, ValueError, TypeError, AttributeError):
+        return {image: (GuestPython(**entry["python"]), str(entry.get("digest") or ""))
+                for image, entry in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return {}
 
 
-def remember_guests(found: dict[str, GuestPython]) -> None:
-    """Adds `found` (image name -> probed Python) to the remembered guests; written whole
-    and renamed into place, so concurrent sessions never read half a file. OSError is
-    ignored: remembering only saves time."""
+def remember_guests(found: dict[str, tuple[GuestPython, str]]) -> None:
+    """Adds `found` (image name -> (probed Python, image digest)) to the remembered
+    guests; written whole and renamed into place, so concurrent sessions never read half
+    a file. OSError is ignored: remembering only saves time."""
     merged = {**remembered_guests(), **found}
     path = cache_dir() / "guest-pythons.json"
     partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({k: asdict(v) for k, v in sorted(merged.items())},
-                                      indent=1))
+        partial.write_text(json.dumps({k: {"python": asdict(v), "digest": d}
+                                       for k, (v, d) in sorted(merged.items())}, indent=1))
         partial.rename(path)
     except OSError:
         partial.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ images appear without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -65,12 +66,23 @@ class Image:
         """The guest initrd for direct boot, `initrd.img`."""
         return self.path / INITRD
 
+    def digest(self) -> str:
+        """16 hex digits that change whenever the image's disk, kernel or initrd is
+        replaced or touched (their names, sizes and mtimes). OSError when one is gone."""
+        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                 for p in (self.disk, self.kernel, self.initrd)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict:
-        """The image as the API lists it: full name, os, arch, engine, size_mib and
-        warnings."""
+        """The image as the API lists it: full name, os, arch, engine, size_mib,
+        warnings and digest ("" when its files cannot be read just now)."""
+        try:
+            digest = self.digest()
+        except OSError:
+            digest = ""
         return {"name": self.name.full, "os": self.name.os, "arch": self.name.arch,
                 "engine": self.name.engine, "size_mib": self.size_mib,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "digest": digest}
 
 
 def _virtual_size_mib(meta: dict, disk: Path) -> int:

@@ -19,7 +19,7 @@ from ..failpoints import crash_point
 from ..guest import agent, cloudseed, identity
 from ..host import storage
 from ..states import BOOTING, FAILED, RUNNING
-from ..warm.snapshots import Template, Templates, fingerprint
+from ..warm.snapshots import Template, Templates
 from . import domainxml
 from .libvirt_domains import BootTimeout, Engine, console_tail
 from .network import VMNetwork
@@ -94,7 +94,7 @@ class VMBooter:
                     return "cancelled"
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
                 if self.clones:
-                    base = self.clones.base_for(image.disk, fingerprint(image))
+                    base = self.clones.base_for(image.disk, image.digest())
                     self.clones.clone(base, vm_dir, grow, self.uid, self.gid)
                 else:
                     storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import views
@@ -29,6 +30,8 @@ from .boot import VMBooter
 from .libvirt_domains import Engine
 
 log = logging.getLogger(__name__)
+
+DESTROY_AT_ONCE = 8  # domains destroyed in parallel by one teardown
 
 
 class Cleanup:
@@ -57,18 +60,19 @@ class Cleanup:
         are logged, the rest goes on); `keep_rows`: keep the rows as `failed`, holding
         nothing (no resources, no ports). Returns why, for each VM whose QEMU could not
         be ended: such a VM keeps its row, disk and ports (a QEMU nobody accounts for
-        must not exist), and the caller keeps its ENV to try again."""
+        must not exist), and the caller keeps its ENV to try again.
+
+        The domains are destroyed in parallel (up to DESTROY_AT_ONCE): ending one QEMU
+        takes libvirt and the kernel ~1.2-2 s here (measured: `virsh destroy` of a warm
+        clone 1.23 s), so one after the other an ENV of N VMs took N times that."""
         stuck = []
+        errors = dict(zip([vm.id for vm in vms], self._destroy_all(vms), strict=True))
         for vm in vms:
-            try:
-                fail_point("teardown.destroy")
-                self.engine.destroy(vm.domain)
-            except Exception as exc:  # the other VMs still go
-                log.exception("destroying %s", vm.domain)
-                if self.engine.is_running(vm.domain):
-                    stuck.append(f"VM {views.hostname(vm.env, vm.idx)} could not be "
-                                 f"stopped: {exc}")
-                    continue
+            exc = errors[vm.id]
+            if exc is not None and self.engine.is_running(vm.domain):
+                stuck.append(f"VM {views.hostname(vm.env, vm.idx)} could not be "
+                             f"stopped: {exc}")
+                continue
             self.booter.unpublish(vm)
             try:
                 storage.remove_vm_dir(Path(vm.dir))
@@ -82,6 +86,23 @@ class Cleanup:
                 self.db.delete_vm(vm.id)
         return stuck
 
+    def _destroy_all(self, vms: list[VMRow]) -> list[Exception | None]:
+        """engine.destroy for each VM's domain, at once; each VM's exception (logged) or
+        None, in `vms` order."""
+        def destroy(vm: VMRow) -> Exception | None:
+            try:
+                fail_point("teardown.destroy")
+                self.engine.destroy(vm.domain)
+                return None
+            except Exception as exc:  # the other VMs still go
+                log.exception("destroying %s", vm.domain)
+                return exc
+
+        if len(vms) <= 1:
+            return [destroy(vm) for vm in vms]
+        with ThreadPoolExecutor(max_workers=min(DESTROY_AT_ONCE, len(vms)),
+                                thread_name_prefix="destroy") as pool:
+            return list(pool.map(destroy, vms))
 
     def reconcile(self) -> dict:
         """Make libvirt and the disk agree with SQLite after a (possibly unclean) restart."""

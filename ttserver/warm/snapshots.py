@@ -72,13 +72,6 @@ class Template:
         return self.dir / "memory.bin"
 
 
-def fingerprint(image: images.Image) -> str:
-    """Changes whenever the image's disk, kernel or initrd is replaced or touched."""
-    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-             for p in (image.disk, image.kernel, image.initrd)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 def _link_build(src: Path, dst: Path) -> None:
     """Hard-link a finished build's files from `src` into the directory `dst`."""
     for name in BUILD_FILES:
@@ -139,7 +132,7 @@ class Templates:
             meta = json.loads((d / "meta.json").read_text())
         except (OSError, ValueError) as exc:
             return f"its meta.json is unreadable ({exc})", {}
-        if meta.get("fingerprint") != fingerprint(image):
+        if meta.get("fingerprint") != image.digest():
             return "its image changed", meta
         if meta.get("helper") not in ("", identity.HELPER_ID):
             return "it was saved with another identity helper", meta
@@ -221,7 +214,7 @@ class Templates:
             if image.cloud_init:
                 continue
             with self._lock:
-                if key in self._building or self._failed_prints.get(key) == fingerprint(image):
+                if key in self._building or self._failed_prints.get(key) == image.digest():
                     continue
             if self.ready(image, cpu, mem_mib) is None:
                 self.request(image, cpu, mem_mib)
@@ -299,7 +292,7 @@ class Templates:
                 storage.set_owner(tpl.state, mode=0o444)
                 meta = json.dumps({
                     "image": image.name.full, "cpu": cpu, "mem_mib": mem_mib,
-                    "fingerprint": fingerprint(image), "created_at": time.time(), "helper": helper,
+                    "fingerprint": image.digest(), "created_at": time.time(), "helper": helper,
                     "accel": self.renderer.accel.for_arch(image.name.arch),
                     "build_seconds": round(time.monotonic() - started, 1)})
                 (work / "meta.tmp").write_text(meta)
@@ -313,7 +306,7 @@ class Templates:
             log.warning("template %s could not be built: %s", key, exc)
             with self._lock:
                 self._errors[key] = str(exc).splitlines()[0] if str(exc) else repr(exc)
-                self._failed_prints[key] = fingerprint(image)
+                self._failed_prints[key] = image.digest()
             self.engine.destroy(domain)
             shutil.rmtree(work, ignore_errors=True)
         finally:
