@@ -3,10 +3,14 @@ every VM, in one run on one server (TCG here), for a 1-VM ENV and an N-VM ENV.
 
 Run by hand on an otherwise idle host:
 
-    python3 benchmarks/warm.py [--vms 8] [--rounds 2]
+    python3 benchmarks/warm.py [--vms 8] [--rounds 2] [--density 40]
 
 The template is built (and timed) first; then each round creates a cold and a warm ENV
 of each size. Prints medians and the ratio cold/warm (goal: >= 10x for one VM).
+`--density N` (0 to skip; then --rounds 0 runs it alone): one ENV of N idle warm clones
+of 512 MiB, and the summed proportional set size (PSS, /proc/PID/smaps_rollup) of their
+QEMU processes with the per-clone figure (goal: <= 100 MiB per idle clone) — clones
+map the template's RAM file privately, so the pages none of them wrote are shared.
 """
 
 from __future__ import annotations
@@ -48,15 +52,51 @@ def ready_seconds(url: str, name: str, vms: int, warm: bool) -> float:
     return took
 
 
+def qemu_memory_kib(pid: int) -> tuple[int, int]:
+    """(Pss, Rss) of a process in KiB, from /proc/PID/smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Pss", "Rss"):
+            fields[name] = int(rest.split()[0])
+    return fields["Pss"], fields["Rss"]
+
+
+def density(url: str, vms: int, idle: float = 20.0) -> None:
+    """One ENV of `vms` warm clones; print their QEMUs' summed PSS and RSS once idle."""
+    started = time.monotonic()
+    requests.post(url + "/envs", json={"name": "dense", "os_prefix": ["debian-12"],
+                                       "vm_number": vms, "warm": True},
+                  timeout=60).raise_for_status()
+    env = wait_env(url, "dense", timeout=3600)
+    assert env["state"] == "running", env["error"]
+    up = time.monotonic() - started
+    modes = [vm["boot_mode"] for vm in env["vms"]]
+    time.sleep(idle)
+    pss = rss = 0
+    for vm in env["vms"]:
+        pid = int(Path(f"/run/libvirt/qemu/tt-{vm['id']}.pid").read_text())
+        p, r = qemu_memory_kib(pid)
+        pss, rss = pss + p, rss + r
+    print(f"density: {vms} clones ({modes.count('warm')} warm) running in {up:.1f}s; "
+          f"after {idle:.0f}s idle their QEMUs' PSS {pss / 1024:.0f} MiB in all, "
+          f"{pss / 1024 / vms:.1f} MiB per clone (goal <= 100); RSS {rss / 1024 / vms:.0f} "
+          f"MiB per clone", flush=True)
+    requests.delete(f"{url}/envs/dense", timeout=600).raise_for_status()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vms", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--density", type=int, default=40)
     args = p.parse_args()
+    size = max(8, args.vms, args.density)
     run_dir = new_run_dir("bench-warm-")
     srv = ServerProcess(run_dir / "state", port_range="42500-42999",
-                        extra=("--warm-clones", "--cpu-total", str(max(8, args.vms)),
-                               "--mem-total", f"{max(8, args.vms) * 512}M")).start()
+                        extra=("--warm-clones", "--cpu-total", str(size),
+                               "--mem-total", f"{size * 512}M",
+                               "--disk-total", f"{size * 4}G")).start()
     try:
         started = time.monotonic()
         ready_seconds(srv.url, "seed", 1, warm=False)  # cold, and asks for the template
@@ -76,6 +116,10 @@ def main() -> int:
                     results.setdefault((vms, warm), []).append(took)
                     print(f"round {r + 1}: {vms} VM(s) {'warm' if warm else 'cold'}: "
                           f"{took:.1f}s", flush=True)
+        if args.density:
+            density(srv.url, args.density)
+        if not args.rounds:
+            return 0
         print(f"\n{'VMs':>4} {'cold s':>8} {'warm s':>8} {'cold/warm':>10}")
         for vms in (1, args.vms):
             cold = statistics.median(results[(vms, False)])

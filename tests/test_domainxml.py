@@ -65,3 +65,20 @@ def test_text_nodes_are_escaped_and_libvirt_accepts_the_xml():
             dom.undefine()
     finally:
         conn.close()
+
+
+def test_a_memory_file_is_the_machines_ram_backend_shared_or_private():
+    """Warm templates keep the guest's RAM in a file (shared); clones map it privately."""
+    def args(**kw):
+        return [a.get("value") for a in ET.fromstring(render(spec(**kw))).find(
+            f"{QEMU_NS}commandline")]
+
+    assert not any("memory-backend" in a for a in args())
+    shared = args(memory_file="/t/k@1,x/memory.ram", memory_shared=True)
+    backend = shared[shared.index("-object") + 1]
+    assert backend == ("memory-backend-file,id=tt.ram,size=512M,"
+                       "mem-path=/t/k@1,,x/memory.ram,share=on")  # a comma doubled
+    assert shared[shared.index("-machine") + 1] == "memory-backend=tt.ram"
+    private = args(memory_file="/t/memory.ram", incoming=True)
+    assert "share=off" in private[private.index("-object") + 1]
+    assert private[-2:] == ["-incoming", "defer"]

@@ -5,6 +5,7 @@ cache shares builds between servers; a broken template makes VMs boot cold, not 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -82,8 +83,19 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     assert first["vms"][0]["boot_mode"] == "cold"  # no template yet: it is made meanwhile
     wait_template(srv)
 
+    ram = next((run_dir / "state" / "templates").glob(f"{KEY}@*/memory.ram"))
+    ram_before = hashlib.sha256(ram.read_bytes()).hexdigest()
     env = create(srv, "clones", vm_number=2, ports=[8080])
     assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
+    # both clones map the template's RAM file: each one's writes stay its own (a shared
+    # mapping would have them overwrite each other's pages, and the template's)
+    fill = ("head -c 67108864 /dev/urandom > /dev/shm/r && sha256sum /dev/shm/r | "
+            "cut -c1-64")
+    sums = [r["stdout"] for r in run(srv, "clones", fill)]
+    assert len(set(sums)) == 2 and all(len(x) == 65 for x in sums), sums
+    again = [r["stdout"] for r in run(srv, "clones", "sha256sum /dev/shm/r | cut -c1-64")]
+    assert again == sums
+    assert hashlib.sha256(ram.read_bytes()).hexdigest() == ram_before
     assert all(vm["boot_seconds"] < 30 for vm in env["vms"]), env["vms"]
     res = run(srv, "clones", "hostname; cat /etc/machine-id; "
                              "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2")

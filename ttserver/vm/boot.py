@@ -52,14 +52,16 @@ class VMBooter:
     gid: int
 
     def vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
-               incoming: bool) -> str:
-        """The VM's domain XML: its forwards, network, title and seed (vmspec)."""
+               template: Template | None = None) -> str:
+        """The VM's domain XML: its forwards, network, title and seed (vmspec); for a
+        clone of `template`, waiting for its saved state, its RAM the template's."""
         return self.renderer.render(
             vm.domain, image, vm.cpu, vm.mem_mib, disk, Path(vm.dir) / "console.log",
-            incoming, self.network.hostfwd(vm, self.cfg.forward_addr),
+            template is not None, self.network.hostfwd(vm, self.cfg.forward_addr),
             restricted(env, self.cfg.allow_outgoing),
             f"ttstack {env.name}/{vm.idx}", user_net=self.network.name == "user",
-            seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "")
+            seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "",
+            memory_file=template.ram if template is not None else None)
 
     def unpublish(self, vm: VMRow) -> None:
         """Drop what the network publishes for the VM (errors are logged)."""
@@ -108,7 +110,7 @@ class VMBooter:
             if cancel.is_set():
                 return "cancelled"
             self.db.set_vm(vm.id, state=BOOTING)
-            self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay, incoming=False),
+            self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay),
                                       domainxml.ARCHES[image.name.arch]["nic_slot"],
                                       bool(env.spec.get("deny_outgoing")))
             crash_point("boot.domain_started")
@@ -156,7 +158,7 @@ class VMBooter:
             if cancel.is_set():
                 raise RuntimeError("cancelled")
             self.db.set_vm(vm.id, state=BOOTING)
-            self.engine.start_from_memory(self.vm_xml(vm, image, env, overlay, True),
+            self.engine.start_from_memory(self.vm_xml(vm, image, env, overlay, template),
                                           template.state)
             crash_point("boot.domain_started")
             restored = time.monotonic()

@@ -66,8 +66,14 @@ class DomainSpec:
     title: str = ""
     incoming: bool = False  # start paused, waiting for a saved memory state (warm clone)
     seed: str = ""  # a cloud-init NoCloud seed image, attached read-only as vdb
+    # the guest's RAM in this file instead of anonymous memory (warm clones, see
+    # warm/snapshots.py): mapped shared (a template writes it) or private (a clone's
+    # writes stay its own, copy-on-write)
+    memory_file: str = ""
+    memory_shared: bool = False
 
 
+RAM_BACKEND = "tt.ram"  # the id of the RAM backend of a memory_file (the RAM block's name)
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
 
@@ -136,6 +142,14 @@ def render(spec: DomainSpec) -> str:
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
         qemu_args += ["-cpu", "max,pauth-impdef=on"]
+    if spec.memory_file:
+        # libvirt cannot name the file of a memory backend (only a directory for all of
+        # them, qemu.conf memory_backing_dir), so the RAM is a backend of ours, and the
+        # machine's `memory-backend` (a later -machine overrides libvirt's key) names it
+        path = spec.memory_file.replace(",", ",,")  # QEMU's option syntax
+        qemu_args += ["-object", f"memory-backend-file,id={RAM_BACKEND},size={spec.mem_mib}M,"
+                                 f"mem-path={path},share={'on' if spec.memory_shared else 'off'}",
+                      "-machine", f"memory-backend={RAM_BACKEND}"]
     if spec.incoming:
         qemu_args += ["-incoming", "defer"]
     commandline = _sub(dom, f"{{{QEMU_NS}}}commandline")

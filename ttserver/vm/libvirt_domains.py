@@ -177,17 +177,28 @@ class Engine:
         finally:
             os.close(fd)
 
+    def _ignore_shared(self, dom: libvirt.virDomain) -> None:
+        """Leave RAM in a file-backed shared backend out of the migration stream
+        (QEMU's `x-ignore-shared` capability): the file already holds it."""
+        self.qmp(dom, "migrate-set-capabilities",
+                 {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
     def save_memory(self, dom: libvirt.virDomain, path: Path) -> None:
-        """Pause the VM and write its memory and device state to `path`."""
+        """Pause the VM and write its device state to `path`; its RAM, in the file of its
+        shared memory backend (domainxml `memory_file`), stays there."""
         dom.suspend()
+        self._ignore_shared(dom)
         self._hand_file(dom, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "ttsave")
         self.qmp(dom, "migrate", {"uri": "fd:ttsave"})
         self._migration(dom, "saving the VM's memory")
 
     def start_from_memory(self, xml: str, path: Path) -> libvirt.virDomain:
-        """Start a domain (its XML must pass `-incoming defer`) from a saved state."""
+        """Start a domain (its XML must pass `-incoming defer` and map the template's RAM
+        file privately) from a saved device state: the RAM is not read, it is the
+        file's pages, copied on a write only."""
         dom = self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
         try:
+            self._ignore_shared(dom)
             self._hand_file(dom, path, os.O_RDONLY, "ttload")
             self.qmp(dom, "migrate-incoming", {"uri": "fd:ttload"})
             self._migration(dom, "loading the VM's memory")

@@ -24,12 +24,15 @@ class DomainRenderer:
     def render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
                console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
                restrict: bool = True, title: str = "", user_net: bool = True,
-               seed: str = "") -> str:
+               seed: str = "", memory_file: Path | None = None,
+               memory_shared: bool = False) -> str:
         """Domain XML named `name` booting `image` with `cpu` vCPUs, `mem_mib` MiB and the
         qcow2 `disk`; serial console to the file `console`. `incoming`: paused, waiting
         for a memory state (warm clones). `hostfwd`: QEMU user-network forwards
         ("tcp:ADDR:HOST-:GUEST"), `restrict`: no outgoing traffic; `user_net` False: no
-        NIC (bridge mode plugs one). `seed`: a cloud-init seed image path or ""."""
+        NIC (bridge mode plugs one). `seed`: a cloud-init seed image path or "".
+        `memory_file`: the guest's RAM in that file, mapped shared (`memory_shared`: a
+        warm template) or private (a warm clone)."""
         forwards = "".join(f",hostfwd={f}" for f in hostfwd)
         netdev = f"user,id={domainxml.NETDEV_ID},restrict={'on' if restrict else 'off'}{forwards}"
         return domainxml.render(domainxml.DomainSpec(
@@ -37,4 +40,5 @@ class DomainRenderer:
             vcpus=cpu, mem_mib=mem_mib, disk=str(disk), kernel=str(image.kernel),
             initrd=str(image.initrd), cmdline=image.cmdline, console_log=str(console),
             netdev=netdev if user_net else "",
-            uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed))
+            uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed,
+            memory_file=str(memory_file or ""), memory_shared=memory_shared))

@@ -50,7 +50,11 @@ DEFAULT_SHAPE = (1, 512)
 BUILD_NICE = 19  # template builds yield the CPU to everything else
 # what a finished build is, linked into or out of the cache; meta.json last: its presence
 # marks a build complete
-BUILD_FILES = ("disk.qcow2", "memory.bin", "meta.json")
+BUILD_FILES = ("disk.qcow2", "memory.ram", "memory.bin", "meta.json")
+# how a build keeps the guest's memory; builds of another layout are rebuilt.
+# 2: RAM in memory.ram (mapped by clones), device state in memory.bin; 1 (no key): both
+# in memory.bin's migration stream
+LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,15 @@ class Template:
 
     @property
     def state(self) -> Path:
-        """The saved memory and device state clones start from."""
+        """The saved device state clones start from."""
         return self.dir / "memory.bin"
+
+    @property
+    def ram(self) -> Path:
+        """The guest's RAM as the template left it: clones map it privately
+        (copy-on-write), so they start without reading it and share every page they
+        have not written."""
+        return self.dir / "memory.ram"
 
 
 def _link_build(src: Path, dst: Path) -> None:
@@ -134,6 +145,8 @@ class Templates:
             return f"its meta.json is unreadable ({exc})", {}
         if meta.get("fingerprint") != image.digest():
             return "its image changed", meta
+        if meta.get("layout", 1) != LAYOUT:
+            return "it keeps the guest's memory in an older layout", meta
         if meta.get("helper") not in ("", identity.HELPER_ID):
             return "it was saved with another identity helper", meta
         accel = self.renderer.accel.for_arch(image.name.arch)
@@ -278,7 +291,8 @@ class Templates:
                 storage.create_overlay(image.disk, tpl.disk, None, self.uid, self.gid)
                 console = work / "console.log"
                 self.engine.start(self.renderer.render(domain, image, cpu, mem_mib, tpl.disk,
-                                                       console, False))
+                                                       console, False, memory_file=tpl.ram,
+                                                       memory_shared=True))
                 self.engine.renice(domain, BUILD_NICE)
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
@@ -290,7 +304,11 @@ class Templates:
                 self.engine.destroy(domain)
                 storage.set_owner(tpl.disk, mode=0o444)  # frozen: clones' overlays read it
                 storage.set_owner(tpl.state, mode=0o444)
+                # QEMU 7.2 opens a privately mapped file read-write (`rom=off` with a
+                # read-only file needs 8.2): QEMU's user alone may open it
+                storage.set_owner(tpl.ram, self.uid, self.gid, mode=0o600)
                 meta = json.dumps({
+                    "layout": LAYOUT,
                     "image": image.name.full, "cpu": cpu, "mem_mib": mem_mib,
                     "fingerprint": image.digest(), "created_at": time.time(), "helper": helper,
                     "accel": self.renderer.accel.for_arch(image.name.arch),
