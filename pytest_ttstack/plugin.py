@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ttclient.config import parse_server
+from ttclient.config import join_server, parse_server
 from ttclient.units import parse_mib
 
 from . import matrix
@@ -185,7 +185,7 @@ def _server(config: pytest.Config) -> str:
     except ValueError as exc:
         raise pytest.UsageError(f"{source}: {exc}; give HOST:PORT, e.g. 127.0.0.1:20000"
                                 ) from None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_server(host, port)
 
 
 def _number(config: pytest.Config, name: str, default: int, what: str,

@@ -164,9 +164,7 @@ def finish_deletes() -> bool:
 def default_server() -> str:
     """HOST:PORT of the configured server ($TT_SERVER, else the `tt config` file, else the
     default); ValueError for an unreadable config file."""
-    cfg = cfgmod.load()
-    host = f"[{cfg.serv_addr}]" if ":" in cfg.serv_addr else cfg.serv_addr
-    return f"{host}:{cfg.serv_port}"
+    return cfgmod.load().address
 
 
 def user_ssh_keys() -> list[str]:

@@ -58,6 +58,7 @@ class OSTally:
         self.env = env
         self.status = status or {}
         self.counts: dict[str, Counter[str]] = {}
+        self.os_ids = [image_id(i) for i in env.images]  # what node ids name the OSes by
 
     def header(self) -> list[str]:
         """`ttstack: server ... (accel tcg)` and one line per image: its VMs and how they
@@ -80,7 +81,7 @@ class OSTally:
         tryfirst, so that junitxml writes it too."""
         os_id = os_of(report)
         if os_id is None:
-            os_id = os_in_nodeid(report.nodeid, [image_id(i) for i in self.env.images])
+            os_id = os_in_nodeid(report.nodeid, self.os_ids)
             if os_id:
                 report.user_properties = [*report.user_properties, ("tt_os", os_id)]
         result = outcome(report)

@@ -140,6 +140,16 @@ SHAPES = Path(__file__).parent / "sample_xdist"
 EXECUTED = re.compile(r"^(test_shapes\.py::\S+) (?:PASSED|FAILED|SKIPPED|ERROR)", re.M)
 
 
+def run_project(srv: ServerProcess, project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`pytest -v ARGS` in a test project of the test's own (its rootdir, no ini file)
+    against `srv`."""
+    env = {**os.environ, "TT_CONFIG": str(project / "none.json")}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-c", os.devnull,
+         "--rootdir", str(project), f"--tt-server={srv.address}", *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=project)
+
+
 def run_shapes(srv: ServerProcess, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
@@ -221,22 +231,18 @@ def test_tt_env_runs_on_an_existing_env_and_keeps_it(plugin_server, tmp_path):
             "    assert tt_env.name == 'attached' and tt_vm.os == 'debian-12'\n"
             "    assert 8000 in tt_vm.ports, tt_vm.ports\n"
             "    tt_vm.run('touch /tmp/was-here', check=True)\n")
-        env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
-        base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-c",
-                os.devnull, "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
-                "--tt-env=attached", "--tt-port=8000", str(tmp_path)]
-        proc = subprocess.run(base, capture_output=True, text=True, env=env, timeout=600)
+        attach = ("--tt-env=attached", "--tt-port=8000")
+        proc = run_project(plugin_server, tmp_path, *attach, str(tmp_path))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "test_a[debian-12:x86_64] PASSED" in proc.stdout, proc.stdout
         assert "using ENV attached" in proc.stdout and "deleted ENV" not in proc.stdout
         assert client.run("attached", "test -e /tmp/was-here")["results"][0]["exit_code"] == 0
         # two workers would share its one VM: refused before anything runs
-        proc = subprocess.run(base + ["-n", "2"], capture_output=True, text=True, env=env,
-                              timeout=600)
+        proc = run_project(plugin_server, tmp_path, *attach, str(tmp_path), "-n", "2")
         assert proc.returncode == 4, proc.stdout + proc.stderr
         assert "it has 1 VM(s) of qemu:debian-12:x86_64" in proc.stderr, proc.stderr
-        proc = subprocess.run([*base[:-1], "--tt-os=debian-13", str(tmp_path)],
-                              capture_output=True, text=True, env=env, timeout=600)
+        proc = run_project(plugin_server, tmp_path, *attach, "--tt-os=debian-13",
+                           str(tmp_path))
         assert proc.returncode == 4 and "'debian-13' matches no image" in proc.stderr, \
             proc.stdout + proc.stderr
         assert [e["name"] for e in client.list_envs()] == ["attached"]
@@ -267,13 +273,8 @@ def test_a_session_outlives_its_life_time_and_boots_only_the_oses_selected(plugi
         "def test_long(tt_vm):\n"
         "    time.sleep(25)\n"
         "    tt_vm.run('true', check=True)\n")
-    env = {**os.environ, "TT_CONFIG": str(tmp_path / "none.json")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-c", os.devnull,
-         "--rootdir", str(tmp_path), f"--tt-server={plugin_server.address}",
-         "--tt-os=debian-12,debian-13", "--tt-life-time=10",
-         "test_a.py::test_long[debian-12:x86_64]"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = run_project(plugin_server, tmp_path, "--tt-os=debian-12,debian-13",
+                       "--tt-life-time=10", "test_a.py::test_long[debian-12:x86_64]")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 OS x 1 worker VM(s)" in proc.stdout, proc.stdout
     assert "qemu:debian-13:x86_64" not in proc.stdout, proc.stdout

@@ -29,10 +29,14 @@ class ClientConfig:
     token: str = ""
 
     @property
+    def address(self) -> str:
+        """`HOST:PORT` of the server, an IPv6 address in brackets (what parse_server reads)."""
+        return join_server(self.serv_addr, self.serv_port)
+
+    @property
     def base_url(self) -> str:
         """`http://HOST:PORT` of the server, an IPv6 address in brackets."""
-        host = f"[{self.serv_addr}]" if ":" in self.serv_addr else self.serv_addr
-        return f"http://{host}:{self.serv_port}"
+        return f"http://{self.address}"
 
 
 def config_path() -> Path:
@@ -51,6 +55,11 @@ def parse_server(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"server {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def join_server(host: str, port: int) -> str:
+    """`HOST:PORT`, an IPv6 address in brackets: the inverse of parse_server."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def owner() -> str:
