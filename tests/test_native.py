@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -153,7 +154,14 @@ def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     assert "+ Linux" in out  # pytest's assertion explanation, made in the guest
     assert "console tail of pytest-" in out
     assert "making 2 venv(s) in the guests" in out
-    assert len(list(native_server.cache.glob("native-venvs/*.tar.gz"))) == 2
+    venvs = list(native_server.cache.glob("native-venvs/*.tar.gz"))
+    assert len(venvs) == 2
+    for venv in venvs:  # bytecode cached, less what workers never import
+        with tarfile.open(venv) as tar:
+            names = tar.getnames()
+        assert any("/_pytest/__pycache__/" in n for n in names), venv
+        assert any(n.endswith("/pygments/lexers/python.py") for n in names), venv
+        assert not any("/pygments/lexers/__pycache__" in n for n in names), venv
     props = properties(tmp_path / "native.xml", "test_record_property")
     assert props == {tag("test_record_property", os_id): {
         "os": os_id.split(":")[0].split("-")[1], "raw": str(b"\x00bytes"),

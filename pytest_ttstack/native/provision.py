@@ -49,6 +49,12 @@ UV_INSTALL = (f"UV_PYTHON_DOWNLOADS=never {GUEST_UV_DIR}/bin/uv pip install --qu
 PIP = (f"{GUEST_VENV}/bin/python \"$(ls {GUEST_WHEELS}/pip-*.whl | tail -n 1)/pip\" install "
        f"--no-index --find-links {GUEST_WHEELS} --disable-pip-version-check "
        "--no-warn-script-location -q")
+# Left out of the cached venv: the bytecode of Pygments' lexers (3.8 of the venv's 13.4 MB
+# with pytest 9, which requires Pygments only to colour terminal output, something workers
+# never do). Pygments imports a lexer module only by name, so a project that uses one
+# compiles that one in the guest. Shipping the venv to a TCG guest: 1.3 s -> 1.0 s to
+# unpack, 4.4 -> 3.0 MB to send (measured, debian-13).
+VENV_SAVE_EXCLUDES = ("pygments/lexers/__pycache__",)
 
 
 @dataclass(frozen=True)
@@ -304,7 +310,9 @@ class Provisioner:
         partial, packed = (dest.with_name(f"{dest.name}.{kind}-{unique}")
                            for kind in ("part", "tmp"))
         try:
-            target.fetch(f"tar -cf - -C {GUEST_ROOT} venv", partial, "saving the venv")
+            excludes = " ".join(f"--exclude={shlex.quote(x)}" for x in VENV_SAVE_EXCLUDES)
+            target.fetch(f"tar -cf - {excludes} -C {GUEST_ROOT} venv", partial,
+                         "saving the venv")
             packed.write_bytes(gzip.compress(partial.read_bytes(), 6))
             packed.rename(dest)  # atomic: another session sees all of it or nothing
         except (OSError, SSHError) as exc:  # the run goes on; the next one installs again
