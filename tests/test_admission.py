@@ -33,6 +33,7 @@ CFG = ServerConfig(image_path=Path("/nonexistent"), cfgdb_path=Path("/state"),
     ({"ports": [70000]}, "port 70000"),
     ({"ssh_keys": ["ssh-ed25519 AAA\nssh-rsa BBB"]}, "single OpenSSH public key"),
     ({"ssh_keys": ["not a key"]}, "single OpenSSH public key"),
+    ({"ssh_keys": ["ssh-ed25519 " + "A" * 40000]}, "at most 32 KiB in all"),
 ])
 def test_validate_refuses_with_what_to_change(change, words):
     req = EnvRequest(**{"name": "ok", "os_prefix": ["debian-12"], **change})

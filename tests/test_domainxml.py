@@ -82,3 +82,15 @@ def test_a_memory_file_is_the_machines_ram_backend_shared_or_private():
     private = args(memory_file="/t/memory.ram", incoming=True)
     assert "share=off" in private[private.index("-object") + 1]
     assert private[-2:] == ["-incoming", "defer"]
+
+
+def test_an_identity_file_is_a_fw_cfg_entry():
+    """Warm templates and clones carry the identity fw_cfg entry (guest/identity.py)."""
+    def args(**kw):
+        return [a.get("value") for a in ET.fromstring(render(spec(**kw))).find(
+            f"{QEMU_NS}commandline")]
+
+    assert "-fw_cfg" not in args()
+    given = args(identity_file="/v/a,b/identity.fwcfg", incoming=True)
+    assert given[given.index("-fw_cfg") + 1] == (
+        "name=opt/org.ttstack/identity,file=/v/a,,b/identity.fwcfg")

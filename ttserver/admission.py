@@ -21,6 +21,9 @@ from .vm import domainxml
 
 ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")  # fullmatch: "$" lets "\n" through
 MAX_VMS_PER_ENV = 64
+# authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
+# (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
+MAX_SSH_KEYS_BYTES = 32 << 10
 MAX_PORTS = 32  # forwarded guest ports per ENV (each VM gets them all), besides SSH
 
 
@@ -66,6 +69,8 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     for key in req.ssh_keys:
         if "\n" in key.strip() or not key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
             raise BadRequest("ssh_keys entries must be single OpenSSH public key lines")
+    if sum(len(k.encode()) + 1 for k in req.ssh_keys) > MAX_SSH_KEYS_BYTES:
+        raise BadRequest(f"ssh_keys: at most {MAX_SSH_KEYS_BYTES // 1024} KiB in all")
     chosen = images.select(cfg.image_path, req.os_prefix)
     unsupported = [i.name.full for i in chosen if i.name.arch not in domainxml.ARCHES]
     if unsupported:

@@ -5,10 +5,13 @@ Why a resident helper: under TCG every binary a guest runs for the first time af
 restore is translated afresh (the translation cache is not part of the saved state):
 ~0.3–0.8 s per first exec, measured. Giving a clone its identity with a shell script cost
 2.1 s (sh, perl, date). So the template starts one small perl process before it is saved;
-every clone inherits it, already loaded and waiting on a FIFO. The host writes one line
-into that FIFO through the agent's file calls (no exec at all) and polls for the answer
-file: the whole step is the re-translation of one short perl loop (2.1 s → 0.6 s,
-measured). The helper exits after it answered: nothing of it stays in the user's VM.
+every clone inherits it, already loaded and polling a QEMU fw_cfg file. Each clone's
+QEMU starts with that file holding the clone's identity, so the helper starts on it the
+moment the clone resumes, while the host waits for the guest agent; it answers on the
+serial console, which the host reads from the log file. No agent call and no exec: the
+step is the re-translation of one short perl loop (shell script 2.1 s; helper fed and
+polled through the agent 0.5–0.8 s after the agent answered; measured). The helper
+exits after it answered: nothing of it stays in the user's VM.
 sshd: OpenSSH 9.2 (bookworm) re-executes itself per connection and reads the new host
 key then. From OpenSSH 9.8 (trixie has 10.0) the listener loads the host keys once and
 hands them to each `sshd-session`, so it kept serving the template's key (clients that
@@ -17,42 +20,59 @@ helper sends the listener SIGHUP (sshd(8): it re-executes itself and reloads its
 and waits until a new socket listens on port 22, before the clone is reported running.
 The tests compare the key sshd serves with the file.
 
-Templates built before the helper existed, or a helper that died, fall back to the shell
-script (`NEW_IDENTITY`) — slower, same result.
+Templates whose guest could not start the helper (no perl, no fw_cfg in sysfs) give
+identity by the shell script (`NEW_IDENTITY`) through the agent — slower, same result.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+import struct
 import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import libvirt
 
 from ttclient.waiting import WaitTimeout, wait_for
 
+from ..vm import domainxml
 from . import agent, sshexec
 
 HELPER_DIR = "/run/ttstack"
-FIFO = f"{HELPER_DIR}/identity.fifo"
-ANSWER = f"{HELPER_DIR}/identity.done"
+READY = f"{HELPER_DIR}/identity.ready"  # the helper writes "ok", or why it cannot serve
+# The identity request reaches the clone as a QEMU fw_cfg file (`-fw_cfg name=...,file=`):
+# a clone's QEMU is a new process with its own command line, so the file holds that
+# clone's identity from its first instruction on, with no agent call. The template and
+# its clones carry an entry of the same name and size (the guest's fw_cfg driver read the
+# directory, sizes included, when the template booted); the template's is zeros.
+FW_CFG_PATH = f"/sys/firmware/qemu_fw_cfg/by_name/{domainxml.IDENTITY_FW_CFG}/raw"
+FW_CFG_SIZE = 64 << 10
+MAGIC = b"TTID"
+HEADER = 24  # MAGIC, 16 hex digits of nonce, payload length (4 bytes, big-endian)
 # settimeofday(2) has no perl built-in; its number differs between syscall tables.
 SETTIMEOFDAY = {"x86_64": 164, "aarch64": 170, "riscv64": 170}
-HELPER_POLL = 0.03
+ANSWER_POLL = 0.02  # seconds between reads of the console log for the helper's answer
 
-# One request per line: nonce, seconds, microseconds, then hex fields hostname,
-# authorized_keys, machine-id, RNG seed, SSH host key, its public line. It answers
-# "NONCE ok" or "NONCE error: why" in ANSWER (written whole, then renamed).
+# The helper polls the fw_cfg file's header every 10 ms (24 port reads: the driver reads
+# fw_cfg through I/O ports, so it reads the payload only once it is there); a clone's
+# header differs from the template's zeros at once. The payload is eight length-prefixed
+# fields (perl's `(N/a*)8`): seconds, microseconds, hostname, authorized_keys, machine-id,
+# RNG seed, SSH host key, its public line. The answer, "ttstack-identity NONCE ok" or
+# "... NONCE error: why", goes to the serial console, which the host reads from its log
+# file: no agent call, no guest CPU spent on the host's polling.
 HELPER = r"""
 use strict; use warnings; umask 077;
-my ($dir, $fifo, $answer, $settime) = @ARGV;
-mkdir $dir, 0700; unlink $fifo;
-system("mkfifo", "-m", "0600", $fifo) == 0 or die "mkfifo: $?";
+my ($dir, $raw, $tty, $settime, $ready) = @ARGV;
+mkdir $dir, 0700;
 sub put { my ($path, $data, $mode) = @_;
   open(my $f, ">", "$path.tt") or die "$path: $!"; print $f $data; close $f or die "$path: $!";
   chmod $mode, "$path.tt"; rename "$path.tt", $path or die "$path: $!"; }
-sub hx { pack("H*", $_[0]) }
+sub head { my $h = ""; open(my $f, "<", $raw) or return undef; sysread($f, $h, 24);
+  close $f; $h }
 sub listener {  # the inode of the socket listening on port 22, if any
   for my $t ("/proc/net/tcp", "/proc/net/tcp6") { open(my $f, "<", $t) or next;
     while (<$f>) { my @c = split; return $c[9] if @c > 9 && $c[3] eq "0A"
@@ -66,35 +86,43 @@ sub reload_sshd {  # OpenSSH >= 9.8 holds host keys in its listener: HUP, await 
   for (1 .. 400) { my $now = listener(); return if $now ne "" && $now ne $old;
     select(undef, undef, undef, 0.025) }
   die "sshd did not listen again within 10 s of SIGHUP" }
-open(my $in, "+<", $fifo) or die "$fifo: $!";
-while (defined(my $line = <$in>)) {
-  chomp $line;
-  my ($nonce, $s, $us, $host, $keys, $mid, $seed, $key, $pub) = split / /, $line;
-  my $ok = eval {
-    syscall($settime, pack("l!l!", $s, $us), 0) == 0 or die "settimeofday: $!";
-    open(my $r, ">", "/dev/urandom") or die "urandom: $!";
-    syswrite($r, hx($seed)); ioctl($r, 0x5207, 0) or die "reseed: $!"; close $r;
-    $host = hx($host);
-    open(my $h, ">", "/proc/sys/kernel/hostname") or die "hostname: $!";
-    print $h $host; close $h;
-    put("/etc/hostname", "$host\n", 0644);
-    open(my $hosts, "<", "/etc/hosts") or die "hosts: $!"; my @l = <$hosts>; close $hosts;
-    for (@l) { $_ = "127.0.1.1 $host\n" if index($_, "127.0.1.1\t") == 0
-      || index($_, "127.0.1.1 ") == 0 }
-    put("/etc/hosts", join("", @l), 0644);
-    put("/etc/machine-id", hx($mid) . "\n", 0444);
-    my $k = "/etc/ssh/ssh_host_ed25519_key";
-    opendir(my $d, "/etc/ssh") or die "/etc/ssh: $!";  # no glob(): it loads a module
-    unlink map { "/etc/ssh/$_" } grep { index($_, "ssh_host_") == 0
-      && $_ ne "ssh_host_ed25519_key" && $_ ne "ssh_host_ed25519_key.pub" } readdir $d;
-    put($k, hx($key), 0600); put("$k.pub", hx($pub), 0644);
-    mkdir "/root/.ssh", 0700; put("/root/.ssh/authorized_keys", hx($keys), 0600);
-    reload_sshd();
-    1 };
-  my $why = $@ || "unknown"; $why =~ s/\s+/ /g;
-  put($answer, $ok ? "$nonce ok\n" : "$nonce error: $why\n", 0600);
-  if ($ok) { unlink $fifo; last }  # one identity per clone: leave nothing running
-}
+my $first = head();
+if (!defined $first || length($first) != 24) { put($ready, "no fw_cfg file $raw", 0600); exit 1 }
+put($ready, "ok", 0600);
+my $h;
+while (1) { $h = head(); last if defined $h && substr($h, 0, 4) eq "TTID" && $h ne $first;
+  select(undef, undef, undef, 0.01) }
+my $nonce = substr($h, 4, 16); my $need = 24 + unpack("N", substr($h, 20, 4));
+my $ok = eval {
+  open(my $c, "<", $raw) or die "$raw: $!"; my $d = "";
+  while (length($d) < $need) {
+    sysread($c, $d, $need - length($d), length($d)) or die "$raw: short read" }
+  close $c;
+  my ($s, $us, $host, $keys, $mid, $seed, $key, $pub) = unpack("(N/a*)8", substr($d, 24));
+  syscall($settime, pack("l!l!", $s, $us), 0) == 0 or die "settimeofday: $!";
+  open(my $r, ">", "/dev/urandom") or die "urandom: $!";
+  syswrite($r, $seed); ioctl($r, 0x5207, 0) or die "reseed: $!"; close $r;
+  open(my $hn, ">", "/proc/sys/kernel/hostname") or die "hostname: $!";
+  print $hn $host; close $hn;
+  put("/etc/hostname", "$host\n", 0644);
+  open(my $hosts, "<", "/etc/hosts") or die "hosts: $!"; my @l = <$hosts>; close $hosts;
+  for (@l) { $_ = "127.0.1.1 $host\n" if index($_, "127.0.1.1\t") == 0
+    || index($_, "127.0.1.1 ") == 0 }
+  put("/etc/hosts", join("", @l), 0644);
+  put("/etc/machine-id", "$mid\n", 0444);
+  my $k = "/etc/ssh/ssh_host_ed25519_key";
+  opendir(my $d2, "/etc/ssh") or die "/etc/ssh: $!";  # no glob(): it loads a module
+  unlink map { "/etc/ssh/$_" } grep { index($_, "ssh_host_") == 0
+    && $_ ne "ssh_host_ed25519_key" && $_ ne "ssh_host_ed25519_key.pub" } readdir $d2;
+  put($k, $key, 0600); put("$k.pub", $pub, 0644);
+  mkdir "/root/.ssh", 0700; put("/root/.ssh/authorized_keys", $keys, 0600);
+  reload_sshd();
+  1 };
+my $why = $@ || "unknown"; $why =~ s/\s+/ /g;
+# O_WRONLY|O_NOCTTY (0400 on every arch in SETTIMEOFDAY): not Fcntl, which loads a module
+sysopen(my $t, "/dev/$tty", 1 | 0400) or die "/dev/$tty: $!";
+syswrite($t, $ok ? "\nttstack-identity $nonce ok\n" : "\nttstack-identity $nonce error: $why\n");
+close $t;  # one identity per clone: nothing of the helper stays running
 """
 
 # Templates record which helper they saved: one with another helper is rebuilt.
@@ -138,18 +166,26 @@ class IdentityError(RuntimeError):
     pass
 
 
-def start_helper(dom: libvirt.virDomain, arch: str) -> bool:
-    """In a template about to be saved: start the helper and wait until its FIFO exists.
-    False when this guest cannot have one (no perl, unknown arch): clones use the script."""
+def start_helper(dom: libvirt.virDomain, arch: str, console: str) -> bool:
+    """In a template about to be saved: start the helper (answering on the guest's serial
+    `console` device, e.g. ttyS0) and wait until it reads the fw_cfg file. False when
+    this guest cannot have one (no perl, unknown arch, no fw_cfg in sysfs): clones then
+    take their identity by script."""
     if arch not in SETTIMEOFDAY:
         return False
     agent.command(dom, "guest-exec", {
         "path": "/usr/bin/perl",
-        "arg": ["-e", HELPER, HELPER_DIR, FIFO, ANSWER, str(SETTIMEOFDAY[arch])]})
+        "arg": ["-e", HELPER, HELPER_DIR, FW_CFG_PATH, console, str(SETTIMEOFDAY[arch]),
+                READY]})
+
+    def ready() -> bytes | None:
+        try:
+            return agent.read_file(dom, READY)
+        except agent.AgentError:
+            return None
+
     try:
-        return wait_for(lambda: True if agent.exec_argv(
-            dom, ["/usr/bin/test", "-p", FIFO], timeout=30).exit_code == 0 else None,
-            30, interval=0.2, what="the identity helper's FIFO")
+        return wait_for(ready, 30, interval=0.2, what="the identity helper") == b"ok"
     except WaitTimeout:
         return False
 
@@ -159,41 +195,88 @@ def personalize(dom: libvirt.virDomain, hostname: str, keys: str) -> None:
     _script(dom, "set -e" + PERSONALIZE, [hostname, keys], 30.0)
 
 
-def take_new(dom: libvirt.virDomain, hostname: str, keys: str, *, helper: bool,
-             timeout: float) -> None:
-    """A warm clone: its own hostname, keys, machine-id, SSH host key, clock and RNG."""
-    private, public = sshexec.host_key_pair(hostname)
-    machine_id, seed = uuid.uuid4().hex, secrets.token_hex(64)
+@dataclass(frozen=True)
+class NewIdentity:
+    """What makes a warm clone its own machine: hostname, authorized keys (text),
+    machine-id, RNG seed (64 bytes), SSH host key (private key file bytes, public line),
+    and the nonce its helper answers with."""
+
+    hostname: str
+    keys: str
+    machine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seed: bytes = field(default_factory=lambda: secrets.token_bytes(64))
+    nonce: str = field(default_factory=lambda: secrets.token_hex(8))
+    host_key: tuple[bytes, str] = (b"", "")
+
+    @classmethod
+    def make(cls, hostname: str, keys: str) -> NewIdentity:
+        """A fresh identity (its host key made here: ssh-keygen takes ms natively, about
+        a second in a TCG guest)."""
+        return cls(hostname, keys, host_key=sshexec.host_key_pair(hostname))
+
+    def fw_cfg_blob(self, clock: float) -> bytes:
+        """The fw_cfg file for the helper, the guest clock to be set to `clock` (Unix
+        seconds), FW_CFG_SIZE bytes; IdentityError when the keys do not fit."""
+        private, public = self.host_key
+        fields = [str(int(clock)).encode(), str(int(clock % 1 * 1e6)).encode(),
+                  self.hostname.encode(), self.keys.encode(), self.machine_id.encode(),
+                  self.seed, private, (public + "\n").encode()]
+        payload = b"".join(struct.pack(">I", len(f)) + f for f in fields)
+        blob = MAGIC + self.nonce.encode() + struct.pack(">I", len(payload)) + payload
+        if len(blob) > FW_CFG_SIZE:
+            raise IdentityError(f"the identity ({len(blob)} bytes, authorized keys "
+                                f"included) exceeds the {FW_CFG_SIZE}-byte fw_cfg file")
+        return blob.ljust(FW_CFG_SIZE, b"\0")
+
+
+def write_fw_cfg(path: Path, blob: bytes, uid: int, gid: int) -> None:
+    """Write a fw_cfg file QEMU (running as uid:gid) reads at start; only it may read it
+    (a clone's holds its SSH host key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, blob)
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def take_new(dom: libvirt.virDomain, new: NewIdentity, console_log: Path, *,
+             helper: bool, timeout: float) -> None:
+    """A warm clone: its own hostname, keys, machine-id, SSH host key, clock and RNG.
+    With the helper, the clone started with `new` in its fw_cfg file: wait for the
+    helper's answer in the `console_log` file; otherwise run the script through the
+    agent. IdentityError with the guest's reason, or on `timeout` seconds of silence."""
     if helper:
-        _ask_helper(dom, hostname, keys, machine_id, seed, private, public, timeout)
+        _await_answer(console_log, new.nonce, timeout)
         return
+    private, public = new.host_key
     _script(dom, "set -e" + NEW_IDENTITY + PERSONALIZE,
-            [hostname, keys, f"{time.time():.3f}", private.decode().strip(), public,
-             machine_id, seed], timeout)
+            [new.hostname, new.keys, f"{time.time():.3f}", private.decode().strip(), public,
+             new.machine_id, new.seed.hex()], timeout)
 
 
-def _ask_helper(dom: libvirt.virDomain, hostname: str, keys: str, machine_id: str,
-                seed: str, private: bytes, public: str, timeout: float) -> None:
-    nonce = secrets.token_hex(8)
-    now = time.time()
-    fields = [nonce, str(int(now)), str(int(now % 1 * 1e6)), hostname.encode().hex(),
-              keys.encode().hex(), machine_id.encode().hex(), seed, private.hex(),
-              (public + "\n").encode().hex()]
-    agent.write_file(dom, FIFO, (" ".join(fields) + "\n").encode(), mode="a")
+def _await_answer(console_log: Path, nonce: str, timeout: float) -> None:
+    mark = f"ttstack-identity {nonce} ".encode()
+    text = b""  # the log from where the answer can start (the clone's log is its own)
 
     def answered() -> bool | None:
+        nonlocal text
         try:
-            answer = agent.read_file(dom, ANSWER).decode(errors="replace").strip()
-        except agent.AgentError:
+            with open(console_log, "rb") as f:
+                f.seek(len(text))
+                text += f.read()
+        except OSError:
             return None
-        if not answer.startswith(nonce + " "):
+        at = text.find(mark)
+        if at < 0 or b"\n" not in text[at:]:
             return None
-        if answer != f"{nonce} ok":
-            raise IdentityError(f"guest set-up failed: {answer.split(' ', 1)[1]}")
+        answer = text[at + len(mark):].split(b"\n", 1)[0].decode(errors="replace").strip()
+        if answer != "ok":
+            raise IdentityError(f"guest set-up failed: {answer.removeprefix('error: ')}")
         return True
 
     try:
-        wait_for(answered, timeout, interval=HELPER_POLL, what="guest set-up")
+        wait_for(answered, timeout, interval=ANSWER_POLL, what="guest set-up")
     except WaitTimeout:
         raise IdentityError(f"guest set-up: no answer from the helper in {timeout:.0f}s"
                             ) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import images, views
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # a warm clone's agent answers within a second; more means the clone is broken
 WARM_AGENT_TIMEOUT = 30.0
+IDENTITY_FILE = "identity.fwcfg"  # in the VM's directory: a warm clone's fw_cfg file
 
 
 def restricted(env: EnvRow, allow_outgoing: bool) -> bool:
@@ -50,18 +51,22 @@ class VMBooter:
     ssh_pubkey: str
     uid: int
     gid: int
+    # the last warm clone's restore, seconds: a clone's clock is set ahead by it
+    restore_seconds: float = field(default=0.3, init=False)
 
     def vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
                template: Template | None = None) -> str:
         """The VM's domain XML: its forwards, network, title and seed (vmspec); for a
-        clone of `template`, waiting for its saved state, its RAM the template's."""
+        clone of `template`, waiting for its saved state, its RAM the template's and its
+        identity in the fw_cfg file IDENTITY_FILE of its directory."""
         return self.renderer.render(
             vm.domain, image, vm.cpu, vm.mem_mib, disk, Path(vm.dir) / "console.log",
             template is not None, self.network.hostfwd(vm, self.cfg.forward_addr),
             restricted(env, self.cfg.allow_outgoing),
             f"ttstack {env.name}/{vm.idx}", user_net=self.network.name == "user",
             seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "",
-            memory_file=template.ram if template is not None else None)
+            memory_file=template.ram if template is not None else None,
+            identity_file=Path(vm.dir) / IDENTITY_FILE if template is not None else None)
 
     def unpublish(self, vm: VMRow) -> None:
         """Drop what the network publishes for the VM (errors are logged)."""
@@ -152,16 +157,24 @@ class VMBooter:
             return False
         overlay = Path(vm.dir) / "disk.qcow2"
         started = time.monotonic()
+        new = identity.NewIdentity.make(views.hostname(env.name, vm.idx), self._keys(env))
         try:  # a failure here is the template's: retire it
             storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
             crash_point("boot.overlay_created")
             if cancel.is_set():
                 raise RuntimeError("cancelled")
             self.db.set_vm(vm.id, state=BOOTING)
+            # the clock the clone gets: now, plus the time a restore takes (the guest's
+            # clock stood still while it was saved; it starts counting on resume)
+            identity.write_fw_cfg(Path(vm.dir) / IDENTITY_FILE,
+                                  new.fw_cfg_blob(time.time() + self.restore_seconds),
+                                  self.uid, self.gid)
+            resuming = time.monotonic()
             self.engine.start_from_memory(self.vm_xml(vm, image, env, overlay, template),
                                           template.state)
             crash_point("boot.domain_started")
             restored = time.monotonic()
+            self.restore_seconds = restored - resuming
             self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
                                    Path(vm.dir) / "console.log", cancel.is_set, interval=0.05)
         except Exception as exc:  # noqa: BLE001 - any failure: cold boot instead
@@ -172,7 +185,7 @@ class VMBooter:
             return False
         answered = time.monotonic()
         try:  # a failure here is the guest's or the host's load, not the template's
-            self._personalize(vm, env, warm_template=template)
+            self._personalize(vm, env, warm=(template, new))
         except Exception as exc:  # noqa: BLE001
             self._abandon_warm(vm, overlay)
             log.warning("warm clone of %s could not take its identity, booting cold: %s",
@@ -188,19 +201,24 @@ class VMBooter:
     def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
         self.engine.destroy(vm.domain)
         overlay.unlink(missing_ok=True)
+        (Path(vm.dir) / IDENTITY_FILE).unlink(missing_ok=True)
+
+    def _keys(self, env: EnvRow) -> str:
+        """The VM's authorized_keys: the server's key and the ENV's."""
+        return "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
 
     def _personalize(self, vm: VMRow, env: EnvRow,
-                     warm_template: Template | None = None) -> None:
+                     warm: tuple[Template, identity.NewIdentity] | None = None) -> None:
         """Give the VM its hostname and authorized keys (server key + the user's); a warm
-        clone also its own machine-id, SSH host key, clock and RNG (see guest/identity.py)."""
+        clone (of the template, started with the identity) also its own machine-id, SSH
+        host key, clock and RNG (see guest/identity.py)."""
         dom = self.engine.lookup(vm.domain)
-        keys = "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
-        hostname = views.hostname(env.name, vm.idx)
-        if warm_template is None:
-            identity.personalize(dom, hostname, keys)
+        if warm is None:
+            identity.personalize(dom, views.hostname(env.name, vm.idx), self._keys(env))
         else:  # many clones at once share the host's CPUs: the boot timeout applies
-            identity.take_new(dom, hostname, keys, helper=warm_template.helper,
-                              timeout=self.cfg.boot_timeout)
+            template, new = warm
+            identity.take_new(dom, new, Path(vm.dir) / "console.log",
+                              helper=template.helper, timeout=self.cfg.boot_timeout)
             if self.network.needs_new_lease(restricted(env, self.cfg.allow_outgoing)):
                 # the template's DHCP lease came from a restricted network, which
                 # announces no router: a clone allowed out needs a lease with one

@@ -71,8 +71,12 @@ class DomainSpec:
     # writes stay its own, copy-on-write)
     memory_file: str = ""
     memory_shared: bool = False
+    # a file the guest reads as fw_cfg entry IDENTITY_FW_CFG (warm templates and clones:
+    # guest/identity.py)
+    identity_file: str = ""
 
 
+IDENTITY_FW_CFG = "opt/org.ttstack/identity"  # QEMU asks for "opt/RFQDN/..." names
 RAM_BACKEND = "tt.ram"  # the id of the RAM backend of a memory_file (the RAM block's name)
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -150,6 +154,9 @@ def render(spec: DomainSpec) -> str:
         qemu_args += ["-object", f"memory-backend-file,id={RAM_BACKEND},size={spec.mem_mib}M,"
                                  f"mem-path={path},share={'on' if spec.memory_shared else 'off'}",
                       "-machine", f"memory-backend={RAM_BACKEND}"]
+    if spec.identity_file:
+        path = spec.identity_file.replace(",", ",,")
+        qemu_args += ["-fw_cfg", f"name={IDENTITY_FW_CFG},file={path}"]
     if spec.incoming:
         qemu_args += ["-incoming", "defer"]
     commandline = _sub(dom, f"{{{QEMU_NS}}}commandline")

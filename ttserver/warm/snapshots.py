@@ -40,6 +40,7 @@ from pathlib import Path
 from .. import images
 from ..guest import agent, identity
 from ..host import storage
+from ..vm import domainxml
 from ..vm.libvirt_domains import Engine
 from ..vm.spec import DomainRenderer
 
@@ -52,9 +53,10 @@ BUILD_NICE = 19  # template builds yield the CPU to everything else
 # marks a build complete
 BUILD_FILES = ("disk.qcow2", "memory.ram", "memory.bin", "meta.json")
 # how a build keeps the guest's memory; builds of another layout are rebuilt.
-# 2: RAM in memory.ram (mapped by clones), device state in memory.bin; 1 (no key): both
-# in memory.bin's migration stream
-LAYOUT = 2
+# 3: as 2, and the guest has the identity fw_cfg entry (guest/identity.py), which its
+# clones' command lines must repeat; 2: RAM in memory.ram (mapped by clones), device
+# state in memory.bin; 1 (no key): both in memory.bin's migration stream
+LAYOUT = 3
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class Templates:
         if meta.get("fingerprint") != image.digest():
             return "its image changed", meta
         if meta.get("layout", 1) != LAYOUT:
-            return "it keeps the guest's memory in an older layout", meta
+            return "it was saved in an older layout (RAM, identity channel)", meta
         if meta.get("helper") not in ("", identity.HELPER_ID):
             return "it was saved with another identity helper", meta
         accel = self.renderer.accel.for_arch(image.name.arch)
@@ -290,15 +292,19 @@ class Templates:
                 tpl = Template(work)
                 storage.create_overlay(image.disk, tpl.disk, None, self.uid, self.gid)
                 console = work / "console.log"
+                blank = work / "identity.fwcfg"  # its clones' files hold their identities
+                identity.write_fw_cfg(blank, bytes(identity.FW_CFG_SIZE), self.uid, self.gid)
                 self.engine.start(self.renderer.render(domain, image, cpu, mem_mib, tpl.disk,
                                                        console, False, memory_file=tpl.ram,
-                                                       memory_shared=True))
+                                                       memory_shared=True,
+                                                       identity_file=blank))
                 self.engine.renice(domain, BUILD_NICE)
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
                 dom = self.engine.lookup(domain)
                 helper = identity.HELPER_ID if identity.start_helper(
-                    dom, image.name.arch) else ""
+                    dom, image.name.arch, domainxml.ARCHES[image.name.arch]["console"]
+                ) else ""
                 agent.exec_argv(dom, ["/bin/sync"], timeout=60)
                 self.engine.save_memory(dom, tpl.state)
                 self.engine.destroy(domain)
