@@ -81,6 +81,11 @@ def test_missing_env_is_404_everywhere(server, cfg):
     ({"name": ""}, "ENV name"),
     ({"os_prefix": ["qemu:../../etc:x86_64"]}, "bad OS-VERSION"),  # 400, not 404
     ({"vm_number": 0}, "vm_number"),
+    # 500 VMs per ENV in all: 2 x 300 was refused only as "counts must add up to
+    # 1..64" when ttproxy split it, and 2 x 64 was taken here
+    ({"os_prefix": ["debian-12:x86_64", "debian-13:x86_64"], "vm_number": 300},
+     "an ENV holds at most 500 VMs; 300 per"
+     " image x 2 matched image(s) is 600"),
     ({"mem_size": "lots"}, "mem_size"),
     ({"life_time": 0}, "life_time"),
     ({"ports": [22]}, "22 is always"),

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from ttserver.host.bridge import Lease
+
 from helpers import ServerProcess, new_run_dir, veth_namespace, wait_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
@@ -110,6 +112,45 @@ def ssh_until_up(h: Host, port: int, cmd: str, timeout: float = 90) -> str:
             assert res.returncode == 0, res.stderr
             return res.stdout
         time.sleep(2)
+
+
+@pytest.mark.slow
+def test_a_warm_clone_on_the_bridge_takes_its_own_mac_and_lease(host: Host):
+    """Clones of a template (made on user networking) get their NIC plugged on their TAP
+    before the saved state loads, then take their own MAC and DHCP lease: each holds the
+    address on record and serves SSH, with its own host key, through its mapped port."""
+    h = host
+    deadline = time.monotonic() + 600
+    while not any(t["state"] == "ready" and t["key"].startswith("qemu:debian-12:") for t in
+                  requests.get(h.srv.url + "/status", timeout=10).json()["templates"]):
+        assert time.monotonic() < deadline, "no debian-12 template"
+        time.sleep(2)
+    resp = requests.post(h.srv.url + "/envs", json={"name": "warm", "os_prefix": ["debian-12"],
+                                                    "vm_number": 2}, timeout=30)
+    assert resp.status_code == 202, resp.text
+    env = wait_env(h.srv.url, "warm")
+    assert env["state"] == "running", env["error"]
+    assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"], h.srv.log_tail(60)
+    macs = run(h, "warm", "cat /sys/class/net/e*/address")
+    addrs = run(h, "warm", "ip -4 -o addr show scope global")
+    for vm, mac, addr in zip(env["vms"], macs, addrs, strict=True):
+        assert mac["stdout"].strip() == Lease.of(vm["id"], vm["address"]).mac, (vm, mac)
+        assert f"{vm['address']}/24" in addr["stdout"], addr  # the template's lease is gone
+        assert "10.0.2.15" not in addr["stdout"], addr
+        assert ssh_until_up(h, vm["ssh_port"], "hostname") == f"{vm['name']}\n"
+        served = subprocess.run(
+            ["ssh-keyscan", "-T", "20", "-t", "ed25519", "-p", str(vm["ssh_port"]), INNER],
+            capture_output=True, text=True, timeout=60).stdout.split()[2]
+        file = run(h, "warm", "cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub")
+        assert served in {r["stdout"].strip() for r in file}
+    assert len({r["stdout"] for r in run(h, "warm", "cut -d' ' -f2 "
+                                         "/etc/ssh/ssh_host_ed25519_key.pub")}) == 2
+    found = h.nft_elements()
+    assert {k: tuple(v) for k, v in found["forwards"].items()} == {
+        vm["ssh_port"]: (vm["address"], 22) for vm in env["vms"]}
+    assert requests.delete(h.srv.url + "/envs/warm", timeout=120).status_code == 200
+    assert h.nft_elements() == {"forwards": {}, "host_ports": [], "denied": []}
+    assert sorted(h.links()) == sorted(["lo", h.veth, h.bridge])  # no TAP left
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def test_cloud_image_vm_takes_its_identity_from_the_nocloud_seed(imported: Path)
                         "-f", str(imported / "user_key")], check=True, timeout=30)
         user_key = (imported / "user_key.pub").read_text().strip()
         resp = requests.post(srv.url + "/envs", json={"name": "cloud", "os_prefix": ["debcloud"],
-                                                      "ssh_keys": [user_key]}, timeout=30)
+                                                      "ssh_keys": [user_key], "warm": False},
+                             timeout=30)
         assert resp.status_code == 202, resp.text
         env = wait_env(srv.url, "cloud")
         assert env["state"] == "running", env["error"]
@@ -129,5 +131,51 @@ def test_cloud_image_vm_takes_its_identity_from_the_nocloud_seed(imported: Path)
         ports = [vm["ssh_port"] for vm in env["vms"]]
         assert requests.delete(srv.url + "/envs/cloud", timeout=120).status_code == 200
         assert leftovers(sid, imported / "state", ports) == NOTHING_LEFT
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_cloud_image_vms_are_warm_clones_of_a_template_cloud_init_finished(imported: Path):
+    """The server makes a cloud image's template by itself (booted with a seed of its own,
+    saved once cloud-init is done); its clones come up warm, each with its own identity
+    and the ENV's keys, and cloud-init reports done in them (nothing left to do)."""
+    srv = ServerProcess(imported / "warm-state", imported / "images",
+                        port_range="41200-41499", template_cache=None).start()
+    try:
+        sid = srv.server_id()
+        deadline = time.monotonic() + 900
+        key = f"{NAME}-1cpu-512m"
+        while True:
+            found = requests.get(srv.url + "/status", timeout=10).json()["templates"]
+            if any(t["key"] == key and t["state"] == "ready" for t in found):
+                break
+            assert not [t for t in found if t["state"] == "failed"], found
+            assert time.monotonic() < deadline, found
+            time.sleep(2)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "user@clone",
+                        "-f", str(imported / "clone_key")], check=True, timeout=30)
+        user_key = (imported / "clone_key.pub").read_text().strip()
+        resp = requests.post(srv.url + "/envs", json={"name": "clones", "vm_number": 2,
+                                                      "os_prefix": ["debcloud"],
+                                                      "ssh_keys": [user_key]}, timeout=30)
+        assert resp.status_code == 202, resp.text
+        env = wait_env(srv.url, "clones")
+        assert env["state"] == "running", env["error"]
+        assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
+        resp = requests.post(srv.url + "/envs/clones/run", json={
+            "cmd": "hostname; cat /etc/machine-id; cut -d' ' -f2 "
+                   "/etc/ssh/ssh_host_ed25519_key.pub; cloud-init status"}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        out = [r["stdout"].split() for r in resp.json()["results"]]
+        assert [o[0] for o in out] == ["clones-0", "clones-1"], out
+        assert len({o[1] for o in out}) == 2 and len({o[2] for o in out}) == 2, out
+        assert all(o[3:] == ["status:", "done"] for o in out), out
+        resp = requests.post(srv.url + "/envs/clones/run", json={
+            "cmd": "cat /root/.ssh/authorized_keys", "use_ssh": True}, timeout=120)
+        assert all(user_key in r["stdout"] for r in resp.json()["results"]), resp.text
+        ports = [vm["ssh_port"] for vm in env["vms"]]
+        assert requests.delete(srv.url + "/envs/clones", timeout=120).status_code == 200
+        assert leftovers(sid, imported / "warm-state", ports) == NOTHING_LEFT
     finally:
         srv.stop()

@@ -94,3 +94,16 @@ def test_an_identity_file_is_a_fw_cfg_entry():
     given = args(identity_file="/v/a,b/identity.fwcfg", incoming=True)
     assert given[given.index("-fw_cfg") + 1] == (
         "name=opt/org.ttstack/identity,file=/v/a,,b/identity.fwcfg")
+
+
+def test_a_clone_without_a_nic_still_has_a_user_network_stack_to_load():
+    """Bridge-mode clones get their NIC over QMP, but their template's state has a
+    section for QEMU's user network ("slirp"): loading failed without one."""
+    def args(**kw):
+        return [a.get("value") for a in ET.fromstring(render(spec(**kw))).find(
+            f"{QEMU_NS}commandline")]
+
+    clone = args(netdev="", incoming=True)
+    assert clone[clone.index("-netdev") + 1] == "user,id=ttslirp,restrict=on"
+    assert "-device" not in clone
+    assert "-netdev" not in args(netdev="")  # a cold bridge boot: nothing

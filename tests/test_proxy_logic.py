@@ -150,9 +150,9 @@ class FakeServer:
         self.listed = 0
         status = {"cpu_total": 4, "cpu_used": 0, "mem_total_mib": 4096, "mem_used_mib": 0,
                   "disk_total_mib": 40960, "disk_used_mib": 0, "env_count": 0,
-                  "images": [{"name": "qemu:debian-12:x86_64", "os": "debian-12",
+                  "images": [{"name": f"qemu:debian-{v}:x86_64", "os": f"debian-{v}",
                               "arch": "x86_64", "engine": "qemu", "size_mib": 1024,
-                              "warnings": []}]}
+                              "warnings": []} for v in (12, 13)]}
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
@@ -222,6 +222,28 @@ def test_a_create_that_timed_out_is_rolled_back_or_said_to_be_left(delete_status
             assert "nothing was left" not in message, message
             assert f"may be left on {fake.address}" in message, message
             assert "tt env del slow" in message, message
+    finally:
+        fake.close()
+
+
+def test_an_env_over_the_servers_vm_limit_is_refused_before_any_server_is_asked():
+    """The proxy counts an ENV's VMs as the server does (vm_number per matched image, 500
+    in all): it used to place 2 x 300 VMs and hand a server a part it then refused."""
+    from ttproxy.proxy import Proxy, ProxyError
+    from ttproxy.servers import ServerSet
+
+    fake = FakeServer(post_delay=0, delete_status=200)
+    servers = ServerSet([fake.address], request_timeout=5)
+    try:
+        servers.get(fake.address).up = True
+        with pytest.raises(ProxyError) as info:
+            Proxy(servers).create({"name": "big", "os_prefix": ["debian"], "vm_number": 300,
+                                   "cpu_num": 1, "mem_size": 128, "disk_size": None})
+        assert info.value.status == 400
+        assert str(info.value) == (
+            "an ENV holds at most 500 VMs; 300 per image x 2 matched image(s) is 600: "
+            "lower vm_number or match fewer images")
+        assert fake.posted == []
     finally:
         fake.close()
 

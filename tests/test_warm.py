@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ServerProcess, leftovers, new_run_dir, wait_env
+from helpers import IMAGE_PATH, ServerProcess, leftovers, new_run_dir, wait_env
 
 pytestmark = pytest.mark.vm
 KEY = "qemu:debian-12:x86_64-1cpu-512m"
@@ -201,3 +202,33 @@ def test_a_broken_template_falls_back_to_a_cold_boot(warm_server):
     # retired (marked), or already collected: no VM disk is a clone of it
     retired = run_dir / "state" / "templates" / tpl["build"]
     assert (retired / "retired").is_file() or not retired.exists()
+
+
+@pytest.mark.slow
+def test_a_template_whose_image_changed_is_rebuilt(warm_server):
+    """A template saved from an image that was replaced since serves no clone (its disk
+    and memory are the old image's): the next VM boots cold, the server builds a new
+    template in the background, and the VMs after it are clones of that one."""
+    _, run_dir = warm_server
+    images = run_dir / "images"
+    shutil.copytree(IMAGE_PATH / "qemu:debian-12:x86_64", images / "qemu:debian-12:x86_64")
+    srv = ServerProcess(run_dir / "changed", images, port_range="42500-42999",
+                        template_cache=None).start()
+    try:
+        old = wait_template(srv)  # built at start, unasked
+        assert create(srv, "before")["vms"][0]["boot_mode"] == "warm"
+        assert requests.delete(srv.url + "/envs/before", timeout=120).status_code == 200
+        initrd = images / "qemu:debian-12:x86_64" / "initrd.img"  # "replaced": newer mtime
+        os.utime(initrd, ns=(initrd.stat().st_atime_ns, initrd.stat().st_mtime_ns + 10**9))
+        assert create(srv, "after")["vms"][0]["boot_mode"] == "cold"
+        assert f"retiring template {old['build']}: its image changed" in srv.log.read_text()
+        assert requests.delete(srv.url + "/envs/after", timeout=120).status_code == 200
+        deadline = time.monotonic() + 600
+        while not [t for t in templates(srv) if t["key"] == KEY and t["state"] == "ready"
+                   and t["build"] != old["build"]]:
+            assert time.monotonic() < deadline, templates(srv)
+            time.sleep(2)
+        assert create(srv, "rebuilt")["vms"][0]["boot_mode"] == "warm"
+        assert requests.delete(srv.url + "/envs/rebuilt", timeout=120).status_code == 200
+    finally:
+        srv.stop()

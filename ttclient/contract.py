@@ -70,13 +70,31 @@ class ServiceError(Exception):
         return str(self.args[0])
 
 
+# VMs one ENV may hold, in all (vm_number per image times the images matched), as the
+# original TTstack allowed; below it the server's CPU, memory, disk and port pool decide.
+# ttserver and ttproxy check it with the same words (env_size_error).
+MAX_VMS_PER_ENV = 500
+
+
+def env_size_error(vm_number: int, images: int) -> str:
+    """"" when `vm_number` VMs of each of `images` images fit in one ENV, else the
+    message saying what to change."""
+    if vm_number * images <= MAX_VMS_PER_ENV:
+        return ""
+    return (f"an ENV holds at most {MAX_VMS_PER_ENV} VMs; {vm_number} per image x "
+            f"{images} matched image(s) is {vm_number * images}: lower vm_number or "
+            "match fewer images")
+
+
 class EnvCreate(BaseModel):
     """Body of POST /envs; `mem_size` and `disk_size` come out as MiB ints, `os_prefix`
     split into single prefixes."""
 
     name: str = Field(description="ENV name: 1-40 of [A-Za-z0-9_-]")
     os_prefix: list[str] = Field(description="OS prefixes, e.g. ['deb', 'debian-12:aarch64']")
-    vm_number: int = Field(1, ge=1, le=64, description="VMs per matched image")
+    vm_number: int = Field(1, ge=1, le=MAX_VMS_PER_ENV,
+                           description=f"VMs per matched image; {MAX_VMS_PER_ENV} in all "
+                                       "at most")
     cpu_num: int = Field(1, ge=1, le=64)
     mem_size: int | str = Field(512, description="MiB, or a size like '1G'")
     disk_size: int | str | None = Field(None, description="MiB or '4G'; grows the clone")

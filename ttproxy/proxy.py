@@ -19,7 +19,7 @@ from functools import partial
 from typing import TypeVar
 
 from ttclient.api import ApiError, Client
-from ttclient.contract import ServiceError
+from ttclient.contract import ServiceError, env_size_error
 from ttclient.imagenames import (
     ImageNameError,
     NoMatchingImage,
@@ -265,6 +265,8 @@ class Proxy:
                 raise ProxyError(str(exc), 404) from exc
             except ImageNameError as exc:
                 raise ProxyError(str(exc), 400) from exc
+            if error := env_size_error(body.get("vm_number", 1), len(chosen)):
+                raise ProxyError(error, 400)  # each server's part is smaller: say it here
             try:
                 plan = place(chosen, body.get("vm_number", 1), body.get("cpu_num", 1),
                              int(body["mem_size"]), body.get("disk_size"), caps)

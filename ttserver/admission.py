@@ -12,6 +12,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttclient.contract import MAX_VMS_PER_ENV, env_size_error
+
 from . import images
 from .config import ServerConfig
 from .db import EnvRow, VMRow
@@ -20,7 +22,6 @@ from .states import PENDING
 from .vm import domainxml
 
 ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")  # fullmatch: "$" lets "\n" through
-MAX_VMS_PER_ENV = 64
 # authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
 # (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
 MAX_SSH_KEYS_BYTES = 32 << 10
@@ -75,6 +76,8 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     unsupported = [i.name.full for i in chosen if i.name.arch not in domainxml.ARCHES]
     if unsupported:
         raise BadRequest(f"no engine support for {', '.join(unsupported)}")
+    if req.counts is None and (error := env_size_error(req.vm_number, len(chosen))):
+        raise BadRequest(error)
     if req.counts is not None:
         extra = sorted(set(req.counts) - {i.name.full for i in chosen})
         if extra:

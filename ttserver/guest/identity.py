@@ -308,3 +308,32 @@ def renew_lease(dom: libvirt.virDomain, timeout: float) -> None:
     router only when not restricted, and the template was made restricted) and wait for
     its default route; IdentityError when none comes."""
     _script(dom, RENEW_LEASE, [], timeout)
+
+
+# bridge mode: the clone's NIC still answers to the template's MAC (the guest driver read
+# it when the template booted; the saved device state carries it too). Each link goes
+# down, takes the lease's MAC and comes up: systemd-networkd drops the template's lease
+# with the carrier and asks again (`networkctl renew` needs D-Bus, which the images
+# lack); where networkd does not run (ifupdown on cloud images), dhclient is asked. The
+# bridge's DHCP server knows the VM by that MAC; network.wait_ready then waits for the
+# address. (Not tested on an ifupdown image on a bridge.)
+TAKE_MAC = """set -e
+for link in /sys/class/net/*; do
+    name=${link##*/}
+    [ "$name" = lo ] && continue
+    ip link set dev "$name" down
+    ip link set dev "$name" address "$1"
+    ip link set dev "$name" up
+    if ! systemctl -q is-active systemd-networkd 2>/dev/null && command -v dhclient >/dev/null
+    then
+        ip -4 addr flush dev "$name"
+        dhclient -nw "$name"
+    fi
+done
+"""
+
+
+def take_mac(dom: libvirt.virDomain, mac: str, timeout: float) -> None:
+    """A warm clone on a bridge: its own MAC (`mac`, aa:bb:...) and a new DHCP lease
+    asked for; IdentityError."""
+    _script(dom, TAKE_MAC, [mac], timeout)

@@ -73,10 +73,10 @@ class VMBooter:
         self.network.unpublish(vm)
 
     def _wants_warm(self, env: EnvRow) -> bool:
-        """Whether the ENV's new VMs start from templates: never in bridge mode (a saved
-        guest's NIC and MAC would be its template's) or with --no-warm-clones (an ENV's
-        `warm: true` must not make a server keep templates its operator turned off);
-        else as the ENV asks, by default yes."""
+        """Whether the ENV's new VMs start from templates: never with --no-warm-clones
+        (an ENV's `warm: true` must not make a server keep templates its operator turned
+        off) or a network variant that cannot clone; else as the ENV asks, by default
+        yes."""
         if not self.network.warm_clones or not self.cfg.warm_clones:
             return False
         return env.spec.get("warm") is not False
@@ -95,6 +95,11 @@ class VMBooter:
             overlay = vm_dir / "disk.qcow2"
             if fresh:
                 storage.make_vm_dir(vm_dir, self.uid, self.gid)
+                if image.cloud_init:  # a clone has one too: its template's device, and
+                    # cloud-init's per-instance run if the clone ever boots again
+                    cloudseed.make_seed(vm_dir, vm.id, views.hostname(env.name, vm.idx),
+                                        [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
+                                        self.uid, self.gid)
                 if self._wants_warm(env) and self._boot_warm(vm, image, env, cancel):
                     return ""
                 if cancel.is_set():  # a warm clone given up because of it: no cold boot
@@ -105,10 +110,6 @@ class VMBooter:
                     self.clones.clone(base, vm_dir, grow, self.uid, self.gid)
                 else:
                     storage.create_overlay(image.disk, overlay, grow, self.uid, self.gid)
-                if image.cloud_init:
-                    cloudseed.make_seed(vm_dir, vm.id, views.hostname(env.name, vm.idx),
-                                        [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
-                                        self.uid, self.gid)
                 crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
@@ -147,10 +148,8 @@ class VMBooter:
                    cancel: threading.Event) -> bool:
         """Start the VM from its image's template; False (and a cold boot) when there is
         none yet (one gets built in the background), the disk must grow, or it fails."""
-        if vm.disk_mib > image.size_mib or image.cloud_init:
-            # the saved guest knows its disk's size; growing needs a boot. Cloud images
-            # run cloud-init on their first boot, which a template would have used up.
-            return False
+        if vm.disk_mib > image.size_mib:  # the saved guest knows its disk's size;
+            return False                    # growing needs a boot
         template = self.templates.ready(image, vm.cpu, vm.mem_mib)
         if template is None:
             self.templates.request(image, vm.cpu, vm.mem_mib)
@@ -170,8 +169,10 @@ class VMBooter:
                                   new.fw_cfg_blob(time.time() + self.restore_seconds),
                                   self.uid, self.gid)
             resuming = time.monotonic()
-            self.engine.start_from_memory(self.vm_xml(vm, image, env, overlay, template),
-                                          template.state)
+            self.network.start_clone(vm, self.vm_xml(vm, image, env, overlay, template),
+                                     template.state,
+                                     domainxml.ARCHES[image.name.arch]["nic_slot"],
+                                     bool(env.spec.get("deny_outgoing")))
             crash_point("boot.domain_started")
             restored = time.monotonic()
             self.restore_seconds = restored - resuming
@@ -186,6 +187,8 @@ class VMBooter:
         answered = time.monotonic()
         try:  # a failure here is the guest's or the host's load, not the template's
             self._personalize(vm, env, warm=(template, new))
+            self.network.wait_ready(vm, self.cfg.boot_timeout, Path(vm.dir) / "console.log",
+                                    cancel)
         except Exception as exc:  # noqa: BLE001
             self._abandon_warm(vm, overlay)
             log.warning("warm clone of %s could not take its identity, booting cold: %s",
@@ -200,6 +203,7 @@ class VMBooter:
 
     def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
         self.engine.destroy(vm.domain)
+        self.network.unpublish(vm)  # the cold boot publishes again
         overlay.unlink(missing_ok=True)
         (Path(vm.dir) / IDENTITY_FILE).unlink(missing_ok=True)
 
@@ -219,7 +223,5 @@ class VMBooter:
             template, new = warm
             identity.take_new(dom, new, Path(vm.dir) / "console.log",
                               helper=template.helper, timeout=self.cfg.boot_timeout)
-            if self.network.needs_new_lease(restricted(env, self.cfg.allow_outgoing)):
-                # the template's DHCP lease came from a restricted network, which
-                # announces no router: a clone allowed out needs a lease with one
-                identity.renew_lease(dom, timeout=self.cfg.boot_timeout)
+            self.network.adopt(vm, dom, restricted(env, self.cfg.allow_outgoing),
+                               timeout=self.cfg.boot_timeout)

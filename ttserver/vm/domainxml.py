@@ -18,6 +18,7 @@ from typing import TypedDict
 # the guest NIC's netdev id: in -netdev (user networking), in QMP netdev_add (bridge mode's
 # TAP) and in HMP hostfwd_add/remove on a running VM
 NETDEV_ID = "ttnet0"
+SLIRP_STUB_ID = "ttslirp"
 
 
 class Arch(TypedDict):
@@ -143,6 +144,11 @@ def render(spec: DomainSpec) -> str:
     slot = "".join(f",{k}={v}" for k, v in arch["nic_slot"].items())
     qemu_args = (["-netdev", spec.netdev, "-device", f"virtio-net-pci,netdev={NETDEV_ID}{slot}"]
                  if spec.netdev else [])
+    if not spec.netdev and spec.incoming:
+        # a clone whose NIC is plugged later (bridge mode) of a template made on user
+        # networking: the saved state has a section for QEMU's user-network stack
+        # ("slirp"), which must exist to load it; this one has no device and no use
+        qemu_args += ["-netdev", f"user,id={SLIRP_STUB_ID},restrict=on"]
     if spec.arch == "aarch64" and spec.accel == "tcg":
         # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
         qemu_args += ["-cpu", "max,pauth-impdef=on"]

@@ -192,12 +192,17 @@ class Engine:
         self.qmp(dom, "migrate", {"uri": "fd:ttsave"})
         self._migration(dom, "saving the VM's memory")
 
-    def start_from_memory(self, xml: str, path: Path) -> libvirt.virDomain:
+    def start_from_memory(self, xml: str, path: Path,
+                          before_load: Callable[[libvirt.virDomain], None] | None = None
+                          ) -> libvirt.virDomain:
         """Start a domain (its XML must pass `-incoming defer` and map the template's RAM
         file privately) from a saved device state: the RAM is not read, it is the
-        file's pages, copied on a write only."""
+        file's pages, copied on a write only. `before_load(dom)` runs while the domain
+        waits for the state (e.g. to plug a NIC the saved guest had)."""
         dom = self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
         try:
+            if before_load is not None:
+                before_load(dom)
             self._ignore_shared(dom)
             self._hand_file(dom, path, os.O_RDONLY, "ttload")
             self.qmp(dom, "migrate-incoming", {"uri": "fd:ttload"})

@@ -7,8 +7,11 @@
   restricted network, which announces no router).
 - `BridgedNetwork` (`bridge`): a TAP per VM on a host bridge. The domain starts paused so
   its NIC is plugged and its ports (nftables DNAT elements) and DHCP lease (dnsmasq) are
-  published before the guest looks; a VM is running once it holds its address. VMs boot
-  cold: a saved guest's NIC and MAC would be its template's.
+  published before the guest looks; a VM is running once it holds its address. A warm
+  clone gets its NIC the same way, plugged where its template's was before the saved
+  state loads (templates are made on user networking); the restored guest still uses the
+  template's MAC and lease, so after its identity it takes its own MAC and renews its
+  lease (the bridge's anti-spoofing rules drop what it sends before).
 
 Both map ports the one way everything does (`PortMap`: guest port -> host port).
 """
@@ -22,11 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import libvirt
+
 from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
 
 from ..config import ServerConfig
 from ..db import VMRow
-from ..guest import agent
+from ..guest import agent, identity
 from ..guest.transport import GuestError
 from ..host.bridge import BridgeNetwork, Lease, NetworkError
 from ..host.local_guard import LocalAddressGuard
@@ -81,8 +86,15 @@ class VMNetwork(Protocol):
                    cancel: threading.Event) -> None:
         """After the agent answers: until the guest's network is usable; BootTimeout."""
 
-    def needs_new_lease(self, restricted: bool) -> bool:
-        """Whether a warm clone must renew its DHCP lease (not `restricted`: allowed out)."""
+    def start_clone(self, vm: VMRow, xml: str, state: Path, nic_slot: dict,
+                    deny_outgoing: bool) -> None:
+        """Start a warm clone's domain (`xml` waits for a saved state) from the template's
+        device `state`, with its network in place, and resume it."""
+
+    def adopt(self, vm: VMRow, dom: libvirt.virDomain, restricted: bool,
+              timeout: float) -> None:
+        """A warm clone after its identity: make the template's network configuration
+        the clone's own (`restricted`: no outgoing traffic); IdentityError."""
 
     def unpublish(self, vm: VMRow) -> None:
         """At teardown or stop: drop what the host publishes for the VM (errors logged)."""
@@ -132,8 +144,14 @@ class UserNetwork:
                    cancel: threading.Event) -> None:
         return None
 
-    def needs_new_lease(self, restricted: bool) -> bool:
-        return not restricted
+    def start_clone(self, vm: VMRow, xml: str, state: Path, nic_slot: dict,
+                    deny_outgoing: bool) -> None:
+        self.engine.start_from_memory(xml, state)
+
+    def adopt(self, vm: VMRow, dom: libvirt.virDomain, restricted: bool,
+              timeout: float) -> None:
+        if not restricted:  # the template's lease came from a restricted network, which
+            identity.renew_lease(dom, timeout)  # announces no router: one with a router
 
     def unpublish(self, vm: VMRow) -> None:
         return None
@@ -152,7 +170,7 @@ class BridgedNetwork:
     """A TAP per VM on a host bridge (see the module docstring)."""
 
     name = "bridge"
-    warm_clones = False
+    warm_clones = True
 
     def __init__(self, engine: Engine, bridge: BridgeNetwork) -> None:
         self.engine = engine
@@ -179,6 +197,17 @@ class BridgedNetwork:
 
     def start_domain(self, vm: VMRow, xml: str, nic_slot: dict, deny_outgoing: bool) -> None:
         dom = self.engine.start(xml, paused=True)
+        self._plug(vm, dom, nic_slot, deny_outgoing)
+        dom.resume()
+
+    def start_clone(self, vm: VMRow, xml: str, state: Path, nic_slot: dict,
+                    deny_outgoing: bool) -> None:
+        self.engine.start_from_memory(
+            xml, state, before_load=lambda dom: self._plug(vm, dom, nic_slot, deny_outgoing))
+
+    def _plug(self, vm: VMRow, dom: libvirt.virDomain, nic_slot: dict,
+              deny_outgoing: bool) -> None:
+        """A paused domain's NIC on the VM's TAP; its ports and lease published."""
         nic = lease(vm)
         fd = self.bridge.open_tap(nic)
         try:
@@ -186,7 +215,10 @@ class BridgedNetwork:
         finally:
             os.close(fd)
         self.bridge.publish(nic, port_map(vm), deny_outgoing)
-        dom.resume()
+
+    def adopt(self, vm: VMRow, dom: libvirt.virDomain, restricted: bool,
+              timeout: float) -> None:
+        identity.take_mac(dom, lease(vm).mac, timeout)
 
     def wait_ready(self, vm: VMRow, timeout: float, console: Path,
                    cancel: threading.Event) -> None:
@@ -210,9 +242,6 @@ class BridgedNetwork:
             raise BootTimeout(f"VM {vm.domain}: boot cancelled (ENV deleted)") from None
         except WaitTimeout as exc:
             raise BootTimeout(f"{exc}; console tail:\n{console_tail(console)}") from None
-
-    def needs_new_lease(self, restricted: bool) -> bool:
-        return False
 
     def unpublish(self, vm: VMRow) -> None:
         if not vm.net_addr:

@@ -4,7 +4,7 @@ A template is a qcow2 overlay on the image ("frozen" once saved: read-only from 
 plus the VM's memory and device state, written by QEMU's migration stream once the guest
 agent answered. A warm clone is a new overlay on the frozen disk and a QEMU started from
 that state: the guest is up in about a second instead of 30–50 under TCG. The clone then
-gets its own identity (hostname, machine-id, SSH host key, clock) through the agent.
+gets its own identity (hostname, machine-id, SSH host key, clock; guest/identity.py).
 
 The template of each image's default shape (DEFAULT_SHAPE: what an ENV gets when it asks
 for no size) is built in the background when the server starts and whenever an image
@@ -12,6 +12,12 @@ appears or changes, one build at a time, its QEMU at the lowest CPU priority (ni
 that it never slows a create down; other shapes are built the first time an ENV asks for
 one (those first VMs boot cold). Templates are rebuilt when the image's files change, and
 retired — with a logged reason, the VM booting cold instead — when a clone from one fails.
+
+Imported cloud images get templates too: the template boots with a NoCloud seed of its
+own and is saved only once cloud-init finished (`cloud-init status --wait`), so clones do
+not repeat its first-boot work; each clone has a seed disk of its own at the same place
+(its own instance-id: should it ever boot again, cloud-init sees a new instance) and
+takes its identity from the helper like any clone.
 
 A template cache (`--template-cache DIR`) shares builds between servers on one host (and
 between the short-lived servers of a test suite): a finished build is published there as
@@ -37,8 +43,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import libvirt
+
 from .. import images
-from ..guest import agent, identity
+from ..guest import agent, cloudseed, identity
 from ..host import storage
 from ..vm import domainxml
 from ..vm.libvirt_domains import Engine
@@ -89,6 +97,16 @@ def _link_build(src: Path, dst: Path) -> None:
     """Hard-link a finished build's files from `src` into the directory `dst`."""
     for name in BUILD_FILES:
         os.link(src / name, dst / name)
+
+
+def cloud_init_done(dom: libvirt.virDomain, timeout: float) -> None:
+    """Wait until cloud-init finished its first boot in a template of a cloud image
+    (`cloud-init status --wait`: 0 done, 2 done with recoverable errors); RuntimeError
+    with its report otherwise."""
+    res = agent.exec_argv(dom, ["cloud-init", "status", "--wait", "--long"], timeout=timeout)
+    if res.exit_code not in (0, 2):
+        raise RuntimeError(f"cloud-init did not finish in the template ({res.exit_code}): "
+                           f"{(res.stdout + res.stderr).strip()[-500:]}")
 
 
 class Templates:
@@ -221,13 +239,10 @@ class Templates:
 
     def keep_warm(self, imgs: list[images.Image]) -> None:
         """Build, in the background, the default-shape template of every image in `imgs`
-        that has none; an image whose build failed is tried again once its files change.
-        Images that take their identity from cloud-init are never cloned warm."""
+        that has none; an image whose build failed is tried again once its files change."""
         cpu, mem_mib = DEFAULT_SHAPE
         for image in imgs:
             key = self.key(image, cpu, mem_mib)
-            if image.cloud_init:
-                continue
             with self._lock:
                 if key in self._building or self._failed_prints.get(key) == image.digest():
                     continue
@@ -294,14 +309,19 @@ class Templates:
                 console = work / "console.log"
                 blank = work / "identity.fwcfg"  # its clones' files hold their identities
                 identity.write_fw_cfg(blank, bytes(identity.FW_CFG_SIZE), self.uid, self.gid)
+                seed = (cloudseed.make_seed(work, f"tt-template-{key}", "tt-template", [],
+                                            self.uid, self.gid) if image.cloud_init else None)
                 self.engine.start(self.renderer.render(domain, image, cpu, mem_mib, tpl.disk,
                                                        console, False, memory_file=tpl.ram,
                                                        memory_shared=True,
-                                                       identity_file=blank))
+                                                       identity_file=blank,
+                                                       seed=str(seed or "")))
                 self.engine.renice(domain, BUILD_NICE)
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
                 dom = self.engine.lookup(domain)
+                if image.cloud_init:  # its first boot's work done, not left to each clone
+                    cloud_init_done(dom, self.boot_timeout)
                 helper = identity.HELPER_ID if identity.start_helper(
                     dom, image.name.arch, domainxml.ARCHES[image.name.arch]["console"]
                 ) else ""
