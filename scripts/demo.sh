@@ -27,7 +27,7 @@ for _ in $(seq 1 60); do tt --server "127.0.0.1:$PORT" status >/dev/null 2>&1 &&
 
 set -x
 tt config --serv-addr 127.0.0.1 --serv-port "$PORT"
-tt status --server
+tt status --remote
 tt env add demo --os-prefix=debian-12,debian-13
 tt env list
 tt env run demo --cmd 'uname -m; grep PRETTY_NAME /etc/os-release'

@@ -138,7 +138,7 @@ def test_views_name_vms_and_show_outgoing():
 @pytest.mark.parametrize(("server_warm", "env_warm", "network", "wanted"), [
     ("warm", None, "user", True), ("warm", False, "user", False), ("warm", True, "user", True),
     ("cold", None, "user", False), ("cold", True, "user", False),  # was True: a template kept
-    ("warm", True, "bridge", False),
+    ("warm", None, "bridge", True), ("cold", None, "bridge", False),  # bridge: decision 68
 ])
 def test_which_envs_boot_warm(server_warm, env_warm, network, wanted):
     from ttserver.vm.boot import VMBooter

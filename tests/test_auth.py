@@ -70,7 +70,7 @@ def test_requests_without_a_valid_token_are_refused(secured):
         assert resp.headers["WWW-Authenticate"] == "Bearer"
     resp = requests.get(srv.url + "/status", headers=h(tokens["alice"] + "x"), timeout=10)
     assert resp.status_code == 401 and "not accepted" in resp.json()["detail"]
-    res = tt(srv.address, "status", "--server")
+    res = tt(srv.address, "status", "--remote")
     assert res.returncode == 1 and "needs an API token" in res.stderr
 
 
@@ -282,7 +282,7 @@ def test_client_keeps_its_token_private(secured, tmp_path: Path):
     assert res.returncode == 0, res.stderr
     assert tokens["alice"] not in res.stdout + res.stderr
     assert oct(config.stat().st_mode & 0o777) == "0o600"
-    res = tt(None, "status", "--server", config=str(config))
+    res = tt(None, "status", "--remote", config=str(config))
     assert res.returncode == 0 and "accel=" in res.stdout, res.stderr
 
 

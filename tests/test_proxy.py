@@ -71,7 +71,7 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
     a, b, c = servers
     ids = {s.address: s.server_id() for s in servers}
 
-    st = json.loads(tt(proxy.address, "status", "--server", "--json").stdout)
+    st = json.loads(tt(proxy.address, "status", "--remote", "--json").stdout)
     assert [r["health"] for r in st["servers"]] == ["up"] * 3 and st["cpu_total"] == 3
 
     res = tt(proxy.address, "env", "add", "nope", "--os-prefix", "fedora")
@@ -111,7 +111,7 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
                       ["servers"] if r["address"] == victim.address and r["health"] == "down"],
              10, "the proxy to notice the dead server")
     assert time.monotonic() - killed_at < 10
-    res = tt(proxy.address, "status", "--server")
+    res = tt(proxy.address, "status", "--remote")
     assert f"{victim.address}  down" in res.stdout
     env = env_of(proxy, "span")
     assert env["state"] == "degraded" and f"server {victim.address} is down" in env["error"]
@@ -185,7 +185,7 @@ def test_proxy_with_no_server_up_and_bad_input_gives_clear_errors(tmp_path: Path
     try:
         st = requests.get(proxy.url + "/status", timeout=10).json()
         assert st["servers"][0]["health"] == "down" and st["servers_up"] == 0
-        res = tt(proxy.address, "status", "--server")
+        res = tt(proxy.address, "status", "--remote")
         assert f"{dead}  down" in res.stdout
         resp = requests.post(proxy.url + "/envs", json={"name": "x", "os_prefix": ["deb"]},
                              timeout=10)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from . import config as cfgmod
 from .config import owner
@@ -22,6 +24,16 @@ TRANSIENT_STATES = ("creating", "starting")
 # seconds a run's answer may take beyond its own timeout: the server waits up to 120 s
 # for the agent of a rebooting guest and up to 60 s for sshd in a fresh one
 RUN_SLACK = 240
+
+# What `Client(retry=True)` repeats: calls that are safe to repeat (GET, HEAD, DELETE)
+# when the server could not be reached or answered 502/503/504, as while it restarts for
+# an upgrade; never one whose answer was lost on the way (read=0: it may have acted).
+# Waits 0.5, 1, 2, 4 s between tries (7.5 s in all; an unreachable server is reported
+# after them).
+RETRY = Retry(total=4, connect=4, read=0, status=4, backoff_factor=0.5,
+              status_forcelist=(502, 503, 504), allowed_methods=("GET", "HEAD", "DELETE"),
+              raise_on_status=False)
+
 
 class ApiError(RuntimeError):
     """A failed API call: the server's message (or why it could not be reached), and
@@ -53,13 +65,17 @@ def changed_vms(view: dict, seen: dict[str, str]) -> list[dict]:
 
 class Client:
     """The API of one ttserver or ttproxy at `base_url`; `token` (default: $TT_TOKEN or the
-    config file) is sent as a bearer token. Every call raises ApiError on failure."""
+    config file) is sent as a bearer token; `retry`: repeat what RETRY says. Every call
+    raises ApiError on failure."""
 
     def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
-                 token: str | None | object = FROM_CONFIG) -> None:
+                 token: str | None | object = FROM_CONFIG, retry: bool = False) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if retry:  # `tt`: a server restart during an upgrade must not end a waiting run
+            for scheme in ("http://", "https://"):
+                self.session.mount(scheme, HTTPAdapter(max_retries=RETRY))
         if token is FROM_CONFIG:
             try:
                 token = cfgmod.load().token

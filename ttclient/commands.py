@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import io
 import json
+import shlex
 import sys
+import tarfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,11 +27,13 @@ class CliError(Exception):
     pass
 
 
-def _client(args: argparse.Namespace) -> Client:
+def client_for(args: argparse.Namespace) -> Client:
+    """The API client `tt` uses: the configured server (or --server), with retries of
+    the calls that are safe to repeat (api.RETRY)."""
     cfg = cfgmod.load()
     if getattr(args, "server", None):
         cfg.serv_addr, cfg.serv_port = cfgmod.parse_server(args.server)
-    return Client(cfg.base_url, token=cfg.token or None)
+    return Client(cfg.base_url, token=cfg.token or None, retry=True)
 
 
 def _print_json(data: object) -> None:
@@ -70,7 +77,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """`tt status`: the client's version, its server and the ENVs it sees, or with --server
     the server's resources, images and warm templates; 0."""
-    client = _client(args)
+    client = client_for(args)
     if not args.server_info:
         envs = client.list_envs()
         info = {"client_version": __version__, "server": client.base_url,
@@ -102,6 +109,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     templates = [t for row in rows for t in row.get("templates", [])]
     if templates:
         print("warm templates: " + ", ".join(f"{t['key']} ({t['state']})" for t in templates))
+    return 0
+
+
+def image_rows(status: dict) -> list[dict]:
+    """Images as `tt image list` shows them, from a /status answer: name, os, arch,
+    engine, size_mib, and `template`: the state of its default-shape warm template
+    (ready, building, failed) or "none"."""
+    rows = status.get("servers") or [status]  # through ttproxy: a row per server
+    templates: dict[str, str] = {}
+    for row in rows:
+        for t in row.get("templates", []):
+            image = t["key"].rsplit("-", 2)[0]  # KEY is IMAGE-NCPU-MEMm
+            if templates.get(image) != "ready":
+                templates[image] = t["state"]
+    return [{"name": i["name"], "os": i["os"], "arch": i["arch"], "engine": i["engine"],
+             "size_mib": i["size_mib"], "template": templates.get(i["name"], "none")}
+            for i in status.get("images", [])]
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    """`tt image list`: the server's images (see image_rows); 0."""
+    rows = image_rows(client_for(args).status())
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no images")
+    for r in rows:
+        print(f"{r['name']:<32} {r['os']:<12} {r['arch']:<8} {_mib_text(r['size_mib']):>6}  "
+              f"warm template: {r['template']}")
     return 0
 
 
@@ -142,7 +179,7 @@ def cmd_env_add(args: argparse.Namespace) -> int:
             keys.append(Path(key_file).read_text().strip())
         except OSError as exc:
             raise CliError(f"--ssh-key {key_file}: {exc.strerror}") from exc
-    client = _client(args)
+    client = client_for(args)
     env = client.create_env(args.name, prefixes, vm_number=args.vm_number,
                             cpu_num=args.cpu_num, mem_size=args.mem_size,
                             disk_size=args.disk_size, life_time=args.life_time,
@@ -187,7 +224,7 @@ def _follow_boot(args: argparse.Namespace, client: Client, since: float) -> int:
 def cmd_env_list(args: argparse.Namespace) -> int:
     """`tt env list` (own ENVs) and `listall` (everyone's); 0."""
     everyone = args.env_command == "listall"
-    envs = _client(args).list_envs(None if everyone else cfgmod.owner())
+    envs = client_for(args).list_envs(None if everyone else cfgmod.owner())
     if args.json:
         _print_json(envs)
         return 0
@@ -202,21 +239,46 @@ def cmd_env_list(args: argparse.Namespace) -> int:
 
 
 def cmd_env_show(args: argparse.Namespace) -> int:
-    """`tt env show`: one ENV and its VMs; 0."""
-    env = _client(args).get_env(args.name)
+    """`tt env show NAME...`: each ENV and its VMs (--json: one object, or a list for
+    several names); 0."""
+    client = client_for(args)
+    envs = [client.get_env(name) for name in args.names]
     if args.json:
-        _print_json(env)
-    else:
+        _print_json(envs[0] if len(envs) == 1 else envs)
+        return 0
+    for env in envs:
         _show_env(env)
     return 0
 
 
+def run_command_line(args: argparse.Namespace) -> str:
+    """The guest shell command of `tt env run`: --cmd as given, the words after `--`
+    quoted for the guest's /bin/sh, or --script's file written to a temporary file in the
+    guest and executed there (by its #! line; without one, by sh); CliError unless
+    exactly one of them is given, or for an unreadable script."""
+    argv = list(getattr(args, "argv", None) or [])
+    script = getattr(args, "script", None)
+    if sum(map(bool, (args.cmd, argv, script))) != 1:
+        raise CliError("give the command one way: --cmd 'LINE', --script FILE, or words "
+                       "after -- (tt env run NAME -- uname -a)")
+    if not script:
+        return args.cmd or shlex.join(argv)
+    try:
+        text = Path(script).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--script {script}: {getattr(exc, 'strerror', None) or exc}") from exc
+    end = f"TT_SCRIPT_{uuid.uuid4().hex}"  # a here-document no script line can close
+    return (f"f=$(mktemp) && cat > \"$f\" <<'{end}'\n{text}\n{end}\n"
+            'chmod +x "$f" && "$f"; s=$?; rm -f "$f"; exit $s')
+
+
 def cmd_env_run(args: argparse.Namespace) -> int:
-    """`tt env run`: print each VM's output; 124 when any VM timed out, 1 when any command
-    failed, else 0. CliError when no VM is running."""
+    """`tt env run`: print each VM's output; 124 when any VM timed out; with one VM
+    addressed (--vm), its exit status; else 1 when any command failed, 0 when none did.
+    CliError when no VM is running."""
     binary = getattr(args, "binary", False)
-    reply = _client(args).run(args.name, args.cmd, use_ssh=args.use_ssh, timeout=args.timeout,
-                              binary=binary)
+    reply = client_for(args).run(args.name, run_command_line(args), use_ssh=args.use_ssh,
+                                 timeout=args.timeout, binary=binary, vms=args.vm)
     results = reply["results"]
     if args.json:
         _print_json(reply)
@@ -256,13 +318,16 @@ def cmd_env_run(args: argparse.Namespace) -> int:
         return 124
     if failed:
         print(f"tt: command failed on {', '.join(failed)}", file=sys.stderr)
+        if args.vm and len(args.vm) == 1 and len(results) == 1:
+            code = results[0]["exit_code"]
+            return code if isinstance(code, int) and 0 < code < 256 else 1
         return 1
     return 0
 
 
 def cmd_env_del(args: argparse.Namespace) -> int:
     """`tt env del`: delete each named ENV in turn; 0."""
-    client = _client(args)
+    client = client_for(args)
     for name in args.names:
         client.delete_env(name)
         print(f"deleted ENV {name}")
@@ -271,7 +336,7 @@ def cmd_env_del(args: argparse.Namespace) -> int:
 
 def cmd_env_stop(args: argparse.Namespace) -> int:
     """`tt env stop`: stop each named ENV in turn; 0."""
-    client = _client(args)
+    client = client_for(args)
     for name in args.names:
         env = client.stop_env(name)
         print(f"stopped ENV {name}: {len(env['vms'])} VM(s) powered off, disks kept "
@@ -280,47 +345,100 @@ def cmd_env_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_env_start(args: argparse.Namespace) -> int:
-    """`tt env start`: boot a stopped ENV and, unless --no-wait, follow it; 0 once running."""
-    client = _client(args)
-    env = client.start_env(args.name)
+    """`tt env start NAME...`: boot each stopped ENV (all asked first, so they boot
+    together) and, unless --no-wait, follow each; 0 once all are running."""
+    client = client_for(args)
+    started = time.time()
+    for name in args.names:
+        env = client.start_env(name)
+        if args.no_wait:
+            print(f"ENV {name} is starting; follow it with 'tt env show {name}'")
+        else:
+            print(f"starting ENV {name} ({len(env['vms'])} VM(s)) from its kept disks",
+                  file=sys.stderr)
     if args.no_wait:
-        print(f"ENV {args.name} is starting; follow it with 'tt env show {args.name}'")
         return 0
-    print(f"starting ENV {args.name} ({len(env['vms'])} VM(s)) from its kept disks",
-          file=sys.stderr)
-    return _follow_boot(args, client, time.time())
+    for name in args.names:
+        code = _follow_boot(argparse.Namespace(**{**vars(args), "name": name}), client,
+                            started)
+        if code:
+            return code
+    return 0
 
 
 def cmd_env_update(args: argparse.Namespace) -> int:
-    """`tt env update`: change life time or ports and show the ENV; 0. CliError when nothing
-    to change is given."""
+    """`tt env update NAME...`: change each ENV's life time or ports and show it; 0.
+    CliError when nothing to change is given."""
     if args.life_time is None and not args.port and not args.no_port:
         raise CliError("give --life-time SECS, --port PORT or --no-port PORT")
-    env = _client(args).update_env(args.name, args.life_time, args.port, args.no_port)
+    client = client_for(args)
+    envs = [client.update_env(name, args.life_time, args.port, args.no_port)
+            for name in args.names]
     if args.json:
-        _print_json(env)
+        _print_json(envs[0] if len(envs) == 1 else envs)
     else:
-        _show_env(env)
+        for env in envs:
+            _show_env(env)
     return 0
 
 
 def cmd_env_push(args: argparse.Namespace) -> int:
-    """`tt env push`: copy a local file to every running VM; 1 when any VM failed, else 0.
-    CliError for an unreadable file or no running VM."""
+    """`tt env push`: copy a local file (or with -r a directory, as a tar stream unpacked
+    in the guest) to every running VM, or the --vm ones; without --remote to
+    /tmp/<basename>. 1 when any VM failed, else 0. CliError for an unreadable file or
+    no running VM."""
+    local = Path(args.local)
+    remote = args.remote or f"/tmp/{local.resolve().name}"
+    client = client_for(args)
+    if args.recursive:
+        if not local.is_dir():
+            raise CliError(f"--local {args.local}: not a directory (drop -r for a file)")
+        return _push_tree(args, client, local, remote)
     try:
-        data = Path(args.local).read_bytes()
+        data = local.read_bytes()
     except OSError as exc:
-        raise CliError(f"--local {args.local}: {exc.strerror}") from exc
+        raise CliError(f"--local {args.local}: {exc.strerror or exc}") from exc
     mode = int(args.mode, 8) if args.mode else None
-    reply = _client(args).push(args.name, args.remote, data, mode=mode, use_ssh=args.use_ssh)
+    reply = client.push(args.name, remote, data, mode=mode, use_ssh=args.use_ssh,
+                        vms=args.vm)
     bad = [r for r in reply["results"] if r["error"]]
     for r in reply["results"]:
         took = f" in {r['seconds']:.1f}s" if "seconds" in r else ""
         print(f"{r['vm']}: " + (f"ERROR {r['error']}" if r["error"]
-                                else f"{r['bytes']} bytes -> {args.remote}{took}"))
+                                else f"{r['bytes']} bytes -> {remote}{took}"))
     if not reply["results"]:
         raise CliError(f"ENV {args.name} has no running VMs")
     return 1 if bad else 0
+
+
+def _tar_of(directory: Path) -> bytes:
+    """A tar of `directory`'s contents (members relative to it; symlinks as links)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+    return buf.getvalue()
+
+
+def _push_tree(args: argparse.Namespace, client: Client, local: Path, remote: str) -> int:
+    staged = f"/tmp/.tt-push-{uuid.uuid4().hex[:12]}.tar"
+    data = _tar_of(local)
+    reply = client.push(args.name, staged, data, use_ssh=args.use_ssh, vms=args.vm)
+    if not reply["results"]:
+        raise CliError(f"ENV {args.name} has no running VMs")
+    pushed = [r["vm"] for r in reply["results"] if not r["error"]]
+    lines = {r["vm"]: f"{r['vm']}: ERROR {r['error']}" for r in reply["results"] if r["error"]}
+    if pushed:
+        q = shlex.quote
+        unpack = client.run(args.name, f"mkdir -p {q(remote)} && tar -xf {staged} -C "
+                                       f"{q(remote)}; s=$?; rm -f {staged}; exit $s",
+                            use_ssh=args.use_ssh, vms=pushed)
+        for r in unpack["results"]:
+            lines[r["vm"]] = (f"{r['vm']}: {len(data)} bytes of tar -> {remote}/"
+                              if r["exit_code"] == 0 else
+                              f"{r['vm']}: ERROR unpacking: {(r['stderr'] or r['error']).strip()}")
+    print("\n".join(lines[vm] for vm in sorted(lines)))
+    return 1 if any(": ERROR " in line for line in lines.values()) else 0
 
 
 def _plain_file_name(name: str) -> bool:
@@ -331,30 +449,57 @@ def _plain_file_name(name: str) -> bool:
 
 
 def cmd_env_get(args: argparse.Namespace) -> int:
-    """`tt env get`: copy a guest file from every running VM to LOCAL/<vm>/; 1 when any copy
-    failed, else 0. CliError when no VM is running."""
-    client = _client(args)
+    """`tt env get`: copy a guest file (or with -r a directory, as a tar stream) from every
+    running VM, or the --vm ones, to LOCAL/<vm>/<basename>; 1 when any copy failed,
+    else 0. CliError when no VM is running."""
+    client = client_for(args)
     env = client.get_env(args.name)
-    vms = [vm for vm in env["vms"] if vm["state"] == "running"]
+    vms = [vm for vm in env["vms"] if vm["state"] == "running"
+           and (not args.vm or {vm["name"], vm["id"], str(vm["idx"])} & set(args.vm))]
     if not vms:
-        raise CliError(f"ENV {args.name} has no running VMs (it is {env['state']})")
+        raise CliError(f"ENV {args.name} has no running VMs (it is {env['state']})"
+                       if not args.vm else f"ENV {args.name}: no running VM is one of "
+                       f"{', '.join(args.vm)}")
     out = Path(args.local)
+    staged = f"/tmp/.tt-get-{uuid.uuid4().hex[:12]}.tar"
+    if args.recursive:  # each VM packs the tree first
+        packed = client.run(args.name, f"tar -cf {staged} -C {shlex.quote(args.remote)} .",
+                            use_ssh=args.use_ssh, vms=[vm["id"] for vm in vms])
+        failed = {r["id"]: (r["stderr"] or r["error"]).strip() for r in packed["results"]
+                  if r["exit_code"] != 0}
+    else:
+        failed = {}
 
     def fetch(vm: dict) -> str:
         name = str(vm.get("name", ""))
         if not _plain_file_name(name):  # the server's word: never a path out of LOCAL
             return f"{name!r}: ERROR refusing a VM name that is not a plain file name"
+        if vm["id"] in failed:
+            return f"{name}: ERROR packing {args.remote}: {failed[vm['id']]}"
         try:
-            data = client.pull(args.name, vm["id"], args.remote, use_ssh=args.use_ssh)
+            data = client.pull(args.name, vm["id"], staged if args.recursive else args.remote,
+                               use_ssh=args.use_ssh)
         except ApiError as exc:
             return f"{vm['name']}: ERROR {exc}"
         dest = out / name / (Path(args.remote).name or "root")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
-        return f"{vm['name']}: {len(data)} bytes -> {dest}"
+        if not args.recursive:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            return f"{vm['name']}: {len(data)} bytes -> {dest}"
+        dest.mkdir(parents=True, exist_ok=True)
+        try:  # "data": no absolute names, no "..", no links out of the tree
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            return f"{vm['name']}: ERROR unpacking here: {exc}"
+        return f"{vm['name']}: {len(data)} bytes of tar -> {dest}/"
 
     # a few at a time, like the server's own copy limit
     with ThreadPoolExecutor(max_workers=min(4, len(vms))) as pool:
         lines = list(pool.map(fetch, vms))
+    if args.recursive:
+        with contextlib.suppress(ApiError):
+            client.run(args.name, f"rm -f {staged}", use_ssh=args.use_ssh,
+                       vms=[vm["id"] for vm in vms])
     print("\n".join(lines))
     return 1 if any(": ERROR " in line for line in lines) else 0
