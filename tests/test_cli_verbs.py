@@ -214,6 +214,40 @@ def test_ports_lists_and_several_names(ctx: Ctx):
     assert [e["name"] for e in json.loads(res.stdout)] == [ENV, ENV]
 
 
+def test_kick_removes_vms_and_update_resizes_a_stopped_env(ctx: Ctx):
+    srv = ctx.srv
+    res = ctx.tt("env", "add", "resize", "--os-prefix", "debian-12:x86_64", "-n", "2",
+                 timeout=600)
+    assert res.returncode == 0, res.stderr
+    env = requests.get(f"{srv.url}/envs/resize", timeout=10).json()
+    kicked = env["vms"][1]
+    res = ctx.tt("env", "kick", "resize", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert [vm["name"] for vm in json.loads(res.stdout)["vms"]] == ["resize-0"]
+    gone = leftovers(srv.server_id(), srv.cfgdb, [kicked["ssh_port"]])
+    assert not any(kicked["id"] in str(v) for v in gone.values()), gone
+    assert not gone["ports"], gone
+    res = ctx.tt("env", "kick", "resize", "resize-0")
+    assert res.returncode == 1 and "every VM of ENV 'resize': delete the ENV" in res.stderr
+    res = ctx.tt("env", "kick", "resize", "9")
+    assert res.returncode == 1 and "has no VM '9'" in res.stderr
+
+    res = ctx.tt("env", "update", "resize", "-c", "2", "-m", "768")
+    assert res.returncode == 1 and "only while it is stopped" in res.stderr, res.stderr
+    assert ctx.tt("env", "stop", "resize", timeout=300).returncode == 0
+    res = ctx.tt("env", "update", "resize", "-c", "2", "-m", "768M", "--json")
+    assert res.returncode == 0, res.stderr
+    vm = json.loads(res.stdout)["vms"][0]
+    assert (vm["cpu"], vm["mem_mib"]) == (2, 768)
+    res = ctx.tt("env", "update", "resize", "-c", "9")  # the server has 4
+    assert res.returncode == 1 and "not enough resources" in res.stderr, res.stderr
+    assert ctx.tt("env", "start", "resize", timeout=600).returncode == 0
+    out = ctx.tt("env", "run", "resize", "--cmd", "nproc; grep MemTotal /proc/meminfo").stdout
+    lines = out.splitlines()
+    assert lines[1] == "2" and 600_000 < int(lines[2].split()[1]) <= 768 * 1024, out
+    assert requests.delete(f"{srv.url}/envs/resize", timeout=120).status_code == 200
+
+
 def test_completion_scripts_are_accepted_by_their_shells(tmp_path: Path):
     res = tt(None, "completion", "bash")
     assert res.returncode == 0 and "complete" in res.stdout

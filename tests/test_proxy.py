@@ -153,6 +153,16 @@ def test_env_spans_servers_survives_a_dead_server_and_leaves_nothing(cluster):
 
     ports = [p for name in ("span", "after") for vm in env_of(proxy, name)["vms"]
              for p in [vm["ssh_port"], *vm["ports"].values()]]
+    # kick through the proxy: every VM is refused; span-1, its server's whole part, goes
+    # with that part (deleted there), span-0 stays
+    res = tt(proxy.address, "env", "kick", "span", "span-0", "1")
+    assert res.returncode == 1 and "every VM of ENV 'span'" in res.stderr, res.stderr
+    res = tt(proxy.address, "env", "kick", "span", "span-1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert [vm["name"] for vm in json.loads(res.stdout)["vms"]] == ["span-0"]
+    holder = next(s for s in servers if s.address == holders[1])
+    assert "span" not in [e["name"] for e in requests.get(holder.url + "/envs",
+                                                          timeout=10).json()]
     for name in ("span", "after"):
         res = tt(proxy.address, "env", "del", name)
         assert res.returncode == 0, res.stderr

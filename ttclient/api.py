@@ -141,6 +141,11 @@ class Client:
         """Delete the ENV and its VMs (waits up to 120 s); {"deleted": name}."""
         return self._call("DELETE", f"/envs/{name}", timeout=120).json()
 
+    def kick_vms(self, name: str, vms: list[str]) -> dict:
+        """Remove the VMs `vms` (names, ids or indexes) from the ENV; the ENV view after."""
+        return self._call("DELETE", f"/envs/{name}/vms", params={"vm": vms},
+                          timeout=120).json()
+
     def stop_env(self, name: str) -> dict:
         """Power the ENV's VMs off, keeping their disks (waits up to 180 s); the `stopped`
         ENV view."""
@@ -154,11 +159,13 @@ class Client:
 
     def update_env(self, name: str, life_time: int | None = None,
                    add_ports: list[int] | None = None,
-                   remove_ports: list[int] | None = None) -> dict:
-        """Set the ENV's expiry to `life_time` seconds from now and add or remove forwarded
-        guest ports; the updated ENV view."""
+                   remove_ports: list[int] | None = None, cpu_num: int | None = None,
+                   mem_size: int | None = None) -> dict:
+        """Set the ENV's expiry to `life_time` seconds from now, add or remove forwarded
+        guest ports, and (a stopped ENV) set vCPUs and memory (MiB) per VM; the updated
+        ENV view."""
         body = {"life_time": life_time, "add_ports": add_ports or [],
-                "remove_ports": remove_ports or []}
+                "remove_ports": remove_ports or [], "cpu_num": cpu_num, "mem_size": mem_size}
         return self._call("PATCH", f"/envs/{name}", json=body).json()
 
     def wait_env(self, name: str, timeout: float = 900.0,

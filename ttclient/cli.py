@@ -28,6 +28,7 @@ from .commands import (
     cmd_env_add,
     cmd_env_del,
     cmd_env_get,
+    cmd_env_kick,
     cmd_env_list,
     cmd_env_push,
     cmd_env_run,
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guest TCP port(s) to expose: 8080 or 80,443")
     up.add_argument("--no-port", type=_ports, action="extend",
                     help="guest port(s) to stop exposing")
+    up.add_argument("-c", "--cpu-num", type=int, help="vCPUs per VM (a stopped ENV)")
+    up.add_argument("-m", "--mem-size", type=_mib, help="memory per VM, MiB or 1G (a stopped "
+                                                        "ENV)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_env_update)
 
@@ -234,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("-f", "--follow", action="store_true",
                     help="keep printing new console output until Ctrl-C")
     cs.set_defaults(func=cmd_env_console)
+
+    k = env.add_parser("kick", help="remove VMs from an ENV (the rest stays)")
+    k.add_argument("name")
+    k.add_argument("vms", nargs="+", metavar="VM", help="name, id or index")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_env_kick)
 
     pu = env.add_parser("push", help="copy a local file (or -r a directory) to every VM")
     pu.add_argument("name")

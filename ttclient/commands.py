@@ -369,16 +369,28 @@ def cmd_env_start(args: argparse.Namespace) -> int:
 def cmd_env_update(args: argparse.Namespace) -> int:
     """`tt env update NAME...`: change each ENV's life time or ports and show it; 0.
     CliError when nothing to change is given."""
-    if args.life_time is None and not args.port and not args.no_port:
-        raise CliError("give --life-time SECS, --port PORT or --no-port PORT")
+    if (args.life_time is None and not args.port and not args.no_port
+            and args.cpu_num is None and args.mem_size is None):
+        raise CliError("give --life-time SECS, --port PORT, --no-port PORT, or for a "
+                       "stopped ENV --cpu-num N / --mem-size SIZE")
     client = client_for(args)
-    envs = [client.update_env(name, args.life_time, args.port, args.no_port)
-            for name in args.names]
+    envs = [client.update_env(name, args.life_time, args.port, args.no_port,
+                              args.cpu_num, args.mem_size) for name in args.names]
     if args.json:
         _print_json(envs[0] if len(envs) == 1 else envs)
     else:
         for env in envs:
             _show_env(env)
+    return 0
+
+
+def cmd_env_kick(args: argparse.Namespace) -> int:
+    """`tt env kick NAME VM...`: remove those VMs from the ENV and show what is left; 0."""
+    env = client_for(args).kick_vms(args.name, args.vms)
+    if args.json:
+        _print_json(env)
+    else:
+        _show_env(env)
     return 0
 
 

@@ -126,12 +126,22 @@ class EnvCreate(BaseModel):
 
 
 class EnvUpdate(BaseModel):
-    """Body of PATCH /envs/{name}: new life time (seconds) and ports to add or remove."""
+    """Body of PATCH /envs/{name}: new life time (seconds), ports to add or remove, and for
+    a stopped ENV new vCPUs and memory (MiB) per VM."""
 
     life_time: int | None = Field(None, ge=1, description="seconds from now until deletion")
     add_ports: list[int] = Field(default_factory=list, description="guest TCP ports to expose")
     remove_ports: list[int] = Field(default_factory=list,
                                     description="guest TCP ports to stop exposing")
+    cpu_num: int | None = Field(None, ge=1, le=64,
+                                description="vCPUs per VM (a stopped ENV only; at start)")
+    mem_size: int | str | None = Field(None, description="memory per VM, MiB or '1G' (a "
+                                                         "stopped ENV only; at start)")
+
+    @field_validator("mem_size")
+    @classmethod
+    def _size(cls, v: int | str | None) -> int | None:
+        return None if v is None else parse_mib(v)
 
 
 class RunRequest(BaseModel):

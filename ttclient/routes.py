@@ -86,6 +86,10 @@ class EnvService(Protocol):
     def delete(self, caller: Any, name: str) -> dict:
         """DELETE /envs/{name}: everything of the ENV gone when it returns; `Deleted`."""
 
+    def kick(self, caller: Any, name: str, vms: list[str]) -> dict:
+        """DELETE /envs/{name}/vms?vm=REF...: those VMs (name, id or index) removed from the
+        ENV, the rest kept; the `EnvInfo` after. 404 for no such VM, 409 for all of them."""
+
     def run(self, caller: Any, name: str, body: RunRequest) -> list[dict]:
         """POST /envs/{name}/run: one `CommandResult` dict per selected running VM."""
 
@@ -244,6 +248,11 @@ def create_app(service: EnvService, names: frozenset[str],
     @app.delete("/envs/{name}", response_model=Deleted, response_model_exclude_unset=True)
     def delete_env(name: str, who: Caller) -> dict:
         return service.delete(who, name)
+
+    @app.delete("/envs/{name}/vms", response_model=EnvInfo, response_model_exclude_unset=True)
+    def kick_vms(name: str, who: Caller,
+                 vm: Annotated[list[str], Query(description="VM name, id or index")]) -> dict:
+        return service.kick(who, name, vm)
 
     @app.post("/envs/{name}/run", response_model=RunAnswer, response_model_exclude_unset=True)
     def run(name: str, body: RunRequest, who: Caller, request: Request) -> Response:

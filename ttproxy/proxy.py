@@ -367,8 +367,35 @@ class Proxy:
         """Apply an EnvUpdate body (dict) on every server holding the ENV; the merged view.
         ProxyError 503 when a holder is down."""
         self._each_part(name, lambda m: self._c(m).update_env(
-            name, body.get("life_time"), body.get("add_ports"), body.get("remove_ports")))
+            name, body.get("life_time"), body.get("add_ports"), body.get("remove_ports"),
+            body.get("cpu_num"), body.get("mem_size")))
         return self.get(name)
+
+    def kick(self, name: str, refs: list[str]) -> dict:
+        """Remove the VMs `refs` names from the ENV on the servers holding them (a server
+        whose whole part goes deletes its part); the merged view. ProxyError 409 for every
+        VM of the ENV, 404 for a name that is no VM of it, 503 when a holder is down."""
+        by_server = self._selected_vms(name, refs)
+        whole = {vm["id"] for vm in self.get(name)["vms"]}
+        if whole == {vm["id"] for vms in by_server.values() for vm in vms}:
+            raise ProxyError(f"that is every VM of ENV {name!r}: delete the ENV instead "
+                             f"('tt env del {name}')", 409)
+        parts = {a: len(vms) for a, vms in self._selected_vms(name, None).items()}
+        for address, vms in by_server.items():
+            m = self.servers.get(address)
+            if not m.up:
+                raise ProxyError(f"ENV {name!r} has VMs on {address}, which is down; try "
+                                 "again when it is back", 503)
+            ids = [vm["id"] for vm in vms]
+            if len(vms) == parts.get(address):
+                self._call(m, lambda m: self._c(m).delete_env(name))
+                self.directory.forget(name, address)
+            else:
+                self._call(m, partial(self._kick_part, name=name, ids=ids))
+        return self.get(name)
+
+    def _kick_part(self, m: Member, name: str, ids: list[str]) -> dict:
+        return self._c(m).kick_vms(name, ids)
 
     def _selected_vms(self, name: str, only: list[str] | None) -> dict[str, list[dict]]:
         """The ENV's VMs (all, or those `only` names), grouped by the server holding them."""

@@ -78,6 +78,9 @@ class ProxyService:
     def delete(self, caller: None, name: str) -> dict:
         return self.proxy.delete(name)
 
+    def kick(self, caller: None, name: str, vms: list[str]) -> dict:
+        return self.proxy.kick(name, vms)
+
     def run(self, caller: None, name: str, body: RunRequest) -> list[dict]:
         return self.proxy.run(name, body.model_dump())
 

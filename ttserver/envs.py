@@ -13,6 +13,7 @@ The rules that keep a host clean:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -299,6 +300,30 @@ class EnvManager:
             self._env_locks.pop(name, None)
         log.info("deleted ENV %s", name)
 
+    def kick(self, name: str, refs: list[str]) -> dict:
+        """Remove the VMs `refs` names (name, id or index) from a running or stopped ENV:
+        their domains, disks, ports and records go, the rest stays; the ENV view.
+        NotFound for a name that is no VM of it; Conflict for all of its VMs (delete the
+        ENV instead) or an ENV in transition; TTError 503 for a QEMU that did not end."""
+        with self._env_lock(name):
+            env = self._env(name)
+            if env.state not in (READY, ENV_STOPPED):
+                raise Conflict(f"ENV {name!r} is {env.state}; remove VMs when it is running "
+                               "or stopped")
+            gone = [ref for ref in refs if not any(ref in views.vm_refs(vm) for vm in env.vms)]
+            if gone:
+                raise NotFound(f"ENV {name!r} has no VM {', '.join(map(repr, gone))} (its "
+                               f"VMs: {', '.join(views.hostname(name, v.idx) for v in env.vms)})")
+            kicked = [vm for vm in env.vms if views.vm_refs(vm) & set(refs)]
+            if len(kicked) == len(env.vms):
+                raise Conflict(f"that is every VM of ENV {name!r}: delete the ENV instead "
+                               f"('tt env del {name}')")
+            stuck = self.cleanup.teardown_vms(kicked, keep_rows=False)
+            if stuck:
+                raise TTError(f"not every VM was removed: {'; '.join(stuck)}", status=503)
+        log.info("removed %s from ENV %s", ", ".join(vm.id for vm in kicked), name)
+        return self.get(name)
+
     # --- stop, start, update -----------------------------------------------------------
     def stop(self, name: str) -> dict:
         """Shut every VM down cleanly (forced after SHUTDOWN_TIMEOUT), keep the disks and
@@ -351,12 +376,17 @@ class EnvManager:
 
     def update(self, name: str, life_time: int | None = None,
                add_ports: list[int] | None = None,
-               remove_ports: list[int] | None = None) -> dict:
+               remove_ports: list[int] | None = None, cpu: int | None = None,
+               mem_mib: int | None = None, limited: bool = False) -> dict:
         """New expiry (`life_time` seconds from now) and exposed ports; ports change live
-        on running VMs (QEMU hostfwd) and are kept for stopped ones."""
+        on running VMs (QEMU hostfwd) and are kept for stopped ones. `cpu`/`mem_mib`: new
+        vCPUs and memory of every VM of a stopped ENV, used from its next start (Conflict
+        otherwise); `limited`: the owner's token limits apply."""
         add_ports, remove_ports = add_ports or [], remove_ports or []
-        if life_time is None and not add_ports and not remove_ports:
-            raise BadRequest("nothing to update: give life_time, add_ports or remove_ports")
+        if (life_time is None and not add_ports and not remove_ports and cpu is None
+                and mem_mib is None):
+            raise BadRequest("nothing to update: give life_time, add_ports, remove_ports, "
+                             "cpu_num or mem_size")
         with self._env_lock(name):
             env = self._env(name)
             if env.state not in (READY, ENV_STOPPED):
@@ -364,11 +394,36 @@ class EnvManager:
                                " or stopped")
             admission.check_update(env, self.cfg, life_time, add_ports, remove_ports,
                                    time.time())
+            if cpu is not None or mem_mib is not None:
+                self._resize(env, cpu, mem_mib, limited)
             if add_ports or remove_ports:
                 self._change_ports(env, sorted(set(add_ports)), set(remove_ports))
             if life_time is not None:
                 self.db.set_env(name, expires_at=time.time() + life_time)
         return self.get(name)
+
+    def _resize(self, env: EnvRow, cpu: int | None, mem_mib: int | None,
+                limited: bool) -> None:
+        """New vCPUs/memory for the VMs of a stopped ENV (checked against the server's
+        totals and the token's limits now, reserved at start)."""
+        if env.state != ENV_STOPPED:
+            raise Conflict(f"ENV {env.name!r} is {env.state}: CPU and memory change only "
+                           f"while it is stopped ('tt env stop {env.name}' first)")
+        if mem_mib is not None and mem_mib < 128:
+            raise BadRequest("mem_size must be >= 128 MiB")
+        resized = [dataclasses.replace(vm, cpu=cpu or vm.cpu, mem_mib=mem_mib or vm.mem_mib)
+                   for vm in env.vms]
+        with self._admit_lock, self.db.transaction():
+            admission.check_room({"cpu": 0, "mem_mib": 0, "disk_mib": 0}, self.cfg,
+                                 admission.needs(resized), f"for ENV {env.name!r}")
+            if limited:
+                held = self.db.held_by(env.owner)
+                mine = sum(vm.mem_mib for vm in env.vms)
+                admission.check_token_limits(
+                    {"vms": held["vms"] - len(env.vms), "mem_mib": held["mem_mib"] - mine},
+                    self.cfg, resized, env.owner)
+            for vm in resized:
+                self.db.set_vm(vm.id, cpu=vm.cpu, mem_mib=vm.mem_mib)
 
     def _change_ports(self, env: EnvRow, add: list[int], remove: set[int]) -> None:
         vms = [vm for vm in env.vms if vm.state in (RUNNING, STOPPED)]

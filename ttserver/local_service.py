@@ -69,7 +69,10 @@ class LocalService:
 
     def update(self, caller: Principal, name: str, body: EnvUpdate) -> dict:
         self._owned(caller, name)
-        return self.manager.update(name, body.life_time, body.add_ports, body.remove_ports)
+        return self.manager.update(name, body.life_time, body.add_ports, body.remove_ports,
+                                   body.cpu_num, None if body.mem_size is None
+                                   else int(body.mem_size),
+                                   limited=self.tokens.enabled and not caller.admin)
 
     def stop(self, caller: Principal, name: str) -> dict:
         self._owned(caller, name)
@@ -83,6 +86,10 @@ class LocalService:
         self._owned(caller, name)
         self.manager.delete(name)
         return {"deleted": name}
+
+    def kick(self, caller: Principal, name: str, vms: list[str]) -> dict:
+        self._owned(caller, name)
+        return self.manager.kick(name, vms)
 
     def run(self, caller: Principal, name: str, body: RunRequest) -> list[dict]:
         self._owned(caller, name)
