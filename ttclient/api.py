@@ -55,6 +55,12 @@ def _detail(resp: requests.Response) -> str:
     return str(detail)
 
 
+def vm_refs(vm: dict) -> set[str]:
+    """Every way a client may name a VM of an ENV view (as ttserver accepts): its id,
+    name or index."""
+    return {vm["id"], vm["name"], str(vm.get("idx"))}
+
+
 def changed_vms(view: dict, seen: dict[str, str]) -> list[dict]:
     """VMs of an ENV view whose state differs from `seen` (updated): progress lines show
     each VM once per state, whoever polls (the CLI or the pytest plugin)."""

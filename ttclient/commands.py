@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as cfgmod
-from .api import ApiError, Client, changed_vms
+from .api import ApiError, Client, changed_vms, vm_refs
 from .imagenames import split_prefixes
 
 
@@ -467,7 +467,7 @@ def cmd_env_get(args: argparse.Namespace) -> int:
     client = client_for(args)
     env = client.get_env(args.name)
     vms = [vm for vm in env["vms"] if vm["state"] == "running"
-           and (not args.vm or {vm["name"], vm["id"], str(vm["idx"])} & set(args.vm))]
+           and (not args.vm or vm_refs(vm) & set(args.vm))]
     if not vms:
         raise CliError(f"ENV {args.name} has no running VMs (it is {env['state']})"
                        if not args.vm else f"ENV {args.name}: no running VM is one of "

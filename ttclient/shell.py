@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 
+from .api import vm_refs
 from .commands import client_for
 
 SSH_OPTIONS = {
@@ -38,10 +39,7 @@ def pick_vm(env: dict, ref: str | None) -> dict:
     """The VM of `env` named by `ref` (its name, id or index; None: the first VM), which
     must be running; ShellError saying which VMs there are otherwise."""
     vms = env["vms"]
-    if ref is None:
-        chosen = vms[:1]
-    else:
-        chosen = [vm for vm in vms if ref in (vm["name"], vm["id"], str(vm["idx"]))]
+    chosen = vms[:1] if ref is None else [vm for vm in vms if ref in vm_refs(vm)]
     if not chosen:
         names = ", ".join(vm["name"] for vm in vms) or "none"
         raise ShellError(f"ENV {env['name']} has no VM {ref!r} (its VMs: {names})")

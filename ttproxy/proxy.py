@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
-from ttclient.api import ApiError, Client
+from ttclient.api import ApiError, Client, vm_refs
 from ttclient.contract import ServiceError, env_size_error
 from ttclient.imagenames import (
     ImageNameError,
@@ -40,11 +40,6 @@ CALLER_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("calle
                                                                           default=None)
 PRINCIPAL_TTL = 30.0
 UNKNOWN_REFRESH = 1.0  # seconds between re-learning all servers for an unknown name
-
-
-def _refs(vm: dict) -> set[str]:
-    """Every way a client may name a VM (as ttserver accepts): id, name or index."""
-    return {vm["id"], vm["name"], str(vm.get("idx"))}
 
 
 class ProxyError(ServiceError):
@@ -376,11 +371,10 @@ class Proxy:
         whose whole part goes deletes its part); the merged view. ProxyError 409 for every
         VM of the ENV, 404 for a name that is no VM of it, 503 when a holder is down."""
         by_server = self._selected_vms(name, refs)
-        whole = {vm["id"] for vm in self.get(name)["vms"]}
-        if whole == {vm["id"] for vms in by_server.values() for vm in vms}:
+        parts = {a: len(vms) for a, vms in self._selected_vms(name, None).items()}
+        if {a: len(vms) for a, vms in by_server.items()} == parts:
             raise ProxyError(f"that is every VM of ENV {name!r}: delete the ENV instead "
                              f"('tt env del {name}')", 409)
-        parts = {a: len(vms) for a, vms in self._selected_vms(name, None).items()}
         for address, vms in by_server.items():
             m = self.servers.get(address)
             if not m.up:
@@ -401,10 +395,10 @@ class Proxy:
         """The ENV's VMs (all, or those `only` names), grouped by the server holding them."""
         vms = self.get(name)["vms"]
         if only:
-            unknown = set(only).difference(*map(_refs, vms))
+            unknown = set(only).difference(*map(vm_refs, vms))
             if unknown:
                 raise ProxyError(f"ENV {name!r} has no VM {', '.join(sorted(unknown))}", 404)
-            vms = [vm for vm in vms if set(only) & _refs(vm)]
+            vms = [vm for vm in vms if set(only) & vm_refs(vm)]
         by_server: dict[str, list[dict]] = {}
         for vm in vms:
             by_server.setdefault(vm["server"], []).append(vm)
@@ -445,7 +439,7 @@ class Proxy:
 
     def _vm_server(self, name: str, vm_ref: str) -> Member:
         for vm in self.get(name)["vms"]:
-            if vm_ref in _refs(vm):
+            if vm_ref in vm_refs(vm):
                 m = self.servers.get(vm["server"])
                 if not m.up:
                     raise ProxyError(f"VM {vm_ref} is on {m.address}, which is down", 503)

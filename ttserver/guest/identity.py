@@ -51,8 +51,9 @@ READY = f"{HELPER_DIR}/identity.ready"  # the helper writes "ok", or why it cann
 # directory, sizes included, when the template booted); the template's is zeros.
 FW_CFG_PATH = f"/sys/firmware/qemu_fw_cfg/by_name/{domainxml.IDENTITY_FW_CFG}/raw"
 FW_CFG_SIZE = 64 << 10
+# the header the helper polls, 24 bytes: MAGIC, the nonce (16 hex digits), the payload's
+# length (4 bytes, big-endian)
 MAGIC = b"TTID"
-HEADER = 24  # MAGIC, 16 hex digits of nonce, payload length (4 bytes, big-endian)
 # settimeofday(2) has no perl built-in; its number differs between syscall tables.
 SETTIMEOFDAY = {"x86_64": 164, "aarch64": 170, "riscv64": 170}
 ANSWER_POLL = 0.02  # seconds between reads of the console log for the helper's answer
