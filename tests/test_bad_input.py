@@ -109,9 +109,10 @@ def test_cli_usage_errors_and_unreachable_server(server, cfg, tmp_path):
     res = subprocess.run([sys.executable, "-m", "ttclient.cli", "env", "list"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 1
-    assert "cannot reach ttserver at http://127.0.0.1:1" in res.stderr
+    assert "cannot reach the server at http://127.0.0.1:1" in res.stderr
+    assert "$TT_SERVER" in res.stderr  # where the address came from
     res = run_tt(server, "env", "add", "x", tmp_config=cfg)
-    assert res.returncode == 1 and "--os-prefix" in res.stderr
+    assert res.returncode == 2 and "--os-prefix" in res.stderr
 
 
 def test_config_is_saved_private_and_used(server, cfg):

@@ -149,8 +149,8 @@ def test_run_argv_and_its_exit_status_rules(ctx: Ctx):
 
 
 @pytest.mark.parametrize(("args", "words", "code"), [
-    (("env", "run", ENV), "give the command one way: --cmd 'LINE', --script FILE", 1),
-    (("env", "run", ENV, "--cmd", "true", "--", "true"), "give the command one way", 1),
+    (("env", "run", ENV), "give the command one way: --cmd 'LINE', --script FILE", 2),
+    (("env", "run", ENV, "--cmd", "true", "--", "true"), "give the command one way", 2),
     (("env", "run", ENV, "-f", "/nonexistent.sh"), "--script /nonexistent.sh: No such", 1),
     (("env", "update", ENV, "-p", "53/udp"), "53/udp: only TCP ports are forwarded", 2),
     (("env", "update", ENV, "-p", "80,x"), "'x' is not a port number", 2),

@@ -47,6 +47,8 @@ def test_unknown_prefix_error_lists_available_images():
         match_images(["fedora"], IMAGES)
     assert "'fedora' matches no image" in str(err.value)
     assert "qemu:centos-8:x86_64" in str(err.value)
+    # `tt env add --image NAME` shares the message: it was "OS prefix 'NAME' matches..."
+    assert "an OS prefix or an image name" in str(err.value)
 
 
 @pytest.mark.parametrize("bad", ["qemu:../etc:x86_64", "qemu:debian-12", "xen:debian-12:x86_64",

@@ -5,6 +5,7 @@ own message, so callers can print one clear line.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from urllib3.util.retry import Retry
 
 from . import config as cfgmod
 from .config import owner
+from .rules import path_segment
 from .waiting import WaitTimeout, wait_for
 
 FROM_CONFIG = object()  # Client(token=...) default: $TT_TOKEN or the config file
@@ -25,14 +27,27 @@ TRANSIENT_STATES = ("creating", "starting")
 # for the agent of a rebooting guest and up to 60 s for sshd in a fresh one
 RUN_SLACK = 240
 
+class ReportingRetry(Retry):
+    """urllib3's Retry that says on stderr why it waits before each new try, so a user
+    watching `tt` sees a restarting server instead of a silent pause."""
+
+    def sleep(self, response: Any = None) -> None:
+        last = self.history[-1] if self.history else None
+        why = (f"answered HTTP {last.status}" if last and last.status
+               else "could not be reached")
+        print(f"tt: the server {why}; trying again in {self.get_backoff_time():.1f}s",
+              file=sys.stderr, flush=True)
+        super().sleep(response)
+
+
 # What `Client(retry=True)` repeats: calls that are safe to repeat (GET, HEAD, DELETE)
 # when the server could not be reached or answered 502/503/504, as while it restarts for
 # an upgrade; never one whose answer was lost on the way (read=0: it may have acted).
 # Waits 0.5, 1, 2, 4 s between tries (7.5 s in all; an unreachable server is reported
 # after them).
-RETRY = Retry(total=4, connect=4, read=0, status=4, backoff_factor=0.5,
-              status_forcelist=(502, 503, 504), allowed_methods=("GET", "HEAD", "DELETE"),
-              raise_on_status=False)
+RETRY = ReportingRetry(total=4, connect=4, read=0, status=4, backoff_factor=0.5,
+                       status_forcelist=(502, 503, 504),
+                       allowed_methods=("GET", "HEAD", "DELETE"), raise_on_status=False)
 
 
 class ApiError(RuntimeError):
@@ -55,6 +70,15 @@ def _detail(resp: requests.Response) -> str:
     return str(detail)
 
 
+def _segment(text: str) -> str:
+    """`text` quoted as one URL path segment (rules.path_segment); ApiError for "", "."
+    or "..", which no ENV or VM is called."""
+    try:
+        return path_segment(text)
+    except ValueError as exc:
+        raise ApiError(str(exc), 400) from None
+
+
 def vm_refs(vm: dict) -> set[str]:
     """Every way a client may name a VM of an ENV view (as ttserver accepts): its id,
     name or index."""
@@ -71,12 +95,15 @@ def changed_vms(view: dict, seen: dict[str, str]) -> list[dict]:
 
 class Client:
     """The API of one ttserver or ttproxy at `base_url`; `token` (default: $TT_TOKEN or the
-    config file) is sent as a bearer token; `retry`: repeat what RETRY says. Every call
-    raises ApiError on failure."""
+    config file) is sent as a bearer token; `retry`: repeat what RETRY says; `fix`: what
+    the message about an unreachable server advises. Every call raises ApiError on
+    failure."""
 
     def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT,
-                 token: str | None | object = FROM_CONFIG, retry: bool = False) -> None:
+                 token: str | None | object = FROM_CONFIG, retry: bool = False,
+                 fix: str = "is it running?") -> None:
         self.base_url = base_url.rstrip("/")
+        self.fix = fix
         self.timeout = timeout
         self.session = requests.Session()
         if retry:  # `tt`: a server restart during an upgrade must not end a waiting run
@@ -96,8 +123,7 @@ class Client:
         try:
             resp = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
         except requests.ConnectionError as exc:
-            raise ApiError(f"cannot reach ttserver at {self.base_url}: is it running? "
-                           "(set it with 'tt config --serv-addr ADDR --serv-port PORT')") from exc
+            raise ApiError(f"cannot reach the server at {self.base_url}: {self.fix}") from exc
         except requests.Timeout as exc:
             raise ApiError(f"{self.base_url} did not answer {method} {path} within "
                            f"{timeout or self.timeout:.0f}s") from exc
@@ -141,27 +167,27 @@ class Client:
     def get_env(self, name: str) -> dict:
         """The ENV's view: a dict as views.env_view makes; ApiError (404) when there is no
         such ENV."""
-        return self._call("GET", f"/envs/{name}").json()
+        return self._call("GET", f"/envs/{_segment(name)}").json()
 
     def delete_env(self, name: str) -> dict:
         """Delete the ENV and its VMs (waits up to 120 s); {"deleted": name}."""
-        return self._call("DELETE", f"/envs/{name}", timeout=120).json()
+        return self._call("DELETE", f"/envs/{_segment(name)}", timeout=120).json()
 
     def kick_vms(self, name: str, vms: list[str]) -> dict:
         """Remove the VMs `vms` (names, ids or indexes) from the ENV; the ENV view after."""
-        return self._call("DELETE", f"/envs/{name}/vms", params={"vm": vms},
+        return self._call("DELETE", f"/envs/{_segment(name)}/vms", params={"vm": vms},
                           timeout=120).json()
 
     def stop_env(self, name: str) -> dict:
         """Power the ENV's VMs off, keeping their disks (waits up to 180 s); the `stopped`
         ENV view."""
         # the server powers VMs off cleanly, forcing them after 30 s
-        return self._call("POST", f"/envs/{name}/stop", timeout=180).json()
+        return self._call("POST", f"/envs/{_segment(name)}/stop", timeout=180).json()
 
     def start_env(self, name: str) -> dict:
         """Boot a stopped ENV from its kept disks; the `starting` ENV view, at once
         (wait_env follows it)."""
-        return self._call("POST", f"/envs/{name}/start").json()
+        return self._call("POST", f"/envs/{_segment(name)}/start").json()
 
     def update_env(self, name: str, life_time: int | None = None,
                    add_ports: list[int] | None = None,
@@ -172,7 +198,7 @@ class Client:
         ENV view."""
         body = {"life_time": life_time, "add_ports": add_ports or [],
                 "remove_ports": remove_ports or [], "cpu_num": cpu_num, "mem_size": mem_size}
-        return self._call("PATCH", f"/envs/{name}", json=body).json()
+        return self._call("PATCH", f"/envs/{_segment(name)}", json=body).json()
 
     def wait_env(self, name: str, timeout: float = 900.0,
                  on_change: Callable[[dict], None] | None = None,
@@ -201,7 +227,7 @@ class Client:
         body: dict = {"cmd": cmd, "use_ssh": use_ssh, "timeout": timeout, "vms": vms}
         if binary:
             body["binary"] = True
-        return self._call("POST", f"/envs/{name}/run", json=body,
+        return self._call("POST", f"/envs/{_segment(name)}/run", json=body,
                           timeout=timeout + RUN_SLACK).json()
 
     def push(self, name: str, remote: str, data: bytes, mode: int | None = None,
@@ -213,16 +239,16 @@ class Client:
             params["mode"] = f"{mode:o}"
         if vms:
             params["vm"] = vms
-        return self._call("PUT", f"/envs/{name}/files", params=params, data=data,
+        return self._call("PUT", f"/envs/{_segment(name)}/files", params=params, data=data,
                           timeout=900).json()
 
     def console(self, name: str, vm: str, lines: int = 50) -> str:
         """The last `lines` lines of the VM's serial console, as text."""
-        return self._call("GET", f"/envs/{name}/vms/{vm}/console",
+        return self._call("GET", f"/envs/{_segment(name)}/vms/{_segment(vm)}/console",
                           params={"lines": lines}).text
 
     def pull(self, name: str, vm: str, remote: str, use_ssh: bool = False) -> bytes:
         """The bytes of the absolute guest path `remote` in one VM; ApiError when it cannot
         be read."""
-        return self._call("GET", f"/envs/{name}/vms/{vm}/files",
+        return self._call("GET", f"/envs/{_segment(name)}/vms/{_segment(vm)}/files",
                           params={"path": remote, "use_ssh": use_ssh}, timeout=900).content

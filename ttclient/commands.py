@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import shlex
 import sys
 import tarfile
@@ -23,17 +24,30 @@ from .imagenames import split_prefixes
 
 
 class CliError(Exception):
-    """A usage or input error; main prints it as one `tt: error:` line and exits with 1."""
+    """An input error; main prints it as one `tt: error:` line and exits with 1."""
+    pass
+
+
+class UsageError(CliError):
+    """Options that do not fit together (or are missing); main prints the line and exits
+    with 2, as argparse does for bad usage."""
     pass
 
 
 def client_for(args: argparse.Namespace) -> Client:
-    """The API client `tt` uses: the configured server (or --server), with retries of
-    the calls that are safe to repeat (api.RETRY)."""
+    """The API client `tt` uses: --server, else the configured server (config.load),
+    with retries of the calls that are safe to repeat (api.RETRY); its message for an
+    unreachable server says where the address came from."""
     cfg = cfgmod.load()
     if getattr(args, "server", None):
         cfg.serv_addr, cfg.serv_port = cfgmod.parse_server(args.server)
-    return Client(cfg.base_url, token=cfg.token or None, retry=True)
+        fix = "is it running? (the address came from --server)"
+    elif os.environ.get("TT_SERVER"):
+        fix = "is it running? (the address came from $TT_SERVER)"
+    else:
+        fix = ("is it running? (set the address with 'tt config --serv-addr HOST "
+               "--serv-port PORT', or use --server HOST:PORT)")
+    return Client(cfg.base_url, token=cfg.token or None, retry=True, fix=fix)
 
 
 def _print_json(data: object) -> None:
@@ -59,9 +73,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         cfg.token, changed = token, True
     if args.serv_addr:
         cfg.serv_addr, changed = args.serv_addr, True
-    if args.serv_port:
-        if not 0 < args.serv_port < 65536:
-            raise CliError("--serv-port must be 1-65535")
+    if args.serv_port:  # 1-65535 (cli checks it)
         cfg.serv_port, changed = args.serv_port, True
     if changed:
         path = cfgmod.save(cfg)
@@ -75,10 +87,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """`tt status`: the client's version, its server and the ENVs it sees, or with --server
-    the server's resources, images and warm templates; 0."""
+    """`tt status`: the client's version, its server, config file and the ENVs it sees
+    (the first line printed before the server is asked), or with --remote the server's
+    resources, images and warm templates; 0."""
     client = client_for(args)
     if not args.server_info:
+        if not args.json:  # the client's own part first: it holds even with the server down
+            print(f"tt {__version__}  server {client.base_url}  config {cfgmod.config_path()}",
+                  flush=True)
         envs = client.list_envs()
         info = {"client_version": __version__, "server": client.base_url,
                 "envs": [{"name": e["name"], "state": e["state"], "vms": len(e["vms"])}
@@ -86,7 +102,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(info)
             return 0
-        print(f"tt {__version__}  server {client.base_url}")
         print(f"ENVs: {len(envs)}" + "".join(f"\n  {e['name']:<20} {e['state']:<9} "
                                                f"{len(e['vms'])} VM(s)" for e in envs))
         return 0
@@ -172,13 +187,8 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     CliError without prefixes, for an unreadable key file or a failed ENV."""
     prefixes = split_prefixes((args.os_prefix or []) + (args.image or []))
     if not prefixes:
-        raise CliError("give --os-prefix (e.g. --os-prefix=debian-12) or --image")
-    keys = []
-    for key_file in args.ssh_key or []:
-        try:
-            keys.append(Path(key_file).read_text().strip())
-        except OSError as exc:
-            raise CliError(f"--ssh-key {key_file}: {exc.strerror}") from exc
+        raise UsageError("give --os-prefix (e.g. --os-prefix=debian-12) or --image")
+    keys = [key for key_file in args.ssh_key or [] for key in public_keys(key_file)]
     client = client_for(args)
     env = client.create_env(args.name, prefixes, vm_number=args.vm_number,
                             cpu_num=args.cpu_num, mem_size=args.mem_size,
@@ -194,6 +204,33 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     print(f"creating ENV {args.name} ({len(env['vms'])} VM(s)); VMs boot in parallel",
           file=sys.stderr)
     return _follow_boot(args, client, env["created_at"])
+
+
+# the key types OpenSSH's authorized_keys takes (sshd(8), AUTHORIZED_KEYS FILE FORMAT)
+KEY_TYPES = ("ssh-", "ecdsa-", "sk-")
+
+
+def public_keys(key_file: str) -> list[str]:
+    """The OpenSSH public keys in `key_file` (one per line, as in a .pub file or an
+    authorized_keys file without options; blank and # lines skipped). CliError for an
+    unreadable file, a private key (never sent: it names the .pub file to give instead)
+    or any other line."""
+    try:
+        text = Path(key_file).read_text()
+    except OSError as exc:
+        raise CliError(f"--ssh-key {key_file}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise CliError(f"--ssh-key {key_file}: not a text file (give a .pub file)") from None
+    if "PRIVATE KEY" in text:
+        raise CliError(f"--ssh-key {key_file} is a private key, which stays with you: give "
+                       f"its public half, {key_file}.pub")
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys or not all(key.startswith(KEY_TYPES) and len(key.split()) >= 2
+                           for key in keys):
+        raise CliError(f"--ssh-key {key_file}: not an OpenSSH public key file (lines like "
+                       "'ssh-ed25519 AAAA... comment', as in ~/.ssh/id_ed25519.pub)")
+    return keys
 
 
 def _follow_boot(args: argparse.Namespace, client: Client, since: float) -> int:
@@ -259,14 +296,17 @@ def run_command_line(args: argparse.Namespace) -> str:
     argv = list(getattr(args, "argv", None) or [])
     script = getattr(args, "script", None)
     if sum(map(bool, (args.cmd, argv, script))) != 1:
-        raise CliError("give the command one way: --cmd 'LINE', --script FILE, or words "
-                       "after -- (tt env run NAME -- uname -a)")
+        raise UsageError("give the command one way: --cmd 'LINE', --script FILE, or words "
+                         "after -- (tt env run NAME -- uname -a)")
     if not script:
         return args.cmd or shlex.join(argv)
     try:
         text = Path(script).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"--script {script}: {getattr(exc, 'strerror', None) or exc}") from exc
+    except OSError as exc:
+        raise CliError(f"--script {script}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise CliError(f"--script {script}: not a UTF-8 text file (for a program, 'tt env "
+                       "push' it with --mode 0755 and run it)") from None
     end = f"TT_SCRIPT_{uuid.uuid4().hex}"  # a here-document no script line can close
     return (f"f=$(mktemp) && cat > \"$f\" <<'{end}'\n{text}\n{end}\n"
             'chmod +x "$f" && "$f"; s=$?; rm -f "$f"; exit $s')
@@ -371,8 +411,8 @@ def cmd_env_update(args: argparse.Namespace) -> int:
     CliError when nothing to change is given."""
     if (args.life_time is None and not args.port and not args.no_port
             and args.cpu_num is None and args.mem_size is None):
-        raise CliError("give --life-time SECS, --port PORT, --no-port PORT, or for a "
-                       "stopped ENV --cpu-num N / --mem-size SIZE")
+        raise UsageError("give --life-time SECS, --port PORT, --no-port PORT, or for a "
+                         "stopped ENV --cpu-num N / --mem-size SIZE")
     client = client_for(args)
     envs = [client.update_env(name, args.life_time, args.port, args.no_port,
                               args.cpu_num, args.mem_size) for name in args.names]
@@ -410,7 +450,7 @@ def cmd_env_push(args: argparse.Namespace) -> int:
         data = local.read_bytes()
     except OSError as exc:
         raise CliError(f"--local {args.local}: {exc.strerror or exc}") from exc
-    mode = int(args.mode, 8) if args.mode else None
+    mode = args.mode  # an int (cli._mode) or None
     reply = client.push(args.name, remote, data, mode=mode, use_ssh=args.use_ssh,
                         vms=args.vm)
     bad = [r for r in reply["results"] if r["error"]]

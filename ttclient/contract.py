@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from pydantic import BaseModel, Field, field_validator
 
 from ttclient.imagenames import split_prefixes
+from ttclient.rules import MAX_CPUS, MAX_VMS_PER_ENV
 from ttclient.units import parse_mib
 
 # The largest file a push or a get carries (spooled to disk or streamed, never held whole).
@@ -70,22 +71,6 @@ class ServiceError(Exception):
         return str(self.args[0])
 
 
-# VMs one ENV may hold, in all (vm_number per image times the images matched), as the
-# original TTstack allowed; below it the server's CPU, memory, disk and port pool decide.
-# ttserver and ttproxy check it with the same words (env_size_error).
-MAX_VMS_PER_ENV = 500
-
-
-def env_size_error(vm_number: int, images: int) -> str:
-    """"" when `vm_number` VMs of each of `images` images fit in one ENV, else the
-    message saying what to change."""
-    if vm_number * images <= MAX_VMS_PER_ENV:
-        return ""
-    return (f"an ENV holds at most {MAX_VMS_PER_ENV} VMs; {vm_number} per image x "
-            f"{images} matched image(s) is {vm_number * images}: lower vm_number or "
-            "match fewer images")
-
-
 class EnvCreate(BaseModel):
     """Body of POST /envs; `mem_size` and `disk_size` come out as MiB ints, `os_prefix`
     split into single prefixes."""
@@ -95,7 +80,7 @@ class EnvCreate(BaseModel):
     vm_number: int = Field(1, ge=1, le=MAX_VMS_PER_ENV,
                            description=f"VMs per matched image; {MAX_VMS_PER_ENV} in all "
                                        "at most")
-    cpu_num: int = Field(1, ge=1, le=64)
+    cpu_num: int = Field(1, ge=1, le=MAX_CPUS)
     mem_size: int | str = Field(512, description="MiB, or a size like '1G'")
     disk_size: int | str | None = Field(None, description="MiB or '4G'; grows the clone")
     life_time: int | None = Field(None, ge=1, description="seconds until automatic deletion")
@@ -133,7 +118,7 @@ class EnvUpdate(BaseModel):
     add_ports: list[int] = Field(default_factory=list, description="guest TCP ports to expose")
     remove_ports: list[int] = Field(default_factory=list,
                                     description="guest TCP ports to stop exposing")
-    cpu_num: int | None = Field(None, ge=1, le=64,
+    cpu_num: int | None = Field(None, ge=1, le=MAX_CPUS,
                                 description="vCPUs per VM (a stopped ENV only; at start)")
     mem_size: int | str | None = Field(None, description="memory per VM, MiB or '1G' (a "
                                                          "stopped ENV only; at start)")

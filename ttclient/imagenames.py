@@ -139,6 +139,7 @@ def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageN
         hits = sorted(img for img in available if prefix.matches(img))
         if not hits:
             names = ", ".join(sorted(i.full for i in available)) or "none"
-            raise NoMatchingImage(f"OS prefix {text!r} matches no image; available: {names}")
+            raise NoMatchingImage(f"{text!r} matches no image (as an OS prefix or an image "
+                                  f"name); available: {names}")
         chosen.extend(h for h in hits if h not in chosen)
     return chosen

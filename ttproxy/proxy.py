@@ -19,13 +19,14 @@ from functools import partial
 from typing import TypeVar
 
 from ttclient.api import ApiError, Client, vm_refs
-from ttclient.contract import ServiceError, env_size_error
+from ttclient.contract import ServiceError
 from ttclient.imagenames import (
     ImageNameError,
     NoMatchingImage,
     match_images,
     parse_image_name,
 )
+from ttclient.rules import env_size_error
 
 from .directory import EnvDirectory
 from .merge import Part, may_see, merge_env, merge_results, merge_status

@@ -7,12 +7,11 @@ envs.EnvManager applies them under its admission lock, inside one SQLite transac
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttclient.contract import MAX_VMS_PER_ENV, env_size_error
+from ttclient.rules import MAX_VMS_PER_ENV, env_name_error, env_size_error
 
 from . import images
 from .config import ServerConfig
@@ -21,7 +20,6 @@ from .errors import BadRequest, InsufficientResources, TTError
 from .states import PENDING
 from .vm import domainxml
 
-ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")  # fullmatch: "$" lets "\n" through
 # authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
 # (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
 MAX_SSH_KEYS_BYTES = 32 << 10
@@ -56,9 +54,8 @@ class EnvRequest:
 def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     """The images the request's prefixes select; BadRequest (a message saying what to
     change) for any rule broken, NotFound for a prefix that matches no image."""
-    if not ENV_NAME.fullmatch(req.name):
-        raise BadRequest(f"ENV name {req.name!r}: use 1-40 letters, digits, '-' or '_',"
-                         " starting with a letter or digit")
+    if error := env_name_error(req.name):
+        raise BadRequest(error)
     if not 1 <= req.vm_number <= MAX_VMS_PER_ENV:
         raise BadRequest(f"vm_number must be 1..{MAX_VMS_PER_ENV}")
     if req.cpu_num < 1 or req.mem_size < 128:
