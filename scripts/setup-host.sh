@@ -12,7 +12,7 @@ say() { echo "[setup] $*"; }
 # Only the emulator we use: libvirtd probes every installed qemu-system-* on first connect.
 APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps
-  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse"
+  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse git rsync"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   say "installing: $(echo $missing)"
@@ -58,6 +58,19 @@ if [ "$installed" != "$here" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   say "pip install -e .[server,proxy,test]"
   "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[server,proxy,test]"
   mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
+fi
+
+# gitlab-ci-local runs the GitLab component in the CI template tests (it needs rsync and
+# git); 4.60.0 is the newest that runs on Debian 12's Node (the 4.7x releases need Node 22)
+GITLAB_CI_LOCAL_VERSION=4.60.0
+if ! command -v npm >/dev/null; then  # a host's own Node (e.g. NodeSource's) is kept
+  say "installing: nodejs npm"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ "$(gitlab-ci-local --version 2>/dev/null)" != "$GITLAB_CI_LOCAL_VERSION" ]; then
+  say "npm install -g gitlab-ci-local@$GITLAB_CI_LOCAL_VERSION"
+  npm install -g --no-fund --no-audit --loglevel=error "gitlab-ci-local@$GITLAB_CI_LOCAL_VERSION" >/dev/null
 fi
 
 for os in $IMAGES; do

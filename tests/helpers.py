@@ -112,6 +112,7 @@ class ServerProcess(DaemonProcess):
         self.port = port or free_port()
         self.port_range = port_range or "41000-41999"
         self.extra = list(extra)
+        self.token: str | None = None  # the API token delete_all_envs uses
         self.log = cfgdb.parent / f"{cfgdb.name}-server.log"
 
     def start(self, timeout: float = 60) -> ServerProcess:
@@ -131,9 +132,14 @@ class ServerProcess(DaemonProcess):
 
     def delete_all_envs(self) -> None:
         """Test teardown: a failed test must not leave VMs running for the next one."""
+        # a server with tokens lists and deletes what `self.token` (set by the test) owns
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            for env in requests.get(self.url + "/envs", timeout=10).json():
-                requests.delete(f"{self.url}/envs/{env['name']}", timeout=120)
+            resp = requests.get(self.url + "/envs", timeout=10, headers=headers)
+            resp.raise_for_status()
+            for env in resp.json():
+                requests.delete(f"{self.url}/envs/{env['name']}", timeout=120,
+                                headers=headers)
         except requests.RequestException:
             pass
 
@@ -222,6 +228,16 @@ def warm_template_cache(timeout: float = 900) -> list[dict]:
 
 
 NOTHING_LEFT = {"domains": [], "processes": [], "dirs": [], "ports": []}
+
+
+def add_token(tokens: Path, name: str, *flags: str) -> str:
+    """A new API token `name` in the tokens file `tokens` (`ttserver token add`); the
+    token's text."""
+    proc = subprocess.run([sys.executable, "-m", "ttserver.cli", "token", "--tokens-file",
+                           str(tokens), "add", name, *flags], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
 
 
 def new_run_dir(prefix: str = "") -> Path:

@@ -17,17 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ProxyProcess, ServerProcess, new_run_dir, tt, wait_env
+from helpers import ProxyProcess, ServerProcess, add_token, new_run_dir, tt, wait_env
 
 pytestmark = pytest.mark.vm
-
-
-def add_token(tokens: Path, name: str, *flags: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "ttserver.cli", "token", "--tokens-file",
-                           str(tokens), "add", name, *flags], capture_output=True, text=True,
-                          timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
 
 
 def h(token: str) -> dict:
