@@ -11,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from ttclient import configfile
 from ttclient.config import parse_server
+from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
 from ttclient.serving import add_http_timeout_options
 
@@ -55,13 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_allowed_host_option(p, "proxy")
     add_http_timeout_options(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    add_config_option(p, "/etc/ttstack/ttproxy.toml")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `ttproxy` with `argv` (default sys.argv[1:]) until stopped: 0, or 2 for a
     --health-interval outside 0.1..60, a missing dependency or an unreadable --token-file."""
-    args = build_parser().parse_args(argv)
+    args = configfile.parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
     if not 0.1 <= args.health_interval <= 60:
         print("ttproxy: --health-interval must be 0.1..60 seconds", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from ttclient import configfile
+from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
 from ttclient.serving import add_http_timeout_options
 from ttclient.units import parse_mib
@@ -150,6 +152,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"libvirt connection (default {d['libvirt_uri']})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                    help="default info")
+    add_config_option(p, "/etc/ttstack/ttserver.toml")
     return p
 
 
@@ -253,7 +256,7 @@ def image_main(argv: list[str]) -> int:
 def serve_main(argv: list[str]) -> int:
     """Run the daemon with `argv` until it is stopped: 0; 2 for a missing dependency, an
     unusable --accel kvm or a bad --life-time; 1 when the server cannot start."""
-    args = serve_parser().parse_args(argv)
+    args = configfile.parse_args(serve_parser(), argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
