@@ -12,7 +12,7 @@ say() { echo "[setup] $*"; }
 # Only the emulator we use: libvirtd probes every installed qemu-system-* on first connect.
 APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps
-  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse git rsync"
+  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse git rsync systemd"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   say "installing: $(echo $missing)"
@@ -58,6 +58,17 @@ if [ "$installed" != "$here" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   say "pip install -e .[server,proxy,test]"
   "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[server,proxy,test]"
   mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
+fi
+
+# The packaging test installs the built wheel into clean venvs without the network: a
+# wheelhouse of every dependency of the client, [pytest] and [server] extras (libvirt-python
+# built once here, from libvirt-dev), remade when pyproject.toml changes.
+WHEELHOUSE=/var/lib/ttstack/wheelhouse
+if [ "$(cat "$WHEELHOUSE/.stamp" 2>/dev/null)" != "$want" ]; then
+  say "pip wheel: the dependencies' wheelhouse in $WHEELHOUSE"
+  rm -rf "$WHEELHOUSE" && mkdir -p "$WHEELHOUSE"
+  "$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$WHEELHOUSE" ".[server,pytest]"
+  rm -f "$WHEELHOUSE"/ttstack-*.whl && echo "$want" > "$WHEELHOUSE/.stamp"
 fi
 
 # gitlab-ci-local runs the GitLab component in the CI template tests (it needs rsync and

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,9 +102,11 @@ def test_a_public_key_file_with_several_keys_is_sent_line_by_line(tt, tmp_path):
 
 
 @pytest.mark.parametrize(("option", "value", "fragment"), [
-    ("-n", "0", "outside 1-500 VMs"), ("--vm-number", "501", "outside 1-500 VMs"),
-    ("-c", "0", "outside 1-64 vCPUs"), ("-c", "many", "not a number of vCPUs"),
+    ("-n", "0", "outside 1-500 (VMs)"), ("--vm-number", "501", "outside 1-500 (VMs)"),
+    ("-c", "0", "outside 1-64 (vCPUs)"), ("-c", "many", "not a number (vCPUs, 1-64)"),
     ("-l", "0", "seconds"), ("-p", "22", "22 is always forwarded"),
+    ("-l", "700000", "outside 1-604800 (seconds)"),  # the server's 7 days, said here
+    ("-p", ",".join(str(p) for p in range(1000, 1033)), "33 ports: an ENV forwards at most 32"),
     ("-p", "70000", "1-65535"), ("-p", "80,x", "not a port number"),
     ("--wait-timeout", "-1", "seconds"), ("--wait-timeout", "nan", "seconds"),
     ("--wait-timeout", "inf", "seconds"), ("--ssh-key", "", "empty"),
@@ -117,6 +121,52 @@ def test_push_mode_must_be_octal(tt, tmp_path, mode):
     (tmp_path / "f").write_text("x")
     refused(tt("env", "push", "e", "--local", str(tmp_path / "f"), "--mode", mode), 2,
             "octal file mode")
+
+
+def test_guest_paths_must_be_absolute(tt, tmp_path):
+    (tmp_path / "f").write_text("x")
+    refused(tt("env", "push", "e", "--local", str(tmp_path / "f"), "--remote", "rel/x"), 2,
+            "give an absolute path in the guest")
+    refused(tt("env", "get", "e", "--remote", "etc/hostname"), 2, "absolute path")
+
+
+def test_get_into_a_file_is_refused(tt, tmp_path, monkeypatch):
+    # it was a NotADirectoryError traceback, after the VMs had been asked
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr("ttclient.api.Client.get_env", lambda self, name: {
+        "name": name, "state": "running", "vms": [{"id": "i", "name": "e-0", "idx": 0,
+                                                   "state": "running"}]})
+    refused(tt("env", "get", "e", "--remote", "/etc/hostname", "--local",
+               str(tmp_path / "file")), 2, "is a file: give a directory")
+
+
+def test_ssh_identity_is_checked_here(tt, tmp_path):
+    refused(tt("env", "ssh", "e", "-i", str(tmp_path / "nope"), "--", "true"), 1,
+            "No such file or directory")
+    pub = tmp_path / "id.pub"
+    pub.write_text("ssh-ed25519 AAAAC3 u@h\n")
+    refused(tt("env", "ssh", "e", "-i", str(pub), "--", "true"), 1,
+            f"is a public key: give the private key ({tmp_path / 'id'})")
+
+
+def test_token_messages(tt, tmp_path, monkeypatch):
+    refused(tt("config", "--token", "a b"), 1, "a token has no spaces")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))
+    refused(tt("config", "--token", "-"), 1, "stdin held no token")
+    assert tt("config", "--token", "t0k")[0] == 0
+    code, out, _ = tt("config", "--token", "")  # forgets it
+    assert code == 0 and "no token" in out
+    assert json.loads((tmp_path / "config.json").read_text())["token"] == ""
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `tt completion zsh | head -3` printed a BrokenPipeError traceback
+    # (`true` exits before Python has started, so the pipe is closed when tt writes)
+    res = subprocess.run(["bash", "-c", f"{sys.executable} -m ttclient.cli completion zsh "
+                          "| true; echo ${PIPESTATUS[0]}"],
+                         capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.stdout.strip() == "141"  # as a program SIGPIPE ended
 
 
 def test_empty_paths_are_refused(tt):

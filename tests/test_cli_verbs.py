@@ -101,7 +101,10 @@ def test_console_follow_shows_a_new_line_within_two_seconds(ctx: Ctx):
     try:
         assert follow.stdout is not None
         os.set_blocking(follow.stdout.fileno(), False)
-        time.sleep(1)  # its first tail is printed
+        time.sleep(1.5)  # its first tail is printed, and polls have run
+        first = follow.stdout.read() or b""
+        # it printed the whole 200-line window again on its first poll
+        assert 1 <= len(first.splitlines()) <= 5, first[-2000:]
         mark = f"ttmark-{time.time_ns()}"
         res = ctx.tt("env", "run", ENV, "--vm", "0", "--", "sh", "-c",
                      f"echo {mark} > /dev/ttyS0")
@@ -217,8 +220,11 @@ def test_ports_lists_and_several_names(ctx: Ctx):
 def test_kick_removes_vms_and_update_resizes_a_stopped_env(ctx: Ctx):
     srv = ctx.srv
     res = ctx.tt("env", "add", "resize", "--os-prefix", "debian-12:x86_64", "-n", "2",
-                 timeout=600)
+                 "--disk-size", "3G", timeout=600)
     assert res.returncode == 0, res.stderr
+    # the disk grew and so did its filesystem (it stayed at the image's 2 GiB)
+    res = ctx.tt("env", "run", "resize", "--vm", "0", "--", "df", "-BM", "--output=size", "/")
+    assert res.returncode == 0 and int(res.stdout.split()[-1].rstrip("M")) > 2900, res.stdout
     env = requests.get(f"{srv.url}/envs/resize", timeout=10).json()
     kicked = env["vms"][1]
     res = ctx.tt("env", "kick", "resize", "1", "--json")
@@ -229,12 +235,18 @@ def test_kick_removes_vms_and_update_resizes_a_stopped_env(ctx: Ctx):
     assert not gone["ports"], gone
     res = ctx.tt("env", "kick", "resize", "resize-0")
     assert res.returncode == 1 and "every VM of ENV 'resize': delete the ENV" in res.stderr
+    res = ctx.tt("env", "add", "slow", "--os-prefix", "debian-12:x86_64", "--cold",
+                 "--wait-timeout", "1")
+    assert res.returncode == 1 and "it keeps booting on the server" in res.stderr, res.stderr
+    assert requests.delete(f"{srv.url}/envs/slow", timeout=120).status_code == 200
     res = ctx.tt("env", "kick", "resize", "9")
     assert res.returncode == 1 and "has no VM '9'" in res.stderr
 
     res = ctx.tt("env", "update", "resize", "-c", "2", "-m", "768")
     assert res.returncode == 1 and "only while it is stopped" in res.stderr, res.stderr
     assert ctx.tt("env", "stop", "resize", timeout=300).returncode == 0
+    res = ctx.tt("env", "console", "resize", "0", "--lines", "3")  # was refused: "stopped"
+    assert res.returncode == 0 and 1 <= len(res.stdout.splitlines()) <= 3, res.stderr
     res = ctx.tt("env", "update", "resize", "-c", "2", "-m", "768M", "--json")
     assert res.returncode == 0, res.stderr
     vm = json.loads(res.stdout)["vms"][0]
@@ -299,3 +311,32 @@ def test_the_client_repeats_only_what_is_safe_to_repeat():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_partial_failures_and_look_alike_names(ctx: Ctx, tmp_path: Path):
+    res = ctx.tt("env", "show", ENV, "NOPE")  # showed nothing at all
+    assert res.returncode == 1 and f"ENV {ENV}: running" in res.stdout
+    assert "'NOPE' does not exist" in res.stderr
+    before = requests.get(f"{ctx.srv.url}/envs/{ENV}", timeout=10).json()["expires_at"]
+    res = ctx.tt("env", "update", ENV, "NOPE", "-l", "3000")  # changed ENV, then failed
+    assert res.returncode == 1 and "'NOPE' does not exist" in res.stderr
+    after = requests.get(f"{ctx.srv.url}/envs/{ENV}", timeout=10).json()["expires_at"]
+    assert after == before
+    res = ctx.tt("env", "add", ENV.upper(), "--os-prefix", "debian-12", "--no-wait")
+    assert res.returncode == 1 and "names must differ in more than case" in res.stderr
+    res = ctx.tt("env", "run", ENV, "--vm", "0", "--vm", f"{ENV}-0", "--", "sh", "-c",
+                 "exit 4")  # one VM, named twice: its own status
+    assert res.returncode == 4, res.stdout + res.stderr
+
+
+def test_get_recursive_skips_what_the_data_filter_refuses(ctx: Ctx, tmp_path: Path):
+    res = ctx.tt("env", "run", ENV, "--vm", "0", "--cmd",
+                 "rm -rf /tmp/abs && mkdir /tmp/abs && echo hi > /tmp/abs/a && "
+                 "ln -s /etc/hostname /tmp/abs/link")
+    assert res.returncode == 0, res.stdout
+    res = ctx.tt("env", "get", ENV, "--vm", "0", "-r", "--remote", "/tmp/abs", "--local",
+                 str(tmp_path))  # stopped half-way at the absolute link
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "skipped 1 the data filter refuses: ./link:" in res.stdout, res.stdout
+    assert (tmp_path / f"{ENV}-0" / "abs" / "a").read_text() == "hi\n"
+    assert not (tmp_path / f"{ENV}-0" / "abs" / "link").exists()

@@ -83,3 +83,15 @@ def test_ttserver_runs_from_a_config_file():
                           str(run_dir / "missing.toml")], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2 and "missing.toml" in res.stderr
+
+
+def test_the_documented_examples_parse(tmp_path):
+    """docs/operator.md's full examples are files both daemons take."""
+    docs = (Path(__file__).parents[1] / "docs" / "operator.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in docs.split("```toml\n")[1:]]
+    assert len(blocks) == 2
+    for block, parser in zip(blocks, (serve_parser(), proxy_parser()), strict=True):
+        path = tmp_path / "example.toml"
+        path.write_text(block)
+        args = configfile.parse_args(parser, ["--config", str(path)])
+        assert args.log_format == "json"

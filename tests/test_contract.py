@@ -22,6 +22,7 @@ from ttclient.contract import (
     ServiceError,
     VMInfo,
 )
+from ttclient.metrics import DaemonMetrics
 from ttclient.routes import create_app
 from ttproxy.merge import Part, merge_env, merge_results
 from ttserver.db import EnvRow, VMRow
@@ -89,6 +90,10 @@ class Service:
         self.token = token
         self.authenticate = self._auth if token else None
         self.calls: list[tuple] = []
+        self.metrics = DaemonMetrics()
+
+    def may_scrape(self, caller: object) -> None:
+        pass
 
     def _auth(self, authorization: str | None) -> str:
         if authorization != f"Bearer {self.token}":
@@ -258,3 +263,13 @@ def test_one_caller_cannot_take_every_thread_and_health_needs_none():
         release.set()
         server.should_exit = True
         thread.join(10)
+
+
+def test_metrics_count_requests_by_route_template(client):
+    client.get("/envs/e1")
+    client.get("/envs/nope")
+    text = client.get("/metrics").text
+    assert ('ttstack_http_requests_total{code="200",method="GET",route="/envs/{name}"} 1.0'
+            in text), text
+    assert 'route="/envs/{name}"' in text and 'route="/envs/e1"' not in text
+    assert "ttstack_http_request_duration_seconds_bucket" in text

@@ -37,6 +37,13 @@ def test_arch_suffix_and_aliases_narrow_the_match():
     assert names(["qemu:debian-12:amd64"]) == ["qemu:debian-12:x86_64"]
 
 
+def test_the_start_of_an_image_name_is_a_prefix():
+    # `tt env add --image qemu:debian-12` said "unknown arch 'debian-12'"
+    assert names(["qemu:debian-12"]) == ["qemu:debian-12:aarch64", "qemu:debian-12:x86_64"]
+    assert names(["QEMU:deb-arm64"]) == ["qemu:debian-12:aarch64"]
+    assert parse_os_prefix("qemu:cent").engine == "qemu"
+
+
 def test_overlapping_prefixes_give_each_image_once_in_order():
     assert names(["debian-13", "deb"]) == ["qemu:debian-13:x86_64", "qemu:debian-12:aarch64",
                                            "qemu:debian-12:x86_64"]

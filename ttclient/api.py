@@ -43,8 +43,8 @@ class ReportingRetry(Retry):
 # What `Client(retry=True)` repeats: calls that are safe to repeat (GET, HEAD, DELETE)
 # when the server could not be reached or answered 502/503/504, as while it restarts for
 # an upgrade; never one whose answer was lost on the way (read=0: it may have acted).
-# Waits 0.5, 1, 2, 4 s between tries (7.5 s in all; an unreachable server is reported
-# after them).
+# Tries again at once, then after 1, 2 and 4 s (urllib3: no wait after the first error,
+# then backoff_factor * 2**(n-1)); an unreachable server is reported after 7 s.
 RETRY = ReportingRetry(total=4, connect=4, read=0, status=4, backoff_factor=0.5,
                        status_forcelist=(502, 503, 504),
                        allowed_methods=("GET", "HEAD", "DELETE"), raise_on_status=False)
@@ -57,6 +57,10 @@ class ApiError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class EnvWaitTimeout(ApiError):
+    """wait_env's ENV was still creating or starting when its time was up."""
 
 
 def _detail(resp: requests.Response) -> str:
@@ -217,7 +221,7 @@ class Client:
         try:
             return wait_for(settled, timeout, interval=interval, what=f"ENV {name!r}")
         except WaitTimeout:
-            raise ApiError(f"ENV {name!r} was still {seen['env']['state']} after "
+            raise EnvWaitTimeout(f"ENV {name!r} was still {seen['env']['state']} after "
                            f"{timeout:.0f}s") from None
 
     def run(self, name: str, cmd: str, use_ssh: bool = False, timeout: float = 600,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -42,7 +44,14 @@ from .commands import (
     cmd_status,
 )
 from .config import parse_server
-from .rules import MAX_CPUS, MAX_VMS_PER_ENV, env_name_error, vm_ref_error
+from .rules import (
+    MAX_CPUS,
+    MAX_LIFE_TIME,
+    MAX_PORTS,
+    MAX_VMS_PER_ENV,
+    env_name_error,
+    vm_ref_error,
+)
 from .shell import ShellError, cmd_env_console, cmd_env_ssh, cmd_env_ssh_config
 from .units import parse_mib
 
@@ -59,15 +68,16 @@ def _mib(text: str) -> int:
 
 def _number_in(convert: Callable[[str], float], low: int, high: int,
                unit: str) -> Callable[[str], float]:
-    """An argparse type: `convert(text)` within low..high `unit`s, or an
-    ArgumentTypeError saying what is wrong."""
+    """An argparse type: `convert(text)` within low..high, `unit` naming what it counts
+    ("seconds", "a port"), or an ArgumentTypeError saying what is wrong."""
     def parse(text: str) -> float:
         try:
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number ({unit}, "
+                                             f"{low}-{high})") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is outside {low}-{high} {unit}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}-{high} ({unit})")
         return value
     return parse
 
@@ -77,8 +87,7 @@ _wait_seconds = _number_in(float, 1, 7 * 86400, "seconds")  # how long `tt` foll
 _lines = _number_in(int, 1, 2000, "lines")  # console lines (what the server gives)
 _vm_count = _number_in(int, 1, MAX_VMS_PER_ENV, "VMs")
 _cpus = _number_in(int, 1, MAX_CPUS, "vCPUs")
-# the server's own maximum (--max-life-time) is checked there; ten years is nobody's
-_life_seconds = _number_in(int, 1, 10 * 365 * 86400, "seconds")
+_life_seconds = _number_in(int, 1, MAX_LIFE_TIME, "seconds")  # 7 days
 
 
 def _checked(error_of: Callable[[str], str]) -> Callable[[str], str]:
@@ -93,6 +102,8 @@ def _checked(error_of: Callable[[str], str]) -> Callable[[str], str]:
 _env_name = _checked(env_name_error)
 _vm_ref = _checked(vm_ref_error)
 _path = _checked(lambda text: "" if text.strip() else "give a path (it is empty)")
+_absolute = _checked(lambda text: "" if text.startswith("/") else
+                     f"{text!r}: give an absolute path in the guest (e.g. /tmp/x)")
 
 
 def _server(text: str) -> str:
@@ -135,8 +146,12 @@ def _mode(text: str) -> int:
 def _ports(text: str) -> list[int]:
     """argparse type: guest TCP ports, `8080` or `80,443` (`/tcp` allowed); UDP is refused
     with the reason."""
-    ports = []
-    for item in text.split(","):
+    ports: list[int] = []
+    items = text.split(",")
+    if len(items) > MAX_PORTS:
+        raise argparse.ArgumentTypeError(f"{len(items)} ports: an ENV forwards at most "
+                                         f"{MAX_PORTS} (besides SSH)")
+    for item in items:
         number, _, proto = item.strip().partition("/")
         if proto and proto.lower() != "tcp":
             raise argparse.ArgumentTypeError(
@@ -174,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="set or show the server address")
     c.add_argument("--serv-addr", type=_host, metavar="HOST",
                    help="the server's host name or address")
-    c.add_argument("--serv-port", type=_number_in(int, 1, 65535, "port"), metavar="PORT",
+    c.add_argument("--serv-port", type=_number_in(int, 1, 65535, "a TCP port"), metavar="PORT",
                    help="its TCP port (default 20000)")
     c.add_argument("--token", help="API token from the operator ('-': read it from stdin,"
-                                   " keeping it out of shell history); or set $TT_TOKEN")
+                                   " keeping it out of shell history; '': forget the saved "
+                                   "one); or set $TT_TOKEN")
     c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("status", help="client info, or server resources with --remote")
@@ -194,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=lambda args: _completion(p, args.shell))
 
     image = sub.add_parser("image", help="images on the server").add_subparsers(
-        dest="image_command", required=True)
+        dest="image_command", required=True, metavar="list")
     il = image.add_parser("list", help="images: OS, version, arch, size, warm template")
     il.add_argument("--json", action="store_true")
     il.set_defaults(func=cmd_image_list)
 
-    env = sub.add_parser("env", help="manage ENVs").add_subparsers(dest="env_command",
-                                                                   required=True)
+    env = sub.add_parser("env", help="manage ENVs").add_subparsers(
+        dest="env_command", required=True, metavar="VERB")
     a = env.add_parser("add", help="create an ENV and wait until its VMs are up")
     a.add_argument("name", type=_env_name)
     a.add_argument("--os-prefix", action="append", help="comma list, case-insensitive prefixes")
@@ -225,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start VMs from their image's memory snapshot (~1 s; the first"
                             " ENV of a shape boots cold while the snapshot is made)")
     speed.add_argument("--cold", dest="warm", action="store_const", const=False,
-                       help="always boot (the server's default unless it runs --warm-clones)")
+                       help="always boot (default: the server's choice, warm unless it "
+                            "runs --no-warm-clones)")
     a.add_argument("--no-wait", action="store_true", help="return once the server accepted it")
     a.add_argument("--wait-timeout", type=_wait_seconds, default=900.0,
                    help="seconds to follow the boot (default 900)")
@@ -277,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--json", action="store_true")
     sa.set_defaults(func=cmd_env_start)
 
-    up = env.add_parser("update", help="change ENVs' life time or exposed ports")
+    up = env.add_parser("update", help="change ENVs' life time or exposed ports, or a "
+                                       "stopped ENV's vCPUs and memory")
     up.add_argument("names", nargs="+", metavar="NAME", type=_env_name)
     up.add_argument("-l", "--life-time", type=_life_seconds,
                     help="seconds from now until deletion")
@@ -325,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     pu = env.add_parser("push", help="copy a local file (or -r a directory) to every VM")
     pu.add_argument("name", type=_env_name)
     pu.add_argument("--local", required=True, type=_path, help="the file (or -r directory)")
-    pu.add_argument("--remote", help="absolute path in the VMs (default /tmp/<basename>)")
+    pu.add_argument("--remote", type=_absolute,
+                    help="absolute path in the VMs (default /tmp/<basename>)")
     pu.add_argument("-r", "--recursive", action="store_true",
                     help="copy a directory tree (as a tar stream)")
     pu.add_argument("--vm", action="append", metavar="REF", type=_vm_ref,
@@ -337,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = env.add_parser("get", help="copy a file (or -r a directory) from every VM into "
                                    "LOCAL/<vm>/")
     g.add_argument("name", type=_env_name)
-    g.add_argument("--remote", required=True, type=_path, help="absolute path in the VMs")
+    g.add_argument("--remote", required=True, type=_absolute,
+                   help="absolute path in the VMs")
     g.add_argument("--local", default=".", type=_path,
                    help="directory to write LOCAL/<vm>/ into (default .)")
     g.add_argument("-r", "--recursive", action="store_true",
@@ -364,7 +384,8 @@ ARGV_COMMANDS = (["env", "run"], ["env", "ssh"])
 
 def main(argv: list[str] | None = None) -> int:
     """Run `tt` with `argv` (default sys.argv[1:]): the command's exit code; 1 after
-    printing an error line, 2 for bad usage, 130 on Ctrl-C."""
+    printing an error line, 2 for bad usage, 130 on Ctrl-C, 141 when the output's reader
+    went away."""
     words = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     after = None
@@ -381,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     args.argv = after or []
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except UsageError as exc:
         print(f"tt: error: {exc}", file=sys.stderr)
         return 2
@@ -390,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`tt env list | head -1`): end quietly, with the status of a
+        # program SIGPIPE ended; later flushes go nowhere (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as cfgmod
-from .api import ApiError, Client, changed_vms, vm_refs
+from .api import ApiError, Client, EnvWaitTimeout, changed_vms, vm_refs
 from .imagenames import split_prefixes
 
 
@@ -60,16 +60,19 @@ def _mib_text(mib: int) -> str:
 
 # --- config / status -----------------------------------------------------------------
 def cmd_config(args: argparse.Namespace) -> int:
-    """`tt config`: save the given address, port or token, or show the current ones; 0.
-    CliError for a bad token or port."""
+    """`tt config`: save the given address, port or token (`--token ''` forgets it), or
+    show the current ones; 0. CliError for a token with whitespace, or none on stdin."""
     cfg = cfgmod.load(apply_env=bool(not args.serv_addr and not args.serv_port
                                      and args.token is None))
     changed = False
     if args.token is not None:
         token = sys.stdin.readline().strip() if args.token == "-" else args.token.strip()
-        if not token or any(c.isspace() for c in token):
-            raise CliError("--token: give the token printed by 'ttserver token add' (or '-'"
-                           " to read it from stdin)")
+        if args.token == "-" and not token:
+            raise CliError("--token -: stdin held no token (pipe in the one 'ttserver token "
+                           "add' printed)")
+        if any(c.isspace() for c in token):
+            raise CliError("--token: a token has no spaces or line breaks; give the one "
+                           "'ttserver token add' printed")
         cfg.token, changed = token, True
     if args.serv_addr:
         cfg.serv_addr, changed = args.serv_addr, True
@@ -77,12 +80,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         cfg.serv_port, changed = args.serv_port, True
     if changed:
         path = cfgmod.save(cfg)
-        print(f"saved {cfg.serv_addr}:{cfg.serv_port}{' and the token' if cfg.token else ''}"
+        print(f"saved {cfg.address}{' and the token' if cfg.token else ', no token'}"
               f" to {path} (mode 0600)")
     else:
         token = "token set" if cfg.token else "no token"
-        print(f"server: {cfg.serv_addr}:{cfg.serv_port}, {token} (config: "
-              f"{cfgmod.config_path()})")
+        print(f"server: {cfg.address}, {token} (config: {cfgmod.config_path()})")
     return 0
 
 
@@ -119,7 +121,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{label}  accel={row['accel']}  CPU {row['cpu_used']}/{row['cpu_total']}  "
               f"mem {_mib_text(row['mem_used_mib'])}/{_mib_text(row['mem_total_mib'])}  "
               f"disk {_mib_text(row['disk_used_mib'])}/{_mib_text(row['disk_total_mib'])}  "
-              f"ENVs {row['env_count']}")
+              f"ENVs {row['env_count']}  network={row.get('network', '?')}  "
+              f"storage={row.get('storage', '?')}")
+        if row.get("accel_reason"):
+            print(f"  accel: {row['accel_reason']}")
     print("images: " + (", ".join(i["name"] for i in st["images"]) or "none"))
     templates = [t for row in rows for t in row.get("templates", [])]
     if templates:
@@ -159,7 +164,8 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 # --- env -----------------------------------------------------------------------------
 def _vm_line(vm: dict, since: float | None = None) -> str:
-    took = f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds") else ""
+    took = (f" in {vm['boot_seconds']:.1f}s" if vm.get("boot_seconds")
+            and vm["state"] == "running" else "")  # a stopped VM's last boot is history
     if took and vm.get("boot_mode") == "warm":
         took += " (warm)"
     if vm["state"] in ("pending", "booting") and since:
@@ -244,6 +250,9 @@ def _follow_boot(args: argparse.Namespace, client: Client, since: float) -> int:
 
     try:
         env = client.wait_env(args.name, timeout=args.wait_timeout, on_change=on_change)
+    except EnvWaitTimeout as exc:
+        raise CliError(f"{exc}; it keeps booting on the server: 'tt env show {args.name}' "
+                       f"to follow it, 'tt env del {args.name}' to drop it") from None
     except KeyboardInterrupt:
         print(f"\ninterrupted; the ENV keeps booting on the server: 'tt env show {args.name}'"
               f" to follow it, 'tt env del {args.name}' to drop it", file=sys.stderr)
@@ -279,12 +288,22 @@ def cmd_env_show(args: argparse.Namespace) -> int:
     """`tt env show NAME...`: each ENV and its VMs (--json: one object, or a list for
     several names); 0."""
     client = client_for(args)
-    envs = [client.get_env(name) for name in args.names]
+    envs, errors = [], []
+    for name in args.names:  # the ones that exist are shown, the others named after
+        try:
+            envs.append(client.get_env(name))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            errors.append(str(exc))
     if args.json:
-        _print_json(envs[0] if len(envs) == 1 else envs)
-        return 0
-    for env in envs:
-        _show_env(env)
+        if envs:
+            _print_json(envs[0] if len(args.names) == 1 else envs)
+    else:
+        for env in envs:
+            _show_env(env)
+    if errors:
+        raise CliError("; ".join(errors))
     return 0
 
 
@@ -317,8 +336,9 @@ def cmd_env_run(args: argparse.Namespace) -> int:
     addressed (--vm), its exit status; else 1 when any command failed, 0 when none did.
     CliError when no VM is running."""
     binary = getattr(args, "binary", False)
+    vms = list(dict.fromkeys(args.vm)) if args.vm else None  # `--vm 0 --vm 0` is one VM
     reply = client_for(args).run(args.name, run_command_line(args), use_ssh=args.use_ssh,
-                                 timeout=args.timeout, binary=binary, vms=args.vm)
+                                 timeout=args.timeout, binary=binary, vms=vms)
     results = reply["results"]
     if args.json:
         _print_json(reply)
@@ -358,7 +378,7 @@ def cmd_env_run(args: argparse.Namespace) -> int:
         return 124
     if failed:
         print(f"tt: command failed on {', '.join(failed)}", file=sys.stderr)
-        if args.vm and len(args.vm) == 1 and len(results) == 1:
+        if args.vm and len(results) == 1:  # one VM addressed (by one or more refs)
             code = results[0]["exit_code"]
             return code if isinstance(code, int) and 0 < code < 256 else 1
         return 1
@@ -414,6 +434,8 @@ def cmd_env_update(args: argparse.Namespace) -> int:
         raise UsageError("give --life-time SECS, --port PORT, --no-port PORT, or for a "
                          "stopped ENV --cpu-num N / --mem-size SIZE")
     client = client_for(args)
+    for name in args.names:  # every name must exist before any ENV changes
+        client.get_env(name)
     envs = [client.update_env(name, args.life_time, args.port, args.no_port,
                               args.cpu_num, args.mem_size) for name in args.names]
     if args.json:
@@ -500,6 +522,24 @@ def _plain_file_name(name: str) -> bool:
             and not any(ord(c) < 32 for c in name))
 
 
+def _extract_tree(data: bytes, dest: Path) -> list[str]:
+    """Unpack the tar `data` into `dest` through tarfile's `data` filter (no absolute
+    names, no "..", no links out of the tree, no devices), skipping each member it refuses
+    instead of stopping half-way; what was skipped, as "NAME: why" lines."""
+    skipped: list[str] = []
+
+    def keep_safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        try:
+            return tarfile.data_filter(member, path)
+        except tarfile.FilterError as exc:
+            skipped.append(f"{member.name}: {exc}")
+            return None
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter=keep_safe)
+    return skipped
+
+
 def cmd_env_get(args: argparse.Namespace) -> int:
     """`tt env get`: copy a guest file (or with -r a directory, as a tar stream) from every
     running VM, or the --vm ones, to LOCAL/<vm>/<basename>; 1 when any copy failed,
@@ -513,6 +553,9 @@ def cmd_env_get(args: argparse.Namespace) -> int:
                        if not args.vm else f"ENV {args.name}: no running VM is one of "
                        f"{', '.join(args.vm)}")
     out = Path(args.local)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--local {args.local} is a file: give a directory (each VM's copy "
+                         "goes into DIR/<vm>/)")
     staged = f"/tmp/.tt-get-{uuid.uuid4().hex[:12]}.tar"
     if args.recursive:  # each VM packs the tree first
         packed = client.run(args.name, f"tar -cf {staged} -C {shlex.quote(args.remote)} .",
@@ -534,17 +577,19 @@ def cmd_env_get(args: argparse.Namespace) -> int:
         except ApiError as exc:
             return f"{vm['name']}: ERROR {exc}"
         dest = out / name / (Path(args.remote).name or "root")
-        if not args.recursive:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-            return f"{vm['name']}: {len(data)} bytes -> {dest}"
-        dest.mkdir(parents=True, exist_ok=True)
-        try:  # "data": no absolute names, no "..", no links out of the tree
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                tar.extractall(dest, filter="data")
+        try:
+            if not args.recursive:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+                return f"{vm['name']}: {len(data)} bytes -> {dest}"
+            dest.mkdir(parents=True, exist_ok=True)
+            skipped = _extract_tree(data, dest)
         except (tarfile.TarError, OSError) as exc:
-            return f"{vm['name']}: ERROR unpacking here: {exc}"
-        return f"{vm['name']}: {len(data)} bytes of tar -> {dest}/"
+            return f"{vm['name']}: ERROR writing here: {exc}"
+        note = (f" (skipped {len(skipped)} the data filter refuses: "
+                f"{'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})"
+                if skipped else "")
+        return f"{vm['name']}: {len(data)} bytes of tar -> {dest}/{note}"
 
     # a few at a time, like the server's own copy limit
     with ThreadPoolExecutor(max_workers=min(4, len(vms))) as pool:

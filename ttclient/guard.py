@@ -23,6 +23,8 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from .audit import audit
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -123,6 +125,11 @@ class Guard:
                 return
             upload, limit = self._check_body_headers(scope, headers)
         except Refused as exc:
+            if exc.status in (401, 403):  # the audit trail names who was turned away
+                client = scope.get("client")
+                audit("denied", status=exc.status, method=scope.get("method", "WEBSOCKET"),
+                      path=scope.get("path", ""), source=client[0] if client else "",
+                      reason=exc.message)
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 1008})

@@ -77,24 +77,31 @@ class OsPrefix:
     text: str
     os_part: str
     arch: str | None
+    engine: str | None = None
 
     def matches(self, image: ImageName) -> bool:
-        """True when the image's arch is this prefix's (if it has one) and its OS,
-        separators dropped, starts with the prefix's OS part."""
+        """True when the image's arch and engine are this prefix's (if it has them) and its
+        OS, separators dropped, starts with the prefix's OS part."""
         if self.arch and image.arch != self.arch:
+            return False
+        if self.engine and image.engine != self.engine:
             return False
         return _squash(image.os).startswith(self.os_part)
 
 
 def parse_os_prefix(text: str) -> OsPrefix:
-    """Parse `deb`, `debian-12`, `debian12-arm64`, `debian-12:aarch64` or a full image name."""
+    """Parse `deb`, `debian-12`, `debian12-arm64`, `debian-12:aarch64`, a full image name
+    or the start of one (`qemu:debian-12`, `qemu:deb`)."""
     raw = text.strip()
     if not raw:
         raise ImageNameError("empty OS prefix")
     lowered = raw.lower()
     if lowered.count(":") == 2:
         name = parse_image_name(lowered)
-        return OsPrefix(raw, _squash(name.os), name.arch)
+        return OsPrefix(raw, _squash(name.os), name.arch, name.engine)
+    engine = next((e for e in ENGINES if lowered.startswith(e + ":")), None)
+    if engine:  # ENGINE:OS-prefix, the start of an image name
+        lowered = lowered[len(engine) + 1:]
     arch = None
     os_part = lowered
     if ":" in lowered:
@@ -113,7 +120,7 @@ def parse_os_prefix(text: str) -> OsPrefix:
     squashed = _squash(os_part)
     if not squashed:
         raise ImageNameError(f"OS prefix {raw!r} has no OS part")
-    return OsPrefix(raw, squashed, arch)
+    return OsPrefix(raw, squashed, arch, engine)
 
 
 def split_prefixes(text: str | list[str]) -> list[str]:

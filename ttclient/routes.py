@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Protocol
 
@@ -21,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from . import __version__, jsonstream
+from .audit import audit
 from .contract import (
     MAX_UPLOAD,
     Deleted,
@@ -39,6 +41,8 @@ from .contract import (
     WhoAmI,
 )
 from .guard import Guard
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import DaemonMetrics
 
 
 class EnvService(Protocol):
@@ -49,6 +53,13 @@ class EnvService(Protocol):
 
     title: str
     description: str
+    @property
+    def metrics(self) -> DaemonMetrics:
+        """What GET /metrics serves."""
+
+    def may_scrape(self, caller: Any) -> None:
+        """ServiceError (403) unless the caller may read /metrics: with tokens, an admin
+        token's."""
 
     @property
     def authenticate(self) -> Callable[[str | None], Any] | None:
@@ -175,6 +186,24 @@ async def _more_threads(_app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+def _token_name(who: Any) -> str:
+    """The caller's token name for the audit trail ("" without tokens; never the token)."""
+    return str(getattr(who, "name", "") or "")
+
+
+def audited(event: str, request: Request, who: Any, name: str, answer: dict,
+            **more: Any) -> dict:
+    """Log the audit line of a lifecycle `event` on ENV `name` (who, from where, its images
+    and VM count when `answer` is its view) and return `answer`."""
+    vms = answer.get("vms")
+    request.app.state.service.metrics.env_events.labels(event).inc()
+    audit(event, env=name, token=_token_name(who),
+          source=request.client.host if request.client else "",
+          images=sorted({vm["image"] for vm in vms}) if vms else None,
+          vms=len(vms) if vms is not None else None, **more)
+    return answer
+
+
 def create_app(service: EnvService, names: frozenset[str],
                upload_limit: int = MAX_UPLOAD,
                middleware: tuple[Callable[[Any], Any], ...] = ()) -> FastAPI:
@@ -192,7 +221,11 @@ def create_app(service: EnvService, names: frozenset[str],
 
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(req: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status in (401, 403):
+            audit("denied", status=exc.status, method=req.method, path=req.url.path,
+                  token=_token_name(req.scope.get("state", {}).get("principal")),
+                  source=req.client.host if req.client else "", reason=exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(status_code=exc.status, content={"detail": exc.message},
                             headers=headers)
@@ -200,6 +233,20 @@ def create_app(service: EnvService, names: frozenset[str],
     @app.exception_handler(ValueError)
     async def _value_error(_req: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        service.metrics.observe_request(getattr(route, "path", "unmatched"), request.method,
+                                        response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(who: Caller) -> Response:
+        service.may_scrape(who)
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     # answers leave out what they did not set (ttproxy fields on a ttserver)
     @app.get("/health", response_model=Health, response_model_exclude_unset=True)
@@ -225,34 +272,38 @@ def create_app(service: EnvService, names: frozenset[str],
         return service.list_envs(who, owner)
 
     @app.post("/envs", status_code=202, response_model=EnvInfo, response_model_exclude_unset=True)
-    def create_env(body: EnvCreate, who: Caller) -> dict:
-        return service.create(who, body)
+    def create_env(body: EnvCreate, who: Caller, request: Request) -> dict:
+        return audited("create", request, who, body.name, service.create(who, body))
 
     @app.get("/envs/{name}", response_model=EnvInfo, response_model_exclude_unset=True)
     def show_env(name: str, who: Caller) -> dict:
         return service.get(who, name)
 
     @app.patch("/envs/{name}", response_model=EnvInfo, response_model_exclude_unset=True)
-    def update_env(name: str, body: EnvUpdate, who: Caller) -> dict:
-        return service.update(who, name, body)
+    def update_env(name: str, body: EnvUpdate, who: Caller, request: Request) -> dict:
+        return audited("update", request, who, name, service.update(who, name, body),
+                       life_time=body.life_time, add_ports=body.add_ports or None,
+                       remove_ports=body.remove_ports or None, cpu_num=body.cpu_num,
+                       mem_size=body.mem_size)
 
     @app.post("/envs/{name}/stop", response_model=EnvInfo, response_model_exclude_unset=True)
-    def stop_env(name: str, who: Caller) -> dict:
-        return service.stop(who, name)
+    def stop_env(name: str, who: Caller, request: Request) -> dict:
+        return audited("stop", request, who, name, service.stop(who, name))
 
     @app.post("/envs/{name}/start", status_code=202, response_model=EnvInfo,
               response_model_exclude_unset=True)
-    def start_env(name: str, who: Caller) -> dict:
-        return service.start(who, name)
+    def start_env(name: str, who: Caller, request: Request) -> dict:
+        return audited("start", request, who, name, service.start(who, name))
 
     @app.delete("/envs/{name}", response_model=Deleted, response_model_exclude_unset=True)
-    def delete_env(name: str, who: Caller) -> dict:
-        return service.delete(who, name)
+    def delete_env(name: str, who: Caller, request: Request) -> dict:
+        return audited("delete", request, who, name, service.delete(who, name))
 
     @app.delete("/envs/{name}/vms", response_model=EnvInfo, response_model_exclude_unset=True)
     def kick_vms(name: str, who: Caller,
-                 vm: Annotated[list[str], Query(description="VM name, id or index")]) -> dict:
-        return service.kick(who, name, vm)
+                 vm: Annotated[list[str], Query(description="VM name, id or index")],
+                 request: Request) -> dict:
+        return audited("kick", request, who, name, service.kick(who, name, vm), kicked=vm)
 
     @app.post("/envs/{name}/run", response_model=RunAnswer, response_model_exclude_unset=True)
     def run(name: str, body: RunRequest, who: Caller, request: Request) -> Response:

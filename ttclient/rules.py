@@ -21,6 +21,8 @@ ENV_NAME_RULE = "1-40 letters, digits, '-' or '_', starting with a letter or dig
 # original TTstack allowed; below it the server's CPU, memory, disk and port pool decide.
 MAX_VMS_PER_ENV = 500
 MAX_CPUS = 64  # vCPUs per VM
+MAX_PORTS = 32  # forwarded guest ports per ENV (each VM gets them all), besides SSH
+MAX_LIFE_TIME = 7 * 24 * 3600  # seconds an ENV may live from its creation
 
 # VM names are ENV-IDX, ids are made of the same characters, indexes are digits
 VM_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")

@@ -35,16 +35,16 @@ class ShellError(Exception):
     pass
 
 
-def pick_vm(env: dict, ref: str | None) -> dict:
+def pick_vm(env: dict, ref: str | None, running: bool = True) -> dict:
     """The VM of `env` named by `ref` (its name, id or index; None: the first VM), which
-    must be running; ShellError saying which VMs there are otherwise."""
+    must be running when `running`; ShellError saying which VMs there are otherwise."""
     vms = env["vms"]
     chosen = vms[:1] if ref is None else [vm for vm in vms if ref in vm_refs(vm)]
     if not chosen:
         names = ", ".join(vm["name"] for vm in vms) or "none"
         raise ShellError(f"ENV {env['name']} has no VM {ref!r} (its VMs: {names})")
     vm = chosen[0]
-    if vm["state"] != "running":
+    if running and vm["state"] != "running":
         raise ShellError(f"VM {vm['name']} is {vm['state']}, not running")
     return vm
 
@@ -76,11 +76,25 @@ def config_block(vm: dict, identity: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_identity(path: str) -> None:
+    """ShellError unless `path` is a readable private key file (not its .pub half)."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise ShellError(f"-i {path}: {exc.strerror or exc}") from exc
+    if head.startswith((b"ssh-", b"ecdsa-", b"sk-")):
+        base = path[:-4] if path.endswith(".pub") else "the file without .pub"
+        raise ShellError(f"-i {path} is a public key: give the private key ({base})")
+
+
 def cmd_env_ssh(args: argparse.Namespace) -> int:
     """`tt env ssh NAME [VM] [-- CMD...]`: replaces this process with `ssh` (its exit
     status is the command's); ShellError without an `ssh` program or a running VM."""
     if shutil.which("ssh") is None:
         raise ShellError("no 'ssh' program found: install the OpenSSH client")
+    if args.identity:
+        check_identity(args.identity)
     vm = pick_vm(client_for(args).get_env(args.name), args.vm)
     command = list(getattr(args, "argv", None) or [])  # the words after `--` (cli.main)
     argv = ssh_argv(vm, args.identity, command,
@@ -113,17 +127,23 @@ def new_console_text(old: str, new: str) -> str:
     return new
 
 
+def last_lines(text: str, n: int) -> str:
+    """The last `n` lines of `text` (a last line without a newline counts)."""
+    return "".join(text.splitlines(keepends=True)[-n:])
+
+
 def cmd_env_console(args: argparse.Namespace) -> int:
     """`tt env console NAME VM [--lines N] [--follow]`: the console's last lines, then
     with --follow new ones as they come until Ctrl-C (exit 130); 0."""
     client = client_for(args)
-    vm = pick_vm(client.get_env(args.name), args.vm)
-    text = client.console(args.name, vm["id"], args.lines)
-    sys.stdout.write(text)
+    vm = pick_vm(client.get_env(args.name), args.vm, running=False)  # a booting one too
+    # following, every poll asks for the same window, so consecutive ones overlap
+    window = max(args.lines, 200) if args.follow else args.lines
+    text = client.console(args.name, vm["id"], window)
+    sys.stdout.write(last_lines(text, args.lines))
     sys.stdout.flush()
     if not args.follow:
         return 0
-    window = max(args.lines, 200)  # enough overlap to find where the last poll ended
     try:
         while True:
             time.sleep(FOLLOW_INTERVAL)

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from ttclient import configfile
+from ttclient.audit import add_log_options, configure_logging
 from ttclient.config import parse_server
 from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " tokens; clients' tokens are passed through (or $TTPROXY_TOKEN)")
     add_allowed_host_option(p, "proxy")
     add_http_timeout_options(p)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    add_log_options(p)
     add_config_option(p, "/etc/ttstack/ttproxy.toml")
     return p
 
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.1 <= args.health_interval <= 60:
         print("ttproxy: --health-interval must be 0.1..60 seconds", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         import uvicorn  # noqa: F401 - fail here, with the install hint
 

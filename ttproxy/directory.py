@@ -60,6 +60,12 @@ class EnvDirectory:
         with self._lock:
             return name in self._where
 
+    def name_like(self, name: str) -> str | None:
+        """The known ENV name equal to `name` ignoring case, or None (as ttserver's
+        StateDB.name_like)."""
+        with self._lock:
+            return next((n for n in self._where if n.lower() == name.lower()), None)
+
     def __len__(self) -> int:
         """How many ENVs are known."""
         with self._lock:

@@ -30,6 +30,7 @@ from ttclient.rules import env_size_error
 
 from .directory import EnvDirectory
 from .merge import Part, may_see, merge_env, merge_results, merge_status
+from .metrics import ProxyMetrics
 from .placement import Capacity, PlacementError, place
 from .servers import Member, ServerSet, is_unreachable
 
@@ -54,6 +55,7 @@ class Proxy:
 
     def __init__(self, servers: ServerSet) -> None:
         self.servers = servers
+        self.metrics = ProxyMetrics(servers)
         self.directory = EnvDirectory()
         self._lock = threading.RLock()
         self._create_lock = threading.Lock()
@@ -242,9 +244,11 @@ class Proxy:
         name = body["name"]
         with self._create_lock:  # two creates must not both see the same free resources
             self.refresh()
-            if name in self.directory:
-                raise ProxyError(f"ENV {name!r} already exists; delete it or pick "
-                                 "another name", 409)
+            if (taken := self.directory.name_like(name)) is not None:
+                raise ProxyError(f"ENV {name!r} already exists; delete it or pick another "
+                                 "name" if taken == name else
+                                 f"ENV {taken!r} exists: names must differ in more than case "
+                                 "(hostnames ignore it); pick another name", 409)
             up = self.servers.up()
             if not up:
                 raise ProxyError("no ttserver is up behind this proxy: "
@@ -267,7 +271,10 @@ class Proxy:
                 plan = place(chosen, body.get("vm_number", 1), body.get("cpu_num", 1),
                              int(body["mem_size"]), body.get("disk_size"), caps)
             except PlacementError as exc:
+                self.metrics.refused.inc()
                 raise ProxyError(f"ENV {name!r} cannot be placed: {exc}", 409) from exc
+            for address, counts in plan.parts.items():
+                self.metrics.placed.labels(address).inc(sum(counts.values()))
             created: list[str] = []
             firsts = plan.first_indexes()
             try:

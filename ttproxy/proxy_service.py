@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest, Upload
+from ttclient.contract import Download, EnvCreate, EnvUpdate, RunRequest, ServiceError, Upload
 from ttclient.guard import served_names
 from ttclient.routes import create_app as create_routes
 
@@ -46,6 +46,16 @@ class ProxyService:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.metrics = proxy.metrics
+
+    def may_scrape(self, caller: None) -> None:
+        """The servers judge the token: with tokens, only an admin's may scrape; when no
+        server can be asked, nobody may (the failed scrape shows the outage)."""
+        who = self.proxy.whoami()
+        if "auth" not in who:
+            raise ServiceError("no ttserver is up to check the token for /metrics", 503)
+        if who["auth"] and not who["admin"]:
+            raise ServiceError("/metrics needs an admin token", 403)
 
     def health(self) -> dict:
         return {"ok": True, "server_id": "ttproxy", "servers_up": len(self.proxy.servers.up()),

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttclient.rules import MAX_VMS_PER_ENV, env_name_error, env_size_error
+from ttclient.rules import MAX_PORTS, MAX_VMS_PER_ENV, env_name_error, env_size_error
 
 from . import images
 from .config import ServerConfig
@@ -23,7 +23,6 @@ from .vm import domainxml
 # authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
 # (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
 MAX_SSH_KEYS_BYTES = 32 << 10
-MAX_PORTS = 32  # forwarded guest ports per ENV (each VM gets them all), besides SSH
 
 
 @dataclass

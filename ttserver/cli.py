@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ttclient import configfile
+from ttclient.audit import add_log_options, configure_logging
 from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
 from ttclient.serving import add_http_timeout_options
@@ -150,8 +151,7 @@ def serve_parser() -> argparse.ArgumentParser:
     add_http_timeout_options(p)
     p.add_argument("--libvirt-uri", default=d["libvirt_uri"],
                    help=f"libvirt connection (default {d['libvirt_uri']})")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
-                   help="default info")
+    add_log_options(p)
     add_config_option(p, "/etc/ttstack/ttserver.toml")
     return p
 
@@ -257,8 +257,7 @@ def serve_main(argv: list[str]) -> int:
     """Run the daemon with `argv` until it is stopped: 0; 2 for a missing dependency, an
     unusable --accel kvm or a bad --life-time; 1 when the server cannot start."""
     args = configfile.parse_args(serve_parser(), argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         import uvicorn  # noqa: F401 - fail here, with the install hint
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttclient.rules import MAX_LIFE_TIME
+
 
 @dataclass
 class ServerConfig:
@@ -25,7 +27,7 @@ class ServerConfig:
     boot_timeout: float = 300.0
     run_output_cap: int = 64 << 20  # bytes kept of each output stream of a run
     default_life_time: int = 6 * 3600
-    max_life_time: int = 7 * 24 * 3600
+    max_life_time: int = MAX_LIFE_TIME
     libvirt_uri: str = "qemu:///system"
     reap_interval: float = 2.0
     # QEMU user networking with restrict=on cuts every VM off the outside unless the

@@ -221,6 +221,14 @@ class StateDB:
             env.vms = self.vms_of(name)
             return env
 
+    def name_like(self, name: str) -> str | None:
+        """The ENV name on record that equals `name` ignoring case, or None: hostnames
+        (ENV-IDX) and `tt env get`'s folders do not tell case apart."""
+        with self._lock:
+            row = self._conn.execute("SELECT name FROM envs WHERE name=? COLLATE NOCASE",
+                                     (name,)).fetchone()
+            return row[0] if row else None
+
     def vms_of(self, env: str) -> list[VMRow]:
         """The VM rows of ENV `env`, in index order; [] for an unknown ENV."""
         with self._lock:

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttclient.audit import audit
+
 from . import admission, images, views
 from .admission import EnvRequest
 from .config import ServerConfig
@@ -33,6 +35,7 @@ from .guest.ops import GuestOps
 from .guest.transport import GuestError, GuestIO
 from .host import access, storage
 from .host.ports import PortPool
+from .metrics import ServerMetrics
 from .states import (
     CREATING,
     DELETING,
@@ -97,12 +100,15 @@ class EnvManager:
         self.accel = accel_mod.Accelerator(cfg.accel, cfg.image_path,
                                            cfg.cfgdb_path / "accel.json")
         self.renderer = DomainRenderer(self.accel, self.uid, self.gid)
+        self.metrics = ServerMetrics(lambda: {"envs": self.db.list_envs(), "cfg": self.cfg,
+                                              "used": self.db.used()})
+        builds = self.metrics.template_events.labels("build")
         self.templates = Templates(cfg.cfgdb_path / "templates", self.engine, self.uid,
                                    self.gid, self.domain_prefix, cfg.boot_timeout,
-                                   self.renderer, cfg.template_cache)
+                                   self.renderer, cfg.template_cache, on_build=builds.inc)
         self.booter = VMBooter(cfg, self.db, self.engine, self.renderer, self.templates,
                                self.clones, self.network, self.ssh_pubkey, self.uid,
-                               self.gid)
+                               self.gid, self.metrics)
         self.cleanup = Cleanup(cfg, self.db, self.engine, self.booter, self.domain_prefix)
         self._admit_lock = threading.Lock()
         self._env_locks: dict[str, threading.Lock] = {}
@@ -193,8 +199,11 @@ class EnvManager:
         vms = admission.plan_vms(req, chosen, self.server_id, self.cfg.vms_path)
         need = admission.needs(vms)
         with self._admit_lock, self.db.transaction() as c:
-            if self.db.get_env(req.name) is not None:
-                raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name")
+            if (taken := self.db.name_like(req.name)) is not None:
+                raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name"
+                               if taken == req.name else
+                               f"ENV {taken!r} exists: names must differ in more than case "
+                               "(hostnames ignore it); pick another name")
             if req.limited:
                 admission.check_token_limits(self.db.held_by(req.owner), self.cfg, vms,
                                              req.owner)
@@ -544,6 +553,11 @@ class EnvManager:
                 try:
                     self.delete(env.name)
                     gone.append(env.name)
+                    if not stuck:
+                        self.metrics.env_events.labels("expire").inc()
+                        audit("expire", env=env.name, token=env.owner, source="reaper",
+                              images=sorted({vm.image for vm in env.vms}),
+                              vms=len(env.vms))
                 except (NotFound, TTError) as exc:
                     if not isinstance(exc, NotFound):
                         log.warning("%s", exc)

@@ -30,6 +30,18 @@ class LocalService:
         self.manager = manager
         self.tokens = tokens
         self.authenticate = tokens.principal
+        self.metrics = manager.metrics
+
+    def may_scrape(self, caller: Principal) -> None:
+        if self.tokens.enabled and not caller.admin:
+            raise TTError("/metrics needs an admin token", status=403)
+
+    def _count_errors(self, results: list[dict], use_ssh: bool) -> list[dict]:
+        """`results`, after counting those whose VM could not be reached."""
+        failed = sum(1 for r in results if r.get("error"))
+        if failed:
+            self.metrics.guest_errors.labels("ssh" if use_ssh else "agent").inc(failed)
+        return results
 
     def _owned(self, caller: Principal, name: str) -> None:
         """TTError 403 unless the caller's token created the ENV (or is an admin token);
@@ -93,8 +105,8 @@ class LocalService:
 
     def run(self, caller: Principal, name: str, body: RunRequest) -> list[dict]:
         self._owned(caller, name)
-        return self.manager.guest.run(name, body.cmd, body.use_ssh, body.timeout, body.vms,
-                                      body.binary)
+        return self._count_errors(self.manager.guest.run(
+            name, body.cmd, body.use_ssh, body.timeout, body.vms, body.binary), body.use_ssh)
 
     def may_push(self, caller: Principal, name: str) -> None:
         self._owned(caller, name)
@@ -102,7 +114,8 @@ class LocalService:
     def push(self, caller: Principal, name: str, path: str, data: Upload, mode: int | None,
              vms: list[str] | None, use_ssh: bool) -> list[dict]:
         self._owned(caller, name)
-        return self.manager.guest.push(name, path, data, mode, vms, use_ssh)
+        return self._count_errors(self.manager.guest.push(name, path, data, mode, vms,
+                                                          use_ssh), use_ssh)
 
     def pull(self, caller: Principal, name: str, vm: str, path: str, use_ssh: bool) -> Download:
         self._owned(caller, name)

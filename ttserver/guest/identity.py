@@ -138,6 +138,17 @@ o=""; while IFS= read -r l || [ -n "$l" ]; do
 "; done < /etc/hosts; printf %s "$o" > /etc/hosts
 umask 077; [ -d /root/.ssh ] || mkdir /root/.ssh; printf %s "$2" > /root/.ssh/authorized_keys
 """
+# A disk grown by --disk-size: an ext4 root on the whole disk (how `ttserver image build`
+# makes them) grows online; a partitioned cloud image's is grown by cloud-init
+# (growpart, resizefs), so it is left alone.
+GROW_ROOT = r"""
+PATH=/usr/sbin:/sbin:$PATH
+d=$(findmnt -no SOURCE /)  # a kernel that mounted root itself says /dev/root
+[ "$d" != /dev/root ] || d=/dev/$(basename "$(readlink -f "/sys/dev/block/$(mountpoint -d /)")")
+case "$d" in
+  /dev/vd[a-z]|/dev/sd[a-z]) out=$(resize2fs "$d" 2>&1) || { echo "$out" >&2; exit 1; };;
+esac
+"""
 # The fallback for warm clones, with $3 time, $4 SSH host key, $5 its public line,
 # $6 machine-id, $7 seed. Without a reseed every clone draws the same "random" numbers
 # (measured: identical UUIDs); the ioctl RNDRESEEDCRNG (0x5207) forces one.
@@ -191,9 +202,11 @@ def start_helper(dom: libvirt.virDomain, arch: str, console: str) -> bool:
         return False
 
 
-def personalize(dom: libvirt.virDomain, hostname: str, keys: str) -> None:
-    """A cold-booted VM: hostname and authorized keys."""
-    _script(dom, "set -e" + PERSONALIZE, [hostname, keys], 30.0)
+def personalize(dom: libvirt.virDomain, hostname: str, keys: str, grow: bool = False) -> None:
+    """A cold-booted VM: hostname and authorized keys; with `grow`, its root filesystem
+    grown to its (grown) disk. IdentityError when a step fails."""
+    _script(dom, "set -e" + PERSONALIZE + (GROW_ROOT if grow else ""), [hostname, keys],
+            120.0 if grow else 30.0)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ KERNEL_PKG = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud
 # python3-venv, python3-dev, gcc and libc6-dev: native mode makes a venv in the guest and
 # builds sdists and C extensions there (the guest has no network; see pytest_ttstack).
 PACKAGES = ["systemd-sysv", "udev", "openssh-server", "qemu-guest-agent", "python3",
-            "python3-venv", "python3-dev", "gcc", "libc6-dev", "iproute2", "coreutils"]
+            "python3-venv", "python3-dev", "gcc", "libc6-dev", "iproute2", "coreutils",
+            "e2fsprogs"]  # resize2fs: --disk-size grows the root filesystem at first boot
 # What a built image contains besides its suite and arch: a cached image whose meta.json
 # names another recipe is rebuilt by `build`, so a changed package list reaches every host.
 RECIPE = hashlib.sha256(json.dumps(PACKAGES).encode()).hexdigest()[:12]

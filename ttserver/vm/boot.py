@@ -18,6 +18,7 @@ from ..db import EnvRow, StateDB, VMRow
 from ..failpoints import crash_point
 from ..guest import agent, cloudseed, identity
 from ..host import storage
+from ..metrics import ServerMetrics
 from ..states import BOOTING, FAILED, RUNNING
 from ..warm.snapshots import Template, Templates
 from . import domainxml
@@ -51,6 +52,7 @@ class VMBooter:
     ssh_pubkey: str
     uid: int
     gid: int
+    metrics: ServerMetrics
     # the last warm clone's restore, seconds: a clone's clock is set ahead by it
     restore_seconds: float = field(default=0.3, init=False)
 
@@ -124,9 +126,10 @@ class VMBooter:
                                             cancel.is_set)
             self.network.wait_ready(vm, self.cfg.boot_timeout - waited, console, cancel)
             if fresh:
-                self._personalize(vm, env)
+                self._personalize(vm, env, grow=vm.disk_mib > image.size_mib)
             self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
                            boot_mode="cold")
+            self.metrics.boot_seconds.labels("cold").observe(waited)
             crash_point("boot.vm_running")
             return ""
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
@@ -151,6 +154,7 @@ class VMBooter:
         if vm.disk_mib > image.size_mib:  # the saved guest knows its disk's size;
             return False                    # growing needs a boot
         template = self.templates.ready(image, vm.cpu, vm.mem_mib)
+        self.metrics.template_events.labels("miss" if template is None else "hit").inc()
         if template is None:
             self.templates.request(image, vm.cpu, vm.mem_mib)
             return False
@@ -198,6 +202,7 @@ class VMBooter:
                  restored - started, answered - restored, time.monotonic() - answered)
         self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
                        boot_seconds=round(time.monotonic() - started, 2))
+        self.metrics.boot_seconds.labels("warm").observe(time.monotonic() - started)
         crash_point("boot.vm_running")
         return True
 
@@ -212,13 +217,16 @@ class VMBooter:
         return "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
 
     def _personalize(self, vm: VMRow, env: EnvRow,
-                     warm: tuple[Template, identity.NewIdentity] | None = None) -> None:
-        """Give the VM its hostname and authorized keys (server key + the user's); a warm
-        clone (of the template, started with the identity) also its own machine-id, SSH
-        host key, clock and RNG (see guest/identity.py)."""
+                     warm: tuple[Template, identity.NewIdentity] | None = None,
+                     grow: bool = False) -> None:
+        """Give the VM its hostname and authorized keys (server key + the user's), and with
+        `grow` its root filesystem the grown disk; a warm clone (of the template, started
+        with the identity) also its own machine-id, SSH host key, clock and RNG (see
+        guest/identity.py)."""
         dom = self.engine.lookup(vm.domain)
         if warm is None:
-            identity.personalize(dom, views.hostname(env.name, vm.idx), self._keys(env))
+            identity.personalize(dom, views.hostname(env.name, vm.idx), self._keys(env),
+                                 grow)
         else:  # many clones at once share the host's CPUs: the boot timeout applies
             template, new = warm
             identity.take_new(dom, new, Path(vm.dir) / "console.log",

@@ -40,6 +40,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +115,10 @@ class Templates:
 
     def __init__(self, root: Path, engine: Engine, uid: int, gid: int,
                  domain_prefix: str, boot_timeout: float,
-                 renderer: DomainRenderer, cache: Path | None = None) -> None:
+                 renderer: DomainRenderer, cache: Path | None = None,
+                 on_build: Callable[[], None] = lambda: None) -> None:
         self.root = root
+        self.on_build = on_build  # called as a build starts (a metric counts them)
         self.cache = cache
         self.engine = engine
         self.uid, self.gid = uid, gid
@@ -291,6 +294,7 @@ class Templates:
                 return
             self._building[key] = f"{self.domain_prefix}tpl-" + hashlib.sha256(
                 key.encode()).hexdigest()[:8]
+        self.on_build()
         threading.Thread(target=self._build, args=(image, cpu, mem_mib, key),
                          name=f"template-{key}", daemon=True).start()
 
