@@ -3,6 +3,7 @@ ttserver started from a file."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,12 +78,13 @@ def test_ttserver_runs_from_a_config_file():
     try:
         st = requests.get(srv.url + "/status", timeout=10).json()
         assert st["warm_clones"] is True and st["disk_total_mib"] == 40 * 1024
+        res = subprocess.run([sys.executable, "-m", "ttserver.cli", "--config",
+                              str(run_dir / "missing.toml")], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 2 and "missing.toml" in res.stderr
     finally:
         srv.stop()
-    res = subprocess.run([sys.executable, "-m", "ttserver.cli", "--config",
-                          str(run_dir / "missing.toml")], capture_output=True, text=True,
-                         timeout=60)
-    assert res.returncode == 2 and "missing.toml" in res.stderr
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_the_documented_examples_parse(tmp_path):
