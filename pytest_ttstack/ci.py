@@ -26,6 +26,7 @@ import hashlib
 import html
 import os
 import re
+import secrets
 import shlex
 import sys
 import xml.etree.ElementTree as ET
@@ -100,7 +101,8 @@ def failures(report: Path) -> list[Failure]:
         where = list(LOCATION.finditer(text))
         file, line = (where[-1]["file"], int(where[-1]["line"])) if where else ("", 0)
         if not file and case.get("file"):  # junit_family=xunit1 names the file itself
-            file, line = case.get("file", ""), int(case.get("line") or 0)
+            given = case.get("line") or "0"
+            file, line = case.get("file", ""), int(given) if given.isdigit() else 0
         message = (bad.get("message") or text or "failed").strip().splitlines()[0]
         name = case.get("name", "?")
         test = f"{case.get('classname')}::{name}" if case.get("classname") else name
@@ -166,8 +168,9 @@ def html_page(markdown: str, title: str) -> str:
     for line in markdown.splitlines():
         if line.startswith("| ---"):
             continue
-        if line.startswith("|"):
-            cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+        if line.startswith("|"):  # cells split at unescaped pipes, code fences dropped
+            cells = [re.sub(r"^(`+) ?(.*?) ?\1$", r"\2", c.strip()).replace("\\|", "|")
+                     for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
             tag = "th" if not rows else "td"
             rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells)
                         + "</tr>")
@@ -196,22 +199,34 @@ def report(kind: str, env: Mapping[str, str], out: Path = Path(".")) -> list[str
         items, bad = [], []
         markdown = f"### ttstack: no JUnit report ({junit})\n"
         line = f"ttstack: no JUnit report at {junit} ({exc}); see the pytest step's log"
-    printed = []
+    printed = [annotation(b) for b in bad[:MAX_ANNOTATIONS]] if kind == "github" else []
+    writes: list[tuple[Path, str]] = []  # (file, text to append)
     if kind == "github":
+        values = {**counts(items), "junit-file": junit, "artifact-name": artifact_name(env)}
         if env.get("GITHUB_STEP_SUMMARY"):
-            with open(env["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
-                f.write(markdown)
-        printed += [annotation(b) for b in bad[:MAX_ANNOTATIONS]]
+            writes.append((Path(env["GITHUB_STEP_SUMMARY"]), markdown))
         if env.get("GITHUB_OUTPUT"):
-            values = {**counts(items), "junit-file": junit,
-                      "artifact-name": artifact_name(env)}
-            with open(env["GITHUB_OUTPUT"], "a", encoding="utf-8") as f:
-                f.writelines(f"{k}={v}\n" for k, v in values.items())
+            writes.append((Path(env["GITHUB_OUTPUT"]),
+                           "".join(output_line(k, str(v)) for k, v in values.items())))
     else:
-        (out / "ttstack-summary.md").write_text(markdown, encoding="utf-8")
-        (out / "ttstack-summary.html").write_text(html_page(markdown, line),
-                                                  encoding="utf-8")
+        writes += [(out / "ttstack-summary.md", markdown),
+                   (out / "ttstack-summary.html", html_page(markdown, line))]
+    for path, text in writes:  # the report step informs; it never fails the job
+        try:
+            with open(path, "a" if kind == "github" else "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            printed.append(f"ttstack: could not write the summary or outputs: {exc}")
     return printed + [line]
+
+
+def output_line(key: str, value: str) -> str:
+    """One $GITHUB_OUTPUT entry; a value with a line break in the multiline form with a
+    random delimiter (GitHub's documented form), so it cannot add entries of its own."""
+    if "\n" not in value and "\r" not in value:
+        return f"{key}={value}\n"
+    delimiter = f"ttstack_{secrets.token_hex(8)}"
+    return f"{key}<<{delimiter}\n{value}\n{delimiter}\n"
 
 
 USAGE = "usage: python -m pytest_ttstack.ci pytest | report github|gitlab"

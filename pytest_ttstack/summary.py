@@ -89,12 +89,21 @@ def table(items: list[Outcome]) -> str:
     counts = {r: sum(o.result == r for o in items) for r in MARKS}
     lines = ["### ttstack: tests × OS", "",
              ", ".join(f"{n} {r}" for r, n in counts.items() if n) or "no tests", "",
-             "| test | " + " | ".join(f"`{o}`" for o in oses) + " |",
+             "| test | " + " | ".join(code(o) for o in oses) + " |",
              "| --- |" + " --- |" * len(oses)]
     for test in tests:
-        lines.append(f"| `{test}` | " + " | ".join(cell.get((test, o), "") for o in oses)
+        lines.append(f"| {code(test)} | " + " | ".join(cell.get((test, o), "") for o in oses)
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+def code(text: str) -> str:
+    """`text` as a Markdown code span inside a table cell: a fence longer than any run of
+    backticks in it, and `|` escaped (GitHub-flavoured Markdown's table rule)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if longest else ""
+    return f"{fence}{pad}{text.replace('|', chr(92) + '|')}{pad}{fence}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,8 @@ def test_github_action_is_composite_pinned_and_never_interpolates_into_shell():
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()" and "junit-file" in upload["with"]["path"]
     assert upload["with"]["name"] == "${{ steps.report.outputs.artifact-name }}"
-    assert {"passed", "failed", "total", "junit-file", "artifact-name"} <= set(action["outputs"])
+    assert set(action["outputs"]) == {"passed", "failed", "errors", "skipped", "total",
+                                      "junit-file", "artifact-name"}
 
 
 def test_github_reusable_workflow_runs_the_action_steps_with_the_token_secret():
@@ -162,6 +163,7 @@ def test_github_reusable_workflow_runs_the_action_steps_with_the_token_secret():
     call = on["workflow_call"]
     assert set(action["inputs"]) - {"token"} <= set(call["inputs"])
     assert call["secrets"]["TT_TOKEN"]["required"] is False
+    assert set(call["outputs"]) == set(action["outputs"])  # "the same outputs"
     assert workflow["permissions"] == {}
     (job,) = workflow["jobs"].values()
     assert job["permissions"] == {"contents": "read"}
@@ -378,3 +380,57 @@ def test_github_action_steps_run_against_a_real_server(ci_host, tmp_path: Path):
     got = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
     assert got["passed"] == "3" and got["failed"] == "0"
     assert got["artifact-name"].startswith("ttstack-junit-system-tests-debian-12-")
+
+
+def test_odd_test_ids_keep_the_tables_whole():
+    from pytest_ttstack.summary import Outcome, table
+
+    md = table([Outcome("t::test_p[a|b]", "debian-12:x86_64", "passed"),
+                Outcome("t::test_q[`x`]", "-", "failed")])
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "| `t::test_p[a\\|b]` | ✅ pass |  |" in rows, md
+    assert "| `` t::test_q[`x`] `` |  | ❌ fail |" in rows, md
+    page = ci.html_page(md, "x")
+    assert "<td>t::test_p[a|b]</td>" in page and "<td>t::test_q[`x`]</td>" in page
+
+
+def test_the_report_step_never_fails_and_cannot_be_made_to_write_outputs(tmp_path: Path):
+    report = tmp_path / "r.xml"
+    report.write_text('<testsuite><testcase classname="t" name="a" file="t.py" line="abc">'
+                      '<failure message="boom">no location here</failure></testcase>'
+                      '</testsuite>')
+    outputs = tmp_path / "out"
+    lines = ci.report("github", {"TT_JUNIT": f"{report}\nfailed=0",
+                                 "GITHUB_OUTPUT": str(outputs)})
+    assert lines[-1].startswith("ttstack: no JUnit report")  # that path does not exist
+    assert github_outputs(outputs.read_text()) == {
+        "passed": "0", "failed": "0", "errors": "0", "skipped": "0", "total": "0",
+        "junit-file": f"{report}\nfailed=0",  # one value, not a second `failed`
+        "artifact-name": ci.artifact_name({"TT_JUNIT": f"{report}\nfailed=0"})}
+    lines = ci.report("github", {"TT_JUNIT": str(report),
+                                 "GITHUB_STEP_SUMMARY": str(tmp_path / "no" / "dir")})
+    assert lines[0] == "::error file=t.py,title=t%3A%3Aa::boom"  # line="abc": no line
+    assert lines[1].startswith("ttstack: could not write the summary or outputs:")
+    assert lines[-1] == "ttstack: 1 failed"
+
+
+def github_outputs(text: str) -> dict[str, str]:
+    """$GITHUB_OUTPUT read as the runner does (`k=v` lines and `k<<DELIM` blocks); a key
+    given twice is an error here."""
+    out: dict[str, str] = {}
+    lines = iter(text.splitlines())
+    for line in lines:
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            key, delimiter = line.split("<<", 1)
+            value = []
+            for more in lines:
+                if more == delimiter:
+                    break
+                value.append(more)
+            assert key not in out, key
+            out[key] = "\n".join(value)
+        else:
+            key, value_text = line.split("=", 1)
+            assert key not in out, key
+            out[key] = value_text
+    return out

@@ -45,9 +45,14 @@ def test_a_required_flag_may_come_from_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "words"), [
-    ('serv_prot = 1\n', "unknown key 'serv_prot' (keys are the flags' names:"),
-    ('serv-port = "many"\n', "argument --serv-port: invalid int value: 'many'"),
-    ('port-range = "9-1"\n', "port range must lie within 1024-65535"),
+    ('serv_prot = 1\n', "unknown key 'serv_prot' (did you mean 'serv-port'?"),
+    ('serv_port = 1\nserv-port = 2\n', "'serv_port' and 'serv-port' are the same key"),
+    ('serv-port = 70000\n', "70000 is outside 1-65535"),
+    ('cpu-total = -3\n', "-3 is outside 1-4096"),
+    ('life-time = 0\n', "0 is outside 1-604800"),
+    ('serv-port = "many"\n', "argument --serv-port: 'many' is not a number"),
+    ('port-range = "9-1"\n', "9-1: FIRST is above LAST"),
+    ('port-range = "80-90"\n', "port range must lie within 1024-65535"),
     ('allow-outgoing = "yes"\n', "allow-outgoing is a switch: write allow-outgoing = true"),
     ('mem-total = true\n', "mem-total takes a value, not True"),
     ('mem-total = ["1G", "2G"]\n', "mem-total takes one value, not a list"),
@@ -97,3 +102,15 @@ def test_the_documented_examples_parse(tmp_path):
         path.write_text(block)
         args = configfile.parse_args(parser, ["--config", str(path)])
         assert args.log_format == "json"
+
+
+def test_token_commands_take_the_file_after_the_action_too(tmp_path):
+    # `ttserver token add alice --tokens-file F` was "unrecognized arguments"
+    tokens = tmp_path / "tokens"
+    res = subprocess.run([sys.executable, "-m", "ttserver.cli", "token", "add", "alice",
+                          "--tokens-file", str(tokens)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and tokens.read_text().startswith("alice "), res.stderr
+    res = subprocess.run([sys.executable, "-m", "ttserver.cli", "token", "--tokens-file",
+                          str(tokens), "list"], capture_output=True, text=True, timeout=60)
+    assert res.stdout == "alice\tuser\n", res.stderr

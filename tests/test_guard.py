@@ -312,6 +312,19 @@ def test_with_the_real_token_store(tmp_path: Path):
     assert raw.status == 401
 
 
+def test_a_tokens_file_opened_to_others_is_noticed_at_once(tmp_path: Path):
+    # only its mtime was watched: `chmod 644` left every token working
+    tokens = tmp_path / "tokens"
+    token = add_token(tokens, "alice", admin=False)
+    store = TokenStore(tokens)
+    assert store.principal(f"Bearer {token}").name == "alice"
+    tokens.chmod(0o644)
+    with pytest.raises(AuthError):
+        store.principal(f"Bearer {token}")
+    tokens.chmod(0o600)
+    assert store.principal(f"Bearer {token}").name == "alice"
+
+
 # --- the body's type ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8",

@@ -114,6 +114,10 @@ def test_the_proxy_serves_metrics_its_servers_authorise(secured):
     try:
         assert requests.get(proxy.url + "/metrics", headers=h(tokens["alice"]),
                             timeout=30).status_code == 403
+        # a missing token is the caller's 401, not "server down" and an empty list
+        for path in ("/envs", "/status"):
+            resp = requests.get(proxy.url + path, timeout=30)
+            assert resp.status_code == 401, (path, resp.status_code, resp.text)
         samples = scrape(proxy.url, tokens["root"])
         assert value(samples, "ttstack_proxy_server_up", server=srv.address) == 1
         assert value(samples, "ttstack_proxy_server_health_misses", server=srv.address) == 0

@@ -13,6 +13,7 @@ Standard library only (tomllib, Python 3.11+).
 from __future__ import annotations
 
 import argparse
+import difflib
 import tomllib
 from pathlib import Path
 
@@ -46,13 +47,20 @@ def file_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
         raise ConfigFileError(f"config {path}: not TOML: {exc}") from exc
     options = _options(parser)
     words: list[str] = []
+    seen: dict[str, str] = {}
     for key, value in data.items():
         name = key.replace("_", "-")
+        if name in seen:
+            raise ConfigFileError(f"config {path}: {seen[name]!r} and {key!r} are the same "
+                                  "key; keep one")
+        seen[name] = key
         action = options.get(name)
         if action is None:
+            near = difflib.get_close_matches(name, list(options), n=1)
             raise ConfigFileError(
-                f"config {path}: unknown key {key!r} (keys are the flags' names: "
-                f"{', '.join(sorted(o for o in options if not o.startswith('no-')))})")
+                f"config {path}: unknown key {key!r} ("
+                + (f"did you mean {near[0]!r}? " if near else "")
+                + f"keys are the long flags' names: {parser.prog} --help)")
         takes_value = action.nargs != 0
         if isinstance(value, bool):
             if takes_value:
@@ -80,10 +88,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     command line wins. A bad file exits like any usage error (status 2), the message
     naming the file and key."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=None)
-    path = pre.parse_known_args(argv)[0].config
-    if path is None:
+    pre.add_argument("--config", default=None)
+    given = pre.parse_known_args(argv)[0].config
+    if given is None:
         return parser.parse_args(argv)
+    if not given.strip():
+        parser.error("--config: give a file (it is empty)")
+    path = Path(given)
     try:
         words = file_argv(parser, path)
     except ConfigFileError as exc:

@@ -61,8 +61,13 @@ def serve(app: Any, host: str, port: int, on_stop: Callable[[], None],
 
     exit_on_sigterm()
     try:
+        # log_config=None: uvicorn's lines go through the daemon's own handler (its
+        # --log-format), not a second one of uvicorn's making; proxy_headers=False: the
+        # client's address (the audit trail's source) is the peer's, never what an
+        # X-Forwarded-For header claims
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                    http=with_deadlines(header_timeout, body_timeout))
+                    http=with_deadlines(header_timeout, body_timeout), log_config=None,
+                    proxy_headers=False)
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:

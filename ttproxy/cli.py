@@ -42,6 +42,17 @@ def _addr(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _interval(text: str) -> float:
+    """argparse type for --health-interval: 0.1-60 seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0.1-60 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ttproxy` argument parser."""
     p = argparse.ArgumentParser(prog="ttproxy", description=__doc__.split("\n\n")[0].strip())
@@ -49,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="HOST:PORT", help="where the proxy listens (127.0.0.1:20002)")
     p.add_argument("--server-set", type=_server_set, required=True, metavar="H:P,H:P",
                    help="the ttservers behind this proxy, comma-separated")
-    p.add_argument("--health-interval", type=float, default=1.0,
+    p.add_argument("--health-interval", type=_interval, default=1.0,
                    help="seconds between health checks; a server is down after 2 misses")
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the proxy's own (admin) token, for servers that require"
@@ -65,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run `ttproxy` with `argv` (default sys.argv[1:]) until stopped: 0, or 2 for a
     --health-interval outside 0.1..60, a missing dependency or an unreadable --token-file."""
     args = configfile.parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
-    if not 0.1 <= args.health_interval <= 60:
-        print("ttproxy: --health-interval must be 0.1..60 seconds", file=sys.stderr)
-        return 2
     configure_logging(args.log_level, args.log_format)
     try:
         import uvicorn  # noqa: F401 - fail here, with the install hint

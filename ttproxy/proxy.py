@@ -109,7 +109,9 @@ class Proxy:
 
     def _fan(self, members: list[Member], fn: Callable[[Member], T]
              ) -> list[tuple[Member, T | ProxyError]]:
-        """Call several servers in parallel; each result or its ProxyError."""
+        """Call several servers in parallel; each result or its ProxyError. A server's 401
+        is raised: the caller's token is missing or wrong, which no other server's answer
+        makes right (it is not that server's health)."""
         token = CALLER_TOKEN.get()  # worker threads do not inherit the request's context
 
         def one(m: Member) -> tuple[Member, T | ProxyError]:
@@ -120,9 +122,14 @@ class Proxy:
                 return m, exc
 
         if len(members) <= 1:  # the common case: no thread pool to spin up
-            return [one(m) for m in members]
-        with ThreadPoolExecutor(max_workers=len(members)) as pool:
-            return list(pool.map(one, members))
+            results = [one(m) for m in members]
+        else:
+            with ThreadPoolExecutor(max_workers=len(members)) as pool:
+                results = list(pool.map(one, members))
+        for _, reply in results:
+            if isinstance(reply, ProxyError) and reply.status == 401:
+                raise reply
+        return results
 
     # --- where ENVs are -----------------------------------------------------------------
     def _learn_from(self, address: str) -> None:

@@ -85,7 +85,8 @@ class TokenStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        # what the file was when read: a chmod changes its mode and ctime, not its mtime
+        self._stamp: tuple | None = None
         self._tokens: dict[str, tuple[str, str]] = {}
         if path is not None:
             self._load()  # fail at start-up, not at the first request
@@ -102,7 +103,7 @@ class TokenStore:
             raise ValueError(f"tokens file {self.path} must not be readable by others"
                              f" (chmod 600 {self.path})")
         self._tokens = parse(self.path.read_text(), str(self.path))
-        self._mtime = st.st_mtime
+        self._stamp = _stamp(st)
 
     def principal(self, authorization: str | None) -> Principal:
         """The caller behind an `Authorization` header value (OPEN without a tokens file);
@@ -115,17 +116,23 @@ class TokenStore:
                             " $TT_TOKEN (ask the operator for one)", 401)
         with self._lock:
             try:
-                if self.path.stat().st_mtime != self._mtime:
+                if _stamp(self.path.stat()) != self._stamp:
                     self._load()
             except (OSError, ValueError) as exc:  # fail closed until the file is fixed
-                if self._tokens or self._mtime is not None:
+                if self._tokens or self._stamp is not None:
                     log.error("tokens file unusable, accepting no token: %s", exc)
-                self._tokens, self._mtime = {}, None
+                self._tokens, self._stamp = {}, None
             wanted = digest(token.strip())
             for known, (name, role) in self._tokens.items():
                 if hmac.compare_digest(known, wanted):
                     return Principal(name, role == "admin")
         raise AuthError("API token not accepted (revoked or mistyped)", 401)
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    """What tells a changed tokens file: inode, size, mode, modification and change
+    times (nanoseconds)."""
+    return (st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def add_token(path: Path, name: str, admin: bool) -> str:

@@ -16,12 +16,14 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ttclient import configfile
 from ttclient.audit import add_log_options, configure_logging
 from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
+from ttclient.rules import MAX_LIFE_TIME
 from ttclient.serving import add_http_timeout_options
 from ttclient.units import parse_mib
 
@@ -37,11 +39,26 @@ def _mib(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _number(convert: type, low: float, high: float) -> Callable[[str], float]:
+    """argparse type: `convert(text)` within low..high (NaN is outside)."""
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}")
+        return value
+    return parse
+
+
 def _port_range(text: str) -> tuple[int, int]:
     try:
         first, last = (int(x) for x in text.split("-"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError("use FIRST-LAST, e.g. 40000-49999") from exc
+    if first > last:
+        raise argparse.ArgumentTypeError(f"{text}: FIRST is above LAST")
     if not 1024 <= first <= last <= 65535:
         raise argparse.ArgumentTypeError("port range must lie within 1024-65535")
     return first, last
@@ -84,7 +101,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"directory of images ENGINE:OS-VERSION:ARCH (default {DEFAULT_IMAGES})")
     p.add_argument("--cfgdb-path", type=Path, default=Path(DEFAULT_STATE),
                    help=f"state directory: SQLite DB, VM disks, SSH key (default {DEFAULT_STATE})")
-    p.add_argument("--cpu-total", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--cpu-total", type=_number(int, 1, 4096), default=os.cpu_count() or 1,
                    help="vCPUs this host may hand out (default: host CPUs)")
     p.add_argument("--mem-total", type=_mib, default=d["mem_total_mib"],
                    help=f"guest memory to hand out (default {d['mem_total_mib']} MiB)")
@@ -94,29 +111,31 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--serv-addr", default=d["serv_addr"],
                    help=f"address for the API and the forwarded VM ports (default "
                         f"{d['serv_addr']}; before exposing it, set --tokens-file)")
-    p.add_argument("--serv-port", type=int, default=d["serv_port"],
+    p.add_argument("--serv-port", type=_number(int, 1, 65535), default=d["serv_port"],
                    help=f"API port (default {d['serv_port']})")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=d["accel"],
                    help="auto: KVM only if a guest kernel really boots under it, else TCG")
     p.add_argument("--port-range", type=_port_range, default=(d["port_first"], d["port_last"]),
                    help=f"host ports for forwards, FIRST-LAST (default "
                         f"{d['port_first']}-{d['port_last']})")
-    p.add_argument("--boot-timeout", type=float, default=d["boot_timeout"],
+    p.add_argument("--boot-timeout", type=_number(float, 1, 86400), default=d["boot_timeout"],
                    help=f"seconds a VM may take until its guest agent answers (default "
                         f"{d['boot_timeout']:.0f})")
     p.add_argument("--run-output-cap", type=_mib, default=d["run_output_cap"] >> 20,
                    metavar="SIZE", help="bytes of each output stream a run keeps; more is "
                    f"cut and flagged truncated (MiB or a suffix; default "
                    f"{d['run_output_cap'] >> 20} MiB)")
-    p.add_argument("--life-time", type=int, default=d["default_life_time"],
+    p.add_argument("--life-time", type=_number(int, 1, MAX_LIFE_TIME),
+                   default=d["default_life_time"],
                    help=f"default ENV lifetime in seconds (default {d['default_life_time']})")
-    p.add_argument("--token-max-vms", type=int, default=d["token_max_vms"], metavar="N",
+    p.add_argument("--token-max-vms", type=_number(int, 0, 100_000), default=d["token_max_vms"],
+                   metavar="N",
                    help="VMs one (non-admin) API token may have on record, stopped ones too"
                         " (default: only the server's totals limit it)")
     p.add_argument("--token-max-mem", type=_mib, default=d["token_max_mem_mib"],
                    metavar="SIZE", help="guest memory one (non-admin) API token may have on"
                                         " record, e.g. 8G (default: the server's totals)")
-    p.add_argument("--allow-outgoing", action="store_true",
+    p.add_argument("--allow-outgoing", action=argparse.BooleanOptionalAction, default=False,
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
     p.add_argument("--warm-clones", action=argparse.BooleanOptionalAction,
@@ -144,7 +163,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"API tokens ('ttserver token add'; default {DEFAULT_TOKENS}, read"
                         " when it exists); without tokens the API is open, which a server"
                         " on a non-loopback address refuses unless --insecure-no-auth")
-    p.add_argument("--insecure-no-auth", action="store_true",
+    p.add_argument("--insecure-no-auth", action=argparse.BooleanOptionalAction, default=False,
                    help="serve without API tokens even if a tokens file exists, on any"
                         " address (anyone who reaches the port may run code in VMs)")
     add_allowed_host_option(p, "server")
@@ -186,12 +205,16 @@ def token_parser() -> argparse.ArgumentParser:
                                 description="manage API tokens (shown once, stored hashed)")
     p.add_argument("--tokens-file", type=Path, default=Path(DEFAULT_TOKENS),
                    help=f"default {DEFAULT_TOKENS}")
+    # also after the action (`token add alice --tokens-file F`); given there it wins
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--tokens-file", type=Path, default=argparse.SUPPRESS,
+                       help=f"default {DEFAULT_TOKENS}")
     sub = p.add_subparsers(dest="action", required=True)
-    a = sub.add_parser("add", help="create a token and print it")
+    a = sub.add_parser("add", help="create a token and print it", parents=[where])
     a.add_argument("name", help="who it is for; ENVs it creates are owned by this name")
     a.add_argument("--admin", action="store_true", help="may see and act on every ENV")
-    sub.add_parser("list", help="token names and roles")
-    d = sub.add_parser("del", help="revoke a token (takes effect at once)")
+    sub.add_parser("list", help="token names and roles", parents=[where])
+    d = sub.add_parser("del", help="revoke a token (takes effect at once)", parents=[where])
     d.add_argument("name")
     return p
 
@@ -287,9 +310,6 @@ def serve_main(argv: list[str]) -> int:
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"
               " (probes) or tcg", file=sys.stderr)
-        return 2
-    if not 1 <= cfg.default_life_time <= cfg.max_life_time:
-        print(f"ttserver: --life-time must be 1..{cfg.max_life_time} seconds", file=sys.stderr)
         return 2
     from .auth import TokenStore
     tokens_file = _tokens_file(args)
