@@ -64,11 +64,12 @@ fi
 # wheelhouse of every dependency of the client, [pytest] and [server] extras (libvirt-python
 # built once here, from libvirt-dev), remade when pyproject.toml changes.
 WHEELHOUSE=/var/lib/ttstack/wheelhouse
-if [ "$(cat "$WHEELHOUSE/.stamp" 2>/dev/null)" != "$want" ]; then
+deps=$(sha256sum pyproject.toml | cut -d' ' -f1)  # not the checkout's path: CI clones move
+if [ "$(cat "$WHEELHOUSE/.stamp" 2>/dev/null)" != "$deps" ]; then
   say "pip wheel: the dependencies' wheelhouse in $WHEELHOUSE"
   rm -rf "$WHEELHOUSE" && mkdir -p "$WHEELHOUSE"
   "$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$WHEELHOUSE" ".[server,pytest]"
-  rm -f "$WHEELHOUSE"/ttstack-*.whl && echo "$want" > "$WHEELHOUSE/.stamp"
+  rm -f "$WHEELHOUSE"/ttstack-*.whl && echo "$deps" > "$WHEELHOUSE/.stamp"
 fi
 
 # gitlab-ci-local runs the GitLab component in the CI template tests (it needs rsync and
