@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from . import __version__
 from .api import ApiError
+from .argtypes import mib, number_in
 from .commands import (
     CliError,
     UsageError,
@@ -53,41 +54,16 @@ from .rules import (
     vm_ref_error,
 )
 from .shell import ShellError, cmd_env_console, cmd_env_ssh, cmd_env_ssh_config
-from .units import parse_mib
 
 SHELLS = ("bash", "zsh", "tcsh")  # what shtab writes completion scripts for
 
 
-def _mib(text: str) -> int:
-    """argparse type: a size as MiB ('512', '1G'); ArgumentTypeError says what is wrong."""
-    try:
-        return parse_mib(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _number_in(convert: Callable[[str], float], low: int, high: int,
-               unit: str) -> Callable[[str], float]:
-    """An argparse type: `convert(text)` within low..high, `unit` naming what it counts
-    ("seconds", "a port"), or an ArgumentTypeError saying what is wrong."""
-    def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number ({unit}, "
-                                             f"{low}-{high})") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is outside {low}-{high} ({unit})")
-        return value
-    return parse
-
-
-_run_seconds = _number_in(float, 1, 86400, "seconds")  # a run's timeout (the API's range)
-_wait_seconds = _number_in(float, 1, 7 * 86400, "seconds")  # how long `tt` follows a boot
-_lines = _number_in(int, 1, 2000, "lines")  # console lines (what the server gives)
-_vm_count = _number_in(int, 1, MAX_VMS_PER_ENV, "VMs")
-_cpus = _number_in(int, 1, MAX_CPUS, "vCPUs")
-_life_seconds = _number_in(int, 1, MAX_LIFE_TIME, "seconds")  # 7 days
+_run_seconds = number_in(float, 1, 86400, "seconds")  # a run's timeout (the API's range)
+_wait_seconds = number_in(float, 1, 7 * 86400, "seconds")  # how long `tt` follows a boot
+_lines = number_in(int, 1, 2000, "lines")  # console lines (what the server gives)
+_vm_count = number_in(int, 1, MAX_VMS_PER_ENV, "VMs")
+_cpus = number_in(int, 1, MAX_CPUS, "vCPUs")
+_life_seconds = number_in(int, 1, MAX_LIFE_TIME, "seconds")  # 7 days
 
 
 def _checked(error_of: Callable[[str], str]) -> Callable[[str], str]:
@@ -189,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="set or show the server address")
     c.add_argument("--serv-addr", type=_host, metavar="HOST",
                    help="the server's host name or address")
-    c.add_argument("--serv-port", type=_number_in(int, 1, 65535, "a TCP port"), metavar="PORT",
+    c.add_argument("--serv-port", type=number_in(int, 1, 65535, "a TCP port"), metavar="PORT",
                    help="its TCP port (default 20000)")
     c.add_argument("--token", help="API token from the operator ('-': read it from stdin,"
                                    " keeping it out of shell history; '': forget the saved "
@@ -224,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-n", "--vm-number", "--dup", type=_vm_count, default=1,
                    help=f"VMs per matched image (1-{MAX_VMS_PER_ENV} in all)")
     a.add_argument("-c", "--cpu-num", type=_cpus, default=1, help="vCPUs per VM (default 1)")
-    a.add_argument("-m", "--mem-size", type=_mib, default=512, help="MiB or 1G (default 512M)")
-    a.add_argument("--disk-size", type=_mib, default=None, help="grow each clone to this size")
+    a.add_argument("-m", "--mem-size", type=mib, default=512, help="MiB or 1G (default 512M)")
+    a.add_argument("--disk-size", type=mib, default=None, help="grow each clone to this size")
     a.add_argument("-l", "--life-time", type=_life_seconds, default=None,
                    help="seconds (server default: 6 h)")
     a.add_argument("-p", "--port", type=_ports, action="extend",
@@ -304,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-port", type=_ports, action="extend",
                     help="guest port(s) to stop exposing")
     up.add_argument("-c", "--cpu-num", type=_cpus, help="vCPUs per VM (a stopped ENV)")
-    up.add_argument("-m", "--mem-size", type=_mib, help="memory per VM, MiB or 1G (a stopped "
+    up.add_argument("-m", "--mem-size", type=mib, help="memory per VM, MiB or 1G (a stopped "
                                                         "ENV)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_env_update)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ttclient import configfile
+from ttclient.argtypes import number_in
 from ttclient.audit import add_log_options, configure_logging
 from ttclient.config import parse_server
 from ttclient.configfile import add_config_option
@@ -42,17 +43,6 @@ def _addr(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _interval(text: str) -> float:
-    """argparse type for --health-interval: 0.1-60 seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0.1-60 seconds")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `ttproxy` argument parser."""
     p = argparse.ArgumentParser(prog="ttproxy", description=__doc__.split("\n\n")[0].strip())
@@ -60,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="HOST:PORT", help="where the proxy listens (127.0.0.1:20002)")
     p.add_argument("--server-set", type=_server_set, required=True, metavar="H:P,H:P",
                    help="the ttservers behind this proxy, comma-separated")
-    p.add_argument("--health-interval", type=_interval, default=1.0,
+    p.add_argument("--health-interval", type=number_in(float, 0.1, 60, "seconds"), default=1.0,
                    help="seconds between health checks; a server is down after 2 misses")
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the proxy's own (admin) token, for servers that require"

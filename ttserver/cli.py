@@ -16,40 +16,19 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from ttclient import configfile
+from ttclient.argtypes import mib, number_in
 from ttclient.audit import add_log_options, configure_logging
 from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
 from ttclient.rules import MAX_LIFE_TIME
 from ttclient.serving import add_http_timeout_options
-from ttclient.units import parse_mib
 
 DEFAULT_IMAGES = "/var/lib/ttstack/images"
 DEFAULT_STATE = "/var/lib/ttstack/state"
 DEFAULT_TOKENS = "/etc/ttstack/tokens"
-
-
-def _mib(text: str) -> int:
-    try:
-        return parse_mib(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _number(convert: type, low: float, high: float) -> Callable[[str], float]:
-    """argparse type: `convert(text)` within low..high (NaN is outside)."""
-    def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}")
-        return value
-    return parse
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -101,38 +80,38 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"directory of images ENGINE:OS-VERSION:ARCH (default {DEFAULT_IMAGES})")
     p.add_argument("--cfgdb-path", type=Path, default=Path(DEFAULT_STATE),
                    help=f"state directory: SQLite DB, VM disks, SSH key (default {DEFAULT_STATE})")
-    p.add_argument("--cpu-total", type=_number(int, 1, 4096), default=os.cpu_count() or 1,
+    p.add_argument("--cpu-total", type=number_in(int, 1, 4096), default=os.cpu_count() or 1,
                    help="vCPUs this host may hand out (default: host CPUs)")
-    p.add_argument("--mem-total", type=_mib, default=d["mem_total_mib"],
+    p.add_argument("--mem-total", type=mib, default=d["mem_total_mib"],
                    help=f"guest memory to hand out (default {d['mem_total_mib']} MiB)")
-    p.add_argument("--disk-total", type=_mib, default=d["disk_total_mib"],
+    p.add_argument("--disk-total", type=mib, default=d["disk_total_mib"],
                    help=f"virtual disk size of VM clones to hand out (default "
                         f"{d['disk_total_mib']} MiB)")
     p.add_argument("--serv-addr", default=d["serv_addr"],
                    help=f"address for the API and the forwarded VM ports (default "
                         f"{d['serv_addr']}; before exposing it, set --tokens-file)")
-    p.add_argument("--serv-port", type=_number(int, 1, 65535), default=d["serv_port"],
+    p.add_argument("--serv-port", type=number_in(int, 1, 65535), default=d["serv_port"],
                    help=f"API port (default {d['serv_port']})")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=d["accel"],
                    help="auto: KVM only if a guest kernel really boots under it, else TCG")
     p.add_argument("--port-range", type=_port_range, default=(d["port_first"], d["port_last"]),
                    help=f"host ports for forwards, FIRST-LAST (default "
                         f"{d['port_first']}-{d['port_last']})")
-    p.add_argument("--boot-timeout", type=_number(float, 1, 86400), default=d["boot_timeout"],
+    p.add_argument("--boot-timeout", type=number_in(float, 1, 86400), default=d["boot_timeout"],
                    help=f"seconds a VM may take until its guest agent answers (default "
                         f"{d['boot_timeout']:.0f})")
-    p.add_argument("--run-output-cap", type=_mib, default=d["run_output_cap"] >> 20,
+    p.add_argument("--run-output-cap", type=mib, default=d["run_output_cap"] >> 20,
                    metavar="SIZE", help="bytes of each output stream a run keeps; more is "
                    f"cut and flagged truncated (MiB or a suffix; default "
                    f"{d['run_output_cap'] >> 20} MiB)")
-    p.add_argument("--life-time", type=_number(int, 1, MAX_LIFE_TIME),
+    p.add_argument("--life-time", type=number_in(int, 1, MAX_LIFE_TIME),
                    default=d["default_life_time"],
                    help=f"default ENV lifetime in seconds (default {d['default_life_time']})")
-    p.add_argument("--token-max-vms", type=_number(int, 0, 100_000), default=d["token_max_vms"],
+    p.add_argument("--token-max-vms", type=number_in(int, 0, 100_000), default=d["token_max_vms"],
                    metavar="N",
                    help="VMs one (non-admin) API token may have on record, stopped ones too"
                         " (default: only the server's totals limit it)")
-    p.add_argument("--token-max-mem", type=_mib, default=d["token_max_mem_mib"],
+    p.add_argument("--token-max-mem", type=mib, default=d["token_max_mem_mib"],
                    metavar="SIZE", help="guest memory one (non-admin) API token may have on"
                                         " record, e.g. 8G (default: the server's totals)")
     p.add_argument("--allow-outgoing", action=argparse.BooleanOptionalAction, default=False,
@@ -183,7 +162,7 @@ def image_parser() -> argparse.ArgumentParser:
     b.add_argument("os", help="OS-VERSION, e.g. debian-12")
     b.add_argument("--arch", default=platform.machine(), help="x86_64 (default) or aarch64")
     b.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
-    b.add_argument("--disk-size", type=_mib, default=2048, help="virtual disk size (2G)")
+    b.add_argument("--disk-size", type=mib, default=2048, help="virtual disk size (2G)")
     b.add_argument("--mirror", default=None, help="Debian mirror (default: the host's)")
     b.add_argument("--timeout", type=float, default=1800, help="seconds before giving up")
     b.add_argument("--force", action="store_true", help="rebuild even if present")

@@ -1,0 +1,36 @@
+"""argparse types shared by `tt`, ttserver and ttproxy (standard library only): a
+number within a range and a size in MiB, each failing with an ArgumentTypeError that
+says what is wrong."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .units import parse_mib
+
+
+def number_in(convert: Callable[[str], float], low: float, high: float,
+              unit: str = "") -> Callable[[str], float]:
+    """An argparse type: `convert(text)` within low..high (NaN is outside), `unit` naming
+    what it counts ("seconds", "vCPUs") in the message when given."""
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number" + (f" ({unit}, {low}-{high})" if unit else "")
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}-{high}"
+                                             + (f" ({unit})" if unit else ""))
+        return value
+    return parse
+
+
+def mib(text: str) -> int:
+    """argparse type: a size as MiB ('512', '1G'; units.parse_mib)."""
+    try:
+        return parse_mib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
