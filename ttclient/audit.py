@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 AUDIT = logging.getLogger("ttstack.audit")
@@ -32,6 +33,21 @@ def audit(event: str, **fields: Any) -> None:
     AUDIT.info("audit event=%s %s", event, " ".join(f"{k}={_text(v)}" for k, v in
                                                     kept.items()),
                extra={"audit": {"event": event, **kept}})
+
+
+def token_name(who: Any) -> str:
+    """A caller's token name for the audit trail ("" without tokens; never the token)."""
+    return str(getattr(who, "name", "") or "")
+
+
+def denied(scope: Mapping[str, Any], status: int, reason: str) -> None:
+    """The audit line of a refused request (401, 403), from its ASGI `scope`: method, path,
+    the peer's address and, once authenticated, the token's name."""
+    client = scope.get("client")
+    audit("denied", status=status, method=scope.get("method", "WEBSOCKET"),
+          path=scope.get("path", ""),
+          token=token_name((scope.get("state") or {}).get("principal")),
+          source=client[0] if client else "", reason=reason)
 
 
 def _text(value: Any) -> str:

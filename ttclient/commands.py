@@ -21,6 +21,7 @@ from . import __version__
 from . import config as cfgmod
 from .api import ApiError, Client, EnvWaitTimeout, changed_vms, vm_refs
 from .imagenames import split_prefixes
+from .rules import KEY_TYPES
 
 
 class CliError(Exception):
@@ -210,10 +211,6 @@ def cmd_env_add(args: argparse.Namespace) -> int:
     print(f"creating ENV {args.name} ({len(env['vms'])} VM(s)); VMs boot in parallel",
           file=sys.stderr)
     return _follow_boot(args, client, env["created_at"])
-
-
-# the key types OpenSSH's authorized_keys takes (sshd(8), AUTHORIZED_KEYS FILE FORMAT)
-KEY_TYPES = ("ssh-", "ecdsa-", "sk-")
 
 
 def public_keys(key_file: str) -> list[str]:

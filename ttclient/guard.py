@@ -23,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from .audit import audit
+from .audit import denied
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -126,10 +126,7 @@ class Guard:
             upload, limit = self._check_body_headers(scope, headers)
         except Refused as exc:
             if exc.status in (401, 403):  # the audit trail names who was turned away
-                client = scope.get("client")
-                audit("denied", status=exc.status, method=scope.get("method", "WEBSOCKET"),
-                      path=scope.get("path", ""), source=client[0] if client else "",
-                      reason=exc.message)
+                denied(scope, exc.status, exc.message)
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 1008})

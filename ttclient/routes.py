@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from . import __version__, jsonstream
-from .audit import audit
+from .audit import audit, denied, token_name
 from .contract import (
     MAX_UPLOAD,
     Deleted,
@@ -186,18 +186,13 @@ async def _more_threads(_app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-def _token_name(who: Any) -> str:
-    """The caller's token name for the audit trail ("" without tokens; never the token)."""
-    return str(getattr(who, "name", "") or "")
-
-
 def audited(event: str, request: Request, who: Any, name: str, answer: dict,
             **more: Any) -> dict:
     """Log the audit line of a lifecycle `event` on ENV `name` (who, from where, its images
     and VM count when `answer` is its view) and return `answer`."""
     vms = answer.get("vms")
     request.app.state.service.metrics.env_events.labels(event).inc()
-    audit(event, env=name, token=_token_name(who),
+    audit(event, env=name, token=token_name(who),
           source=request.client.host if request.client else "",
           images=sorted({vm["image"] for vm in vms}) if vms else None,
           vms=len(vms) if vms is not None else None, **more)
@@ -223,9 +218,7 @@ def create_app(service: EnvService, names: frozenset[str],
     @app.exception_handler(ServiceError)
     async def _service_error(req: Request, exc: ServiceError) -> JSONResponse:
         if exc.status in (401, 403):
-            audit("denied", status=exc.status, method=req.method, path=req.url.path,
-                  token=_token_name(req.scope.get("state", {}).get("principal")),
-                  source=req.client.host if req.client else "", reason=exc.message)
+            denied(req.scope, exc.status, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(status_code=exc.status, content={"detail": exc.message},
                             headers=headers)

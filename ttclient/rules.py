@@ -23,6 +23,9 @@ MAX_VMS_PER_ENV = 500
 MAX_CPUS = 64  # vCPUs per VM
 MAX_PORTS = 32  # forwarded guest ports per ENV (each VM gets them all), besides SSH
 MAX_LIFE_TIME = 7 * 24 * 3600  # seconds an ENV may live from its creation
+# how an OpenSSH public key line starts: the key types authorized_keys takes (sshd(8),
+# AUTHORIZED_KEYS FILE FORMAT)
+KEY_TYPES = ("ssh-", "ecdsa-", "sk-")
 
 # VM names are ENV-IDX, ids are made of the same characters, indexes are digits
 VM_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")

@@ -19,6 +19,7 @@ import time
 
 from .api import vm_refs
 from .commands import client_for
+from .rules import KEY_TYPES
 
 SSH_OPTIONS = {
     "User": "root",
@@ -83,7 +84,7 @@ def check_identity(path: str) -> None:
             head = f.read(4096)
     except OSError as exc:
         raise ShellError(f"-i {path}: {exc.strerror or exc}") from exc
-    if head.startswith((b"ssh-", b"ecdsa-", b"sk-")):
+    if head.decode(errors="replace").startswith(KEY_TYPES):
         base = path[:-4] if path.endswith(".pub") else "the file without .pub"
         raise ShellError(f"-i {path} is a public key: give the private key ({base})")
 

@@ -11,7 +11,13 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttclient.rules import MAX_PORTS, MAX_VMS_PER_ENV, env_name_error, env_size_error
+from ttclient.rules import (
+    KEY_TYPES,
+    MAX_PORTS,
+    MAX_VMS_PER_ENV,
+    env_name_error,
+    env_size_error,
+)
 
 from . import images
 from .config import ServerConfig
@@ -64,7 +70,7 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
         raise BadRequest(f"life_time must be 1..{cfg.max_life_time} seconds")
     check_ports(req.ports)
     for key in req.ssh_keys:
-        if "\n" in key.strip() or not key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
+        if "\n" in key.strip() or not key.strip().startswith(KEY_TYPES):
             raise BadRequest("ssh_keys entries must be single OpenSSH public key lines")
     if sum(len(k.encode()) + 1 for k in req.ssh_keys) > MAX_SSH_KEYS_BYTES:
         raise BadRequest(f"ssh_keys: at most {MAX_SSH_KEYS_BYTES // 1024} KiB in all")
