@@ -50,6 +50,14 @@ def path_segment(text: str) -> str:
     return quote(text, safe="")
 
 
+def name_taken_error(name: str, taken: str) -> str:
+    """Why ENV `name` cannot be created while ENV `taken` (equal ignoring case) exists."""
+    if taken == name:
+        return f"ENV {name!r} already exists; delete it or pick another name"
+    return (f"ENV {taken!r} exists: names must differ in more than case (hostnames ignore "
+            "it); pick another name")
+
+
 def env_size_error(vm_number: int, images: int) -> str:
     """"" when `vm_number` VMs of each of `images` images fit in one ENV, else the
     message saying what to change."""

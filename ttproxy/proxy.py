@@ -26,7 +26,7 @@ from ttclient.imagenames import (
     match_images,
     parse_image_name,
 )
-from ttclient.rules import env_size_error
+from ttclient.rules import env_size_error, name_taken_error
 
 from .directory import EnvDirectory
 from .merge import Part, may_see, merge_env, merge_results, merge_status
@@ -252,10 +252,7 @@ class Proxy:
         with self._create_lock:  # two creates must not both see the same free resources
             self.refresh()
             if (taken := self.directory.name_like(name)) is not None:
-                raise ProxyError(f"ENV {name!r} already exists; delete it or pick another "
-                                 "name" if taken == name else
-                                 f"ENV {taken!r} exists: names must differ in more than case "
-                                 "(hostnames ignore it); pick another name", 409)
+                raise ProxyError(name_taken_error(name, taken), 409)
             up = self.servers.up()
             if not up:
                 raise ProxyError("no ttserver is up behind this proxy: "

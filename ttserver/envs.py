@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttclient.audit import audit
+from ttclient.rules import name_taken_error
 
 from . import admission, images, views
 from .admission import EnvRequest
@@ -200,10 +201,7 @@ class EnvManager:
         need = admission.needs(vms)
         with self._admit_lock, self.db.transaction() as c:
             if (taken := self.db.name_like(req.name)) is not None:
-                raise Conflict(f"ENV {req.name!r} already exists; delete it or pick another name"
-                               if taken == req.name else
-                               f"ENV {taken!r} exists: names must differ in more than case "
-                               "(hostnames ignore it); pick another name")
+                raise Conflict(name_taken_error(req.name, taken))
             if req.limited:
                 admission.check_token_limits(self.db.held_by(req.owner), self.cfg, vms,
                                              req.owner)

@@ -126,7 +126,7 @@ class VMBooter:
                                             cancel.is_set)
             self.network.wait_ready(vm, self.cfg.boot_timeout - waited, console, cancel)
             if fresh:
-                self._personalize(vm, env, grow=vm.disk_mib > image.size_mib)
+                self._personalize(vm, env, grow=grow is not None)
             self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
                            boot_mode="cold")
             self.metrics.boot_seconds.labels("cold").observe(waited)
@@ -200,9 +200,10 @@ class VMBooter:
             return False
         log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
                  restored - started, answered - restored, time.monotonic() - answered)
+        took = time.monotonic() - started
         self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="warm",
-                       boot_seconds=round(time.monotonic() - started, 2))
-        self.metrics.boot_seconds.labels("warm").observe(time.monotonic() - started)
+                       boot_seconds=round(took, 2))
+        self.metrics.boot_seconds.labels("warm").observe(took)
         crash_point("boot.vm_running")
         return True
 
