@@ -13,6 +13,12 @@ say() { echo "[setup] $*"; }
 APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps
   dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse git rsync systemd"
+# Opt-in foreign-arch guests (tests/test_multiarch.py): every emulator of ttclient/arches.py
+# (qemu_package; a test keeps this list in step), qemu-user for building their images.
+if [ "${TTSTACK_FOREIGN_TESTS:-}" = 1 ]; then
+  APT_PACKAGES="$APT_PACKAGES qemu-system-arm qemu-system-ppc qemu-system-misc
+  qemu-user-static arch-test"
+fi
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   say "installing: $(echo $missing)"

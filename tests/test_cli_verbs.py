@@ -217,6 +217,7 @@ def test_ports_lists_and_several_names(ctx: Ctx):
     assert [e["name"] for e in json.loads(res.stdout)] == [ENV, ENV]
 
 
+@pytest.mark.slow  # ~90 s: a three-VM ENV stopped, resized and started cold
 def test_kick_removes_vms_and_update_resizes_a_stopped_env(ctx: Ctx):
     srv = ctx.srv
     res = ctx.tt("env", "add", "resize", "--os-prefix", "debian-12:x86_64", "-n", "2",

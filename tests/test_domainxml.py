@@ -1,7 +1,11 @@
 """The domain XML we hand libvirt: well-formed, no relabeling, restricted user networking."""
 
+import shutil
 import xml.etree.ElementTree as ET
 
+import pytest
+
+from ttclient import arches
 from ttserver.vm.domainxml import DomainSpec, render
 
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
@@ -107,3 +111,35 @@ def test_a_clone_without_a_nic_still_has_a_user_network_stack_to_load():
     assert clone[clone.index("-netdev") + 1] == "user,id=ttslirp,restrict=on"
     assert "-device" not in clone
     assert "-netdev" not in args(netdev="")  # a cold bridge boot: nothing
+
+
+@pytest.mark.parametrize("profile", arches.PROFILES, ids=lambda p: p.name)
+def test_every_arch_gets_its_machine_console_cpu_and_nic(profile):
+    """Each arch's facts come from its one row in ttclient.arches; libvirt (when the
+    arch's emulator is installed: x86_64 and i386 by default) parses and keeps them."""
+    import libvirt
+
+    xml = render(spec(name=f"tt-xmlarch-{profile.name.replace('_', '')}", arch=profile.name))
+    root = ET.fromstring(xml)
+    assert root.find("os/type").get("arch") == profile.libvirt_arch
+    assert root.find("os/type").get("machine") == profile.qemu_machine
+    assert f"console={profile.console}" in root.find("os/cmdline").text
+    assert (root.find("features/acpi") is not None) == profile.acpi
+    args = [a.get("value") for a in root.find(f"{QEMU_NS}commandline")]
+    nic = args[args.index("-device") + 1]
+    assert nic.startswith(f"{profile.nic_device},netdev=ttnet0")
+    assert all(f"{k}={v}" in nic for k, v in profile.nic_address.items())
+    assert ("-cpu" in args) == bool(profile.tcg_cpu)
+    if not shutil.which(profile.qemu_system):
+        pytest.skip(f"{profile.qemu_system} is not installed: libvirt cannot check the XML")
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.defineXML(xml)
+        try:
+            reread = ET.fromstring(dom.XMLDesc(0))
+            assert reread.find("os/type").get("machine").startswith(profile.qemu_machine)
+            assert reread.find("os/type").get("arch") == profile.libvirt_arch
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()

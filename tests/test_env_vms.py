@@ -31,6 +31,7 @@ def base_image_state() -> list[tuple]:
             for p in sorted(BASE.iterdir())]
 
 
+@pytest.mark.slow  # ~85 s: two VMs through every verb, a restart, then the leak check
 def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
     before = base_image_state()
     srv = ServerProcess(run_dir / "state").start()

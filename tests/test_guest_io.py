@@ -34,6 +34,10 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.vm
+# the ssh variant of a transport test: in the slow suite (the agent variant stays in the
+# default one, which must stay under 15 min; CI runs both)
+TRANSPORTS = [pytest.param(False, id="agent"),
+              pytest.param(True, id="ssh", marks=pytest.mark.slow)]
 CAP = 8 << 20
 
 
@@ -69,7 +73,7 @@ def rss_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
-@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+@pytest.mark.parametrize("use_ssh", TRANSPORTS)
 def test_output_is_exact_and_bounded(vm_server: ServerProcess, use_ssh: bool):
     srv = vm_server
     # 5 MB arrives intact (a digest made in the guest of the very bytes printed)
@@ -97,7 +101,7 @@ def test_output_is_exact_and_bounded(vm_server: ServerProcess, use_ssh: bool):
     assert base64.b64decode(r["stderr_b64"]) == b"\x01" and r["stdout"] == ""
 
 
-@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+@pytest.mark.parametrize("use_ssh", TRANSPORTS)
 def test_status_long_commands_and_what_a_command_leaves(vm_server: ServerProcess,
                                                        use_ssh: bool):
     srv = vm_server
@@ -143,7 +147,7 @@ def test_the_cli_writes_exact_bytes_and_says_what_was_cut(vm_server: ServerProce
     assert "output cut at the server's cap; printed: stdout 9000000 bytes" in cli.stdout, cli
 
 
-@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+@pytest.mark.parametrize("use_ssh", TRANSPORTS)
 def test_get_sends_a_big_file_a_piece_at_a_time(vm_server: ServerProcess, use_ssh: bool):
     """A get held the whole file in the server's memory (up to 1 GiB), then its copy."""
     srv = vm_server
@@ -164,6 +168,7 @@ def test_get_sends_a_big_file_a_piece_at_a_time(vm_server: ServerProcess, use_ss
     assert growth < 16 << 20, f"the server grew by {growth >> 20} MiB sending 64 MB"
 
 
+@pytest.mark.slow  # ~50 s for both transports under TCG
 @pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
 def test_push_keeps_a_big_upload_out_of_memory(vm_server: ServerProcess, use_ssh: bool):
     """A push held the whole body in the server's memory (up to 1 GiB)."""
@@ -229,7 +234,7 @@ def test_what_a_hostile_trial_found_in_run(vm_server: ServerProcess, use_ssh: bo
     assert r["stdout"] == "/root /root\n/usr/sbin/ip\n", r
 
 
-@pytest.mark.parametrize("use_ssh", [False, True], ids=["agent", "ssh"])
+@pytest.mark.parametrize("use_ssh", TRANSPORTS)
 def test_what_a_hostile_trial_found_in_files(vm_server: ServerProcess, use_ssh: bool):
     """A push left its file world-readable while it was written (0666 by the agent, with
     a 0600 mode asked for) and ran chmod on the target whatever it was: /dev/null became

@@ -88,3 +88,35 @@ def test_sizes(text, mib):
 def test_bad_sizes(bad):
     with pytest.raises(ValueError):
         parse_mib(bad)
+
+
+ALL_ARCHES = [parse_image_name(f"qemu:debian-13:{a}") for a in (
+    "x86_64", "i386", "aarch64", "armhf", "ppc64le", "s390x", "riscv64")]
+
+
+@pytest.mark.parametrize("alias,canonical", [
+    ("amd64", "x86_64"), ("x86_64", "x86_64"), ("i686", "i386"), ("x86", "i386"),
+    ("arm64", "aarch64"), ("armv7l", "armhf"), ("arm", "armhf"), ("ppc64el", "ppc64le"),
+    ("PPC64LE", "ppc64le"), ("s390x", "s390x"), ("riscv64", "riscv64")])
+def test_platform_machine_and_debian_arch_names_are_aliases(alias, canonical):
+    assert parse_image_name(f"qemu:debian-13:{alias}").arch == canonical
+    assert [i.arch for i in match_images([f"debian-13:{alias}"], ALL_ARCHES)] == [canonical]
+    assert [i.arch for i in match_images([f"debian13-{alias}"], ALL_ARCHES)] == [canonical]
+
+
+def test_a_star_arch_means_every_arch():
+    every = sorted(i.full for i in ALL_ARCHES)
+    assert names_of(["debian-13:*"]) == every
+    assert names_of(["qemu:debian-13:*"]) == every
+    assert names_of(["debian-13"]) == every
+
+
+def names_of(prefixes):
+    return sorted(i.full for i in match_images(prefixes, ALL_ARCHES))
+
+
+def test_an_unknown_arch_lists_the_known_ones():
+    with pytest.raises(ImageNameError, match="known: x86_64, i386, aarch64, armhf, ppc64le"):
+        parse_os_prefix("debian-13:mips")
+    with pytest.raises(ImageNameError, match="known: x86_64"):
+        parse_image_name("qemu:debian-13:sparc64")

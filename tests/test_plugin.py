@@ -86,6 +86,7 @@ def check_common(srv: ServerProcess, proc, root) -> None:
     assert requests.get(srv.url + "/envs", timeout=10).json() == [], "the ENV must be deleted"
 
 
+@pytest.mark.slow  # ~40 s; test_workers_never_share_a_vm_... covers xdist by default
 def test_xdist_run_gives_each_worker_its_own_vms(plugin_server, tmp_path):
     proc, root = run_sample(plugin_server, tmp_path, "-n", "2", "--tt-port=8000")
     check_common(plugin_server, proc, root)
@@ -160,6 +161,7 @@ def run_shapes(srv: ServerProcess, tmp_path: Path, *extra: str) -> subprocess.Co
          str(SHAPES)], capture_output=True, text=True, env=env, timeout=1200, cwd=SHAPES)
 
 
+@pytest.mark.slow  # ~35 s: a collection and a run on two OSes
 def test_collect_only_ids_are_the_ids_a_run_executes(plugin_server, tmp_path):
     """--collect-only listed `test_x[no-tt-os]` (ids no run has), so `-k` previews, IDEs
     and CI sharding asked for tests that do not exist."""
@@ -266,6 +268,7 @@ def test_nothing_boots_when_no_selected_test_needs_a_vm(plugin_server, tmp_path)
     assert "test_sample.py::test_without_vm" not in proc.stdout or "1 passed" in proc.stdout
 
 
+@pytest.mark.slow  # ~35 s: waits past a life time
 def test_a_session_outlives_its_life_time_and_boots_only_the_oses_selected(plugin_server,
                                                                           tmp_path):
     """--tt-life-time was a hard limit on a live session (its ENV expired under its

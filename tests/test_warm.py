@@ -139,6 +139,7 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     assert [t["state"] for t in templates(srv) if t["key"] == KEY] == ["ready"]
 
 
+@pytest.mark.slow  # ~55 s: a second server and a template build
 def test_template_cache_shares_a_build_with_another_server(warm_server):
     """A second server on the cache clones at once from the first server's build (hard
     links in its own directory: its VMs survive the cache entry being removed)."""

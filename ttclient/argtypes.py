@@ -34,3 +34,20 @@ def mib(text: str) -> int:
         return parse_mib(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def arch_list(text: str) -> list[str]:
+    """argparse type: a comma list of guest archs, names or aliases ('arm64,riscv64'), as
+    their canonical names (ttclient.arches), in order, each once."""
+    from . import arches
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty arch name")
+        try:
+            name = arches.by_name(part).name
+        except KeyError as exc:
+            raise argparse.ArgumentTypeError(exc.args[0]) from None
+        if name not in out:
+            out.append(name)
+    return out

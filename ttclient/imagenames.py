@@ -9,17 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import arches
+
 ENGINES = ("qemu",)
 
-# Users write Debian's arch names or the kernel's; images are named with the kernel's.
-ARCH_ALIASES = {
-    "x86_64": "x86_64",
-    "amd64": "x86_64",
-    "x64": "x86_64",
-    "aarch64": "aarch64",
-    "arm64": "aarch64",
-    "riscv64": "riscv64",
-}
+# Users write Debian's arch names or the kernel's; images are named with ttclient.arches'.
+ARCH_ALIASES = arches.spellings()
+ANY_ARCH = "*"  # `debian-13:*`: every arch (as `debian-13` alone)
 
 _PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # fullmatch
 
@@ -61,7 +57,8 @@ def parse_image_name(name: str) -> ImageName:
     if not _PART.fullmatch(os_version) or ".." in os_version:
         raise ImageNameError(f"image {name!r}: bad OS-VERSION {os_version!r}")
     if arch not in ARCH_ALIASES:
-        raise ImageNameError(f"image {name!r}: unknown arch {arch!r}")
+        raise ImageNameError(f"image {name!r}: unknown arch {arch!r} (known: "
+                             f"{', '.join(p.name for p in arches.PROFILES)})")
     return ImageName(engine, os_version, ARCH_ALIASES[arch])
 
 
@@ -91,12 +88,15 @@ class OsPrefix:
 
 def parse_os_prefix(text: str) -> OsPrefix:
     """Parse `deb`, `debian-12`, `debian12-arm64`, `debian-12:aarch64`, a full image name
-    or the start of one (`qemu:debian-12`, `qemu:deb`)."""
+    or the start of one (`qemu:debian-12`, `qemu:deb`); `OS:*` (or `qemu:OS:*`) means
+    every arch, as `OS` alone does."""
     raw = text.strip()
     if not raw:
         raise ImageNameError("empty OS prefix")
     lowered = raw.lower()
-    if lowered.count(":") == 2:
+    if lowered.count(":") == 2 and lowered.endswith(":" + ANY_ARCH):
+        lowered = lowered[:-2]
+    elif lowered.count(":") == 2:
         name = parse_image_name(lowered)
         return OsPrefix(raw, _squash(name.os), name.arch, name.engine)
     engine = next((e for e in ENGINES if lowered.startswith(e + ":")), None)
@@ -106,9 +106,10 @@ def parse_os_prefix(text: str) -> OsPrefix:
     os_part = lowered
     if ":" in lowered:
         os_part, arch_text = lowered.split(":", 1)
-        if arch_text not in ARCH_ALIASES:
-            raise ImageNameError(f"OS prefix {raw!r}: unknown arch {arch_text!r}")
-        arch = ARCH_ALIASES[arch_text]
+        if arch_text != ANY_ARCH and arch_text not in ARCH_ALIASES:
+            raise ImageNameError(f"OS prefix {raw!r}: unknown arch {arch_text!r} (known: "
+                                 f"{', '.join(p.name for p in arches.PROFILES)}, or *)")
+        arch = ARCH_ALIASES.get(arch_text)
     else:
         for alias, canonical in ARCH_ALIASES.items():
             for sep in ("-", "_"):

@@ -8,9 +8,11 @@ envs.EnvManager applies them under its admission lock, inside one SQLite transac
 from __future__ import annotations
 
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttclient import arches
 from ttclient.rules import (
     KEY_TYPES,
     MAX_PORTS,
@@ -24,7 +26,6 @@ from .config import ServerConfig
 from .db import EnvRow, VMRow
 from .errors import BadRequest, InsufficientResources, TTError
 from .states import PENDING
-from .vm import domainxml
 
 # authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
 # (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
@@ -75,9 +76,9 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     if sum(len(k.encode()) + 1 for k in req.ssh_keys) > MAX_SSH_KEYS_BYTES:
         raise BadRequest(f"ssh_keys: at most {MAX_SSH_KEYS_BYTES // 1024} KiB in all")
     chosen = images.select(cfg.image_path, req.os_prefix)
-    unsupported = [i.name.full for i in chosen if i.name.arch not in domainxml.ARCHES]
-    if unsupported:
-        raise BadRequest(f"no engine support for {', '.join(unsupported)}")
+    for image in chosen:
+        if error := emulator_missing(image.name.arch):
+            raise BadRequest(f"{image.name.full}: {error}")
     if req.counts is None and (error := env_size_error(req.vm_number, len(chosen))):
         raise BadRequest(error)
     if req.counts is not None:
@@ -179,3 +180,14 @@ def check_room(used: dict[str, int], cfg: ServerConfig, need: dict[str, int],
              for k in need if used[k] + need[k] > totals[k]]
     if short:
         raise InsufficientResources(f"not enough resources {what} ({'; '.join(short)})")
+
+
+def emulator_missing(arch: str) -> str:
+    """Why this host cannot boot guests of `arch` (its QEMU system emulator is not
+    installed: the operator installs only the emulators wanted, see docs/images.md), or
+    "" when it can."""
+    profile = arches.by_name(arch)
+    if shutil.which(profile.qemu_system):
+        return ""
+    return (f"this host cannot run {profile.name} guests: {profile.qemu_system} is not "
+            f"installed (apt-get install {profile.qemu_package})")

@@ -18,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from ttclient import configfile
-from ttclient.argtypes import mib, number_in
+from ttclient import arches, configfile
+from ttclient.argtypes import arch_list, mib, number_in
 from ttclient.audit import add_log_options, configure_logging
 from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
@@ -159,8 +159,19 @@ def image_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ttserver image", description="build or list images")
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build a Debian image with mmdebstrap (cached)")
-    b.add_argument("os", help="OS-VERSION, e.g. debian-12")
-    b.add_argument("--arch", default=platform.machine(), help="x86_64 (default) or aarch64")
+    b.add_argument("os", nargs="+", help="OS-VERSION, e.g. debian-12 (several: each)")
+    b.add_argument("--arch", type=arch_list, action="extend", default=None,
+                   help=f"the guest arch, or several (comma list or repeated): "
+                        f"{', '.join(p.name for p in arches.PROFILES)} or an alias "
+                        f"(amd64, arm64, ppc64el, ...); default the host's "
+                        f"({platform.machine()})")
+    b.add_argument("--all-arches", action="store_true",
+                   help="every arch Debian ships a kernel for in that release")
+    b.add_argument("--kernels-from", default="", metavar="OS-VERSION[,...]",
+                   help="also boot the same root filesystem with these releases' kernels: "
+                        "one more image each, e.g. debian-13-linux6.1 (a kernel matrix)")
+    b.add_argument("--jobs", type=number_in(int, 1, 64), default=os.cpu_count() or 1,
+                   help="builds at once (default: the CPU count, %(default)s)")
     b.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
     b.add_argument("--disk-size", type=mib, default=2048, help="virtual disk size (2G)")
     b.add_argument("--mirror", default=None, help="Debian mirror (default: the host's)")
@@ -244,15 +255,29 @@ def image_main(argv: list[str]) -> int:
         return 0
     from ttclient.serving import exit_on_sigterm
 
-    from .images.build import BuildError, build
-    exit_on_sigterm()  # a stopped build still unmounts and removes its work tree
-    try:
-        build(args.os, args.arch, args.image_path, disk_mib=args.disk_size,
-              mirror=args.mirror, timeout=args.timeout, force=args.force)
-    except (BuildError, RuntimeError, ValueError) as exc:
-        print(f"ttserver image build: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    from .images.build import SUITES, build_many
+    if args.all_arches and args.arch:
+        image_parser().error("give --arch or --all-arches, not both")
+    kernels_from = tuple(k.strip() for k in args.kernels_from.split(",") if k.strip())
+    unknown = [o for o in (*args.os, *kernels_from) if o not in SUITES]
+    if unknown:
+        image_parser().error(f"cannot build {', '.join(unknown)}; buildable: "
+                             f"{', '.join(SUITES)}")
+    exit_on_sigterm()  # a stopped build still unmounts and removes its work trees
+    pairs = [(o, a) for o in args.os for a in (args.arch or [platform.machine()])]
+    if args.all_arches:
+        pairs = [(o, p.name) for o in args.os for p in arches.PROFILES
+                 if SUITES[o] in p.suites]
+    results = build_many(pairs, args.image_path, jobs=args.jobs, disk_mib=args.disk_size,
+                         mirror=args.mirror, timeout=args.timeout, force=args.force,
+                         kernels_from=kernels_from)
+    failed = {name: why for name, why in results.items() if why}
+    for name, why in failed.items():
+        print(f"ttserver image build: {name}: {why}", file=sys.stderr)
+    if len(results) > 1:
+        print(f"[image build] {len(results) - len(failed)} of {len(results)} images ready"
+              + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def serve_main(argv: list[str]) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import libvirt
 
+from ttclient.arches import by_name
 from ttclient.waiting import WaitTimeout, wait_for
 
 from ..vm import domainxml
@@ -54,8 +55,8 @@ FW_CFG_SIZE = 64 << 10
 # the header the helper polls, 24 bytes: MAGIC, the nonce (16 hex digits), the payload's
 # length (4 bytes, big-endian)
 MAGIC = b"TTID"
-# settimeofday(2) has no perl built-in; its number differs between syscall tables.
-SETTIMEOFDAY = {"x86_64": 164, "aarch64": 170, "riscv64": 170}
+# settimeofday(2) has no perl built-in; its number differs between syscall tables
+# (ttclient.arches.ArchProfile.settimeofday).
 ANSWER_POLL = 0.02  # seconds between reads of the console log for the helper's answer
 
 # The helper polls the fw_cfg file's header every 10 ms (24 port reads: the driver reads
@@ -120,7 +121,7 @@ my $ok = eval {
   reload_sshd();
   1 };
 my $why = $@ || "unknown"; $why =~ s/\s+/ /g;
-# O_WRONLY|O_NOCTTY (0400 on every arch in SETTIMEOFDAY): not Fcntl, which loads a module
+# O_WRONLY|O_NOCTTY (0400 on every arch of ttclient.arches): not Fcntl, which loads a module
 sysopen(my $t, "/dev/$tty", 1 | 0400) or die "/dev/$tty: $!";
 syswrite($t, $ok ? "\nttstack-identity $nonce ok\n" : "\nttstack-identity $nonce error: $why\n");
 close $t;  # one identity per clone: nothing of the helper stays running
@@ -183,11 +184,12 @@ def start_helper(dom: libvirt.virDomain, arch: str, console: str) -> bool:
     `console` device, e.g. ttyS0) and wait until it reads the fw_cfg file. False when
     this guest cannot have one (no perl, unknown arch, no fw_cfg in sysfs): clones then
     take their identity by script."""
-    if arch not in SETTIMEOFDAY:
+    profile = by_name(arch)
+    if not profile.fw_cfg or not profile.settimeofday:
         return False
     agent.command(dom, "guest-exec", {
         "path": "/usr/bin/perl",
-        "arg": ["-e", HELPER, HELPER_DIR, FW_CFG_PATH, console, str(SETTIMEOFDAY[arch]),
+        "arg": ["-e", HELPER, HELPER_DIR, FW_CFG_PATH, console, str(profile.settimeofday),
                 READY]})
 
     def ready() -> bytes | None:

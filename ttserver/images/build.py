@@ -19,9 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import IO, Any
 
+from ttclient import arches
 from ttclient.imagenames import ImageName, parse_image_name
 
 from ..host import binfmt
@@ -29,9 +34,6 @@ from . import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install, read_meta
 
 SUITES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie",
           "debian-sid": "sid"}
-DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
-KERNEL_PKG = {"x86_64": "linux-image-cloud-amd64", "aarch64": "linux-image-cloud-arm64",
-              "riscv64": "linux-image-riscv64"}
 # python3-venv, python3-dev, gcc and libc6-dev: native mode makes a venv in the guest and
 # builds sdists and C extensions there (the guest has no network; see pytest_ttstack).
 PACKAGES = ["systemd-sysv", "udev", "openssh-server", "qemu-guest-agent", "python3",
@@ -49,8 +51,9 @@ MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer
 
 # A small initramfs with just the virtio and ext4 modules unpacks and runs in a fraction
 # of the time of the default "most" set under TCG. Written before the kernel is installed.
-INITRAMFS_MODULES = ["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
-                     "virtio_rng", "ext4"]
+# (virtio_ccw: s390x's virtio transport; a module a kernel lacks or has built in is skipped)
+INITRAMFS_MODULES = ["virtio_pci", "virtio_mmio", "virtio_ccw", "virtio_blk", "virtio_net",
+                     "virtio_console", "virtio_rng", "ext4"]
 INITRAMFS_HOOK = ('mkdir -p "$1/etc/initramfs-tools/conf.d" && '
                   'echo MODULES=list > "$1/etc/initramfs-tools/conf.d/ttstack" && '
                   f'printf "%s\\n" {" ".join(INITRAMFS_MODULES)}'
@@ -85,8 +88,8 @@ class BuildError(RuntimeError):
     pass
 
 
-def _say(msg: str) -> None:
-    print(f"[image build] {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, what: str = "") -> None:
+    print(f"[image build{' ' + what if what else ''}] {msg}", file=sys.stderr, flush=True)
 
 
 def host_mirror() -> str:
@@ -146,24 +149,66 @@ def customize(root: Path, hostname: str = "tt") -> None:
                    capture_output=True)
 
 
-def run_step(cmd: list[str], timeout: float, what: str) -> str:
-    """Run an image build or import step in its own process group and return its output:
-    on timeout the whole group goes (a hung mkinitramfs under qemu-user is a grandchild,
-    which subprocess.run would leave)."""
+# process groups of the steps running now (several with `build --all-arches`), so an
+# interrupted build kills every one of them, not just the main thread's
+_RUNNING: set[int] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running_steps() -> None:
+    """Kill the process group of every build step still running (SIGKILL)."""
+    with _RUNNING_LOCK:
+        groups = list(_RUNNING)
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def run_step(cmd: list[str], timeout: float, what: str,
+             progress: Callable[[str], None] | None = None) -> str:
+    """Run an image build or import step in its own process group and return its standard
+    output: on timeout the whole group goes (a hung mkinitramfs under qemu-user is a
+    grandchild, which subprocess.run would leave). `progress` gets every line of either
+    stream as it comes. BuildError (with the output's tail) when the step fails, times
+    out or is not installed."""
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, errors="replace", start_new_session=True)
     except FileNotFoundError as exc:
         raise BuildError(f"{cmd[0]} is not installed ({what})") from exc
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc.pid)
+    out_lines: list[str] = []
+    err_lines: list[str] = []
+
+    def read(stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+            if progress is not None:
+                progress(line.rstrip("\n"))
+
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [threading.Thread(target=read, args=(proc.stdout, out_lines), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, err_lines), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
+        for reader in readers:
+            reader.join()
     except BaseException as exc:  # timeout, Ctrl-C, SIGTERM (see image_main)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.wait()
+        for reader in readers:
+            reader.join(timeout=10)
         if isinstance(exc, subprocess.TimeoutExpired):
             raise BuildError(f"{what} did not finish within {timeout:.0f}s") from exc
         raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc.pid)
+    out, err = "".join(out_lines), "".join(err_lines)
     if proc.returncode != 0:
         tail = "\n".join((err or out).splitlines()[-15:])
         raise BuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
@@ -187,47 +232,109 @@ def remove_tree(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def apt_cache_hooks(cache: Path) -> list[str]:
+    """mmdebstrap options that keep the downloaded .debs in `cache` (one per suite and
+    arch): a build run again after a timeout or Ctrl-C downloads nothing twice. The
+    pattern of mmdebstrap(1)'s EXAMPLES."""
+    cache.mkdir(parents=True, exist_ok=True)
+    return ["--skip=download/empty", "--skip=essential/unlink",
+            '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
+            f"--setup-hook=sync-in {cache} /var/cache/apt/archives/",
+            f"--customize-hook=sync-out /var/cache/apt/archives {cache}"]
+
+
+def needs_emulation(profile: arches.ArchProfile, host: str | None = None) -> bool:
+    """Whether this host (`platform.machine()` by default) runs `profile`'s binaries only
+    through qemu-user: everything but its own arch, and i386 on x86_64."""
+    host = host or platform.machine()
+    return profile.machine != host and not (host == "x86_64" and profile.name == "i386")
+
+
 def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
-          mirror: str | None = None, timeout: float = 1800, force: bool = False) -> Path:
+          mirror: str | None = None, timeout: float = 1800, force: bool = False,
+          kernels_from: tuple[str, ...] = ()) -> Path:
     """Build `qemu:OS-VERSION:ARCH` into image_path; return its directory.
 
+    `kernels_from` (OS-VERSIONs, e.g. ("debian-12",)): also install each one's kernel into
+    the same root filesystem and publish it as one more image per kernel,
+    `qemu:OS-VERSION-linuxMAJOR.MINOR:ARCH` (kernel_variant_name), sharing the disk.
+
     Skipped when the image exists (images are cached; pass force=True to rebuild). Every
-    step has a timeout, because mmdebstrap under qemu-user has been seen to hang.
+    step has a timeout (`timeout` seconds for mmdebstrap, 600 for the others), because
+    mmdebstrap under qemu-user has been seen to hang. BuildError when the OS or arch
+    cannot be built (the message says which can) or a step fails.
     """
     name: ImageName = parse_image_name(f"qemu:{os_version}:{arch}")
-    if name.os not in SUITES:
-        raise BuildError(f"cannot build {name.os!r}; buildable: {', '.join(SUITES)}")
+    profile = arches.by_name(name.arch)
+
+    def say(msg: str) -> None:
+        _say(msg, f"{name.os}:{name.arch}")
+
+    for os_name in (name.os, *kernels_from):
+        if os_name not in SUITES:
+            raise BuildError(f"cannot build {os_name!r}; buildable: {', '.join(SUITES)}")
+        if SUITES[os_name] not in profile.suites:
+            with_kernel = [os for os, s in SUITES.items() if s in profile.suites]
+            raise BuildError(f"Debian {SUITES[os_name]} ships no {profile.name} kernel to "
+                             f"boot; {profile.name} images: {', '.join(with_kernel)}")
+    suite = SUITES[name.os]
+    extra_suites = [SUITES[o] for o in kernels_from if SUITES[o] != suite]
     target = image_path / name.full
     if (target / DISK).is_file() and not force:
-        built_with = read_meta(target).get("recipe")
-        if built_with == RECIPE:
-            _say(f"{name.full} exists at {target}; skipping (use --force to rebuild)")
+        meta = read_meta(target)
+        built_with = meta.get("recipe")
+        if built_with == RECIPE and set(meta.get("kernels_from", [])) >= set(extra_suites):
+            say(f"exists at {target}; skipping (use --force to rebuild)")
             return target
-        _say(f"{name.full} at {target} was built from another recipe "
-             f"({built_with or 'none recorded'}, now {RECIPE}): rebuilding")
-    if name.arch != platform.machine():
-        binfmt.ensure(name.arch)
+        say(f"the image at {target} was built from another recipe "
+            f"({built_with or 'none recorded'}, now {RECIPE}): rebuilding")
+    if needs_emulation(profile):
+        binfmt.ensure(profile.qemu_user)
     image_path.mkdir(parents=True, exist_ok=True)
     work = image_path / f".build-{name.os}-{name.arch}-{os.getpid()}"
     remove_tree(work)
     work.mkdir(parents=True)
     started = time.monotonic()
+
+    def progress(line: str) -> None:  # mmdebstrap's own progress lines ("I: ...")
+        if line.startswith("I: "):
+            say(f"mmdebstrap: {line[3:]} ({time.monotonic() - started:.0f}s)")
+
     try:
         root = work / "rootfs"
         cmd = ["mmdebstrap", "--variant=apt", "--mode=root",
-               f"--architectures={DEBIAN_ARCH[name.arch]}",
-               "--include=" + ",".join([KERNEL_PKG[name.arch], *PACKAGES])]
+               f"--architectures={profile.debian}",
+               "--include=" + ",".join([profile.kernel_package, *PACKAGES])]
         cmd += [f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES]
         cmd += [f"--essential-hook={INITRAMFS_HOOK}"]
-        cmd += [SUITES[name.os], str(root), mirror or host_mirror()]
-        _say(f"debootstrapping {SUITES[name.os]}/{DEBIAN_ARCH[name.arch]} (about a minute)")
-        run_step(cmd, timeout, "mmdebstrap")
+        # other releases' kernels: their packages on offer beside the suite's (whose
+        # versions are higher, so nothing else changes), each kernel metapackage
+        # installed from its release; /boot before that tells the suite's own kernel
+        own_boot = work / "own-boot.txt"
+        cmd += [f'--customize-hook=ls "$1/boot" > {own_boot}']
+        cmd += [f'--customize-hook=chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get '
+                f'install -y -q --allow-downgrades --no-install-recommends '
+                f'{profile.kernel_package}/{extra}'
+                for extra in extra_suites]
+        cmd += apt_cache_hooks(image_path / ".cache" / "apt" / f"{suite}-{profile.debian}")
+        cmd += [suite, str(root)]
+        cmd += [f"deb {mirror or host_mirror()} {s} main" for s in [suite, *extra_suites]]
+        say(f"debootstrapping {suite}/{profile.debian}"
+            + (" under qemu-user (several minutes)" if needs_emulation(profile)
+               else " (about a minute)"))
+        run_step(cmd, timeout, "mmdebstrap", progress)
         customize(root)
-        kernels = sorted((root / "boot").glob("vmlinuz-*"))
-        initrds = sorted((root / "boot").glob("initrd.img-*"))
+        # vmlinux: ppc64el's kernel is an ELF image, booted as it is
+        own = own_boot.read_text().split()
+        kernels = sorted(k for k in (root / "boot").glob("vmlinu[xz]-*") if k.name in own)
+        initrds = sorted(i for i in (root / "boot").glob("initrd.img-*") if i.name in own)
         if not kernels or not initrds:
-            raise BuildError("the image has no /boot/vmlinuz-* or /boot/initrd.img-*")
-        _say("making the disk (mkfs.ext4 -d, no loop mount)")
+            raise BuildError("the image has no /boot/vmlinu[xz]-* or /boot/initrd.img-*")
+        variants = kernel_variants(root / "boot", own)
+        if len(variants) < len(extra_suites):
+            raise BuildError(f"installing the kernels of {', '.join(extra_suites)} left "
+                             f"{len(variants)} more kernel(s) in /boot")
+        say("making the disk (mkfs.ext4 -d, no loop mount)")
         raw = work / "disk.raw"
         run_step(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw),
               f"{disk_mib}M"], 600, "mkfs.ext4")
@@ -237,11 +344,69 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
              "qemu-img convert")
         shutil.copyfile(kernels[-1], out / KERNEL)
         shutil.copyfile(initrds[-1], out / INITRD)
-        meta = {"name": name.full, "suite": SUITES[name.os], "arch": name.arch,
+        meta = {"name": name.full, "suite": suite, "arch": name.arch,
                 "virtual_size_mib": disk_mib, "cmdline": DEFAULT_CMDLINE,
-                "kernel": kernels[-1].name, "built_at": int(time.time()), "recipe": RECIPE}
+                "kernel": kernels[-1].name, "built_at": int(time.time()), "recipe": RECIPE,
+                "build_seconds": round(time.monotonic() - started),
+                "kernels_from": extra_suites}
+        for kernel, initrd in variants:
+            variant = ImageName(name.engine, kernel_variant_name(name.os, kernel.name),
+                                name.arch)
+            staged = work / variant.full
+            staged.mkdir()
+            os.link(out / DISK, staged / DISK)  # one root filesystem, several kernels
+            shutil.copyfile(kernel, staged / KERNEL)
+            shutil.copyfile(initrd, staged / INITRD)
+            install(staged, {**meta, "name": variant.full, "kernel": kernel.name,
+                             "kernels_from": []}, image_path / variant.full)
+            say(f"and {variant.full} (the same disk, kernel {kernel.name})")
         install(out, meta, target)
     finally:
         remove_tree(work)
-    _say(f"built {name.full} in {time.monotonic() - started:.0f}s at {target}")
+    say(f"built in {time.monotonic() - started:.0f}s at {target}")
     return target
+
+
+def kernel_variant_name(os_version: str, kernel_file: str) -> str:
+    """The OS-VERSION of an image booting `kernel_file` (`vmlinuz-6.1.0-28-cloud-amd64`)
+    on the root filesystem of `os_version`: `debian-13-linux6.1`. An OS prefix of the
+    plain name (`debian-13`) selects both; the full one only the variant. ValueError
+    for a file name without a version."""
+    match = re.match(r"vmlinu[xz]-(\d+)\.(\d+)", kernel_file)
+    if not match:
+        raise ValueError(f"no kernel version in {kernel_file!r}")
+    return f"{os_version}-linux{match.group(1)}.{match.group(2)}"
+
+
+def kernel_variants(boot: Path, own: list[str]) -> list[tuple[Path, Path]]:
+    """The (kernel, initrd) pairs in `boot` not named in `own` (the suite's own files),
+    matched by their version suffix."""
+    out = []
+    for kernel in sorted(boot.glob("vmlinu[xz]-*")):
+        initrd = boot / f"initrd.img-{kernel.name.split('-', 1)[1]}"
+        if kernel.name not in own and initrd.is_file():
+            out.append((kernel, initrd))
+    return out
+
+
+def build_many(pairs: list[tuple[str, str]], image_path: Path, *, jobs: int,
+               **options: Any) -> dict[str, str]:
+    """Build every (OS-VERSION, arch) pair (build()'s `options` for each), up to `jobs` at
+    once; each build's timeout is its own. Returns image name -> "" (built or cached) or
+    why it failed; the others go on when one fails, and images finished stay (a rerun
+    builds only what is missing). Ctrl-C or SIGTERM kills every running step."""
+    results: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(build, os_version, arch, image_path, **options):
+                   parse_image_name(f"qemu:{os_version}:{arch}").full
+                   for os_version, arch in pairs}
+        try:
+            for future in as_completed(futures):
+                exc = future.exception()
+                results[futures[future]] = "" if exc is None else str(exc)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            kill_running_steps()
+            raise
+    return {name: results[name] for name in futures.values()}

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttclient.arches import by_name
+
 from .. import images, views
 from ..config import ServerConfig
 from ..db import EnvRow, StateDB, VMRow
@@ -119,7 +121,7 @@ class VMBooter:
                 return "cancelled"
             self.db.set_vm(vm.id, state=BOOTING)
             self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay),
-                                      domainxml.ARCHES[image.name.arch]["nic_slot"],
+                                      domainxml.nic_device(by_name(image.name.arch)),
                                       bool(env.spec.get("deny_outgoing")))
             crash_point("boot.domain_started")
             waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
@@ -153,6 +155,8 @@ class VMBooter:
         none yet (one gets built in the background), the disk must grow, or it fails."""
         if vm.disk_mib > image.size_mib:  # the saved guest knows its disk's size;
             return False                    # growing needs a boot
+        if not by_name(image.name.arch).fw_cfg:  # no channel for the clone's identity
+            return False
         template = self.templates.ready(image, vm.cpu, vm.mem_mib)
         self.metrics.template_events.labels("miss" if template is None else "hit").inc()
         if template is None:
@@ -175,7 +179,7 @@ class VMBooter:
             resuming = time.monotonic()
             self.network.start_clone(vm, self.vm_xml(vm, image, env, overlay, template),
                                      template.state,
-                                     domainxml.ARCHES[image.name.arch]["nic_slot"],
+                                     domainxml.nic_device(by_name(image.name.arch)),
                                      bool(env.spec.get("deny_outgoing")))
             crash_point("boot.domain_started")
             restored = time.monotonic()

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import TypedDict
+
+from ttclient.arches import ArchProfile, by_name
 
 # the guest NIC's netdev id: in -netdev (user networking), in QMP netdev_add (bridge mode's
 # TAP) and in HMP hostfwd_add/remove on a running VM
@@ -21,28 +22,10 @@ NETDEV_ID = "ttnet0"
 SLIRP_STUB_ID = "ttslirp"
 
 
-class Arch(TypedDict):
-    """What the domain XML needs to know about a guest architecture."""
-
-    machine: str  # QEMU machine type
-    console: str  # the guest kernel's serial console device
-    nic_slot: dict[str, str]  # the NIC's PCI address (bus, addr)
-    genid: bool  # a <genid/> (VM generation ID) device
-    acpi: bool  # <features><acpi/></features>
-
-
-ARCHES: dict[str, Arch] = {
-    # genid: a VM generation ID device (ACPI, so x86 only here). Each domain gets a new ID;
-    # a guest restored from a warm-clone template sees it change and reseeds its RNG,
-    # instead of every clone drawing the same "random" numbers from the saved state.
-    "x86_64": {"machine": "pc", "console": "ttyS0",
-               "nic_slot": {"bus": "pci.0", "addr": "0x10"}, "genid": True, "acpi": True},
-    # no <acpi/>: on aarch64 libvirt ties ACPI to UEFI firmware; with direct kernel boot
-    # the guest reads QEMU's device tree instead
-    # (and a fixed NIC slot: libvirt fills pcie.0's first slots with its root ports)
-    "aarch64": {"machine": "virt", "console": "ttyAMA0",
-                "nic_slot": {"bus": "pcie.0", "addr": "0x10"}, "genid": False, "acpi": False},
-}
+def nic_device(arch: ArchProfile) -> dict[str, str]:
+    """The guest NIC's QEMU device properties for `arch` (driver and fixed bus address),
+    the same whether given on the command line or plugged over QMP (bridge mode)."""
+    return {"driver": arch.nic_device, **arch.nic_address}
 
 
 @dataclass(frozen=True)
@@ -92,25 +75,28 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 def render(spec: DomainSpec) -> str:
     """The libvirt domain XML of `spec`, as a string (built with ElementTree, so every
-    value is escaped); KeyError for an arch not in ARCHES."""
-    arch = ARCHES[spec.arch]
+    value is escaped); KeyError for an arch not in ttclient.arches."""
+    arch = by_name(spec.arch)
     dom = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(dom, "name", spec.name)
     _sub(dom, "title", spec.title)
-    if arch["genid"]:
+    if arch.genid:
+        # a VM generation ID device: each domain gets a new ID; a guest restored from a
+        # warm-clone template sees it change and reseeds its RNG, instead of every clone
+        # drawing the same "random" numbers from the saved state
         _sub(dom, "genid")
     _sub(dom, "memory", str(spec.mem_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
     os_ = _sub(dom, "os")
-    _sub(os_, "type", "hvm", arch=spec.arch, machine=arch["machine"])
+    _sub(os_, "type", "hvm", arch=arch.libvirt_arch, machine=arch.qemu_machine)
     _sub(os_, "kernel", spec.kernel)
     _sub(os_, "initrd", spec.initrd)
-    _sub(os_, "cmdline", spec.cmdline.replace("console=ttyS0", f"console={arch['console']}"))
-    if arch["acpi"]:
-        _sub(_sub(dom, "features"), "acpi")
+    _sub(os_, "cmdline", spec.cmdline.replace("console=ttyS0", f"console={arch.console}"))
+    if arch.acpi:  # elsewhere the guest reads QEMU's device tree: with direct kernel
+        _sub(_sub(dom, "features"), "acpi")  # boot libvirt ties ACPI on arm to UEFI
     if spec.accel == "kvm":
         _sub(dom, "cpu", mode="host-passthrough")
-    # TCG: QEMU's default CPU model per machine (aarch64 gets `-cpu max` below)
+    # TCG: the arch profile's CPU model (below), else QEMU's default for the machine
     _sub(dom, "clock", offset="utc")
     _sub(_sub(dom, "seclabel", type="static", model="dac", relabel="no"), "label",
          f"+{spec.uid}:+{spec.gid}")
@@ -140,18 +126,17 @@ def render(spec: DomainSpec) -> str:
          name="org.qemu.guest_agent.0")
     _sub(devices, "memballoon", model="none")
     _sub(_sub(devices, "rng", model="virtio"), "backend", "/dev/urandom", model="random")
-    # the NIC's PCI slot: the same whether given here or plugged over QMP (bridge mode)
-    slot = "".join(f",{k}={v}" for k, v in arch["nic_slot"].items())
-    qemu_args = (["-netdev", spec.netdev, "-device", f"virtio-net-pci,netdev={NETDEV_ID}{slot}"]
-                 if spec.netdev else [])
+    nic = nic_device(arch)
+    device = ",".join([nic.pop("driver"), f"netdev={NETDEV_ID}",
+                       *(f"{k}={v}" for k, v in nic.items())])
+    qemu_args = ["-netdev", spec.netdev, "-device", device] if spec.netdev else []
     if not spec.netdev and spec.incoming:
         # a clone whose NIC is plugged later (bridge mode) of a template made on user
         # networking: the saved state has a section for QEMU's user-network stack
         # ("slirp"), which must exist to load it; this one has no device and no use
         qemu_args += ["-netdev", f"user,id={SLIRP_STUB_ID},restrict=on"]
-    if spec.arch == "aarch64" and spec.accel == "tcg":
-        # pauth-impdef: the architected QARMA pointer auth is ~3x slower to emulate
-        qemu_args += ["-cpu", "max,pauth-impdef=on"]
+    if arch.tcg_cpu and spec.accel == "tcg":
+        qemu_args += ["-cpu", arch.tcg_cpu]
     if spec.memory_file:
         # libvirt cannot name the file of a memory backend (only a directory for all of
         # them, qemu.conf memory_backing_dir), so the RAM is a backend of ours, and the

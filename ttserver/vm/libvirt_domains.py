@@ -128,13 +128,14 @@ class Engine:
         stopped); the domain."""
         return self.conn().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
 
-    def plug_nic(self, dom: libvirt.virDomain, tap_fd: int, mac: str, slot: dict) -> None:
+    def plug_nic(self, dom: libvirt.virDomain, tap_fd: int, mac: str, device: dict) -> None:
         """Give a paused domain its NIC on a TAP opened by us: the guest finds it at boot
-        like any other device, and the TAP lives in *our* network namespace."""
+        like any other device, and the TAP lives in *our* network namespace. `device`:
+        the NIC's QEMU driver and bus address (domainxml.nic_device)."""
         self.qmp(dom, "getfd", {"fdname": "tttap"}, tap_fd)
         self.qmp(dom, "netdev_add", {"type": "tap", "id": domainxml.NETDEV_ID, "fd": "tttap"})
-        self.qmp(dom, "device_add", {"driver": "virtio-net-pci", "netdev": domainxml.NETDEV_ID,
-                                     "mac": mac, "id": "ttnic0", **slot})
+        self.qmp(dom, "device_add", {**device, "netdev": domainxml.NETDEV_ID,
+                                     "mac": mac, "id": "ttnic0"})
 
     # --- memory snapshots (warm clones) --------------------------------------------------
     # QEMU's own migration stream over a file descriptor handed in with QMP `getfd`:

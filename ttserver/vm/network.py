@@ -78,15 +78,15 @@ class VMNetwork(Protocol):
     def hostfwd(self, vm: VMRow, forward_addr: str) -> tuple[str, ...]:
         """QEMU user-network forwards for the VM's domain XML (none on a bridge)."""
 
-    def start_domain(self, vm: VMRow, xml: str, nic_slot: dict, deny_outgoing: bool) -> None:
-        """Start the VM's domain with its network in place (`nic_slot`: the arch's PCI
-        address for the NIC, domainxml.ARCHES)."""
+    def start_domain(self, vm: VMRow, xml: str, nic: dict, deny_outgoing: bool) -> None:
+        """Start the VM's domain with its network in place (`nic`: the NIC's QEMU device
+        driver and address for the guest's arch, domainxml.nic_device)."""
 
     def wait_ready(self, vm: VMRow, timeout: float, console: Path,
                    cancel: threading.Event) -> None:
         """After the agent answers: until the guest's network is usable; BootTimeout."""
 
-    def start_clone(self, vm: VMRow, xml: str, state: Path, nic_slot: dict,
+    def start_clone(self, vm: VMRow, xml: str, state: Path, nic: dict,
                     deny_outgoing: bool) -> None:
         """Start a warm clone's domain (`xml` waits for a saved state) from the template's
         device `state`, with its network in place, and resume it."""
@@ -137,14 +137,14 @@ class UserNetwork:
         return tuple(f"tcp:{forward_addr}:{host}-:{guest}"
                      for guest, host in port_map(vm).items())
 
-    def start_domain(self, vm: VMRow, xml: str, nic_slot: dict, deny_outgoing: bool) -> None:
+    def start_domain(self, vm: VMRow, xml: str, nic: dict, deny_outgoing: bool) -> None:
         self.engine.start(xml)
 
     def wait_ready(self, vm: VMRow, timeout: float, console: Path,
                    cancel: threading.Event) -> None:
         return None
 
-    def start_clone(self, vm: VMRow, xml: str, state: Path, nic_slot: dict,
+    def start_clone(self, vm: VMRow, xml: str, state: Path, nic: dict,
                     deny_outgoing: bool) -> None:
         self.engine.start_from_memory(xml, state)
 
@@ -195,26 +195,26 @@ class BridgedNetwork:
     def hostfwd(self, vm: VMRow, forward_addr: str) -> tuple[str, ...]:
         return ()
 
-    def start_domain(self, vm: VMRow, xml: str, nic_slot: dict, deny_outgoing: bool) -> None:
+    def start_domain(self, vm: VMRow, xml: str, nic: dict, deny_outgoing: bool) -> None:
         dom = self.engine.start(xml, paused=True)
-        self._plug(vm, dom, nic_slot, deny_outgoing)
+        self._plug(vm, dom, nic, deny_outgoing)
         dom.resume()
 
-    def start_clone(self, vm: VMRow, xml: str, state: Path, nic_slot: dict,
+    def start_clone(self, vm: VMRow, xml: str, state: Path, nic: dict,
                     deny_outgoing: bool) -> None:
         self.engine.start_from_memory(
-            xml, state, before_load=lambda dom: self._plug(vm, dom, nic_slot, deny_outgoing))
+            xml, state, before_load=lambda dom: self._plug(vm, dom, nic, deny_outgoing))
 
-    def _plug(self, vm: VMRow, dom: libvirt.virDomain, nic_slot: dict,
+    def _plug(self, vm: VMRow, dom: libvirt.virDomain, nic: dict,
               deny_outgoing: bool) -> None:
         """A paused domain's NIC on the VM's TAP; its ports and lease published."""
-        nic = lease(vm)
-        fd = self.bridge.open_tap(nic)
+        tap = lease(vm)
+        fd = self.bridge.open_tap(tap)
         try:
-            self.engine.plug_nic(dom, fd, nic.mac, nic_slot)
+            self.engine.plug_nic(dom, fd, tap.mac, nic)
         finally:
             os.close(fd)
-        self.bridge.publish(nic, port_map(vm), deny_outgoing)
+        self.bridge.publish(tap, port_map(vm), deny_outgoing)
 
     def adopt(self, vm: VMRow, dom: libvirt.virDomain, restricted: bool,
               timeout: float) -> None:

@@ -46,10 +46,11 @@ from pathlib import Path
 
 import libvirt
 
+from ttclient.arches import by_name
+
 from .. import images
 from ..guest import agent, cloudseed, identity
 from ..host import storage
-from ..vm import domainxml
 from ..vm.libvirt_domains import Engine
 from ..vm.spec import DomainRenderer
 
@@ -327,7 +328,7 @@ class Templates:
                 if image.cloud_init:  # its first boot's work done, not left to each clone
                     cloud_init_done(dom, self.boot_timeout)
                 helper = identity.HELPER_ID if identity.start_helper(
-                    dom, image.name.arch, domainxml.ARCHES[image.name.arch]["console"]
+                    dom, image.name.arch, by_name(image.name.arch).console
                 ) else ""
                 agent.exec_argv(dom, ["/bin/sync"], timeout=60)
                 self.engine.save_memory(dom, tpl.state)

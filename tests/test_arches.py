@@ -1,0 +1,139 @@
+"""The arch table (ttclient.arches) and what reads it, without booting a foreign guest
+(tests/test_multiarch.py does, on request): the image builder's choices, its parallel
+runs and their progress, the server's check for a missing emulator."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ttclient import arches
+from ttserver import admission
+from ttserver.images import build
+
+from helpers import IMAGE_PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_names_and_aliases_are_unique_and_lower_case():
+    spellings = [s for p in arches.PROFILES for s in (p.name, *p.aliases)]
+    assert len(spellings) == len(set(spellings))
+    assert all(s == s.lower() for s in spellings)
+    assert arches.by_name("ARM64") is arches.by_name("aarch64")
+    with pytest.raises(KeyError, match="known: x86_64, i386"):
+        arches.by_name("mips64el")
+
+
+def test_setup_host_installs_every_emulator_and_qemu_user_for_foreign_tests():
+    script = (ROOT / "scripts/setup-host.sh").read_text()
+    foreign = re.search(r'TTSTACK_FOREIGN_TESTS:-}" = 1 \]; then\n(.*?)\nfi', script, re.S)
+    assert foreign, "setup-host.sh has no TTSTACK_FOREIGN_TESTS block"
+    wanted = {p.qemu_package for p in arches.PROFILES} | {"qemu-user-static", "arch-test"}
+    installed = set(re.findall(r"[a-z0-9][a-z0-9.+-]+", foreign.group(1))) | {
+        "qemu-system-x86"}  # in the default list
+    assert wanted <= installed, wanted - installed
+
+
+def test_only_the_hosts_own_family_builds_without_qemu_user():
+    assert not build.needs_emulation(arches.by_name("x86_64"), host="x86_64")
+    assert not build.needs_emulation(arches.by_name("i386"), host="x86_64")
+    assert build.needs_emulation(arches.by_name("aarch64"), host="x86_64")
+    assert build.needs_emulation(arches.by_name("x86_64"), host="aarch64")
+    assert all(p.qemu_user.startswith("qemu-") for p in arches.PROFILES
+               if build.needs_emulation(p, host="x86_64"))
+
+
+def test_a_missing_emulator_is_named_with_its_package(monkeypatch):
+    monkeypatch.setattr(admission.shutil, "which", lambda _name: None)
+    assert admission.emulator_missing("s390x") == (
+        "this host cannot run s390x guests: qemu-system-s390x is not installed "
+        "(apt-get install qemu-system-misc)")
+    monkeypatch.undo()
+    assert admission.emulator_missing("x86_64") == ""  # scripts/setup-host.sh installs it
+
+
+def _ttserver_image(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ttserver.cli", "image", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args,rc,message", [
+    (("build", "debian-13", "--arch", "i386"), 1,
+     "qemu:debian-13:i386: Debian trixie ships no i386 kernel to boot; i386 images: "
+     "debian-11, debian-12"),
+    (("build", "debian-12", "--arch", "riscv64"), 1,
+     "Debian bookworm ships no riscv64 kernel to boot; riscv64 images: debian-13, debian-sid"),
+    (("build", "debian-13", "--arch", "mips"), 2, "argument --arch: unknown arch 'mips'"),
+    (("build", "debian-13", "--arch", "arm64,"), 2, "an empty arch name"),
+    (("build", "debian-13", "--all-arches", "--arch", "arm64"), 2,
+     "give --arch or --all-arches, not both"),
+    (("build", "debian-13", "--jobs", "0"), 2, "0 is outside 1-64"),
+    (("build", "fedora-40"), 2, "cannot build fedora-40; buildable: debian-11"),
+])
+def test_image_build_refuses_what_it_cannot_build_before_doing_anything(
+        tmp_path, args, rc, message):
+    res = _ttserver_image(*args, "--image-path", str(tmp_path))
+    assert res.returncode == rc, res.stderr
+    assert message in res.stderr
+    assert list(tmp_path.iterdir()) == []  # no work tree, no cache dir
+
+
+def test_build_many_reports_each_image_and_goes_on_past_a_failure():
+    """A cached image (the suite's own) and one that cannot be built, in parallel: the
+    failure is that image's alone."""
+    results = build.build_many([("debian-13", "i386"), ("debian-12", "x86_64")], IMAGE_PATH,
+                               jobs=2)
+    assert list(results) == ["qemu:debian-13:i386", "qemu:debian-12:x86_64"]
+    assert "ships no i386 kernel" in results["qemu:debian-13:i386"]
+    assert results["qemu:debian-12:x86_64"] == ""
+
+
+def test_a_step_shows_its_progress_and_a_timeout_kills_its_whole_group(tmp_path):
+    marker = tmp_path / "grandchild.pid"
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(build.BuildError, match="did not finish within 2s"):
+        build.run_step(["sh", "-c", f"echo 'I: one'; echo two >&2; sleep 60 & echo $! > "
+                                    f"{marker}; wait"], 2, "the step", lines.append)
+    assert time.monotonic() - started < 30
+    assert sorted(lines) == ["I: one", "two"]  # both streams, in either order
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIGKILLed with its group, then reaped by init
+    assert not os.path.exists(f"/proc/{pid}"), "the step's grandchild outlived its timeout"
+
+
+def test_a_failed_step_says_why_with_the_tail_of_its_errors():
+    with pytest.raises(build.BuildError) as err:
+        build.run_step(["sh", "-c", "echo out; echo 'E: no such package' >&2; exit 3"], 10,
+                       "mmdebstrap")
+    assert str(err.value) == "mmdebstrap failed (exit 3):\nE: no such package"
+    assert build.run_step(["sh", "-c", "echo out; echo err >&2"], 10, "x") == "out\n"
+
+
+def test_a_kernel_variant_is_named_by_its_kernel_series(tmp_path):
+    assert build.kernel_variant_name("debian-13", "vmlinuz-6.1.0-28-cloud-amd64") == \
+        "debian-13-linux6.1"
+    assert build.kernel_variant_name("debian-13", "vmlinux-6.12.9-powerpc64le") == \
+        "debian-13-linux6.12"  # ppc64el's kernel is an ELF vmlinux
+    with pytest.raises(ValueError, match="no kernel version"):
+        build.kernel_variant_name("debian-13", "vmlinuz")
+    for name in ("vmlinuz-6.12.9-amd64", "initrd.img-6.12.9-amd64", "vmlinuz-6.1.0-28-amd64",
+                 "initrd.img-6.1.0-28-amd64", "vmlinuz-5.10.0-1-amd64"):  # no initrd: skipped
+        (tmp_path / name).touch()
+    own = ["vmlinuz-6.12.9-amd64", "initrd.img-6.12.9-amd64"]
+    assert [(k.name, i.name) for k, i in build.kernel_variants(tmp_path, own)] == [
+        ("vmlinuz-6.1.0-28-amd64", "initrd.img-6.1.0-28-amd64")]
+    from ttclient.imagenames import match_images, parse_image_name
+    both = [parse_image_name(n) for n in ("qemu:debian-13:x86_64",
+                                          "qemu:debian-13-linux6.1:x86_64")]
+    assert len(match_images(["debian-13"], both)) == 2
+    assert [i.os for i in match_images(["debian-13-linux6.1"], both)] == ["debian-13-linux6.1"]
