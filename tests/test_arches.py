@@ -137,3 +137,12 @@ def test_a_kernel_variant_is_named_by_its_kernel_series(tmp_path):
                                           "qemu:debian-13-linux6.1:x86_64")]
     assert len(match_images(["debian-13"], both)) == 2
     assert [i.os for i in match_images(["debian-13-linux6.1"], both)] == ["debian-13-linux6.1"]
+
+
+def test_a_long_silent_step_still_shows_it_is_alive(monkeypatch):
+    """dpkg configuring packages under qemu-user prints nothing for minutes: the builder's
+    tick says how far it got (tests/test_arches.py checks the call, build() the text)."""
+    monkeypatch.setattr(build, "TICK", 0.2)
+    ticks: list[float] = []
+    build.run_step(["sleep", "1.1"], 10, "a quiet step", tick=lambda: ticks.append(1))
+    assert 3 <= len(ticks) <= 6, ticks

@@ -164,13 +164,17 @@ def kill_running_steps() -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
+TICK = 30.0  # seconds between run_step's `tick` calls
+
+
 def run_step(cmd: list[str], timeout: float, what: str,
-             progress: Callable[[str], None] | None = None) -> str:
+             progress: Callable[[str], None] | None = None,
+             tick: Callable[[], None] | None = None) -> str:
     """Run an image build or import step in its own process group and return its standard
     output: on timeout the whole group goes (a hung mkinitramfs under qemu-user is a
     grandchild, which subprocess.run would leave). `progress` gets every line of either
-    stream as it comes. BuildError (with the output's tail) when the step fails, times
-    out or is not installed."""
+    stream as it comes; `tick` is called every TICK seconds while it runs. BuildError
+    (with the output's tail) when the step fails, times out or is not installed."""
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, errors="replace", start_new_session=True)
@@ -193,7 +197,16 @@ def run_step(cmd: list[str], timeout: float, what: str,
     for reader in readers:
         reader.start()
     try:
-        proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                proc.wait(timeout=max(0.0, min(TICK, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+                if tick is not None:
+                    tick()
         for reader in readers:
             reader.join()
     except BaseException as exc:  # timeout, Ctrl-C, SIGTERM (see image_main)
@@ -296,13 +309,24 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
     work.mkdir(parents=True)
     started = time.monotonic()
 
-    def progress(line: str) -> None:  # mmdebstrap's own progress lines ("I: ...")
+    configured: list[str] = []  # dpkg's "Setting up PACKAGE (VERSION) ..." lines
+
+    def progress(line: str) -> None:  # mmdebstrap's own lines ("I: ...") at once
         if line.startswith("I: "):
             say(f"mmdebstrap: {line[3:]} ({time.monotonic() - started:.0f}s)")
+        elif line.startswith("Setting up "):
+            configured.append(line.split()[2])
+
+    def tick() -> None:  # the long silent part: dpkg configuring under emulation
+        if configured:
+            say(f"mmdebstrap: {len(configured)} packages set up, the last {configured[-1]} "
+                f"({time.monotonic() - started:.0f}s)")
+        else:
+            say(f"mmdebstrap: working ({time.monotonic() - started:.0f}s)")
 
     try:
         root = work / "rootfs"
-        cmd = ["mmdebstrap", "--variant=apt", "--mode=root",
+        cmd = ["mmdebstrap", "--variant=apt", "--mode=root", "--verbose",
                f"--architectures={profile.debian}",
                "--include=" + ",".join([profile.kernel_package, *PACKAGES])]
         cmd += [f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES]
@@ -322,7 +346,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         say(f"debootstrapping {suite}/{profile.debian}"
             + (" under qemu-user (several minutes)" if needs_emulation(profile)
                else " (about a minute)"))
-        run_step(cmd, timeout, "mmdebstrap", progress)
+        run_step(cmd, timeout, "mmdebstrap", progress, tick)
         customize(root)
         # vmlinux: ppc64el's kernel is an ELF image, booted as it is
         own = own_boot.read_text().split()
