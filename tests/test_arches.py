@@ -146,3 +146,19 @@ def test_a_long_silent_step_still_shows_it_is_alive(monkeypatch):
     ticks: list[float] = []
     build.run_step(["sleep", "1.1"], 10, "a quiet step", tick=lambda: ticks.append(1))
     assert 3 <= len(ticks) <= 6, ticks
+
+
+def test_a_mirror_without_the_archs_packages_is_named_with_the_fix(monkeypatch, tmp_path):
+    """This host's mirror lists ppc64el and s390x packages but answers 404 for their
+    files: mmdebstrap's last lines alone did not say what to do."""
+    def fail(cmd, timeout, what, *callbacks):
+        raise build.BuildError(f"{what} failed (exit 25):\nE: Failed to fetch http://m/"
+                               "pool/main/z/zlib/zlib1g_1_s390x.deb  404  Not Found")
+    monkeypatch.setattr(build, "run_step", fail)
+    monkeypatch.setattr(build.binfmt, "ensure", lambda entry: None)
+    with pytest.raises(build.BuildError) as err:
+        build.build("debian-13", "s390x", tmp_path, mirror="http://m/debian")
+    assert str(err.value).endswith("(the mirror http://m/debian lists s390x packages it "
+                                   "does not serve: pass --mirror with one that carries "
+                                   "s390x)")
+    assert [p.name for p in tmp_path.iterdir()] == [".cache"]  # no work tree left

@@ -346,7 +346,14 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         say(f"debootstrapping {suite}/{profile.debian}"
             + (" under qemu-user (several minutes)" if needs_emulation(profile)
                else " (about a minute)"))
-        run_step(cmd, timeout, "mmdebstrap", progress, tick)
+        try:
+            run_step(cmd, timeout, "mmdebstrap", progress, tick)
+        except BuildError as exc:
+            if "404  Not Found" in str(exc):  # apt's words for a file the mirror lacks
+                raise BuildError(f"{exc}\n(the mirror {mirror or host_mirror()} lists "
+                                 f"{profile.debian} packages it does not serve: pass "
+                                 f"--mirror with one that carries {profile.debian})") from None
+            raise
         customize(root)
         # vmlinux: ppc64el's kernel is an ELF image, booted as it is
         own = own_boot.read_text().split()
