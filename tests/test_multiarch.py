@@ -60,6 +60,7 @@ def _build_missing() -> None:
         assert proc.returncode == 0, f"building {os_version} for {archs} failed (above)"
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT + 3600)  # builds, then five to seven guests under TCG
 def test_one_env_with_every_arch():
     if os.environ.get("TTSTACK_FOREIGN_TESTS") != "1":
         pytest.skip("foreign-arch images take minutes each to build under qemu-user; opt "
@@ -183,6 +184,7 @@ def _native_mode_runs_on_every_arch(srv: ServerProcess, run_dir: Path) -> None:
     assert f"{len(OS_OF)} passed" in proc.stdout, proc.stdout
 
 
+@pytest.mark.timeout(BUILD_TIMEOUT)
 def test_one_root_filesystem_booted_with_two_releases_kernels():
     """`ttserver image build debian-13 --kernels-from debian-12`: trixie's userspace with
     its own kernel and with bookworm's, as two images; the prefix `debian-13` selects
