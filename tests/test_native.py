@@ -116,6 +116,7 @@ def outcomes(junit: Path) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow  # ~140 s: two guests get venvs and run 18 items natively
 def test_whole_suite_runs_in_every_vm(native_server, tmp_path):
     """unittest classes, doctests, functions and parametrized tests: every item runs once
     per OS inside its VM with the project's own configuration, outcomes as on the host."""
