@@ -162,3 +162,19 @@ def test_a_mirror_without_the_archs_packages_is_named_with_the_fix(monkeypatch, 
                                    "does not serve: pass --mirror with one that carries "
                                    "s390x)")
     assert [p.name for p in tmp_path.iterdir()] == [".cache"]  # no work tree left
+
+
+def test_templates_are_only_for_arches_with_fw_cfg():
+    """keep_warm asked every image for a template at start, pseries and s390x too, whose
+    clones could never take their identity: the template mechanism itself says no."""
+    from ttserver.images import Image
+    from ttserver.warm.snapshots import Templates
+
+    def image(arch: str) -> Image:
+        from ttclient.imagenames import parse_image_name
+        return Image(name=parse_image_name(f"qemu:debian-13:{arch}"), path=Path("/x"),
+                     size_mib=2048)
+
+    assert [a for a in ("x86_64", "i386", "aarch64", "armhf", "ppc64le", "s390x", "riscv64")
+            if Templates.supports(image(a))] == ["x86_64", "i386", "aarch64", "armhf",
+                                                  "riscv64"]

@@ -91,11 +91,6 @@ PROFILES: tuple[ArchProfile, ...] = (
 _BY_SPELLING = {s: p for p in PROFILES for s in (p.name, *p.aliases)}
 
 
-def known(spelling: str) -> bool:
-    """Whether `spelling` (any case) names an arch of PROFILES or an alias of one."""
-    return spelling.lower() in _BY_SPELLING
-
-
 def by_name(spelling: str) -> ArchProfile:
     """The profile that `spelling` (a name or alias, any case) names; KeyError (listing
     the known names) for anything else."""

@@ -299,10 +299,17 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         if built_with == RECIPE and set(meta.get("kernels_from", [])) >= set(extra_suites):
             say(f"exists at {target}; skipping (use --force to rebuild)")
             return target
-        say(f"the image at {target} was built from another recipe "
-            f"({built_with or 'none recorded'}, now {RECIPE}): rebuilding")
-    if needs_emulation(profile):
+        if built_with == RECIPE:
+            say(f"the image at {target} lacks the kernels of "
+                f"{', '.join(sorted(set(extra_suites) - set(meta.get('kernels_from', []))))}"
+                ": rebuilding")
+        else:
+            say(f"the image at {target} was built from another recipe "
+                f"({built_with or 'none recorded'}, now {RECIPE}): rebuilding")
+    emulated = needs_emulation(profile)
+    if emulated:
         binfmt.ensure(profile.qemu_user)
+    source = mirror or host_mirror()
     image_path.mkdir(parents=True, exist_ok=True)
     work = image_path / f".build-{name.os}-{name.arch}-{os.getpid()}"
     remove_tree(work)
@@ -342,15 +349,14 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
                 for extra in extra_suites]
         cmd += apt_cache_hooks(image_path / ".cache" / "apt" / f"{suite}-{profile.debian}")
         cmd += [suite, str(root)]
-        cmd += [f"deb {mirror or host_mirror()} {s} main" for s in [suite, *extra_suites]]
+        cmd += [f"deb {source} {s} main" for s in [suite, *extra_suites]]
         say(f"debootstrapping {suite}/{profile.debian}"
-            + (" under qemu-user (several minutes)" if needs_emulation(profile)
-               else " (about a minute)"))
+            + (" under qemu-user (several minutes)" if emulated else " (about a minute)"))
         try:
             run_step(cmd, timeout, "mmdebstrap", progress, tick)
         except BuildError as exc:
             if "404  Not Found" in str(exc):  # apt's words for a file the mirror lacks
-                raise BuildError(f"{exc}\n(the mirror {mirror or host_mirror()} lists "
+                raise BuildError(f"{exc}\n(the mirror {source} lists "
                                  f"{profile.debian} packages it does not serve: pass "
                                  f"--mirror with one that carries {profile.debian})") from None
             raise

@@ -155,7 +155,7 @@ class VMBooter:
         none yet (one gets built in the background), the disk must grow, or it fails."""
         if vm.disk_mib > image.size_mib:  # the saved guest knows its disk's size;
             return False                    # growing needs a boot
-        if not by_name(image.name.arch).fw_cfg:  # no channel for the clone's identity
+        if not self.templates.supports(image):  # no channel for the clone's identity
             return False
         template = self.templates.ready(image, vm.cpu, vm.mem_mib)
         self.metrics.template_events.labels("miss" if template is None else "hit").inc()

@@ -287,8 +287,17 @@ class Templates:
                     gone.append(d.name)
         return gone
 
+    @staticmethod
+    def supports(image: images.Image) -> bool:
+        """Whether the image can have templates: a clone takes its identity through a
+        QEMU fw_cfg file, which pseries and s390-ccw-virtio lack (ArchProfile.fw_cfg)."""
+        return by_name(image.name.arch).fw_cfg
+
     def request(self, image: images.Image, cpu: int, mem_mib: int) -> None:
-        """Build the template in the background unless it exists or is being built."""
+        """Build the template in the background unless it exists or is being built, or
+        the image cannot have one (supports())."""
+        if not self.supports(image):
+            return
         key = self.key(image, cpu, mem_mib)
         with self._lock:
             if key in self._building or self._stopping.is_set():
