@@ -4,7 +4,7 @@ to the first successful `run` of `true` on every VM.
 
 Run by hand on an otherwise idle host:
 
-    python3 benchmarks/warm.py [--vms 8] [--rounds 2] [--density 40]
+    python3 benchmarks/warm.py [--vms 8] [--rounds 2] [--density 40] [--tcg-tb-cache MIB]
 
 The server builds its template of the default shape by itself at start (no template
 cache: its own build is timed); each round then creates a cold and a warm ENV of each
@@ -15,6 +15,8 @@ seconds from the server's log.
 of 512 MiB, and the summed proportional set size (PSS, /proc/PID/smaps_rollup) of their
 QEMU processes with the per-clone figure (goal: <= 100 MiB per idle clone) — clones
 map the template's RAM file privately, so the pages none of them wrote are shared.
+The rest of an idle clone is mostly QEMU's TCG translation buffer (decision 76): it is
+printed apart, and `--tcg-tb-cache MIB` passes the server its bound.
 """
 
 from __future__ import annotations
@@ -72,6 +74,19 @@ def qemu_memory_kib(pid: int) -> tuple[int, int]:
     return fields["Pss"], fields["Rss"]
 
 
+def translated_code_kib(pid: int) -> int:
+    """PSS in KiB of a QEMU's TCG translation buffer: its one private mapping that is
+    readable, writable and executable (/proc/PID/smaps; QEMU 7.2 without split-wx)."""
+    kib, in_buffer = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", fields[0]):
+            in_buffer = fields[1] == "rwxp" and len(fields) == 5
+        elif in_buffer and fields[0] == "Pss:":
+            kib += int(fields[1])
+    return kib
+
+
 def density(url: str, vms: int, idle: float = 20.0) -> None:
     """One ENV of `vms` warm clones; print their QEMUs' summed PSS and RSS once idle."""
     started = time.monotonic()
@@ -83,15 +98,16 @@ def density(url: str, vms: int, idle: float = 20.0) -> None:
     up = time.monotonic() - started
     modes = [vm["boot_mode"] for vm in env["vms"]]
     time.sleep(idle)
-    pss = rss = 0
+    pss = rss = code = 0
     for vm in env["vms"]:
         pid = int(Path(f"/run/libvirt/qemu/tt-{vm['id']}.pid").read_text())
         p, r = qemu_memory_kib(pid)
-        pss, rss = pss + p, rss + r
+        pss, rss, code = pss + p, rss + r, code + translated_code_kib(pid)
     print(f"density: {vms} clones ({modes.count('warm')} warm) running in {up:.1f}s; "
           f"after {idle:.0f}s idle their QEMUs' PSS {pss / 1024:.0f} MiB in all, "
-          f"{pss / 1024 / vms:.1f} MiB per clone (goal <= 100); RSS {rss / 1024 / vms:.0f} "
-          f"MiB per clone", flush=True)
+          f"{pss / 1024 / vms:.1f} MiB per clone (goal <= 100), of which TCG's translated "
+          f"code {code / 1024 / vms:.1f} MiB; RSS {rss / 1024 / vms:.0f} MiB per clone",
+          flush=True)
     requests.delete(f"{url}/envs/dense", timeout=600).raise_for_status()
 
 
@@ -100,12 +116,15 @@ def main() -> int:
     p.add_argument("--vms", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--density", type=int, default=40)
+    p.add_argument("--tcg-tb-cache", type=int, default=None, metavar="MIB",
+                   help="pass the server this --tcg-tb-cache (default: the server's own)")
     args = p.parse_args()
+    tb_cache = () if args.tcg_tb_cache is None else ("--tcg-tb-cache", str(args.tcg_tb_cache))
     size = max(8, args.vms, args.density)
     run_dir = new_run_dir("bench-warm-")
     srv = ServerProcess(run_dir / "state", port_range="42500-42999", template_cache=None,
                         extra=("--cpu-total", str(size), "--mem-total", f"{size * 512}M",
-                               "--disk-total", f"{size * 4}G")).start()
+                               "--disk-total", f"{size * 4}G", *tb_cache)).start()
     try:
         started = time.monotonic()
         while not any(t["state"] == "ready" and t["key"].startswith("qemu:debian-12:")

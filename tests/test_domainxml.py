@@ -143,3 +143,24 @@ def test_every_arch_gets_its_machine_console_cpu_and_nic(profile):
             dom.undefine()
     finally:
         conn.close()
+
+
+def test_a_tb_cache_bounds_tcg_translated_code_and_reaches_qemu():
+    """Each TCG guest's translation buffer defaults to an eighth of the host's RAM (up to
+    1 GiB) in QEMU, uncounted by admission; the server bounds it (--tcg-tb-cache)."""
+    import libvirt
+
+    assert ET.fromstring(render(spec(tb_cache_mib=0))).find("features/tcg") is None
+    assert ET.fromstring(render(spec(accel="kvm", tb_cache_mib=256))).find("features/tcg") is None
+    bounded = render(spec(name="tt-xmltest-tb", tb_cache_mib=256))
+    root = ET.fromstring(bounded)
+    cache = root.find("features/tcg/tb-cache")
+    assert (cache.text, cache.get("unit")) == ("256", "MiB")
+    arm = ET.fromstring(render(spec(arch="aarch64", tb_cache_mib=64)))
+    assert arm.find("features/tcg/tb-cache").text == "64"
+    conn = libvirt.open("qemu:///system")
+    try:  # libvirt turns it into QEMU's -accel tcg,tb-size=N (its unit: MiB)
+        argv = conn.domainXMLToNative("qemu-argv", bounded, 0)
+        assert "tb-size=256" in argv, argv
+    finally:
+        conn.close()

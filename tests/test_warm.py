@@ -26,10 +26,12 @@ KEY = "qemu:debian-12:x86_64-1cpu-512m"
 @pytest.fixture(scope="module")
 def warm_server() -> Iterator[tuple[ServerProcess, Path]]:
     """A server with no warm-clone flag and its own template cache (run_dir/cache): its
-    templates are built here, not taken from the suite's shared cache."""
+    templates are built here, not taken from the suite's shared cache. Its TCG guests
+    keep at most 512 MiB of translated code (more than they use here)."""
     run_dir = new_run_dir("warm-")
     srv = ServerProcess(run_dir / "state", port_range="42000-42499",
-                        template_cache=run_dir / "cache").start()
+                        template_cache=run_dir / "cache",
+                        extra=("--tcg-tb-cache", "512")).start()
     try:
         yield srv, run_dir
     finally:
@@ -88,6 +90,10 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     ram_before = hashlib.sha256(ram.read_bytes()).hexdigest()
     env = create(srv, "clones", vm_number=2, ports=[8080])
     assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
+    for vm in env["vms"]:  # the server's --tcg-tb-cache reached each clone's QEMU
+        pid = Path(f"/run/libvirt/qemu/tt-{vm['id']}.pid").read_text().strip()
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        assert "tcg,tb-size=512" in argv, argv
     # both clones map the template's RAM file: each one's writes stay its own (a shared
     # mapping would have them overwrite each other's pages, and the template's)
     fill = ("head -c 67108864 /dev/urandom > /dev/shm/r && sha256sum /dev/shm/r | "

@@ -123,6 +123,11 @@ def serve_parser() -> argparse.ArgumentParser:
                         " second instead of a boot; on by default: each image's template is"
                         " built in the background at start); ENVs may still ask for cold"
                         " boots")
+    p.add_argument("--tcg-tb-cache", type=number_in(int, 0, 1024, "MiB"),
+                   default=d["tcg_tb_cache_mib"], metavar="MIB",
+                   help="MiB of translated code each TCG guest's QEMU may keep (QEMU's"
+                        " tb-size; 0: QEMU's default, an eighth of the host's RAM up to"
+                        f" 1 GiB; default {d['tcg_tb_cache_mib']})")
     p.add_argument("--template-cache", type=Path, default=None, metavar="DIR",
                    help="share warm-clone templates with other servers on this host through"
                         " DIR (hard links: same filesystem as --cfgdb-path)")
@@ -310,7 +315,8 @@ def serve_main(argv: list[str]) -> int:
                                        if args.template_cache else None),
                        storage=args.storage, token_max_vms=args.token_max_vms,
                        token_max_mem_mib=args.token_max_mem,
-                       bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet)
+                       bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet,
+                       tcg_tb_cache_mib=args.tcg_tb_cache)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"
               " (probes) or tcg", file=sys.stderr)

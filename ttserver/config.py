@@ -47,6 +47,9 @@ class ServerConfig:
     token_max_vms: int | None = None
     token_max_mem_mib: int | None = None
     bridge_subnet: str = "10.213.0.0/24"
+    # MiB of translated code each TCG guest's QEMU may keep (QEMU's tb-size; 0: QEMU's
+    # default, an eighth of host RAM up to 1 GiB): see docs/decisions.md, 76
+    tcg_tb_cache_mib: int = 0
 
     @property
     def db_file(self) -> Path:

@@ -100,7 +100,7 @@ class EnvManager:
             else storage.Zfs(cfg.cfgdb_path, self.server_id) if self.storage == "zfs" else None)
         self.accel = accel_mod.Accelerator(cfg.accel, cfg.image_path,
                                            cfg.cfgdb_path / "accel.json")
-        self.renderer = DomainRenderer(self.accel, self.uid, self.gid)
+        self.renderer = DomainRenderer(self.accel, self.uid, self.gid, cfg.tcg_tb_cache_mib)
         self.metrics = ServerMetrics(lambda: {"envs": self.db.list_envs(), "cfg": self.cfg,
                                               "used": self.db.used()})
         builds = self.metrics.template_events.labels("build")

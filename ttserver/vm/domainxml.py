@@ -58,6 +58,9 @@ class DomainSpec:
     # a file the guest reads as fw_cfg entry IDENTITY_FW_CFG (warm templates and clones:
     # guest/identity.py)
     identity_file: str = ""
+    # MiB of TCG translation buffer (QEMU's tb-size), 0: QEMU's default (an eighth of
+    # the host's RAM, at most 1 GiB); ignored under KVM
+    tb_cache_mib: int = 0
 
 
 IDENTITY_FW_CFG = "opt/org.ttstack/identity"  # QEMU asks for "opt/RFQDN/..." names
@@ -92,8 +95,14 @@ def render(spec: DomainSpec) -> str:
     _sub(os_, "kernel", spec.kernel)
     _sub(os_, "initrd", spec.initrd)
     _sub(os_, "cmdline", spec.cmdline.replace("console=ttyS0", f"console={arch.console}"))
-    if arch.acpi:  # elsewhere the guest reads QEMU's device tree: with direct kernel
-        _sub(_sub(dom, "features"), "acpi")  # boot libvirt ties ACPI on arm to UEFI
+    tb_cache = spec.accel == "tcg" and spec.tb_cache_mib
+    features = _sub(dom, "features") if arch.acpi or tb_cache else None
+    if features is not None and arch.acpi:  # elsewhere the guest reads QEMU's device
+        _sub(features, "acpi")  # tree: with direct kernel boot libvirt ties ACPI on arm to UEFI
+    if features is not None and tb_cache:
+        # -accel tcg,tb-size=N (libvirt >= 8.0): a clone's translated code is most of
+        # its own memory once idle (docs/decisions.md, 76)
+        _sub(_sub(features, "tcg"), "tb-cache", str(spec.tb_cache_mib), unit="MiB")
     if spec.accel == "kvm":
         _sub(dom, "cpu", mode="host-passthrough")
     # TCG: the arch profile's CPU model (below), else QEMU's default for the machine

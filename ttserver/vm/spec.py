@@ -15,11 +15,13 @@ from .accel import Accelerator
 
 
 class DomainRenderer:
-    """Domain XML for domains running as uid:gid, accelerated as `accel` decides."""
+    """Domain XML for domains running as uid:gid, accelerated as `accel` decides, with
+    `tb_cache_mib` MiB of TCG translation buffer (0: QEMU's default)."""
 
-    def __init__(self, accel: Accelerator, uid: int, gid: int) -> None:
+    def __init__(self, accel: Accelerator, uid: int, gid: int, tb_cache_mib: int = 0) -> None:
         self.accel = accel
         self.uid, self.gid = uid, gid
+        self.tb_cache_mib = tb_cache_mib
 
     def render(self, name: str, image: images.Image, cpu: int, mem_mib: int, disk: Path,
                console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
@@ -43,4 +45,4 @@ class DomainRenderer:
             netdev=netdev if user_net else "",
             uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed,
             memory_file=str(memory_file or ""), memory_shared=memory_shared,
-            identity_file=str(identity_file or "")))
+            identity_file=str(identity_file or ""), tb_cache_mib=self.tb_cache_mib))
