@@ -65,11 +65,14 @@ def _ttserver_image(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,rc,message", [
-    (("build", "debian-13", "--arch", "i386"), 1,
-     "qemu:debian-13:i386: Debian trixie ships no i386 kernel to boot; i386 images: "
-     "debian-11, debian-12"),
-    (("build", "debian-12", "--arch", "riscv64"), 1,
+    (("build", "debian-13", "--arch", "i386"), 2,
+     "Debian trixie ships no i386 kernel to boot; i386 images: debian-11, debian-12"),
+    (("build", "debian-12", "--arch", "riscv64"), 2,
      "Debian bookworm ships no riscv64 kernel to boot; riscv64 images: debian-13, debian-sid"),
+    (("build", "debian-12", "--kernels-from", "debian-13"), 2,
+     "--kernels-from debian-13: only releases up to debian-12 can lend"),
+    (("build", "debian-13", "--timeout", "nan"), 2, "nan is outside 1-604800"),
+    (("build", "debian-13", "--timeout", "0"), 2, "0 is outside 1-604800 (seconds)"),
     (("build", "debian-13", "--arch", "mips"), 2, "argument --arch: unknown arch 'mips'"),
     (("build", "debian-13", "--arch", "arm64,"), 2, "an empty arch name"),
     (("build", "debian-13", "--all-arches", "--arch", "arm64"), 2,
@@ -82,7 +85,40 @@ def test_image_build_refuses_what_it_cannot_build_before_doing_anything(
     res = _ttserver_image(*args, "--image-path", str(tmp_path))
     assert res.returncode == rc, res.stderr
     assert message in res.stderr
+    if rc == 2:  # the build subcommand's usage, not `ttserver image`'s
+        assert res.stderr.startswith("usage: ttserver image build"), res.stderr
     assert list(tmp_path.iterdir()) == []  # no work tree, no cache dir
+
+
+def test_the_build_plan_names_each_image_once_and_only_buildable_ones():
+    """The same image named twice (repeated, aliased, upper case) was built twice at once
+    in one work directory; --all-arches with --kernels-from planned arches the other
+    release has no kernel for (riscv64 in bookworm), to fail hours later."""
+    pairs, kernels = build.plan(["debian-13", "Debian-13"], ["amd64", "x86_64", "arm64"],
+                                False, ("debian-12", " debian-12", ""))
+    assert pairs == [("debian-13", "x86_64"), ("debian-13", "aarch64")]
+    assert kernels == ("debian-12",)
+    pairs, _ = build.plan(["debian-13"], None, True, ("debian-12",))
+    assert [a for _, a in pairs] == ["x86_64", "aarch64", "armhf", "ppc64le", "s390x"]
+    assert [a for _, a in build.plan(["debian-13"], None, True)[0]] == [
+        "x86_64", "aarch64", "armhf", "ppc64le", "s390x", "riscv64"]
+    assert build.plan(["debian-12"], None, False, host="aarch64")[0] == [
+        ("debian-12", "aarch64")]
+    with pytest.raises(build.BuildError, match="host's arch 'loongarch64' is not a guest"):
+        build.plan(["debian-12"], None, False, host="loongarch64")
+
+
+def test_the_same_image_named_twice_is_looked_at_once():
+    res = _ttserver_image("build", "debian-12", "DEBIAN-12", "--arch", "amd64,x86_64",
+                          "--image-path", str(IMAGE_PATH))  # cached: nothing is built
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("exists at") == 1, res.stderr
+
+
+def test_image_list_of_a_missing_dir_says_so(tmp_path):
+    res = _ttserver_image("list", "--image-path", str(tmp_path / "none"))
+    assert res.returncode == 1
+    assert "is not a directory" in res.stderr
 
 
 def test_build_many_reports_each_image_and_goes_on_past_a_failure():

@@ -120,3 +120,38 @@ def test_an_unknown_arch_lists_the_known_ones():
         parse_os_prefix("debian-13:mips")
     with pytest.raises(ImageNameError, match="known: x86_64"):
         parse_image_name("qemu:debian-13:sparc64")
+
+
+def test_a_whole_image_name_selects_that_image_and_not_its_kernel_variants():
+    """`qemu:debian-13:x86_64` also selected `qemu:debian-13-linux6.1:x86_64`: a whole
+    name was only ever a prefix (docs/images.md said otherwise)."""
+    both = [parse_image_name(n) for n in ("qemu:debian-13:x86_64",
+                                          "qemu:debian-13-linux6.1:x86_64")]
+    assert [i.full for i in match_images(["qemu:debian-13:x86_64"], both)] == [
+        "qemu:debian-13:x86_64"]
+    assert [i.full for i in match_images(["QEMU:Debian-13:amd64"], both)] == [
+        "qemu:debian-13:x86_64"]
+    assert len(match_images(["debian-13:amd64"], both)) == 2  # an OS prefix: every kernel
+    # a whole name no image has is still a prefix (decision 12)
+    assert [i.os for i in match_images(["qemu:debian-1:x86_64"], both)] == [
+        "debian-13", "debian-13-linux6.1"]
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("debian-13:*:*", "'debian-13' is no engine (known: qemu)"),
+    ("debian-13:armhf:*", "'debian-13' is no engine"),
+    ("foo:debian-13:*", "'foo' is no engine"),
+    ("debian-13::", "'debian-13' is no engine"),
+    ("qemu:debian-13:x86_64:extra", "has more than ENGINE:OS-VERSION:ARCH"),
+])
+def test_malformed_prefixes_say_what_is_wrong(bad, why):
+    """Three-part prefixes not starting with an engine were accepted (`debian-13:*:*`) or
+    refused with a wrong reason ("unknown arch 'debian-13'")."""
+    with pytest.raises(ImageNameError) as err:
+        parse_os_prefix(bad)
+    assert why in str(err.value)
+
+
+def test_spaces_around_a_prefix_part_are_ignored():
+    assert names_of(["debian-13 : arm64"]) == names_of(["debian-13:arm64"]) == [
+        "qemu:debian-13:aarch64"]

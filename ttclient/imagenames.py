@@ -53,7 +53,8 @@ def parse_image_name(name: str) -> ImageName:
         raise ImageNameError(f"image name {name!r} is not ENGINE:OS-VERSION:ARCH")
     engine, os_version, arch = (p.lower() for p in parts)
     if engine not in ENGINES:
-        raise ImageNameError(f"image {name!r}: unknown engine {engine!r} (known: {ENGINES})")
+        raise ImageNameError(f"image {name!r}: unknown engine {engine!r} (known: "
+                             f"{', '.join(ENGINES)})")
     if not _PART.fullmatch(os_version) or ".." in os_version:
         raise ImageNameError(f"image {name!r}: bad OS-VERSION {os_version!r}")
     if arch not in ARCH_ALIASES:
@@ -75,6 +76,9 @@ class OsPrefix:
     os_part: str
     arch: str | None
     engine: str | None = None
+    # a whole image name (`qemu:debian-13:x86_64`): that image alone when it exists (not
+    # also `qemu:debian-13-linux6.1:x86_64`); otherwise its OS part is a prefix
+    name: ImageName | None = None
 
     def matches(self, image: ImageName) -> bool:
         """True when the image's arch and engine are this prefix's (if it has them) and its
@@ -93,12 +97,18 @@ def parse_os_prefix(text: str) -> OsPrefix:
     raw = text.strip()
     if not raw:
         raise ImageNameError("empty OS prefix")
-    lowered = raw.lower()
-    if lowered.count(":") == 2 and lowered.endswith(":" + ANY_ARCH):
+    parts = [part.strip() for part in raw.lower().split(":")]
+    if len(parts) > 3:
+        raise ImageNameError(f"OS prefix {raw!r} has more than ENGINE:OS-VERSION:ARCH")
+    if len(parts) == 3 and parts[0] not in ENGINES:
+        raise ImageNameError(f"OS prefix {raw!r}: three parts are ENGINE:OS-VERSION:ARCH, and"
+                             f" {parts[0]!r} is no engine (known: {', '.join(ENGINES)})")
+    lowered = ":".join(parts)
+    if len(parts) == 3 and parts[2] == ANY_ARCH:
         lowered = lowered[:-2]
-    elif lowered.count(":") == 2:
+    elif len(parts) == 3:
         name = parse_image_name(lowered)
-        return OsPrefix(raw, _squash(name.os), name.arch, name.engine)
+        return OsPrefix(raw, _squash(name.os), name.arch, name.engine, name)
     engine = next((e for e in ENGINES if lowered.startswith(e + ":")), None)
     if engine:  # ENGINE:OS-prefix, the start of an image name
         lowered = lowered[len(engine) + 1:]
@@ -144,7 +154,10 @@ def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageN
     chosen: list[ImageName] = []
     for text in prefixes:
         prefix = parse_os_prefix(text)
-        hits = sorted(img for img in available if prefix.matches(img))
+        if prefix.name in available:
+            hits = [prefix.name]
+        else:
+            hits = sorted(img for img in available if prefix.matches(img))
         if not hits:
             names = ", ".join(sorted(i.full for i in available)) or "none"
             raise NoMatchingImage(f"{text!r} matches no image (as an OS prefix or an image "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttclient import arches
+from ttclient.imagenames import ImageNameError, parse_image_name
 from ttclient.rules import (
     KEY_TYPES,
     MAX_PORTS,
@@ -30,6 +31,22 @@ from .states import PENDING
 # authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
 # (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
 MAX_SSH_KEYS_BYTES = 32 << 10
+
+
+def canonical_counts(counts: dict[str, int]) -> dict[str, int]:
+    """`counts` keyed by canonical image names (`qemu:debian-13:arm64` is
+    `qemu:debian-13:aarch64`, case folded); BadRequest for a key that is no image name or
+    names an image another key already does."""
+    out: dict[str, int] = {}
+    for key, number in counts.items():
+        try:
+            full = parse_image_name(key.strip()).full
+        except ImageNameError as exc:
+            raise BadRequest(f"counts: {exc}") from None
+        if full in out:
+            raise BadRequest(f"counts names {full} twice")
+        out[full] = number
+    return out
 
 
 @dataclass
@@ -82,6 +99,7 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     if req.counts is None and (error := env_size_error(req.vm_number, len(chosen))):
         raise BadRequest(error)
     if req.counts is not None:
+        req.counts = canonical_counts(req.counts)
         extra = sorted(set(req.counts) - {i.name.full for i in chosen})
         if extra:
             raise BadRequest(f"counts name images the prefixes do not select: {extra}")

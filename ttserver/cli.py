@@ -164,6 +164,7 @@ def image_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ttserver image", description="build or list images")
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build a Debian image with mmdebstrap (cached)")
+    b.set_defaults(parser=b)  # errors found after parsing print this usage
     b.add_argument("os", nargs="+", help="OS-VERSION, e.g. debian-12 (several: each)")
     b.add_argument("--arch", type=arch_list, action="extend", default=None,
                    help=f"the guest arch, or several (comma list or repeated): "
@@ -180,7 +181,9 @@ def image_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES))
     b.add_argument("--disk-size", type=mib, default=2048, help="virtual disk size (2G)")
     b.add_argument("--mirror", default=None, help="Debian mirror (default: the host's)")
-    b.add_argument("--timeout", type=float, default=1800, help="seconds before giving up")
+    b.add_argument("--timeout", type=number_in(float, 1, 7 * 86400, "seconds"), default=1800,
+                   help="seconds one image's mmdebstrap may take before it is stopped and"
+                        " that image fails (default %(default)s)")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     imp = sub.add_parser("import", help="import a generic cloud image (qcow2, raw, ...):"
                                         " its VMs get a cloud-init NoCloud seed")
@@ -242,6 +245,10 @@ def image_main(argv: list[str]) -> int:
     args = image_parser().parse_args(argv)
     if args.action == "list":
         from .images import scan
+        if not args.image_path.is_dir():
+            print(f"ttserver image list: {args.image_path} is not a directory (give the"
+                  " image dir with --image-path)", file=sys.stderr)
+            return 1
         for img in scan(args.image_path):
             warn = f"  ({'; '.join(img.warnings)})" if img.warnings else ""
             print(f"{img.name.full}\t{img.size_mib} MiB\t{img.path}{warn}")
@@ -260,19 +267,15 @@ def image_main(argv: list[str]) -> int:
         return 0
     from ttclient.serving import exit_on_sigterm
 
-    from .images.build import SUITES, build_many
+    from .images.build import BuildError, build_many, plan
     if args.all_arches and args.arch:
-        image_parser().error("give --arch or --all-arches, not both")
-    kernels_from = tuple(k.strip() for k in args.kernels_from.split(",") if k.strip())
-    unknown = [o for o in (*args.os, *kernels_from) if o not in SUITES]
-    if unknown:
-        image_parser().error(f"cannot build {', '.join(unknown)}; buildable: "
-                             f"{', '.join(SUITES)}")
+        args.parser.error("give --arch or --all-arches, not both")
+    kernels_from = tuple(args.kernels_from.split(","))
+    try:
+        pairs, kernels_from = plan(args.os, args.arch, args.all_arches, kernels_from)
+    except BuildError as exc:
+        args.parser.error(str(exc))
     exit_on_sigterm()  # a stopped build still unmounts and removes its work trees
-    pairs = [(o, a) for o in args.os for a in (args.arch or [platform.machine()])]
-    if args.all_arches:
-        pairs = [(o, p.name) for o in args.os for p in arches.PROFILES
-                 if SUITES[o] in p.suites]
     results = build_many(pairs, args.image_path, jobs=args.jobs, disk_mib=args.disk_size,
                          mirror=args.mirror, timeout=args.timeout, force=args.force,
                          kernels_from=kernels_from)

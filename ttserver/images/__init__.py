@@ -86,9 +86,14 @@ class Image:
 
 
 def _virtual_size_mib(meta: dict, disk: Path) -> int:
-    if "virtual_size_mib" in meta:
-        return int(meta["virtual_size_mib"])
-    return max(1, disk.stat().st_size // (1024 * 1024))
+    """meta.json's virtual_size_mib, else the disk file's size; ValueError naming the
+    field when it is not a whole number of MiB >= 1."""
+    if "virtual_size_mib" not in meta:
+        return max(1, disk.stat().st_size // (1024 * 1024))
+    value = meta["virtual_size_mib"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"virtual_size_mib must be a whole number of MiB >= 1, not {value!r}")
+    return value
 
 
 def _ownership_warnings(image_dir: Path) -> tuple[str, ...]:
@@ -106,11 +111,15 @@ def _ownership_warnings(image_dir: Path) -> tuple[str, ...]:
 
 
 def scan(image_path: Path) -> list[Image]:
-    """All complete images under image_path; incomplete or misnamed entries are logged."""
+    """All complete images under image_path; incomplete or misnamed entries, ones with a
+    bad meta.json, and directories spelling a name another directory has in its canonical
+    form (`qemu:debian-12:amd64` beside `qemu:debian-12:x86_64`) are skipped and logged."""
     images: list[Image] = []
     if not image_path.is_dir():
         return images
-    for entry in sorted(os.scandir(image_path), key=lambda e: e.name):
+    entries = sorted(os.scandir(image_path), key=lambda e: e.name)
+    names = {e.name for e in entries}
+    for entry in entries:
         if not entry.is_dir() or entry.name.startswith("."):
             continue
         try:
@@ -122,9 +131,24 @@ def scan(image_path: Path) -> list[Image]:
         if not all((d / p).is_file() for p in (DISK, KERNEL, INITRD)):
             log.debug("skipping %s: missing %s, %s or %s", d, DISK, KERNEL, INITRD)
             continue
+        if entry.name != name.full and name.full in names:
+            log.warning("skipping image directory %s: it names %s, whose own directory is"
+                        " beside it", d, name.full)
+            continue
+        if any(img.name == name for img in images):
+            log.warning("skipping image directory %s: another directory already names %s"
+                        " (rename one to %s)", d, name.full, name.full)
+            continue
         meta = read_meta(d)
-        images.append(Image(name=name, path=d, size_mib=_virtual_size_mib(meta, d / DISK),
-                            cmdline=meta.get("cmdline", DEFAULT_CMDLINE),
+        try:
+            size_mib = _virtual_size_mib(meta, d / DISK)
+            cmdline = meta.get("cmdline", DEFAULT_CMDLINE)
+            if not isinstance(cmdline, str):
+                raise ValueError(f"cmdline must be a string, not {cmdline!r}")
+        except ValueError as exc:
+            log.warning("skipping image %s: %s: %s", d, d / META, exc)
+            continue
+        images.append(Image(name=name, path=d, size_mib=size_mib, cmdline=cmdline,
                             warnings=_ownership_warnings(d),
                             cloud_init=bool(meta.get("cloud_init"))))
     return images
@@ -135,10 +159,14 @@ def read_meta(image_dir: Path) -> dict:
     if not (image_dir / META).is_file():
         return {}
     try:
-        return json.loads((image_dir / META).read_text())
+        meta = json.loads((image_dir / META).read_text())
     except (OSError, ValueError) as exc:
         log.warning("image %s: unreadable %s: %s", image_dir, META, exc)
         return {}
+    if not isinstance(meta, dict):
+        log.warning("image %s: %s is not a JSON object; ignored", image_dir, META)
+        return {}
+    return meta
 
 
 def select(image_path: Path, prefixes: list[str]) -> list[Image]:

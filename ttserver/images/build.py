@@ -263,6 +263,57 @@ def needs_emulation(profile: arches.ArchProfile, host: str | None = None) -> boo
     return profile.machine != host and not (host == "x86_64" and profile.name == "i386")
 
 
+def check_buildable(os_version: str, arch: str, kernels_from: tuple[str, ...] = ()) -> None:
+    """BuildError unless `qemu:OS-VERSION:ARCH` can be built with those extra kernels: every
+    release known (SUITES), each shipping a kernel for the arch, and the kernels' releases
+    no newer than the image's (apt would take a newer release's version of every package
+    of the root filesystem, since nothing pins them)."""
+    profile = arches.by_name(arch)
+    for os_name in (os_version, *kernels_from):
+        if os_name not in SUITES:
+            raise BuildError(f"cannot build {os_name!r}; buildable: {', '.join(SUITES)}")
+        if SUITES[os_name] not in profile.suites:
+            with_kernel = [os for os, s in SUITES.items() if s in profile.suites]
+            raise BuildError(f"Debian {SUITES[os_name]} ships no {profile.name} kernel to "
+                             f"boot; {profile.name} images: {', '.join(with_kernel)}")
+    order = list(SUITES)  # oldest first
+    newer = [k for k in kernels_from if order.index(k) > order.index(os_version)]
+    if newer:
+        raise BuildError(f"--kernels-from {', '.join(newer)}: only releases up to "
+                         f"{os_version} can lend a {os_version} image their kernels (a "
+                         f"newer release's packages would replace the image's own)")
+
+
+def plan(oses: list[str], archs: list[str] | None, all_arches: bool,
+         kernels_from: tuple[str, ...] = (), host: str | None = None,
+         ) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """What `ttserver image build` builds: ([(OS-VERSION, arch)], kernels_from), names
+    lower-cased and each pair (and release) once however often or spelled it is named.
+    `archs` None: the host's arch (`host`, default platform.machine()); `all_arches`: every
+    arch the release, and each release of `kernels_from`, has kernels for. BuildError
+    (check_buildable's, or for a host arch ttstack does not know) before anything runs."""
+    oses = list(dict.fromkeys(o.strip().lower() for o in oses))
+    kernels = tuple(dict.fromkeys(k.strip().lower() for k in kernels_from if k.strip()))
+    unknown = [o for o in (*oses, *kernels) if o not in SUITES]
+    if unknown:
+        raise BuildError(f"cannot build {', '.join(unknown)}; buildable: {', '.join(SUITES)}")
+    if all_arches:
+        pairs = [(o, p.name) for o in oses for p in arches.PROFILES
+                 if all(SUITES[r] in p.suites for r in (o, *kernels))]
+    else:
+        host = host or platform.machine()
+        if not archs:
+            try:
+                archs = [arches.by_name(host).name]
+            except KeyError:
+                raise BuildError(f"this host's arch {host!r} is not a guest arch ttstack "
+                                 "knows; name one with --arch") from None
+        pairs = list(dict.fromkeys((o, arches.by_name(a).name) for o in oses for a in archs))
+    for os_version, arch in pairs:
+        check_buildable(os_version, arch, kernels)
+    return pairs, kernels
+
+
 def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
           mirror: str | None = None, timeout: float = 1800, force: bool = False,
           kernels_from: tuple[str, ...] = ()) -> Path:
@@ -283,13 +334,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
     def say(msg: str) -> None:
         _say(msg, f"{name.os}:{name.arch}")
 
-    for os_name in (name.os, *kernels_from):
-        if os_name not in SUITES:
-            raise BuildError(f"cannot build {os_name!r}; buildable: {', '.join(SUITES)}")
-        if SUITES[os_name] not in profile.suites:
-            with_kernel = [os for os, s in SUITES.items() if s in profile.suites]
-            raise BuildError(f"Debian {SUITES[os_name]} ships no {profile.name} kernel to "
-                             f"boot; {profile.name} images: {', '.join(with_kernel)}")
+    check_buildable(name.os, name.arch, kernels_from)
     suite = SUITES[name.os]
     extra_suites = [SUITES[o] for o in kernels_from if SUITES[o] != suite]
     target = image_path / name.full
