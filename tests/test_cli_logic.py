@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from ttclient.cli import _ports
-from ttclient.commands import image_rows
+from ttclient.commands import image_rows, image_table
 from ttclient.shell import config_block, new_console_text, ssh_argv
 
 VM = {"name": "t-0", "id": "abc-1", "idx": 0, "state": "running", "ssh_host": "10.0.0.5",
@@ -53,6 +53,18 @@ def test_image_rows_take_the_best_template_state_over_servers():
                                           "state": "ready"}]}]}
     assert [(r["name"], r["template"]) for r in image_rows(status)] == [
         ("qemu:debian-12:x86_64", "ready"), ("qemu:debian-13:x86_64", "none")]
+
+
+def test_image_list_columns_line_up_with_long_names():
+    """`qemu:debian-13-linux6.1:x86_64` (a kernel variant) overflowed fixed widths."""
+    rows = [{"name": n, "os": n.split(":")[1], "arch": n.split(":")[2], "size_mib": 2048,
+             "template": "none"}
+            for n in ("qemu:debian-13:x86_64", "qemu:debian-13-linux6.1:x86_64",
+                      "qemu:debian-12:aarch64")]
+    lines = image_table(rows)
+    assert len({line.index("warm template:") for line in lines}) == 1, lines
+    assert len({line.index("debian-1", 5) for line in lines}) == 1, lines
+    assert image_table([]) == ["no images"]
 
 
 def test_port_lists():

@@ -155,12 +155,19 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    if not rows:
-        print("no images")
-    for r in rows:
-        print(f"{r['name']:<32} {r['os']:<12} {r['arch']:<8} {_mib_text(r['size_mib']):>6}  "
-              f"warm template: {r['template']}")
+    for line in image_table(rows):
+        print(line)
     return 0
+
+
+def image_table(rows: list[dict]) -> list[str]:
+    """`tt image list`'s lines for image_rows(): columns as wide as their longest entry
+    (`debian-13-linux6.1`), or "no images"."""
+    if not rows:
+        return ["no images"]
+    widths = [max(len(r[k]) for r in rows) for k in ("name", "os", "arch")]
+    return [f"{r['name']:<{widths[0]}}  {r['os']:<{widths[1]}}  {r['arch']:<{widths[2]}}  "
+            f"{_mib_text(r['size_mib']):>6}  warm template: {r['template']}" for r in rows]
 
 
 # --- env -----------------------------------------------------------------------------
