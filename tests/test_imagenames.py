@@ -155,3 +155,18 @@ def test_malformed_prefixes_say_what_is_wrong(bad, why):
 def test_spaces_around_a_prefix_part_are_ignored():
     assert names_of(["debian-13 : arm64"]) == names_of(["debian-13:arm64"]) == [
         "qemu:debian-13:aarch64"]
+
+
+def test_an_os_ending_like_an_arch_alias_gets_a_hint():
+    """`mydistro-x86` was read as OS `mydistro` on i386 and matched nothing, with no word
+    on why although `qemu:mydistro-x86:x86_64` was in the list."""
+    odd = [parse_image_name("qemu:mydistro-x86:x86_64")]
+    with pytest.raises(ImageNameError) as err:
+        match_images(["mydistro-x86"], odd)
+    assert "read as OS 'mydistro' on i386" in str(err.value)
+    assert "write 'mydistro-x86:*'" in str(err.value)
+    assert [i.full for i in match_images(["mydistro-x86:*"], odd)] == [
+        "qemu:mydistro-x86:x86_64"]
+    with pytest.raises(ImageNameError) as err:  # no such OS at all: no hint
+        match_images(["fedora-arm64"], odd)
+    assert "read as OS" not in str(err.value)

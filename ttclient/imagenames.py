@@ -160,7 +160,13 @@ def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageN
             hits = sorted(img for img in available if prefix.matches(img))
         if not hits:
             names = ", ".join(sorted(i.full for i in available)) or "none"
+            whole = OsPrefix(text, _squash(text.split(":")[-1]), None)
+            hint = ""
+            if prefix.arch and ":" not in text and any(whole.matches(i) for i in available):
+                # `mydistro-x86`: an OS-VERSION that ends like an arch alias
+                hint = (f"; it was read as OS {prefix.os_part!r} on {prefix.arch}: for the OS"
+                        f" {text.strip()!r} on every arch write '{text.strip()}:*'")
             raise NoMatchingImage(f"{text!r} matches no image (as an OS prefix or an image "
-                                  f"name); available: {names}")
+                                  f"name){hint}; available: {names}")
         chosen.extend(h for h in hits if h not in chosen)
     return chosen
