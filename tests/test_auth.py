@@ -196,6 +196,27 @@ def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
         proxy.stop()
 
 
+def test_the_proxy_asks_for_a_token_before_saying_an_env_does_not_exist(secured, tmp_path):
+    """Without a token, `GET /envs/NAME` of a name no server holds answered 404 through
+    the proxy where a ttserver answers 401."""
+    srv, _, tokens = secured
+    token_file = tmp_path / "proxy-token"
+    token_file.write_text(tokens["root"] + "\n")
+    proxy = ProxyProcess([srv.address], tmp_path, extra=("--token-file", str(token_file)))
+    proxy.start()
+    try:
+        for headers in ({}, h("not-a-token")):
+            direct = requests.get(srv.url + "/envs/nosuch", headers=headers, timeout=10)
+            via = requests.get(proxy.url + "/envs/nosuch", headers=headers, timeout=10)
+            assert direct.status_code == via.status_code == 401, via.text
+            assert via.json()["detail"]
+        via = requests.get(proxy.url + "/envs/nosuch", headers=h(tokens["bob"]), timeout=10)
+        assert via.status_code == 404 and "does not exist" in via.json()["detail"]
+        assert requests.delete(proxy.url + "/envs/nosuch", timeout=10).status_code == 401
+    finally:
+        proxy.stop()
+
+
 def test_the_proxy_never_shows_cached_views_or_hides_a_refusal(secured, tmp_path: Path,
                                                               run_dir: Path):
     """Through ttproxy: another token's delete is the server's 403 (it was reported as a

@@ -164,8 +164,23 @@ class Proxy:
             self._refresh_unknown()
             holders = self.directory.holders(name)
         if not holders:
+            self._check_caller()
             raise ProxyError(f"ENV {name!r} does not exist", 404)
         return holders
+
+    def _check_caller(self) -> None:
+        """ProxyError 401 when the first server that answers refuses the caller's token
+        (missing or wrong), as a ttserver refuses one before it looks for the ENV: a name
+        no server holds must not answer 404 to a caller who may not ask at all."""
+        if self._principals.get(CALLER_TOKEN.get()):
+            return  # a server took this token moments ago (whoami's cache)
+        for m in self.servers.up():
+            try:
+                self._c(m).whoami()
+                return
+            except ApiError as exc:
+                if exc.status == 401:
+                    raise ProxyError(str(exc), 401) from exc
 
     # --- views --------------------------------------------------------------------------
     def _parts(self, name: str, fn: Callable[[Member], dict]) -> list[Part]:
