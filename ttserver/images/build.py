@@ -9,6 +9,7 @@ and machine-id are created on each VM's first boot, so clones never share them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -167,6 +168,9 @@ def kill_running_steps() -> None:
 TICK = 30.0  # seconds between run_step's `tick` calls
 
 
+ERROR_LINES_KEPT = 1000  # of a step's standard error (mmdebstrap --verbose writes much)
+
+
 def run_step(cmd: list[str], timeout: float, what: str,
              progress: Callable[[str], None] | None = None,
              tick: Callable[[], None] | None = None) -> str:
@@ -182,10 +186,10 @@ def run_step(cmd: list[str], timeout: float, what: str,
         raise BuildError(f"{cmd[0]} is not installed ({what})") from exc
     with _RUNNING_LOCK:
         _RUNNING.add(proc.pid)
-    out_lines: list[str] = []
-    err_lines: list[str] = []
+    out_lines: list[str] = []  # returned whole; of the errors only a tail is ever shown
+    err_lines: collections.deque[str] = collections.deque(maxlen=ERROR_LINES_KEPT)
 
-    def read(stream: IO[str], into: list[str]) -> None:
+    def read(stream: IO[str], into: list[str] | collections.deque[str]) -> None:
         for line in stream:
             into.append(line)
             if progress is not None:
