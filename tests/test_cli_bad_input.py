@@ -123,6 +123,31 @@ def test_push_mode_must_be_octal(tt, tmp_path, mode):
             "octal file mode")
 
 
+def test_push_mode_is_not_for_a_tree(tt, tmp_path):
+    """`-r --mode 0755` was accepted and the mode silently dropped."""
+    (tmp_path / "d").mkdir()
+    refused(tt("env", "push", "e", "--local", str(tmp_path / "d"), "-r", "--mode", "0755"),
+            2, "--mode is for one file")
+
+
+@pytest.mark.parametrize("mode,sent", [(0o44, "0044"), (0, "0000"), (0o755, "0755"),
+                                       (0o4755, "4755")])
+def test_push_sends_every_mode_as_the_api_takes_it(mode, sent):
+    """`--mode 0044` went out as `44`, which the API's pattern (3-4 octal digits) refused
+    with a 422 after the whole upload."""
+    seen: dict = {}
+
+    class Reply:
+        def json(self) -> dict:
+            return {"env": "e", "results": []}
+
+    client = Client("http://127.0.0.1:1")
+    client._call = lambda method, path, **kw: seen.update(kw) or Reply()  # type: ignore
+    client.push("e", "/tmp/x", b"data", mode=mode)
+    assert seen["params"]["mode"] == sent
+    assert re.fullmatch("[0-7]{3,4}", sent)  # the route's Query pattern (ttclient/routes.py)
+
+
 def test_guest_paths_must_be_absolute(tt, tmp_path):
     (tmp_path / "f").write_text("x")
     refused(tt("env", "push", "e", "--local", str(tmp_path / "f"), "--remote", "rel/x"), 2,

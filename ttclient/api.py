@@ -240,7 +240,7 @@ class Client:
         `mode` when given: {"env", "results": list of per-VM result dicts}."""
         params: dict = {"path": remote, "use_ssh": use_ssh}
         if mode is not None:
-            params["mode"] = f"{mode:o}"
+            params["mode"] = f"{mode:04o}"  # the API takes 3 or 4 octal digits: 0044, not 44
         if vms:
             params["vm"] = vms
         return self._call("PUT", f"/envs/{_segment(name)}/files", params=params, data=data,

@@ -325,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy a directory tree (as a tar stream)")
     pu.add_argument("--vm", action="append", metavar="REF", type=_vm_ref,
                     help="only this VM (repeatable)")
-    pu.add_argument("--mode", type=_mode, help="octal file mode (default 0644), e.g. 0755")
+    pu.add_argument("--mode", type=_mode, help="octal file mode, e.g. 0755 (default: a"
+                    " replaced file keeps its mode, a new one gets 0644; not with -r, whose"
+                    " files keep their modes from here)")
     pu.add_argument("--use-ssh", action="store_true", help="copy over SSH, not the agent")
     pu.set_defaults(func=cmd_env_push)
 

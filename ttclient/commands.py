@@ -469,6 +469,9 @@ def cmd_env_push(args: argparse.Namespace) -> int:
     remote = args.remote or f"/tmp/{local.resolve().name}"
     client = client_for(args)
     if args.recursive:
+        if args.mode is not None:
+            raise UsageError("--mode is for one file; with -r each file keeps the mode it"
+                             " has here (chmod it before pushing)")
         if not local.is_dir():
             raise CliError(f"--local {args.local}: not a directory (drop -r for a file)")
         return _push_tree(args, client, local, remote)

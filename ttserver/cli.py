@@ -73,7 +73,8 @@ def serve_parser() -> argparse.ArgumentParser:
     d = _defaults()
     p = argparse.ArgumentParser(
         prog="ttserver", description="ttstack host daemon: ENVs of real VMs over HTTP/JSON.",
-        epilog="Sub-commands: 'ttserver image build|list ...' (see 'ttserver image --help'),"
+        epilog="Sub-commands: 'ttserver image build|import|list ...' (see 'ttserver image"
+               " build --help' and the others),"
                " 'ttserver token add|list|del ...' (see 'ttserver token --help'). "
                "Sizes are MiB or take a suffix: 512M, 4G, 1T.")
     p.add_argument("--image-path", type=Path, default=Path(DEFAULT_IMAGES),
@@ -132,8 +133,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="share warm-clone templates with other servers on this host through"
                         " DIR (hard links: same filesystem as --cfgdb-path)")
     p.add_argument("--storage", choices=["auto", "qcow2", "btrfs", "zfs"], default=d["storage"],
-                   help="VM disk clones: qcow2 overlays, or btrfs snapshots when the state"
-                        " and images are on one btrfs (auto picks by filesystem)")
+                   help="VM disk clones: qcow2 overlays, btrfs snapshots when the state"
+                        " and images are on one btrfs, or ZFS clones (auto picks by"
+                        " filesystem)")
     p.add_argument("--network", choices=["user", "bridge"], default=d["network"],
                    help="user: QEMU user networking, nothing to set up (default); bridge: a"
                         " Linux bridge with DHCP and nftables port mapping (root, nft,"
