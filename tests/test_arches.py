@@ -115,6 +115,21 @@ def test_the_same_image_named_twice_is_looked_at_once():
     assert res.stderr.count("exists at") == 1, res.stderr
 
 
+def test_all_arches_with_kernels_from_says_which_it_skips(tmp_path, monkeypatch, capsys):
+    """The arches --kernels-from's release has no kernel for were left out silently."""
+    from ttserver import cli
+    from ttserver.images import build as build_mod
+    planned: list = []
+    monkeypatch.setattr(build_mod, "build_many",  # nothing is built
+                        lambda pairs, *a, **kw: planned.extend(pairs) or {})
+    monkeypatch.setattr("ttclient.serving.exit_on_sigterm", lambda: None)
+    assert cli.image_main(["build", "debian-13", "--all-arches", "--kernels-from",
+                           "debian-12", "--image-path", str(tmp_path)]) == 0
+    assert ("debian-13", "riscv64") not in planned and ("debian-13", "aarch64") in planned
+    assert ("[image build] debian-13:riscv64: skipped (no riscv64 kernel in debian-12)"
+            in capsys.readouterr().err)
+
+
 def test_image_list_of_a_missing_dir_says_so(tmp_path):
     res = _ttserver_image("list", "--image-path", str(tmp_path / "none"))
     assert res.returncode == 1

@@ -275,6 +275,11 @@ def image_main(argv: list[str]) -> int:
     kernels_from = tuple(args.kernels_from.split(","))
     try:
         pairs, kernels_from = plan(args.os, args.arch, args.all_arches, kernels_from)
+        if args.all_arches and kernels_from:  # say which arches the kernels' releases lack
+            every, _ = plan(args.os, None, True)
+            for os_version, arch in (p for p in every if p not in pairs):
+                print(f"[image build] {os_version}:{arch}: skipped (no {arch} kernel in "
+                      f"{', '.join(kernels_from)})", file=sys.stderr)
     except BuildError as exc:
         args.parser.error(str(exc))
     exit_on_sigterm()  # a stopped build still unmounts and removes its work trees
