@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from ttclient.imagenames import ImageNameError, parse_image_name, parse_os_prefix
+from ttclient.imagenames import ImageNameError, parse_image_name, parse_os_prefix, selected_by
 
 
 def image_id(image: str) -> str:
@@ -35,7 +35,9 @@ def select(images: list[str], prefixes: list[str] | None) -> list[str]:
         parsed = [parse_os_prefix(p) for p in prefixes]
     except ImageNameError as exc:
         raise pytest.UsageError(f"@pytest.mark.tt_os: {exc}") from None
-    return [img for img in images if any(p.matches(parse_image_name(img)) for p in parsed)]
+    names = [parse_image_name(img) for img in images]
+    chosen = {hit for p in parsed for hit in selected_by(p, names)}
+    return [img for img, name in zip(images, names, strict=True) if name in chosen]
 
 
 def parametrize(metafunc: pytest.Metafunc, images: list[str] | None,

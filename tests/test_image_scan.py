@@ -27,7 +27,8 @@ def make(root: Path, name: str, meta: object = None) -> Path:
 
 @pytest.mark.parametrize("meta", [{"virtual_size_mib": "big"}, {"virtual_size_mib": None},
                                   {"virtual_size_mib": -5}, {"virtual_size_mib": 1.5},
-                                  '{"virtual_size_mib": 1e400}', {"cmdline": 3}])
+                                  '{"virtual_size_mib": 1e400}', {"cmdline": 3},
+                                  {"virtual_size_mib": True}])
 def test_an_image_with_a_bad_meta_json_is_skipped_and_named(tmp_path, caplog, meta):
     """`"virtual_size_mib": "big"` made GET /images, /status and every POST /envs answer
     400 "invalid literal for int()" (others: 500), naming no image."""
@@ -54,6 +55,23 @@ def test_two_directories_of_one_image_name_give_one_image(tmp_path, caplog):
         found = scan(tmp_path)
     assert [(i.name.full, i.path) for i in found] == [("qemu:debian-12:x86_64", own)]
     assert caplog.text.count("skipping image directory") == 2
+
+
+def test_a_broken_canonical_directory_does_not_hide_a_usable_alias(tmp_path):
+    """An incomplete `qemu:debian-12:x86_64`, or one with a bad meta.json, made the
+    complete `qemu:debian-12:amd64` beside it skipped too: no debian-12 image at all."""
+    alias = make(tmp_path, "qemu:debian-12:amd64")
+    (tmp_path / "qemu:debian-12:x86_64").mkdir()  # incomplete
+    other = make(tmp_path, "qemu:debian-13:amd64")
+    make(tmp_path, "qemu:debian-13:x86_64", {"virtual_size_mib": "big"})
+    assert [(i.name.full, i.path) for i in scan(tmp_path)] == [
+        ("qemu:debian-12:x86_64", alias), ("qemu:debian-13:x86_64", other)]
+
+
+def test_whole_sizes_written_as_float_or_text_still_count(tmp_path):
+    make(tmp_path, "qemu:debian-12:x86_64", {"virtual_size_mib": 2048.0})
+    make(tmp_path, "qemu:debian-13:x86_64", {"virtual_size_mib": "4096"})
+    assert [i.size_mib for i in scan(tmp_path)] == [2048, 4096]
 
 
 def test_counts_are_keyed_by_canonical_image_names():

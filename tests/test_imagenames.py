@@ -170,3 +170,26 @@ def test_an_os_ending_like_an_arch_alias_gets_a_hint():
     with pytest.raises(ImageNameError) as err:  # no such OS at all: no hint
         match_images(["fedora-arm64"], odd)
     assert "read as OS" not in str(err.value)
+
+
+def test_the_tt_os_marker_selects_as_the_server_does():
+    """The plugin's @pytest.mark.tt_os kept matching a whole image name as a prefix (its
+    kernel variants too) after the server had stopped doing so."""
+    from pytest_ttstack.matrix import select
+    requested = ["qemu:debian-13:x86_64", "qemu:debian-13-linux6.1:x86_64",
+                 "qemu:debian-12:aarch64"]
+    for prefixes in (["qemu:debian-13:x86_64"], ["debian-13"], ["deb"], ["debian-12:arm64"]):
+        expected = {i.full for i in match_images(prefixes, [parse_image_name(r)
+                                                            for r in requested])}
+        assert set(select(requested, prefixes)) == expected, prefixes
+    assert select(requested, ["qemu:debian-13:x86_64"]) == ["qemu:debian-13:x86_64"]
+    assert select(requested, None) == requested
+
+
+def test_the_hint_also_comes_for_the_engine_form():
+    odd = [parse_image_name("qemu:mydistro-x86:x86_64")]
+    with pytest.raises(ImageNameError) as err:
+        match_images(["qemu:mydistro-x86"], odd)
+    assert "write 'qemu:mydistro-x86:*'" in str(err.value)
+    assert [i.full for i in match_images(["qemu:mydistro-x86:*"], odd)] == [
+        "qemu:mydistro-x86:x86_64"]

@@ -104,13 +104,11 @@ def parse_os_prefix(text: str) -> OsPrefix:
         raise ImageNameError(f"OS prefix {raw!r}: three parts are ENGINE:OS-VERSION:ARCH, and"
                              f" {parts[0]!r} is no engine (known: {', '.join(ENGINES)})")
     lowered = ":".join(parts)
-    if len(parts) == 3 and parts[2] == ANY_ARCH:
-        lowered = lowered[:-2]
-    elif len(parts) == 3:
+    if len(parts) == 3 and parts[2] != ANY_ARCH:
         name = parse_image_name(lowered)
         return OsPrefix(raw, _squash(name.os), name.arch, name.engine, name)
     engine = next((e for e in ENGINES if lowered.startswith(e + ":")), None)
-    if engine:  # ENGINE:OS-prefix, the start of an image name
+    if engine:  # ENGINE:OS-prefix[:*], the start of an image name
         lowered = lowered[len(engine) + 1:]
     arch = None
     os_part = lowered
@@ -134,6 +132,15 @@ def parse_os_prefix(text: str) -> OsPrefix:
     return OsPrefix(raw, squashed, arch, engine)
 
 
+def selected_by(prefix: OsPrefix, available: list[ImageName]) -> list[ImageName]:
+    """The images of `available` one parsed prefix selects, sorted: the image a whole name
+    names when it is there, else every image the prefix matches (the one rule the server,
+    the proxy, `--tt-os` and the plugin's tt_os marker share)."""
+    if prefix.name in available:
+        return [prefix.name]
+    return sorted(img for img in available if prefix.matches(img))
+
+
 def split_prefixes(text: str | list[str]) -> list[str]:
     """Accept `a,b` or a list of such strings (repeatable options)."""
     items = [text] if isinstance(text, str) else list(text)
@@ -154,18 +161,17 @@ def match_images(prefixes: list[str], available: list[ImageName]) -> list[ImageN
     chosen: list[ImageName] = []
     for text in prefixes:
         prefix = parse_os_prefix(text)
-        if prefix.name in available:
-            hits = [prefix.name]
-        else:
-            hits = sorted(img for img in available if prefix.matches(img))
+        hits = selected_by(prefix, available)
         if not hits:
             names = ", ".join(sorted(i.full for i in available)) or "none"
-            whole = OsPrefix(text, _squash(text.split(":")[-1]), None)
+            last = text.split(":")[-1].strip().lower()  # the OS part, if an arch was a suffix
+            whole = OsPrefix(text, _squash(last), None)
             hint = ""
-            if prefix.arch and ":" not in text and any(whole.matches(i) for i in available):
+            if (prefix.arch and last not in ARCH_ALIASES and last != ANY_ARCH
+                    and any(whole.matches(i) for i in available)):
                 # `mydistro-x86`: an OS-VERSION that ends like an arch alias
                 hint = (f"; it was read as OS {prefix.os_part!r} on {prefix.arch}: for the OS"
-                        f" {text.strip()!r} on every arch write '{text.strip()}:*'")
+                        f" {last!r} on every arch write '{text.strip()}:*'")
             raise NoMatchingImage(f"{text!r} matches no image (as an OS prefix or an image "
                                   f"name){hint}; available: {names}")
         chosen.extend(h for h in hits if h not in chosen)

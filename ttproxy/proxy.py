@@ -172,15 +172,20 @@ class Proxy:
         """ProxyError 401 when the first server that answers refuses the caller's token
         (missing or wrong), as a ttserver refuses one before it looks for the ENV: a name
         no server holds must not answer 404 to a caller who may not ask at all."""
-        if self._principals.get(CALLER_TOKEN.get()):
+        token = CALLER_TOKEN.get()
+        hit = self._principals.get(token)
+        if hit and time.monotonic() - hit[0] < PRINCIPAL_TTL:
             return  # a server took this token moments ago (whoami's cache)
         for m in self.servers.up():
             try:
-                self._c(m).whoami()
-                return
+                who = self._c(m).whoami()
             except ApiError as exc:
                 if exc.status == 401:
+                    self._principals.pop(token, None)
                     raise ProxyError(str(exc), 401) from exc
+                continue
+            self._principals[token] = (time.monotonic(), who)
+            return
 
     # --- views --------------------------------------------------------------------------
     def _parts(self, name: str, fn: Callable[[Member], dict]) -> list[Part]:

@@ -91,6 +91,10 @@ def _virtual_size_mib(meta: dict, disk: Path) -> int:
     if "virtual_size_mib" not in meta:
         return max(1, disk.stat().st_size // (1024 * 1024))
     value = meta["virtual_size_mib"]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 2048.0
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # "2048"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"virtual_size_mib must be a whole number of MiB >= 1, not {value!r}")
     return value
@@ -111,15 +115,14 @@ def _ownership_warnings(image_dir: Path) -> tuple[str, ...]:
 
 
 def scan(image_path: Path) -> list[Image]:
-    """All complete images under image_path; incomplete or misnamed entries, ones with a
-    bad meta.json, and directories spelling a name another directory has in its canonical
-    form (`qemu:debian-12:amd64` beside `qemu:debian-12:x86_64`) are skipped and logged."""
-    images: list[Image] = []
+    """All complete images under image_path, by directory name; incomplete or misnamed
+    entries and ones with a bad meta.json are skipped and logged. Of several usable
+    directories naming one image (`qemu:debian-12:amd64` beside `qemu:debian-12:x86_64`)
+    the one spelling it canonically is used (else the first), and the others are logged."""
+    usable: list[Image] = []
     if not image_path.is_dir():
-        return images
-    entries = sorted(os.scandir(image_path), key=lambda e: e.name)
-    names = {e.name for e in entries}
-    for entry in entries:
+        return usable
+    for entry in sorted(os.scandir(image_path), key=lambda e: e.name):
         if not entry.is_dir() or entry.name.startswith("."):
             continue
         try:
@@ -131,14 +134,6 @@ def scan(image_path: Path) -> list[Image]:
         if not all((d / p).is_file() for p in (DISK, KERNEL, INITRD)):
             log.debug("skipping %s: missing %s, %s or %s", d, DISK, KERNEL, INITRD)
             continue
-        if entry.name != name.full and name.full in names:
-            log.warning("skipping image directory %s: it names %s, whose own directory is"
-                        " beside it", d, name.full)
-            continue
-        if any(img.name == name for img in images):
-            log.warning("skipping image directory %s: another directory already names %s"
-                        " (rename one to %s)", d, name.full, name.full)
-            continue
         meta = read_meta(d)
         try:
             size_mib = _virtual_size_mib(meta, d / DISK)
@@ -146,12 +141,21 @@ def scan(image_path: Path) -> list[Image]:
             if not isinstance(cmdline, str):
                 raise ValueError(f"cmdline must be a string, not {cmdline!r}")
         except ValueError as exc:
-            log.warning("skipping image %s: %s: %s", d, d / META, exc)
+            log.warning("image %s is not offered: %s: %s", d, d / META, exc)
             continue
-        images.append(Image(name=name, path=d, size_mib=size_mib, cmdline=cmdline,
+        usable.append(Image(name=name, path=d, size_mib=size_mib, cmdline=cmdline,
                             warnings=_ownership_warnings(d),
                             cloud_init=bool(meta.get("cloud_init"))))
-    return images
+    chosen: dict[ImageName, Image] = {}
+    for img in usable:
+        held = chosen.get(img.name)
+        if held is None or (held.path.name != img.name.full and img.path.name == img.name.full):
+            chosen[img.name] = img
+    for img in usable:
+        if chosen[img.name] is not img:
+            log.warning("skipping image directory %s: %s already names %s (rename or remove"
+                        " one)", img.path, chosen[img.name].path, img.name.full)
+    return [img for img in usable if chosen[img.name] is img]
 
 
 def read_meta(image_dir: Path) -> dict:
