@@ -175,12 +175,16 @@ def test_a_token_is_held_to_its_limits_and_an_admin_is_not(secured, run_dir: Pat
         srv.stop(clean=False)
 
 
-def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
-    srv, _, tokens = secured
+def root_proxy(servers: list[str], tokens: dict[str, str], tmp_path: Path) -> ProxyProcess:
+    """A started ttproxy over `servers` with the admin token as its own (--token-file)."""
     token_file = tmp_path / "proxy-token"
     token_file.write_text(tokens["root"] + "\n")
-    proxy = ProxyProcess([srv.address], tmp_path, extra=("--token-file", str(token_file)))
-    proxy.start()
+    return ProxyProcess(servers, tmp_path, extra=("--token-file", str(token_file))).start()
+
+
+def test_the_proxy_passes_tokens_through(secured, tmp_path: Path):
+    srv, _, tokens = secured
+    proxy = root_proxy([srv.address], tokens, tmp_path)
     try:
         resp = requests.post(proxy.url + "/envs", headers=h(tokens["alice"]),
                              json={"name": "viaproxy", "os_prefix": ["debian-12"]}, timeout=30)
@@ -200,10 +204,7 @@ def test_the_proxy_asks_for_a_token_before_saying_an_env_does_not_exist(secured,
     """Without a token, `GET /envs/NAME` of a name no server holds answered 404 through
     the proxy where a ttserver answers 401."""
     srv, _, tokens = secured
-    token_file = tmp_path / "proxy-token"
-    token_file.write_text(tokens["root"] + "\n")
-    proxy = ProxyProcess([srv.address], tmp_path, extra=("--token-file", str(token_file)))
-    proxy.start()
+    proxy = root_proxy([srv.address], tokens, tmp_path)
     try:
         for headers in ({}, h("not-a-token")):
             direct = requests.get(srv.url + "/envs/nosuch", headers=headers, timeout=10)
@@ -223,12 +224,9 @@ def test_the_proxy_never_shows_cached_views_or_hides_a_refusal(secured, tmp_path
     503 'down'); while the ENV's only server is down, its last-seen view is shown to no
     caller the proxy cannot vouch for (it was shown to callers without a token)."""
     srv, tokens_file, tokens = secured
-    token_file = tmp_path / "proxy-token"
-    token_file.write_text(tokens["root"] + "\n")
     other = ServerProcess(run_dir / "state", port_range="47500-47999",
                           extra=("--tokens-file", str(tokens_file))).start()
-    proxy = ProxyProcess([other.address], tmp_path, extra=("--token-file", str(token_file)))
-    proxy.start()
+    proxy = root_proxy([other.address], tokens, tmp_path)
     try:
         resp = requests.post(proxy.url + "/envs", headers=h(tokens["alice"]),
                              json={"name": "cached", "os_prefix": ["debian-12"]}, timeout=30)
@@ -343,10 +341,7 @@ def test_nothing_is_read_before_the_caller_is_known(secured, tmp_path: Path):
     resp = requests.post(srv.url + "/envs", headers=h(tokens["alice"]), timeout=30,
                          json={"name": "held", "os_prefix": ["debian-12"]})
     assert resp.status_code == 202, resp.text
-    token_file = tmp_path / "proxy-token"  # the proxy's own admin token (docs/operator.md)
-    token_file.write_text(tokens["root"] + "\n")
-    proxy = ProxyProcess([srv.address], tmp_path, extra=("--token-file", str(token_file)))
-    proxy.start()
+    proxy = root_proxy([srv.address], tokens, tmp_path)  # its own admin token (operator.md)
     try:
         # the proxy used to read the whole body before a server saw the token
         assert status_before_the_body(proxy.port, "PUT", "/envs/held/files?path=/x") == 401
