@@ -80,9 +80,11 @@ class Proxy:
                                             token=token)
             return self._clients[key]
 
-    def whoami(self) -> dict:
+    def whoami(self, strict: bool = False) -> dict:
         """Who the caller is ({name, admin}), asked of a server and cached briefly; used to
-        filter what the proxy shows from its own cache (parts on servers that are down)."""
+        filter what the proxy shows from its own cache (parts on servers that are down).
+        `strict`: ProxyError 401 when a server refuses the caller's token (missing or
+        wrong) instead of going on to the next; anonymous when no server answers."""
         token = CALLER_TOKEN.get()
         hit = self._principals.get(token)
         if hit and time.monotonic() - hit[0] < PRINCIPAL_TTL:
@@ -90,7 +92,9 @@ class Proxy:
         for m in self.servers.up():
             try:
                 who = self._c(m).whoami()
-            except ApiError:
+            except ApiError as exc:
+                if strict and exc.status == 401:
+                    raise ProxyError(str(exc), 401) from exc
                 continue
             self._principals[token] = (time.monotonic(), who)
             return who
@@ -164,28 +168,11 @@ class Proxy:
             self._refresh_unknown()
             holders = self.directory.holders(name)
         if not holders:
-            self._check_caller()
+            # as a ttserver, refuse a caller who may not ask at all (401) before saying
+            # that no server holds the name
+            self.whoami(strict=True)
             raise ProxyError(f"ENV {name!r} does not exist", 404)
         return holders
-
-    def _check_caller(self) -> None:
-        """ProxyError 401 when the first server that answers refuses the caller's token
-        (missing or wrong), as a ttserver refuses one before it looks for the ENV: a name
-        no server holds must not answer 404 to a caller who may not ask at all."""
-        token = CALLER_TOKEN.get()
-        hit = self._principals.get(token)
-        if hit and time.monotonic() - hit[0] < PRINCIPAL_TTL:
-            return  # a server took this token moments ago (whoami's cache)
-        for m in self.servers.up():
-            try:
-                who = self._c(m).whoami()
-            except ApiError as exc:
-                if exc.status == 401:
-                    self._principals.pop(token, None)
-                    raise ProxyError(str(exc), 401) from exc
-                continue
-            self._principals[token] = (time.monotonic(), who)
-            return
 
     # --- views --------------------------------------------------------------------------
     def _parts(self, name: str, fn: Callable[[Member], dict]) -> list[Part]:

@@ -267,15 +267,22 @@ def needs_emulation(profile: arches.ArchProfile, host: str | None = None) -> boo
     return profile.machine != host and not (host == "x86_64" and profile.name == "i386")
 
 
+def _check_releases(names: tuple[str, ...] | list[str]) -> None:
+    """BuildError naming every OS-VERSION of `names` that is no release of SUITES."""
+    unknown = [o for o in names if o not in SUITES]
+    if unknown:
+        raise BuildError(f"cannot build {', '.join(unknown)}; buildable: "
+                         f"{', '.join(SUITES)}")
+
+
 def check_buildable(os_version: str, arch: str, kernels_from: tuple[str, ...] = ()) -> None:
     """BuildError unless `qemu:OS-VERSION:ARCH` can be built with those extra kernels: every
     release known (SUITES), each shipping a kernel for the arch, and the kernels' releases
     no newer than the image's (apt would take a newer release's version of every package
     of the root filesystem, since nothing pins them)."""
     profile = arches.by_name(arch)
+    _check_releases((os_version, *kernels_from))
     for os_name in (os_version, *kernels_from):
-        if os_name not in SUITES:
-            raise BuildError(f"cannot build {os_name!r}; buildable: {', '.join(SUITES)}")
         if SUITES[os_name] not in profile.suites:
             with_kernel = [os for os, s in SUITES.items() if s in profile.suites]
             raise BuildError(f"Debian {SUITES[os_name]} ships no {profile.name} kernel to "
@@ -298,9 +305,7 @@ def plan(oses: list[str], archs: list[str] | None, all_arches: bool,
     (check_buildable's, or for a host arch ttstack does not know) before anything runs."""
     oses = list(dict.fromkeys(o.strip().lower() for o in oses))
     kernels = tuple(dict.fromkeys(k.strip().lower() for k in kernels_from if k.strip()))
-    unknown = [o for o in (*oses, *kernels) if o not in SUITES]
-    if unknown:
-        raise BuildError(f"cannot build {', '.join(unknown)}; buildable: {', '.join(SUITES)}")
+    _check_releases((*oses, *kernels))
     if all_arches:
         pairs = [(o, p.name) for o in oses for p in arches.PROFILES
                  if all(SUITES[r] in p.suites for r in (o, *kernels))]

@@ -95,14 +95,15 @@ def render(spec: DomainSpec) -> str:
     _sub(os_, "kernel", spec.kernel)
     _sub(os_, "initrd", spec.initrd)
     _sub(os_, "cmdline", spec.cmdline.replace("console=ttyS0", f"console={arch.console}"))
-    tb_cache = spec.accel == "tcg" and spec.tb_cache_mib
-    features = _sub(dom, "features") if arch.acpi or tb_cache else None
-    if features is not None and arch.acpi:  # elsewhere the guest reads QEMU's device
-        _sub(features, "acpi")  # tree: with direct kernel boot libvirt ties ACPI on arm to UEFI
-    if features is not None and tb_cache:
+    features = ET.Element("features")  # in the domain only when it has any
+    if arch.acpi:  # elsewhere the guest reads QEMU's device tree: with direct kernel
+        _sub(features, "acpi")  # boot libvirt ties ACPI on arm to UEFI
+    if spec.accel == "tcg" and spec.tb_cache_mib:
         # -accel tcg,tb-size=N (libvirt >= 8.0): a clone's translated code is most of
         # its own memory once idle (docs/decisions.md, 76)
         _sub(_sub(features, "tcg"), "tb-cache", str(spec.tb_cache_mib), unit="MiB")
+    if len(features):
+        dom.append(features)
     if spec.accel == "kvm":
         _sub(dom, "cpu", mode="host-passthrough")
     # TCG: the arch profile's CPU model (below), else QEMU's default for the machine
