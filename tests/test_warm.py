@@ -172,6 +172,7 @@ def test_template_cache_shares_a_build_with_another_server(warm_server):
         other.stop()
 
 
+@pytest.mark.slow  # ~54 s (a template build): the default suite took 16:22 on 69abf2e
 def test_a_template_without_the_helper_gives_identity_by_script(warm_server):
     """Guests without perl (or templates saved without the helper) still get their own
     identity, through the slower shell script."""
