@@ -222,9 +222,11 @@ def test_what_a_hostile_trial_found_in_run(vm_server: ServerProcess, use_ssh: bo
     before it (agent) or was a raw ValueError (SSH); a quote-heavy 80 KB command hit
     SSH's argv limit; the agent ran commands with no HOME, in /."""
     srv = vm_server
-    r = run(srv, "(for i in 1 2 3 4 5 6; do echo bg$i; sleep 0.5; done) & echo started",
+    # started is written before the child exists (with "& echo started" the child's bg1
+    # sometimes came first); the child's first lines may come too
+    r = run(srv, "echo started; (for i in 1 2 3 4 5 6; do echo bg$i; sleep 0.5; done) &",
             use_ssh=use_ssh)
-    assert r["stdout"].startswith("started\n"), r  # the child's first lines may come too
+    assert r["stdout"].startswith("started\n"), r
     r = run(srv, "sleep 2; echo second", use_ssh=use_ssh)
     assert r["stdout"] == "second\n", r
     resp = requests.post(f"{srv.url}/envs/io/run", json={"cmd": "echo a\u0000; echo b",
