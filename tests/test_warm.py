@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 import requests
 
@@ -21,6 +22,10 @@ from helpers import IMAGE_PATH, ServerProcess, leftovers, new_run_dir, wait_env
 
 pytestmark = pytest.mark.vm
 KEY = "qemu:debian-12:x86_64-1cpu-512m"
+# the guest's idle share (%) of its CPU over the next 2 s, from /proc/stat's first line
+IDLE_SHARE = ("set -- $(head -n1 /proc/stat); t=$(($2+$3+$4+$5+$6+$7+$8+$9)) i=$5; sleep 2; "
+              "set -- $(head -n1 /proc/stat); "
+              "echo $(( ($5 - i) * 100 / ($2+$3+$4+$5+$6+$7+$8+$9 - t) ))")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,17 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     sid = srv.server_id()
     # the default shape's template is being built from the start, unasked
     assert {(t["key"], t["state"]) for t in templates(srv)} >= {(KEY, "building")}
+    # the build weighs least against every VM (its own cgroup: nice alone did not)
+    conn = libvirt.open("qemu:///system")
+    try:
+        deadline = time.monotonic() + 60
+        while not (builds := [d for d in conn.listAllDomains()
+                              if d.name().startswith(f"tt-{sid}-tpl-") and d.isActive()]):
+            assert time.monotonic() < deadline, "no template build started"
+            time.sleep(0.5)
+        assert [d.schedulerParameters()["cpu_shares"] for d in builds] == [2], builds
+    finally:
+        conn.close()
     first = create(srv, "first")
     assert first["vms"][0]["boot_mode"] == "cold"  # no template yet: it is made meanwhile
     wait_template(srv)
@@ -90,6 +106,10 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     ram_before = hashlib.sha256(ram.read_bytes()).hexdigest()
     env = create(srv, "clones", vm_number=2, ports=[8080])
     assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
+    # a clone starts idle: templates used to be saved as soon as their agent answered,
+    # mid-boot, and each clone spent its first ~5 s finishing that boot (0% idle here)
+    idle = [int(r["stdout"]) for r in run(srv, "clones", IDLE_SHARE)]
+    assert min(idle) >= 40, idle
     for vm in env["vms"]:  # the server's --tcg-tb-cache reached each clone's QEMU
         pid = Path(f"/run/libvirt/qemu/tt-{vm['id']}.pid").read_text().strip()
         argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
