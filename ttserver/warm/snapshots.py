@@ -118,14 +118,15 @@ def cloud_init_done(dom: libvirt.virDomain, timeout: float) -> None:
 
 # Runs in a template before it is saved, as root through the guest agent: the boot's job
 # queue empty (`systemctl is-system-running --wait`: "running", or "degraded" when a unit
-# failed), udev's coldplug events handled (`udevadm settle`), then 0.5 s windows of
-# /proc/stat (USER_HZ ticks: user nice system idle iowait irq softirq steal) until one is
-# at least 90% idle, at most 120 of them, in one perl process (perl-base is in every
-# Debian; a shell loop's head/sleep execs kept a TCG guest 40% busy by themselves).
+# failed; at most 120 s, so that a unit stuck starting cannot fail the build), udev's
+# coldplug events handled (`udevadm settle`), then 0.5 s windows of /proc/stat (USER_HZ
+# ticks: user nice system idle iowait irq softirq steal) until one is at least 90% idle,
+# at most 120 of them, in one perl process (perl-base is in every Debian; a shell loop's
+# head/sleep execs kept a TCG guest 40% busy by themselves).
 # Prints one line: "idle after N windows" or "busy: P% idle" (saved anyway: each clone
 # then finishes that work).
 SETTLE = r"""
-systemctl is-system-running --wait >/dev/null 2>&1
+timeout 120 systemctl is-system-running --wait >/dev/null 2>&1
 udevadm settle --timeout=60 >/dev/null 2>&1
 exec perl -e '
 sub ticks {
