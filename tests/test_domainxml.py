@@ -164,12 +164,3 @@ def test_a_tb_cache_bounds_tcg_translated_code_and_reaches_qemu():
         assert "tb-size=256" in argv, argv
     finally:
         conn.close()
-
-
-def test_a_cpu_weight_is_the_domains_cputune_shares():
-    """Template builds run at nice 19, but each libvirt domain has a cgroup of its own
-    (cpu.shares 1024 each): nice ordered only the build's own threads, and the build took
-    as much CPU as any VM booting beside it. A weight is per domain."""
-    assert ET.fromstring(render(spec())).find("cputune") is None
-    shares = ET.fromstring(render(spec(cpu_shares=2))).find("cputune/shares")
-    assert shares is not None and shares.text == "2"

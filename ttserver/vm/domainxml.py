@@ -61,10 +61,6 @@ class DomainSpec:
     # MiB of TCG translation buffer (QEMU's tb-size), 0: QEMU's default (an eighth of
     # the host's RAM, at most 1 GiB); ignored under KVM
     tb_cache_mib: int = 0
-    # the domain's CPU weight against other domains (libvirt <cputune><shares>: cgroup v1
-    # cpu.shares, v2 cpu.weight), 0: libvirt's default (1024 on v1). Each domain has a
-    # cgroup of its own, so a QEMU's nice value only orders its own threads.
-    cpu_shares: int = 0
 
 
 IDENTITY_FW_CFG = "opt/org.ttstack/identity"  # QEMU asks for "opt/RFQDN/..." names
@@ -108,8 +104,6 @@ def render(spec: DomainSpec) -> str:
         _sub(_sub(features, "tcg"), "tb-cache", str(spec.tb_cache_mib), unit="MiB")
     if len(features):
         dom.append(features)
-    if spec.cpu_shares:
-        _sub(_sub(dom, "cputune"), "shares", str(spec.cpu_shares))
     if spec.accel == "kvm":
         _sub(dom, "cpu", mode="host-passthrough")
     # TCG: the arch profile's CPU model (below), else QEMU's default for the machine

@@ -250,12 +250,15 @@ class Engine:
             pass
         Path(f"/var/log/libvirt/qemu/{name}.log").unlink(missing_ok=True)
 
-    @staticmethod
-    def renice(name: str, niceness: int) -> None:
-        """Lower the CPU priority of every thread of the running domain's QEMU process to
-        `niceness` (best effort: logged, never raised). Threads are reniced one by one
-        because Linux applies a nice value per thread (setpriority(2), NOTES). The pid is
-        libvirt's pid file for qemu:///system domains."""
+    def lower_priority(self, name: str, niceness: int, cpu_shares: int) -> None:
+        """Lower the running domain's claim on the host's CPUs (best effort: logged, never
+        raised): every thread of its QEMU process to `niceness`, one by one because Linux
+        applies a nice value per thread (setpriority(2), NOTES; the pid from libvirt's pid
+        file for qemu:///system domains), and the domain's CPU weight to `cpu_shares`
+        (libvirt's cpu_shares: cgroup v1 cpu.shares, default 1024; v2 cpu.weight). Each
+        domain has a cgroup of its own, so the nice value alone orders only its own
+        threads, not the domain against other VMs. Set at run time, not in the domain
+        XML: a host whose domains have no cpu controller refuses <cputune> at start."""
         try:
             pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
             for task in Path(f"/proc/{pid}/task").iterdir():
@@ -263,6 +266,12 @@ class Engine:
                     os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
         except (OSError, ValueError) as exc:
             log.warning("could not renice %s: %s", name, exc)
+        try:
+            dom = self.lookup(name)
+            if dom is not None:
+                dom.setSchedulerParameters({"cpu_shares": cpu_shares})
+        except libvirt.libvirtError as exc:
+            log.warning("could not set the CPU weight of %s: %s", name, exc)
 
     def active_domains(self, prefix: str) -> list[str]:
         """Names of the running libvirt domains whose name starts with `prefix`."""

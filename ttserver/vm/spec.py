@@ -27,8 +27,7 @@ class DomainRenderer:
                console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
                restrict: bool = True, title: str = "", user_net: bool = True,
                seed: str = "", memory_file: Path | None = None,
-               memory_shared: bool = False, identity_file: Path | None = None,
-               cpu_shares: int = 0) -> str:
+               memory_shared: bool = False, identity_file: Path | None = None) -> str:
         """Domain XML named `name` booting `image` with `cpu` vCPUs, `mem_mib` MiB and the
         qcow2 `disk`; serial console to the file `console`. `incoming`: paused, waiting
         for a memory state (warm clones). `hostfwd`: QEMU user-network forwards
@@ -36,8 +35,7 @@ class DomainRenderer:
         NIC (bridge mode plugs one). `seed`: a cloud-init seed image path or "".
         `memory_file`: the guest's RAM in that file, mapped shared (`memory_shared`: a
         warm template) or private (a warm clone). `identity_file`: read by the guest as
-        fw_cfg entry domainxml.IDENTITY_FW_CFG (warm templates and clones). `cpu_shares`:
-        the domain's CPU weight (domainxml.DomainSpec.cpu_shares), 0 for libvirt's."""
+        fw_cfg entry domainxml.IDENTITY_FW_CFG (warm templates and clones)."""
         forwards = "".join(f",hostfwd={f}" for f in hostfwd)
         netdev = f"user,id={domainxml.NETDEV_ID},restrict={'on' if restrict else 'off'}{forwards}"
         return domainxml.render(domainxml.DomainSpec(
@@ -47,5 +45,4 @@ class DomainRenderer:
             netdev=netdev if user_net else "",
             uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed,
             memory_file=str(memory_file or ""), memory_shared=memory_shared,
-            identity_file=str(identity_file or ""), tb_cache_mib=self.tb_cache_mib,
-            cpu_shares=cpu_shares))
+            identity_file=str(identity_file or ""), tb_cache_mib=self.tb_cache_mib))

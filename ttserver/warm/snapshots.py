@@ -9,10 +9,11 @@ key, clock; guest/identity.py).
 
 The template of each image's default shape (DEFAULT_SHAPE: what an ENV gets when it asks
 for no size) is built in the background when the server starts and whenever an image
-appears or changes, one build at a time, its QEMU at the lowest CPU priority (nice 19) so
-that it never slows a create down; other shapes are built the first time an ENV asks for
-one (those first VMs boot cold). Templates are rebuilt when the image's files change, and
-retired — with a logged reason, the VM booting cold instead — when a clone from one fails.
+appears or changes, one build at a time, its QEMU at a low CPU priority (nice 19, and an
+eighth of a VM's CPU weight) so that it never slows a create down much; other shapes
+are built the first time an ENV asks for one (those first VMs boot cold). Templates are
+rebuilt when the image's files change, and retired — with a logged reason, the VM booting
+cold instead — when a clone from one fails.
 
 Imported cloud images get templates too: the template boots with a NoCloud seed of its
 own and is saved only once cloud-init finished (`cloud-init status --wait`), so clones do
@@ -59,10 +60,12 @@ log = logging.getLogger(__name__)
 MAX_PARALLEL_BUILDS = 1  # a build is a full boot; under TCG one at a time is plenty
 # (vCPUs, MiB): the size of a VM whose ENV asks for none (EnvRequest's defaults)
 DEFAULT_SHAPE = (1, 512)
-BUILD_NICE = 19  # template builds yield the CPU to everything else: nice orders the
-# QEMU's threads, and the domain's CPU weight (its own cgroup, as every libvirt domain's)
-# the least libvirt takes on cgroup v1 (2, against 1024 for every other domain)
-BUILD_CPU_SHARES = 2
+# template builds yield the CPU to everything else: nice orders the QEMU's threads, the
+# CPU weight the domain's cgroup against every other VM's (1024 each on cgroup v1): an
+# eighth, not the least (2): the build's waits count wall time, and a starved build
+# failing is not retried until its image changes
+BUILD_NICE = 19
+BUILD_CPU_SHARES = 128
 # what a finished build is, linked into or out of the cache; meta.json last: its presence
 # marks a build complete
 BUILD_FILES = ("disk.qcow2", "memory.ram", "memory.bin", "meta.json")
@@ -116,18 +119,18 @@ def cloud_init_done(dom: libvirt.virDomain, timeout: float) -> None:
                            f"{(res.stdout + res.stderr).strip()[-500:]}")
 
 
-# Runs in a template before it is saved, as root through the guest agent: the boot's job
-# queue empty (`systemctl is-system-running --wait`: "running", or "degraded" when a unit
-# failed; at most 120 s, so that a unit stuck starting cannot fail the build), udev's
-# coldplug events handled (`udevadm settle`), then 0.5 s windows of /proc/stat (USER_HZ
-# ticks: user nice system idle iowait irq softirq steal) until one is at least 90% idle,
-# at most 120 of them, in one perl process (perl-base is in every Debian; a shell loop's
-# head/sleep execs kept a TCG guest 40% busy by themselves).
-# Prints one line: "idle after N windows" or "busy: P% idle" (saved anyway: each clone
-# then finishes that work).
+# Runs in a template before it is saved, as root through the guest agent, within $1
+# seconds: the boot's job queue empty (`systemctl is-system-running --wait`: "running", or
+# "degraded" when a unit failed; at most half of $1, so that a unit stuck starting cannot
+# fail the build), udev's coldplug events handled (`udevadm settle`, a quarter), then
+# 0.5 s windows of /proc/stat (USER_HZ ticks: user nice system idle iowait irq softirq
+# steal) until one is at least 90% idle (for at most a quarter), in one perl process
+# (perl-base is in every Debian; a shell loop's head/sleep execs kept a TCG guest 40% busy
+# by themselves). Prints one line: "idle after N windows" or "busy: P% idle" (saved
+# anyway: each clone then finishes that work).
 SETTLE = r"""
-timeout 120 systemctl is-system-running --wait >/dev/null 2>&1
-udevadm settle --timeout=60 >/dev/null 2>&1
+timeout $(($1 / 2)) systemctl is-system-running --wait >/dev/null 2>&1
+udevadm settle --timeout=$(($1 / 4)) >/dev/null 2>&1
 exec perl -e '
 sub ticks {
     open(my $f, "<", "/proc/stat") or die "/proc/stat: $!";
@@ -138,7 +141,7 @@ sub ticks {
 }
 my ($total, $idle) = ticks();
 my $share = 0;
-for my $n (1 .. 120) {
+for my $n (1 .. $ARGV[0]) {
     select(undef, undef, undef, 0.5);
     my ($t, $i) = ticks();
     $share = int(($i - $idle) * 100 / ($t - $total)) if $t > $total;
@@ -146,7 +149,7 @@ for my $n (1 .. 120) {
     if ($share >= 90) { print "idle after $n windows\n"; exit 0 }
 }
 print "busy: $share% idle\n";
-'
+' $(($1 / 2))
 """
 
 
@@ -156,8 +159,15 @@ def settle(dom: libvirt.virDomain, timeout: float) -> str:
     this (layout 3: as soon as its agent answered) was still starting units and loading
     modules: each of its clones spent about 4 s of a CPU on the rest of that boot after
     its restore (TCG, debian-12, 2026-12-01: the guest's /proc/stat 100% busy for 5 s,
-    its vCPU thread ~4.2 CPU-s). agent.AgentError when the agent fails."""
-    res = agent.exec_argv(dom, ["/bin/sh", "-c", SETTLE], timeout=timeout)
+    its vCPU thread ~4.2 CPU-s). An agent failure or timeout is reported, not raised."""
+    budget = int(max(4, min(240, timeout - 20)))  # the script ends before the agent waits
+    try:  # saving a busy guest only costs its clones time: never a reason to fail
+        res = agent.exec_argv(dom, ["/bin/sh", "-c", SETTLE, "sh", str(budget)],
+                              timeout=timeout)
+    except agent.AgentError as exc:
+        return f"not settled: {exc}"[:200]
+    if res.timed_out:
+        return f"not settled in {timeout:.0f}s"
     return (res.stdout.strip() or res.stderr.strip() or f"exit {res.exit_code}")[-200:]
 
 
@@ -379,9 +389,8 @@ class Templates:
                                                        console, False, memory_file=tpl.ram,
                                                        memory_shared=True,
                                                        identity_file=blank,
-                                                       seed=str(seed or ""),
-                                                       cpu_shares=BUILD_CPU_SHARES))
-                self.engine.renice(domain, BUILD_NICE)
+                                                       seed=str(seed or "")))
+                self.engine.lower_priority(domain, BUILD_NICE, BUILD_CPU_SHARES)
                 self.engine.wait_agent(domain, self.boot_timeout, console,
                                        self._stopping.is_set)
                 dom = self.engine.lookup(domain)
