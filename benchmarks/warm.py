@@ -32,7 +32,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import ServerProcess, new_run_dir, wait_env  # noqa: E402
+from helpers import ServerProcess, new_run_dir, wait_env, wait_templates  # noqa: E402
 
 
 def ready_seconds(url: str, name: str, vms: int, warm: bool) -> tuple[float, float]:
@@ -133,10 +133,7 @@ def main() -> int:
             time.sleep(1)
         print(f"the server's own debian-12 template ready {time.monotonic() - started:.0f}s "
               "after its start", flush=True)
-        # the server goes on with its other images' templates: measure after them
-        while any(t["state"] == "building" for t in
-                  requests.get(srv.url + "/status", timeout=10).json()["templates"]):
-            time.sleep(1)
+        wait_templates(srv, 3600)  # the server goes on with its other images' templates
         print(f"its other images' templates done {time.monotonic() - started:.0f}s after its "
               "start", flush=True)
         results: dict[tuple[int, bool], list[tuple[float, float]]] = {}
