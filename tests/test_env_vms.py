@@ -222,6 +222,41 @@ def test_env_expiring_while_it_boots_is_removed_without_leaks(run_dir: Path):
         srv.stop()
 
 
+def test_cold_boots_past_the_limit_wait_pending_and_a_delete_ends_them(run_dir: Path):
+    """Cold boots ran as many at once as warm clones (4 per host CPU, at least 8): under
+    TCG each one is CPU-bound, so they only stretched each other, 8 on 2 cores past the
+    300 s boot timeout. Now one per host CPU by default (`/status` says how many), --cold-boots N
+    sets it; the other VMs wait `pending`, and a delete ends them at once."""
+    default = ServerProcess(run_dir / "default").start()
+    try:
+        status = requests.get(default.url + "/status", timeout=10).json()
+        assert status["cold_boots"] == os.cpu_count(), status
+    finally:
+        default.stop()
+    srv = ServerProcess(run_dir / "state", extra=("--cold-boots", "1")).start()
+    try:
+        assert requests.get(srv.url + "/status", timeout=10).json()["cold_boots"] == 1
+        resp = requests.post(srv.url + "/envs", json={"name": "queue", "os_prefix": ["debian-12"],
+                                                       "vm_number": 2, "warm": False},
+                             timeout=30)
+        assert resp.status_code == 202, resp.text
+        ports = [vm["ssh_port"] for vm in resp.json()["vms"]]
+        seen: list[list[str]] = []
+        deadline = time.monotonic() + 60
+        while not seen or sorted(seen[-1]) != ["booting", "pending"] or len(seen) < 20:
+            env = requests.get(srv.url + "/envs/queue", timeout=10).json()
+            assert time.monotonic() < deadline, (seen[-5:], env)
+            seen.append([vm["state"] for vm in env["vms"]])
+            assert seen[-1].count("booting") <= 1, seen[-1]
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert requests.delete(srv.url + "/envs/queue", timeout=60).status_code == 200
+        assert time.monotonic() - started < 15
+        assert leftovers(srv.server_id(), run_dir / "state", ports) == NOTHING_LEFT
+    finally:
+        srv.stop()
+
+
 def test_image_path_is_rescanned_without_restart(run_dir: Path):
     images = run_dir / "images"
     images.mkdir(mode=0o755)

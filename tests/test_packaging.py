@@ -76,7 +76,7 @@ def test_ttserver_help_covers_every_flag_and_the_image_commands():
     for flag in ("--image-path", "--cfgdb-path", "--cpu-total", "--mem-total", "--disk-total",
                  "--serv-addr", "--serv-port", "--accel", "--port-range", "--boot-timeout",
                  "--life-time", "--allow-outgoing", "--libvirt-uri", "--log-level",
-                 "--tcg-tb-cache", "ttserver image build|import|list"):
+                 "--tcg-tb-cache", "--cold-boots", "ttserver image build|import|list"):
         assert flag in out, flag
 
 

@@ -307,6 +307,8 @@ class Status(BaseModel):
     accel: str | None = None
     accel_reason: str | None = None
     warm_clones: bool | None = None
+    cold_boots: int | None = Field(None, description="cold boots a ttserver runs at once"
+                                   " (--cold-boots; more VMs wait `pending`)")
     templates: list[dict[str, Any]] | None = None
     network: str | None = None
     storage: str | None = None

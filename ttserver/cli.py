@@ -124,6 +124,10 @@ def serve_parser() -> argparse.ArgumentParser:
                         " second instead of a boot; on by default: each image's template is"
                         " built in the background at start); ENVs may still ask for cold"
                         " boots")
+    p.add_argument("--cold-boots", type=number_in(int, 0, 1024), default=d["cold_boots"],
+                   metavar="N",
+                   help="cold boots running at once; more VMs wait `pending` (default 0: one"
+                        " per host CPU, as a boot under TCG keeps a CPU busy)")
     p.add_argument("--tcg-tb-cache", type=number_in(int, 0, 1024, "MiB"),
                    default=d["tcg_tb_cache_mib"], metavar="MIB",
                    help="MiB of translated code each TCG guest's QEMU may keep (QEMU's"
@@ -326,7 +330,7 @@ def serve_main(argv: list[str]) -> int:
                        storage=args.storage, token_max_vms=args.token_max_vms,
                        token_max_mem_mib=args.token_max_mem,
                        bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet,
-                       tcg_tb_cache_mib=args.tcg_tb_cache)
+                       tcg_tb_cache_mib=args.tcg_tb_cache, cold_boots=args.cold_boots)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"
               " (probes) or tcg", file=sys.stderr)

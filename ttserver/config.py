@@ -50,6 +50,8 @@ class ServerConfig:
     # MiB of translated code each TCG guest's QEMU may keep (QEMU's tb-size; 0: QEMU's
     # default, an eighth of host RAM up to 1 GiB): see docs/decisions.md, 76
     tcg_tb_cache_mib: int = 0
+    # cold boots running at once, server-wide (0: one per host CPU; see vm/boot.py)
+    cold_boots: int = 0
 
     @property
     def db_file(self) -> Path:

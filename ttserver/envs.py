@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,11 +59,6 @@ from .warm.snapshots import Templates
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 30.0
-# VMs booting at once, server-wide; the rest of a big ENV waits `pending` (each VM's boot
-# timeout starts when its boot does). A boot is CPU-bound under TCG (a cold one ~12 s of
-# a core; 8 at once on 2 cores took 94 s, measured), and hundreds at once would each
-# run out of their boot timeout.
-BOOTS_PER_CPU = 4
 BOOT_STOP_TIMEOUT = 60.0  # seconds a delete waits for a cancelled boot to stop
 
 
@@ -84,8 +78,6 @@ class EnvManager:
         self.server_id = self.db.server_id()
         self.engine = engine or Engine(cfg.libvirt_uri)
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
-        self.boots_at_once = max(8, BOOTS_PER_CPU * (os.cpu_count() or 1))
-        self._boot_slots = threading.BoundedSemaphore(self.boots_at_once)
         self.uid, self.gid = qemu_user()
         access.check_reachable(cfg.cfgdb_path, self.uid, self.gid, "--cfgdb-path")
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
@@ -167,7 +159,8 @@ class EnvManager:
         count, images, accelerator, warm templates, network and storage."""
         return views.status_view(self.server_id, self.cfg, self.db.used(), self.db.count_envs(),
                                  self.accel.known, images.scan(self.cfg.image_path),
-                                 self.templates.status(), self.storage)
+                                 self.templates.status(), self.storage,
+                                 self.booter.cold_at_once)
 
     # --- views -----------------------------------------------------------------------
     def _env_view(self, env: EnvRow) -> dict:
@@ -243,13 +236,12 @@ class EnvManager:
             return
         todo = [vm for vm in env.vms if vm.state == PENDING]
 
-        def boot(vm: VMRow) -> str:
-            with self._boot_slots:
-                return self.booter.boot(vm, by_name[vm.image], env, cancel, fresh)
+        def boot(vm: VMRow) -> str:  # it waits for a boot slot (boot.CLONES_PER_CPU)
+            return self.booter.boot(vm, by_name[vm.image], env, cancel, fresh)
 
+        at_once = self.booter.clones_at_once + self.booter.cold_at_once
         try:
-            with ThreadPoolExecutor(max_workers=max(1, min(len(todo), self.boots_at_once))
-                                    ) as pool:
+            with ThreadPoolExecutor(max_workers=max(1, min(len(todo), at_once))) as pool:
                 results = list(pool.map(boot, todo))
             errors = [r for r in results if r]
             if cancel.is_set():

@@ -52,10 +52,10 @@ def env_view(env: EnvRow, server_id: str, connect_addr: str, restricted: bool) -
 
 def status_view(server_id: str, cfg: ServerConfig, used: dict[str, int], env_count: int,
                 accel: AccelChoice | None, scanned: list[images.Image], templates: list[dict],
-                storage: str) -> dict:
+                storage: str, cold_boots: int) -> dict:
     """The server's `Status` for GET /status: resources total and `used` (CPUs, MiB; from
     StateDB.used), ENV count, images, the accelerator (`probing` while `accel` is None),
-    warm templates, network and storage."""
+    warm templates, cold boots at once, network and storage."""
     return {
         "server_id": server_id,
         "accel": accel.accel if accel else "probing",
@@ -65,6 +65,6 @@ def status_view(server_id: str, cfg: ServerConfig, used: dict[str, int], env_cou
         "disk_total_mib": cfg.disk_total_mib, "disk_used_mib": used["disk_mib"],
         "env_count": env_count,
         "images": [i.to_dict() for i in scanned],
-        "warm_clones": cfg.warm_clones, "templates": templates,
+        "warm_clones": cfg.warm_clones, "cold_boots": cold_boots, "templates": templates,
         "network": cfg.network, "storage": storage,
     }
