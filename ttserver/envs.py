@@ -78,6 +78,11 @@ class EnvManager:
         self.server_id = self.db.server_id()
         self.engine = engine or Engine(cfg.libvirt_uri)
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
+        if self.ports.reserve_error:
+            log.warning("could not reserve the forward ports %d-%d from outgoing connections "
+                        "(%s): a VM whose port an outgoing connection took fails to boot; "
+                        "add them to net.ipv4.ip_local_reserved_ports", cfg.port_first,
+                        cfg.port_last, self.ports.reserve_error)
         self.uid, self.gid = qemu_user()
         access.check_reachable(cfg.cfgdb_path, self.uid, self.gid, "--cfgdb-path")
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
@@ -160,7 +165,7 @@ class EnvManager:
         return views.status_view(self.server_id, self.cfg, self.db.used(), self.db.count_envs(),
                                  self.accel.known, images.scan(self.cfg.image_path),
                                  self.templates.status(), self.storage,
-                                 self.booter.cold_at_once)
+                                 self.booter.cold_slots.count)
 
     # --- views -----------------------------------------------------------------------
     def _env_view(self, env: EnvRow) -> dict:
@@ -236,20 +241,27 @@ class EnvManager:
             return
         todo = [vm for vm in env.vms if vm.state == PENDING]
 
-        def boot(vm: VMRow) -> str:  # it waits for a boot slot (boot.CLONES_PER_CPU)
-            return self.booter.boot(vm, by_name[vm.image], env, cancel, fresh)
+        # one VM that fails fails the ENV: the VMs still waiting for a boot slot
+        # (boot.CLONES_PER_CPU) stop waiting, the ones booting finish
+        failed: list[str] = []
+        give_up = threading.Event()
 
-        at_once = self.booter.clones_at_once + self.booter.cold_at_once
+        def boot(vm: VMRow) -> None:
+            error = self.booter.boot(vm, by_name[vm.image], env, cancel, fresh, give_up)
+            if error and error != "cancelled":
+                failed.append(error)
+                give_up.set()
+
+        at_once = self.booter.clone_slots.count + self.booter.cold_slots.count
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(len(todo), at_once))) as pool:
-                results = list(pool.map(boot, todo))
-            errors = [r for r in results if r]
+                list(pool.map(boot, todo))
             if cancel.is_set():
                 return
-            if not errors:
+            if not failed:
                 self.db.set_env(name, state=READY, error="")
             else:
-                self._boot_failed(name, fresh, errors[0])
+                self._boot_failed(name, fresh, failed[0])
         except Exception as exc:  # never leave an ENV in `creating` behind a dead thread
             log.exception("boot of ENV %s failed", name)
             self._boot_failed(name, fresh, f"internal error: {exc}")

@@ -1,12 +1,19 @@
 """Host ports for forwards: chosen from a range, skipping ports on record or in use.
 
-QEMU binds the port a moment later, so a port is also checked by binding it here; the record
-in SQLite (written in the same transaction) keeps two creates from picking the same one.
+QEMU binds the port when the VM boots, so a port is also checked by binding it here; the
+record in SQLite (written in the same transaction) keeps two creates from picking the same
+one. Between the two, minutes when VMs wait for a boot slot, the kernel could hand the
+port to any outgoing connection of the host as its local port (the default ephemeral range,
+32768-60999, holds the default forward range): QEMU's bind then failed ("Could not set
+up host forwarding rule"). So the server reserves its range from automatic assignment
+(`net.ipv4.ip_local_reserved_ports`, Documentation/networking/ip-sysctl.rst), which leaves
+explicit binds, QEMU's, as they are.
 """
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from ..errors import Conflict
 
@@ -25,9 +32,51 @@ def is_free(addr: str, port: int) -> bool:
     return True
 
 
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """`ip_local_reserved_ports` syntax ("8080,40000-49999"; "" for none) as (first, last)
+    pairs; ValueError when malformed."""
+    out = []
+    for part in text.replace("\n", "").split(","):
+        if part.strip():
+            first, _, last = part.strip().partition("-")
+            out.append((int(first), int(last or first)))
+    return out
+
+
+def covers(ranges: list[tuple[int, int]], first: int, last: int) -> bool:
+    """True when every port of first..last is in one of `ranges`."""
+    port = first
+    for low, high in sorted(ranges):
+        if low <= port <= high:
+            port = high + 1
+        if port > last:
+            return True
+    return port > last
+
+
+def reserve(first: int, last: int, sysctl: Path = RESERVED_PORTS) -> str:
+    """Add first..last to the kernel's reserved ports (of this network namespace), so no
+    outgoing connection takes one as its local port; "" when they are (or already were),
+    else why not (e.g. not root, a read-only /proc/sys in a container)."""
+    try:
+        current = sysctl.read_text().strip()
+        if covers(parse_ranges(current), first, last):
+            return ""
+        sysctl.write_text(",".join(filter(None, [current, f"{first}-{last}"])) + "\n")
+        if covers(parse_ranges(sysctl.read_text()), first, last):
+            return ""
+        return f"{sysctl} does not list {first}-{last} after writing it"
+    except (OSError, ValueError) as exc:
+        return f"{sysctl}: {exc}"
+
+
 class PortPool:
     """Host TCP ports `first`..`last` on `addr`, handed out round-robin; ValueError for a
-    range outside 1024-65535."""
+    range outside 1024-65535. The range is reserved from the kernel's automatic port
+    assignment (`reserve`); `reserve_error` says why it could not be, else ""."""
 
     def __init__(self, addr: str, first: int, last: int) -> None:
         if not 1024 <= first <= last <= 65535:
@@ -35,6 +84,7 @@ class PortPool:
         self.addr = addr
         self.first, self.last = first, last
         self._next = first
+        self.reserve_error = reserve(first, last)
 
     def take(self, count: int, used: set[int]) -> list[int]:
         """Pick `count` free ports, round-robin so a just-freed port is not reused at once."""

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..failpoints import crash_point
 from ..guest import agent, cloudseed, identity
 from ..host import storage
 from ..metrics import ServerMetrics
-from ..states import BOOTING, FAILED, RUNNING
+from ..states import BOOTING, FAILED, PENDING, RUNNING
 from ..warm.snapshots import Template, Templates
 from . import domainxml
 from .libvirt_domains import BootTimeout, Engine, console_tail
@@ -47,23 +48,56 @@ IDENTITY_FILE = "identity.fwcfg"  # in the VM's directory: a warm clone's fw_cfg
 CLONES_PER_CPU = 4
 
 
-@contextmanager
-def slot(slots: threading.Semaphore, cancel: threading.Event) -> Iterator[bool]:
-    """Hold one of `slots` for the block; yields False (holding none) when `cancel`
-    is set before one is free."""
-    while not slots.acquire(timeout=0.2):
-        if cancel.is_set():
-            yield False
-            return
-    try:
-        yield True
-    finally:
-        slots.release()
-
-
 def restricted(env: EnvRow, allow_outgoing: bool) -> bool:
     """Outgoing traffic is cut unless the operator allows it and the ENV does not deny it."""
     return not allow_outgoing or bool(env.spec.get("deny_outgoing"))
+
+
+def host_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container or a cgroup
+    cpuset limits it, os.cpu_count() does not see that)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+class Slots:
+    """A counting semaphore that serves its waiters in the order they came (a thread
+    polling `threading.Semaphore.acquire(timeout=...)` goes to the back of the queue on
+    each time-out, so a big ENV's many waiters would keep a small ENV's one waiting), and
+    that a waiter leaves as soon as one of its stop events is set."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._free = count
+        self._queue: deque[object] = deque()
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def held(self, *stop: threading.Event) -> Iterator[bool]:
+        """Hold a slot for the block; yields False (holding none) when a `stop` event is
+        set before this waiter's turn (or already is: then it does not wait)."""
+        me = object()
+        got = False
+        with self._cond:
+            self._queue.append(me)
+            try:
+                while not any(event.is_set() for event in stop):  # checked first: a
+                    if self._queue[0] is me and self._free:  # stop set by the holder
+                        self._free -= 1                      # before its release counts
+                        got = True
+                        break
+                    self._cond.wait(0.2)  # a stop event does not notify: poll for it
+            finally:
+                self._queue.remove(me)
+                self._cond.notify_all()
+        if not got:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
 
 
 @dataclass
@@ -83,14 +117,12 @@ class VMBooter:
     metrics: ServerMetrics
     # the last warm clone's restore, seconds: a clone's clock is set ahead by it
     restore_seconds: float = field(default=0.3, init=False)
-    cold_at_once: int = field(init=False)  # ServerConfig.cold_boots, or the host's CPUs
-    clones_at_once: int = field(init=False)
+    cold_slots: Slots = field(init=False)  # ServerConfig.cold_boots, or the host's CPUs
+    clone_slots: Slots = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cold_at_once = self.cfg.cold_boots or os.cpu_count() or 1
-        self.clones_at_once = max(8, CLONES_PER_CPU * (os.cpu_count() or 1))
-        self._cold_slots = threading.BoundedSemaphore(self.cold_at_once)
-        self._clone_slots = threading.BoundedSemaphore(self.clones_at_once)
+        self.cold_slots = Slots(self.cfg.cold_boots or host_cpus())
+        self.clone_slots = Slots(max(8, CLONES_PER_CPU * host_cpus()))
 
     def vm_xml(self, vm: VMRow, image: images.Image, env: EnvRow, disk: Path,
                template: Template | None = None) -> str:
@@ -120,14 +152,18 @@ class VMBooter:
         return env.spec.get("warm") is not False
 
     def boot(self, vm: VMRow, image: images.Image, env: EnvRow,
-             cancel: threading.Event, fresh: bool) -> str:
+             cancel: threading.Event, fresh: bool,
+             give_up: threading.Event | None = None) -> str:
         """Boot one VM (warm when a template fits, else cold), recording its state
         (booting, then running or failed) in the DB; "" or the error, which includes the
         console tail. `fresh`: a new VM (its disk is made); otherwise it restarts from the
         disk it kept when stopped. `cancel` set: give up ("cancelled"). Waits for a
-        clone or cold slot (see CLONES_PER_CPU) as `pending`."""
+        clone or cold slot (see CLONES_PER_CPU) as `pending`, and stops waiting
+        ("cancelled", still `pending`) when `give_up` is set (another VM of the ENV
+        failed). A boot that fails ends its domain."""
         vm_dir = Path(vm.dir)
         console = vm_dir / "console.log"
+        stop = (cancel,) if give_up is None else (cancel, give_up)
         try:
             if cancel.is_set():
                 return "cancelled"
@@ -140,11 +176,11 @@ class VMBooter:
                                         [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
                                         self.uid, self.gid)
                 if self._wants_warm(env):
-                    with slot(self._clone_slots, cancel) as held:
+                    with self.clone_slots.held(*stop) as held:
                         if held and self._boot_warm(vm, image, env, cancel):
                             return ""
-                if cancel.is_set():  # a warm clone given up because of it: no cold boot
-                    return "cancelled"
+                if any(event.is_set() for event in stop):  # no cold boot after a warm
+                    return "cancelled"                      # clone given up for it
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
                 if self.clones:
                     base = self.clones.base_for(image.disk, image.digest())
@@ -154,35 +190,26 @@ class VMBooter:
                 crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
-            with slot(self._cold_slots, cancel) as held:
+            with self.cold_slots.held(*stop) as held:
                 if not held or cancel.is_set():
                     return "cancelled"
-                self.db.set_vm(vm.id, state=BOOTING)
-                self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay),
-                                          domainxml.nic_device(by_name(image.name.arch)),
-                                          bool(env.spec.get("deny_outgoing")))
-                crash_point("boot.domain_started")
-                waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
-                                                cancel.is_set)
-                self.network.wait_ready(vm, self.cfg.boot_timeout - waited, console, cancel)
-                if fresh:
-                    self._personalize(vm, env, grow=grow is not None)
-                self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
-                               boot_mode="cold")
-                self.metrics.boot_seconds.labels("cold").observe(waited)
-                crash_point("boot.vm_running")
-                return ""
+                try:
+                    self._boot_cold(vm, image, env, overlay, cancel,
+                                    (grow is not None) if fresh else None)
+                    return ""
+                except BaseException:  # the ENV fails: tell the VMs waiting for this
+                    if give_up is not None:  # slot before it is theirs
+                        give_up.set()
+                    raise
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
-            if cancel.is_set():  # deleted meanwhile: a domain started late must not stay
-                self.engine.destroy(vm.domain)
+            self._end_domain(vm)
             msg = str(exc)
             if "console tail" not in msg:
                 msg += f"\nconsole tail:\n{console_tail(console)}"
             self.db.set_vm(vm.id, state=FAILED, error=msg)
             return f"VM {views.hostname(env.name, vm.idx)} ({vm.image}): {msg}"
         except Exception as exc:  # libvirtError and friends
-            if cancel.is_set():
-                self.engine.destroy(vm.domain)
+            self._end_domain(vm)
             msg = f"{type(exc).__name__}: {exc}\nconsole tail:\n{console_tail(console)}"
             self.db.set_vm(vm.id, state=FAILED, error=msg)
             return f"VM {views.hostname(env.name, vm.idx)} ({vm.image}): {msg}"
@@ -249,7 +276,38 @@ class VMBooter:
         crash_point("boot.vm_running")
         return True
 
+    def _boot_cold(self, vm: VMRow, image: images.Image, env: EnvRow, overlay: Path,
+                   cancel: threading.Event, grow: bool | None) -> None:
+        """Start the VM's domain on `overlay` and wait until it runs; `grow` is None for a
+        VM that boots again from its kept disk, else whether its disk was grown (a new
+        VM, which then gets its identity)."""
+        console = Path(vm.dir) / "console.log"
+        self.db.set_vm(vm.id, state=BOOTING)
+        self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay),
+                                  domainxml.nic_device(by_name(image.name.arch)),
+                                  bool(env.spec.get("deny_outgoing")))
+        crash_point("boot.domain_started")
+        waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
+                                        cancel.is_set)
+        self.network.wait_ready(vm, self.cfg.boot_timeout - waited, console, cancel)
+        if grow is not None:
+            self._personalize(vm, env, grow=grow)
+        self.db.set_vm(vm.id, state=RUNNING, boot_seconds=round(waited, 2), error="",
+                       boot_mode="cold")
+        self.metrics.boot_seconds.labels("cold").observe(waited)
+        crash_point("boot.vm_running")
+
+    def _end_domain(self, vm: VMRow) -> None:
+        """After a failed boot: a domain started late (deleted meanwhile) must not stay,
+        nor one that failed to boot keep a CPU busy until the ENV's teardown (which
+        tries again when this fails)."""
+        try:
+            self.engine.destroy(vm.domain)
+        except Exception as exc:  # noqa: BLE001 - logged; the teardown retries
+            log.warning("could not end the domain of failed VM %s: %s", vm.id, exc)
+
     def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
+        self.db.set_vm(vm.id, state=PENDING)  # it waits for a cold slot now
         self.engine.destroy(vm.domain)
         self.network.unpublish(vm)  # the cold boot publishes again
         overlay.unlink(missing_ok=True)
