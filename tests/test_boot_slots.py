@@ -27,12 +27,16 @@ def test_waiters_are_served_in_the_order_they_came():
     order: list[str] = []
     never = threading.Event()
     threads = []
-    for i in range(8):  # each arrives while the others wait and holds the slot for 0.13 s
-        threads.append(_waiter(slots, f"w{i}", order, never, 0.13))  # (the old polling
-        time.sleep(0.05)  # lost the order at these times, in 3 runs of 3)
+    with slots.held(never):
+        for i in range(8):  # each queued before the next comes
+            threads.append(_waiter(slots, f"w{i}", order, never, 0.13))  # longer than a
+            deadline = time.monotonic() + 5                                # poll period
+            while slots.waiting < i + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
     for thread in threads:
         thread.join(timeout=10)
-    assert order == [f"w{i}" for i in range(8)]
+    assert order == [f"w{i}" for i in range(8)] and slots.waiting == 0
 
 
 def test_a_stopped_waiter_leaves_at_once_holding_nothing():

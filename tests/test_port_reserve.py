@@ -32,12 +32,29 @@ def test_a_range_is_covered_only_without_a_gap(text: str, first: int, last: int,
 
 
 def test_reserve_adds_the_range_to_what_is_there_and_says_why_it_cannot(tmp_path: Path):
-    sysctl = tmp_path / "ip_local_reserved_ports"
+    sysctl, ephemeral = tmp_path / "ip_local_reserved_ports", tmp_path / "ip_local_port_range"
     sysctl.write_text("8080\n")
-    assert reserve(40000, 40999, sysctl) == ""
+    ephemeral.write_text("32768\t60999\n")
+
+    def add(first: int, last: int, path: Path = sysctl) -> str:
+        return reserve(first, last, path, ephemeral, tmp_path / "lock")
+
+    assert add(40000, 40999) == ""
     assert sysctl.read_text() == "8080,40000-40999\n"
-    assert reserve(40100, 40200, sysctl) == "" and sysctl.read_text() == "8080,40000-40999\n"
-    assert "No such file" in reserve(40000, 40999, tmp_path / "missing")
+    assert add(40100, 40200) == "" and sysctl.read_text() == "8080,40000-40999\n"
+    assert "No such file" in add(40000, 40999, tmp_path / "missing")
+
+
+def test_a_range_that_would_starve_outgoing_connections_is_not_reserved(tmp_path: Path):
+    """--port-range 20000-65535 would have left the host no port for any outgoing
+    connection (DNS, apt...), and the reservation outlives the server."""
+    sysctl, ephemeral = tmp_path / "ip_local_reserved_ports", tmp_path / "ip_local_port_range"
+    sysctl.write_text("\n")
+    ephemeral.write_text("32768\t60999\n")
+    why = reserve(20000, 65535, sysctl, ephemeral, tmp_path / "lock")
+    assert "would leave 0 of the 28232 automatic ports 32768-60999" in why
+    assert sysctl.read_text() == "\n"
+    assert reserve(20000, 40000, sysctl, ephemeral, tmp_path / "lock") == ""  # 7233 of them
 
 
 def test_the_server_reserves_its_forward_ports_in_its_network_namespace():

@@ -12,6 +12,8 @@ explicit binds, QEMU's, as they are.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 from pathlib import Path
 
@@ -33,6 +35,8 @@ def is_free(addr: str, port: int) -> bool:
 
 
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+RESERVE_LOCK = Path("/run/ttstack-reserved-ports.lock")
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:
@@ -57,18 +61,43 @@ def covers(ranges: list[tuple[int, int]], first: int, last: int) -> bool:
     return port > last
 
 
-def reserve(first: int, last: int, sysctl: Path = RESERVED_PORTS) -> str:
+def _read_all(path: Path) -> str:
+    """A sysctl file's whole text: one read() of up to 1 MiB (the kernel serves a large
+    bitmap sysctl only to a read at offset 0; Path.read_text reads 8 KiB at a time)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 20).decode()
+    finally:
+        os.close(fd)
+
+
+def reserve(first: int, last: int, sysctl: Path = RESERVED_PORTS,
+            ephemeral: Path = EPHEMERAL_PORTS, lock: Path = RESERVE_LOCK) -> str:
     """Add first..last to the kernel's reserved ports (of this network namespace), so no
     outgoing connection takes one as its local port; "" when they are (or already were),
-    else why not (e.g. not root, a read-only /proc/sys in a container)."""
+    else why not: not root, a read-only /proc/sys in a container, or a range that would
+    leave fewer than half of the kernel's automatic ports (`ip_local_port_range`) to
+    outgoing connections. A write replaces the kernel's whole list: servers starting at
+    once on the host take turns (flock on `lock`)."""
     try:
-        current = sysctl.read_text().strip()
-        if covers(parse_ranges(current), first, last):
-            return ""
-        sysctl.write_text(",".join(filter(None, [current, f"{first}-{last}"])) + "\n")
-        if covers(parse_ranges(sysctl.read_text()), first, last):
-            return ""
-        return f"{sysctl} does not list {first}-{last} after writing it"
+        low, high = (int(n) for n in _read_all(ephemeral).split())
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            current = _read_all(sysctl).strip()
+            ranges = parse_ranges(current)
+            if covers(ranges, first, last):
+                return ""
+            after = [*ranges, (first, last)]
+            free = sum(1 for port in range(low, high + 1) if not covers(after, port, port))
+            if free < (high - low + 1) / 2:
+                return (f"it would leave {free} of the {high - low + 1} automatic ports "
+                        f"{low}-{high} (net.ipv4.ip_local_port_range) to outgoing "
+                        "connections; choose a --port-range outside them")
+            with open(sysctl, "w") as out:
+                out.write(",".join(filter(None, [current, f"{first}-{last}"])) + "\n")
+            if covers(parse_ranges(_read_all(sysctl)), first, last):
+                return ""
+            return f"{sysctl} does not list {first}-{last} after writing it"
     except (OSError, ValueError) as exc:
         return f"{sysctl}: {exc}"
 

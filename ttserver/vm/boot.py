@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,12 @@ class Slots:
         self._free = count
         self._queue: deque[object] = deque()
         self._cond = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        """Threads waiting for a slot now."""
+        with self._cond:
+            return len(self._queue)
 
     @contextmanager
     def held(self, *stop: threading.Event) -> Iterator[bool]:
@@ -191,14 +197,16 @@ class VMBooter:
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
             with self.cold_slots.held(*stop) as held:
-                if not held or cancel.is_set():
+                if not held:
                     return "cancelled"
                 try:
                     self._boot_cold(vm, image, env, overlay, cancel,
+                                    lambda: any(event.is_set() for event in stop),
                                     (grow is not None) if fresh else None)
                     return ""
-                except BaseException:  # the ENV fails: tell the VMs waiting for this
-                    if give_up is not None:  # slot before it is theirs
+                except BaseException:  # the ENV fails: end the domain and tell the VMs
+                    self._end_domain(vm)  # waiting for this slot before it is theirs
+                    if give_up is not None:
                         give_up.set()
                     raise
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
@@ -277,18 +285,20 @@ class VMBooter:
         return True
 
     def _boot_cold(self, vm: VMRow, image: images.Image, env: EnvRow, overlay: Path,
-                   cancel: threading.Event, grow: bool | None) -> None:
-        """Start the VM's domain on `overlay` and wait until it runs; `grow` is None for a
-        VM that boots again from its kept disk, else whether its disk was grown (a new
-        VM, which then gets its identity)."""
+                   cancel: threading.Event, stopped: Callable[[], bool],
+                   grow: bool | None) -> None:
+        """Start the VM's domain on `overlay` and wait until it runs; BootTimeout when
+        its agent has not answered once `stopped()` (the ENV failed or was deleted), and
+        when `cancel` is set before its network is ready (the short wait after). `grow`
+        is None for a VM that boots again from its kept disk, else whether its disk was
+        grown (a new VM, which then gets its identity)."""
         console = Path(vm.dir) / "console.log"
         self.db.set_vm(vm.id, state=BOOTING)
         self.network.start_domain(vm, self.vm_xml(vm, image, env, overlay),
                                   domainxml.nic_device(by_name(image.name.arch)),
                                   bool(env.spec.get("deny_outgoing")))
         crash_point("boot.domain_started")
-        waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console,
-                                        cancel.is_set)
+        waited = self.engine.wait_agent(vm.domain, self.cfg.boot_timeout, console, stopped)
         self.network.wait_ready(vm, self.cfg.boot_timeout - waited, console, cancel)
         if grow is not None:
             self._personalize(vm, env, grow=grow)

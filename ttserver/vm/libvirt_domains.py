@@ -302,6 +302,7 @@ class Engine:
             return wait_for(answers, timeout, interval=interval, cancel=cancelled,
                             what=f"VM {name}: the guest agent answering")
         except WaitCancelled:
-            raise BootTimeout(f"VM {name}: boot cancelled (ENV deleted)") from None
+            raise BootTimeout(f"VM {name}: boot cancelled (its ENV was deleted, or another of"
+                              " its VMs failed)") from None
         except WaitTimeout as exc:
             raise BootTimeout(f"{exc}; console tail:\n{console_tail(console)}") from None
