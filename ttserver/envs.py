@@ -242,7 +242,7 @@ class EnvManager:
         todo = [vm for vm in env.vms if vm.state == PENDING]
 
         # one VM that fails fails the ENV: the VMs still waiting for a boot slot
-        # (boot.CLONES_PER_CPU) stop waiting, the ones booting finish
+        # (boot.CLONES_PER_CPU) never boot, the booting ones stop waiting for their agent
         failed: list[str] = []
         give_up = threading.Event()
 
