@@ -35,6 +35,7 @@ from .guest.ops import GuestOps
 from .guest.transport import GuestError, GuestIO
 from .host import access, storage
 from .host.ports import PortPool
+from .host.ports import reserve as reserve_ports
 from .metrics import ServerMetrics
 from .states import (
     CREATING,
@@ -78,11 +79,12 @@ class EnvManager:
         self.server_id = self.db.server_id()
         self.engine = engine or Engine(cfg.libvirt_uri)
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
-        if self.ports.reserve_error:
+        why = reserve_ports(cfg.port_first, cfg.port_last)
+        if why:
             log.warning("could not reserve the forward ports %d-%d from outgoing connections "
                         "(%s): a VM whose port an outgoing connection took fails to boot; "
                         "add them to net.ipv4.ip_local_reserved_ports", cfg.port_first,
-                        cfg.port_last, self.ports.reserve_error)
+                        cfg.port_last, why)
         self.uid, self.gid = qemu_user()
         access.check_reachable(cfg.cfgdb_path, self.uid, self.gid, "--cfgdb-path")
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)

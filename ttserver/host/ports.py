@@ -87,8 +87,10 @@ def reserve(first: int, last: int, sysctl: Path = RESERVED_PORTS,
             ranges = parse_ranges(current)
             if covers(ranges, first, last):
                 return ""
-            after = [*ranges, (first, last)]
-            free = sum(1 for port in range(low, high + 1) if not covers(after, port, port))
+            reserved: set[int] = set()
+            for start, end in [*ranges, (first, last)]:
+                reserved.update(range(max(start, low), min(end, high) + 1))
+            free = high - low + 1 - len(reserved)
             if free < (high - low + 1) / 2:
                 return (f"it would leave {free} of the {high - low + 1} automatic ports "
                         f"{low}-{high} (net.ipv4.ip_local_port_range) to outgoing "
@@ -104,8 +106,8 @@ def reserve(first: int, last: int, sysctl: Path = RESERVED_PORTS,
 
 class PortPool:
     """Host TCP ports `first`..`last` on `addr`, handed out round-robin; ValueError for a
-    range outside 1024-65535. The range is reserved from the kernel's automatic port
-    assignment (`reserve`); `reserve_error` says why it could not be, else ""."""
+    range outside 1024-65535 (the server also reserves it from the kernel's automatic
+    port assignment: `reserve`)."""
 
     def __init__(self, addr: str, first: int, last: int) -> None:
         if not 1024 <= first <= last <= 65535:
@@ -113,7 +115,6 @@ class PortPool:
         self.addr = addr
         self.first, self.last = first, last
         self._next = first
-        self.reserve_error = reserve(first, last)
 
     def take(self, count: int, used: set[int]) -> list[int]:
         """Pick `count` free ports, round-robin so a just-freed port is not reused at once."""

@@ -158,8 +158,7 @@ class VMBooter:
         return env.spec.get("warm") is not False
 
     def boot(self, vm: VMRow, image: images.Image, env: EnvRow,
-             cancel: threading.Event, fresh: bool,
-             give_up: threading.Event | None = None) -> str:
+             cancel: threading.Event, fresh: bool, give_up: threading.Event) -> str:
         """Boot one VM (warm when a template fits, else cold), recording its state
         (booting, then running or failed) in the DB; "" or the error, which includes the
         console tail. `fresh`: a new VM (its disk is made); otherwise it restarts from the
@@ -169,7 +168,10 @@ class VMBooter:
         failed). A boot that fails ends its domain."""
         vm_dir = Path(vm.dir)
         console = vm_dir / "console.log"
-        stop = (cancel,) if give_up is None else (cancel, give_up)
+
+        def stopped() -> bool:
+            return cancel.is_set() or give_up.is_set()
+
         try:
             if cancel.is_set():
                 return "cancelled"
@@ -182,11 +184,11 @@ class VMBooter:
                                         [self.ssh_pubkey, *env.spec.get("ssh_keys", [])],
                                         self.uid, self.gid)
                 if self._wants_warm(env):
-                    with self.clone_slots.held(*stop) as held:
+                    with self.clone_slots.held(cancel, give_up) as held:
                         if held and self._boot_warm(vm, image, env, cancel):
                             return ""
-                if any(event.is_set() for event in stop):  # no cold boot after a warm
-                    return "cancelled"                      # clone given up for it
+                if stopped():  # no cold boot after a warm clone given up for it
+                    return "cancelled"
                 grow = vm.disk_mib if vm.disk_mib > image.size_mib else None
                 if self.clones:
                     base = self.clones.base_for(image.disk, image.digest())
@@ -196,18 +198,16 @@ class VMBooter:
                 crash_point("boot.overlay_created")
             elif not overlay.is_file():
                 raise RuntimeError(f"the VM's disk {overlay} is gone")
-            with self.cold_slots.held(*stop) as held:
+            with self.cold_slots.held(cancel, give_up) as held:
                 if not held:
                     return "cancelled"
                 try:
-                    self._boot_cold(vm, image, env, overlay, cancel,
-                                    lambda: any(event.is_set() for event in stop),
+                    self._boot_cold(vm, image, env, overlay, cancel, stopped,
                                     (grow is not None) if fresh else None)
                     return ""
                 except BaseException:  # the ENV fails: end the domain and tell the VMs
                     self._end_domain(vm)  # waiting for this slot before it is theirs
-                    if give_up is not None:
-                        give_up.set()
+                    give_up.set()
                     raise
         except (BootTimeout, agent.AgentError, RuntimeError, OSError) as exc:
             self._end_domain(vm)
