@@ -6,13 +6,20 @@ as libvirt-qemu and must reach the VM disks.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import IMAGE_PATH, ServerProcess, new_run_dir, warm_template_cache
+from helpers import (
+    CHILD_PYTEST_ADDOPTS,
+    IMAGE_PATH,
+    ServerProcess,
+    new_run_dir,
+    warm_template_cache,
+)
 
 BASE_IMAGE = "qemu:debian-12:x86_64"
 
@@ -32,6 +39,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Child pytest runs inherit CHILD_PYTEST_ADDOPTS (this run has read its own)."""
+    own = os.environ.get("PYTEST_ADDOPTS", "")
+    os.environ["PYTEST_ADDOPTS"] = f"{own} {CHILD_PYTEST_ADDOPTS}".strip()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -24,6 +24,12 @@ RUNS_PATH = Path(os.environ.get("TTSTACK_TEST_RUNS", "/var/lib/ttstack/test-runs
 # an entry against its image's fingerprint before it imports it)
 TEMPLATE_CACHE = RUNS_PATH / "template-cache"
 
+# What the suite's child pytest runs (subprocesses, pytester, their xdist workers) get in
+# PYTEST_ADDOPTS: the plugins of our own test tools left out. schemathesis and hypothesis
+# (test_fuzz) load at every pytest start, ~4 of the ~5.5 s each child run took on a 2-core
+# TCG host (`python3 -X importtime -m pytest --co`); a project using ttstack has neither.
+CHILD_PYTEST_ADDOPTS = "-p no:schemathesis -p no:hypothesispytest -p no:benchmark"
+
 
 def free_port() -> int:
     """A free loopback port for a test daemon's API, drawn from 22000-29999: outside the

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CHILD_PYTEST_ADDOPTS
+
 pytest_plugins = ["pytester"]
 
 SUITE = """
@@ -32,6 +34,7 @@ def closed_port() -> int:
 
 @pytest.fixture
 def suite(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)  # pytester removed it
     monkeypatch.setenv("TT_CONFIG", str(tmp_path / "no-config.json"))
     monkeypatch.setenv("TTSTACK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # native mode's session folders land here
