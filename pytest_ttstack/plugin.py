@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,7 +18,6 @@ from ttclient.config import join_server, parse_server
 from ttclient.units import parse_mib
 
 from . import matrix
-from .native import controller as native
 from .options import add_options
 from .session import (
     EnvOwner,
@@ -32,10 +31,13 @@ from .session import (
 from .tally import OSTally
 from .vm import VM
 
+if TYPE_CHECKING:  # native mode is imported when asked for (xdist's DSession, execnet...)
+    from .native.controller import NativeSession
+
 ENV_KEY = pytest.StashKey[SessionEnv | None]()
 OWNER_KEY = pytest.StashKey[EnvOwner | None]()
 FAILED_KEY = pytest.StashKey[bool]()
-NATIVE_KEY = pytest.StashKey[native.NativeSession | None]()
+NATIVE_KEY: pytest.StashKey[NativeSession | None] = pytest.StashKey()
 SIGTERM_KEY = pytest.StashKey[object]()
 TALLY_KEY = pytest.StashKey[OSTally]()
 IMAGES_KEY = pytest.StashKey[list[str]]()  # the images --tt-os selects, before an ENV exists
@@ -153,6 +155,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "SSH key); drop --tt-env")
     if (config.getoption("tt_native") and _opt(config, "tt_os") and not _is_worker(config)
             and not config.option.collectonly):
+        from .native import controller as native
+
         native.check_usable(config)
         session = native.NativeSession(config)
         session.configure(len(str(_opt(config, "tt_os")).split(",")))
@@ -239,7 +243,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     settings = _settings(config, prefixes)
     session_native = config.stash[NATIVE_KEY]
     if session_native is not None:
-        settings.workers = native.workers_per_os(config)
+        from .native.controller import workers_per_os
+
+        settings.workers = workers_per_os(config)
         settings.extra_ssh_keys = [session_native.public_key]
     owner = EnvOwner(settings, lambda text: _say(config, text))
     lazy = not (session_native is not None or _distributed(config))
@@ -371,7 +377,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     Every `tt_vm`/`tt_fresh_vm` item gets the JUnit property `tt_os` (its image's id)."""
     images = config.stash.get(IMAGES_KEY, None)
     if config.getoption("tt_native") and images is not None:
-        items[:] = native.collect_only_items(items, images)
+        from .native.controller import collect_only_items
+
+        items[:] = collect_only_items(items, images)
     for item in items:  # JUnit <property name="tt_os">: what the CI summary reads
         callspec = getattr(item, "callspec", None)
         image = callspec.params.get("tt_image") if callspec is not None else None
