@@ -113,7 +113,8 @@ class SessionEnv:
         except ApiError as exc:
             raise TTSetupError(f"cannot create a fresh VM of {image}: {exc}") from exc
         try:
-            view = client.wait_env(name, timeout=timeout, interval=0.2)  # a warm clone: ~2 s
+            view = client.wait_env(name, timeout=timeout, interval=0.2,  # a warm clone: ~2 s
+                                   backoff=1.0)
             if view["state"] != "running":
                 raise TTSetupError(f"the fresh VM of {image} ({name}) did not come up:\n"
                                    + (view.get("error") or view["state"]))

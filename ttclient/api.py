@@ -206,13 +206,13 @@ class Client:
 
     def wait_env(self, name: str, timeout: float = 900.0,
                  on_change: Callable[[dict], None] | None = None,
-                 interval: float = 0.2) -> dict:
+                 interval: float = 0.2, backoff: float = 1.1) -> dict:
         """Poll until the ENV leaves `creating`/`starting`; on_change sees every new view.
 
-        Polls every `interval` seconds at first, 10 % longer each time, at most every
-        second: a warm clone is running ~1.5 s after its POST under TCG (decision 40), and
-        a fixed 1 s poll added ~0.5 s to that on average; a cold boot's minutes cost one
-        GET a second, as before."""
+        Polls after `interval` seconds, each wait `backoff` times the one before, at most
+        a second apart (or `interval`, if longer): a warm clone is running ~1.5-2 s after
+        its POST under TCG (decision 81), and a fixed 1 s poll added ~0.5 s to that on
+        average; a cold boot's minutes cost one GET a second, as before (decision 80)."""
         seen: dict[str, Any] = {"key": None, "env": None}
 
         def settled() -> dict | None:
@@ -224,7 +224,7 @@ class Client:
             return env if env["state"] not in TRANSIENT_STATES else None
 
         try:
-            return wait_for(settled, timeout, interval=interval, backoff=1.1,
+            return wait_for(settled, timeout, interval=interval, backoff=backoff,
                             max_interval=max(interval, 1.0), what=f"ENV {name!r}")
         except WaitTimeout:
             raise EnvWaitTimeout(f"ENV {name!r} was still {seen['env']['state']} after "
