@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from ttclient.api import ENV_POLL_BACKOFF, ENV_POLL_FIRST, ENV_POLL_MAX, TRANSIENT_STATES
 from ttclient.waiting import WaitTimeout, wait_for
 
 IMAGE_PATH = Path(os.environ.get("TTSTACK_IMAGE_PATH", "/var/lib/ttstack/images"))
@@ -177,11 +178,11 @@ def wait_env(url: str, name: str, timeout: float = 600, headers: dict | None = N
     (0.2 s at first: most of the suite's VMs are warm clones, running in ~1.5 s)."""
     def settled() -> dict | None:
         env = requests.get(f"{url}/envs/{name}", timeout=10, headers=headers).json()
-        return env if env["state"] not in ("creating", "starting") else None
+        return env if env["state"] not in TRANSIENT_STATES else None
 
     try:
-        return wait_for(settled, timeout, interval=0.2, backoff=1.1, max_interval=1.0,
-                        what=f"ENV {name}")
+        return wait_for(settled, timeout, interval=ENV_POLL_FIRST, backoff=ENV_POLL_BACKOFF,
+                        max_interval=ENV_POLL_MAX, what=f"ENV {name}")
     except WaitTimeout:
         raise AssertionError(f"ENV {name} still creating after {timeout}s") from None
 
