@@ -215,9 +215,10 @@ def test_a_mirror_without_the_archs_packages_is_named_with_the_fix(monkeypatch, 
     assert [p.name for p in tmp_path.iterdir()] == [".cache"]  # no work tree left
 
 
-def test_templates_are_only_for_arches_with_fw_cfg():
+def test_templates_are_only_for_arches_that_were_tried():
     """keep_warm asked every image for a template at start, pseries and s390x too, whose
-    clones could never take their identity: the template mechanism itself says no."""
+    clones could never take their identity (then through fw_cfg) and were never tried
+    since: the template mechanism itself says no."""
     from ttserver.images import Image
     from ttserver.warm.snapshots import Templates
 

@@ -88,16 +88,18 @@ def test_a_memory_file_is_the_machines_ram_backend_shared_or_private():
     assert private[-2:] == ["-incoming", "defer"]
 
 
-def test_an_identity_file_is_a_fw_cfg_entry():
-    """Warm templates and clones carry the identity fw_cfg entry (guest/identity.py)."""
-    def args(**kw):
-        return [a.get("value") for a in ET.fromstring(render(spec(**kw))).find(
-            f"{QEMU_NS}commandline")]
+def test_warm_domains_have_the_identity_port_after_the_agents():
+    """Warm templates and clones carry the identity port (guest/identity.py), its socket
+    path left to libvirt, after the agent's channel: the same virtio-serial port number
+    in a template and its clones."""
+    def channels(**kw):
+        return [(c.find("target").get("name"), c.find("source"))
+                for c in ET.fromstring(render(spec(**kw))).iterfind("devices/channel")]
 
-    assert "-fw_cfg" not in args()
-    given = args(identity_file="/v/a,b/identity.fwcfg", incoming=True)
-    assert given[given.index("-fw_cfg") + 1] == (
-        "name=opt/org.ttstack/identity,file=/v/a,,b/identity.fwcfg")
+    assert [name for name, _ in channels()] == ["org.qemu.guest_agent.0"]
+    (agent, _), (name, source) = channels(identity_channel=True, incoming=True)
+    assert (agent, name) == ("org.qemu.guest_agent.0", "org.ttstack.identity")
+    assert source.attrib == {"mode": "bind"}
 
 
 def test_a_clone_without_a_nic_still_has_a_user_network_stack_to_load():

@@ -40,9 +40,10 @@ class ArchProfile:
     tcg_cpu: str = ""  # -cpu under TCG ("" = the machine's default model)
     acpi: bool = False  # <features><acpi/>: x86 only (arm needs UEFI for it)
     genid: bool = False  # a VM generation ID device (ACPI, so x86 only)
-    # warm clones give each clone its identity through a QEMU fw_cfg file: machines
-    # without fw_cfg (pseries, s390-ccw-virtio) always boot cold
-    fw_cfg: bool = True
+    # VMs of this arch may start from warm-clone templates; pseries and s390-ccw-virtio
+    # always boot cold: their clones' identity came through fw_cfg, which they lack, and
+    # since it comes on a virtio-serial port (layout 5) no clone of theirs was tried
+    warm_templates: bool = True
     settimeofday: int = 0  # the syscall's number (the warm identity helper calls it)
     suites: tuple[str, ...] = ("bullseye", "bookworm", "trixie", "sid")  # with a kernel
 
@@ -75,13 +76,13 @@ PROFILES: tuple[ArchProfile, ...] = (
     ArchProfile("ppc64le", "ppc64el", "ppc64le", ("ppc64el", "powerpc64le"),
                 "linux-image-powerpc64le", "ppc64le", "qemu-system-ppc64",
                 "qemu-system-ppc", "qemu-ppc64le", "pseries", "hvc0", "virtio-net-pci", _PCI,
-                fw_cfg=False, settimeofday=79),
+                warm_templates=False, settimeofday=79),
     # no PCI: the NIC is a channel-subsystem device (devno 0xfe.0.0010, above libvirt's)
     ArchProfile("s390x", "s390x", "s390x", (),
                 "linux-image-s390x", "s390x", "qemu-system-s390x",
                 "qemu-system-misc", "qemu-s390x", "s390-ccw-virtio", "ttysclp0",
                 "virtio-net-ccw", {"devno": "fe.0.0010"}, tcg_cpu="max",
-                fw_cfg=False, settimeofday=79),
+                warm_templates=False, settimeofday=79),
     ArchProfile("riscv64", "riscv64", "riscv64", ("rv64", "riscv"),
                 "linux-image-riscv64", "riscv64", "qemu-system-riscv64",
                 "qemu-system-misc", "qemu-riscv64", "virt", "ttyS0", "virtio-net-pci",

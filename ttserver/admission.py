@@ -28,8 +28,8 @@ from .db import EnvRow, VMRow
 from .errors import BadRequest, InsufficientResources, TTError
 from .states import PENDING
 
-# authorized_keys of a VM: what fits beside a warm clone's identity in its fw_cfg file
-# (guest/identity.py FW_CFG_SIZE, 64 KiB) with room to spare; ~40 RSA-4096 keys
+# authorized_keys of a VM: what fits beside a warm clone's identity in its helper's
+# request (guest/identity.py MAX_REQUEST, 64 KiB) with room to spare; ~40 RSA-4096 keys
 MAX_SSH_KEYS_BYTES = 32 << 10
 
 

@@ -5,13 +5,17 @@ Why a resident helper: under TCG every binary a guest runs for the first time af
 restore is translated afresh (the translation cache is not part of the saved state):
 ~0.3–0.8 s per first exec, measured. Giving a clone its identity with a shell script cost
 2.1 s (sh, perl, date). So the template starts one small perl process before it is saved;
-every clone inherits it, already loaded and polling a QEMU fw_cfg file. Each clone's
-QEMU starts with that file holding the clone's identity, so the helper starts on it the
-moment the clone resumes, while the host waits for the guest agent; it answers on the
-serial console, which the host reads from the log file. No agent call and no exec: the
+every clone inherits it, already loaded and waiting on a virtio-serial port of its own
+(CHANNEL; libvirt's `<channel>`, whose host end is a UNIX socket of QEMU's). The server
+connects to that socket as soon as the clone runs and writes the clone's identity into
+it; the helper applies it and answers on the same port. No agent call and no exec: the
 step is the re-translation of one short perl loop (shell script 2.1 s; helper fed and
 polled through the agent 0.5–0.8 s after the agent answered; measured). The helper
-exits after it answered: nothing of it stays in the user's VM.
+exits after it answered: nothing of it stays in the user's VM. A port, not a file QEMU
+reads when it starts (a fw_cfg file until layout 5 of warm/snapshots.py): the request is
+written after the QEMU process exists, so a clone's QEMU can be started before anyone
+knows which VM it will become (docs/decisions.md, 82), and its clock is set from the
+time the request is written rather than from a guess at how long the restore takes.
 sshd: OpenSSH 9.2 (bookworm) re-executes itself per connection and reads the new host
 key then. From OpenSSH 9.8 (trixie has 10.0) the listener loads the host keys once and
 hands them to each `sshd-session`, so it kept serving the template's key (clients that
@@ -20,20 +24,19 @@ helper sends the listener SIGHUP (sshd(8): it re-executes itself and reloads its
 and waits until a new socket listens on port 22, before the clone is reported running.
 The tests compare the key sshd serves with the file.
 
-Templates whose guest could not start the helper (no perl, no fw_cfg in sysfs) give
-identity by the shell script (`NEW_IDENTITY`) through the agent — slower, same result.
+Templates whose guest could not start the helper (no perl, no port) give identity by the
+shell script (`NEW_IDENTITY`) through the agent — slower, same result.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
+import socket
 import struct
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import libvirt
 
@@ -45,36 +48,32 @@ from . import agent, sshexec
 
 HELPER_DIR = "/run/ttstack"
 READY = f"{HELPER_DIR}/identity.ready"  # the helper writes "ok", or why it cannot serve
-# The identity request reaches the clone as a QEMU fw_cfg file (`-fw_cfg name=...,file=`):
-# a clone's QEMU is a new process with its own command line, so the file holds that
-# clone's identity from its first instruction on, with no agent call. The template and
-# its clones carry an entry of the same name and size (the guest's fw_cfg driver read the
-# directory, sizes included, when the template booted); the template's is zeros.
-FW_CFG_PATH = f"/sys/firmware/qemu_fw_cfg/by_name/{domainxml.IDENTITY_FW_CFG}/raw"
-FW_CFG_SIZE = 64 << 10
-# the header the helper polls, 24 bytes: MAGIC, the nonce (16 hex digits), the payload's
-# length (4 bytes, big-endian)
+# the virtio-serial port (libvirt channel target name) templates and clones carry; the
+# guest's udev names it /dev/virtio-ports/NAME
+CHANNEL = domainxml.IDENTITY_CHANNEL
+PORT_PATH = f"/dev/virtio-ports/{CHANNEL}"
+# the request's most bytes: the helper reads it into memory (ENV keys are capped below it,
+# admission.MAX_SSH_KEYS_BYTES)
+MAX_REQUEST = 64 << 10
+# the request's header, 24 bytes: MAGIC, the nonce (16 hex digits), the payload's length
+# (4 bytes, big-endian)
 MAGIC = b"TTID"
 # settimeofday(2) has no perl built-in; its number differs between syscall tables
 # (ttclient.arches.ArchProfile.settimeofday).
-ANSWER_POLL = 0.02  # seconds between reads of the console log for the helper's answer
 
-# The helper polls the fw_cfg file's header every 10 ms (24 port reads: the driver reads
-# fw_cfg through I/O ports, so it reads the payload only once it is there); a clone's
-# header differs from the template's zeros at once. The payload is eight length-prefixed
-# fields (perl's `(N/a*)8`): seconds, microseconds, hostname, authorized_keys, machine-id,
-# RNG seed, SSH host key, its public line. The answer, "ttstack-identity NONCE ok" or
-# "... NONCE error: why", goes to the serial console, which the host reads from its log
-# file: no agent call, no guest CPU spent on the host's polling.
+# The helper opens the port and reads it: while no host end is connected a read returns
+# 0 at once (Linux virtio_console: "nothing's connected on the host"), so it tries again
+# every 10 ms; once the server connected, a read blocks until the request is there. The
+# payload is eight length-prefixed fields (perl's `(N/a*)8`): seconds, microseconds,
+# hostname, authorized_keys, machine-id, RNG seed, SSH host key, its public line. The
+# answer, "ttstack-identity NONCE ok" or "... NONCE error: why", goes back on the port.
 HELPER = r"""
 use strict; use warnings; umask 077;
-my ($dir, $raw, $tty, $settime, $ready) = @ARGV;
+my ($dir, $port, $settime, $ready) = @ARGV;
 mkdir $dir, 0700;
 sub put { my ($path, $data, $mode) = @_;
   open(my $f, ">", "$path.tt") or die "$path: $!"; print $f $data; close $f or die "$path: $!";
   chmod $mode, "$path.tt"; rename "$path.tt", $path or die "$path: $!"; }
-sub head { my $h = ""; open(my $f, "<", $raw) or return undef; sysread($f, $h, 24);
-  close $f; $h }
 sub listener {  # the inode of the socket listening on port 22, if any
   for my $t ("/proc/net/tcp", "/proc/net/tcp6") { open(my $f, "<", $t) or next;
     while (<$f>) { my @c = split; return $c[9] if @c > 9 && $c[3] eq "0A"
@@ -88,18 +87,19 @@ sub reload_sshd {  # OpenSSH >= 9.8 holds host keys in its listener: HUP, await 
   for (1 .. 400) { my $now = listener(); return if $now ne "" && $now ne $old;
     select(undef, undef, undef, 0.025) }
   die "sshd did not listen again within 10 s of SIGHUP" }
-my $first = head();
-if (!defined $first || length($first) != 24) { put($ready, "no fw_cfg file $raw", 0600); exit 1 }
+# O_RDWR (2 on every arch of ttclient.arches): not Fcntl, which loads a module
+my $io;
+if (!sysopen($io, $port, 2)) { put($ready, "cannot open $port: $!", 0600); exit 1 }
 put($ready, "ok", 0600);
-my $h;
-while (1) { $h = head(); last if defined $h && substr($h, 0, 4) eq "TTID" && $h ne $first;
-  select(undef, undef, undef, 0.01) }
-my $nonce = substr($h, 4, 16); my $need = 24 + unpack("N", substr($h, 20, 4));
+my ($d, $need) = ("", 24);
+while (length($d) < $need) {
+  my $n = sysread($io, $d, $need - length($d), length($d));
+  if (!$n) { select(undef, undef, undef, 0.01); next }  # 0: no host end connected
+  next if length($d) < 24;
+  if (substr($d, 0, 4) ne "TTID") { $d = ""; next }
+  $need = 24 + unpack("N", substr($d, 20, 4)) }
+my $nonce = substr($d, 4, 16);
 my $ok = eval {
-  open(my $c, "<", $raw) or die "$raw: $!"; my $d = "";
-  while (length($d) < $need) {
-    sysread($c, $d, $need - length($d), length($d)) or die "$raw: short read" }
-  close $c;
   my ($s, $us, $host, $keys, $mid, $seed, $key, $pub) = unpack("(N/a*)8", substr($d, 24));
   syscall($settime, pack("l!l!", $s, $us), 0) == 0 or die "settimeofday: $!";
   open(my $r, ">", "/dev/urandom") or die "urandom: $!";
@@ -121,10 +121,8 @@ my $ok = eval {
   reload_sshd();
   1 };
 my $why = $@ || "unknown"; $why =~ s/\s+/ /g;
-# O_WRONLY|O_NOCTTY (0400 on every arch of ttclient.arches): not Fcntl, which loads a module
-sysopen(my $t, "/dev/$tty", 1 | 0400) or die "/dev/$tty: $!";
-syswrite($t, $ok ? "\nttstack-identity $nonce ok\n" : "\nttstack-identity $nonce error: $why\n");
-close $t;  # one identity per clone: nothing of the helper stays running
+syswrite($io, $ok ? "ttstack-identity $nonce ok\n" : "ttstack-identity $nonce error: $why\n");
+close $io;  # one identity per clone: nothing of the helper stays running
 """
 
 # Templates record which helper they saved: one with another helper is rebuilt.
@@ -179,18 +177,16 @@ class IdentityError(RuntimeError):
     pass
 
 
-def start_helper(dom: libvirt.virDomain, arch: str, console: str) -> bool:
-    """In a template about to be saved: start the helper (answering on the guest's serial
-    `console` device, e.g. ttyS0) and wait until it reads the fw_cfg file. False when
-    this guest cannot have one (no perl, unknown arch, no fw_cfg in sysfs): clones then
-    take their identity by script."""
+def start_helper(dom: libvirt.virDomain, arch: str) -> bool:
+    """In a template about to be saved: start the helper and wait until it opened its
+    port (CHANNEL). False when this guest cannot have one (no perl, no port, an arch
+    without a settimeofday number): clones then take their identity by script."""
     profile = by_name(arch)
-    if not profile.fw_cfg or not profile.settimeofday:
+    if not profile.settimeofday:
         return False
     agent.command(dom, "guest-exec", {
         "path": "/usr/bin/perl",
-        "arg": ["-e", HELPER, HELPER_DIR, FW_CFG_PATH, console, str(profile.settimeofday),
-                READY]})
+        "arg": ["-e", HELPER, HELPER_DIR, PORT_PATH, str(profile.settimeofday), READY]})
 
     def ready() -> bytes | None:
         try:
@@ -230,72 +226,84 @@ class NewIdentity:
         a second in a TCG guest)."""
         return cls(hostname, keys, host_key=sshexec.host_key_pair(hostname))
 
-    def fw_cfg_blob(self, clock: float) -> bytes:
-        """The fw_cfg file for the helper, the guest clock to be set to `clock` (Unix
-        seconds), FW_CFG_SIZE bytes; IdentityError when the keys do not fit."""
+    def request(self, clock: float) -> bytes:
+        """The helper's request (see HELPER), the guest clock to be set to `clock` (Unix
+        seconds); IdentityError when it exceeds MAX_REQUEST bytes."""
         private, public = self.host_key
         fields = [str(int(clock)).encode(), str(int(clock % 1 * 1e6)).encode(),
                   self.hostname.encode(), self.keys.encode(), self.machine_id.encode(),
                   self.seed, private, (public + "\n").encode()]
         payload = b"".join(struct.pack(">I", len(f)) + f for f in fields)
         blob = MAGIC + self.nonce.encode() + struct.pack(">I", len(payload)) + payload
-        if len(blob) > FW_CFG_SIZE:
+        if len(blob) > MAX_REQUEST:
             raise IdentityError(f"the identity ({len(blob)} bytes, authorized keys "
-                                f"included) exceeds the {FW_CFG_SIZE}-byte fw_cfg file")
-        return blob.ljust(FW_CFG_SIZE, b"\0")
+                                f"included) exceeds the helper's {MAX_REQUEST} bytes")
+        return blob
 
 
-def write_fw_cfg(path: Path, blob: bytes, uid: int, gid: int) -> None:
-    """Write a fw_cfg file QEMU (running as uid:gid) reads at start; only it may read it
-    (a clone's holds its SSH host key)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, blob)
-        os.fchown(fd, uid, gid)
-    finally:
-        os.close(fd)
+class Channel:
+    """The host's end of a warm clone's identity port: a connection to the UNIX socket
+    libvirt made for the domain's CHANNEL (its path from the live domain XML). Send the
+    request with `offer`, wait for the helper's answer with `answer`, then `close`.
+    OSError when the socket cannot be reached."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self.sock.close()
+
+    def offer(self, new: NewIdentity) -> None:
+        """Send the helper `new`, the guest clock set to now (the helper applies it within
+        milliseconds of reading it)."""
+        self.sock.sendall(new.request(time.time()))
+
+    def answer(self, nonce: str, timeout: float) -> None:
+        """Wait up to `timeout` s for the helper's answer to the request with `nonce`;
+        IdentityError with the guest's reason, or when none comes."""
+        mark = f"ttstack-identity {nonce} ".encode()
+        deadline = time.monotonic() + timeout
+        text = b""
+        while mark not in text or b"\n" not in text[text.index(mark):]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise IdentityError(f"guest set-up: no answer from the helper in "
+                                    f"{timeout:.0f}s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise IdentityError("guest set-up: the identity port closed without an "
+                                    "answer")
+            text += chunk
+        answer = text[text.index(mark) + len(mark):].split(b"\n", 1)[0]
+        answer_text = answer.decode(errors="replace").strip()
+        if answer_text != "ok":
+            raise IdentityError(f"guest set-up failed: {answer_text.removeprefix('error: ')}")
 
 
-def take_new(dom: libvirt.virDomain, new: NewIdentity, console_log: Path, *,
-             helper: bool, timeout: float) -> None:
+def take_new(dom: libvirt.virDomain, new: NewIdentity, channel: Channel | None, *,
+             timeout: float) -> None:
     """A warm clone: its own hostname, keys, machine-id, SSH host key, clock and RNG.
-    With the helper, the clone started with `new` in its fw_cfg file: wait for the
-    helper's answer in the `console_log` file; otherwise run the script through the
-    agent. IdentityError with the guest's reason, or on `timeout` seconds of silence."""
-    if helper:
-        _await_answer(console_log, new.nonce, timeout)
+    With its template's helper (`channel`, on which `new` was offered): wait for the
+    helper's answer; otherwise (None) run the script through the agent. IdentityError
+    with the guest's reason, or on `timeout` seconds of silence."""
+    if channel is not None:
+        channel.answer(new.nonce, timeout)
         return
     private, public = new.host_key
     _script(dom, "set -e" + NEW_IDENTITY + PERSONALIZE,
             [new.hostname, new.keys, f"{time.time():.3f}", private.decode().strip(), public,
              new.machine_id, new.seed.hex()], timeout)
-
-
-def _await_answer(console_log: Path, nonce: str, timeout: float) -> None:
-    mark = f"ttstack-identity {nonce} ".encode()
-    text = b""  # the log from where the answer can start (the clone's log is its own)
-
-    def answered() -> bool | None:
-        nonlocal text
-        try:
-            with open(console_log, "rb") as f:
-                f.seek(len(text))
-                text += f.read()
-        except OSError:
-            return None
-        at = text.find(mark)
-        if at < 0 or b"\n" not in text[at:]:
-            return None
-        answer = text[at + len(mark):].split(b"\n", 1)[0].decode(errors="replace").strip()
-        if answer != "ok":
-            raise IdentityError(f"guest set-up failed: {answer.removeprefix('error: ')}")
-        return True
-
-    try:
-        wait_for(answered, timeout, interval=ANSWER_POLL, what="guest set-up")
-    except WaitTimeout:
-        raise IdentityError(f"guest set-up: no answer from the helper in {timeout:.0f}s"
-                            ) from None
 
 
 def _script(dom: libvirt.virDomain, script: str, args: list[str], timeout: float) -> None:

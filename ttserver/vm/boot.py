@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # a warm clone's agent answers within a second; more means the clone is broken
 WARM_AGENT_TIMEOUT = 30.0
-IDENTITY_FILE = "identity.fwcfg"  # in the VM's directory: a warm clone's fw_cfg file
 # Boots at once, server-wide (decisions 69, 78); a VM waiting for a slot stays `pending`
 # and its boot timeout starts when its boot does. Under TCG a boot is CPU-bound for its
 # whole length: a cold one holds a cold slot (--cold-boots; by default one per host CPU)
@@ -121,8 +120,6 @@ class VMBooter:
     uid: int
     gid: int
     metrics: ServerMetrics
-    # the last warm clone's restore, seconds: a clone's clock is set ahead by it
-    restore_seconds: float = field(default=0.3, init=False)
     cold_slots: Slots = field(init=False)  # ServerConfig.cold_boots, or the host's CPUs
     clone_slots: Slots = field(init=False)
 
@@ -134,7 +131,7 @@ class VMBooter:
                template: Template | None = None) -> str:
         """The VM's domain XML: its forwards, network, title and seed (vmspec); for a
         clone of `template`, waiting for its saved state, its RAM the template's and its
-        identity in the fw_cfg file IDENTITY_FILE of its directory."""
+        identity port (guest/identity.py)."""
         return self.renderer.render(
             vm.domain, image, vm.cpu, vm.mem_mib, disk, Path(vm.dir) / "console.log",
             template is not None, self.network.hostfwd(vm, self.cfg.forward_addr),
@@ -142,7 +139,7 @@ class VMBooter:
             f"ttstack {env.name}/{vm.idx}", user_net=self.network.name == "user",
             seed=str(Path(vm.dir) / cloudseed.SEED) if image.cloud_init else "",
             memory_file=template.ram if template is not None else None,
-            identity_file=Path(vm.dir) / IDENTITY_FILE if template is not None else None)
+            identity_channel=template is not None)
 
     def unpublish(self, vm: VMRow) -> None:
         """Drop what the network publishes for the VM (errors are logged)."""
@@ -238,43 +235,45 @@ class VMBooter:
         overlay = Path(vm.dir) / "disk.qcow2"
         started = time.monotonic()
         new = identity.NewIdentity.make(views.hostname(env.name, vm.idx), self._keys(env))
+        channel: identity.Channel | None = None
         try:  # a failure here is the template's: retire it
             storage.create_overlay(template.disk, overlay, None, self.uid, self.gid)
             crash_point("boot.overlay_created")
             if cancel.is_set():
                 raise RuntimeError("cancelled")
             self.db.set_vm(vm.id, state=BOOTING)
-            # the clock the clone gets: now, plus the time a restore takes (the guest's
-            # clock stood still while it was saved; it starts counting on resume)
-            identity.write_fw_cfg(Path(vm.dir) / IDENTITY_FILE,
-                                  new.fw_cfg_blob(time.time() + self.restore_seconds),
-                                  self.uid, self.gid)
-            resuming = time.monotonic()
-            self.network.start_clone(vm, self.vm_xml(vm, image, env, overlay, template),
-                                     template.state,
-                                     domainxml.nic_device(by_name(image.name.arch)),
-                                     bool(env.spec.get("deny_outgoing")))
+            dom = self.network.start_clone(vm, self.vm_xml(vm, image, env, overlay, template),
+                                           template.state,
+                                           domainxml.nic_device(by_name(image.name.arch)),
+                                           bool(env.spec.get("deny_outgoing")))
             crash_point("boot.domain_started")
+            # the helper (resumed waiting on its port) starts on the request at once, in
+            # parallel with the agent wait; the clock it sets is the time of this write
+            channel = identity.Channel(self.engine.channel_path(dom, identity.CHANNEL)
+                                       ) if template.helper else None
+            if channel is not None:
+                channel.offer(new)
             restored = time.monotonic()
-            self.restore_seconds = restored - resuming
             self.engine.wait_agent(vm.domain, WARM_AGENT_TIMEOUT,
                                    Path(vm.dir) / "console.log", cancel.is_set, interval=0.05)
         except Exception as exc:  # noqa: BLE001 - any failure: cold boot instead
-            self._abandon_warm(vm, overlay)
+            self._abandon_warm(vm, overlay, channel)
             if not cancel.is_set():
                 self.templates.discard(template, f"clone {vm.id} failed: {exc}")
             log.warning("warm clone of %s failed, booting cold: %s", vm.id, exc)
             return False
         answered = time.monotonic()
         try:  # a failure here is the guest's or the host's load, not the template's
-            self._personalize(vm, env, warm=(template, new))
+            self._personalize(vm, env, warm=(new, channel))
             self.network.wait_ready(vm, self.cfg.boot_timeout, Path(vm.dir) / "console.log",
                                     cancel)
         except Exception as exc:  # noqa: BLE001
-            self._abandon_warm(vm, overlay)
+            self._abandon_warm(vm, overlay, channel)
             log.warning("warm clone of %s could not take its identity, booting cold: %s",
                         vm.id, exc)
             return False
+        if channel is not None:
+            channel.close()
         log.info("warm clone %s: restore %.2fs, agent %.2fs, identity %.2fs", vm.id,
                  restored - started, answered - restored, time.monotonic() - answered)
         took = time.monotonic() - started
@@ -316,31 +315,32 @@ class VMBooter:
         except Exception as exc:  # noqa: BLE001 - logged; the teardown retries
             log.warning("could not end the domain of failed VM %s: %s", vm.id, exc)
 
-    def _abandon_warm(self, vm: VMRow, overlay: Path) -> None:
+    def _abandon_warm(self, vm: VMRow, overlay: Path,
+                      channel: identity.Channel | None) -> None:
+        if channel is not None:
+            channel.close()
         self.db.set_vm(vm.id, state=PENDING)  # it waits for a cold slot now
         self.engine.destroy(vm.domain)
         self.network.unpublish(vm)  # the cold boot publishes again
         overlay.unlink(missing_ok=True)
-        (Path(vm.dir) / IDENTITY_FILE).unlink(missing_ok=True)
 
     def _keys(self, env: EnvRow) -> str:
         """The VM's authorized_keys: the server's key and the ENV's."""
         return "\n".join([self.ssh_pubkey, *env.spec.get("ssh_keys", [])]) + "\n"
 
     def _personalize(self, vm: VMRow, env: EnvRow,
-                     warm: tuple[Template, identity.NewIdentity] | None = None,
+                     warm: tuple[identity.NewIdentity, identity.Channel | None] | None = None,
                      grow: bool = False) -> None:
         """Give the VM its hostname and authorized keys (server key + the user's), and with
-        `grow` its root filesystem the grown disk; a warm clone (of the template, started
-        with the identity) also its own machine-id, SSH host key, clock and RNG (see
-        guest/identity.py)."""
+        `grow` its root filesystem the grown disk; a warm clone (`warm`: its new identity,
+        and the channel it was offered on when its template has the helper) also its own
+        machine-id, SSH host key, clock and RNG (see guest/identity.py)."""
         dom = self.engine.lookup(vm.domain)
         if warm is None:
             identity.personalize(dom, views.hostname(env.name, vm.idx), self._keys(env),
                                  grow)
         else:  # many clones at once share the host's CPUs: the boot timeout applies
-            template, new = warm
-            identity.take_new(dom, new, Path(vm.dir) / "console.log",
-                              helper=template.helper, timeout=self.cfg.boot_timeout)
+            new, channel = warm
+            identity.take_new(dom, new, channel, timeout=self.cfg.boot_timeout)
             self.network.adopt(vm, dom, restricted(env, self.cfg.allow_outgoing),
                                timeout=self.cfg.boot_timeout)

@@ -55,15 +55,15 @@ class DomainSpec:
     # writes stay its own, copy-on-write)
     memory_file: str = ""
     memory_shared: bool = False
-    # a file the guest reads as fw_cfg entry IDENTITY_FW_CFG (warm templates and clones:
-    # guest/identity.py)
-    identity_file: str = ""
+    # the virtio-serial port IDENTITY_CHANNEL, its host end a UNIX socket libvirt makes
+    # (warm templates and clones: guest/identity.py)
+    identity_channel: bool = False
     # MiB of TCG translation buffer (QEMU's tb-size), 0: QEMU's default (an eighth of
     # the host's RAM, at most 1 GiB); ignored under KVM
     tb_cache_mib: int = 0
 
 
-IDENTITY_FW_CFG = "opt/org.ttstack/identity"  # QEMU asks for "opt/RFQDN/..." names
+IDENTITY_CHANNEL = "org.ttstack.identity"  # a channel's target name (guest/identity.py)
 RAM_BACKEND = "tt.ram"  # the id of the RAM backend of a memory_file (the RAM block's name)
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -134,6 +134,10 @@ def render(spec: DomainSpec) -> str:
     _sub(console, "target", type="serial", port="0")
     _sub(_sub(devices, "channel", type="unix"), "target", type="virtio",
          name="org.qemu.guest_agent.0")
+    if spec.identity_channel:  # after the agent's: the same port number in every clone
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind")  # libvirt picks the socket's path
+        _sub(channel, "target", type="virtio", name=IDENTITY_CHANNEL)
     _sub(devices, "memballoon", model="none")
     _sub(_sub(devices, "rng", model="virtio"), "backend", "/dev/urandom", model="random")
     nic = nic_device(arch)
@@ -155,9 +159,6 @@ def render(spec: DomainSpec) -> str:
         qemu_args += ["-object", f"memory-backend-file,id={RAM_BACKEND},size={spec.mem_mib}M,"
                                  f"mem-path={path},share={'on' if spec.memory_shared else 'off'}",
                       "-machine", f"memory-backend={RAM_BACKEND}"]
-    if spec.identity_file:
-        path = spec.identity_file.replace(",", ",,")
-        qemu_args += ["-fw_cfg", f"name={IDENTITY_FW_CFG},file={path}"]
     if spec.incoming:
         qemu_args += ["-incoming", "defer"]
     commandline = _sub(dom, f"{{{QEMU_NS}}}commandline")

@@ -14,6 +14,7 @@ import pwd
 import re
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,6 +214,18 @@ class Engine:
             self.destroy(dom.name())
             raise
         return dom
+
+    @staticmethod
+    def channel_path(dom: libvirt.virDomain, name: str) -> str:
+        """The host path of the UNIX socket behind the running domain's virtio channel
+        `name` (libvirt picks it when the XML names none, and shows it in the live XML);
+        RuntimeError when the domain has no such channel."""
+        for channel in ET.fromstring(dom.XMLDesc(0)).iterfind("devices/channel"):
+            target, source = channel.find("target"), channel.find("source")
+            if (target is not None and target.get("name") == name and source is not None
+                    and source.get("path")):
+                return str(source.get("path"))
+        raise RuntimeError(f"domain {dom.name()} has no channel {name}")
 
     def lookup(self, name: str) -> libvirt.virDomain | None:
         """The domain named `name`, or None when libvirt has none."""

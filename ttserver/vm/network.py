@@ -87,9 +87,9 @@ class VMNetwork(Protocol):
         """After the agent answers: until the guest's network is usable; BootTimeout."""
 
     def start_clone(self, vm: VMRow, xml: str, state: Path, nic: dict,
-                    deny_outgoing: bool) -> None:
+                    deny_outgoing: bool) -> libvirt.virDomain:
         """Start a warm clone's domain (`xml` waits for a saved state) from the template's
-        device `state`, with its network in place, and resume it."""
+        device `state`, with its network in place, and resume it; the domain."""
 
     def adopt(self, vm: VMRow, dom: libvirt.virDomain, restricted: bool,
               timeout: float) -> None:
@@ -145,8 +145,8 @@ class UserNetwork:
         return None
 
     def start_clone(self, vm: VMRow, xml: str, state: Path, nic: dict,
-                    deny_outgoing: bool) -> None:
-        self.engine.start_from_memory(xml, state)
+                    deny_outgoing: bool) -> libvirt.virDomain:
+        return self.engine.start_from_memory(xml, state)
 
     def adopt(self, vm: VMRow, dom: libvirt.virDomain, restricted: bool,
               timeout: float) -> None:
@@ -201,8 +201,8 @@ class BridgedNetwork:
         dom.resume()
 
     def start_clone(self, vm: VMRow, xml: str, state: Path, nic: dict,
-                    deny_outgoing: bool) -> None:
-        self.engine.start_from_memory(
+                    deny_outgoing: bool) -> libvirt.virDomain:
+        return self.engine.start_from_memory(
             xml, state, before_load=lambda dom: self._plug(vm, dom, nic, deny_outgoing))
 
     def _plug(self, vm: VMRow, dom: libvirt.virDomain, nic: dict,

@@ -27,15 +27,15 @@ class DomainRenderer:
                console: Path, incoming: bool, hostfwd: tuple[str, ...] = (),
                restrict: bool = True, title: str = "", user_net: bool = True,
                seed: str = "", memory_file: Path | None = None,
-               memory_shared: bool = False, identity_file: Path | None = None) -> str:
+               memory_shared: bool = False, identity_channel: bool = False) -> str:
         """Domain XML named `name` booting `image` with `cpu` vCPUs, `mem_mib` MiB and the
         qcow2 `disk`; serial console to the file `console`. `incoming`: paused, waiting
         for a memory state (warm clones). `hostfwd`: QEMU user-network forwards
         ("tcp:ADDR:HOST-:GUEST"), `restrict`: no outgoing traffic; `user_net` False: no
         NIC (bridge mode plugs one). `seed`: a cloud-init seed image path or "".
         `memory_file`: the guest's RAM in that file, mapped shared (`memory_shared`: a
-        warm template) or private (a warm clone). `identity_file`: read by the guest as
-        fw_cfg entry domainxml.IDENTITY_FW_CFG (warm templates and clones)."""
+        warm template) or private (a warm clone). `identity_channel`: the guest has the port
+        domainxml.IDENTITY_CHANNEL (warm templates and clones)."""
         forwards = "".join(f",hostfwd={f}" for f in hostfwd)
         netdev = f"user,id={domainxml.NETDEV_ID},restrict={'on' if restrict else 'off'}{forwards}"
         return domainxml.render(domainxml.DomainSpec(
@@ -45,4 +45,4 @@ class DomainRenderer:
             netdev=netdev if user_net else "",
             uid=self.uid, gid=self.gid, title=title, incoming=incoming, seed=seed,
             memory_file=str(memory_file or ""), memory_shared=memory_shared,
-            identity_file=str(identity_file or ""), tb_cache_mib=self.tb_cache_mib))
+            identity_channel=identity_channel, tb_cache_mib=self.tb_cache_mib))

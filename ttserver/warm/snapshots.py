@@ -70,11 +70,12 @@ BUILD_CPU_SHARES = 128
 # marks a build complete
 BUILD_FILES = ("disk.qcow2", "memory.ram", "memory.bin", "meta.json")
 # how a build keeps the guest's memory; builds of another layout are rebuilt.
-# 4: as 3, saved once the boot was over and the guest idle (settle); 3: as 2, and the
-# guest has the identity fw_cfg entry (guest/identity.py), which its clones' command
-# lines must repeat; 2: RAM in memory.ram (mapped by clones), device state in
+# 5: as 4, the identity request comes on a virtio-serial port (guest/identity.py
+# CHANNEL), not in a fw_cfg file; 4: as 3, saved once the boot was over and the guest
+# idle (settle); 3: as 2, and the guest has the identity fw_cfg entry, which its clones'
+# command lines must repeat; 2: RAM in memory.ram (mapped by clones), device state in
 # memory.bin; 1 (no key): both in memory.bin's migration stream
-LAYOUT = 4
+LAYOUT = 5
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class Templates:
         if meta.get("fingerprint") != image.digest():
             return "its image changed", meta
         if meta.get("layout", 1) != LAYOUT:
-            return "it was saved in an older layout (RAM, identity channel)", meta
+            return "it was saved in another layout (RAM, identity channel)", meta
         if meta.get("helper") not in ("", identity.HELPER_ID):
             return "it was saved with another identity helper", meta
         accel = self.renderer.accel.for_arch(image.name.arch)
@@ -349,9 +350,9 @@ class Templates:
 
     @staticmethod
     def supports(image: images.Image) -> bool:
-        """Whether the image can have templates: a clone takes its identity through a
-        QEMU fw_cfg file, which pseries and s390-ccw-virtio lack (ArchProfile.fw_cfg)."""
-        return by_name(image.name.arch).fw_cfg
+        """Whether the image can have templates (ArchProfile.warm_templates: not on
+        pseries and s390-ccw-virtio)."""
+        return by_name(image.name.arch).warm_templates
 
     def request(self, image: images.Image, cpu: int, mem_mib: int) -> None:
         """Build the template in the background unless it exists or is being built, or
@@ -381,14 +382,12 @@ class Templates:
                 tpl = Template(work)
                 storage.create_overlay(image.disk, tpl.disk, None, self.uid, self.gid)
                 console = work / "console.log"
-                blank = work / "identity.fwcfg"  # its clones' files hold their identities
-                identity.write_fw_cfg(blank, bytes(identity.FW_CFG_SIZE), self.uid, self.gid)
                 seed = (cloudseed.make_seed(work, f"tt-template-{key}", "tt-template", [],
                                             self.uid, self.gid) if image.cloud_init else None)
                 self.engine.start(self.renderer.render(domain, image, cpu, mem_mib, tpl.disk,
                                                        console, False, memory_file=tpl.ram,
                                                        memory_shared=True,
-                                                       identity_file=blank,
+                                                       identity_channel=True,
                                                        seed=str(seed or "")))
                 self.engine.lower_priority(domain, BUILD_NICE, BUILD_CPU_SHARES)
                 self.engine.wait_agent(domain, self.boot_timeout, console,
@@ -398,8 +397,7 @@ class Templates:
                     cloud_init_done(dom, self.boot_timeout)
                 settled = settle(dom, self.boot_timeout)
                 helper = identity.HELPER_ID if identity.start_helper(
-                    dom, image.name.arch, by_name(image.name.arch).console
-                ) else ""
+                    dom, image.name.arch) else ""
                 agent.exec_argv(dom, ["/bin/sync"], timeout=60)
                 self.engine.save_memory(dom, tpl.state)
                 self.engine.destroy(domain)
