@@ -10,9 +10,11 @@ PYTHON=${PYTHON:-python3}
 say() { echo "[setup] $*"; }
 
 # Only the emulator we use: libvirtd probes every installed qemu-system-* on first connect.
+# systemd-container: systemd-nspawn, the lxc engine's runtime (ttserver/containers).
 APT_PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc mmdebstrap e2fsprogs nftables iproute2 openssh-client procps
-  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse git rsync systemd"
+  dnsmasq-base util-linux btrfs-progs dosfstools mtools fdisk zfs-fuse git rsync systemd
+  systemd-container"
 # Opt-in foreign-arch guests (tests/test_multiarch.py): every emulator of ttclient/arches.py
 # (qemu_package; a test keeps this list in step), qemu-user for building their images.
 if [ "${TTSTACK_FOREIGN_TESTS:-}" = 1 ]; then

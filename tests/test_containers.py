@@ -1,0 +1,136 @@
+"""The lxc engine's runtime (ttserver/containers): real systemd-nspawn containers of the
+debian-12 image's root filesystem, in user namespaces and cgroups of their own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ttserver.containers import rootfs
+from ttserver.containers.cgroups import ROOT, Cgroups
+from ttserver.containers.nspawn import ContainerError, ContainerSpec, Runtime
+
+from helpers import IMAGE_PATH, new_run_dir
+
+# the image scripts/setup-host.sh builds; it installs systemd-nspawn too
+DISK = IMAGE_PATH / "qemu:debian-12:x86_64" / "disk.qcow2"
+
+
+@pytest.fixture(scope="module")
+def image_root() -> Iterator[Path]:
+    """The debian-12 image's files, shifted for containers (a few seconds)."""
+    run_dir = new_run_dir("containers-")
+    try:
+        yield rootfs.from_disk(DISK, run_dir / "rootfs")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def runtime() -> Iterator[Runtime]:
+    """A runtime with a cgroup group of its own; at the end no container may be left in
+    it, and the group itself is removed."""
+    cgroups = Cgroups(f"ttstack-test-{uuid.uuid4().hex[:8]}")
+    cgroups.setup()
+    try:
+        yield Runtime(cgroups)
+        assert cgroups.names() == []
+    finally:
+        cgroups.close()
+    assert not any((ROOT / c / cgroups.group).exists() for c in ("memory", "cpu", "systemd"))
+
+
+def spec(image_root: Path, tmp: Path, name: str, mem_mib: int = 256) -> ContainerSpec:
+    return ContainerSpec(name=name, rootfs=image_root, dir=tmp / name, mem_mib=mem_mib, cpus=1)
+
+
+def run(rt: Runtime, s: ContainerSpec, script: str, stdin: bytes = b"") -> tuple[int, str]:
+    res = rt.exec_argv(s, ["/bin/sh", "-c", script], stdin=stdin)
+    return res.returncode, (res.stdout + res.stderr).decode()
+
+
+def assert_gone(rt: Runtime, s: ContainerSpec) -> None:
+    assert rt.cgroups.pids(s.name) == set()
+    assert not s.dir.exists()
+    assert str(s.root) not in Path("/proc/self/mounts").read_text()
+    assert not any(d.exists() for d in rt.cgroups.dirs(s.name))
+
+
+def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
+        image_root: Path, runtime: Runtime, tmp_path: Path):
+    s = spec(image_root, tmp_path, f"tt-c-{uuid.uuid4().hex[:6]}")
+    leader = runtime.start(s)
+    try:
+        # root inside, host uid ID_BASE outside
+        assert run(runtime, s, "id -u; hostname; cat /etc/debian_version") [1].split()[:2] == [
+            "0", s.name]
+        status = Path(f"/proc/{leader}/status").read_text()
+        assert f"Uid:\t{rootfs.ID_BASE}\t" in status
+        # a file written inside lands in the container's own layer, owned by that uid
+        code, out = run(runtime, s, "cat > /root/note; ls -ln /root/note", stdin=b"hello")
+        assert code == 0, out
+        written = s.dir / "upper" / "root" / "note"
+        assert written.read_bytes() == b"hello"
+        assert (written.stat().st_uid, written.stat().st_gid) == (rootfs.ID_BASE,) * 2
+        assert not (image_root / "root" / "note").exists()
+        # only a loopback of its own: the host's loopback listener is not reachable
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            code, out = run(runtime, s, "ls /sys/class/net; python3 -c 'import socket; "
+                                        f"socket.create_connection((\"127.0.0.1\", {port}), 3)'")
+            assert out.split()[0] == "lo" and "ConnectionRefusedError" in out, out
+            listener.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                listener.accept()
+        # a command gets a clean environment, not the server's
+        os.environ["TT_SECRET_OF_THE_SERVER"] = "x"
+        try:
+            assert "TT_SECRET" not in run(runtime, s, "env")[1]
+        finally:
+            del os.environ["TT_SECRET_OF_THE_SERVER"]
+    finally:
+        runtime.remove(s)
+    assert_gone(runtime, s)
+    with pytest.raises(ContainerError, match="is not running"):
+        runtime.exec_argv(s, ["true"])
+
+
+def test_the_memory_limit_kills_what_goes_past_it(image_root: Path, runtime: Runtime,
+                                                  tmp_path: Path):
+    s = spec(image_root, tmp_path, f"tt-m-{uuid.uuid4().hex[:6]}", mem_mib=128)
+    runtime.start(s)
+    try:
+        code, out = run(runtime, s, "python3 -c 'b = bytearray(64 << 20); print(len(b))'")
+        assert (code, out.strip()) == (0, str(64 << 20))
+        code, out = run(runtime, s, "python3 -c 'b = bytearray(300 << 20); print(len(b))'")
+        assert code == 137, out  # SIGKILL by the OOM killer of the container's cgroup
+        oom = (ROOT / "memory" / runtime.cgroups.group / s.name / "memory.oom_control")
+        assert "oom_kill 1" in oom.read_text().splitlines()
+    finally:
+        runtime.remove(s)
+    assert_gone(runtime, s)
+
+
+def test_a_new_runtime_removes_what_a_crashed_server_left(image_root: Path, runtime: Runtime,
+                                                          tmp_path: Path):
+    """After a crash the server has no process handles: the container's cgroups name it
+    and hold every one of its processes (nspawn's too)."""
+    s = spec(image_root, tmp_path, f"tt-x-{uuid.uuid4().hex[:6]}")
+    runtime.start(s)
+    try:  # orphans, reparented to the stub init
+        run(runtime, s, "for i in 1 2; do sleep 1000 >/dev/null 2>&1 & done")
+        assert len(runtime.cgroups.pids(s.name)) >= 5  # nspawn, init, payload, 2 sleeps
+        after_crash = Runtime(runtime.cgroups)
+        assert runtime.cgroups.names() == [s.name]
+        after_crash.remove(s)
+        assert_gone(runtime, s)
+    finally:
+        runtime.remove(s)  # idempotent; reaps the old runtime's nspawn
