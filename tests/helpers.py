@@ -213,7 +213,18 @@ def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
             # simultaneous open when the source port drawn equals it): not a listener
             if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 listening.append(port)
-    return {"domains": domains, "processes": procs, "dirs": dirs, "ports": listening}
+    # containers (the lxc engine): nspawn processes, overlay mounts and cgroups of this
+    # server's containers
+    containers = [line.split()[0] for line in subprocess.run(
+        ["pgrep", "-af", f"--machine=tt-{server_id}-"], capture_output=True,
+        text=True).stdout.splitlines()]
+    containers += [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                   if line.startswith("overlay ") and line.split()[1].startswith(str(cfgdb))]
+    containers += [str(d) for top in (Path("/sys/fs/cgroup/memory"),
+                                      Path("/sys/fs/cgroup/systemd"), Path("/run/ttstack/cgroup2"))
+                   for d in top.glob(f"ttstack-{server_id}/*") if d.is_dir()]
+    return {"domains": domains, "processes": procs, "dirs": dirs, "ports": listening,
+            "containers": containers}
 
 
 def wait_templates(srv: ServerProcess, timeout: float) -> list[dict]:
@@ -240,7 +251,7 @@ def warm_template_cache(timeout: float = 900) -> list[dict]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-NOTHING_LEFT = {"domains": [], "processes": [], "dirs": [], "ports": []}
+NOTHING_LEFT = {"domains": [], "processes": [], "dirs": [], "ports": [], "containers": []}
 
 
 def add_token(tokens: Path, name: str, *flags: str) -> str:

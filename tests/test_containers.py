@@ -15,6 +15,7 @@ import pytest
 from ttserver.containers import rootfs
 from ttserver.containers.cgroups import ROOT, Cgroups
 from ttserver.containers.nspawn import ContainerError, ContainerSpec, Runtime
+from ttserver.images.lxc import in_use
 
 from helpers import IMAGE_PATH, new_run_dir
 
@@ -26,8 +27,9 @@ DISK = IMAGE_PATH / "qemu:debian-12:x86_64" / "disk.qcow2"
 def image_root() -> Iterator[Path]:
     """The debian-12 image's files, shifted for containers (a few seconds)."""
     run_dir = new_run_dir("containers-")
-    try:
-        yield rootfs.from_disk(DISK, run_dir / "rootfs")
+    try:  # colons, as in an image's directory name: escaped in the overlay's options
+        (run_dir / "lxc:debian-12:x86_64").mkdir()
+        yield rootfs.from_disk(DISK, run_dir / "lxc:debian-12:x86_64" / "rootfs")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -65,8 +67,10 @@ def assert_gone(rt: Runtime, s: ContainerSpec) -> None:
 def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
         image_root: Path, runtime: Runtime, tmp_path: Path):
     s = spec(image_root, tmp_path, f"tt-c-{uuid.uuid4().hex[:6]}")
+    assert not in_use(image_root)
     leader = runtime.start(s)
     try:
+        assert in_use(image_root)  # so `ttserver image build` does not replace it
         # root inside, host uid ID_BASE outside
         assert run(runtime, s, "id -u; hostname; cat /etc/debian_version") [1].split()[:2] == [
             "0", s.name]
@@ -99,6 +103,7 @@ def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
     finally:
         runtime.remove(s)
     assert_gone(runtime, s)
+    assert not in_use(image_root)
     with pytest.raises(ContainerError, match="is not running"):
         runtime.exec_argv(s, ["true"])
 

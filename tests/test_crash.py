@@ -118,7 +118,7 @@ def test_crash_point_leaves_nothing_behind(host: Host, point: str, needs_running
     else:
         assert victim.status_code == 404, victim.text
     assert gone == {"domains": [f"tt-{keeper_vm['id']}"], "processes": gone["processes"],
-                    "dirs": [keeper_vm["id"]], "ports": []}
+                    "dirs": [keeper_vm["id"]], "ports": [], "containers": []}
     assert len(gone["processes"]) == 1, "only the keeper's QEMU may run"
     assert host.keeper_answers(), "the live ENV must be adopted and still runnable"
     status = requests.get(srv.url + "/status", timeout=10).json()

@@ -4,6 +4,7 @@ import pytest
 
 from ttclient.imagenames import (
     ImageNameError,
+    NoMatchingImage,
     match_images,
     parse_image_name,
     parse_os_prefix,
@@ -138,7 +139,7 @@ def test_a_whole_image_name_selects_that_image_and_not_its_kernel_variants():
 
 
 @pytest.mark.parametrize("bad,why", [
-    ("debian-13:*:*", "'debian-13' is no engine (known: qemu)"),
+    ("debian-13:*:*", "'debian-13' is no engine (known: qemu, lxc)"),
     ("debian-13:armhf:*", "'debian-13' is no engine"),
     ("foo:debian-13:*", "'foo' is no engine"),
     ("debian-13::", "'debian-13' is no engine"),
@@ -193,3 +194,17 @@ def test_the_hint_also_comes_for_the_engine_form():
     assert "write 'qemu:mydistro-x86:*'" in str(err.value)
     assert [i.full for i in match_images(["qemu:mydistro-x86:*"], odd)] == [
         "qemu:mydistro-x86:x86_64"]
+
+
+def test_a_prefix_without_an_engine_selects_vms_only():
+    """`debian-12` means QEMU VMs, as before containers existed; containers are asked for
+    by name (`lxc:debian-12`), alone or beside VMs."""
+    available = [parse_image_name(n) for n in ("qemu:debian-12:x86_64", "lxc:debian-12:x86_64",
+                                               "lxc:debian-13:aarch64")]
+    assert [i.full for i in match_images(["debian-12"], available)] == ["qemu:debian-12:x86_64"]
+    assert [i.full for i in match_images(["lxc:debian", "qemu:debian-12"], available)] == [
+        "lxc:debian-12:x86_64", "lxc:debian-13:aarch64", "qemu:debian-12:x86_64"]
+    assert [i.full for i in match_images(["lxc:debian-13:arm64"], available)] == [
+        "lxc:debian-13:aarch64"]
+    with pytest.raises(NoMatchingImage):
+        match_images(["debian-13"], available)

@@ -19,7 +19,7 @@ import libvirt
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, ServerProcess, leftovers, new_run_dir, wait_env
+from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, leftovers, new_run_dir, wait_env
 
 pytestmark = pytest.mark.vm
 KEY = "qemu:debian-12:x86_64-1cpu-512m"
@@ -162,7 +162,7 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     for name in ("clones", "first"):
         assert requests.delete(f"{srv.url}/envs/{name}", timeout=120).status_code == 200
     gone = leftovers(sid, run_dir / "state", ports)
-    assert gone == {"domains": [], "processes": [], "dirs": [], "ports": []}
+    assert gone == NOTHING_LEFT
     # the template stays for the next ENV; nothing of a build is left running
     assert [t["state"] for t in templates(srv) if t["key"] == KEY] == ["ready"]
 
@@ -188,8 +188,7 @@ def test_template_cache_shares_a_build_with_another_server(warm_server):
         assert run(other, "borrowed", "hostname")[0]["stdout"] == "borrowed-0\n"
         port = env["vms"][0]["ssh_port"]
         assert requests.delete(other.url + "/envs/borrowed", timeout=120).status_code == 200
-        assert leftovers(sid, run_dir / "other", [port]) == {
-            "domains": [], "processes": [], "dirs": [], "ports": []}
+        assert leftovers(sid, run_dir / "other", [port]) == NOTHING_LEFT
     finally:
         other.stop()
 

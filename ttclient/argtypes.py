@@ -51,3 +51,16 @@ def arch_list(text: str) -> list[str]:
         if name not in out:
             out.append(name)
     return out
+
+
+def engine_list(text: str) -> tuple[str, ...]:
+    """argparse type: a comma list of image engines ('qemu,lxc'), each once, in order."""
+    from .imagenames import ENGINES
+    out: list[str] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part not in ENGINES:
+            raise argparse.ArgumentTypeError(f"{part!r} is no engine (known: "
+                                             f"{', '.join(ENGINES)})")
+        if part not in out:
+            out.append(part)
+    return tuple(out)

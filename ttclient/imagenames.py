@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 from . import arches
 
-ENGINES = ("qemu",)
+# qemu: VMs; lxc: containers (ttserver/containers). A prefix that names no engine means
+# DEFAULT_ENGINE: `debian-12` never selects containers (docs/decisions.md, 84)
+ENGINES = ("qemu", "lxc")
+DEFAULT_ENGINE = "qemu"
 
 # Users write Debian's arch names or the kernel's; images are named with ttclient.arches'.
 ARCH_ALIASES = arches.spellings()
@@ -81,11 +84,12 @@ class OsPrefix:
     name: ImageName | None = None
 
     def matches(self, image: ImageName) -> bool:
-        """True when the image's arch and engine are this prefix's (if it has them) and its
-        OS, separators dropped, starts with the prefix's OS part."""
+        """True when the image's arch is this prefix's (if it has one), its engine this
+        prefix's (DEFAULT_ENGINE if it names none) and its OS, separators dropped, starts
+        with the prefix's OS part."""
         if self.arch and image.arch != self.arch:
             return False
-        if self.engine and image.engine != self.engine:
+        if image.engine != (self.engine or DEFAULT_ENGINE):
             return False
         return _squash(image.os).startswith(self.os_part)
 

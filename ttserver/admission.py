@@ -92,7 +92,16 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
             raise BadRequest("ssh_keys entries must be single OpenSSH public key lines")
     if sum(len(k.encode()) + 1 for k in req.ssh_keys) > MAX_SSH_KEYS_BYTES:
         raise BadRequest(f"ssh_keys: at most {MAX_SSH_KEYS_BYTES // 1024} KiB in all")
-    chosen = images.select(cfg.image_path, req.os_prefix)
+    for prefix in req.os_prefix:
+        engine = prefix.split(":", 1)[0].strip().lower() if ":" in prefix else "qemu"
+        if engine == "lxc" and "lxc" not in cfg.engines:
+            raise BadRequest(f"{prefix!r}: containers (the lxc engine) are not offered by "
+                             "this server; its operator turns them on with --engines "
+                             "qemu,lxc")
+    chosen = images.select(cfg.image_path, req.os_prefix, cfg.engines)
+    if req.ports and any(image.container for image in chosen):
+        raise BadRequest("ports: forwarding ports into lxc containers is not offered yet "
+                         "(commands and files reach them without a network)")
     for image in chosen:
         if error := emulator_missing(image.name.arch):
             raise BadRequest(f"{image.name.full}: {error}")

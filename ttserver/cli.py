@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 from ttclient import arches, configfile
-from ttclient.argtypes import arch_list, mib, number_in
+from ttclient.argtypes import arch_list, engine_list, mib, number_in
 from ttclient.audit import add_log_options, configure_logging
 from ttclient.configfile import add_config_option
 from ttclient.guard import add_allowed_host_option
+from ttclient.imagenames import ENGINES
 from ttclient.rules import MAX_LIFE_TIME
 from ttclient.serving import add_http_timeout_options
 
@@ -118,6 +119,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outgoing", action=argparse.BooleanOptionalAction, default=False,
                    help="let VMs open connections to the outside (default: cut off; an ENV"
                         " can still deny it)")
+    p.add_argument("--engines", type=engine_list, default=d["engines"], metavar="ENGINE,...",
+                   help="image engines to offer: qemu (VMs) and/or lxc (containers; they "
+                        "share this host's kernel, see docs/operator.md); default qemu")
     p.add_argument("--warm-clones", action=argparse.BooleanOptionalAction,
                    default=d["warm_clones"],
                    help="start VMs from a saved memory snapshot of their image (about a"
@@ -191,6 +195,9 @@ def image_parser() -> argparse.ArgumentParser:
                    help="seconds one image's mmdebstrap may take before it is stopped and"
                         " that image fails (default %(default)s)")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
+    b.add_argument("--engine", choices=("qemu", "lxc"), default="qemu",
+                   help="qemu: a VM image (default); lxc: a container image made from the "
+                        "VM image of the same OS and arch (built first when missing)")
     imp = sub.add_parser("import", help="import a generic cloud image (qcow2, raw, ...):"
                                         " its VMs get a cloud-init NoCloud seed")
     imp.add_argument("file", type=Path, help="the image file")
@@ -255,7 +262,7 @@ def image_main(argv: list[str]) -> int:
             print(f"ttserver image list: {args.image_path} is not a directory (give the"
                   " image dir with --image-path)", file=sys.stderr)
             return 1
-        for img in scan(args.image_path):
+        for img in scan(args.image_path, ENGINES):
             warn = f"  ({'; '.join(img.warnings)})" if img.warnings else ""
             print(f"{img.name.full}\t{img.size_mib} MiB\t{img.path}{warn}")
         return 0
@@ -289,7 +296,7 @@ def image_main(argv: list[str]) -> int:
     exit_on_sigterm()  # a stopped build still unmounts and removes its work trees
     results = build_many(pairs, args.image_path, jobs=args.jobs, disk_mib=args.disk_size,
                          mirror=args.mirror, timeout=args.timeout, force=args.force,
-                         kernels_from=kernels_from)
+                         kernels_from=kernels_from, engine=args.engine)
     failed = {name: why for name, why in results.items() if why}
     for name, why in failed.items():
         print(f"ttserver image build: {name}: {why}", file=sys.stderr)
@@ -330,7 +337,8 @@ def serve_main(argv: list[str]) -> int:
                        storage=args.storage, token_max_vms=args.token_max_vms,
                        token_max_mem_mib=args.token_max_mem,
                        bridge_name=args.bridge_name, bridge_subnet=args.bridge_subnet,
-                       tcg_tb_cache_mib=args.tcg_tb_cache, cold_boots=args.cold_boots)
+                       tcg_tb_cache_mib=args.tcg_tb_cache, cold_boots=args.cold_boots,
+                       engines=args.engines)
     if args.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("ttserver: --accel kvm but /dev/kvm is missing or not usable; use --accel auto"
               " (probes) or tcg", file=sys.stderr)

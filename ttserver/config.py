@@ -52,6 +52,9 @@ class ServerConfig:
     tcg_tb_cache_mib: int = 0
     # cold boots running at once, server-wide (0: one per host CPU; see vm/boot.py)
     cold_boots: int = 0
+    # the image engines whose images this server offers: qemu (VMs), lxc (containers,
+    # which share the host's kernel: the operator turns them on; docs/operator.md)
+    engines: tuple[str, ...] = ("qemu",)
 
     @property
     def db_file(self) -> Path:

@@ -27,6 +27,7 @@ from ttclient.rules import name_taken_error
 from . import admission, images, views
 from .admission import EnvRequest
 from .config import ServerConfig
+from .containers.machines import Containers, MachineEngine, is_container
 from .db import EnvRow, StateDB, VMRow
 from .errors import BadRequest, Conflict, NotFound, TTError
 from .failpoints import crash_point
@@ -77,7 +78,14 @@ class EnvManager:
         self.cfg = cfg
         self.db = StateDB(cfg.db_file)
         self.server_id = self.db.server_id()
-        self.engine = engine or Engine(cfg.libvirt_uri)
+        # the lxc engine (--engines ...,lxc): containers named and placed like VMs, which
+        # the engine destroys and lists with its libvirt domains
+        self.containers: Containers | None = None
+        if "lxc" in cfg.engines:
+            self.containers = Containers(self.server_id, cfg.vms_path)
+            self.containers.setup()  # CgroupError: the host cannot have containers
+        self.engine = engine or (MachineEngine(cfg.libvirt_uri, self.containers)
+                                 if self.containers else Engine(cfg.libvirt_uri))
         self.ports = PortPool(cfg.forward_addr, cfg.port_first, cfg.port_last)
         why = reserve_ports(cfg.port_first, cfg.port_last)
         if why:
@@ -88,7 +96,7 @@ class EnvManager:
         self.uid, self.gid = qemu_user()
         access.check_reachable(cfg.cfgdb_path, self.uid, self.gid, "--cfgdb-path")
         self.ssh_pubkey = sshexec.ensure_key(cfg.ssh_key)
-        self.io = GuestIO(self.engine, cfg)
+        self.io = GuestIO(self.engine, cfg, self.containers)
         self.network = network.choose(cfg, self.engine, self.io.monitor, self.server_id,
                                       self.uid)
         self.guest = GuestOps(self.db, self.io)  # run, push, pull, console
@@ -108,7 +116,7 @@ class EnvManager:
                                    self.renderer, cfg.template_cache, on_build=builds.inc)
         self.booter = VMBooter(cfg, self.db, self.engine, self.renderer, self.templates,
                                self.clones, self.network, self.ssh_pubkey, self.uid,
-                               self.gid, self.metrics)
+                               self.gid, self.metrics, self.containers)
         self.cleanup = Cleanup(cfg, self.db, self.engine, self.booter, self.domain_prefix)
         self._admit_lock = threading.Lock()
         self._env_locks: dict[str, threading.Lock] = {}
@@ -165,7 +173,8 @@ class EnvManager:
         """The server's view for GET /status: resources (CPUs, MiB) total and used, ENV
         count, images, accelerator, warm templates, network and storage."""
         return views.status_view(self.server_id, self.cfg, self.db.used(), self.db.count_envs(),
-                                 self.accel.known, images.scan(self.cfg.image_path),
+                                 self.accel.known,
+                                 images.scan(self.cfg.image_path, self.cfg.engines),
                                  self.templates.status(), self.storage,
                                  self.booter.cold_slots.count)
 
@@ -345,6 +354,9 @@ class EnvManager:
             env = self._env(name)
             if env.state != READY:
                 raise Conflict(f"ENV {name!r} is {env.state}; only a running ENV can be stopped")
+            if any(is_container(vm) for vm in env.vms):
+                raise BadRequest(f"ENV {name!r} has lxc containers, which cannot be stopped "
+                                 "and started again yet: delete it instead")
             self.db.set_env(name, state=STOPPING)
             crash_point("stop.marked")
             live = [vm for vm in env.vms if vm.state == RUNNING]
@@ -410,6 +422,9 @@ class EnvManager:
             if cpu is not None or mem_mib is not None:
                 self._resize(env, cpu, mem_mib, limited)
             if add_ports or remove_ports:
+                if any(is_container(vm) for vm in env.vms):
+                    raise BadRequest(f"ENV {name!r} has lxc containers: ports are not "
+                                     "forwarded into containers yet")
                 self._change_ports(env, sorted(set(add_ports)), set(remove_ports))
             if life_time is not None:
                 self.db.set_env(name, expires_at=time.time() + life_time)

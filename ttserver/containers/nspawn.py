@@ -47,13 +47,15 @@ class ContainerError(RuntimeError):
 @dataclass(frozen=True)
 class ContainerSpec:
     """One container: its `name` (nspawn's machine name and its cgroups' name), the
-    image's shifted `rootfs`, its own directory `dir`, memory in MiB and CPUs."""
+    image's shifted `rootfs`, its own directory `dir`, memory in MiB, CPUs and host
+    name."""
 
     name: str
     rootfs: Path
     dir: Path
     mem_mib: int
     cpus: int
+    hostname: str = ""  # the container's host name (default: its name)
 
     @property
     def root(self) -> Path:
@@ -79,6 +81,16 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, ValueError):
         return []
+
+
+def _overlay_path(path: Path) -> str:
+    """`path` as an overlayfs mount option value: `:` separates lower layers and `,`
+    options, so image directories (`lxc:debian-12:x86_64`) have their colons escaped;
+    ContainerError for a comma, which the mount option parser splits at."""
+    text = str(path)
+    if "," in text:
+        raise ContainerError(f"{text}: a path with a comma cannot be an overlay layer")
+    return text.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def _own_pid_ns(pid: int) -> bool:
@@ -116,8 +128,8 @@ class Runtime:
             (spec.dir / sub).mkdir(parents=True, exist_ok=True)
         res = subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={spec.rootfs},upperdir={spec.dir / 'upper'},"
-             f"workdir={spec.dir / 'work'}", str(spec.root)],
+             f"lowerdir={_overlay_path(spec.rootfs)},upperdir={_overlay_path(spec.dir / 'upper')},"
+             f"workdir={_overlay_path(spec.dir / 'work')}", str(spec.root)],
             capture_output=True, text=True)
         if res.returncode != 0:
             raise ContainerError(f"container {spec.name}: mounting its root failed: "
@@ -131,6 +143,7 @@ class Runtime:
                 f"--private-users={ID_BASE}:{ID_RANGE}", "--private-users-ownership=off",
                 "--private-network", "--as-pid2", f"--machine={spec.name}",
                 "--console=read-only", f"--directory={spec.root}",
+                *([f"--hostname={spec.hostname}"] if spec.hostname else []),
                 "sleep", "infinity"]
         with open(spec.console, "ab") as out:
             proc = subprocess.Popen(self.cgroups.wrap(spec.name, argv),

@@ -1,4 +1,5 @@
-"""Run commands and copy files over SSH with the server's own key (`--use-ssh`).
+"""Run commands and copy files over SSH with the server's own key (`--use-ssh`), or over
+any other way into a guest's shell (a `Shell`: a container's namespaces).
 
 argv goes straight to the ssh binary: the command string is interpreted only by the guest's
 shell, never by a host shell. File copies are `cat` over the SSH channel (no scp/sftp
@@ -18,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from ttclient.contract import Upload
 from ttclient.waiting import wait_for
@@ -76,6 +77,10 @@ class Target:
     known_hosts: Path
     alias: str
 
+    def argv(self, cmd: str) -> list[str]:
+        """ssh running `cmd` in root's login shell on the guest."""
+        return [*self.options(), "root@" + self.host, cmd]
+
     def options(self) -> list[str]:
         """ssh's arguments up to the destination: only the pinned host key is accepted
         (values double-quoted: ssh splits them at whitespace)."""
@@ -94,10 +99,18 @@ def known_hosts_line(alias: str, public_key: str) -> str:
     return f"{alias} {parts[0]} {parts[1]}\n"
 
 
-def _once(t: Target, cmd: str, timeout: float, stdin: bytes | Upload | None) -> _Raw:
-    """One ssh session: its output read into growing buffers as it arrives, so what it
+class Shell(Protocol):
+    """A way to run a command string in a guest's shell as root: SSH (Target) or entering
+    a container's namespaces (guest/transport.py ContainerTransport)."""
+
+    def argv(self, cmd: str) -> list[str]:
+        """The host command that runs `cmd` in the guest's /bin/sh."""
+
+
+def _once(t: Shell, cmd: str, timeout: float, stdin: bytes | Upload | None) -> _Raw:
+    """One session: its output read into growing buffers as it arrives, so what it
     sends is held once (subprocess.communicate joins a list of pieces: twice, briefly)."""
-    argv = [*t.options(), "root@" + t.host, cmd]
+    argv = t.argv(cmd)
     started = time.monotonic()
     deadline = started + max(timeout, 1.0)
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -135,7 +148,7 @@ def _feed(pipe: IO[bytes], data: bytes | Upload) -> None:
             pipe.write(piece)
 
 
-def _with_retry(t: Target, cmd: str, timeout: float,
+def _with_retry(t: Shell, cmd: str, timeout: float,
                 stdin: bytes | Upload | None = None) -> _Raw:
     """Run once, retrying while sshd in a fresh VM is not listening yet."""
     started = time.monotonic()
@@ -154,7 +167,7 @@ def _with_retry(t: Target, cmd: str, timeout: float,
 HEADER = b"ttstack-run"
 
 
-def run_command(t: Target, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
+def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
     """Run a user's command in the guest as guest/command.py describes, in one SSH session
     that also sends back at most `spec.cap` bytes of each stream; OSError when ssh fails.
 
@@ -211,7 +224,7 @@ def _check(res: _Raw, what: str) -> None:
         raise CopyError(f"{what}: {err[-1] if err else f'exit {res.exit_code}'}")
 
 
-def write_file(t: Target, path: str, data: Upload, mode: int | None,
+def write_file(t: Shell, path: str, data: Upload, mode: int | None,
                timeout: float) -> None:
     """Write `data` to the guest's `path` (from its file, a piece at a time) as
     guest/placing.py describes, with `mode` (None: the replaced file's, else 0644),
@@ -222,10 +235,10 @@ def write_file(t: Target, path: str, data: Upload, mode: int | None,
     _check(res, f"write {path}")
 
 
-def open_file(t: Target, path: str, size: int, timeout: float) -> Iterator[bytes]:
+def open_file(t: Shell, path: str, size: int, timeout: float) -> Iterator[bytes]:
     """The first `size` bytes of the guest file `path` (`head -c`), READ_PIECE at a time
     as they are taken, within `timeout` seconds; CopyError when ssh fails or ends short."""
-    argv = [*t.options(), "root@" + t.host, f"head -c {int(size)} -- {shlex.quote(path)}"]
+    argv = t.argv(f"head -c {int(size)} -- {shlex.quote(path)}")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     timer = threading.Timer(timeout, proc.kill)

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,8 @@ from ttclient.contract import Upload
 from ttclient.waiting import WaitTimeout, wait_for
 
 from ..config import ServerConfig
+from ..containers.machines import Containers, is_container
+from ..containers.nspawn import ContainerError
 from ..db import VMRow
 from ..vm.libvirt_domains import BootTimeout, Engine
 from . import agent, command, placing, sshexec
@@ -171,18 +174,69 @@ class SSHTransport:
         return sshexec.open_file(self._target(vm), path, size, COPY_TIMEOUT)
 
 
+@dataclass(frozen=True)
+class _Entered:
+    """sshexec.Shell into a container: `prefix` (Containers.shell_argv of an empty command)
+    ends with the shell's script, to which the command is appended."""
+
+    prefix: tuple[str, ...]
+
+    def argv(self, cmd: str) -> list[str]:
+        return [*self.prefix[:-1], self.prefix[-1] + cmd]
+
+
+class ContainerTransport:
+    """Into a container (the lxc engine) by entering its namespaces: the same shell-level
+    commands as over SSH (guest/sshexec.py), without a network or sshd."""
+
+    def __init__(self, containers: Containers) -> None:
+        self.containers = containers
+
+    def _shell(self, vm: VMRow) -> sshexec.Shell:
+        """The container's shell (sshexec.Shell); GuestError when it is not running."""
+        try:
+            prefix = self.containers.shell_argv(vm, "")
+        except ContainerError as exc:
+            raise GuestError(str(exc)) from None
+        return _Entered(tuple(prefix))
+
+    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
+        return sshexec.run_command(self._shell(vm), spec)
+
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
+        sshexec.write_file(self._shell(vm), path, data, mode, COPY_TIMEOUT)
+
+    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
+        return sshexec.open_file(self._shell(vm), path, size, COPY_TIMEOUT)
+
+
 class GuestIO:
     """Commands, files, shutdown and HMP commands (the user network's live forwards) for
     one VM at a time, through a Transport (the agent by default, SSH on request); every
     failure raises GuestError."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
+    def __init__(self, engine: Engine, cfg: ServerConfig,
+                 containers: Containers | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self._agent_io = AgentTransport(engine)
         self.agent: Transport = self._agent_io
         self.ssh: Transport = SSHTransport(cfg, self._agent_io)
+        self.container: Transport | None = (ContainerTransport(containers)
+                                            if containers is not None else None)
         self._slots = command.Slots()
+
+    def _transport(self, vm: VMRow, use_ssh: bool) -> Transport:
+        """The way into `vm`: a container's is entering it (use_ssh is not offered yet:
+        its sshd does not run), a VM's the agent or, with `use_ssh`, SSH."""
+        if is_container(vm):
+            if self.container is None:
+                raise GuestError("containers are not enabled on this server any more")
+            if use_ssh:
+                raise GuestError("use_ssh: containers are entered directly; SSH into a "
+                                 "container is not offered yet")
+            return self.container
+        return self.ssh if use_ssh else self.agent
 
     def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool,
             cap: int | None = None) -> command.Outcome:
@@ -194,7 +248,7 @@ class GuestIO:
         spec = command.RunSpec(cmd, timeout, self.cfg.run_output_cap if cap is None else cap,
                                slot, cookie)
         try:
-            return (self.ssh if use_ssh else self.agent).run(vm, spec)
+            return self._transport(vm, use_ssh).run(vm, spec)
         except (agent.AgentError, OSError, libvirt.libvirtError) as exc:
             raise GuestError(str(exc)) from exc
         finally:
@@ -206,7 +260,7 @@ class GuestIO:
         file `mode` (None: the replaced file's, else 0644); GuestError when it cannot be
         written."""
         try:
-            (self.ssh if use_ssh else self.agent).write(vm, path, data, mode)
+            self._transport(vm, use_ssh).write(vm, path, data, mode)
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
             raise GuestError(str(exc)) from exc
 
@@ -215,7 +269,7 @@ class GuestIO:
         piece at a time as they are taken; GuestError when it cannot be opened or read
         (while reading: the answer then ends short of its Content-Length)."""
         try:
-            pieces = (self.ssh if use_ssh else self.agent).open_read(vm, path, size)
+            pieces = self._transport(vm, use_ssh).open_read(vm, path, size)
         except (agent.AgentError, sshexec.CopyError, OSError) as exc:
             raise GuestError(str(exc)) from exc
         return _guest_errors(pieces)

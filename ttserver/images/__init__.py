@@ -1,9 +1,11 @@
 """The image directory: what images exist and where their parts are.
 
-Each image is a directory named `ENGINE:OS-VERSION:ARCH` holding `disk.qcow2` plus
-`vmlinuz`/`initrd.img` for direct kernel boot (no bootloader to emulate under TCG) and an
-optional `meta.json`. Scanning is a directory listing, so it runs on every request and new
-images appear without a restart.
+Each image is a directory named `ENGINE:OS-VERSION:ARCH`. A VM image (`qemu:`) holds
+`disk.qcow2` plus `vmlinuz`/`initrd.img` for direct kernel boot (no bootloader to emulate
+under TCG) and an optional `meta.json`; a container image (`lxc:`) holds `rootfs/`, the
+files of a VM image's disk shifted to the containers' uid range (ttserver/containers/
+rootfs.py), and its `meta.json`. Scanning is a directory listing, so it runs on every
+request and new images appear without a restart.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DISK = "disk.qcow2"
 KERNEL = "vmlinuz"
 INITRD = "initrd.img"
 META = "meta.json"
+ROOTFS = "rootfs"  # a container image's root filesystem (a directory)
 # `quiet`: every console byte is an emulated UART write, which costs seconds under TCG;
 # failures still reach the console (and so the console tail in errors).
 DEFAULT_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
@@ -57,6 +60,16 @@ class Image:
         return self.path / DISK
 
     @property
+    def rootfs(self) -> Path:
+        """A container image's root filesystem, `rootfs/`."""
+        return self.path / ROOTFS
+
+    @property
+    def container(self) -> bool:
+        """Whether the image runs as a container (the `lxc` engine), not a VM."""
+        return self.name.engine == "lxc"
+
+    @property
     def kernel(self) -> Path:
         """The guest kernel for direct boot, `vmlinuz`."""
         return self.path / KERNEL
@@ -69,8 +82,8 @@ class Image:
     def digest(self) -> str:
         """16 hex digits that change whenever the image's disk, kernel or initrd is
         replaced or touched (their names, sizes and mtimes). OSError when one is gone."""
-        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                 for p in (self.disk, self.kernel, self.initrd)]
+        files = (self.path / META,) if self.container else (self.disk, self.kernel, self.initrd)
+        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -114,8 +127,10 @@ def _ownership_warnings(image_dir: Path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def scan(image_path: Path) -> list[Image]:
-    """All complete images under image_path, by directory name; incomplete or misnamed
+def scan(image_path: Path, engines: tuple[str, ...] = ("qemu",)) -> list[Image]:
+    """All complete images of `engines` under image_path (by default VM images only:
+    what the VM machinery, templates and disk clones, works on), by directory name;
+    incomplete or misnamed
     entries and ones with a bad meta.json are skipped and logged. Of several usable
     directories naming one image (`qemu:debian-12:amd64` beside `qemu:debian-12:x86_64`)
     the one spelling it canonically is used (else the first), and the others are logged."""
@@ -130,7 +145,14 @@ def scan(image_path: Path) -> list[Image]:
         except ImageNameError as exc:
             log.debug("skipping %s: %s", entry.path, exc)
             continue
+        if name.engine not in engines:
+            continue
         d = Path(entry.path)
+        if name.engine == "lxc":
+            image = _container_image(name, d)
+            if image is not None:
+                usable.append(image)
+            continue
         if not all((d / p).is_file() for p in (DISK, KERNEL, INITRD)):
             log.debug("skipping %s: missing %s, %s or %s", d, DISK, KERNEL, INITRD)
             continue
@@ -158,6 +180,21 @@ def scan(image_path: Path) -> list[Image]:
     return [img for img in usable if chosen[img.name] is img]
 
 
+def _container_image(name: ImageName, d: Path) -> Image | None:
+    """The container image in `d`, or None (logged) when it is incomplete: its meta.json
+    is written last, when its rootfs is complete."""
+    meta = read_meta(d)
+    if not (d / ROOTFS).is_dir() or not meta:
+        log.debug("skipping %s: no %s/ or %s", d, ROOTFS, META)
+        return None
+    try:
+        size_mib = _virtual_size_mib(meta, d / META)
+    except ValueError as exc:
+        log.warning("image %s is not offered: %s: %s", d, d / META, exc)
+        return None
+    return Image(name=name, path=d, size_mib=size_mib)
+
+
 def read_meta(image_dir: Path) -> dict:
     """An image's meta.json as a dict; {} when it has none, or (logged) an unreadable one."""
     if not (image_dir / META).is_file():
@@ -173,9 +210,10 @@ def read_meta(image_dir: Path) -> dict:
     return meta
 
 
-def select(image_path: Path, prefixes: list[str]) -> list[Image]:
-    """Images for the given OS prefixes; NotFound lists what is available."""
-    images = scan(image_path)
+def select(image_path: Path, prefixes: list[str],
+           engines: tuple[str, ...] = ("qemu",)) -> list[Image]:
+    """Images of `engines` for the given OS prefixes; NotFound lists what is available."""
+    images = scan(image_path, engines)
     by_name = {img.name: img for img in images}
     try:
         names = match_images(prefixes, list(by_name))

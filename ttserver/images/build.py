@@ -31,7 +31,7 @@ from ttclient import arches
 from ttclient.imagenames import ImageName, parse_image_name
 
 from ..host import binfmt
-from . import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install, read_meta
+from . import DEFAULT_CMDLINE, DISK, INITRD, KERNEL, install, lxc, read_meta
 
 SUITES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie",
           "debian-sid": "sid"}
@@ -325,8 +325,10 @@ def plan(oses: list[str], archs: list[str] | None, all_arches: bool,
 
 def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
           mirror: str | None = None, timeout: float = 1800, force: bool = False,
-          kernels_from: tuple[str, ...] = ()) -> Path:
-    """Build `qemu:OS-VERSION:ARCH` into image_path; return its directory.
+          kernels_from: tuple[str, ...] = (), engine: str = "qemu") -> Path:
+    """Build `qemu:OS-VERSION:ARCH` into image_path; return its directory. With `engine`
+    "lxc", the container image `lxc:OS-VERSION:ARCH` from that VM image (built first
+    unless it exists; `force` then makes only the container image again: images/lxc.py).
 
     `kernels_from` (OS-VERSIONs, e.g. ("debian-12",)): also install each one's kernel into
     the same root filesystem and publish it as one more image per kernel,
@@ -337,6 +339,14 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
     mmdebstrap under qemu-user has been seen to hang. BuildError when the OS or arch
     cannot be built (the message says which can) or a step fails.
     """
+    if engine == "lxc":
+        vm_dir = build(os_version, arch, image_path, disk_mib=disk_mib, mirror=mirror,
+                       timeout=timeout, kernels_from=kernels_from)
+        try:
+            return lxc.derive(vm_dir, image_path, force,
+                              lambda msg: _say(msg, f"lxc:{os_version}:{arch}"))
+        except lxc.ContainerImageError as exc:
+            raise BuildError(str(exc)) from None
     name: ImageName = parse_image_name(f"qemu:{os_version}:{arch}")
     profile = arches.by_name(name.arch)
 
@@ -488,8 +498,9 @@ def build_many(pairs: list[tuple[str, str]], image_path: Path, *, jobs: int,
     builds only what is missing). Ctrl-C or SIGTERM kills every running step."""
     results: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        engine = options.get("engine", "qemu")
         futures = {pool.submit(build, os_version, arch, image_path, **options):
-                   parse_image_name(f"qemu:{os_version}:{arch}").full
+                   parse_image_name(f"{engine}:{os_version}:{arch}").full
                    for os_version, arch in pairs}
         try:
             for future in as_completed(futures):

@@ -137,6 +137,7 @@ class Cleanup:
         if self.cfg.vms_path.is_dir():
             for d in self.cfg.vms_path.iterdir():
                 if d.name not in known:
+                    self.engine.destroy(f"tt-{d.name}")  # a container's: unmounted first
                     storage.remove_vm_dir(d)
                     report["removed_dirs"].append(d.name)
         if any(report.values()):

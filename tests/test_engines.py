@@ -1,0 +1,159 @@
+"""The ENGINE field (issue [engines]): a server offering `--engines qemu,lxc` runs an ENV
+of a QEMU VM and an lxc container of debian-12 through the same API; the container is
+entered for commands and files, held to its memory, cut off from the network, and leaves
+nothing after delete, expiry or a server crash."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import (
+    IMAGE_PATH,
+    NOTHING_LEFT,
+    ServerProcess,
+    leftovers,
+    new_run_dir,
+    tt,
+    wait_env,
+)
+
+pytestmark = pytest.mark.vm
+CONTAINER = IMAGE_PATH / "lxc:debian-12:x86_64"  # scripts/setup-host.sh makes it
+PORTS = "48000-48099"
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[ServerProcess]:
+    run_dir = new_run_dir("engines-")
+    server = ServerProcess(run_dir / "state", port_range=PORTS,
+                           extra=("--engines", "qemu,lxc")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def create(srv: ServerProcess, name: str, prefixes: list[str], **kw) -> dict:
+    resp = requests.post(srv.url + "/envs", json={"name": name, "os_prefix": prefixes, **kw},
+                         timeout=30)
+    assert resp.status_code == 202, resp.text
+    env = wait_env(srv.url, name)
+    assert env["state"] == "running", env["error"]
+    return env
+
+
+def run(srv: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
+    resp = requests.post(f"{srv.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["results"]
+
+
+def delete(srv: ServerProcess, name: str) -> None:
+    assert requests.delete(f"{srv.url}/envs/{name}", timeout=120).status_code == 200
+
+
+def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
+    assert CONTAINER.is_dir(), "run scripts/setup-host.sh (it makes the lxc image)"
+    images = {i["name"] for i in requests.get(srv.url + "/status", timeout=10).json()["images"]}
+    assert {"qemu:debian-12:x86_64", "lxc:debian-12:x86_64"} <= images
+    env = create(srv, "mix", ["debian-12", "lxc:debian-12"])
+    by_image = {vm["image"]: vm for vm in env["vms"]}
+    assert set(by_image) == {"qemu:debian-12:x86_64", "lxc:debian-12:x86_64"}
+    box = by_image["lxc:debian-12:x86_64"]
+    try:
+        res = {r["vm"]: r for r in run(srv, "mix", "hostname; id -u; cat /etc/debian_version;"
+                                                   " cat /proc/1/comm")}
+        outs = {vm: r["stdout"].split() for vm, r in res.items()}
+        assert all(r["exit_code"] == 0 for r in res.values()), res
+        assert sorted(o[0] for o in outs.values()) == ["mix-0", "mix-1"]
+        assert {o[1] for o in outs.values()} == {"0"}
+        assert len({o[2] for o in outs.values()}) == 1  # the same Debian release
+        # the VM's PID 1 is systemd; the container's nspawn's stub init
+        assert sorted(o[3] for o in outs.values()) == ["(sd-stubinit)", "systemd"]
+
+        # files in and out of the container (and the VM) through the same calls
+        payload = os.urandom(200_000)
+        resp = requests.put(srv.url + "/envs/mix/files", params={"path": "/root/blob"},
+                            data=payload, timeout=120)
+        assert resp.status_code == 200, resp.text
+        got = requests.get(f"{srv.url}/envs/mix/vms/{box['id']}/files",
+                           params={"path": "/root/blob"}, timeout=60)
+        assert got.status_code == 200 and got.content == payload
+        code = run(srv, "mix", "test -f /etc/shadow && cat /etc/shadow >/dev/null; "
+                               "ls -ln /root/blob", vms=[box["id"]])[0]
+        assert code["exit_code"] == 0 and code["stdout"].split()[2:4] == ["0", "0"], code
+
+        # the container: its memory limit (512 MiB) kills what goes past it, a timeout
+        # ends the command, nothing reaches the host's loopback
+        big = run(srv, "mix", "python3 -c 'b = bytearray(900 << 20)'", vms=[box["id"]])[0]
+        assert big["exit_code"] == 137, big
+        late = run(srv, "mix", "sleep 30; touch /tmp/late", timeout=2, vms=[box["id"]])[0]
+        assert late["timed_out"] and late["exit_code"] is None
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            out = run(srv, "mix", "python3 -c 'import socket; socket.create_connection("
+                                  f"(\"127.0.0.1\", {port}), 3)'", vms=[box["id"]])[0]
+            assert "ConnectionRefusedError" in out["stderr"], out
+        # the CLI, as for VMs
+        cli = tt(srv.address, "env", "run", "mix", "--cmd", "echo hi")
+        assert cli.returncode == 0 and cli.stdout.count("hi\n") == 2, cli.stderr
+
+        # what containers cannot do yet is refused with the reason
+        stop = requests.post(srv.url + "/envs/mix/stop", timeout=30)
+        assert stop.status_code == 400 and "cannot be stopped" in stop.json()["detail"]
+        ports = requests.patch(srv.url + "/envs/mix", json={"add_ports": [8080]}, timeout=30)
+        assert ports.status_code == 400 and "not forwarded into containers" in (
+            ports.json()["detail"])
+        ssh = run(srv, "mix", "true", use_ssh=True, vms=[box["id"]])[0]
+        assert "SSH into a container is not offered yet" in ssh["error"]
+    finally:
+        delete(srv, "mix")
+    assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT
+
+
+def test_an_expired_container_and_one_a_crash_left_leave_nothing(srv: ServerProcess):
+    create(srv, "short", ["lxc:debian-12"], life_time=3)
+    deadline = time.monotonic() + 60
+    while requests.get(srv.url + "/envs/short", timeout=10).status_code != 404:
+        assert time.monotonic() < deadline, "the expired ENV was not reaped"
+        time.sleep(0.5)
+    sid = srv.server_id()
+    assert leftovers(sid, srv.cfgdb, []) == NOTHING_LEFT
+
+    # a crash: the container runs on, the restarted server adopts it, then removes it
+    create(srv, "kept", ["lxc:debian-12"])
+    run(srv, "kept", "echo before > /root/mark")
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(30)
+    srv.start()
+    assert run(srv, "kept", "cat /root/mark")[0]["stdout"] == "before\n"
+    delete(srv, "kept")
+    assert leftovers(sid, srv.cfgdb, []) == NOTHING_LEFT
+
+
+def test_containers_are_refused_where_the_operator_did_not_turn_them_on(server: ServerProcess):
+    resp = requests.post(server.url + "/envs", json={"name": "c", "os_prefix": ["lxc:debian-12"]},
+                         timeout=30)
+    assert resp.status_code == 400
+    assert "--engines qemu,lxc" in resp.json()["detail"]
+    images = {i["name"] for i in requests.get(server.url + "/status", timeout=10).json()["images"]}
+    assert "lxc:debian-12:x86_64" not in images
+
+
+def test_ports_into_containers_are_refused_at_create(srv: ServerProcess):
+    resp = requests.post(srv.url + "/envs", json={"name": "p", "os_prefix": ["lxc:debian-12"],
+                                                  "ports": [8080]}, timeout=30)
+    assert resp.status_code == 400 and "not offered yet" in resp.json()["detail"]
+    assert Path(srv.cfgdb / "vms").is_dir() is False or not any((srv.cfgdb / "vms").iterdir())

@@ -1,0 +1,122 @@
+"""Containers as the server's VMs: the rows of `lxc:` images run as containers
+(nspawn.Runtime) named and placed like VMs (domain `tt-<vm id>`, directory
+`<cfgdb>/vms/<vm id>`), so the ENV manager, teardown and reconciliation treat both alike
+(MachineEngine: the libvirt engine that also knows the containers)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..db import VMRow
+from ..vm.libvirt_domains import Engine
+from .cgroups import CgroupError, Cgroups
+from .nspawn import EXEC_ENV, ContainerError, ContainerSpec, Runtime
+
+log = logging.getLogger(__name__)
+
+ENGINE = "lxc"
+
+
+def is_container(vm: VMRow) -> bool:
+    """Whether the VM row is a container (its image's engine is lxc)."""
+    return vm.image.split(":", 1)[0] == ENGINE
+
+
+class Containers:
+    """The containers of one server (`server_id`), their directories under `vms_path`.
+    setup() must run before the first start: CgroupError when the host cannot have
+    containers."""
+
+    def __init__(self, server_id: str, vms_path: Path) -> None:
+        self.vms_path = vms_path
+        self.runtime = Runtime(Cgroups(f"ttstack-{server_id}"))
+
+    def setup(self) -> None:
+        """Check the host's cgroups and mount the census hierarchy; CgroupError."""
+        self.runtime.cgroups.setup()
+
+    def spec(self, vm: VMRow, rootfs: Path = Path("/"), hostname: str = "") -> ContainerSpec:
+        """The container of a VM row (`rootfs` and `hostname`: needed to start it only)."""
+        return ContainerSpec(name=vm.domain, rootfs=rootfs, dir=Path(vm.dir),
+                             mem_mib=vm.mem_mib, cpus=vm.cpu, hostname=hostname)
+
+    def _spec_of(self, name: str) -> ContainerSpec:
+        """The container called `name` (a domain name `tt-<vm id>`), for removal."""
+        return ContainerSpec(name=name, rootfs=Path("/"),
+                             dir=self.vms_path / name.removeprefix("tt-"), mem_mib=0, cpus=0)
+
+    def owns(self, name: str) -> bool:
+        """Whether `name` is a container of this server (running, or not yet removed)."""
+        spec = self._spec_of(name)
+        return (spec.dir / "upper").is_dir() or any(
+            d.is_dir() for d in self.runtime.cgroups.dirs(name))
+
+    def start(self, vm: VMRow, rootfs: Path, hostname: str) -> None:
+        """Start the VM row's container on the image root `rootfs`, called `hostname`
+        inside; ContainerError."""
+        self.runtime.start(self.spec(vm, rootfs, hostname))
+
+    def destroy(self, name: str) -> None:
+        """Remove the container `name`, everything it ran and its directory; idempotent.
+        ContainerError."""
+        self.runtime.remove(self._spec_of(name))
+
+    def is_running(self, name: str) -> bool:
+        """Whether the container's PID 1 still runs."""
+        try:
+            self.runtime.leader(self._spec_of(name))
+            return True
+        except ContainerError:
+            return False
+
+    def names(self) -> list[str]:
+        """The containers that have cgroups (run, or were left by a crash)."""
+        return self.runtime.cgroups.names()
+
+    def shell_argv(self, vm: VMRow, cmd: str) -> list[str]:
+        """The host command running `cmd` in the container's /bin/sh as its root, in /root,
+        with EXEC_ENV only (not the server's environment); ContainerError when it is not
+        running."""
+        spec = self.spec(vm)
+        leader = self.runtime.leader(spec)
+        env = [f"{k}={v}" for k, v in EXEC_ENV.items()]
+        return self.runtime.cgroups.wrap(spec.name, [
+            "nsenter", f"--target={leader}", "--all", "--", "/usr/bin/env", "-i", *env,
+            "/bin/sh", "-c", "cd /root 2>/dev/null; " + cmd])
+
+    def close(self) -> None:
+        """Server stop: remove this server's cgroup groups if no container is left."""
+        self.runtime.cgroups.close()
+
+
+class MachineEngine(Engine):
+    """The libvirt engine, and the containers of `containers` under the same names: destroy,
+    is_running and the domain listings cover both, so teardown and reconciliation need
+    not tell them apart. libvirt-only calls (start, lookup, QMP, ...) are for VMs."""
+
+    def __init__(self, uri: str, containers: Containers) -> None:
+        super().__init__(uri)
+        self.containers = containers
+
+    def destroy(self, name: str) -> None:
+        if self.containers.owns(name):
+            try:
+                self.containers.destroy(name)
+            except (ContainerError, CgroupError) as exc:
+                raise RuntimeError(str(exc)) from None
+            return
+        super().destroy(name)
+
+    def is_running(self, name: str) -> bool:
+        if self.containers.owns(name):
+            return self.containers.is_running(name)
+        return super().is_running(name)
+
+    def active_domains(self, prefix: str) -> list[str]:
+        return super().active_domains(prefix) + [
+            n for n in self.containers.names() if n.startswith(prefix) and self.is_running(n)]
+
+    def domains_with_prefix(self, prefix: str) -> list[str]:
+        return super().domains_with_prefix(prefix) + [
+            n for n in self.containers.names() if n.startswith(prefix)]
