@@ -384,7 +384,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         image = callspec.params.get("tt_image") if callspec is not None else None
         if image:
-            item.user_properties.append(("tt_os", matrix.image_id(image)))
+            item.user_properties.append(("tt_os", matrix.image_id(image, images or ())))
 
 
 class _XdistHooks:

@@ -58,7 +58,8 @@ class OSTally:
         self.env = env
         self.status = status or {}
         self.counts: dict[str, Counter[str]] = {}
-        self.os_ids = [image_id(i) for i in env.images]  # what node ids name the OSes by
+        # what node ids name the OSes by
+        self.os_ids = [image_id(i, env.images) for i in env.images]
 
     def header(self) -> list[str]:
         """`ttstack: server ... (accel tcg)` and one line per image: its VMs and how they

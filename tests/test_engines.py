@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from helpers import (
+    CHILD_PYTEST_ADDOPTS,
     IMAGE_PATH,
     NOTHING_LEFT,
     ServerProcess,
@@ -27,6 +28,7 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.vm
+pytest_plugins = ["pytester"]
 CONTAINER = IMAGE_PATH / "lxc:debian-12:x86_64"  # scripts/setup-host.sh makes it
 PORTS = "48000-48099"
 
@@ -157,3 +159,33 @@ def test_ports_into_containers_are_refused_at_create(srv: ServerProcess):
                                                   "ports": [8080]}, timeout=30)
     assert resp.status_code == 400 and "not offered yet" in resp.json()["detail"]
     assert Path(srv.cfgdb / "vms").is_dir() is False or not any((srv.cfgdb / "vms").iterdir())
+
+
+SUITE = """
+def test_release(tt_vm):
+    assert tt_vm.run("cat /etc/debian_version", check=True).stdout.startswith("12")
+
+def test_files(tt_vm, tmp_path):
+    (tmp_path / "a").write_text("hello")
+    tt_vm.put(tmp_path / "a", "/root/a")
+    assert tt_vm.get("/root/a", tmp_path / "b").read_text() == "hello"
+"""
+
+
+def test_the_plugin_runs_each_test_on_a_vm_and_a_container(
+        srv: ServerProcess, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path):
+    """`--tt-os=debian-12,lxc:debian-12`: one ENV of both; the ids name the engine, as the
+    same OS runs under two."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)  # pytester removed it
+    monkeypatch.setenv("TT_CONFIG", str(tmp_path / "no-config.json"))
+    monkeypatch.setenv("TTSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    pytester.makepyfile(test_suite=SUITE)
+    res = pytester.runpytest_subprocess(f"--tt-server={srv.address}",
+                                        "--tt-os=debian-12,lxc:debian-12", "-v")
+    res.assert_outcomes(passed=4)
+    res.stdout.fnmatch_lines_random([
+        "*test_release[[]qemu:debian-12:x86_64[]] PASSED*",
+        "*test_release[[]lxc:debian-12:x86_64[]] PASSED*",
+        "*lxc:debian-12:x86_64: 1 VM(s), 1 container*"])
+    assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT

@@ -208,3 +208,14 @@ def test_a_prefix_without_an_engine_selects_vms_only():
         "lxc:debian-13:aarch64"]
     with pytest.raises(NoMatchingImage):
         match_images(["debian-13"], available)
+
+
+def test_test_ids_name_the_engine_only_when_an_os_runs_under_two():
+    from pytest_ttstack.matrix import image_id
+
+    alone = ["qemu:debian-12:x86_64", "lxc:debian-13:x86_64"]
+    assert [image_id(i, alone) for i in alone] == ["debian-12:x86_64", "debian-13:x86_64"]
+    both = ["qemu:debian-12:x86_64", "lxc:debian-12:x86_64", "qemu:debian-12:aarch64"]
+    assert [image_id(i, both) for i in both] == [
+        "qemu:debian-12:x86_64", "lxc:debian-12:x86_64", "debian-12:aarch64"]
+    assert image_id("lxc:debian-12:x86_64") == "debian-12:x86_64"

@@ -420,7 +420,7 @@ def collect_only_items(items: list[pytest.Item], images: list[str]) -> list[pyte
     """For `--collect-only`: each host-collected item once per OS, with the run's ids."""
     out = []
     for item in items:
-        for os_id in map(image_id, images):
+        for os_id in (image_id(i, images) for i in images):
             clone = copy.copy(item)
             clone._nodeid = ids.tag(item.nodeid, os_id)
             clone.name = ids.tag(item.name, os_id)

@@ -381,5 +381,6 @@ class Provisioner:
             wrapper = target.write_python_wrapper(
                 self.work / f"python-{vm['id']}", f"{GUEST_VENV}/bin/python",
                 self.paths.guest_cwd)
-            workers.append(Worker(vm, image_id(vm["image"]), target, wrapper))
+            workers.append(Worker(vm, image_id(vm["image"], self.env.images), target,
+                                  wrapper))
         return workers

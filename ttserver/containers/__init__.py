@@ -7,6 +7,5 @@ namespace whose root is an unprivileged host uid, in cgroups of its own that lim
 memory, CPU and tasks and that find every process it started (`cgroups`). Commands and
 files go in by entering its namespaces (nsenter), with no agent, network or SSH.
 
-Not yet wired into ENVs, the API, the CLI or the plugin: this package is the runtime
-those will use.
+machines.py makes them the server's VMs of `lxc:` images (docs/decisions.md, 84).
 """
