@@ -115,9 +115,6 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
         # what containers cannot do yet is refused with the reason
         stop = requests.post(srv.url + "/envs/mix/stop", timeout=30)
         assert stop.status_code == 400 and "cannot be stopped" in stop.json()["detail"]
-        ports = requests.patch(srv.url + "/envs/mix", json={"add_ports": [8080]}, timeout=30)
-        assert ports.status_code == 400 and "not forwarded into containers" in (
-            ports.json()["detail"])
         ssh = run(srv, "mix", "true", use_ssh=True, vms=[box["id"]])[0]
         assert "SSH into a container is not offered yet" in ssh["error"]
     finally:
@@ -134,15 +131,23 @@ def test_an_expired_container_and_one_a_crash_left_leave_nothing(srv: ServerProc
     sid = srv.server_id()
     assert leftovers(sid, srv.cfgdb, []) == NOTHING_LEFT
 
-    # a crash: the container runs on, the restarted server adopts it, then removes it
-    create(srv, "kept", ["lxc:debian-12"])
-    run(srv, "kept", "echo before > /root/mark")
+    # a crash: the container runs on, the restarted server adopts it (and forwards its
+    # port again), then removes it
+    env = create(srv, "kept", ["lxc:debian-12"], ports=[8080])
+    port = int(env["vms"][0]["ports"]["8080"])
+    run(srv, "kept", "echo before > /root/mark; "
+                     "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &")
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait(30)
+    assert not serves(port)  # the forward was the server's
     srv.start()
     assert run(srv, "kept", "cat /root/mark")[0]["stdout"] == "before\n"
+    deadline = time.monotonic() + 30
+    while not serves(port):
+        assert time.monotonic() < deadline, "the restarted server does not forward the port"
+        time.sleep(0.2)
     delete(srv, "kept")
-    assert leftovers(sid, srv.cfgdb, []) == NOTHING_LEFT
+    assert leftovers(sid, srv.cfgdb, [port]) == NOTHING_LEFT
 
 
 def test_containers_are_refused_where_the_operator_did_not_turn_them_on(server: ServerProcess):
@@ -154,11 +159,42 @@ def test_containers_are_refused_where_the_operator_did_not_turn_them_on(server: 
     assert "lxc:debian-12:x86_64" not in images
 
 
-def test_ports_into_containers_are_refused_at_create(srv: ServerProcess):
-    resp = requests.post(srv.url + "/envs", json={"name": "p", "os_prefix": ["lxc:debian-12"],
-                                                  "ports": [8080]}, timeout=30)
-    assert resp.status_code == 400 and "not offered yet" in resp.json()["detail"]
-    assert Path(srv.cfgdb / "vms").is_dir() is False or not any((srv.cfgdb / "vms").iterdir())
+def serves(port: int) -> bool:
+    """Whether an HTTP server answers on the host's loopback `port`."""
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_a_container_serves_on_its_forwarded_ports(srv: ServerProcess):
+    """Ports forward into the container's own loopback (it has no other interface), at
+    create and through PATCH, and stop with it."""
+    env = create(srv, "web", ["lxc:debian-12"], ports=[8080])
+    box = env["vms"][0]
+    http = "python3 -m http.server {} --bind 127.0.0.1 >/dev/null 2>&1 &"
+    try:
+        run(srv, "web", http.format(8080))
+        first = int(box["ports"]["8080"])
+        deadline = time.monotonic() + 30
+        while not serves(first):
+            assert time.monotonic() < deadline, "nothing answered on the forwarded port"
+            time.sleep(0.2)
+        resp = requests.patch(srv.url + "/envs/web", json={"add_ports": [9090],
+                                                           "remove_ports": [8080]}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        ports = resp.json()["vms"][0]["ports"]
+        assert set(ports) == {"9090"}
+        run(srv, "web", http.format(9090))
+        second = int(ports["9090"])
+        deadline = time.monotonic() + 30
+        while not serves(second):
+            assert time.monotonic() < deadline, "nothing answered on the added port"
+            time.sleep(0.2)
+        assert not serves(first)  # removed
+    finally:
+        delete(srv, "web")
+    assert leftovers(srv.server_id(), srv.cfgdb, [first, second]) == NOTHING_LEFT
 
 
 SUITE = """

@@ -99,9 +99,6 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
                              "this server; its operator turns them on with --engines "
                              "qemu,lxc")
     chosen = images.select(cfg.image_path, req.os_prefix, cfg.engines)
-    if req.ports and any(image.container for image in chosen):
-        raise BadRequest("ports: forwarding ports into lxc containers is not offered yet "
-                         "(commands and files reach them without a network)")
     for image in chosen:
         if error := emulator_missing(image.name.arch):
             raise BadRequest(f"{image.name.full}: {error}")

@@ -27,6 +27,7 @@ from ttclient.rules import name_taken_error
 from . import admission, images, views
 from .admission import EnvRequest
 from .config import ServerConfig
+from .containers.forwards import ForwardError
 from .containers.machines import Containers, MachineEngine, is_container
 from .db import EnvRow, StateDB, VMRow
 from .errors import BadRequest, Conflict, NotFound, TTError
@@ -82,7 +83,7 @@ class EnvManager:
         # the engine destroys and lists with its libvirt domains
         self.containers: Containers | None = None
         if "lxc" in cfg.engines:
-            self.containers = Containers(self.server_id, cfg.vms_path)
+            self.containers = Containers(self.server_id, cfg.vms_path, cfg.forward_addr)
             self.containers.setup()  # CgroupError: the host cannot have containers
         self.engine = engine or (MachineEngine(cfg.libvirt_uri, self.containers)
                                  if self.containers else Engine(cfg.libvirt_uri))
@@ -142,7 +143,14 @@ class EnvManager:
         self.cleanup.reconcile()
         self.network.setup([(vm, bool(env.spec.get("deny_outgoing")))
                             for env in self.db.list_envs() for vm in env.vms
-                            if vm.state == RUNNING])
+                            if vm.state == RUNNING and not is_container(vm)])
+        if self.containers is not None:  # containers ran on: forward their ports again
+            for vm in self.db.all_vms():
+                if vm.state == RUNNING and is_container(vm):
+                    try:
+                        self.containers.publish(vm)
+                    except ForwardError as exc:
+                        log.warning("container %s: %s", vm.id, exc)
         self.collect_templates()
         if self.clones:
             self.clones.collect({f"{i.disk.parent.name}@{i.digest()}"
@@ -160,6 +168,8 @@ class EnvManager:
         self._stop.set()
         accel_mod.stop_probes()
         self.templates.stop()
+        if self.containers is not None:
+            self.containers.close()
         self.network.close(sum(self.engine.is_running(vm.domain)
                                for vm in self.db.all_vms()))
 
@@ -422,9 +432,6 @@ class EnvManager:
             if cpu is not None or mem_mib is not None:
                 self._resize(env, cpu, mem_mib, limited)
             if add_ports or remove_ports:
-                if any(is_container(vm) for vm in env.vms):
-                    raise BadRequest(f"ENV {name!r} has lxc containers: ports are not "
-                                     "forwarded into containers yet")
                 self._change_ports(env, sorted(set(add_ports)), set(remove_ports))
             if life_time is not None:
                 self.db.set_env(name, expires_at=time.time() + life_time)
@@ -464,14 +471,14 @@ class EnvManager:
                 if vm.state != RUNNING:
                     continue
                 for guest, host in plans[vm.id].items():
-                    self.network.add_forward(vm, guest, host)
+                    self._add_forward(vm, guest, host)
                     done.append((vm, host))
                 for guest in remove:
-                    self.network.remove_forward(vm, vm.forwards[guest])
+                    self._remove_forward(vm, vm.forwards[guest])
         except GuestError as exc:  # undo what was added; nothing changes on record
             for vm, host in done:
                 try:
-                    self.network.remove_forward(vm, host)
+                    self._remove_forward(vm, host)
                 except GuestError:
                     log.exception("undo forward %s on %s", host, vm.id)
             raise Conflict(f"cannot change ports of ENV {env.name!r}: {exc}") from exc
@@ -481,6 +488,24 @@ class EnvManager:
         spec = {**env.spec, "ports": sorted((set(env.spec.get("ports", [])) - remove)
                                             | set(add))}
         self.db.set_env(env.name, spec=spec)
+
+    def _add_forward(self, vm: VMRow, guest: int, host: int) -> None:
+        """Forward `host` to `guest` on a running VM (its network variant) or container;
+        GuestError."""
+        if self.containers is not None and is_container(vm):
+            try:
+                self.containers.add_forward(vm, guest, host)
+            except ForwardError as exc:
+                raise GuestError(str(exc)) from None
+        else:
+            self.network.add_forward(vm, guest, host)
+
+    def _remove_forward(self, vm: VMRow, host: int) -> None:
+        """Stop forwarding `host` to a VM or container; GuestError."""
+        if self.containers is not None and is_container(vm):
+            self.containers.remove_forward(vm, host)
+        else:
+            self.network.remove_forward(vm, host)
 
     # --- expiry and reconciliation -----------------------------------------------------
     def _reap_loop(self) -> None:

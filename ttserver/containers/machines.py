@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from ..db import VMRow
 from ..vm.libvirt_domains import Engine
 from .cgroups import CgroupError, Cgroups
+from .forwards import Forward
 from .nspawn import EXEC_ENV, ContainerError, ContainerSpec, Runtime
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,12 @@ class Containers:
     setup() must run before the first start: CgroupError when the host cannot have
     containers."""
 
-    def __init__(self, server_id: str, vms_path: Path) -> None:
+    def __init__(self, server_id: str, vms_path: Path, forward_addr: str) -> None:
         self.vms_path = vms_path
+        self.forward_addr = forward_addr  # where forwarded ports listen
         self.runtime = Runtime(Cgroups(f"ttstack-{server_id}"))
+        self._forwards: dict[str, dict[int, Forward]] = {}  # name -> host port -> forward
+        self._lock = threading.Lock()
 
     def setup(self) -> None:
         """Check the host's cgroups and mount the census hierarchy; CgroupError."""
@@ -58,9 +63,43 @@ class Containers:
         self.runtime.start(self.spec(vm, rootfs, hostname))
 
     def destroy(self, name: str) -> None:
-        """Remove the container `name`, everything it ran and its directory; idempotent.
-        ContainerError."""
+        """Remove the container `name`, its forwards, everything it ran and its directory;
+        idempotent. ContainerError."""
+        self.unpublish(name)
         self.runtime.remove(self._spec_of(name))
+
+    # --- forwarded ports (forwards.py): the VM row's `forwards`, guest -> host port; its
+    # ssh_port is reserved but not served (no sshd runs in a container yet)
+    def publish(self, vm: VMRow) -> None:
+        """Listen on every forwarded port of the VM row's container (at its start, and
+        again at a server start for the running ones); ForwardError."""
+        for guest, host in vm.forwards.items():
+            self.add_forward(vm, guest, host)
+
+    def add_forward(self, vm: VMRow, guest: int, host: int) -> None:
+        """Forward the host port `host` to `guest` in the container; ForwardError."""
+        spec = self._spec_of(vm.domain)
+        forward = Forward(self.forward_addr, host, guest,
+                          lambda: f"/proc/{self.runtime.leader(spec)}/ns/net")
+        with self._lock:
+            old = self._forwards.setdefault(vm.domain, {}).pop(host, None)
+            self._forwards[vm.domain][host] = forward
+        if old is not None:
+            old.close()
+
+    def remove_forward(self, vm: VMRow, host: int) -> None:
+        """Stop forwarding `host` (not forwarded: nothing to do)."""
+        with self._lock:
+            forward = self._forwards.get(vm.domain, {}).pop(host, None)
+        if forward is not None:
+            forward.close()
+
+    def unpublish(self, name: str) -> None:
+        """Stop every forward of the container `name`."""
+        with self._lock:
+            forwards = self._forwards.pop(name, {})
+        for forward in forwards.values():
+            forward.close()
 
     def is_running(self, name: str) -> bool:
         """Whether the container's PID 1 still runs."""
@@ -86,7 +125,12 @@ class Containers:
             "/bin/sh", "-c", "cd /root 2>/dev/null; " + cmd])
 
     def close(self) -> None:
-        """Server stop: remove this server's cgroup groups if no container is left."""
+        """Server stop: stop forwarding (the containers run on; the next start forwards
+        again) and remove this server's cgroup groups if no container is left."""
+        with self._lock:
+            names = list(self._forwards)
+        for name in names:
+            self.unpublish(name)
         self.runtime.cgroups.close()
 
 

@@ -226,8 +226,9 @@ class VMBooter:
 
     def _start_container(self, vm: VMRow, image: images.Image, env: EnvRow,
                          fresh: bool) -> None:
-        """Start the VM row's container (the lxc engine: ttserver/containers) and record
-        it running; ContainerError (a RuntimeError) when it cannot start."""
+        """Start the VM row's container (the lxc engine: ttserver/containers), forward its
+        ports and record it running; ContainerError or ForwardError (RuntimeErrors) when
+        it cannot start."""
         if self.containers is None or not fresh:  # admission and stop/start refuse these
             raise RuntimeError(f"{image.name.full}: this server does not start containers"
                                + ("" if self.containers is None else " again"))
@@ -235,6 +236,7 @@ class VMBooter:
         self.db.set_vm(vm.id, state=BOOTING)
         self.containers.start(vm, image.rootfs, views.hostname(env.name, vm.idx))
         crash_point("boot.domain_started")
+        self.containers.publish(vm)
         took = time.monotonic() - started
         self.db.set_vm(vm.id, state=RUNNING, error="", boot_mode="container",
                        boot_seconds=round(took, 2))
