@@ -150,11 +150,6 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "--tt-os=$VAR gives this)")
     if config.getoption("tt_native") and not _opt(config, "tt_os"):
         raise pytest.UsageError("--tt-native needs --tt-os (the OSes to run the suite on)")
-    if config.getoption("tt_native") and _opt(config, "tt_os") and any(
-            p.strip().lower().startswith("lxc:")
-            for p in str(_opt(config, "tt_os")).split(",")):
-        raise pytest.UsageError("--tt-native reaches its workers over SSH, which containers "
-                                "(lxc:) do not offer yet: drop the lxc: prefixes from --tt-os")
     if config.getoption("tt_native") and _opt(config, "tt_env"):
         raise pytest.UsageError("--tt-native makes its own ENV (its VMs need the session's "
                                 "SSH key); drop --tt-env")

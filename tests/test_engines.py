@@ -115,8 +115,10 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
         # what containers cannot do yet is refused with the reason
         stop = requests.post(srv.url + "/envs/mix/stop", timeout=30)
         assert stop.status_code == 400 and "cannot be stopped" in stop.json()["detail"]
-        ssh = run(srv, "mix", "true", use_ssh=True, vms=[box["id"]])[0]
-        assert "SSH into a container is not offered yet" in ssh["error"]
+        # SSH into both with the server's key, the container's host key pinned
+        ssh = run(srv, "mix", "id -un; cat /etc/machine-id", use_ssh=True)
+        assert [r["stdout"].split()[0] for r in ssh] == ["root", "root"], ssh
+        assert len({r["stdout"].split()[1] for r in ssh}) == 2  # machine-ids differ
     finally:
         delete(srv, "mix")
     assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT
@@ -224,4 +226,26 @@ def test_the_plugin_runs_each_test_on_a_vm_and_a_container(
         "*test_release[[]qemu:debian-12:x86_64[]] PASSED*",
         "*test_release[[]lxc:debian-12:x86_64[]] PASSED*",
         "*lxc:debian-12:x86_64: 1 VM(s), 1 container*"])
+    assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT
+
+
+def test_native_mode_runs_a_suite_inside_a_container(
+        srv: ServerProcess, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path):
+    """`--tt-native` reaches a container's workers over SSH (its sshd, through its
+    forwarded SSH port) as it does a VM's."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", CHILD_PYTEST_ADDOPTS)
+    monkeypatch.setenv("TT_CONFIG", str(tmp_path / "no-config.json"))
+    monkeypatch.setenv("TTSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    pytester.makepyfile(test_inside="""
+import os, pytest
+@pytest.mark.parametrize("n", range(4))
+def test_in_the_container(n):
+    assert open("/proc/1/comm").read().strip() == "(sd-stubinit)"
+""")
+    res = pytester.runpytest_subprocess(f"--tt-server={srv.address}", "--tt-native",
+                                        "--tt-os=lxc:debian-12", "-v")
+    res.assert_outcomes(passed=4)
+    res.stdout.fnmatch_lines(["*PASSED*test_in_the_container[[]debian-12:x86_64-0[]]*"])
     assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT

@@ -444,3 +444,22 @@ def test_the_guest_site_imports_with_the_standard_library_and_pytest_alone(tmp_p
                           env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"),
                                                               *sys.path[1:]])})
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_ssh_control_sockets_fit_a_unix_socket_path_whatever_the_session_dir(tmp_path):
+    """A long TMPDIR made the master connection's socket path too long ("too long for Unix
+    domain socket"): every try failed and the session waited its whole timeout. The
+    sockets then go to a short private directory."""
+    from pytest_ttstack.native.ssh import _CONTROL_SUFFIX, SOCKET_PATH_MAX, SSHTarget
+
+    def socket_path(session: Path) -> str:  # as ssh binds it: %C expanded, suffix added
+        return SSHTarget("127.0.0.1", 48000, session / "k", session / "known_hosts"
+                         )._control.replace("%C", "c" * 40) + "." + "x" * (_CONTROL_SUFFIX - 1)
+
+    short = Path("/tmp/ttnative-abcdefgh")
+    assert socket_path(short).startswith(str(short))  # kept beside the session's files
+    long = tmp_path / ("d" * 60) / "ttnative-abcdefgh"
+    path = socket_path(long)
+    assert len(path) <= SOCKET_PATH_MAX and not path.startswith(str(long))
+    assert oct(Path(path).parent.stat().st_mode & 0o777) == "0o700"
+    assert socket_path(long) == path  # one directory per session

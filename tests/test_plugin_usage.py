@@ -53,8 +53,6 @@ def test_without_tt_os_vm_tests_skip_and_the_rest_runs(suite):
     (["--tt-native", "--tt-os=debian-12", "--dist", "each"],
      "*--tt-native runs every test once per OS already*"),
     (["--tt-native", "--tt-os=debian-12", "--pdb"], "*--pdb cannot reach into a VM*"),
-    (["--tt-native", "--tt-os=debian-12, LXC:debian-12"],
-     "*containers (lxc:) do not offer yet: drop the lxc: prefixes*"),
 ])
 def test_native_usage_errors_come_before_anything_is_made(suite, tmp_path, args, message):
     result = suite.runpytest_subprocess(*args)

@@ -10,10 +10,13 @@ makes xdist send neither rsync nor path rewrites, which the `ssh=` spec would.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +26,29 @@ from typing import Any
 from ttclient.waiting import WaitCancelled, WaitTimeout, wait_for
 
 CONNECT_TIMEOUT = 20
+# A master's control socket path, as ssh binds it: the ControlPath with `%C` expanded (40
+# hex digits) plus a 17-byte random suffix while it is being set up, in a sockaddr_un's
+# 108-byte sun_path with its NUL (unix(7)). Longer, the master fails at every try ("too
+# long for Unix domain socket") and the session waited its whole timeout.
+SOCKET_PATH_MAX = 107
+_CONTROL_SUFFIX = 17
+_short_dirs: dict[str, Path] = {}
+_short_lock = threading.Lock()
+
+
+def _control_dir(session_dir: Path) -> Path:
+    """Where the session's control sockets go: its own directory, or, when that path is
+    too long for them, a private (0700) directory under /tmp made once per session
+    directory and removed when the process exits."""
+    if len(str(session_dir)) + len("/cm-65535-") + 40 + _CONTROL_SUFFIX <= SOCKET_PATH_MAX:
+        return session_dir
+    with _short_lock:
+        short = _short_dirs.get(str(session_dir))
+        if short is None:
+            short = Path(tempfile.mkdtemp(prefix="ttcm-", dir="/tmp"))
+            _short_dirs[str(session_dir)] = short
+            atexit.register(shutil.rmtree, short, True)
+        return short
 
 
 def _ssh_value(value: object) -> str:
@@ -64,7 +90,7 @@ class SSHTarget:
 
     @property
     def _control(self) -> str:
-        return str(self.known_hosts.parent / f"cm-{self.port}-%C")
+        return str(_control_dir(self.known_hosts.parent) / f"cm-{self.port}-%C")
 
     @property
     def destination(self) -> str:

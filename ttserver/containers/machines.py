@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from pathlib import Path
 
 from ..db import VMRow
+from ..guest import sshexec
 from ..vm.libvirt_domains import Engine
 from .cgroups import CgroupError, Cgroups
 from .forwards import Forward
@@ -18,6 +20,20 @@ from .nspawn import EXEC_ENV, ContainerError, ContainerSpec, Runtime
 log = logging.getLogger(__name__)
 
 ENGINE = "lxc"
+# Run in a new container as its root with $1 machine-id, $2 SSH host key (private key
+# file), $3 its public line, $4 authorized_keys: what a VM's first boot and identity step
+# make (no systemd runs in a container to do it), then sshd, which daemonizes and is
+# reaped by the container's stub init.
+IDENTITY = r"""set -e
+umask 022
+echo "$1" > /etc/machine-id
+rm -f /etc/ssh/ssh_host_*
+(umask 077; printf '%s' "$2" > /etc/ssh/ssh_host_ed25519_key)
+printf '%s\n' "$3" > /etc/ssh/ssh_host_ed25519_key.pub
+(umask 077; mkdir -p /root/.ssh; printf '%s' "$4" > /root/.ssh/authorized_keys)
+mkdir -p /run/sshd
+/usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >/dev/null 2>&1
+"""
 
 
 def is_container(vm: VMRow) -> bool:
@@ -57,10 +73,21 @@ class Containers:
         return (spec.dir / "upper").is_dir() or any(
             d.is_dir() for d in self.runtime.cgroups.dirs(name))
 
-    def start(self, vm: VMRow, rootfs: Path, hostname: str) -> None:
+    def start(self, vm: VMRow, rootfs: Path, hostname: str, keys: str) -> None:
         """Start the VM row's container on the image root `rootfs`, called `hostname`
-        inside; ContainerError."""
-        self.runtime.start(self.spec(vm, rootfs, hostname))
+        inside, with its own machine-id and SSH host key (made here), root's
+        authorized_keys `keys`, and sshd listening on its loopback (reached through the
+        forwarded ssh_port; the host key pinned in `known_hosts` of its directory, as
+        the SSH transport wants it). ContainerError."""
+        spec = self.spec(vm, rootfs, hostname)
+        self.runtime.start(spec)
+        private, public = sshexec.host_key_pair(hostname)
+        res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", IDENTITY, "sh", uuid.uuid4().hex,
+                                            private.decode(), public, keys], timeout=30)
+        if res.returncode != 0:
+            raise ContainerError(f"container {spec.name}: setting it up failed "
+                                 f"({res.returncode}): {res.stderr.decode(errors='replace')}")
+        (spec.dir / "known_hosts").write_text(sshexec.known_hosts_line(vm.id, public))
 
     def destroy(self, name: str) -> None:
         """Remove the container `name`, its forwards, everything it ran and its directory;
@@ -68,13 +95,14 @@ class Containers:
         self.unpublish(name)
         self.runtime.remove(self._spec_of(name))
 
-    # --- forwarded ports (forwards.py): the VM row's `forwards`, guest -> host port; its
-    # ssh_port is reserved but not served (no sshd runs in a container yet)
+    # --- forwarded ports (forwards.py): the VM row's ssh_port to 22 and its `forwards`
     def publish(self, vm: VMRow) -> None:
-        """Listen on every forwarded port of the VM row's container (at its start, and
-        again at a server start for the running ones); ForwardError."""
-        for guest, host in vm.forwards.items():
-            self.add_forward(vm, guest, host)
+        """Listen on every forwarded port of the VM row's container, its SSH port
+        included (at its start, and again at a server start for the running ones);
+        ForwardError."""
+        for guest, host in {22: vm.ssh_port, **vm.forwards}.items():
+            if host:
+                self.add_forward(vm, guest, host)
 
     def add_forward(self, vm: VMRow, guest: int, host: int) -> None:
         """Forward the host port `host` to `guest` in the container; ForwardError."""

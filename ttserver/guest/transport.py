@@ -227,16 +227,15 @@ class GuestIO:
         self._slots = command.Slots()
 
     def _transport(self, vm: VMRow, use_ssh: bool) -> Transport:
-        """The way into `vm`: a container's is entering it (use_ssh is not offered yet:
-        its sshd does not run), a VM's the agent or, with `use_ssh`, SSH."""
+        """The way into `vm`: with `use_ssh` SSH (a container's sshd, its host key pinned
+        at its start), else a container is entered and a VM reached through its agent."""
+        if use_ssh:
+            return self.ssh
         if is_container(vm):
             if self.container is None:
                 raise GuestError("containers are not enabled on this server any more")
-            if use_ssh:
-                raise GuestError("use_ssh: containers are entered directly; SSH into a "
-                                 "container is not offered yet")
             return self.container
-        return self.ssh if use_ssh else self.agent
+        return self.agent
 
     def run(self, vm: VMRow, cmd: str, timeout: float, use_ssh: bool,
             cap: int | None = None) -> command.Outcome:

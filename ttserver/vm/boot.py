@@ -234,7 +234,8 @@ class VMBooter:
                                + ("" if self.containers is None else " again"))
         started = time.monotonic()
         self.db.set_vm(vm.id, state=BOOTING)
-        self.containers.start(vm, image.rootfs, views.hostname(env.name, vm.idx))
+        self.containers.start(vm, image.rootfs, views.hostname(env.name, vm.idx),
+                              self._keys(env))
         crash_point("boot.domain_started")
         self.containers.publish(vm)
         took = time.monotonic() - started
