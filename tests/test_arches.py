@@ -15,6 +15,7 @@ import pytest
 
 from ttclient import arches
 from ttserver import admission
+from ttserver.host import binfmt
 from ttserver.images import build
 
 from helpers import IMAGE_PATH
@@ -42,12 +43,12 @@ def test_setup_host_installs_every_emulator_and_qemu_user_for_foreign_tests():
 
 
 def test_only_the_hosts_own_family_builds_without_qemu_user():
-    assert not build.needs_emulation(arches.by_name("x86_64"), host="x86_64")
-    assert not build.needs_emulation(arches.by_name("i386"), host="x86_64")
-    assert build.needs_emulation(arches.by_name("aarch64"), host="x86_64")
-    assert build.needs_emulation(arches.by_name("x86_64"), host="aarch64")
+    assert not binfmt.needs_emulation(arches.by_name("x86_64"), host="x86_64")
+    assert not binfmt.needs_emulation(arches.by_name("i386"), host="x86_64")
+    assert binfmt.needs_emulation(arches.by_name("aarch64"), host="x86_64")
+    assert binfmt.needs_emulation(arches.by_name("x86_64"), host="aarch64")
     assert all(p.qemu_user.startswith("qemu-") for p in arches.PROFILES
-               if build.needs_emulation(p, host="x86_64"))
+               if binfmt.needs_emulation(p, host="x86_64"))
 
 
 def test_a_missing_emulator_is_named_with_its_package(monkeypatch):

@@ -26,6 +26,7 @@ from . import images
 from .config import ServerConfig
 from .db import EnvRow, VMRow
 from .errors import BadRequest, InsufficientResources, TTError
+from .host import binfmt
 from .states import PENDING
 
 # authorized_keys of a VM: what fits beside a warm clone's identity in its helper's
@@ -99,8 +100,9 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
                              "this server; its operator turns them on with --engines "
                              "qemu,lxc")
     chosen = images.select(cfg.image_path, req.os_prefix, cfg.engines)
-    for image in chosen:
-        if error := emulator_missing(image.name.arch):
+    for image in chosen:  # a container's binaries run on this kernel, maybe via qemu-user
+        if error := (binfmt.missing(image.name.arch) if image.container
+                     else emulator_missing(image.name.arch)):
             raise BadRequest(f"{image.name.full}: {error}")
     if req.counts is None and (error := env_size_error(req.vm_number, len(chosen))):
         raise BadRequest(error)

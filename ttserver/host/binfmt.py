@@ -1,12 +1,37 @@
-"""Register qemu-user with binfmt_misc so mmdebstrap can run foreign-arch maintainer scripts."""
+"""Register qemu-user with binfmt_misc so foreign-arch binaries run on this host: the
+maintainer scripts mmdebstrap runs when it builds an image, and every program of a
+foreign-arch container. Debian's qemu-user-static registers its entries with the `F`
+flag: the kernel opens the interpreter once, at registration, so it runs in any mount
+namespace (a container sees no /usr/libexec/qemu-binfmt of its own)."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 
+from ttclient import arches
+
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 CONF_DIR = Path("/usr/lib/binfmt.d")
+
+
+def needs_emulation(profile: arches.ArchProfile, host: str | None = None) -> bool:
+    """Whether this host (`platform.machine()` by default) runs `profile`'s binaries only
+    through qemu-user: everything but its own arch, and i386 on x86_64."""
+    host = host or platform.machine()
+    return profile.machine != host and not (host == "x86_64" and profile.name == "i386")
+
+
+def missing(arch: str) -> str:
+    """Why this host cannot run `arch` binaries (no qemu-user-static entry for it), or ""
+    when it can (its own arch, or an entry registered or registrable)."""
+    profile = arches.by_name(arch)
+    if not needs_emulation(profile) or (BINFMT / profile.qemu_user).exists() or (
+            CONF_DIR / f"{profile.qemu_user}.conf").is_file():
+        return ""
+    return (f"this host cannot run {profile.name} binaries: qemu-user-static is not "
+            "installed (apt-get install qemu-user-static)")
 
 
 def ensure(entry: str) -> None:

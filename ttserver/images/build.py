@@ -260,13 +260,6 @@ def apt_cache_hooks(cache: Path) -> list[str]:
             f"--customize-hook=sync-out /var/cache/apt/archives {cache}"]
 
 
-def needs_emulation(profile: arches.ArchProfile, host: str | None = None) -> bool:
-    """Whether this host (`platform.machine()` by default) runs `profile`'s binaries only
-    through qemu-user: everything but its own arch, and i386 on x86_64."""
-    host = host or platform.machine()
-    return profile.machine != host and not (host == "x86_64" and profile.name == "i386")
-
-
 def _check_releases(names: tuple[str, ...] | list[str]) -> None:
     """BuildError naming every OS-VERSION of `names` that is no release of SUITES."""
     unknown = [o for o in names if o not in SUITES]
@@ -370,7 +363,7 @@ def build(os_version: str, arch: str, image_path: Path, *, disk_mib: int = 2048,
         else:
             say(f"the image at {target} was built from another recipe "
                 f"({built_with or 'none recorded'}, now {RECIPE}): rebuilding")
-    emulated = needs_emulation(profile)
+    emulated = binfmt.needs_emulation(profile)
     if emulated:
         binfmt.ensure(profile.qemu_user)
     source = mirror or host_mirror()

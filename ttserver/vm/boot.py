@@ -24,7 +24,7 @@ from ..containers.machines import Containers
 from ..db import EnvRow, StateDB, VMRow
 from ..failpoints import crash_point
 from ..guest import agent, cloudseed, identity
-from ..host import storage
+from ..host import binfmt, storage
 from ..metrics import ServerMetrics
 from ..states import BOOTING, FAILED, PENDING, RUNNING
 from ..warm.snapshots import Template, Templates
@@ -234,6 +234,9 @@ class VMBooter:
                                + ("" if self.containers is None else " again"))
         started = time.monotonic()
         self.db.set_vm(vm.id, state=BOOTING)
+        profile = by_name(image.name.arch)
+        if binfmt.needs_emulation(profile):  # its programs run through qemu-user
+            binfmt.ensure(profile.qemu_user)
         self.containers.start(vm, image.rootfs, views.hostname(env.name, vm.idx),
                               self._keys(env))
         crash_point("boot.domain_started")
