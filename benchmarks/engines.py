@@ -2,6 +2,10 @@
 generated CPU-bound suite of N tests run with `--tt-native` on `qemu:debian-12`,
 `lxc:debian-12` and, when its image exists, `lxc:debian-12:aarch64` (arm64 binaries
 through qemu-user), one after the other on one server (`--engines qemu,lxc`), in one run.
+The server's image dir links those three images (the arm64 one from the foreign-image dir
+of tests/test_multiarch.py: `TTSTACK_FOREIGN_TESTS=1 python3 -m pytest
+tests/test_engines.py -k arm64` or `ttserver image build debian-12 --arch aarch64 --engine
+lxc --image-path /var/lib/ttstack/images-foreign` makes it).
 
 Run by hand on an otherwise idle host (TCG here):
 
@@ -25,6 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import IMAGE_PATH, ServerProcess, new_run_dir  # noqa: E402
+
+FOREIGN = Path(os.environ.get("TTSTACK_FOREIGN_IMAGES", "/var/lib/ttstack/images-foreign"))
+ARM = "lxc:debian-12:aarch64"
 
 RUNNING = re.compile(r"running in ([\d.]+)s")
 READY = "starting one pytest-xdist worker per VM"
@@ -73,15 +80,21 @@ def main() -> None:
     p.add_argument("--tests", type=int, default=200)
     p.add_argument("--os", default="")
     args = p.parse_args()
+    arm = (FOREIGN / ARM).is_dir()
     oses = args.os.split(",") if args.os else [
-        "qemu:debian-12", "lxc:debian-12",
-        *(["lxc:debian-12:aarch64"] if (IMAGE_PATH / "lxc:debian-12:aarch64").is_dir()
-          else [])]
+        "qemu:debian-12:x86_64", "lxc:debian-12:x86_64", *([ARM] if arm else [])]
     run_dir = new_run_dir("bench-engines-")
     project = run_dir / "project"
     project.mkdir()
     (project / "test_cpu.py").write_text(TEST.format(tests=args.tests))
-    srv = ServerProcess(run_dir / "state", port_range="44500-44599",
+    images = run_dir / "images"  # links: only the images measured, from both dirs
+    images.mkdir()
+    for name in ("qemu:debian-12:x86_64", "lxc:debian-12:x86_64", ARM):
+        for where in (IMAGE_PATH, FOREIGN):
+            if (where / name).is_dir():
+                (images / name).symlink_to(where / name)
+                break
+    srv = ServerProcess(run_dir / "state", images, port_range="44500-44599",
                         extra=("--engines", "qemu,lxc")).start()
     try:
         rows = {o: session(srv, project, o) for o in oses}
@@ -95,9 +108,8 @@ def main() -> None:
     for o, r in rows.items():
         print(f"{o:24} {r['start']:8.2f} {r['setup']:9.1f} {r['suite']:8.1f} "
               f"{base['start'] / r['start']:11.1f}x {base['suite'] / r['suite']:11.1f}x")
-    if not (IMAGE_PATH / "lxc:debian-12:aarch64").is_dir() and not args.os:
-        print("(no lxc:debian-12:aarch64 image: ttserver image build debian-12 --arch "
-              "aarch64 --engine lxc)")
+    if not arm and not args.os:
+        print(f"(no {ARM} image in {FOREIGN}: see this file's docstring)")
 
 
 if __name__ == "__main__":

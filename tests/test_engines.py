@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,9 +114,6 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
         cli = tt(srv.address, "env", "run", "mix", "--cmd", "echo hi")
         assert cli.returncode == 0 and cli.stdout.count("hi\n") == 2, cli.stderr
 
-        # what containers cannot do yet is refused with the reason
-        stop = requests.post(srv.url + "/envs/mix/stop", timeout=30)
-        assert stop.status_code == 400 and "cannot be stopped" in stop.json()["detail"]
         # SSH into both with the server's key, the container's host key pinned
         ssh = run(srv, "mix", "id -un; cat /etc/machine-id", use_ssh=True)
         assert [r["stdout"].split()[0] for r in ssh] == ["root", "root"], ssh
@@ -199,6 +198,33 @@ def test_a_container_serves_on_its_forwarded_ports(srv: ServerProcess):
     assert leftovers(srv.server_id(), srv.cfgdb, [first, second]) == NOTHING_LEFT
 
 
+def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: ServerProcess):
+    """`tt env stop` ends the container and keeps its own layer (as a VM keeps its disk);
+    `start` runs it again on it: its files, machine-id and SSH host key, its ports."""
+    env = create(srv, "again", ["lxc:debian-12"], ports=[8080])
+    box, port = env["vms"][0], int(env["vms"][0]["ports"]["8080"])
+    sid = srv.server_id()
+    try:
+        ident = run(srv, "again", "echo kept > /root/mark; cat /etc/machine-id")[0]["stdout"]
+        resp = requests.post(srv.url + "/envs/again/stop", timeout=120)
+        assert resp.status_code == 200 and resp.json()["state"] == "stopped", resp.text
+        stopped = leftovers(sid, srv.cfgdb, [port])
+        assert stopped == {**NOTHING_LEFT, "dirs": [Path(box["id"]).name]}, stopped
+        resp = requests.post(srv.url + "/envs/again/start", timeout=30)
+        assert resp.status_code == 202, resp.text
+        assert wait_env(srv.url, "again")["state"] == "running"
+        out = run(srv, "again", "cat /root/mark /etc/machine-id", use_ssh=True)[0]
+        assert out["stdout"] == "kept\n" + ident, out  # over SSH: the pinned key held
+        run(srv, "again", "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &")
+        deadline = time.monotonic() + 30
+        while not serves(port):
+            assert time.monotonic() < deadline, "the started container's port is not served"
+            time.sleep(0.2)
+    finally:
+        delete(srv, "again")
+    assert leftovers(sid, srv.cfgdb, [port]) == NOTHING_LEFT
+
+
 SUITE = """
 def test_release(tt_vm):
     assert tt_vm.run("cat /etc/debian_version", check=True).stdout.startswith("12")
@@ -249,3 +275,42 @@ def test_in_the_container(n):
     res.assert_outcomes(passed=4)
     res.stdout.fnmatch_lines(["*PASSED*test_in_the_container[[]debian-12:x86_64-0[]]*"])
     assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT
+
+
+FOREIGN = Path(os.environ.get("TTSTACK_FOREIGN_IMAGES", "/var/lib/ttstack/images-foreign"))
+
+
+@pytest.mark.skipif(os.environ.get("TTSTACK_FOREIGN_TESTS") != "1",
+                    reason="opt-in (TTSTACK_FOREIGN_TESTS=1, as tests/test_multiarch.py): "
+                           "builds an arm64 image under qemu-user, minutes")
+def test_an_arm64_container_runs_arm64_binaries_through_qemu_user():
+    """`lxc:debian-12:aarch64` on an x86_64 host: every program is arm64, run by the
+    kernel through qemu-user's binfmt_misc entry (F flag: it works in the container's
+    mount namespace); uname and Python say aarch64 (qemu-user answers for the guest)."""
+    build = subprocess.run([sys.executable, "-m", "ttserver.cli", "image", "build",
+                            "debian-12", "--arch", "aarch64", "--engine", "lxc",
+                            "--image-path", str(FOREIGN), "--timeout", "1800"],
+                           capture_output=True, text=True, timeout=3600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run_dir = new_run_dir("engines-arm-")
+    srv = ServerProcess(run_dir / "state", FOREIGN, port_range=PORTS,
+                        extra=("--engines", "lxc")).start()
+    try:
+        create(srv, "arm", ["lxc:debian-12:aarch64"])
+        out = run(srv, "arm", "uname -m; python3 -c 'import platform; "
+                              "print(platform.machine())'; od -An -tx1 -j18 -N2 /bin/true")[0]
+        # /bin/true's ELF e_machine: 0xb7, EM_AARCH64
+        assert out["stdout"].split() == ["aarch64", "aarch64", "b7", "00"], out
+        payload = os.urandom(50_000)
+        resp = requests.put(srv.url + "/envs/arm/files", params={"path": "/root/blob"},
+                            data=payload, timeout=120)
+        assert resp.status_code == 200, resp.text
+        vm = requests.get(srv.url + "/envs/arm", timeout=10).json()["vms"][0]
+        got = requests.get(f"{srv.url}/envs/arm/vms/{vm['id']}/files",
+                           params={"path": "/root/blob"}, timeout=60)
+        assert got.content == payload
+        delete(srv, "arm")
+        assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT
+    finally:
+        srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)

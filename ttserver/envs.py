@@ -364,9 +364,6 @@ class EnvManager:
             env = self._env(name)
             if env.state != READY:
                 raise Conflict(f"ENV {name!r} is {env.state}; only a running ENV can be stopped")
-            if any(is_container(vm) for vm in env.vms):
-                raise BadRequest(f"ENV {name!r} has lxc containers, which cannot be stopped "
-                                 "and started again yet: delete it instead")
             self.db.set_env(name, state=STOPPING)
             crash_point("stop.marked")
             live = [vm for vm in env.vms if vm.state == RUNNING]
@@ -392,7 +389,8 @@ class EnvManager:
             env = self._env(name)
             if env.state != ENV_STOPPED:
                 raise Conflict(f"ENV {name!r} is {env.state}; only a stopped ENV can be started")
-            scanned = {i.name.full: i for i in images.scan(self.cfg.image_path)}
+            scanned = {i.name.full: i for i in images.scan(self.cfg.image_path,
+                                                           self.cfg.engines)}
             todo = [vm for vm in env.vms if vm.state == STOPPED]
             gone = sorted({vm.image for vm in todo} - scanned.keys())
             if gone:
@@ -524,8 +522,9 @@ class EnvManager:
 
     def keep_warm(self) -> None:
         """With warm clones on (and user networking: bridge-mode VMs boot cold), have
-        every image's default-shape template built (in the background; warm/snapshots.py)."""
-        if self.cfg.warm_clones and self.network.warm_clones:
+        every VM image's default-shape template built (in the background;
+        warm/snapshots.py); none on a server that offers no VMs (`--engines lxc`)."""
+        if self.cfg.warm_clones and self.network.warm_clones and "qemu" in self.cfg.engines:
             self.templates.keep_warm(images.scan(self.cfg.image_path))
 
     def collect_templates(self) -> list[str]:

@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 ENGINE = "lxc"
 # Run in a new container as its root with $1 machine-id, $2 SSH host key (private key
 # file), $3 its public line, $4 authorized_keys: what a VM's first boot and identity step
-# make (no systemd runs in a container to do it), then sshd, which daemonizes and is
-# reaped by the container's stub init.
+# make (no systemd runs in a container to do it).
 IDENTITY = r"""set -e
 umask 022
 echo "$1" > /etc/machine-id
@@ -31,7 +30,9 @@ rm -f /etc/ssh/ssh_host_*
 (umask 077; printf '%s' "$2" > /etc/ssh/ssh_host_ed25519_key)
 printf '%s\n' "$3" > /etc/ssh/ssh_host_ed25519_key.pub
 (umask 077; mkdir -p /root/.ssh; printf '%s' "$4" > /root/.ssh/authorized_keys)
-mkdir -p /run/sshd
+"""
+# sshd at every start (its /run is new): it daemonizes and is reaped by the stub init
+SSHD = """mkdir -p /run/sshd
 /usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >/dev/null 2>&1
 """
 
@@ -73,27 +74,37 @@ class Containers:
         return (spec.dir / "upper").is_dir() or any(
             d.is_dir() for d in self.runtime.cgroups.dirs(name))
 
-    def start(self, vm: VMRow, rootfs: Path, hostname: str, keys: str) -> None:
+    def start(self, vm: VMRow, rootfs: Path, hostname: str, keys: str,
+              fresh: bool = True) -> None:
         """Start the VM row's container on the image root `rootfs`, called `hostname`
-        inside, with its own machine-id and SSH host key (made here), root's
-        authorized_keys `keys`, and sshd listening on its loopback (reached through the
-        forwarded ssh_port; the host key pinned in `known_hosts` of its directory, as
-        the SSH transport wants it). ContainerError."""
+        inside. `fresh`: a new one, given its own machine-id and SSH host key (made here)
+        and root's authorized_keys `keys`, the host key pinned in `known_hosts` of its
+        directory, as the SSH transport wants it; otherwise it runs again on the layer
+        it kept, identity included. Either way sshd listens on its loopback (reached
+        through the forwarded ssh_port). ContainerError."""
         spec = self.spec(vm, rootfs, hostname)
         self.runtime.start(spec)
+        if not fresh:
+            self._run(spec, [SSHD])
+            return
         private, public = sshexec.host_key_pair(hostname)
-        res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", IDENTITY, "sh", uuid.uuid4().hex,
-                                            private.decode(), public, keys], timeout=30)
+        self._run(spec, [IDENTITY + SSHD, uuid.uuid4().hex, private.decode(), public, keys])
+        (spec.dir / "known_hosts").write_text(sshexec.known_hosts_line(vm.id, public))
+
+    def _run(self, spec: ContainerSpec, script: list[str]) -> None:
+        """`sh -c SCRIPT ARGS...` in the container; ContainerError when it fails."""
+        res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", script[0], "sh", *script[1:]],
+                                     timeout=30)
         if res.returncode != 0:
             raise ContainerError(f"container {spec.name}: setting it up failed "
                                  f"({res.returncode}): {res.stderr.decode(errors='replace')}")
-        (spec.dir / "known_hosts").write_text(sshexec.known_hosts_line(vm.id, public))
 
     def destroy(self, name: str) -> None:
-        """Remove the container `name`, its forwards, everything it ran and its directory;
-        idempotent. ContainerError."""
+        """End the container `name` now, as libvirt destroys a domain: its forwards and
+        everything it ran; its directory (its own layer, the VM's "disk") stays for a
+        restart or for the teardown to remove. Idempotent; ContainerError."""
         self.unpublish(name)
-        self.runtime.remove(self._spec_of(name))
+        self.runtime.stop(self._spec_of(name))
 
     # --- forwarded ports (forwards.py): the VM row's ssh_port to 22 and its `forwards`
     def publish(self, vm: VMRow) -> None:

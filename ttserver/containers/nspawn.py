@@ -114,13 +114,14 @@ class Runtime:
         self._spawned: dict[str, subprocess.Popen] = {}  # to reap nspawn when it ends
 
     def start(self, spec: ContainerSpec) -> int:
-        """Mount the container's root, make its cgroups and start it; its leader's pid
-        once the payload runs (~30 ms). ContainerError (the container is removed again)."""
+        """Mount the container's root (on its own layer, new or kept by stop()), make its
+        cgroups and start it; its leader's pid once the payload runs (~30 ms).
+        ContainerError (the container is stopped again)."""
         try:
             return self._start(spec)
         except BaseException:
             with contextlib.suppress(ContainerError):
-                self.remove(spec)
+                self.stop(spec)
             raise
 
     def _start(self, spec: ContainerSpec) -> int:
@@ -193,8 +194,15 @@ class Runtime:
                               env=EXEC_ENV)
 
     def remove(self, spec: ContainerSpec) -> None:
-        """Kill every process of the container, reap nspawn, unmount its root, remove its
-        cgroups and its directory; idempotent. ContainerError when a step fails."""
+        """stop() the container and remove its directory (its own layer); idempotent.
+        ContainerError when a step fails."""
+        self.stop(spec)
+        shutil.rmtree(spec.dir, ignore_errors=True)
+
+    def stop(self, spec: ContainerSpec) -> None:
+        """Kill every process of the container, reap nspawn, unmount its root and remove its
+        cgroups; its directory (its own layer) stays, and start() runs it again from
+        there. Idempotent; ContainerError when a step fails."""
         try:
             self.cgroups.kill(spec.name)
         except CgroupError as exc:
@@ -212,4 +220,4 @@ class Runtime:
             self.cgroups.remove(spec.name)
         except CgroupError as exc:
             raise ContainerError(str(exc)) from None
-        shutil.rmtree(spec.dir, ignore_errors=True)
+        (spec.dir / "leader.pid").unlink(missing_ok=True)

@@ -226,19 +226,21 @@ class VMBooter:
 
     def _start_container(self, vm: VMRow, image: images.Image, env: EnvRow,
                          fresh: bool) -> None:
-        """Start the VM row's container (the lxc engine: ttserver/containers), forward its
-        ports and record it running; ContainerError or ForwardError (RuntimeErrors) when
-        it cannot start."""
-        if self.containers is None or not fresh:  # admission and stop/start refuse these
-            raise RuntimeError(f"{image.name.full}: this server does not start containers"
-                               + ("" if self.containers is None else " again"))
+        """Start the VM row's container (the lxc engine: ttserver/containers), new
+        (`fresh`) or again on the files it kept when stopped, forward its ports and record
+        it running; ContainerError or ForwardError (RuntimeErrors) when it cannot start."""
+        if self.containers is None:  # the operator turned the engine off since
+            raise RuntimeError(f"{image.name.full}: this server does not offer containers "
+                               "(--engines)")
+        if not fresh and not (Path(vm.dir) / "upper").is_dir():
+            raise RuntimeError(f"the container's files ({vm.dir}) are gone")
         started = time.monotonic()
         self.db.set_vm(vm.id, state=BOOTING)
         profile = by_name(image.name.arch)
         if binfmt.needs_emulation(profile):  # its programs run through qemu-user
             binfmt.ensure(profile.qemu_user)
         self.containers.start(vm, image.rootfs, views.hostname(env.name, vm.idx),
-                              self._keys(env))
+                              self._keys(env), fresh)
         crash_point("boot.domain_started")
         self.containers.publish(vm)
         took = time.monotonic() - started
