@@ -22,6 +22,7 @@ from helpers import (
     CHILD_PYTEST_ADDOPTS,
     IMAGE_PATH,
     NOTHING_LEFT,
+    ProxyProcess,
     ServerProcess,
     leftovers,
     new_run_dir,
@@ -223,6 +224,34 @@ def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: Serve
     finally:
         delete(srv, "again")
     assert leftovers(sid, srv.cfgdb, [port]) == NOTHING_LEFT
+
+
+def test_ttproxy_places_containers_on_the_servers_that_offer_them(srv: ServerProcess):
+    """Behind ttproxy, a server without the engine gets VMs only; the ENV's containers go
+    to the one that offers them, and one ENV spans both."""
+    run_dir = new_run_dir("engines-proxy-")
+    vms_only = ServerProcess(run_dir / "state", port_range="48100-48199").start()
+    proxy = ProxyProcess([srv.address, vms_only.address], run_dir).start()
+    try:
+        resp = requests.post(proxy.url + "/envs", json={
+            "name": "spread", "os_prefix": ["debian-12", "lxc:debian-12"], "vm_number": 2},
+            timeout=30)
+        assert resp.status_code == 202, resp.text
+        env = wait_env(proxy.url, "spread")
+        assert env["state"] == "running", env["error"]
+        placed = {(vm["image"], vm["server"]) for vm in env["vms"]}
+        assert {s for i, s in placed if i.startswith("lxc:")} == {srv.address}
+        assert len({s for _, s in placed}) == 2  # the VMs went to both
+        res = requests.post(proxy.url + "/envs/spread/run", json={"cmd": "hostname"},
+                            timeout=60).json()["results"]
+        assert sorted(r["stdout"] for r in res) == [f"spread-{i}\n" for i in range(4)]
+        assert requests.delete(proxy.url + "/envs/spread", timeout=120).status_code == 200
+        for server in (srv, vms_only):
+            assert leftovers(server.server_id(), server.cfgdb, []) == NOTHING_LEFT
+    finally:
+        proxy.stop()
+        vms_only.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 SUITE = """
