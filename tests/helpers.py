@@ -187,6 +187,24 @@ def wait_env(url: str, name: str, timeout: float = 600, headers: dict | None = N
         raise AssertionError(f"ENV {name} still creating after {timeout}s") from None
 
 
+def create_env(srv: ServerProcess, name: str, prefixes: tuple[str, ...] | list[str] = (
+        "debian-12",), **kw: object) -> dict:
+    """POST an ENV of `prefixes` (and the fields `kw`) and wait until it runs; its view."""
+    resp = requests.post(srv.url + "/envs", json={"name": name, "os_prefix": list(prefixes),
+                                                  **kw}, timeout=30)
+    assert resp.status_code == 202, resp.text
+    env = wait_env(srv.url, name)
+    assert env["state"] == "running", env["error"]
+    return env
+
+
+def run_cmd(srv: ServerProcess, name: str, cmd: str, **kw: object) -> list[dict]:
+    """POST /envs/NAME/run of `cmd` (and the fields `kw`); the per-VM results."""
+    resp = requests.post(f"{srv.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["results"]
+
+
 def all_domains() -> list[str]:
     """Names of every libvirt domain on the host (any state)."""
     return subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],

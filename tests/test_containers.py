@@ -15,6 +15,7 @@ import pytest
 from ttserver.containers import rootfs
 from ttserver.containers.cgroups import ROOT, Cgroups
 from ttserver.containers.nspawn import ContainerError, ContainerSpec, Runtime
+from ttserver.images import lxc
 from ttserver.images.lxc import in_use
 
 from helpers import IMAGE_PATH, new_run_dir
@@ -70,7 +71,9 @@ def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
     assert not in_use(image_root)
     leader = runtime.start(s)
     try:
-        assert in_use(image_root)  # so `ttserver image build` does not replace it
+        assert in_use(image_root)  # so `ttserver image build` does not replace it:
+        with pytest.raises(lxc.ContainerImageError, match="in use by running containers"):
+            lxc.derive(DISK.parent, image_root.parent.parent, force=True)
         # root inside, host uid ID_BASE outside
         assert run(runtime, s, "id -u; hostname; cat /etc/debian_version") [1].split()[:2] == [
             "0", s.name]

@@ -24,8 +24,10 @@ from helpers import (
     NOTHING_LEFT,
     ProxyProcess,
     ServerProcess,
+    create_env,
     leftovers,
     new_run_dir,
+    run_cmd,
     tt,
     wait_env,
 )
@@ -48,19 +50,6 @@ def srv() -> Iterator[ServerProcess]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def create(srv: ServerProcess, name: str, prefixes: list[str], **kw) -> dict:
-    resp = requests.post(srv.url + "/envs", json={"name": name, "os_prefix": prefixes, **kw},
-                         timeout=30)
-    assert resp.status_code == 202, resp.text
-    env = wait_env(srv.url, name)
-    assert env["state"] == "running", env["error"]
-    return env
-
-
-def run(srv: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
-    resp = requests.post(f"{srv.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["results"]
 
 
 def delete(srv: ServerProcess, name: str) -> None:
@@ -71,12 +60,12 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
     assert CONTAINER.is_dir(), "run scripts/setup-host.sh (it makes the lxc image)"
     images = {i["name"] for i in requests.get(srv.url + "/status", timeout=10).json()["images"]}
     assert {"qemu:debian-12:x86_64", "lxc:debian-12:x86_64"} <= images
-    env = create(srv, "mix", ["debian-12", "lxc:debian-12"])
+    env = create_env(srv, "mix", ["debian-12", "lxc:debian-12"])
     by_image = {vm["image"]: vm for vm in env["vms"]}
     assert set(by_image) == {"qemu:debian-12:x86_64", "lxc:debian-12:x86_64"}
     box = by_image["lxc:debian-12:x86_64"]
     try:
-        res = {r["vm"]: r for r in run(srv, "mix", "hostname; id -u; cat /etc/debian_version;"
+        res = {r["vm"]: r for r in run_cmd(srv, "mix", "hostname; id -u; cat /etc/debian_version;"
                                                    " cat /proc/1/comm")}
         outs = {vm: r["stdout"].split() for vm, r in res.items()}
         assert all(r["exit_code"] == 0 for r in res.values()), res
@@ -94,21 +83,21 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
         got = requests.get(f"{srv.url}/envs/mix/vms/{box['id']}/files",
                            params={"path": "/root/blob"}, timeout=60)
         assert got.status_code == 200 and got.content == payload
-        code = run(srv, "mix", "test -f /etc/shadow && cat /etc/shadow >/dev/null; "
+        code = run_cmd(srv, "mix", "test -f /etc/shadow && cat /etc/shadow >/dev/null; "
                                "ls -ln /root/blob", vms=[box["id"]])[0]
         assert code["exit_code"] == 0 and code["stdout"].split()[2:4] == ["0", "0"], code
 
         # the container: its memory limit (512 MiB) kills what goes past it, a timeout
         # ends the command, nothing reaches the host's loopback
-        big = run(srv, "mix", "python3 -c 'b = bytearray(900 << 20)'", vms=[box["id"]])[0]
+        big = run_cmd(srv, "mix", "python3 -c 'b = bytearray(900 << 20)'", vms=[box["id"]])[0]
         assert big["exit_code"] == 137, big
-        late = run(srv, "mix", "sleep 30; touch /tmp/late", timeout=2, vms=[box["id"]])[0]
+        late = run_cmd(srv, "mix", "sleep 30; touch /tmp/late", timeout=2, vms=[box["id"]])[0]
         assert late["timed_out"] and late["exit_code"] is None
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen()
             port = listener.getsockname()[1]
-            out = run(srv, "mix", "python3 -c 'import socket; socket.create_connection("
+            out = run_cmd(srv, "mix", "python3 -c 'import socket; socket.create_connection("
                                   f"(\"127.0.0.1\", {port}), 3)'", vms=[box["id"]])[0]
             assert "ConnectionRefusedError" in out["stderr"], out
         # the CLI, as for VMs
@@ -116,7 +105,7 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
         assert cli.returncode == 0 and cli.stdout.count("hi\n") == 2, cli.stderr
 
         # SSH into both with the server's key, the container's host key pinned
-        ssh = run(srv, "mix", "id -un; cat /etc/machine-id", use_ssh=True)
+        ssh = run_cmd(srv, "mix", "id -un; cat /etc/machine-id", use_ssh=True)
         assert [r["stdout"].split()[0] for r in ssh] == ["root", "root"], ssh
         assert len({r["stdout"].split()[1] for r in ssh}) == 2  # machine-ids differ
     finally:
@@ -125,7 +114,7 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
 
 
 def test_an_expired_container_and_one_a_crash_left_leave_nothing(srv: ServerProcess):
-    create(srv, "short", ["lxc:debian-12"], life_time=3)
+    create_env(srv, "short", ["lxc:debian-12"], life_time=3)
     deadline = time.monotonic() + 60
     while requests.get(srv.url + "/envs/short", timeout=10).status_code != 404:
         assert time.monotonic() < deadline, "the expired ENV was not reaped"
@@ -135,15 +124,15 @@ def test_an_expired_container_and_one_a_crash_left_leave_nothing(srv: ServerProc
 
     # a crash: the container runs on, the restarted server adopts it (and forwards its
     # port again), then removes it
-    env = create(srv, "kept", ["lxc:debian-12"], ports=[8080])
+    env = create_env(srv, "kept", ["lxc:debian-12"], ports=[8080])
     port = int(env["vms"][0]["ports"]["8080"])
-    run(srv, "kept", "echo before > /root/mark; "
+    run_cmd(srv, "kept", "echo before > /root/mark; "
                      "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &")
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait(30)
     assert not serves(port)  # the forward was the server's
     srv.start()
-    assert run(srv, "kept", "cat /root/mark")[0]["stdout"] == "before\n"
+    assert run_cmd(srv, "kept", "cat /root/mark")[0]["stdout"] == "before\n"
     deadline = time.monotonic() + 30
     while not serves(port):
         assert time.monotonic() < deadline, "the restarted server does not forward the port"
@@ -172,11 +161,11 @@ def serves(port: int) -> bool:
 def test_a_container_serves_on_its_forwarded_ports(srv: ServerProcess):
     """Ports forward into the container's own loopback (it has no other interface), at
     create and through PATCH, and stop with it."""
-    env = create(srv, "web", ["lxc:debian-12"], ports=[8080])
+    env = create_env(srv, "web", ["lxc:debian-12"], ports=[8080])
     box = env["vms"][0]
     http = "python3 -m http.server {} --bind 127.0.0.1 >/dev/null 2>&1 &"
     try:
-        run(srv, "web", http.format(8080))
+        run_cmd(srv, "web", http.format(8080))
         first = int(box["ports"]["8080"])
         deadline = time.monotonic() + 30
         while not serves(first):
@@ -187,7 +176,7 @@ def test_a_container_serves_on_its_forwarded_ports(srv: ServerProcess):
         assert resp.status_code == 200, resp.text
         ports = resp.json()["vms"][0]["ports"]
         assert set(ports) == {"9090"}
-        run(srv, "web", http.format(9090))
+        run_cmd(srv, "web", http.format(9090))
         second = int(ports["9090"])
         deadline = time.monotonic() + 30
         while not serves(second):
@@ -202,11 +191,11 @@ def test_a_container_serves_on_its_forwarded_ports(srv: ServerProcess):
 def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: ServerProcess):
     """`tt env stop` ends the container and keeps its own layer (as a VM keeps its disk);
     `start` runs it again on it: its files, machine-id and SSH host key, its ports."""
-    env = create(srv, "again", ["lxc:debian-12"], ports=[8080])
+    env = create_env(srv, "again", ["lxc:debian-12"], ports=[8080])
     box, port = env["vms"][0], int(env["vms"][0]["ports"]["8080"])
     sid = srv.server_id()
     try:
-        ident = run(srv, "again", "echo kept > /root/mark; cat /etc/machine-id")[0]["stdout"]
+        ident = run_cmd(srv, "again", "echo kept > /root/mark; cat /etc/machine-id")[0]["stdout"]
         resp = requests.post(srv.url + "/envs/again/stop", timeout=120)
         assert resp.status_code == 200 and resp.json()["state"] == "stopped", resp.text
         stopped = leftovers(sid, srv.cfgdb, [port])
@@ -214,9 +203,9 @@ def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: Serve
         resp = requests.post(srv.url + "/envs/again/start", timeout=30)
         assert resp.status_code == 202, resp.text
         assert wait_env(srv.url, "again")["state"] == "running"
-        out = run(srv, "again", "cat /root/mark /etc/machine-id", use_ssh=True)[0]
+        out = run_cmd(srv, "again", "cat /root/mark /etc/machine-id", use_ssh=True)[0]
         assert out["stdout"] == "kept\n" + ident, out  # over SSH: the pinned key held
-        run(srv, "again", "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &")
+        run_cmd(srv, "again", "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &")
         deadline = time.monotonic() + 30
         while not serves(port):
             assert time.monotonic() < deadline, "the started container's port is not served"
@@ -325,8 +314,8 @@ def test_an_arm64_container_runs_arm64_binaries_through_qemu_user():
     srv = ServerProcess(run_dir / "state", FOREIGN, port_range=PORTS,
                         extra=("--engines", "lxc")).start()
     try:
-        create(srv, "arm", ["lxc:debian-12:aarch64"])
-        out = run(srv, "arm", "uname -m; python3 -c 'import platform; "
+        create_env(srv, "arm", ["lxc:debian-12:aarch64"])
+        out = run_cmd(srv, "arm", "uname -m; python3 -c 'import platform; "
                               "print(platform.machine())'; od -An -tx1 -j18 -N2 /bin/true")[0]
         # /bin/true's ELF e_machine: 0xb7, EM_AARCH64
         assert out["stdout"].split() == ["aarch64", "aarch64", "b7", "00"], out

@@ -14,16 +14,20 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, all_domains, leftovers, tt, wait_env
+from helpers import (
+    IMAGE_PATH,
+    NOTHING_LEFT,
+    ServerProcess,
+    all_domains,
+    leftovers,
+    run_cmd,
+    tt,
+    wait_env,
+)
 
 pytestmark = pytest.mark.vm
 BASE = IMAGE_PATH / "qemu:debian-12:x86_64"
 
-
-def run(server: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
-    resp = requests.post(f"{server.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["results"]
 
 
 def base_image_state() -> list[tuple]:
@@ -54,14 +58,14 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         assert len(set(ports)) == 4
 
         # through the API (guest agent)
-        res = run(srv, "e2e", "uname -m")
+        res = run_cmd(srv, "e2e", "uname -m")
         assert [r["stdout"] for r in res] == ["x86_64\n", "x86_64\n"]
         assert all(r["exit_code"] == 0 for r in res)
-        res = run(srv, "e2e", "cat /etc/os-release")
+        res = run_cmd(srv, "e2e", "cat /etc/os-release")
         assert all('VERSION_ID="12"' in r["stdout"] and "Debian" in r["stdout"] for r in res)
-        assert sorted(r["vm"] for r in run(srv, "e2e", "hostname")) == ["e2e-0", "e2e-1"]
-        assert {r["stdout"] for r in run(srv, "e2e", "hostname")} == {"e2e-0\n", "e2e-1\n"}
-        ids = {r["stdout"] for r in run(srv, "e2e", "cat /etc/machine-id")}
+        assert sorted(r["vm"] for r in run_cmd(srv, "e2e", "hostname")) == ["e2e-0", "e2e-1"]
+        assert {r["stdout"] for r in run_cmd(srv, "e2e", "hostname")} == {"e2e-0\n", "e2e-1\n"}
+        ids = {r["stdout"] for r in run_cmd(srv, "e2e", "cat /etc/machine-id")}
         assert len(ids) == 2, "clones must not share a machine-id"
 
         # through the CLI
@@ -84,14 +88,14 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
 
         # command timeout: clear result, the guest process is killed (agent and SSH alike),
         # the ENV unchanged
-        res = run(srv, "e2e", "sleep 30; touch /tmp/late", timeout=2)
+        res = run_cmd(srv, "e2e", "sleep 30; touch /tmp/late", timeout=2)
         assert all(r["timed_out"] and r["exit_code"] is None for r in res)
         cli = tt(srv.address, "env", "run", "e2e", "--cmd", "sleep 30", "--timeout", "2")
         assert cli.returncode == 124 and "timed out after 2s" in cli.stderr
-        res = run(srv, "e2e", "sleep 31; touch /tmp/late", timeout=2, use_ssh=True)
+        res = run_cmd(srv, "e2e", "sleep 31; touch /tmp/late", timeout=2, use_ssh=True)
         assert all(r["timed_out"] and r["exit_code"] is None for r in res), res
         time.sleep(3)
-        assert all(r["stdout"] == "no\n" for r in run(  # no sleeper left, by either way
+        assert all(r["stdout"] == "no\n" for r in run_cmd(  # no sleeper left, by either way
             srv, "e2e", "pgrep -f 'slee[p] 3[01]' >/dev/null && echo yes || echo no"))
         assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
 
@@ -110,7 +114,7 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         # get refuses what is not a regular file (it read /dev/zero into the server's memory
         # without end; a FIFO with no writer stuck the agent) and files over the 1 GiB a
         # get may carry (a sparse file made them), by either way in
-        assert all(r["exit_code"] == 0 for r in run(
+        assert all(r["exit_code"] == 0 for r in run_cmd(
             srv, "e2e", "mkfifo /root/fifo && truncate -s 3G /root/sparse"))
         vm0 = f"{srv.url}/envs/e2e/vms/{vms[0]['id']}/files"
         for use_ssh in (False, True):
@@ -128,7 +132,7 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         # the console log is rotated (by virtlogd, 2 MiB x 3 by default), not unbounded:
         # a VM printing 5 MB on its console leaves at most ~8 MiB, and `console` still
         # gives the latest lines
-        res = run(srv, "e2e", "head -c 5000000 /dev/zero | tr '\\0' x | fold -w 99 "
+        res = run_cmd(srv, "e2e", "head -c 5000000 /dev/zero | tr '\\0' x | fold -w 99 "
                   "> /dev/ttyS0; echo last-line-$((6*7)) > /dev/ttyS0", timeout=300)
         assert all(r["exit_code"] == 0 for r in res), res
         logs = sorted((run_dir / "state" / "vms" / vms[0]["id"]).glob("console.log*"))
@@ -143,7 +147,7 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         srv.stop(signal.SIGKILL)
         srv = ServerProcess(run_dir / "state", port=srv.port).start()
         assert requests.get(srv.url + "/envs/e2e", timeout=10).json()["state"] == "running"
-        assert [r["stdout"] for r in run(srv, "e2e", "uname -m")] == ["x86_64\n"] * 2
+        assert [r["stdout"] for r in run_cmd(srv, "e2e", "uname -m")] == ["x86_64\n"] * 2
 
         # a VM whose QEMU ended while the server was down: an error, never a silent gap
         srv.stop(signal.SIGKILL)
@@ -152,7 +156,7 @@ def test_env_of_two_vms_end_to_end_without_leaks(run_dir: Path):
         srv = ServerProcess(run_dir / "state", port=srv.port).start()
         env = requests.get(srv.url + "/envs/e2e", timeout=10).json()
         assert "e2e-1 was gone after a server restart" in env["error"], env
-        res = run(srv, "e2e", "uname -m")
+        res = run_cmd(srv, "e2e", "uname -m")
         assert [r["stdout"] for r in res] == ["x86_64\n", ""]
         assert "was gone after a server restart" in res[1]["error"], res
 
@@ -318,15 +322,15 @@ def test_the_servers_ssh_accepts_only_the_vms_pinned_host_key(run_dir: Path):
                                                       "os_prefix": ["debian-12"]}, timeout=30)
         assert resp.status_code == 202, resp.text
         assert wait_env(srv.url, "pin")["state"] == "running"
-        res = run(srv, "pin", "hostname", use_ssh=True)
+        res = run_cmd(srv, "pin", "hostname", use_ssh=True)
         assert [r["stdout"] for r in res] == ["pin-0\n"], res
         # someone else's sshd on the VM's port (here: the VM's own, with a new key)
-        res = run(srv, "pin", "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t "
+        res = run_cmd(srv, "pin", "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t "
                   "ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh")
         assert res[0]["exit_code"] == 0, res
-        res = run(srv, "pin", "echo reached", use_ssh=True)  # not run: an error, no exit
+        res = run_cmd(srv, "pin", "echo reached", use_ssh=True)  # not run: an error, no exit
         assert res[0]["stdout"] == "" and res[0]["exit_code"] is None, res
         assert "Host key verification failed" in res[0]["error"], res
-        assert run(srv, "pin", "echo via-agent")[0]["stdout"] == "via-agent\n"
+        assert run_cmd(srv, "pin", "echo via-agent")[0]["stdout"] == "via-agent\n"
     finally:
         srv.stop()

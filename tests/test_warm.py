@@ -19,7 +19,15 @@ import libvirt
 import pytest
 import requests
 
-from helpers import IMAGE_PATH, NOTHING_LEFT, ServerProcess, leftovers, new_run_dir, wait_env
+from helpers import (
+    IMAGE_PATH,
+    NOTHING_LEFT,
+    ServerProcess,
+    create_env,
+    leftovers,
+    new_run_dir,
+    run_cmd,
+)
 
 pytestmark = pytest.mark.vm
 KEY = "qemu:debian-12:x86_64-1cpu-512m"
@@ -45,19 +53,6 @@ def warm_server() -> Iterator[tuple[ServerProcess, Path]]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def create(srv: ServerProcess, name: str, **kw) -> dict:
-    resp = requests.post(srv.url + "/envs", json={"name": name, "os_prefix": ["debian-12"],
-                                                  **kw}, timeout=30)
-    assert resp.status_code == 202, resp.text
-    env = wait_env(srv.url, name)
-    assert env["state"] == "running", env["error"]
-    return env
-
-
-def run(srv: ServerProcess, name: str, cmd: str, **kw) -> list[dict]:
-    resp = requests.post(f"{srv.url}/envs/{name}/run", json={"cmd": cmd, **kw}, timeout=120)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["results"]
 
 
 def served_host_key(port: int) -> str:
@@ -100,17 +95,17 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
                           if d.name().startswith(f"tt-{sid}-tpl-") and d.isActive()]
     finally:
         conn.close()
-    first = create(srv, "first")
+    first = create_env(srv, "first")
     assert first["vms"][0]["boot_mode"] == "cold"  # no template yet: it is made meanwhile
     wait_template(srv)
 
     ram = next((run_dir / "state" / "templates").glob(f"{KEY}@*/memory.ram"))
     ram_before = hashlib.sha256(ram.read_bytes()).hexdigest()
-    env = create(srv, "clones", vm_number=2, ports=[8080])
+    env = create_env(srv, "clones", vm_number=2, ports=[8080])
     assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
     # a clone starts idle: templates used to be saved as soon as their agent answered,
     # mid-boot, and each clone spent its first ~5 s finishing that boot (0% idle here)
-    idle = [int(r["stdout"]) for r in run(srv, "clones", IDLE_SHARE)]
+    idle = [int(r["stdout"]) for r in run_cmd(srv, "clones", IDLE_SHARE)]
     assert min(idle) >= 40, idle
     for vm in env["vms"]:  # the server's --tcg-tb-cache reached each clone's QEMU
         pid = Path(f"/run/libvirt/qemu/tt-{vm['id']}.pid").read_text().strip()
@@ -120,42 +115,42 @@ def test_clones_are_independent_machines_and_leak_nothing(warm_server):
     # mapping would have them overwrite each other's pages, and the template's)
     fill = ("head -c 67108864 /dev/urandom > /dev/shm/r && sha256sum /dev/shm/r | "
             "cut -c1-64")
-    sums = [r["stdout"] for r in run(srv, "clones", fill)]
+    sums = [r["stdout"] for r in run_cmd(srv, "clones", fill)]
     assert len(set(sums)) == 2 and all(len(x) == 65 for x in sums), sums
-    again = [r["stdout"] for r in run(srv, "clones", "sha256sum /dev/shm/r | cut -c1-64")]
+    again = [r["stdout"] for r in run_cmd(srv, "clones", "sha256sum /dev/shm/r | cut -c1-64")]
     assert again == sums
     assert hashlib.sha256(ram.read_bytes()).hexdigest() == ram_before
     assert all(vm["boot_seconds"] < 30 for vm in env["vms"]), env["vms"]
-    res = run(srv, "clones", "hostname; cat /etc/machine-id; "
+    res = run_cmd(srv, "clones", "hostname; cat /etc/machine-id; "
                              "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2")
     assert all(r["exit_code"] == 0 for r in res), res
     hostnames, machine_ids, host_keys = zip(*(r["stdout"].split() for r in res), strict=True)
     assert hostnames == ("clones-0", "clones-1")
     assert len(set(machine_ids)) == 2 and len(set(host_keys)) == 2
-    first_id = run(srv, "first", "cat /etc/machine-id")[0]["stdout"].strip()
+    first_id = run_cmd(srv, "first", "cat /etc/machine-id")[0]["stdout"].strip()
     assert first_id not in machine_ids
     # the kernel RNG was reseeded: clones do not draw the template's numbers
-    draws = [r["stdout"] for r in run(srv, "clones", "cat /proc/sys/kernel/random/uuid")]
+    draws = [r["stdout"] for r in run_cmd(srv, "clones", "cat /proc/sys/kernel/random/uuid")]
     assert len(set(draws)) == 2, draws
 
     # the clock is today's, not the template's
-    now = run(srv, "clones", "date +%s")
+    now = run_cmd(srv, "clones", "date +%s")
     assert all(abs(int(r["stdout"]) - time.time()) < 30 for r in now), now
 
     # disks apart: a file written in one clone is not in the other
-    assert run(srv, "clones", "echo mine > /root/only-here", vms=["0"])[0]["exit_code"] == 0
-    seen = run(srv, "clones", "test -e /root/only-here && echo yes || echo no")
+    assert run_cmd(srv, "clones", "echo mine > /root/only-here", vms=["0"])[0]["exit_code"] == 0
+    seen = run_cmd(srv, "clones", "test -e /root/only-here && echo yes || echo no")
     assert [r["stdout"] for r in seen] == ["yes\n", "no\n"]
 
     # SSH works, and sshd serves each clone's new host key
-    res = run(srv, "clones", "id -un", use_ssh=True)
+    res = run_cmd(srv, "clones", "id -un", use_ssh=True)
     assert [r["stdout"] for r in res] == ["root\n", "root\n"], res
     files = [r["stdout"].split()[1] for r in
-             run(srv, "clones", "cat /etc/ssh/ssh_host_ed25519_key.pub")]
+             run_cmd(srv, "clones", "cat /etc/ssh/ssh_host_ed25519_key.pub")]
     served = [served_host_key(vm["ssh_port"]) for vm in env["vms"]]
     assert served == files, (served, files)
     # and the identity helper is gone from the clones
-    assert [r["stdout"] for r in run(srv, "clones", "pgrep -c perl || true")] == ["0\n"] * 2
+    assert [r["stdout"] for r in run_cmd(srv, "clones", "pgrep -c perl || true")] == ["0\n"] * 2
 
     ports = [p for vm in env["vms"] + first["vms"]
              for p in [vm["ssh_port"], *vm["ports"].values()]]
@@ -179,13 +174,13 @@ def test_template_cache_shares_a_build_with_another_server(warm_server):
                           template_cache=run_dir / "cache").start()
     try:
         sid = other.server_id()
-        env = create(other, "borrowed")
+        env = create_env(other, "borrowed")
         assert env["vms"][0]["boot_mode"] == "warm"
         assert env["vms"][0]["boot_seconds"] < 30
         mine = run_dir / "other" / "templates" / tpl["build"]
         assert (mine / "memory.bin").stat().st_ino == (cached / "memory.bin").stat().st_ino
         shutil.rmtree(cached)
-        assert run(other, "borrowed", "hostname")[0]["stdout"] == "borrowed-0\n"
+        assert run_cmd(other, "borrowed", "hostname")[0]["stdout"] == "borrowed-0\n"
         port = env["vms"][0]["ssh_port"]
         assert requests.delete(other.url + "/envs/borrowed", timeout=120).status_code == 200
         assert leftovers(sid, run_dir / "other", [port]) == NOTHING_LEFT
@@ -203,9 +198,9 @@ def test_a_template_without_the_helper_gives_identity_by_script(warm_server):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "helper": ""}))
     try:
-        env = create(srv, "scripted", vm_number=2)
+        env = create_env(srv, "scripted", vm_number=2)
         assert [vm["boot_mode"] for vm in env["vms"]] == ["warm", "warm"]
-        res = run(srv, "scripted", "hostname; cat /etc/machine-id; date +%s")
+        res = run_cmd(srv, "scripted", "hostname; cat /etc/machine-id; date +%s")
         hostnames, machine_ids, clocks = zip(*(r["stdout"].split() for r in res), strict=True)
         assert hostnames == ("scripted-0", "scripted-1")
         assert len(set(machine_ids)) == 2
@@ -220,9 +215,9 @@ def test_a_broken_template_falls_back_to_a_cold_boot(warm_server):
     srv, run_dir = warm_server
     tpl = wait_template(srv)
     (run_dir / "state" / "templates" / tpl["build"] / "memory.bin").write_bytes(b"garbage")
-    env = create(srv, "fallback")
+    env = create_env(srv, "fallback")
     assert env["vms"][0]["boot_mode"] == "cold"
-    assert run(srv, "fallback", "hostname")[0]["stdout"] == "fallback-0\n"
+    assert run_cmd(srv, "fallback", "hostname")[0]["stdout"] == "fallback-0\n"
     log = srv.log.read_text(errors="replace")
     assert "warm clone of" in log and "booting cold" in log
     states = {t.get("build", t["key"]): t["state"] for t in templates(srv)}
@@ -245,11 +240,11 @@ def test_a_template_whose_image_changed_is_rebuilt(warm_server):
                         template_cache=None).start()
     try:
         old = wait_template(srv)  # built at start, unasked
-        assert create(srv, "before")["vms"][0]["boot_mode"] == "warm"
+        assert create_env(srv, "before")["vms"][0]["boot_mode"] == "warm"
         assert requests.delete(srv.url + "/envs/before", timeout=120).status_code == 200
         initrd = images / "qemu:debian-12:x86_64" / "initrd.img"  # "replaced": newer mtime
         os.utime(initrd, ns=(initrd.stat().st_atime_ns, initrd.stat().st_mtime_ns + 10**9))
-        assert create(srv, "after")["vms"][0]["boot_mode"] == "cold"
+        assert create_env(srv, "after")["vms"][0]["boot_mode"] == "cold"
         assert f"retiring template {old['build']}: its image changed" in srv.log.read_text()
         assert requests.delete(srv.url + "/envs/after", timeout=120).status_code == 200
         deadline = time.monotonic() + 600
@@ -257,7 +252,7 @@ def test_a_template_whose_image_changed_is_rebuilt(warm_server):
                    and t["build"] != old["build"]]:
             assert time.monotonic() < deadline, templates(srv)
             time.sleep(2)
-        assert create(srv, "rebuilt")["vms"][0]["boot_mode"] == "warm"
+        assert create_env(srv, "rebuilt")["vms"][0]["boot_mode"] == "warm"
         assert requests.delete(srv.url + "/envs/rebuilt", timeout=120).status_code == 200
     finally:
         srv.stop()
