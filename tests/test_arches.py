@@ -231,3 +231,25 @@ def test_templates_are_only_for_arches_that_were_tried():
     assert [a for a in ("x86_64", "i386", "aarch64", "armhf", "ppc64le", "s390x", "riscv64")
             if Templates.supports(image(a))] == ["x86_64", "i386", "aarch64", "armhf",
                                                   "riscv64"]
+
+
+def test_a_binfmt_entry_registered_meanwhile_counts_as_registered(monkeypatch, tmp_path):
+    """An ENV's foreign-arch containers start in parallel after a host reboot: all saw
+    the entry missing, the kernel refused the second registration (EEXIST) and that
+    container failed."""
+    (tmp_path / "binfmt").mkdir()
+    (tmp_path / "binfmt" / "register").write_text("")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "qemu-aarch64.conf").write_text(
+        ":qemu-aarch64:M::\\x7fELF::/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OCF\n")
+    monkeypatch.setattr(binfmt, "BINFMT", tmp_path / "binfmt")
+    monkeypatch.setattr(binfmt, "CONF_DIR", tmp_path / "conf")
+    real = Path.write_text
+
+    def kernel(self: Path, *args, **kw):  # the register file: another process was first
+        if self.name == "register":
+            raise FileExistsError(17, "File exists")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "write_text", kernel)
+    binfmt.ensure("qemu-aarch64")

@@ -36,13 +36,14 @@ pytestmark = pytest.mark.vm
 pytest_plugins = ["pytester"]
 CONTAINER = IMAGE_PATH / "lxc:debian-12:x86_64"  # scripts/setup-host.sh makes it
 PORTS = "48000-48099"
+SECRET = "TT_TEST_SERVER_SECRET"  # in the test server's environment: never in a container
 
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerProcess]:
     run_dir = new_run_dir("engines-")
     server = ServerProcess(run_dir / "state", port_range=PORTS,
-                           extra=("--engines", "qemu,lxc")).start()
+                           extra=("--engines", "qemu,lxc"), env={SECRET: "s3cr3t"}).start()
     try:
         yield server
     finally:
@@ -108,6 +109,20 @@ def test_one_env_of_a_vm_and_a_container(srv: ServerProcess):
         ssh = run_cmd(srv, "mix", "id -un; cat /etc/machine-id", use_ssh=True)
         assert [r["stdout"].split()[0] for r in ssh] == ["root", "root"], ssh
         assert len({r["stdout"].split()[1] for r in ssh}) == 2  # machine-ids differ
+        # an SSH session silent for longer than the relay's connect timeout (10 s): it
+        # was cut, ssh retried, and the command ran again and again
+        once = run_cmd(srv, "mix", "sleep 11; echo x >> /root/count; cat /root/count",
+                       use_ssh=True, vms=[box["id"]])[0]
+        assert (once["exit_code"], once["stdout"]) == (0, "x\n"), once
+
+        # the container's root replaces the first program every entry runs: it must see
+        # nothing of the server's environment (nsenter passes its own on)
+        spy = ("mv /usr/bin/env /usr/bin/env.real && printf '%s\\n' '#!/bin/sh' "
+               "'tr \"\\\\0\" \"\\\\n\" < /proc/$$/environ >> /tmp/seen' "
+               "'exec /usr/bin/env.real \"$@\"' > /usr/bin/env && chmod 755 /usr/bin/env")
+        assert run_cmd(srv, "mix", spy, vms=[box["id"]])[0]["exit_code"] == 0
+        seen = run_cmd(srv, "mix", "cat /tmp/seen", vms=[box["id"]])[0]["stdout"]
+        assert "PATH=" in seen and SECRET not in seen, seen
     finally:
         delete(srv, "mix")
     assert leftovers(srv.server_id(), srv.cfgdb, []) == NOTHING_LEFT
@@ -137,6 +152,14 @@ def test_an_expired_container_and_one_a_crash_left_leave_nothing(srv: ServerProc
     while not serves(port):
         assert time.monotonic() < deadline, "the restarted server does not forward the port"
         time.sleep(0.2)
+    # a restart without the engine would not know the container: it is refused
+    srv.stop(clean=False)
+    without = ServerProcess(srv.cfgdb, port=srv.port, port_range=PORTS)
+    with pytest.raises(RuntimeError, match=r"ENVs with lxc containers are on record "
+                                           r"\(kept\): start ttserver with --engines"):
+        without.start()
+    srv.start()
+    assert run_cmd(srv, "kept", "cat /root/mark")[0]["stdout"] == "before\n"
     delete(srv, "kept")
     assert leftovers(sid, srv.cfgdb, [port]) == NOTHING_LEFT
 

@@ -80,7 +80,7 @@ class VMRow:
     forwards: PortMap  # without SSH (ssh_port)
     error: str = ""
     boot_seconds: float | None = None
-    boot_mode: str = ""  # cold | warm
+    boot_mode: str = ""  # cold | warm | container
     net_addr: str = ""  # its address on the bridge (--network bridge), else ""
 
     @classmethod

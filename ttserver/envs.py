@@ -82,6 +82,11 @@ class EnvManager:
         # the lxc engine (--engines ...,lxc): containers named and placed like VMs, which
         # the engine destroys and lists with its libvirt domains
         self.containers: Containers | None = None
+        kept = sorted({vm.env for vm in self.db.all_vms() if is_container(vm)})
+        if kept and "lxc" not in cfg.engines:  # without the engine they would be lost
+            raise RuntimeError(f"ENVs with lxc containers are on record ({', '.join(kept)})"
+                               ": start ttserver with --engines qemu,lxc (and delete them "
+                               "first if the engine is to go)")
         if "lxc" in cfg.engines:
             self.containers = Containers(self.server_id, cfg.vms_path, cfg.forward_addr)
             self.containers.setup()  # CgroupError: the host cannot have containers
@@ -229,7 +234,9 @@ class EnvManager:
             for vm in vms:
                 vm.ssh_port = ports.pop()
                 vm.forwards = {p: ports.pop() for p in req.ports}
-            self.network.assign(vms, {v.net_addr for v in self.db.all_vms() if v.net_addr})
+            # containers are not on the VM network (their own loopback only)
+            self.network.assign([vm for vm in vms if not is_container(vm)],
+                                 {v.net_addr for v in self.db.all_vms() if v.net_addr})
             spec = {"os_prefix": req.os_prefix, "vm_number": req.vm_number,
                     "cpu_num": req.cpu_num, "mem_size": req.mem_size,
                     "disk_size": req.disk_size, "life_time": life, "ports": req.ports,

@@ -46,7 +46,11 @@ def dial(netns: str, port: int, timeout: float = DIAL_TIMEOUT) -> socket.socket:
                     raise OSError(err, f"setns {netns}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            got["sock"] = socket.create_connection(("127.0.0.1", port), timeout)
+            sock = socket.create_connection(("127.0.0.1", port), timeout)
+            # the timeout was the connect's: a relayed connection may be silent for
+            # as long as its ends like (an SSH session, a command printing nothing)
+            sock.settimeout(None)
+            got["sock"] = sock
         except OSError as exc:
             got["error"] = exc
 

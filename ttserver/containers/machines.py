@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -14,22 +15,24 @@ from ..db import VMRow
 from ..guest import sshexec
 from ..vm.libvirt_domains import Engine
 from .cgroups import CgroupError, Cgroups
-from .forwards import Forward
+from .forwards import Forward, ForwardError
 from .nspawn import EXEC_ENV, ContainerError, ContainerSpec, Runtime
 
 log = logging.getLogger(__name__)
 
 ENGINE = "lxc"
-# Run in a new container as its root with $1 machine-id, $2 SSH host key (private key
-# file), $3 its public line, $4 authorized_keys: what a VM's first boot and identity step
-# make (no systemd runs in a container to do it).
+# Run in a new container as its root with $1 machine-id, $2 the SSH host key's length,
+# $3 its public line, and on stdin the host key (private key file) then authorized_keys
+# (secrets stay off command lines, which every host user can read): what a VM's first
+# boot and identity step make (no systemd runs in a container to do it). dd reads the key
+# a byte at a time: head -c would take more of the pipe than it writes.
 IDENTITY = r"""set -e
 umask 022
 echo "$1" > /etc/machine-id
 rm -f /etc/ssh/ssh_host_*
-(umask 077; printf '%s' "$2" > /etc/ssh/ssh_host_ed25519_key)
+(umask 077; dd bs=1 count="$2" status=none > /etc/ssh/ssh_host_ed25519_key)
 printf '%s\n' "$3" > /etc/ssh/ssh_host_ed25519_key.pub
-(umask 077; mkdir -p /root/.ssh; printf '%s' "$4" > /root/.ssh/authorized_keys)
+(umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys)
 """
 # sshd at every start (its /run is new): it daemonizes and is reaped by the stub init
 SSHD = """mkdir -p /run/sshd
@@ -81,20 +84,27 @@ class Containers:
         and root's authorized_keys `keys`, the host key pinned in `known_hosts` of its
         directory, as the SSH transport wants it; otherwise it runs again on the layer
         it kept, identity included. Either way sshd listens on its loopback (reached
-        through the forwarded ssh_port). ContainerError."""
+        through the forwarded ssh_port). ContainerError (also when a step inside takes over
+        30 s)."""
         spec = self.spec(vm, rootfs, hostname)
         self.runtime.start(spec)
         if not fresh:
             self._run(spec, [SSHD])
             return
         private, public = sshexec.host_key_pair(hostname)
-        self._run(spec, [IDENTITY + SSHD, uuid.uuid4().hex, private.decode(), public, keys])
+        self._run(spec, [IDENTITY + SSHD, uuid.uuid4().hex, str(len(private)), public],
+                  private + keys.encode())
         (spec.dir / "known_hosts").write_text(sshexec.known_hosts_line(vm.id, public))
 
-    def _run(self, spec: ContainerSpec, script: list[str]) -> None:
-        """`sh -c SCRIPT ARGS...` in the container; ContainerError when it fails."""
-        res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", script[0], "sh", *script[1:]],
-                                     timeout=30)
+    def _run(self, spec: ContainerSpec, script: list[str], stdin: bytes = b"") -> None:
+        """`sh -c SCRIPT ARGS...` in the container, `stdin` its input; ContainerError when
+        it fails or takes over 30 s."""
+        try:
+            res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", script[0], "sh",
+                                                *script[1:]], stdin=stdin, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise ContainerError(f"container {spec.name}: setting it up took over 30 s"
+                                 ) from None
         if res.returncode != 0:
             raise ContainerError(f"container {spec.name}: setting it up failed "
                                  f"({res.returncode}): {res.stderr.decode(errors='replace')}")
@@ -109,22 +119,26 @@ class Containers:
     # --- forwarded ports (forwards.py): the VM row's ssh_port to 22 and its `forwards`
     def publish(self, vm: VMRow) -> None:
         """Listen on every forwarded port of the VM row's container, its SSH port
-        included (at its start, and again at a server start for the running ones);
-        ForwardError."""
+        included (at its start, and again at a server start for the running ones); each
+        port is tried, then ForwardError naming those that failed."""
+        failed = []
         for guest, host in {22: vm.ssh_port, **vm.forwards}.items():
             if host:
-                self.add_forward(vm, guest, host)
+                try:
+                    self.add_forward(vm, guest, host)
+                except ForwardError as exc:
+                    failed.append(str(exc))
+        if failed:
+            raise ForwardError("; ".join(failed))
 
     def add_forward(self, vm: VMRow, guest: int, host: int) -> None:
         """Forward the host port `host` to `guest` in the container; ForwardError."""
         spec = self._spec_of(vm.domain)
+        self.remove_forward(vm, host)  # a forward of this port before: its port is freed
         forward = Forward(self.forward_addr, host, guest,
                           lambda: f"/proc/{self.runtime.leader(spec)}/ns/net")
         with self._lock:
-            old = self._forwards.setdefault(vm.domain, {}).pop(host, None)
-            self._forwards[vm.domain][host] = forward
-        if old is not None:
-            old.close()
+            self._forwards.setdefault(vm.domain, {})[host] = forward
 
     def remove_forward(self, vm: VMRow, host: int) -> None:
         """Stop forwarding `host` (not forwarded: nothing to do)."""
@@ -154,14 +168,17 @@ class Containers:
 
     def shell_argv(self, vm: VMRow, cmd: str) -> list[str]:
         """The host command running `cmd` in the container's /bin/sh as its root, in /root,
-        with EXEC_ENV only (not the server's environment); ContainerError when it is not
-        running."""
+        with EXEC_ENV only: no byte of the server's environment reaches the container;
+        ContainerError when it is not running."""
         spec = self.spec(vm)
         leader = self.runtime.leader(spec)
         env = [f"{k}={v}" for k, v in EXEC_ENV.items()]
-        return self.runtime.cgroups.wrap(spec.name, [
-            "nsenter", f"--target={leader}", "--all", "--", "/usr/bin/env", "-i", *env,
-            "/bin/sh", "-c", "cd /root 2>/dev/null; " + cmd])
+        # `env -i` on the host first: nsenter hands its environment to the container's
+        # first program, which the container's root may have replaced
+        return ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                *self.runtime.cgroups.wrap(spec.name, [
+                    "nsenter", f"--target={leader}", "--all", "--", "/usr/bin/env", "-i",
+                    *env, "/bin/sh", "-c", "cd /root 2>/dev/null; " + cmd])]
 
     def close(self) -> None:
         """Server stop: stop forwarding (the containers run on; the next start forwards

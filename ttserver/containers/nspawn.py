@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..vm.libvirt_domains import console_tail
 from .cgroups import CgroupError, Cgroups
 from .rootfs import ID_BASE, ID_RANGE
 
@@ -66,14 +67,6 @@ class ContainerSpec:
     def console(self) -> Path:
         """nspawn's output."""
         return self.dir / "console.log"
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no output)"
-    return "\n".join(text.splitlines()[-lines:]) or "(no output)"
 
 
 def _children(pid: int) -> list[int]:
@@ -156,7 +149,7 @@ class Runtime:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ContainerError(f"container {spec.name}: nspawn exited with "
-                                     f"{proc.returncode}:\n{_tail(spec.console)}")
+                                     f"{proc.returncode}:\n{console_tail(spec.console)}")
             # PID 1 of the container: nspawn's child in another PID namespace (nspawn
             # forks helpers of its own too), set up once it started the payload
             leader = next((c for c in _children(proc.pid) if _own_pid_ns(c)
@@ -166,7 +159,7 @@ class Runtime:
                 return leader
             time.sleep(0.005)
         raise ContainerError(f"container {spec.name}: not running after {START_TIMEOUT:.0f}s"
-                             f":\n{_tail(spec.console)}")
+                             f":\n{console_tail(spec.console)}")
 
     def leader(self, spec: ContainerSpec) -> int:
         """The running container's PID 1 (its pid file, checked against the container's

@@ -6,8 +6,10 @@ namespace (a container sees no /usr/libexec/qemu-binfmt of its own)."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
+import threading
 from pathlib import Path
 
 from ttclient import arches
@@ -34,9 +36,19 @@ def missing(arch: str) -> str:
             "installed (apt-get install qemu-user-static)")
 
 
+_register_lock = threading.Lock()
+
+
 def ensure(entry: str) -> None:
     """Make sure the binfmt_misc `entry` (e.g. "qemu-aarch64", ArchProfile.qemu_user) is
-    registered; RuntimeError with the fix if we cannot."""
+    registered; RuntimeError with the fix if we cannot. Safe from many threads at once
+    (an ENV's containers start in parallel): one registers, and an entry another
+    process registered meanwhile (the kernel's EEXIST) counts as registered."""
+    with _register_lock:
+        _ensure(entry)
+
+
+def _ensure(entry: str) -> None:
     if not (BINFMT / "register").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
                        check=False, capture_output=True)
@@ -46,4 +58,5 @@ def ensure(entry: str) -> None:
     if not conf.is_file():
         raise RuntimeError(f"{conf} is missing: apt-get install qemu-user-static")
     line = next(ln for ln in conf.read_text().splitlines() if ln.startswith(":"))
-    (BINFMT / "register").write_text(line)
+    with contextlib.suppress(FileExistsError):  # another process registered it since
+        (BINFMT / "register").write_text(line)
