@@ -16,7 +16,7 @@ from ..guest import sshexec
 from ..vm.libvirt_domains import Engine
 from .cgroups import CgroupError, Cgroups
 from .forwards import Forward, ForwardError
-from .nspawn import EXEC_ENV, ContainerError, ContainerSpec, Runtime
+from .nspawn import ContainerError, ContainerSpec, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +167,10 @@ class Containers:
         return self.runtime.cgroups.names()
 
     def shell_argv(self, vm: VMRow, cmd: str) -> list[str]:
-        """The host command running `cmd` in the container's /bin/sh as its root, in /root,
-        with EXEC_ENV only: no byte of the server's environment reaches the container;
-        ContainerError when it is not running."""
-        spec = self.spec(vm)
-        leader = self.runtime.leader(spec)
-        env = [f"{k}={v}" for k, v in EXEC_ENV.items()]
-        # `env -i` on the host first: nsenter hands its environment to the container's
-        # first program, which the container's root may have replaced
-        return ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                *self.runtime.cgroups.wrap(spec.name, [
-                    "nsenter", f"--target={leader}", "--all", "--", "/usr/bin/env", "-i",
-                    *env, "/bin/sh", "-c", "cd /root 2>/dev/null; " + cmd])]
+        """The host command running `cmd` in the container's /bin/sh (Runtime.enter_argv:
+        as its root, in /root, with nothing of the server's environment); ContainerError
+        when it is not running."""
+        return self.runtime.enter_argv(self.spec(vm), ["/bin/sh", "-c", cmd])
 
     def close(self) -> None:
         """Server stop: stop forwarding (the containers run on; the next start forwards

@@ -94,10 +94,6 @@ def _own_pid_ns(pid: int) -> bool:
         return False
 
 
-def _mounted(path: Path) -> bool:
-    return os.path.ismount(path)
-
-
 class Runtime:
     """Containers of one server, in `cgroups` (cgroups.setup() must have run)."""
 
@@ -173,18 +169,29 @@ class Runtime:
             raise ContainerError(f"container {spec.name} is not running")
         return pid
 
+    def enter_argv(self, spec: ContainerSpec, argv: list[str]) -> list[str]:
+        """The host command that runs `argv` in the running container as its root, in
+        /root, with EXEC_ENV only: `env -i` on the host first, since nsenter hands its
+        environment to the container's first program, which the container's root may
+        have replaced (no byte of the server's environment reaches the container), and
+        from a shell that joined the container's cgroups (cgroups.wrap). ContainerError
+        when it is not running."""
+        leader = self.leader(spec)
+        env = [f"{k}={v}" for k, v in EXEC_ENV.items()]
+        return ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                *self.cgroups.wrap(spec.name, [
+                    "nsenter", f"--target={leader}", "--all", "--", "/usr/bin/env", "-i",
+                    *env, "/bin/sh", "-c", 'cd "$HOME" 2>/dev/null; exec "$@"', "sh",
+                    *argv])]
+
     def exec_argv(self, spec: ContainerSpec, argv: list[str], stdin: bytes = b"",
                   timeout: float = 60.0) -> subprocess.CompletedProcess:
-        """Run `argv` in the container as its root, in /root with EXEC_ENV, `stdin` as its
-        input; the completed process (returncode, stdout, stderr as bytes; 137 when the
-        memory limit killed it). ContainerError when the container is not running;
-        subprocess.TimeoutExpired after `timeout` seconds (the command is killed)."""
-        leader = self.leader(spec)
-        cmd = self.cgroups.wrap(spec.name, [
-            "nsenter", f"--target={leader}", "--all", "--",
-            "/bin/sh", "-c", 'cd "$HOME" 2>/dev/null; exec "$@"', "sh", *argv])
-        return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout,
-                              env=EXEC_ENV)
+        """Run `argv` in the container (enter_argv), `stdin` as its input; the completed
+        process (returncode, stdout, stderr as bytes; 137 when the memory limit killed
+        it). ContainerError when the container is not running; subprocess.TimeoutExpired
+        after `timeout` seconds (the command is killed)."""
+        return subprocess.run(self.enter_argv(spec, argv), input=stdin,
+                              capture_output=True, timeout=timeout)
 
     def remove(self, spec: ContainerSpec) -> None:
         """stop() the container and remove its directory (its own layer); idempotent.
@@ -204,7 +211,7 @@ class Runtime:
             proc = self._spawned.pop(spec.name, None)
         if proc is not None:
             proc.wait(timeout=10)
-        if _mounted(spec.root):
+        if os.path.ismount(spec.root):
             res = subprocess.run(["umount", str(spec.root)], capture_output=True, text=True)
             if res.returncode != 0:
                 raise ContainerError(f"container {spec.name}: unmounting its root failed: "

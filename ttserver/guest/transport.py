@@ -129,7 +129,26 @@ class AgentTransport:
         return agent.open_file(self.domain(vm), path, size)
 
 
-class SSHTransport:
+class ShellTransport:
+    """Commands and files as shell command lines in the guest's /bin/sh (guest/sshexec.py:
+    the run protocol of guest/command.py, placing.py's writes, `head -c` reads), through
+    the `sshexec.Shell` that `shell(vm)` gives: SSH, or entering a container."""
+
+    def shell(self, vm: VMRow) -> sshexec.Shell:
+        """The way into `vm`'s shell; GuestError when there is none."""
+        raise NotImplementedError
+
+    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
+        return sshexec.run_command(self.shell(vm), spec)
+
+    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
+        sshexec.write_file(self.shell(vm), path, data, mode, COPY_TIMEOUT)
+
+    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
+        return sshexec.open_file(self.shell(vm), path, size, COPY_TIMEOUT)
+
+
+class SSHTransport(ShellTransport):
     """OpenSSH with the server's key: the path users take, faster for big files. On the
     bridge straight to the VM's address; otherwise through its forwarded SSH port.
 
@@ -157,21 +176,12 @@ class SSHTransport:
                 f.write(line)
         return known
 
-    def _target(self, vm: VMRow) -> sshexec.Target:
+    def shell(self, vm: VMRow) -> sshexec.Target:
         known = self._known_hosts(vm)
         if vm.net_addr:  # on the bridge: no port mapping in between
             return sshexec.Target(self.cfg.ssh_key, vm.net_addr, 22, known, vm.id)
         return sshexec.Target(self.cfg.ssh_key, self.cfg.connect_addr, vm.ssh_port, known,
                               vm.id)
-
-    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
-        return sshexec.run_command(self._target(vm), spec)
-
-    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
-        sshexec.write_file(self._target(vm), path, data, mode, COPY_TIMEOUT)
-
-    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
-        return sshexec.open_file(self._target(vm), path, size, COPY_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -185,29 +195,19 @@ class _Entered:
         return [*self.prefix[:-1], self.prefix[-1] + cmd]
 
 
-class ContainerTransport:
+class ContainerTransport(ShellTransport):
     """Into a container (the lxc engine) by entering its namespaces: the same shell-level
-    commands as over SSH (guest/sshexec.py), without a network or sshd."""
+    commands as over SSH, without a network or sshd."""
 
     def __init__(self, containers: Containers) -> None:
         self.containers = containers
 
-    def _shell(self, vm: VMRow) -> sshexec.Shell:
-        """The container's shell (sshexec.Shell); GuestError when it is not running."""
+    def shell(self, vm: VMRow) -> sshexec.Shell:
         try:
             prefix = self.containers.shell_argv(vm, "")
         except ContainerError as exc:
             raise GuestError(str(exc)) from None
         return _Entered(tuple(prefix))
-
-    def run(self, vm: VMRow, spec: command.RunSpec) -> command.Outcome:
-        return sshexec.run_command(self._shell(vm), spec)
-
-    def write(self, vm: VMRow, path: str, data: Upload, mode: int | None) -> None:
-        sshexec.write_file(self._shell(vm), path, data, mode, COPY_TIMEOUT)
-
-    def open_read(self, vm: VMRow, path: str, size: int) -> Iterator[bytes]:
-        return sshexec.open_file(self._shell(vm), path, size, COPY_TIMEOUT)
 
 
 class GuestIO:
