@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttclient import arches
-from ttclient.imagenames import ImageNameError, parse_image_name
+from ttclient.imagenames import ImageNameError, parse_image_name, parse_os_prefix
 from ttclient.rules import (
     KEY_TYPES,
     MAX_PORTS,
@@ -94,7 +94,10 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
     if sum(len(k.encode()) + 1 for k in req.ssh_keys) > MAX_SSH_KEYS_BYTES:
         raise BadRequest(f"ssh_keys: at most {MAX_SSH_KEYS_BYTES // 1024} KiB in all")
     for prefix in req.os_prefix:
-        engine = prefix.split(":", 1)[0].strip().lower() if ":" in prefix else "qemu"
+        try:
+            engine = parse_os_prefix(prefix).engine
+        except ImageNameError:
+            continue  # images.select says what is wrong with it
         if engine == "lxc" and "lxc" not in cfg.engines:
             raise BadRequest(f"{prefix!r}: containers (the lxc engine) are not offered by "
                              "this server; its operator turns them on with --engines "
