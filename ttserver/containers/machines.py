@@ -207,7 +207,8 @@ class MachineEngine(Engine):
 
     def active_domains(self, prefix: str) -> list[str]:
         return super().active_domains(prefix) + [
-            n for n in self.containers.names() if n.startswith(prefix) and self.is_running(n)]
+            n for n in self.containers.names()
+            if n.startswith(prefix) and self.containers.is_running(n)]
 
     def domains_with_prefix(self, prefix: str) -> list[str]:
         return super().domains_with_prefix(prefix) + [
