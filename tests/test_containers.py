@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,17 @@ def assert_gone(rt: Runtime, s: ContainerSpec) -> None:
     assert not any(d.exists() for d in rt.cgroups.dirs(s.name))
 
 
+def test_a_pid_listed_as_0_is_no_process_of_the_container(tmp_path: Path):
+    """cgroup.procs lists an exiting process as pid 0 (seen during a fork bomb's mass
+    SIGKILL): taken for a process, kill() sent SIGKILL to pid 0, the server's own process
+    group, and the server died."""
+    cgroups = Cgroups("g", v2_mount=tmp_path)
+    (tmp_path / "g" / "c" / "payload").mkdir(parents=True)
+    (tmp_path / "g" / "c" / "cgroup.procs").write_text("0\n4242\n")
+    (tmp_path / "g" / "c" / "payload" / "cgroup.procs").write_text("0\n")
+    assert cgroups.pids("c") == {4242}
+
+
 def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
         image_root: Path, runtime: Runtime, tmp_path: Path):
     s = spec(image_root, tmp_path, f"tt-c-{uuid.uuid4().hex[:6]}")
@@ -122,8 +135,36 @@ def test_the_memory_limit_kills_what_goes_past_it(image_root: Path, runtime: Run
         assert code == 137, out  # SIGKILL by the OOM killer of the container's cgroup
         oom = (ROOT / "memory" / runtime.cgroups.group / s.name / "memory.oom_control")
         assert "oom_kill 1" in oom.read_text().splitlines()
+        # /tmp is a tmpfs charged to the container: filled past the limit, the OOM killer
+        # once chose nspawn (the biggest process in the cgroup) and the container ended
+        code, out = run(runtime, s, "dd if=/dev/zero of=/tmp/fill bs=1M count=200")
+        assert code != 0, out
+        assert run(runtime, s, "rm /tmp/fill; echo alive") == (0, "alive\n")
     finally:
         runtime.remove(s)
+    assert_gone(runtime, s)
+
+
+def test_a_fork_bomb_ends_with_its_container(image_root: Path, runtime: Runtime,
+                                            tmp_path: Path):
+    """A fork bomb stops at the container's task limit (here 200) and stop() kills it to
+    the last process, whatever pids the dying tasks show in cgroup.procs meanwhile."""
+    s = spec(image_root, tmp_path, f"tt-b-{uuid.uuid4().hex[:6]}")
+    runtime.start(s)
+    pids = ROOT / "pids" / runtime.cgroups.group / s.name
+    try:
+        (pids / "pids.max").write_text("200")
+        bomb = subprocess.Popen(runtime.enter_argv(s, ["/bin/sh", "-c", "b(){ b|b& }; b"]),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while int((pids / "pids.current").read_text()) < 190:
+            assert time.monotonic() < deadline, "the bomb did not spread"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert int((pids / "pids.current").read_text()) <= 200
+    finally:
+        runtime.remove(s)  # this test's process survives it
+    bomb.wait(10)
     assert_gone(runtime, s)
 
 

@@ -238,6 +238,26 @@ def test_what_a_hostile_trial_found_in_run(vm_server: ServerProcess, use_ssh: bo
     assert r["stdout"] == "/root /root\n/usr/sbin/ip\n", r
 
 
+# /usr/bin/timeout, which starts every run's shell, replaced by one that fails once (and
+# puts the real one back): a run whose shell never starts
+BREAK_TIMEOUT = (
+    "cp /usr/bin/timeout /usr/bin/timeout.real && printf '%s\\n' '#!/bin/sh' "
+    "'mv /usr/bin/timeout.real /usr/bin/timeout' 'echo cannot start the shell >&2' "
+    "'exit 125' > /usr/bin/timeout.new && chmod 755 /usr/bin/timeout.new && "
+    "mv /usr/bin/timeout.new /usr/bin/timeout; echo output of the last run")
+
+
+@pytest.mark.parametrize("use_ssh", TRANSPORTS)
+def test_a_run_whose_shell_never_starts_says_why(vm_server: ServerProcess, use_ssh: bool):
+    """The run's output files were read although its shell never ran: the output of the
+    run before was returned as this one's."""
+    r = run(vm_server, BREAK_TIMEOUT, use_ssh=use_ssh)
+    assert r["stdout"] == "output of the last run\n", r
+    r = run(vm_server, "echo fresh", use_ssh=use_ssh)
+    assert (r["exit_code"], r["stdout"], r["stderr"]) == (125, "", "cannot start the shell\n"), r
+    assert run(vm_server, "echo fresh", use_ssh=use_ssh)["stdout"] == "fresh\n"
+
+
 @pytest.mark.parametrize("use_ssh", TRANSPORTS)
 def test_what_a_hostile_trial_found_in_files(vm_server: ServerProcess, use_ssh: bool):
     """A push left its file world-readable while it was written (0666 by the agent, with

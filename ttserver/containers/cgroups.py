@@ -15,8 +15,8 @@ after it, under this server's group in each of:
   its `payload` cgroup (measured with systemd 252: from the root cgroup, every container
   used /payload).
 
-A process joins all five before it execs (`wrap`): nspawn, and every command entered into
-the container, since nsenter does not move a process into the target's cgroups (a
+A process joins all five before it execs (`wrap`): nspawn (but for the memory cgroup),
+and every command entered into the container, since nsenter does not move a process into the target's cgroups (a
 command not moved was not held to the memory limit; measured). Every process of a
 container is then in its directories, so `kill` finds them all, also after a server
 crash, without any pid file.
@@ -106,26 +106,57 @@ class Cgroups:
         _write(cpu / "cpu.cfs_quota_us", str(cpus * CFS_PERIOD_US))
         _write(pids / "pids.max", str(tasks))
 
-    def wrap(self, name: str, argv: list[str]) -> list[str]:
+    def wrap(self, name: str, argv: list[str], supervisor: bool = False) -> list[str]:
         """`argv` run by a shell that first moves itself into the container's cgroups
-        (exit 125 when it cannot)."""
-        procs = [str(d / "cgroup.procs") for d in self.dirs(name)]
+        (exit 125 when it cannot).
+
+        A container filled to its memory limit by a tmpfs (/tmp: no kill frees it) drives
+        its OOM killer through every process: it chose nspawn, then the stub init (the
+        biggest), and the container ended. So a `supervisor` (nspawn) stays out of the
+        container's memory cgroup, in the server's group (confine() moves its children
+        in), and what is entered into the container is the OOM killer's first choice
+        (oom_score_adj 1000: lowering the init's needs CAP_SYS_RESOURCE, which a server
+        in a container may lack)."""
+        dirs = self.dirs(name)
+        if supervisor:
+            dirs[0] = dirs[0].parent
+        procs = [str(d / "cgroup.procs") for d in dirs]
+        first = "" if supervisor else "echo 1000 > /proc/self/oom_score_adj || exit 125; "
         return ["/bin/sh", "-c",
-                'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; '
-                'exec "$@"', "sh", *procs, "--", *argv]
+                first + 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; '
+                'shift; exec "$@"', "sh", *procs, "--", *argv]
+
+    def confine(self, name: str, pids: list[int]) -> None:
+        """Move the processes `pids` (a supervisor's children, started outside) into the
+        container's memory cgroup; CgroupError."""
+        procs = self.dirs(name)[0] / "cgroup.procs"
+        for pid in pids:
+            try:
+                procs.write_text(str(pid))
+            except OSError as exc:
+                raise CgroupError(f"cannot move process {pid} into {procs}: "
+                                  f"{exc.strerror}") from None
 
     def pids(self, name: str) -> set[int]:
-        """Every process in the container's directories and below them."""
+        """Every process in the container's directories and below them. A process that is
+        exiting may be listed as pid 0 in cgroup.procs (measured on cgroup v2 during a
+        mass SIGKILL, kernel 6.18); it is left out: kill(0) would signal the caller's own
+        process group."""
         found: set[int] = set()
         for top in self.dirs(name):
             for procs in top.rglob("cgroup.procs") if top.is_dir() else ():
                 with contextlib.suppress(OSError, ValueError):
                     found.update(int(p) for p in procs.read_text().split())
+        found.discard(0)
         return found
 
     def kill(self, name: str, timeout: float = KILL_TIMEOUT) -> None:
         """SIGKILL every process of the container until none is left; CgroupError after
         `timeout` seconds (a process in uninterruptible sleep)."""
+        # a task throttled by its CPU quota cannot run to act on SIGKILL: a fork bomb's
+        # killed tasks stayed runnable until the quota was lifted (kernel 6.18)
+        with contextlib.suppress(OSError):
+            (self.dirs(name)[1] / "cpu.cfs_quota_us").write_text("-1")
         deadline = time.monotonic() + timeout
         while pids := self.pids(name):
             for pid in pids:

@@ -136,7 +136,7 @@ class Runtime:
                 *([f"--hostname={spec.hostname}"] if spec.hostname else []),
                 "sleep", "infinity"]
         with open(spec.console, "ab") as out:
-            proc = subprocess.Popen(self.cgroups.wrap(spec.name, argv),
+            proc = subprocess.Popen(self.cgroups.wrap(spec.name, argv, supervisor=True),
                                     stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         with self._lock:
@@ -151,6 +151,10 @@ class Runtime:
             leader = next((c for c in _children(proc.pid) if _own_pid_ns(c)
                            and _children(c)), 0)
             if leader:
+                try:  # the stub init and its payload: nspawn forked them outside
+                    self.cgroups.confine(spec.name, [leader, *_children(leader)])
+                except CgroupError as exc:
+                    raise ContainerError(f"container {spec.name}: {exc}") from None
                 (spec.dir / "leader.pid").write_text(f"{leader}\n")
                 return leader
             time.sleep(0.005)

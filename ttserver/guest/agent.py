@@ -135,17 +135,27 @@ def run_command(dom: libvirt.virDomain, spec: cmdspec.RunSpec) -> cmdspec.Outcom
     if timed_out:
         with contextlib.suppress(AgentError):
             exec_argv(dom, spec.sweep_argv(), timeout=30)
+    # The run's shell sends everything to its files at once: what reached the agent's
+    # own pipes came before that, from a shell that could not start or open its files
+    # (`timeout` could not fork, say), and the files, if any, are an earlier run's.
+    if res.stdout or res.stderr:
+        return cmdspec.Outcome(exit_code, signal, _piped(res.stdout, spec.cap),
+                               _piped(res.stderr, spec.cap), timed_out,
+                               time.monotonic() - started)
     try:
         stdout = read_capped(dom, spec.out_path, spec.cap)
         stderr = read_capped(dom, spec.err_path, spec.cap)
     except AgentError:
         if exit_code is None:
             raise
-        # the shell could not open its files (it said why on the agent's own pipes)
-        stdout = cmdspec.Output(res.stdout.encode(), len(res.stdout.encode()))
-        stderr = cmdspec.Output(res.stderr.encode(), len(res.stderr.encode()))
+        stdout = stderr = cmdspec.Output(b"", 0)  # the shell never made them
     return cmdspec.Outcome(exit_code, signal, stdout, stderr, timed_out,
                            time.monotonic() - started)
+
+
+def _piped(text: str, cap: int) -> cmdspec.Output:
+    data = text.encode()
+    return cmdspec.Output(data[:cap], len(data))
 
 
 def recovered(dom: libvirt.virDomain, spec: cmdspec.RunSpec,

@@ -171,17 +171,21 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
     """Run a user's command in the guest as guest/command.py describes, in one SSH session
     that also sends back at most `spec.cap` bytes of each stream; OSError when ssh fails.
 
-    The login shell of root runs the run, then prints `ttstack-run STATUS OUT ERR` (the
-    status and the sizes of both output files) and the files' first bytes. Without a TTY
-    sshd leaves a command running when our ssh client gives up, so the guest's `timeout`
-    ends it. The signal is inferred from a status over 128 (OpenSSH's client drops
-    exit-signal)."""
+    The login shell of root removes the run's output files, runs the run, then prints
+    `ttstack-run STATUS OUT ERR` (the status and the sizes of both output files, `-` for
+    a file the run did not make) and the files' first bytes. A run that made neither
+    file never started its shell (`timeout` could not fork, say): its stderr is what the
+    session printed there, not an earlier run's file. Without a TTY sshd leaves a
+    command running when our ssh client gives up, so the guest's `timeout` ends it. The
+    signal is inferred from a status over 128 (OpenSSH's client drops exit-signal)."""
     q = shlex.quote
     out, err = q(spec.out_path), q(spec.err_path)
-    size = "{v}=$(stat -c %s -- {f} 2>/dev/null) || {v}=0; "
-    head = ('n=${v}; [ "$n" -gt {cap} ] && n={cap}; head -c "$n" -- {f} 2>/dev/null; ')
-    trim = '[ "${v}" -gt {over} ] && : > {f}; '
-    script = ((f"cat > {q(spec.cmd_file)} || exit 125; " if spec.cmd_file else "")
+    size = "{v}=$(stat -c %s -- {f} 2>/dev/null) || {v}=-; "
+    head = ('[ "${v}" = - ] || {{ n=${v}; [ "$n" -gt {cap} ] && n={cap}; '
+            'head -c "$n" -- {f} 2>/dev/null; }}; ')
+    trim = '[ "${v}" != - ] && [ "${v}" -gt {over} ] && : > {f}; '
+    script = (f"rm -f -- {out} {err}; "
+              + (f"cat > {q(spec.cmd_file)} || exit 125; " if spec.cmd_file else "")
               + shlex.join(spec.argv()) + "; s=$?; "
               + size.format(v="o", f=out) + size.format(v="e", f=err)
               + f"printf '{HEADER.decode()} %s %s %s\\n' \"$s\" \"$o\" \"$e\"; "
@@ -195,15 +199,20 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
                                True, res.seconds)
     line, sep, _rest = bytes(res.stdout[:200]).partition(b"\n")
     fields = line.split()
-    if not sep or len(fields) != 4 or fields[0] != HEADER or not all(
-            f.isdigit() for f in fields[1:]):
+    if not sep or len(fields) != 4 or fields[0] != HEADER or not fields[1].isdigit() or not all(
+            f.isdigit() or f == b"-" for f in fields[2:]):
         err_lines = res.stderr.decode(errors="replace").strip().splitlines()
         raise OSError(f"ssh: {err_lines[-1] if err_lines else f'exit {res.exit_code}'}")
-    status, out_size, err_size = (int(f) for f in fields[1:])
-    n_out = min(out_size, spec.cap)
-    body = memoryview(res.stdout)[len(line) + 1:]  # slices of the buffer, not copies
-    stdout = cmdspec.Output(body[:n_out], out_size)
-    stderr = cmdspec.Output(body[n_out:n_out + min(err_size, spec.cap)], err_size)
+    status = int(fields[1])
+    if fields[2:] == [b"-", b"-"]:  # the run's shell never started: the session says why
+        stdout, stderr = cmdspec.Output(b"", 0), cmdspec.Output(
+            bytes(res.stderr[:spec.cap]), len(res.stderr))
+    else:
+        out_size, err_size = (int(f) if f.isdigit() else 0 for f in fields[2:])
+        n_out = min(out_size, spec.cap)
+        body = memoryview(res.stdout)[len(line) + 1:]  # slices of the buffer, not copies
+        stdout = cmdspec.Output(body[:n_out], out_size)
+        stderr = cmdspec.Output(body[n_out:n_out + min(err_size, spec.cap)], err_size)
     exit_code, signal, timed_out = cmdspec.settle(
         status, cmdspec.signal_of(status), res.seconds, spec.timeout)
     if timed_out:
