@@ -82,8 +82,10 @@ def validate(req: EnvRequest, cfg: ServerConfig) -> list[images.Image]:
         raise BadRequest(error)
     if not 1 <= req.vm_number <= MAX_VMS_PER_ENV:
         raise BadRequest(f"vm_number must be 1..{MAX_VMS_PER_ENV}")
-    if req.cpu_num < 1 or req.mem_size < 128:
-        raise BadRequest("cpu_num must be >= 1 and mem_size >= 128 MiB")
+    if req.cpu_num < 1:
+        raise BadRequest(f"cpu_num must be >= 1, not {req.cpu_num}")
+    if req.mem_size < 128:
+        raise BadRequest(f"mem_size must be >= 128 (MiB), not {req.mem_size}")
     life = req.life_time if req.life_time is not None else cfg.default_life_time
     if not 1 <= life <= cfg.max_life_time:
         raise BadRequest(f"life_time must be 1..{cfg.max_life_time} seconds")

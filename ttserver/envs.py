@@ -573,10 +573,11 @@ class EnvManager:
         for vm in env.vms:
             if vm.state != RUNNING or self.engine.is_running(vm.domain):
                 continue
-            reason = (f"VM {views.hostname(vm.env, vm.idx)} powered off at "
-                      f"{time.strftime('%H:%M:%S', time.gmtime())} UTC (its QEMU ended: "
-                      f"the guest shut down, or QEMU died); console tail:\n"
-                      f"{console_tail(Path(vm.dir) / 'console.log', 10)}")
+            at = time.strftime('%H:%M:%S', time.gmtime())
+            reason = (f"VM {views.hostname(vm.env, vm.idx)} powered off at {at} UTC "
+                      + ("(its container ended: its init or nspawn died)" if is_container(vm)
+                         else "(its QEMU ended: the guest shut down, or QEMU died)")
+                      + f"; console tail:\n{console_tail(Path(vm.dir) / 'console.log', 10)}")
             log.warning("ENV %s: VM %s powered off", name, vm.id)
             self.engine.destroy(vm.domain)  # transient: normally gone already
             self.booter.unpublish(vm)

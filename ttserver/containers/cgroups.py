@@ -16,10 +16,10 @@ after it, under this server's group in each of:
   used /payload).
 
 A process joins all five before it execs (`wrap`): nspawn (but for the memory cgroup),
-and every command entered into the container, since nsenter does not move a process into the target's cgroups (a
-command not moved was not held to the memory limit; measured). Every process of a
-container is then in its directories, so `kill` finds them all, also after a server
-crash, without any pid file.
+and every command entered into the container, since nsenter does not move a process into
+the target's cgroups (a command not moved was not held to the memory limit; measured).
+Every process of a container is then in its directories, so `kill` finds them all, also
+after a server crash, without any pid file.
 """
 
 from __future__ import annotations

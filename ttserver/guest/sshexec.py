@@ -77,6 +77,8 @@ class Target:
     known_hosts: Path
     alias: str
 
+    what = "ssh"  # how errors name this way in
+
     def argv(self, cmd: str) -> list[str]:
         """ssh running `cmd` in root's login shell on the guest."""
         return [*self.options(), "root@" + self.host, cmd]
@@ -102,6 +104,8 @@ def known_hosts_line(alias: str, public_key: str) -> str:
 class Shell(Protocol):
     """A way to run a command string in a guest's shell as root: SSH (Target) or entering
     a container's namespaces (guest/transport.py ContainerTransport)."""
+
+    what: str  # how an error names it: "ssh", "container"
 
     def argv(self, cmd: str) -> list[str]:
         """The host command that runs `cmd` in the guest's /bin/sh."""
@@ -202,7 +206,9 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
     if not sep or len(fields) != 4 or fields[0] != HEADER or not fields[1].isdigit() or not all(
             f.isdigit() or f == b"-" for f in fields[2:]):
         err_lines = res.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"ssh: {err_lines[-1] if err_lines else f'exit {res.exit_code}'}")
+        code = res.exit_code or 0
+        raise OSError(f"{t.what}: " + (err_lines[-1] if err_lines else
+                                       f"killed by signal {-code}" if code < 0 else f"exit {code}"))
     status = int(fields[1])
     if fields[2:] == [b"-", b"-"]:  # the run's shell never started: the session says why
         stdout, stderr = cmdspec.Output(b"", 0), cmdspec.Output(

@@ -190,6 +190,7 @@ class _Entered:
     ends with the shell's script, to which the command is appended."""
 
     prefix: tuple[str, ...]
+    what = "container"
 
     def argv(self, cmd: str) -> list[str]:
         return [*self.prefix[:-1], self.prefix[-1] + cmd]
