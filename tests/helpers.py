@@ -231,13 +231,17 @@ def leftovers(server_id: str, cfgdb: Path, ports: list[int]) -> dict[str, list]:
             # simultaneous open when the source port drawn equals it): not a listener
             if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 listening.append(port)
-    # containers (the lxc engine): nspawn processes, overlay mounts and cgroups of this
-    # server's containers
+    # containers (the lxc engine): nspawn processes, mounts (overlay roots, disks), loop
+    # devices and cgroups of this server's containers
     containers = [line.split()[0] for line in subprocess.run(
         ["pgrep", "-af", f"--machine=tt-{server_id}-"], capture_output=True,
         text=True).stdout.splitlines()]
     containers += [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                   if line.startswith("overlay ") and line.split()[1].startswith(str(cfgdb))]
+                   if line.split()[1].startswith(f"{cfgdb}/vms/")
+                   and line.split()[1].rsplit("/", 1)[-1] in ("root", "layer")]
+    containers += [line for line in subprocess.run(["losetup", "-a"], capture_output=True,
+                                                   text=True).stdout.splitlines()
+                   if f"({cfgdb}/vms/" in line]
     containers += [str(d) for top in (Path("/sys/fs/cgroup/memory"),
                                       Path("/sys/fs/cgroup/systemd"), Path("/run/ttstack/cgroup2"))
                    for d in top.glob(f"ttstack-{server_id}/*") if d.is_dir()]

@@ -51,8 +51,10 @@ def runtime() -> Iterator[Runtime]:
     assert not any((ROOT / c / cgroups.group).exists() for c in ("memory", "cpu", "systemd"))
 
 
-def spec(image_root: Path, tmp: Path, name: str, mem_mib: int = 256) -> ContainerSpec:
-    return ContainerSpec(name=name, rootfs=image_root, dir=tmp / name, mem_mib=mem_mib, cpus=1)
+def spec(image_root: Path, tmp: Path, name: str, mem_mib: int = 256,
+         disk_mib: int = 2048) -> ContainerSpec:
+    return ContainerSpec(name=name, rootfs=image_root, dir=tmp / name, mem_mib=mem_mib, cpus=1,
+                         disk_mib=disk_mib)
 
 
 def run(rt: Runtime, s: ContainerSpec, script: str, stdin: bytes = b"") -> tuple[int, str]:
@@ -63,7 +65,10 @@ def run(rt: Runtime, s: ContainerSpec, script: str, stdin: bytes = b"") -> tuple
 def assert_gone(rt: Runtime, s: ContainerSpec) -> None:
     assert rt.cgroups.pids(s.name) == set()
     assert not s.dir.exists()
-    assert str(s.root) not in Path("/proc/self/mounts").read_text()
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(s.root) not in mounts and str(s.layer) not in mounts
+    assert str(s.disk) not in subprocess.run(["losetup", "-a"], capture_output=True,
+                                             text=True).stdout
     assert not any(d.exists() for d in rt.cgroups.dirs(s.name))
 
 
@@ -95,7 +100,7 @@ def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
         # a file written inside lands in the container's own layer, owned by that uid
         code, out = run(runtime, s, "cat > /root/note; ls -ln /root/note", stdin=b"hello")
         assert code == 0, out
-        written = s.dir / "upper" / "root" / "note"
+        written = s.layer / "upper" / "root" / "note"
         assert written.read_bytes() == b"hello"
         assert (written.stat().st_uid, written.stat().st_gid) == (rootfs.ID_BASE,) * 2
         assert not (image_root / "root" / "note").exists()
@@ -140,6 +145,28 @@ def test_the_memory_limit_kills_what_goes_past_it(image_root: Path, runtime: Run
         code, out = run(runtime, s, "dd if=/dev/zero of=/tmp/fill bs=1M count=200")
         assert code != 0, out
         assert run(runtime, s, "rm /tmp/fill; echo alive") == (0, "alive\n")
+    finally:
+        runtime.remove(s)
+    assert_gone(runtime, s)
+
+
+def test_the_disk_size_bounds_what_a_container_writes(image_root: Path, runtime: Runtime,
+                                                      tmp_path: Path):
+    """The container's layer is a file system of its disk size (it was a directory on the
+    host's: a container could fill the host's disk); it is kept from a stop to a start."""
+    s = spec(image_root, tmp_path, f"tt-d-{uuid.uuid4().hex[:6]}", disk_mib=64)
+    runtime.start(s)
+    try:  # sparse: a new one takes what its file system's metadata takes
+        assert s.disk.stat().st_blocks * 512 < 16 << 20, s.disk.stat()
+        code, out = run(runtime, s, "dd if=/dev/zero of=/root/big bs=1M count=100")
+        assert code != 0 and "No space left on device" in out, out
+        assert run(runtime, s, "rm /root/big; echo kept > /root/note; echo alive") == (
+            0, "alive\n")
+        assert s.disk.stat().st_size == 64 << 20
+        runtime.stop(s)
+        assert not os.path.ismount(s.layer) and s.disk.is_file()
+        runtime.start(s)
+        assert run(runtime, s, "cat /root/note") == (0, "kept\n")
     finally:
         runtime.remove(s)
     assert_gone(runtime, s)

@@ -225,7 +225,8 @@ def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: Serve
         assert stopped == {**NOTHING_LEFT, "dirs": [Path(box["id"]).name]}, stopped
         resp = requests.post(srv.url + "/envs/again/start", timeout=30)
         assert resp.status_code == 202, resp.text
-        assert wait_env(srv.url, "again")["state"] == "running"
+        again = wait_env(srv.url, "again")
+        assert again["state"] == "running", again["error"]
         out = run_cmd(srv, "again", "cat /root/mark /etc/machine-id", use_ssh=True)[0]
         assert out["stdout"] == "kept\n" + ident, out  # over SSH: the pinned key held
         run_cmd(srv, "again", "python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &")

@@ -64,7 +64,8 @@ class Containers:
     def spec(self, vm: VMRow, rootfs: Path = Path("/"), hostname: str = "") -> ContainerSpec:
         """The container of a VM row (`rootfs` and `hostname`: needed to start it only)."""
         return ContainerSpec(name=vm.domain, rootfs=rootfs, dir=Path(vm.dir),
-                             mem_mib=vm.mem_mib, cpus=vm.cpu, hostname=hostname)
+                             mem_mib=vm.mem_mib, cpus=vm.cpu, disk_mib=vm.disk_mib,
+                             hostname=hostname)
 
     def _spec_of(self, name: str) -> ContainerSpec:
         """The container called `name` (a domain name `tt-<vm id>`), for removal."""
@@ -74,7 +75,7 @@ class Containers:
     def owns(self, name: str) -> bool:
         """Whether `name` is a container of this server (running, or not yet removed)."""
         spec = self._spec_of(name)
-        return (spec.dir / "upper").is_dir() or any(
+        return spec.disk.exists() or any(
             d.is_dir() for d in self.runtime.cgroups.dirs(name))
 
     def start(self, vm: VMRow, rootfs: Path, hostname: str, keys: str,

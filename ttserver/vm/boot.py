@@ -232,7 +232,7 @@ class VMBooter:
         if self.containers is None:  # the operator turned the engine off since
             raise RuntimeError(f"{image.name.full}: this server does not offer containers "
                                "(--engines)")
-        if not fresh and not (Path(vm.dir) / "upper").is_dir():
+        if not fresh and not self.containers.spec(vm).disk.is_file():
             raise RuntimeError(f"the container's files ({vm.dir}) are gone")
         started = time.monotonic()
         self.db.set_vm(vm.id, state=BOOTING)
