@@ -83,6 +83,27 @@ def test_a_pid_listed_as_0_is_no_process_of_the_container(tmp_path: Path):
     assert cgroups.pids("c") == {4242}
 
 
+def test_cgroup_trees_past_path_max_are_walked_and_removed(tmp_path: Path):
+    """A container's root made cgroups 21 levels of 200-byte names deep: every walk by
+    path raised ENAMETOOLONG, and the server could neither delete the ENV nor start
+    again. (Containers can no longer make cgroups: Cgroups.seal.)"""
+    cgroups = Cgroups("g", v2_mount=tmp_path)
+    (tmp_path / "g" / "c").mkdir(parents=True)
+    fd = os.open(tmp_path / "g" / "c", os.O_RDONLY)
+    for _ in range(25):
+        os.mkdir("d" * 200, dir_fd=fd)
+        fd, old = os.open("d" * 200, os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    with os.fdopen(os.open("cgroup.procs", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "w") as f:
+        f.write("77\n")
+    assert cgroups.names() == ["c"]
+    assert cgroups.pids("c") == {77}
+    os.unlink("cgroup.procs", dir_fd=fd)  # remove() takes directories only, as in cgroupfs
+    os.close(fd)
+    cgroups.remove("c")
+    assert not (tmp_path / "g" / "c").exists()
+
+
 def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
         image_root: Path, runtime: Runtime, tmp_path: Path):
     s = spec(image_root, tmp_path, f"tt-c-{uuid.uuid4().hex[:6]}")
@@ -97,6 +118,10 @@ def test_a_container_is_an_unprivileged_root_with_its_own_files_and_no_network(
             "0", s.name]
         status = Path(f"/proc/{leader}/status").read_text()
         assert f"Uid:\t{rootfs.ID_BASE}\t" in status
+        # its cgroups are the host root's: it cannot make cgroups of its own
+        code, out = run(runtime, s, "mkdir /sys/fs/cgroup/systemd/x; "
+                                    "mkdir /sys/fs/cgroup/unified/x; ls /sys/fs/cgroup/systemd")
+        assert out.count("Permission denied") == 2 and "x" not in out.split(), out
         # a file written inside lands in the container's own layer, owned by that uid
         code, out = run(runtime, s, "cat > /root/note; ls -ln /root/note", stdin=b"hello")
         assert code == 0, out

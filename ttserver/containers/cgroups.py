@@ -25,7 +25,6 @@ after a server crash, without any pid file.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -55,6 +54,17 @@ def _write(path: Path, value: str) -> None:
         path.write_text(value)
     except OSError as exc:
         raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
+
+
+def _read_at(dir_fd: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    with os.fdopen(fd) as f:
+        return f.read()
+
+
+def _rmdir(path: str, dir_fd: int | None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path, dir_fd=dir_fd)
 
 
 class Cgroups:
@@ -141,14 +151,32 @@ class Cgroups:
         """Every process in the container's directories and below them. A process that is
         exiting may be listed as pid 0 in cgroup.procs (measured on cgroup v2 during a
         mass SIGKILL, kernel 6.18); it is left out: kill(0) would signal the caller's own
-        process group."""
+        process group. The trees are walked by directory descriptor (os.fwalk): a
+        container's root once made one whose paths passed PATH_MAX, and a walk by path
+        raised ENAMETOOLONG in every census, so nothing could end the container."""
         found: set[int] = set()
         for top in self.dirs(name):
-            for procs in top.rglob("cgroup.procs") if top.is_dir() else ():
-                with contextlib.suppress(OSError, ValueError):
-                    found.update(int(p) for p in procs.read_text().split())
+            for _path, _dirs, files, fd in os.fwalk(top) if top.is_dir() else ():
+                if "cgroup.procs" in files:
+                    with contextlib.suppress(OSError, ValueError):
+                        found.update(int(p) for p in _read_at(fd, "cgroup.procs").split())
         found.discard(0)
         return found
+
+    def seal(self, name: str) -> None:
+        """Give the container's census cgroups back to the host's root: nspawn hands its
+        payload cgroup to the container's root (to delegate it to a systemd inside, which
+        does not run here), who could make cgroups in it, as deep as it likes; CgroupError."""
+        for top in self.dirs(name)[len(LIMITS):]:
+            if not top.is_dir():
+                continue
+            try:
+                for _path, dirs, files, fd in os.fwalk(top):
+                    for entry in (*dirs, *files):
+                        os.chown(entry, 0, 0, dir_fd=fd, follow_symlinks=False)
+            except OSError as exc:
+                raise CgroupError(f"cannot take back the cgroup {top}: {exc.strerror}"
+                                  ) from None
 
     def kill(self, name: str, timeout: float = KILL_TIMEOUT) -> None:
         """SIGKILL every process of the container until none is left; CgroupError after
@@ -168,21 +196,20 @@ class Cgroups:
             time.sleep(0.02)
 
     def remove(self, name: str) -> None:
-        """Remove the container's directories (deepest first; nspawn and the payload make
-        their own below them); CgroupError when one still has processes."""
+        """Remove the container's directories (deepest first, by directory descriptor;
+        nspawn and the payload make their own below them); CgroupError when one still has
+        processes."""
         for top in self.dirs(name):
             if not top.is_dir():
                 continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()),
-                            key=lambda p: len(p.parts), reverse=True) + [top]:
-                try:
-                    d.rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise CgroupError(f"cannot remove the cgroup {d}: "
-                                          f"{exc.strerror}") from None
+            try:
+                for _path, dirs, _files, fd in os.fwalk(top, topdown=False):
+                    for d in dirs:
+                        _rmdir(d, fd)
+                _rmdir(str(top), None)
+            except OSError as exc:
+                raise CgroupError(f"cannot remove the cgroups of {top}: "
+                                  f"{exc.strerror}") from None
 
     def close(self) -> None:
         """Remove this server's group directories once no container has cgroups in them

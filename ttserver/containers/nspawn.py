@@ -196,6 +196,7 @@ class Runtime:
             if leader:
                 try:  # the stub init and its payload: nspawn forked them outside
                     self.cgroups.confine(spec.name, [leader, *_children(leader)])
+                    self.cgroups.seal(spec.name)
                 except CgroupError as exc:
                     raise ContainerError(f"container {spec.name}: {exc}") from None
                 (spec.dir / "leader.pid").write_text(f"{leader}\n")
