@@ -211,6 +211,40 @@ def test_a_container_serves_on_its_forwarded_ports(srv: ServerProcess):
     assert leftovers(srv.server_id(), srv.cfgdb, [first, second]) == NOTHING_LEFT
 
 
+def peak_rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) >> 10
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_root_that_replaces_head_gets_no_more_from_the_server(srv: ServerProcess):
+    """The caps of a run's output and of a file read are `head -c` in the guest, which its
+    root may replace: the server read everything it was sent (800 MiB of output: 1.7 GB
+    of server memory) and a read longer than the file's size broke the HTTP answer."""
+    create_env(srv, "flood", ["lxc:debian-12"], cpu_num=1, mem_size=256)
+    try:
+        before = peak_rss_mib(srv.proc.pid)
+        replace = ("mv /usr/bin/head /usr/bin/head.real && printf '%s\\n' '#!/bin/sh' "
+                   "'case \"$*\" in */root/big*) /usr/bin/head.real \"$@\"; echo more; exit;; "
+                   "esac' '[ -e /root/flood ] && exec dd if=/dev/zero bs=1M count=400 "
+                   "status=none' 'exec /usr/bin/head.real \"$@\"' "
+                   "> /usr/bin/head && chmod 755 /usr/bin/head")
+        assert run_cmd(srv, "flood", replace)[0]["exit_code"] == 0
+        flooded = run_cmd(srv, "flood", "touch /root/flood; echo hi")[0]
+        assert "more than the run's output cap" in flooded["error"], flooded
+        assert peak_rss_mib(srv.proc.pid) - before < 200  # at most both capped streams
+        # a file read (streamed: over the size read whole) sends at most its size
+        assert run_cmd(srv, "flood", "rm /root/flood; dd if=/dev/zero of=/root/big bs=1M "
+                                     "count=2 status=none")[0]["exit_code"] == 0
+        box = requests.get(f"{srv.url}/envs/flood", timeout=10).json()["vms"][0]
+        got = requests.get(f"{srv.url}/envs/flood/vms/{box['id']}/files",
+                           params={"path": "/root/big"}, timeout=60)
+        assert got.status_code == 200 and got.content == bytes(2 << 20)
+    finally:
+        delete(srv, "flood")
+
+
 def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: ServerProcess):
     """`tt env stop` ends the container and keeps its own layer (as a VM keeps its disk);
     `start` runs it again on it: its files, machine-id and SSH host key, its ports."""

@@ -55,6 +55,10 @@ NOT_YET_UP = ("Connection refused", "Connection reset", "kex_exchange_identifica
               "Connection closed")
 SSHD_GRACE = 60.0
 READ_PIECE = 1 << 20
+# what a session may send on a stream beyond what its command says it will: a guest's
+# root can replace the commands that cap it (head, stat, sh), and reading on kept all of
+# it in the server (800 MiB of output: 1.7 GB of server memory)
+SMALL_OUTPUT = 1 << 20
 
 
 @dataclass
@@ -64,6 +68,7 @@ class _Raw:
     stderr: bytes | bytearray
     timed_out: bool
     seconds: float
+    overflow: bool = False  # it sent more than its limit: killed, the rest not read
 
 
 @dataclass
@@ -111,9 +116,11 @@ class Shell(Protocol):
         """The host command that runs `cmd` in the guest's /bin/sh."""
 
 
-def _once(t: Shell, cmd: str, timeout: float, stdin: bytes | Upload | None) -> _Raw:
+def _once(t: Shell, cmd: str, timeout: float, stdin: bytes | Upload | None,
+          limit: int) -> _Raw:
     """One session: its output read into growing buffers as it arrives, so what it
-    sends is held once (subprocess.communicate joins a list of pieces: twice, briefly)."""
+    sends is held once (subprocess.communicate joins a list of pieces: twice, briefly);
+    killed once stdout passes `limit` bytes or stderr SMALL_OUTPUT (`overflow`)."""
     argv = t.argv(cmd)
     started = time.monotonic()
     deadline = started + max(timeout, 1.0)
@@ -138,6 +145,9 @@ def _once(t: Shell, cmd: str, timeout: float, stdin: bytes | Upload | None) -> _
                         buffers[key.fd] += piece
                     else:
                         sel.unregister(key.fileobj)
+                if len(out) > limit or len(err) > SMALL_OUTPUT:
+                    proc.kill()
+                    return _Raw(None, out, err, False, time.monotonic() - started, True)
         try:
             code = proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -152,13 +162,14 @@ def _feed(pipe: IO[bytes], data: bytes | Upload) -> None:
             pipe.write(piece)
 
 
-def _with_retry(t: Shell, cmd: str, timeout: float,
-                stdin: bytes | Upload | None = None) -> _Raw:
-    """Run once, retrying while sshd in a fresh VM is not listening yet."""
+def _with_retry(t: Shell, cmd: str, timeout: float, stdin: bytes | Upload | None = None,
+                limit: int = SMALL_OUTPUT) -> _Raw:
+    """Run once, retrying while sshd in a fresh VM is not listening yet; `limit`: the
+    most stdout a session may send (_once)."""
     started = time.monotonic()
 
     def attempt() -> _Raw | None:
-        res = _once(t, cmd, timeout - (time.monotonic() - started), stdin)
+        res = _once(t, cmd, timeout - (time.monotonic() - started), stdin, limit)
         res.seconds = waited = time.monotonic() - started
         not_up = res.exit_code == 255 and any(m in res.stderr.decode(errors="replace")
                                               for m in NOT_YET_UP)
@@ -197,7 +208,11 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
               + trim.format(v="o", f=out, over=cmdspec.TRIM_OVER)
               + trim.format(v="e", f=err, over=cmdspec.TRIM_OVER) + "exit 0")
     stdin = spec.cmd.encode() if spec.cmd_file else None
-    res = _with_retry(t, script, spec.timeout + cmdspec.KILL_AFTER + 60, stdin)
+    res = _with_retry(t, script, spec.timeout + cmdspec.KILL_AFTER + 60, stdin,
+                      limit=2 * spec.cap + 256)  # the header line, then both capped streams
+    if res.overflow:
+        raise OSError(f"{t.what}: the guest sent more than the run's output cap "
+                      f"({spec.cap} bytes a stream): its head, stat or sh are not Debian's?")
     if res.timed_out:
         return cmdspec.Outcome(None, None, cmdspec.Output(b"", 0), cmdspec.Output(b"", 0),
                                True, res.seconds)
@@ -232,6 +247,8 @@ class CopyError(RuntimeError):
 
 
 def _check(res: _Raw, what: str) -> None:
+    if res.overflow:
+        raise CopyError(f"{what}: the guest sent more output than the copy ever prints")
     if res.timed_out:
         raise CopyError(f"{what}: timed out after {res.seconds:.0f}s")
     if res.exit_code != 0:
@@ -264,6 +281,10 @@ def open_file(t: Shell, path: str, size: int, timeout: float) -> Iterator[bytes]
         try:
             assert proc.stdout and proc.stderr
             while piece := proc.stdout.read(READ_PIECE):
+                if got + len(piece) > size:  # never past the size the answer declared
+                    yield piece[:size - got]
+                    raise CopyError(f"read {path}: the guest sent more than its {size} "
+                                    "bytes (its head is not Debian's?)")
                 got += len(piece)
                 yield piece
             code = proc.wait()
