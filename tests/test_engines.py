@@ -228,14 +228,18 @@ def test_a_root_that_replaces_head_gets_no_more_from_the_server(srv: ServerProce
         replace = ("mv /usr/bin/head /usr/bin/head.real && printf '%s\\n' '#!/bin/sh' "
                    "'case \"$*\" in */root/big*) /usr/bin/head.real \"$@\"; echo more; exit;; "
                    "esac' '[ -e /root/flood ] && exec dd if=/dev/zero bs=1M count=400 "
-                   "status=none' 'exec /usr/bin/head.real \"$@\"' "
+                   "status=none' '[ -e /root/short ] && exit 0' "
+                   "'exec /usr/bin/head.real \"$@\"' "
                    "> /usr/bin/head && chmod 755 /usr/bin/head")
         assert run_cmd(srv, "flood", replace)[0]["exit_code"] == 0
         flooded = run_cmd(srv, "flood", "touch /root/flood; echo hi")[0]
         assert "more than the run's output cap" in flooded["error"], flooded
         assert peak_rss_mib(srv.proc.pid) - before < 200  # at most both capped streams
+        # a head that sends nothing: it was an output cut at the cap, with no output
+        short = run_cmd(srv, "flood", "rm /root/flood; touch /root/short; echo hi")[0]
+        assert "short of the run's output" in short["error"], short
         # a file read (streamed: over the size read whole) sends at most its size
-        assert run_cmd(srv, "flood", "rm /root/flood; dd if=/dev/zero of=/root/big bs=1M "
+        assert run_cmd(srv, "flood", "rm /root/short; dd if=/dev/zero of=/root/big bs=1M "
                                      "count=2 status=none")[0]["exit_code"] == 0
         box = requests.get(f"{srv.url}/envs/flood", timeout=10).json()["vms"][0]
         got = requests.get(f"{srv.url}/envs/flood/vms/{box['id']}/files",
@@ -271,6 +275,23 @@ def test_a_stopped_container_starts_again_with_its_files_and_identity(srv: Serve
     finally:
         delete(srv, "again")
     assert leftovers(sid, srv.cfgdb, [port]) == NOTHING_LEFT
+
+
+def test_a_container_without_sshd_starts_and_says_why_ssh_fails(srv: ServerProcess):
+    """A container whose sshd was removed could never start again, with an empty reason
+    ("setting it up failed (127): "): sshd's errors went to /dev/null."""
+    env = create_env(srv, "nossh", ["lxc:debian-12"])
+    try:
+        assert run_cmd(srv, "nossh", "mv /usr/sbin/sshd /root/")[0]["exit_code"] == 0
+        assert requests.post(srv.url + "/envs/nossh/stop", timeout=120).status_code == 200
+        assert requests.post(srv.url + "/envs/nossh/start", timeout=30).status_code == 202
+        again = wait_env(srv.url, "nossh")
+        assert again["state"] == "running", again["error"]
+        assert run_cmd(srv, "nossh", "echo up")[0]["stdout"] == "up\n"
+        console = (srv.cfgdb / "vms" / env["vms"][0]["id"] / "console.log").read_text()
+        assert "sshd did not start" in console and "/usr/sbin/sshd: not found" in console
+    finally:
+        delete(srv, "nossh")
 
 
 def test_ttproxy_places_containers_on_the_servers_that_offer_them(srv: ServerProcess):

@@ -144,6 +144,8 @@ def test_a_whole_image_name_selects_that_image_and_not_its_kernel_variants():
     ("foo:debian-13:*", "'foo' is no engine"),
     ("debian-13::", "'debian-13' is no engine"),
     ("qemu:debian-13:x86_64:extra", "has more than ENGINE:OS-VERSION:ARCH"),
+    ("lxd:debian-12", "'lxd' is no engine (known: qemu, lxc)"),  # said "unknown arch"
+    ("debian-12:sparc", "unknown arch 'sparc'"),
 ])
 def test_malformed_prefixes_say_what_is_wrong(bad, why):
     """Three-part prefixes not starting with an engine were accepted (`debian-13:*:*`) or

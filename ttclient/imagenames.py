@@ -119,6 +119,9 @@ def parse_os_prefix(text: str) -> OsPrefix:
     if ":" in lowered:
         os_part, arch_text = lowered.split(":", 1)
         if arch_text != ANY_ARCH and arch_text not in ARCH_ALIASES:
+            if not engine and re.match(r"[a-z]+-?\d", arch_text):  # lxd:debian-12
+                raise ImageNameError(f"OS prefix {raw!r}: {os_part!r} is no engine (known: "
+                                     f"{', '.join(ENGINES)})")
             raise ImageNameError(f"OS prefix {raw!r}: unknown arch {arch_text!r} (known: "
                                  f"{', '.join(p.name for p in arches.PROFILES)}, or *)")
         arch = ARCH_ALIASES.get(arch_text)

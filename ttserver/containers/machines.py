@@ -36,7 +36,8 @@ printf '%s\n' "$3" > /etc/ssh/ssh_host_ed25519_key.pub
 """
 # sshd at every start (its /run is new): it daemonizes and is reaped by the stub init
 SSHD = """mkdir -p /run/sshd
-/usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >/dev/null 2>&1
+/usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >/dev/null ||
+echo "sshd did not start: SSH into this container (use_ssh, tt ssh, --tt-native) fails" >&2
 """
 
 
@@ -109,6 +110,11 @@ class Containers:
         if res.returncode != 0:
             raise ContainerError(f"container {spec.name}: setting it up failed "
                                  f"({res.returncode}): {res.stderr.decode(errors='replace')}")
+        if res.stderr:  # a step that failed without failing the start (sshd)
+            note = res.stderr.decode(errors="replace").strip()
+            log.warning("container %s: %s", spec.name, note)
+            with open(spec.console, "a") as f:
+                f.write(f"ttstack: {note}\n")
 
     def destroy(self, name: str) -> None:
         """End the container `name` now, as libvirt destroys a domain: its forwards and

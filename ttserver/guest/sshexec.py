@@ -230,10 +230,13 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
             bytes(res.stderr[:spec.cap]), len(res.stderr))
     else:
         out_size, err_size = (int(f) if f.isdigit() else 0 for f in fields[2:])
-        n_out = min(out_size, spec.cap)
+        n_out, n_err = min(out_size, spec.cap), min(err_size, spec.cap)
         body = memoryview(res.stdout)[len(line) + 1:]  # slices of the buffer, not copies
+        if len(body) < n_out + n_err:  # not a cut at the cap: the output never came
+            raise OSError(f"{t.what}: the session ended {n_out + n_err - len(body)} bytes "
+                          "short of the run's output (could the guest not start head?)")
         stdout = cmdspec.Output(body[:n_out], out_size)
-        stderr = cmdspec.Output(body[n_out:n_out + min(err_size, spec.cap)], err_size)
+        stderr = cmdspec.Output(body[n_out:n_out + n_err], err_size)
     exit_code, signal, timed_out = cmdspec.settle(
         status, cmdspec.signal_of(status), res.seconds, spec.timeout)
     if timed_out:
