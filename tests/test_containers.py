@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ttserver.containers import rootfs
+from ttserver.containers import forwards, rootfs
 from ttserver.containers.cgroups import ROOT, Cgroups
 from ttserver.containers.nspawn import ContainerError, ContainerSpec, Runtime
 from ttserver.images import lxc
@@ -234,3 +235,43 @@ def test_a_new_runtime_removes_what_a_crashed_server_left(image_root: Path, runt
         assert_gone(runtime, s)
     finally:
         runtime.remove(s)  # idempotent; reaps the old runtime's nspawn
+
+
+def test_a_forward_holds_few_threads_and_lets_go_of_clients_that_left(monkeypatch):
+    """3000 connections held by the guest made 6000 relay threads in the server, which
+    stayed after the clients closed. Here the "container" is this process's own network
+    namespace, the guest a listener that accepts and never closes."""
+    monkeypatch.setattr(forwards, "HALF_CLOSE_GRACE", 1.0)
+    guest = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(guest.accept()[0]) for _ in iter(int, 1)],
+                     daemon=True).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host_port = probe.getsockname()[1]
+    fwd = forwards.Forward("127.0.0.1", host_port, guest.getsockname()[1],
+                           lambda: "/proc/self/ns/net")
+    threads = threading.active_count()
+    clients = []
+    try:
+        for _ in range(forwards.MAX_CONNECTIONS + 40):
+            clients.append(socket.create_connection(("127.0.0.1", host_port), 5))
+        deadline = time.monotonic() + 20
+        while fwd.connections() < forwards.MAX_CONNECTIONS:
+            assert time.monotonic() < deadline, fwd.connections()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert fwd.connections() == forwards.MAX_CONNECTIONS  # the rest closed at accept
+        assert threading.active_count() - threads < 20
+        clients[0].sendall(b"x")  # a relay still relays
+        for c in clients:
+            c.close()
+        deadline = time.monotonic() + 10
+        while fwd.connections():  # the guest holds its ends: the grace ends them
+            assert time.monotonic() < deadline, fwd.connections()
+            time.sleep(0.1)
+    finally:
+        fwd.close()
+        for c in clients + held:
+            c.close()
+        guest.close()
