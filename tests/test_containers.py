@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ttserver.containers import forwards, rootfs
+from ttserver.containers import forwards, limits, rootfs
 from ttserver.containers.cgroups import ROOT, Cgroups
 from ttserver.containers.nspawn import ContainerError, ContainerSpec, Runtime
 from ttserver.images import lxc
@@ -275,3 +275,19 @@ def test_a_forward_holds_few_threads_and_lets_go_of_clients_that_left(monkeypatc
         for c in clients + held:
             c.close()
         guest.close()
+
+
+def test_the_limits_containers_share_with_root_are_raised_never_lowered(tmp_path: Path):
+    """Containers count against host root's per-user limits: 100 inotify instances in
+    one left root 28 of its 128."""
+    for name in limits.SHARED:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("128\n")
+    (tmp_path / "fs/inotify/max_user_watches").write_text("99999999\n")
+    (tmp_path / "kernel/keys/maxbytes").unlink()
+    said = limits.raise_shared(tmp_path)
+    assert (tmp_path / "fs/inotify/max_user_instances").read_text() == "1048576"
+    assert (tmp_path / "fs/inotify/max_user_watches").read_text() == "99999999\n"
+    assert "raised fs.inotify.max_user_instances from 128 to 1048576" in said
+    assert any(line.startswith("could not raise kernel.keys.maxbytes") for line in said)
+    assert len(said) == 4

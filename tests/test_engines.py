@@ -5,6 +5,7 @@ nothing after delete, expiry or a server crash."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -292,6 +293,25 @@ def test_a_container_without_sshd_starts_and_says_why_ssh_fails(srv: ServerProce
         assert "sshd did not start" in console and "/usr/sbin/sshd: not found" in console
     finally:
         delete(srv, "nossh")
+
+
+def test_a_container_leaves_the_hosts_root_its_inotify_instances(srv: ServerProcess):
+    """A container's inotify instances count against host root's per-user limit (128 by
+    default): one holding 200 left the host's root none. The server raises it."""
+    create_env(srv, "notify", ["lxc:debian-12"])
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        held = run_cmd(srv, "notify", "nohup python3 -c 'import ctypes, time; "
+                                      "l = ctypes.CDLL(None); "
+                                      "n = [l.inotify_init() for i in range(200)]; "
+                                      "print(min(n), flush=True); time.sleep(30)' "
+                                      "> /root/n 2>&1 & sleep 1; cat /root/n")[0]
+        assert held["stdout"].strip().isdigit() and int(held["stdout"]) > 0, held
+        fd = libc.inotify_init()
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        os.close(fd)
+    finally:
+        delete(srv, "notify")
 
 
 def test_ttproxy_places_containers_on_the_servers_that_offer_them(srv: ServerProcess):

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..db import VMRow
 from ..guest import sshexec
 from ..vm.libvirt_domains import Engine
+from . import limits
 from .cgroups import CgroupError, Cgroups
 from .forwards import Forward, ForwardError
 from .nspawn import ContainerError, ContainerSpec, Runtime
@@ -59,8 +60,12 @@ class Containers:
         self._lock = threading.Lock()
 
     def setup(self) -> None:
-        """Check the host's cgroups and mount the census hierarchy; CgroupError."""
+        """Check the host's cgroups and mount the census hierarchy (CgroupError), and
+        raise the per-user kernel limits containers share with the host's root
+        (limits.py; logged)."""
         self.runtime.cgroups.setup()
+        for line in limits.raise_shared():
+            log.warning("containers: %s", line)
 
     def spec(self, vm: VMRow, rootfs: Path = Path("/"), hostname: str = "") -> ContainerSpec:
         """The container of a VM row (`rootfs` and `hostname`: needed to start it only)."""
