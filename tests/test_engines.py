@@ -291,6 +291,16 @@ def test_a_container_without_sshd_starts_and_says_why_ssh_fails(srv: ServerProce
         assert run_cmd(srv, "nossh", "echo up")[0]["stdout"] == "up\n"
         console = (srv.cfgdb / "vms" / env["vms"][0]["id"] / "console.log").read_text()
         assert "sshd did not start" in console and "/usr/sbin/sshd: not found" in console
+        # one that never daemonizes: the start took over 30 s and failed, again and again
+        assert run_cmd(srv, "nossh", "printf '#!/bin/sh\\nexec sleep 100\\n' > "
+                                     "/usr/sbin/sshd; chmod 755 /usr/sbin/sshd"
+                       )[0]["exit_code"] == 0
+        assert requests.post(srv.url + "/envs/nossh/stop", timeout=120).status_code == 200
+        assert requests.post(srv.url + "/envs/nossh/start", timeout=30).status_code == 202
+        again = wait_env(srv.url, "nossh")
+        assert again["state"] == "running", again["error"]
+        console = (srv.cfgdb / "vms" / env["vms"][0]["id"] / "console.log").read_text()
+        assert "it did not start within 10s" in console
     finally:
         delete(srv, "nossh")
 

@@ -37,9 +37,9 @@ printf '%s\n' "$3" > /etc/ssh/ssh_host_ed25519_key.pub
 """
 # sshd at every start (its /run is new): it daemonizes and is reaped by the stub init
 SSHD = """mkdir -p /run/sshd
-/usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >/dev/null ||
-echo "sshd did not start: SSH into this container (use_ssh, tt ssh, --tt-native) fails" >&2
+exec /usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >/dev/null
 """
+SSHD_TIMEOUT = 10.0  # seconds for sshd to daemonize
 
 
 def is_container(vm: VMRow) -> bool:
@@ -95,13 +95,12 @@ class Containers:
         30 s)."""
         spec = self.spec(vm, rootfs, hostname)
         self.runtime.start(spec)
-        if not fresh:
-            self._run(spec, [SSHD])
-            return
-        private, public = sshexec.host_key_pair(hostname)
-        self._run(spec, [IDENTITY + SSHD, uuid.uuid4().hex, str(len(private)), public],
-                  private + keys.encode())
-        (spec.dir / "known_hosts").write_text(sshexec.known_hosts_line(vm.id, public))
+        if fresh:
+            private, public = sshexec.host_key_pair(hostname)
+            self._run(spec, [IDENTITY, uuid.uuid4().hex, str(len(private)), public],
+                      private + keys.encode())
+            (spec.dir / "known_hosts").write_text(sshexec.known_hosts_line(vm.id, public))
+        self._start_sshd(spec)
 
     def _run(self, spec: ContainerSpec, script: list[str], stdin: bytes = b"") -> None:
         """`sh -c SCRIPT ARGS...` in the container, `stdin` its input; ContainerError when
@@ -115,8 +114,22 @@ class Containers:
         if res.returncode != 0:
             raise ContainerError(f"container {spec.name}: setting it up failed "
                                  f"({res.returncode}): {res.stderr.decode(errors='replace')}")
-        if res.stderr:  # a step that failed without failing the start (sshd)
-            note = res.stderr.decode(errors="replace").strip()
+
+    def _start_sshd(self, spec: ContainerSpec) -> None:
+        """Start sshd in the container; when it fails or does not daemonize within
+        SSHD_TIMEOUT (its root removed or replaced it), the container runs without SSH,
+        and why goes to its console log and the server's log: a container whose sshd
+        was gone could never start again."""
+        try:
+            res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", SSHD],
+                                         timeout=SSHD_TIMEOUT)
+            why = "" if res.returncode == 0 else (
+                f"exit {res.returncode}: {res.stderr.decode(errors='replace').strip()}")
+        except subprocess.TimeoutExpired:
+            why = f"it did not start within {SSHD_TIMEOUT:.0f}s"
+        if why:
+            note = (f"sshd did not start ({why}): SSH into this container (use_ssh, tt ssh, "
+                    "--tt-native) fails")
             log.warning("container %s: %s", spec.name, note)
             with open(spec.console, "a") as f:
                 f.write(f"ttstack: {note}\n")
