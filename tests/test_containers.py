@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ttserver.containers import forwards, limits, rootfs
+from ttserver.containers import forwards, limits, nspawn, rootfs
 from ttserver.containers.cgroups import ROOT, Cgroups
 from ttserver.containers.nspawn import ContainerError, ContainerSpec, Runtime
 from ttserver.images import lxc
@@ -194,6 +194,25 @@ def test_the_disk_size_bounds_what_a_container_writes(image_root: Path, runtime:
         assert not os.path.ismount(s.layer) and s.disk.is_file()
         runtime.start(s)
         assert run(runtime, s, "cat /root/note") == (0, "kept\n")
+    finally:
+        runtime.remove(s)
+    assert_gone(runtime, s)
+
+
+def test_what_a_container_writes_to_its_console_is_capped(image_root: Path,
+                                                         runtime: Runtime, tmp_path: Path):
+    """nspawn copies /dev/console to console.log on the host: 200 MiB written there took
+    200 MiB of the host's disk, outside the container's own."""
+    s = spec(image_root, tmp_path, f"tt-o-{uuid.uuid4().hex[:6]}")
+    runtime.start(s)
+    try:
+        code, out = run(runtime, s, "head -c 12M /dev/zero | tr '\\0' x > /dev/console; "
+                                    "echo written")
+        assert (code, out) == (0, "written\n")
+        time.sleep(0.5)
+        assert s.console.stat().st_size <= nspawn.CONSOLE_MAX
+        assert s.console.read_bytes().endswith(b"x" * 1000)
+        assert run(runtime, s, "echo alive") == (0, "alive\n")
     finally:
         runtime.remove(s)
     assert_gone(runtime, s)

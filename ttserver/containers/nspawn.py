@@ -37,6 +37,11 @@ from .cgroups import CgroupError, Cgroups
 from .rootfs import ID_BASE, ID_RANGE
 
 START_TIMEOUT = 30.0
+# What a container may write to its console (nspawn copies /dev/console to console.log):
+# 200 MiB written by `> /dev/console` in 1.5 s went to the host's disk, beside the
+# container's own. The first CONSOLE_MAX bytes are kept (nspawn's own errors come
+# first); the rest is read and dropped by a sink in the container's CPU cgroup.
+CONSOLE_MAX = 4 << 20
 # what a command in a container starts with: not the server's environment
 EXEC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
@@ -139,7 +144,8 @@ class Runtime:
     def __init__(self, cgroups: Cgroups) -> None:
         self.cgroups = cgroups
         self._lock = threading.Lock()
-        self._spawned: dict[str, subprocess.Popen] = {}  # to reap nspawn when it ends
+        # nspawn and its console sink, to reap when they end
+        self._spawned: dict[str, tuple[subprocess.Popen, subprocess.Popen]] = {}
 
     def start(self, spec: ContainerSpec) -> int:
         """Mount the container's root (on its own layer, new or kept by stop()), make its
@@ -178,15 +184,25 @@ class Runtime:
                 "--console=read-only", f"--directory={spec.root}",
                 *([f"--hostname={spec.hostname}"] if spec.hostname else []),
                 "sleep", "infinity"]
-        with open(spec.console, "ab") as out:
+        room = CONSOLE_MAX - (spec.console.stat().st_size if spec.console.exists() else 0)
+        sink = subprocess.Popen(self.cgroups.wrap(spec.name, [
+            "/bin/sh", "-c", 'head -c "$1" >> "$2"; exec cat > /dev/null', "sh",
+            str(max(room, 0)), str(spec.console)], supervisor=True),
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
             proc = subprocess.Popen(self.cgroups.wrap(spec.name, argv, supervisor=True),
-                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stdin=subprocess.DEVNULL, stdout=sink.stdin,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            assert sink.stdin is not None
+            sink.stdin.close()
         with self._lock:
-            self._spawned[spec.name] = proc
+            self._spawned[spec.name] = (proc, sink)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    sink.wait(5)  # it has written what nspawn said
                 raise ContainerError(f"container {spec.name}: nspawn exited with "
                                      f"{proc.returncode}:\n{console_tail(spec.console)}")
             # PID 1 of the container: nspawn's child in another PID namespace (nspawn
@@ -256,8 +272,8 @@ class Runtime:
         except CgroupError as exc:
             raise ContainerError(str(exc)) from None
         with self._lock:
-            proc = self._spawned.pop(spec.name, None)
-        if proc is not None:
+            spawned = self._spawned.pop(spec.name, None)
+        for proc in spawned or ():
             proc.wait(timeout=10)
         for mounted in (spec.root, spec.layer):  # the loop device goes with its mount
             if os.path.ismount(mounted):
