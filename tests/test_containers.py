@@ -257,10 +257,17 @@ def test_a_new_runtime_removes_what_a_crashed_server_left(image_root: Path, runt
         runtime.remove(s)  # idempotent; reaps the old runtime's nspawn
 
 
-def test_a_forward_holds_few_threads_and_lets_go_of_clients_that_left(monkeypatch):
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_forwards_hold_few_threads_share_a_budget_and_let_go_of_clients(monkeypatch):
     """3000 connections held by the guest made 6000 relay threads in the server, which
-    stayed after the clients closed. Here the "container" is this process's own network
-    namespace, the guest a listener that accepts and never closes."""
+    stayed after the clients closed; 32 forwarded ports of 128 connections each held
+    8000 file descriptors. Here the "container" is this process's own network namespace,
+    the guest a listener that accepts and never closes; its two forwards share a budget."""
     monkeypatch.setattr(forwards, "HALF_CLOSE_GRACE", 1.0)
     guest = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
@@ -271,35 +278,77 @@ def test_a_forward_holds_few_threads_and_lets_go_of_clients_that_left(monkeypatc
                 held.append(guest.accept()[0])
 
     threading.Thread(target=hold, daemon=True).start()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        host_port = probe.getsockname()[1]
-    fwd = forwards.Forward("127.0.0.1", host_port, guest.getsockname()[1],
-                           lambda: "/proc/self/ns/net")
+    budget = forwards.Budget(60)
+    fwds = [forwards.Forward("127.0.0.1", free_port(), guest.getsockname()[1],
+                             lambda: "/proc/self/ns/net", budget) for _ in range(2)]
     threads = threading.active_count()
     clients = []
     try:
-        for _ in range(forwards.MAX_CONNECTIONS + 40):
-            clients.append(socket.create_connection(("127.0.0.1", host_port), 5))
+        for fwd in fwds:
+            for _ in range(40):
+                clients.append(socket.create_connection(("127.0.0.1", fwd.host_port), 5))
         deadline = time.monotonic() + 20
-        while fwd.connections() < forwards.MAX_CONNECTIONS:
-            assert time.monotonic() < deadline, fwd.connections()
+        while budget.used < 60:
+            assert time.monotonic() < deadline, budget.used
             time.sleep(0.05)
         time.sleep(0.5)
-        assert fwd.connections() == forwards.MAX_CONNECTIONS  # the rest closed at accept
+        assert budget.used == 60  # the rest closed at accept
         assert threading.active_count() - threads < 20
         clients[0].sendall(b"x")  # a relay still relays
         for c in clients:
             c.close()
         deadline = time.monotonic() + 10
-        while fwd.connections():  # the guest holds its ends: the grace ends them
-            assert time.monotonic() < deadline, fwd.connections()
+        while budget.used:  # the guest holds its ends: the grace ends them
+            assert time.monotonic() < deadline, budget.used
             time.sleep(0.1)
     finally:
-        fwd.close()
+        for fwd in fwds:
+            fwd.close()
         for c in clients + held:
             c.close()
         guest.close()
+
+
+def test_a_guest_port_that_never_answers_delays_no_other_forward():
+    """Dials shared 8 threads and waited 10 s each for a port whose accept queue was full
+    (its SYNs go unanswered): 40 connections to it, and every other container's SSH
+    waited 39 s and more."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = []
+    with contextlib.suppress(OSError):  # fill its accept queue: it answers no more SYNs
+        for _ in range(4):
+            fillers.append(socket.create_connection(silent.getsockname(), 0.5))
+    talker = socket.create_server(("127.0.0.1", 0))
+
+    def greet() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = talker.accept()[0]
+                conn.sendall(b"hi")
+                conn.close()
+
+    threading.Thread(target=greet, daemon=True).start()
+    stuck = forwards.Forward("127.0.0.1", free_port(), silent.getsockname()[1],
+                             lambda: "/proc/self/ns/net")
+    other = forwards.Forward("127.0.0.1", free_port(), talker.getsockname()[1],
+                             lambda: "/proc/self/ns/net")
+    clients = []
+    try:
+        for _ in range(40):
+            clients.append(socket.create_connection(("127.0.0.1", stuck.host_port), 5))
+        time.sleep(0.5)
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", other.host_port), 5) as c:
+            c.settimeout(10)
+            assert c.recv(2) == b"hi"
+        assert time.monotonic() - started < 2
+    finally:
+        for fwd in (stuck, other):
+            fwd.close()
+        for c in clients + fillers:
+            c.close()
+        silent.close()
+        talker.close()
 
 
 def test_the_limits_containers_share_with_root_are_raised_never_lowered(tmp_path: Path):

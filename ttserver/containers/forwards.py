@@ -10,11 +10,15 @@ any thread. The same way QEMU's user networking forwards a host port to a VM (ho
 a process on the host accepts and connects on the guest's side.
 
 The relays run as asyncio tasks on one event loop thread for all forwards of the process
-(a thread pair per connection let 3000 held connections make 6000 threads). Each forward
-takes at most MAX_CONNECTIONS at once (more are closed at accept), and once one side of
-a connection has ended, the other has HALF_CLOSE_GRACE seconds to end too (socat's `-t`,
-longer): a client that went away no longer holds its relay for as long as the guest
-keeps its end open.
+(a thread pair per connection let 3000 held connections make 6000 threads); a thread only
+enters the namespace to make the socket, the connect is the loop's (with dials on a
+shared pool of threads, one container whose port never answered the SYN held them all,
+and every other container's SSH waited). A container's forwards relay at most
+MAX_CONNECTIONS at once, all its ports together (more are closed at accept: 32 ports of
+128 each held 8000 of the server's file descriptors), and once one side of a connection
+has ended, the other has HALF_CLOSE_GRACE seconds to end too (socat's `-t`, longer): a
+client that went away no longer holds its relay for as long as the guest keeps its end
+open.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000  # <sched.h>
-DIAL_TIMEOUT = 10.0
+DIAL_TIMEOUT = 5.0  # a loopback connect answers at once, or never
 PIECE = 1 << 16
-MAX_CONNECTIONS = 128  # at once, per forwarded port
+MAX_CONNECTIONS = 256  # at once, per container (Budget)
 HALF_CLOSE_GRACE = 30.0  # seconds the other direction may go on after one ended
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -43,9 +47,9 @@ class ForwardError(RuntimeError):
     """A forward cannot be set up (its host port is taken, the container is gone)."""
 
 
-def dial(netns: str, port: int, timeout: float = DIAL_TIMEOUT) -> socket.socket:
-    """A TCP connection to 127.0.0.1:`port` inside the network namespace at `netns`
-    (e.g. /proc/PID/ns/net); OSError when it cannot be made."""
+def socket_in(netns: str) -> socket.socket:
+    """A new TCP socket of the network namespace at `netns` (e.g. /proc/PID/ns/net), not
+    connected yet; OSError when the namespace cannot be entered."""
     got: dict[str, socket.socket | OSError] = {}
 
     def inside() -> None:  # a thread of its own: it never leaves the namespace
@@ -57,21 +61,26 @@ def dial(netns: str, port: int, timeout: float = DIAL_TIMEOUT) -> socket.socket:
                     raise OSError(err, f"setns {netns}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-            sock = socket.create_connection(("127.0.0.1", port), timeout)
-            # the timeout was the connect's: a relayed connection may be silent for
-            # as long as its ends like (an SSH session, a command printing nothing)
-            sock.settimeout(None)
-            got["sock"] = sock
+            got["sock"] = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         except OSError as exc:
             got["error"] = exc
 
-    thread = threading.Thread(target=inside, name=f"dial-{port}", daemon=True)
+    thread = threading.Thread(target=inside, name="forward-netns", daemon=True)
     thread.start()
     thread.join()
-    result = got.get("sock") or got.get("error") or OSError(f"dialing {port} failed")
+    result = got.get("sock") or got.get("error") or OSError(f"entering {netns} failed")
     if isinstance(result, OSError):
         raise result
     return result
+
+
+class Budget:
+    """How many connections a container's forwards may relay at once, all its ports
+    together (SSH included): one container cannot take the server's file descriptors.
+    Touched on the relays' loop only."""
+
+    def __init__(self, limit: int = MAX_CONNECTIONS) -> None:
+        self.limit, self.used = limit, 0
 
 
 class _Loop:
@@ -84,6 +93,7 @@ class _Loop:
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
+        """The loop, started at the first call."""
         with cls._lock:
             if cls._loop is None:
                 loop = asyncio.new_event_loop()
@@ -110,8 +120,9 @@ class Forward:
     container is found again). ForwardError when the host port cannot be bound."""
 
     def __init__(self, addr: str, host_port: int, guest_port: int,
-                 netns: Callable[[], str]) -> None:
+                 netns: Callable[[], str], budget: Budget | None = None) -> None:
         self.host_port, self.guest_port, self.netns = host_port, guest_port, netns
+        self.budget = budget or Budget()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -131,18 +142,27 @@ class Forward:
 
     async def _relay(self, outside_r: asyncio.StreamReader,
                      outside_w: asyncio.StreamWriter) -> None:
-        if len(self._relays) >= MAX_CONNECTIONS:
-            log.warning("forward %d -> %d: %d connections at once, refusing more",
-                        self.host_port, self.guest_port, MAX_CONNECTIONS)
+        if self.budget.used >= self.budget.limit:
+            log.warning("forward %d -> %d: its container relays %d connections, refusing "
+                        "more", self.host_port, self.guest_port, self.budget.limit)
             outside_w.close()
             return
         task = asyncio.current_task()
         assert task is not None
         self._relays.add(task)
+        self.budget.used += 1
         inside_w: asyncio.StreamWriter | None = None
         try:
-            sock = await self._loop.run_in_executor(_Loop.dials, dial, self.netns(),
-                                                    self.guest_port)
+            # only entering the namespace takes a thread (briefly): the connect is the
+            # loop's, so a guest port that never answers holds no thread of other forwards
+            sock = await self._loop.run_in_executor(_Loop.dials, socket_in, self.netns())
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(self._loop.sock_connect(
+                    sock, ("127.0.0.1", self.guest_port)), DIAL_TIMEOUT)
+            except BaseException:
+                sock.close()
+                raise
             inside_r, inside_w = await asyncio.open_connection(sock=sock)
             ways = [asyncio.ensure_future(_pump(outside_r, inside_w)),
                     asyncio.ensure_future(_pump(inside_r, outside_w))]
@@ -153,13 +173,15 @@ class Forward:
             finally:
                 for way in ways:
                     way.cancel()
-        except (OSError, RuntimeError) as exc:
-            log.info("forward %d -> %d: %s", self.host_port, self.guest_port, exc)
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            log.info("forward %d -> %d: %s", self.host_port, self.guest_port,
+                     exc or "connecting timed out")
         finally:
             for writer in (outside_w, inside_w):
                 if writer is not None:
                     writer.close()
             self._relays.discard(task)
+            self.budget.used -= 1
 
     async def _close(self) -> None:
         self._server.close()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import subprocess
 import threading
 import uuid
@@ -16,7 +17,7 @@ from ..guest import sshexec
 from ..vm.libvirt_domains import Engine
 from . import limits
 from .cgroups import CgroupError, Cgroups
-from .forwards import Forward, ForwardError
+from .forwards import Budget, Forward, ForwardError
 from .nspawn import ContainerError, ContainerSpec, Runtime
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Containers:
         self.forward_addr = forward_addr  # where forwarded ports listen
         self.runtime = Runtime(Cgroups(f"ttstack-{server_id}"))
         self._forwards: dict[str, dict[int, Forward]] = {}  # name -> host port -> forward
+        self._budgets: dict[str, Budget] = {}  # name -> what its forwards relay at once
         self._lock = threading.Lock()
 
     def setup(self) -> None:
@@ -66,6 +68,11 @@ class Containers:
         self.runtime.cgroups.setup()
         for line in limits.raise_shared():
             log.warning("containers: %s", line)
+        # each relayed connection holds two descriptors (forwards.Budget: 256 connections
+        # per container): the soft limit is raised to the hard one
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # finite on Linux (nr_open)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     def spec(self, vm: VMRow, rootfs: Path = Path("/"), hostname: str = "") -> ContainerSpec:
         """The container of a VM row (`rootfs` and `hostname`: needed to start it only)."""
@@ -160,8 +167,10 @@ class Containers:
         """Forward the host port `host` to `guest` in the container; ForwardError."""
         spec = self._spec_of(vm.domain)
         self.remove_forward(vm, host)  # a forward of this port before: its port is freed
+        with self._lock:
+            budget = self._budgets.setdefault(vm.domain, Budget())
         forward = Forward(self.forward_addr, host, guest,
-                          lambda: f"/proc/{self.runtime.leader(spec)}/ns/net")
+                          lambda: f"/proc/{self.runtime.leader(spec)}/ns/net", budget)
         with self._lock:
             self._forwards.setdefault(vm.domain, {})[host] = forward
 
@@ -176,6 +185,7 @@ class Containers:
         """Stop every forward of the container `name`."""
         with self._lock:
             forwards = self._forwards.pop(name, {})
+            self._budgets.pop(name, None)
         for forward in forwards.values():
             forward.close()
 
