@@ -228,6 +228,8 @@ def test_a_root_that_replaces_head_gets_no_more_from_the_server(srv: ServerProce
         before = peak_rss_mib(srv.proc.pid)
         replace = ("mv /usr/bin/head /usr/bin/head.real && printf '%s\\n' '#!/bin/sh' "
                    "'case \"$*\" in */root/big*) /usr/bin/head.real \"$@\"; echo more; exit;; "
+                   "*/root/held*) exec >&-; (setsid sh -c \"/usr/bin/head.real -c 300000000 "
+                   "/dev/zero >&2; exec sleep 60\" </dev/null &); exit 3;; "
                    "esac' '[ -e /root/flood ] && exec dd if=/dev/zero bs=1M count=400 "
                    "status=none' '[ -e /root/short ] && exit 0' "
                    "'exec /usr/bin/head.real \"$@\"' "
@@ -246,6 +248,15 @@ def test_a_root_that_replaces_head_gets_no_more_from_the_server(srv: ServerProce
         got = requests.get(f"{srv.url}/envs/flood/vms/{box['id']}/files",
                            params={"path": "/root/big"}, timeout=60)
         assert got.status_code == 200 and got.content == bytes(2 << 20)
+        # one that closes its stdout, floods stderr and holds it open: the server read
+        # all of it, and waited for as long as the guest held it
+        assert run_cmd(srv, "flood", "cp /root/big /root/held")[0]["exit_code"] == 0
+        started = time.monotonic()
+        with pytest.raises(requests.RequestException):
+            requests.get(f"{srv.url}/envs/flood/vms/{box['id']}/files",
+                         params={"path": "/root/held"}, timeout=60).raise_for_status()
+        assert time.monotonic() - started < 20
+        assert peak_rss_mib(srv.proc.pid) - before < 200
     finally:
         delete(srv, "flood")
 
@@ -301,6 +312,16 @@ def test_a_container_without_sshd_starts_and_says_why_ssh_fails(srv: ServerProce
         assert again["state"] == "running", again["error"]
         console = (srv.cfgdb / "vms" / env["vms"][0]["id"] / "console.log").read_text()
         assert "it did not start within 10s" in console
+        # one that prints 50 MB: the server read it all, and logged it, twice
+        assert run_cmd(srv, "nossh", "printf '%s\\n' '#!/bin/sh' 'head -c 50000000 "
+                                     "/dev/zero | tr \"\\\\0\" y >&2' 'echo bad >&2' 'exit 1' "
+                                     "> /usr/sbin/sshd")[0]["exit_code"] == 0
+        assert requests.post(srv.url + "/envs/nossh/stop", timeout=120).status_code == 200
+        assert requests.post(srv.url + "/envs/nossh/start", timeout=30).status_code == 202
+        assert wait_env(srv.url, "nossh")["state"] == "running"
+        console_log = srv.cfgdb / "vms" / env["vms"][0]["id"] / "console.log"
+        assert console_log.stat().st_size < 1 << 20
+        assert "sshd did not start (" in console_log.read_text()
     finally:
         delete(srv, "nossh")
 

@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,6 +134,7 @@ class Forward:
             raise ForwardError(f"cannot listen on {addr}:{host_port}: {exc.strerror}") from None
         self._loop = _Loop.get()
         self._relays: set[asyncio.Task] = set()  # touched on the loop's thread only
+        self._said, self._refused = -60.0, 0  # when refusals were last logged, since
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._relay, sock=listener), self._loop).result(10)
 
@@ -143,8 +145,13 @@ class Forward:
     async def _relay(self, outside_r: asyncio.StreamReader,
                      outside_w: asyncio.StreamWriter) -> None:
         if self.budget.used >= self.budget.limit:
-            log.warning("forward %d -> %d: its container relays %d connections, refusing "
-                        "more", self.host_port, self.guest_port, self.budget.limit)
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._said >= 60:  # a flood of them must not flood the log
+                log.warning("forward %d -> %d: its container relays %d connections; %d "
+                            "refused", self.host_port, self.guest_port, self.budget.limit,
+                            self._refused)
+                self._said, self._refused = now, 0
             outside_w.close()
             return
         task = asyncio.current_task()

@@ -43,6 +43,18 @@ exec /usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >
 SSHD_TIMEOUT = 10.0  # seconds for sshd to daemonize
 
 
+class _Into:
+    """sshexec.Shell into a running container (for commands of the server's own)."""
+
+    what = "container"
+
+    def __init__(self, runtime: Runtime, spec: ContainerSpec) -> None:
+        self.runtime, self.spec = runtime, spec
+
+    def argv(self, cmd: str) -> list[str]:
+        return self.runtime.enter_argv(self.spec, ["/bin/sh", "-c", cmd])
+
+
 def is_container(vm: VMRow) -> bool:
     """Whether the VM row is a container (its image's engine is lxc)."""
     return vm.image.split(":", 1)[0] == ENGINE
@@ -125,21 +137,19 @@ class Containers:
     def _start_sshd(self, spec: ContainerSpec) -> None:
         """Start sshd in the container; when it fails or does not daemonize within
         SSHD_TIMEOUT (its root removed or replaced it), the container runs without SSH,
-        and why goes to its console log and the server's log: a container whose sshd
-        was gone could never start again."""
-        try:
-            res = self.runtime.exec_argv(spec, ["/bin/sh", "-c", SSHD],
-                                         timeout=SSHD_TIMEOUT)
-            why = "" if res.returncode == 0 else (
-                f"exit {res.returncode}: {res.stderr.decode(errors='replace').strip()}")
-        except subprocess.TimeoutExpired:
-            why = f"it did not start within {SSHD_TIMEOUT:.0f}s"
-        if why:
-            note = (f"sshd did not start ({why}): SSH into this container (use_ssh, tt ssh, "
-                    "--tt-native) fails")
-            log.warning("container %s: %s", spec.name, note)
-            with open(spec.console, "a") as f:
-                f.write(f"ttstack: {note}\n")
+        and why (the last line of what it printed, a bounded read: a replaced sshd sent
+        200 MB there) goes to its console log and the server's log: a container whose
+        sshd was gone could never start again."""
+        code, last = sshexec.run_bounded(_Into(self.runtime, spec), SSHD, SSHD_TIMEOUT)
+        if code == 0:
+            return
+        why = (f"exit {code}" if code is not None else
+               f"it did not start within {SSHD_TIMEOUT:.0f}s, or printed too much")
+        note = (f"sshd did not start ({why}{': ' + last[:300] if last else ''}): SSH into "
+                "this container (use_ssh, tt ssh, --tt-native) fails")
+        log.warning("container %s: %s", spec.name, note)
+        with open(spec.console, "a") as f:
+            f.write(f"ttstack: {note}\n")
 
     def destroy(self, name: str) -> None:
         """End the container `name` now, as libvirt destroys a domain: its forwards and

@@ -59,6 +59,8 @@ READ_PIECE = 1 << 20
 # root can replace the commands that cap it (head, stat, sh), and reading on kept all of
 # it in the server (800 MiB of output: 1.7 GB of server memory)
 SMALL_OUTPUT = 1 << 20
+ERR_KEPT = 4096  # of a copy's or a helper command's stderr: its error is in its last line
+ERR_GRACE = 2.0  # seconds stderr may stay open after stdout ended
 
 
 @dataclass
@@ -272,36 +274,69 @@ def write_file(t: Shell, path: str, data: Upload, mode: int | None,
 
 def open_file(t: Shell, path: str, size: int, timeout: float) -> Iterator[bytes]:
     """The first `size` bytes of the guest file `path` (`head -c`), READ_PIECE at a time
-    as they are taken, within `timeout` seconds; CopyError when ssh fails or ends short."""
+    as they are taken, within `timeout` seconds; CopyError when ssh fails, ends short or
+    runs out of time. Both streams are read against the deadline, and of stderr only its
+    first ERR_KEPT bytes are kept: a guest root that replaced head sent 300 MiB there (the
+    server held it all) and held the streams open (the read never ended)."""
     argv = t.argv(f"head -c {int(size)} -- {shlex.quote(path)}")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
+    deadline = time.monotonic() + timeout
 
     def pieces() -> Iterator[bytes]:
-        got = 0
+        got, err = 0, bytearray()
         try:
             assert proc.stdout and proc.stderr
-            while piece := proc.stdout.read(READ_PIECE):
-                if got + len(piece) > size:  # never past the size the answer declared
-                    yield piece[:size - got]
-                    raise CopyError(f"read {path}: the guest sent more than its {size} "
-                                    "bytes (its head is not Debian's?)")
-                got += len(piece)
-                yield piece
-            code = proc.wait()
+            with selectors.DefaultSelector() as sel:
+                for pipe in (proc.stdout, proc.stderr):
+                    sel.register(pipe, selectors.EVENT_READ)
+                end = deadline
+                while sel.get_map():
+                    left = end - time.monotonic()
+                    if left <= 0 and end < deadline:
+                        break  # stdout ended: stderr had its grace
+                    if left <= 0:
+                        raise CopyError(f"read {path}: timed out after {timeout:.0f}s, "
+                                        f"{got} of {size} bytes read")
+                    for key, _ in sel.select(left):
+                        piece = os.read(key.fd, READ_PIECE)
+                        if not piece:
+                            sel.unregister(key.fileobj)
+                            if key.fileobj is proc.stdout:
+                                end = min(deadline, time.monotonic() + ERR_GRACE)
+                        elif key.fileobj is proc.stderr:
+                            err += piece[:ERR_KEPT - len(err)]
+                        elif got + len(piece) > size:  # never past the size declared
+                            yield piece[:size - got]
+                            raise CopyError(f"read {path}: the guest sent more than its "
+                                            f"{size} bytes (its head is not Debian's?)")
+                        else:
+                            got += len(piece)
+                            yield piece
+            try:
+                code = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise CopyError(f"read {path}: timed out after {timeout:.0f}s") from None
             if code != 0 or got < size:
-                err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-                raise CopyError(f"read {path}: {err[-1] if err else f'exit {code}'} "
+                lines = err.decode(errors="replace").strip().splitlines()
+                raise CopyError(f"read {path}: {lines[-1] if lines else f'exit {code}'} "
                                 f"after {got} of {size} bytes")
         finally:
-            timer.cancel()
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe:
-                    pipe.close()
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
 
     return pieces()
+
+
+def run_bounded(t: Shell, cmd: str, timeout: float) -> tuple[int | None, str]:
+    """Run `cmd` once (its stdout must be small), within `timeout` seconds: its exit
+    status (None when it ran out of time or sent too much) and the last line of the
+    first ERR_KEPT bytes of its stderr."""
+    res = _once(t, cmd, timeout, None, ERR_KEPT)
+    lines = bytes(res.stderr[:ERR_KEPT]).decode(errors="replace").strip().splitlines()
+    return (None if res.timed_out or res.overflow else res.exit_code), (
+        lines[-1] if lines else "")
