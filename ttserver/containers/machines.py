@@ -10,6 +10,7 @@ import resource
 import subprocess
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..db import VMRow
@@ -43,16 +44,22 @@ exec /usr/sbin/sshd -o ListenAddress=127.0.0.1 -o ListenAddress=::1 </dev/null >
 SSHD_TIMEOUT = 10.0  # seconds for sshd to daemonize
 
 
-class _Into:
-    """sshexec.Shell into a running container (for commands of the server's own)."""
+@dataclass(frozen=True)
+class EnteredShell:
+    """sshexec.Shell into a running container: `prefix` (Runtime.enter_argv of
+    `/bin/sh -c ""`, the container's leader looked up once) ends with the shell's
+    script, to which the command is appended."""
 
+    prefix: tuple[str, ...]
     what = "container"
 
-    def __init__(self, runtime: Runtime, spec: ContainerSpec) -> None:
-        self.runtime, self.spec = runtime, spec
+    @classmethod
+    def of(cls, runtime: Runtime, spec: ContainerSpec) -> EnteredShell:
+        """The shell of the container `spec`; ContainerError when it is not running."""
+        return cls(tuple(runtime.enter_argv(spec, ["/bin/sh", "-c", ""])))
 
     def argv(self, cmd: str) -> list[str]:
-        return self.runtime.enter_argv(self.spec, ["/bin/sh", "-c", cmd])
+        return [*self.prefix[:-1], self.prefix[-1] + cmd]
 
 
 def is_container(vm: VMRow) -> bool:
@@ -140,7 +147,8 @@ class Containers:
         and why (the last line of what it printed, a bounded read: a replaced sshd sent
         200 MB there) goes to its console log and the server's log: a container whose
         sshd was gone could never start again."""
-        code, last = sshexec.run_bounded(_Into(self.runtime, spec), SSHD, SSHD_TIMEOUT)
+        code, last = sshexec.run_bounded(EnteredShell.of(self.runtime, spec), SSHD,
+                                         SSHD_TIMEOUT)
         if code == 0:
             return
         why = (f"exit {code}" if code is not None else
@@ -211,11 +219,10 @@ class Containers:
         """The containers that have cgroups (run, or were left by a crash)."""
         return self.runtime.cgroups.names()
 
-    def shell_argv(self, vm: VMRow, cmd: str) -> list[str]:
-        """The host command running `cmd` in the container's /bin/sh (Runtime.enter_argv:
-        as its root, in /root, with nothing of the server's environment); ContainerError
-        when it is not running."""
-        return self.runtime.enter_argv(self.spec(vm), ["/bin/sh", "-c", cmd])
+    def shell(self, vm: VMRow) -> EnteredShell:
+        """The container's /bin/sh (Runtime.enter_argv: as its root, in /root, with
+        nothing of the server's environment); ContainerError when it is not running."""
+        return EnteredShell.of(self.runtime, self.spec(vm))
 
     def close(self) -> None:
         """Server stop: stop forwarding (the containers run on; the next start forwards

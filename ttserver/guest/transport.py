@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -184,18 +183,6 @@ class SSHTransport(ShellTransport):
                               vm.id)
 
 
-@dataclass(frozen=True)
-class _Entered:
-    """sshexec.Shell into a container: `prefix` (Containers.shell_argv of an empty command)
-    ends with the shell's script, to which the command is appended."""
-
-    prefix: tuple[str, ...]
-    what = "container"
-
-    def argv(self, cmd: str) -> list[str]:
-        return [*self.prefix[:-1], self.prefix[-1] + cmd]
-
-
 class ContainerTransport(ShellTransport):
     """Into a container (the lxc engine) by entering its namespaces: the same shell-level
     commands as over SSH, without a network or sshd."""
@@ -205,10 +192,9 @@ class ContainerTransport(ShellTransport):
 
     def shell(self, vm: VMRow) -> sshexec.Shell:
         try:
-            prefix = self.containers.shell_argv(vm, "")
+            return self.containers.shell(vm)
         except ContainerError as exc:
             raise GuestError(str(exc)) from None
-        return _Entered(tuple(prefix))
 
 
 class GuestIO:
