@@ -222,10 +222,9 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
     fields = line.split()
     if not sep or len(fields) != 4 or fields[0] != HEADER or not fields[1].isdigit() or not all(
             f.isdigit() or f == b"-" for f in fields[2:]):
-        err_lines = res.stderr.decode(errors="replace").strip().splitlines()
         code = res.exit_code or 0
-        raise OSError(f"{t.what}: " + (err_lines[-1] if err_lines else
-                                       f"killed by signal {-code}" if code < 0 else f"exit {code}"))
+        raise OSError(f"{t.what}: " + (_last_line(res.stderr) or (
+            f"killed by signal {-code}" if code < 0 else f"exit {code}")))
     status = int(fields[1])
     if fields[2:] == [b"-", b"-"]:  # the run's shell never started: the session says why
         stdout, stderr = cmdspec.Output(b"", 0), cmdspec.Output(
@@ -246,6 +245,13 @@ def run_command(t: Shell, spec: cmdspec.RunSpec) -> cmdspec.Outcome:
     return cmdspec.Outcome(exit_code, signal, stdout, stderr, timed_out, res.seconds)
 
 
+def _last_line(err: bytes | bytearray) -> str:
+    """The last non-empty line of a command's stderr ("" when it printed nothing): where
+    ssh, sh and coreutils say what went wrong."""
+    lines = bytes(err).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 class CopyError(RuntimeError):
     """A copy over SSH failed or timed out; the message has the last line of ssh's error."""
     pass
@@ -257,8 +263,7 @@ def _check(res: _Raw, what: str) -> None:
     if res.timed_out:
         raise CopyError(f"{what}: timed out after {res.seconds:.0f}s")
     if res.exit_code != 0:
-        err = res.stderr.decode(errors="replace").strip().splitlines()
-        raise CopyError(f"{what}: {err[-1] if err else f'exit {res.exit_code}'}")
+        raise CopyError(f"{what}: {_last_line(res.stderr) or f'exit {res.exit_code}'}")
 
 
 def write_file(t: Shell, path: str, data: Upload, mode: int | None,
@@ -318,8 +323,7 @@ def open_file(t: Shell, path: str, size: int, timeout: float) -> Iterator[bytes]
             except subprocess.TimeoutExpired:
                 raise CopyError(f"read {path}: timed out after {timeout:.0f}s") from None
             if code != 0 or got < size:
-                lines = err.decode(errors="replace").strip().splitlines()
-                raise CopyError(f"read {path}: {lines[-1] if lines else f'exit {code}'} "
+                raise CopyError(f"read {path}: {_last_line(err) or f'exit {code}'} "
                                 f"after {got} of {size} bytes")
         finally:
             if proc.poll() is None:
@@ -337,6 +341,5 @@ def run_bounded(t: Shell, cmd: str, timeout: float) -> tuple[int | None, str]:
     status (None when it ran out of time or sent too much) and the last line of the
     first ERR_KEPT bytes of its stderr."""
     res = _once(t, cmd, timeout, None, ERR_KEPT)
-    lines = bytes(res.stderr[:ERR_KEPT]).decode(errors="replace").strip().splitlines()
-    return (None if res.timed_out or res.overflow else res.exit_code), (
-        lines[-1] if lines else "")
+    return ((None if res.timed_out or res.overflow else res.exit_code),
+            _last_line(res.stderr[:ERR_KEPT]))
