@@ -138,10 +138,6 @@ class Forward:
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._relay, sock=listener), self._loop).result(10)
 
-    def connections(self) -> int:
-        """How many connections it relays now."""
-        return len(self._relays)
-
     async def _relay(self, outside_r: asyncio.StreamReader,
                      outside_w: asyncio.StreamWriter) -> None:
         if self.budget.used >= self.budget.limit:
